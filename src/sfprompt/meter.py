@@ -1,0 +1,117 @@
+"""Measurement: encoded bytes per direction and phase, FLOPs per side and phase, client peak memory.
+
+Nothing here estimates from shapes: bytes are the lengths of encoded messages, FLOPs are what
+`torch.utils.flop_counter.FlopCounterMode` counts while the work runs, and peak memory is the most
+tensor storage alive at once during a client's work, as `PeakMemory` sees it being allocated and
+freed (its frozen head, prompts, tail, activations, gradients and optimiser state; the server's
+body and its activations are never attributed to a client).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import defaultdict
+from typing import Iterable, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+UP, DOWN = "up", "down"  # client -> server, server -> client
+CLIENT, SERVER = "client", "server"
+
+
+class PeakMemory(TorchDispatchMode):
+    """Tracks bytes of tensor storage alive while entered, and their peak.
+
+    Storages created by operators inside the mode are counted until freed; storages that existed
+    before (parameters, a batch from the data loader, a decoded message) are added with `hold`.
+    It can be entered many times (once per step of a client's work): frees are seen at any time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def hold(self, *items: torch.Tensor | torch.nn.Module | torch.optim.Optimizer) -> None:
+        for tensor in _tensors(items):
+            self._add(tensor)
+
+    def _add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._live:
+            return
+        size = storage.nbytes()
+        self._live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor):
+                self._add(item)
+        return out
+
+
+def _tensors(items: Iterable) -> Iterator[torch.Tensor]:
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            yield item
+        elif isinstance(item, torch.nn.Module):
+            yield from item.parameters()
+            yield from item.buffers()
+            yield from (p.grad for p in item.parameters() if p.grad is not None)
+        elif isinstance(item, torch.optim.Optimizer):
+            for state in item.state.values():
+                yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+class Meter:
+    """Accumulates one round's costs; `take()` returns them and starts the next round at zero."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.bytes: dict[tuple[str, str], int] = defaultdict(int)
+        self.flops: dict[tuple[str, str], int] = defaultdict(int)
+        self.messages: dict[tuple[str, str], int] = defaultdict(int)
+        self.client_peak_memory = 0
+
+    def count_message(self, direction: str, phase: str, payload: bytes) -> None:
+        self.bytes[direction, phase] += len(payload)
+        self.messages[direction, phase] += 1
+
+    @contextlib.contextmanager
+    def work(self, side: str, phase: str, memory: PeakMemory | None = None) -> Iterator[None]:
+        """Count the FLOPs of the enclosed work (and, given a tracker, the client's memory)."""
+        with FlopCounterMode(display=False) as flops, memory or contextlib.nullcontext():
+            yield
+        self.flops[side, phase] += flops.get_total_flops()
+        if memory is not None:
+            self.client_peak_memory = max(self.client_peak_memory, memory.peak)
+
+    def take(self) -> dict:
+        """This round's totals and per-phase breakdown, as plain JSON-able numbers."""
+        result = {
+            "bytes_up": sum(v for (d, _), v in self.bytes.items() if d == UP),
+            "bytes_down": sum(v for (d, _), v in self.bytes.items() if d == DOWN),
+            "client_flops": sum(v for (s, _), v in self.flops.items() if s == CLIENT),
+            "server_flops": sum(v for (s, _), v in self.flops.items() if s == SERVER),
+            "client_peak_memory_bytes": self.client_peak_memory,
+            "bytes_by_phase": {f"{d}/{p}": v for (d, p), v in sorted(self.bytes.items())},
+            "messages_by_phase": {f"{d}/{p}": v for (d, p), v in sorted(self.messages.items())},
+            "flops_by_phase": {f"{s}/{p}": v for (s, p), v in sorted(self.flops.items())},
+        }
+        self._reset()
+        return result

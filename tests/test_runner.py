@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sfprompt.cli import main
+from sfprompt.codec import Message, encode
+from sfprompt.config import Config, ConfigError
+from sfprompt.runner import run
+
+
+def tiny_config(imagefolder, tmp_path, **changes):
+    options = dict(dataset="imagefolder", data_dir=str(imagefolder), model="test_vit", weights="none",
+                   image_size=32, prompt_tokens=2, clients=3, clients_per_round=2, rounds=2, batch_size=8,
+                   out=str(tmp_path / "run"))
+    return Config(**(options | changes))
+
+
+def test_run_writes_metrics_summary_and_checkpoint(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path)
+    summary = run(config, progress=False, log=lambda line: None)
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    for key in ("accuracy", "loss", "bytes_up", "bytes_down", "client_flops", "server_flops"):
+        assert all(key in r for r in records), key
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["method"] == "sfprompt" and on_disk["config"] == config.to_dict()
+    for key in ("bytes_up", "bytes_down", "client_flops", "server_flops"):
+        assert on_disk[key] == sum(r[key] for r in records) > 0
+    assert on_disk["final_accuracy"] == records[-1]["accuracy"]
+    assert on_disk["best_accuracy"] == max(r["accuracy"] for r in records)
+    assert 0 < on_disk["client_peak_memory_bytes"]
+    assert summary["client_flops"] < summary["server_flops"]
+    checkpoint = load_file(out / "global.safetensors")
+    assert checkpoint["prompts"].shape == (1, 2, 64) and "tail.head.weight" in checkpoint
+
+
+def test_same_config_gives_the_same_numbers(imagefolder, tmp_path):
+    first = run(tiny_config(imagefolder, tmp_path, out=str(tmp_path / "a")), progress=False, log=lambda _: None)
+    second = run(tiny_config(imagefolder, tmp_path, out=str(tmp_path / "b")), progress=False, log=lambda _: None)
+    for key in ("final_accuracy", "bytes_up", "bytes_down", "client_flops", "server_flops"):
+        assert first[key] == second[key], key
+    a, b = load_file(tmp_path / "a" / "global.safetensors"), load_file(tmp_path / "b" / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_byte_counts_are_the_encoded_messages(imagefolder, tmp_path):
+    """Broadcast and upload carry exactly the prompts and tail; split bytes scale with kept samples."""
+    config = tiny_config(imagefolder, tmp_path, rounds=1, keep_ratio=0.5)
+    run(config, progress=False, log=lambda _: None)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    params = load_file(tmp_path / "run" / "global.safetensors")
+    broadcast = len(encode(Message("global", params)))
+    assert record["bytes_by_phase"]["down/broadcast"] == 2 * broadcast
+    upload = record["bytes_by_phase"]["up/upload"]
+    assert 2 * broadcast < upload < 2 * broadcast + 2 * 200  # plus a small JSON meta per upload
+    assert record["kept_samples"] == 2 * 6  # two clients of 12 samples, half kept
+    # one forward and one backward message each way per mini-batch of kept samples (8 + ... per client)
+    assert record["messages_by_phase"]["up/split"] == record["messages_by_phase"]["down/split"] == 2 * 2
+
+
+def test_no_pruning_sends_more_activations(imagefolder, tmp_path):
+    pruned = run(tiny_config(imagefolder, tmp_path, rounds=1, keep_ratio=0.5, out=str(tmp_path / "p")),
+                 progress=False, log=lambda _: None)
+    full = run(tiny_config(imagefolder, tmp_path, rounds=1, keep_ratio=1.0, out=str(tmp_path / "f")),
+               progress=False, log=lambda _: None)
+    assert pruned["bytes_up"] < full["bytes_up"]
+    assert pruned["server_flops"] < full["server_flops"]
+
+
+def test_learns_a_learnable_task(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path, rounds=4, keep_ratio=1.0, optimizer="adam", lr=0.01, prompt_lr=0.01)
+    summary = run(config, progress=False, log=lambda _: None)
+    assert summary["best_accuracy"] >= 0.75  # three classes: chance is 0.33
+
+
+def test_config_file_and_flags(imagefolder, tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'dataset = "imagefolder"\ndata-dir = "{imagefolder}"\nmodel = "test_vit"\nweights = "none"\n'
+                    f'image-size = 32\nclients = 3\nclients-per-round = 2\nrounds = 3\nbatch-size = 8\n')
+    out = tmp_path / "cli"
+    assert main(["run", "--config", str(toml), "--rounds", "1", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["config"]["clients"] == 3 and summary["config"]["model"] == "test_vit"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--keep-ratio", "1.5"], "--keep-ratio must be in (0, 1]"),
+        (["--clients", "3", "--clients-per-round", "4"], "exceeds --clients"),
+        (["--dataset", "imagenet-1k"], "unknown dataset"),
+        (["--model", "resnet50", "--weights", "none"], "not a timm VisionTransformer"),
+        (["--image-size", "50", "--weights", "none", "--model", "test_vit"], "not divisible by the patch size"),
+        (["--weights", "/missing.safetensors", "--model", "test_vit"], "does not exist"),
+        (["--config", "/missing.toml"], "does not exist"),
+        (["--train-samples", "5", "--clients", "10"], "fewer than --clients"),
+    ],
+)
+def test_bad_input_is_a_clear_error(argv, message, capsys, imagefolder, tmp_path):
+    base = ["run", "--dataset", "imagefolder", "--data-dir", str(imagefolder), "--out", str(tmp_path / "x")]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("rounds = 2\nlearning-rate = 0.1\n")
+    with pytest.raises(ConfigError, match="unknown option 'learning-rate'"):
+        Config.from_toml(toml)
+    toml.write_text("rounds = 'two'\n")
+    with pytest.raises(ConfigError, match="expects int"):
+        Config.from_toml(toml)
