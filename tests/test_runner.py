@@ -48,7 +48,7 @@ def test_same_config_gives_the_same_numbers(imagefolder, tmp_path):
 
 def test_byte_counts_are_the_encoded_messages(imagefolder, tmp_path):
     """Broadcast and upload carry exactly the prompts and tail; split bytes scale with kept samples."""
-    config = tiny_config(imagefolder, tmp_path, rounds=1, keep_ratio=0.5)
+    config = tiny_config(imagefolder, tmp_path, rounds=1, keep_ratio=0.5, prune_per_class=False)
     run(config, progress=False, log=lambda _: None)
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     params = load_file(tmp_path / "run" / "global.safetensors")
@@ -57,8 +57,9 @@ def test_byte_counts_are_the_encoded_messages(imagefolder, tmp_path):
     upload = record["bytes_by_phase"]["up/upload"]
     assert 2 * broadcast < upload < 2 * broadcast + 2 * 200  # plus a small JSON meta per upload
     assert record["kept_samples"] == 2 * 6  # two clients of 12 samples, half kept
-    # one forward and one backward message each way per mini-batch of kept samples (8 + ... per client)
-    assert record["messages_by_phase"]["up/split"] == record["messages_by_phase"]["down/split"] == 2 * 2
+    # a forward and a backward message each way per mini-batch: 2 clients x 2 epochs x 1 batch of 6 x 2
+    assert config.split_epochs == 2
+    assert record["messages_by_phase"]["up/split"] == record["messages_by_phase"]["down/split"] == 2 * 2 * 1 * 2
 
 
 def test_no_pruning_sends_more_activations(imagefolder, tmp_path):

@@ -27,6 +27,7 @@ class TrainSettings:
     local_epochs: int
     local_classifier: str  # 'separate' | 'shared'
     keep_ratio: float
+    prune_per_class: bool
     split_epochs: int
     batch_size: int
     optimizer: str
@@ -116,11 +117,13 @@ class Client:
     def prune(self, params: ClientParams, memory: PeakMemory) -> list[int]:
         if self.settings.keep_ratio >= 1.0:
             return list(range(self.num_examples))
-        scores = []
+        scores, all_labels = [], []
         for images, labels in self._loader(self.data, None, memory):
             with self.meter.work(CLIENT, "prune", memory):
                 scores.append(el2n(self._local_logits(images, params), labels))
-        return hardest(torch.cat(scores), self.settings.keep_ratio).tolist()
+            all_labels.append(labels)
+        groups = torch.cat(all_labels) if self.settings.prune_per_class else None
+        return hardest(torch.cat(scores), self.settings.keep_ratio, groups).tolist()
 
     # Phase 2: split training on the kept samples, activations and gradients through the link.
     def split_train(

@@ -62,13 +62,16 @@ class Config:
         choices=LOCAL_CLASSIFIERS,
     )
     keep_ratio: float = _opt(0.5, "fraction of local samples (the highest EL2N) kept for split training")
-    split_epochs: int = _opt(1, "epochs of split training on the kept samples")
+    prune_per_class: bool = _opt(
+        True, "keep the --keep-ratio hardest of each class (so pruning keeps the label mix) rather than overall"
+    )
+    split_epochs: int = _opt(2, "epochs of split training on the kept samples")
     # optimisation
     batch_size: int = _opt(32, "mini-batch size of every client phase")
-    optimizer: str = _opt("sgd", "client optimiser", choices=OPTIMIZERS)
-    lr: float = _opt(0.05, "learning rate of the tail (and local classifier)")
-    prompt_lr: float = _opt(0.05, "learning rate of the prompts")
-    momentum: float = _opt(0.9, "SGD momentum")
+    optimizer: str = _opt("adam", "client optimiser", choices=OPTIMIZERS)
+    lr: float = _opt(0.01, "learning rate of the tail (and local classifier)")
+    prompt_lr: float = _opt(0.01, "learning rate of the prompts")
+    momentum: float = _opt(0.9, "SGD momentum (ignored by Adam)")
     weight_decay: float = _opt(0.0, "weight decay")
     # run
     seed: int = _opt(0, "seed of every random choice (partition, sampling, init, shuffling)")
