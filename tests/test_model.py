@@ -43,8 +43,7 @@ def _split_gradients(split, params, images, labels):
     rows.requires_grad_(True)
     F.cross_entropy(params.tail(rows), labels).backward()
     grad = link.request(Message("backward", {"grad": rows.grad}, {"client": 0}), "split").tensors["grad"]
-    grad_rows = split.layout.prompt_rows if split.client_blocks == 0 else slice(None)
-    tokens[:, grad_rows].backward(grad)
+    tokens[:, split.grad_rows].backward(grad)
     return {name: p.grad.clone() for name, p in params.named_parameters()}, meter.take()
 
 

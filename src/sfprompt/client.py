@@ -136,7 +136,6 @@ class Client:
         memory: PeakMemory,
     ) -> float:
         losses = []
-        grad_rows = self.model.layout.prompt_rows if self.model.client_blocks == 0 else slice(None)
         for _ in range(self.settings.split_epochs):
             for images, labels in self._loader(Subset(self.data, kept), generator, memory):
                 with self.meter.work(CLIENT, "split", memory):
@@ -151,7 +150,7 @@ class Client:
                 reply = link.request(Message("backward", {"grad": rows.grad}, {"client": self.cid}), "split")
                 memory.hold(reply.tensors["grad"])
                 with self.meter.work(CLIENT, "split", memory):
-                    tokens[:, grad_rows].backward(reply.tensors["grad"])  # into the prompts (and head blocks)
+                    tokens[:, self.model.grad_rows].backward(reply.tensors["grad"])  # into the prompts (and head blocks)
                     optimizer.step()
                 losses.append(loss.item())
         return float(np.mean(losses)) if losses else float("nan")

@@ -156,6 +156,9 @@ class SplitViT:
         self.head = PromptedHead(vit, client_blocks)
         self.body = Body(vit, client_blocks)
         self.client_blocks = client_blocks
+        # The token rows whose gradient the client needs back: only the prompts' when the head holds
+        # no blocks (nothing else on the client trains), every row when prompts pass through blocks.
+        self.grad_rows = self.layout.prompt_rows if client_blocks == 0 else slice(None)
         self.num_classes = vit.num_classes
         self._vit = vit
         generator = torch.Generator().manual_seed(seed)

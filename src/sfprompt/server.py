@@ -25,7 +25,7 @@ class BodyServer:
         self.layout = model.layout
         self.meter = meter
         self.device = device
-        self.grad_rows = model.layout.prompt_rows if model.client_blocks == 0 else slice(None)
+        self.grad_rows = model.grad_rows
         # client id -> (tokens it sent, body output rows returned), awaiting the backward.
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
