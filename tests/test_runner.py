@@ -71,6 +71,12 @@ def test_no_pruning_sends_more_activations(imagefolder, tmp_path):
     assert pruned["server_flops"] < full["server_flops"]
 
 
+def test_without_local_loss_the_metrics_stay_valid_json(imagefolder, tmp_path):
+    run(tiny_config(imagefolder, tmp_path, rounds=1, local_epochs=0), progress=False, log=lambda _: None)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert record["local_loss"] is None and record["train_loss"] > 0
+
+
 def test_learns_a_learnable_task(imagefolder, tmp_path):
     config = tiny_config(imagefolder, tmp_path, rounds=4, keep_ratio=1.0, optimizer="adam", lr=0.01, prompt_lr=0.01)
     summary = run(config, progress=False, log=lambda _: None)

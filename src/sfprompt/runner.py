@@ -83,8 +83,8 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
                 "round": round_,
                 "accuracy": accuracy,
                 "loss": loss,
-                "train_loss": float(np.average([u.meta["split_loss"] for u in updates], weights=weights)),
-                "local_loss": float(np.average([u.meta["local_loss"] for u in updates], weights=weights)),
+                "train_loss": _mean([u.meta["split_loss"] for u in updates], weights),
+                "local_loss": _mean([u.meta["local_loss"] for u in updates], weights),  # None without a local phase
                 **meter.take(),
                 "clients": sampled,
                 "kept_samples": sum(u.meta["kept"] for u in updates),
@@ -93,12 +93,12 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            save_checkpoint(out / "global.safetensors", global_params, config, round_)  # nothing lost on a crash
             log(f"round {round_}/{config.rounds}: accuracy {accuracy:.4f}  test loss {loss:.4f}  "
                 f"up {record['bytes_up'] / 1e6:.1f} MB  down {record['bytes_down'] / 1e6:.1f} MB  "
                 f"client {record['client_flops'] / 1e9:.1f} GFLOP  server {record['server_flops'] / 1e9:.1f} GFLOP  "
                 f"({record['seconds']:.0f} s)")
 
-    save_checkpoint(out / "global.safetensors", global_params, config, config.rounds)
     summary = summarise(config, history, time.perf_counter() - started)
     _write_json(out / "summary.json", summary)
     log(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
@@ -184,6 +184,11 @@ def _normalisation(vit: torch.nn.Module) -> dict:
 
 def _subset(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
     return np.arange(len(labels)) if size is None else stratified_subset(labels, size, seed)
+
+
+def _mean(values: list[float], weights: list[int]) -> float | None:
+    mean = float(np.average(values, weights=weights))
+    return mean if np.isfinite(mean) else None  # JSON has no NaN
 
 
 def _seed(*parts: int) -> int:
