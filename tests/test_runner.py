@@ -104,6 +104,8 @@ def test_config_file_and_flags(imagefolder, tmp_path, capsys):
         (["--weights", "/missing.safetensors", "--model", "test_vit"], "does not exist"),
         (["--config", "/missing.toml"], "does not exist"),
         (["--train-samples", "5", "--clients", "10"], "fewer than --clients"),
+        (["--test-samples", "500", "--model", "test_vit", "--weights", "none", "--image-size", "32"],
+         "--test-samples 500 exceeds the 12 samples"),
     ],
 )
 def test_bad_input_is_a_clear_error(argv, message, capsys, imagefolder, tmp_path):

@@ -43,8 +43,8 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
     vit = create_vit(config.model, splits.num_classes, config.image_size, resolve_weights(config))
     model = SplitViT(vit, config.prompt_tokens, config.client_blocks, config.seed).to(device)
     transform = model_transform(config.image_size, **_normalisation(vit))
-    train_idx = _subset(splits.train_labels, config.train_samples, config.seed)
-    test_idx = _subset(splits.test_labels, config.test_samples, config.seed)
+    train_idx = _subset(splits.train_labels, config.train_samples, config.seed, "--train-samples")
+    test_idx = _subset(splits.test_labels, config.test_samples, config.seed, "--test-samples")
     train = Subset(Transformed(splits.train, transform), train_idx.tolist())
     test = Subset(Transformed(splits.test, transform), test_idx.tolist())
     parts = partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
@@ -182,8 +182,12 @@ def _normalisation(vit: torch.nn.Module) -> dict:
     return {"mean": cfg["mean"], "std": cfg["std"], "interpolation": cfg["interpolation"]}
 
 
-def _subset(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
-    return np.arange(len(labels)) if size is None else stratified_subset(labels, size, seed)
+def _subset(labels: np.ndarray, size: int | None, seed: int, option: str) -> np.ndarray:
+    if size is None:
+        return np.arange(len(labels))
+    if size > len(labels):
+        raise ConfigError(f"{option} {size} exceeds the {len(labels)} samples the dataset has")
+    return stratified_subset(labels, size, seed)
 
 
 def _mean(values: list[float], weights: list[int]) -> float | None:
