@@ -1,13 +1,15 @@
-"""A simulated client: its data, its private state, and the three SFPrompt phases it runs.
+"""A simulated client: its data, its private state, and the phases every method is composed of.
 
-A client never holds the body. It holds a reference to the shared frozen head, its own copy of the
-global prompts and tail for the round, an optimiser, and (by default) a private local classifier
-that persists across rounds.
+In the split methods a client never holds the body: it holds a reference to the shared frozen head,
+its own copy of the global prompts and tail for the round, an optimiser, and a private local
+classifier that persists across rounds (SFPrompt's local loss). Which phases run is the method's
+choice (`methods/`); how each phase trains, counts and talks to the server is decided here, once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -21,6 +23,20 @@ from .model import ClientParams, SplitViT
 from .pruning import el2n, hardest
 from .transport import InProcessLink
 
+if TYPE_CHECKING:
+    from .methods import Method
+
+
+@dataclass
+class RoundContext:
+    """What a client holds for one round: its copy of the global params and its working state."""
+
+    params: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    link: InProcessLink
+    generator: torch.Generator
+    memory: PeakMemory
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -33,6 +49,7 @@ class TrainSettings:
     optimizer: str
     lr: float
     prompt_lr: float
+    backbone_lr: float
     momentum: float
     weight_decay: float
 
@@ -76,35 +93,20 @@ class Client:
     def num_examples(self) -> int:
         return len(self.data)
 
-    def run_round(self, global_state: Message, link: InProcessLink, seed: int) -> Message:
-        """All three phases for one round; returns the upload for FedAvg."""
-        params = self.model.new_params().to(self.device)
+    def run_round(self, method: "Method", global_state: Message, link: InProcessLink, seed: int) -> Message:
+        """This client's part of a round, as the method composes it; returns its upload."""
+        params = method.new_params(self.model).to(self.device)
         params.load_state_dict(global_state.tensors)
-        optimizer = self._optimizer(params)
-        generator = torch.Generator().manual_seed(seed)
         memory = PeakMemory()  # everything this client holds during the round
-        memory.hold(self.model.head, params, self.local_head)
-        local_loss = self.local_update(params, optimizer, generator, memory)
-        kept = self.prune(params, memory)
-        split_loss = self.split_train(params, optimizer, kept, link, generator, memory)
-        meta = {"client": self.cid, "num_examples": self.num_examples, "kept": len(kept),
-                "local_loss": local_loss, "split_loss": split_loss}
-        return Message("update", dict(params.state_dict()), meta)
+        memory.hold(*method.client_holds(self.model), params, self.local_head)
+        ctx = RoundContext(params, self._optimizer(params), link, torch.Generator().manual_seed(seed), memory)
+        report = method.client_round(self, ctx)
+        return Message("update", dict(params.state_dict()), {"client": self.cid, "num_examples": self.num_examples, **report})
 
-    # Phase 1: self-update on the local model tail(head(x; p)), no server involved.
-    def local_update(
-        self, params: ClientParams, optimizer: torch.optim.Optimizer, generator: torch.Generator, memory: PeakMemory
-    ) -> float:
-        losses = []
-        for _ in range(self.settings.local_epochs):
-            for images, labels in self._loader(self.data, generator, memory):
-                with self.meter.work(CLIENT, "local", memory):
-                    loss = F.cross_entropy(self._local_logits(images, params), labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                losses.append(loss.item())
-        return float(np.mean(losses)) if losses else float("nan")
+    # SFPrompt phase 1: self-update on the local model (head, then a classifier), no server involved.
+    def local_update(self, ctx: RoundContext) -> float | None:
+        return self._train(ctx, self.data, self.settings.local_epochs, "local",
+                           lambda images: self._local_logits(images, ctx.params))
 
     def _local_logits(self, images: torch.Tensor, params: ClientParams) -> torch.Tensor:
         tokens = self.model.head(images, params.prompts)  # (B, prefix+P+N, D)
@@ -112,32 +114,25 @@ class Client:
         classifier = params.tail if self.settings.local_classifier == "shared" else self.local_head
         return classifier(patches)
 
-    # Phase 1b: EL2N scores under the local model; keep the hardest samples.
+    # SFPrompt phase 1b: EL2N scores under the local model; keep the hardest samples.
     @torch.no_grad()
-    def prune(self, params: ClientParams, memory: PeakMemory) -> list[int]:
+    def prune(self, ctx: RoundContext) -> list[int]:
         if self.settings.keep_ratio >= 1.0:
             return list(range(self.num_examples))
         scores, all_labels = [], []
-        for images, labels in self._loader(self.data, None, memory):
-            with self.meter.work(CLIENT, "prune", memory):
-                scores.append(el2n(self._local_logits(images, params), labels))
+        for images, labels in self._loader(self.data, None, ctx.memory):
+            with self.meter.work(CLIENT, "prune", ctx.memory):
+                scores.append(el2n(self._local_logits(images, ctx.params), labels))
             all_labels.append(labels)
         groups = torch.cat(all_labels) if self.settings.prune_per_class else None
         return hardest(torch.cat(scores), self.settings.keep_ratio, groups).tolist()
 
-    # Phase 2: split training on the kept samples, activations and gradients through the link.
-    def split_train(
-        self,
-        params: ClientParams,
-        optimizer: torch.optim.Optimizer,
-        kept: list[int],
-        link: InProcessLink,
-        generator: torch.Generator,
-        memory: PeakMemory,
-    ) -> float:
+    # Split training on the chosen samples: activations and gradients cross the link each batch.
+    def split_train(self, ctx: RoundContext, chosen: list[int]) -> float | None:
+        params, optimizer, link, memory = ctx.params, ctx.optimizer, ctx.link, ctx.memory
         losses = []
         for _ in range(self.settings.split_epochs):
-            for images, labels in self._loader(Subset(self.data, kept), generator, memory):
+            for images, labels in self._loader(Subset(self.data, chosen), ctx.generator, memory):
                 with self.meter.work(CLIENT, "split", memory):
                     tokens = self.model.head(images, params.prompts)  # (B, prefix+P+N, D)
                 reply = link.request(Message("forward", {"tokens": tokens}, {"client": self.cid}), "split")
@@ -153,14 +148,28 @@ class Client:
                     tokens[:, self.model.grad_rows].backward(reply.tensors["grad"])  # into the prompts (and head blocks)
                     optimizer.step()
                 losses.append(loss.item())
-        return float(np.mean(losses)) if losses else float("nan")
+        return _mean(losses)
 
-    def _optimizer(self, params: ClientParams) -> torch.optim.Optimizer:
+    # Training with the whole model on the client (federated baselines): all local data, no server.
+    def train_locally(self, ctx: RoundContext, logits: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
+        return self._train(ctx, self.data, self.settings.split_epochs, "local", logits)
+
+    def _train(self, ctx: RoundContext, data: Dataset, epochs: int, phase: str, logits: Callable) -> float | None:
+        losses = []
+        for _ in range(epochs):
+            for images, labels in self._loader(data, ctx.generator, ctx.memory):
+                with self.meter.work(CLIENT, phase, ctx.memory):
+                    loss = F.cross_entropy(logits(images), labels)
+                    ctx.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    ctx.optimizer.step()
+                losses.append(loss.item())
+        return _mean(losses)
+
+    def _optimizer(self, params: torch.nn.Module) -> torch.optim.Optimizer:
         s = self.settings
-        groups = [
-            {"params": [params.prompts], "lr": s.prompt_lr},
-            {"params": list(params.tail.parameters()) + list(self.local_head.parameters()), "lr": s.lr},
-        ]
+        groups = params.param_groups(s.lr, s.prompt_lr, s.backbone_lr)
+        groups.append({"params": list(self.local_head.parameters()), "lr": s.lr})
         if s.optimizer == "adam":
             return torch.optim.Adam(groups, weight_decay=s.weight_decay)
         return torch.optim.SGD(groups, momentum=s.momentum, weight_decay=s.weight_decay)
@@ -173,3 +182,7 @@ class Client:
             images, labels = images.to(self.device), labels.to(self.device)
             memory.hold(images, labels)
             yield images, labels
+
+
+def _mean(losses: list[float]) -> float | None:
+    return float(np.mean(losses)) if losses else None

@@ -26,12 +26,14 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+METHODS = ("sfprompt", "sfl", "sl", "fl-prompt", "fl")
 OPTIMIZERS = ("sgd", "adam")
 LOCAL_CLASSIFIERS = ("separate", "shared")
 
 
 @dataclass(frozen=True)
 class Config:
+    method: str = _opt("sfprompt", "federated method", choices=METHODS)
     # data
     dataset: str = _opt("mnist-5k", "dataset name (see `sfprompt datasets`)")
     data_dir: str = _opt("data", "folder holding the dataset in torchvision's layout")
@@ -65,12 +67,15 @@ class Config:
     prune_per_class: bool = _opt(
         True, "keep the --keep-ratio hardest of each class (so pruning keeps the label mix) rather than overall"
     )
-    split_epochs: int = _opt(2, "epochs of split training on the kept samples")
+    split_epochs: int = _opt(
+        2, "epochs of split training on the kept samples (sfl, sl, fl-prompt, fl: training epochs on all local data)"
+    )
     # optimisation
     batch_size: int = _opt(32, "mini-batch size of every client phase")
     optimizer: str = _opt("adam", "client optimiser", choices=OPTIMIZERS)
     lr: float = _opt(0.01, "learning rate of the tail (and local classifier)")
     prompt_lr: float = _opt(0.01, "learning rate of the prompts")
+    backbone_lr: float = _opt(1e-4, "learning rate of the backbone weights when they train (method fl)")
     momentum: float = _opt(0.9, "SGD momentum (ignored by Adam)")
     weight_decay: float = _opt(0.0, "weight decay")
     # run
@@ -87,7 +92,7 @@ class Config:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be 0 or more, got {getattr(self, name)}")
         if self.split_epochs < 1:
-            raise ConfigError("--split-epochs must be at least 1: split training is where the prompts learn")
+            raise ConfigError("--split-epochs must be at least 1: it is where every method trains through the body")
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ConfigError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio}")
         if self.clients_per_round > self.clients:
@@ -105,14 +110,14 @@ class Config:
                 f"--train-samples ({self.train_samples}) is fewer than --clients ({self.clients}): "
                 "every client needs at least one sample"
             )
-        for name in ("lr", "prompt_lr"):
+        for name in ("lr", "prompt_lr", "backbone_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        for name in ("optimizer", "local_classifier"):
+        for name in ("method", "optimizer", "local_classifier"):
             choices = _FIELDS[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")

@@ -126,12 +126,33 @@ class Tail(nn.Module):
 
 
 class ClientParams(nn.Module):
-    """Everything a client trains and uploads: the prompts and the tail."""
+    """Everything a client trains and uploads in the prompt methods: the prompts and the tail."""
 
     def __init__(self, prompts: torch.Tensor, tail: Tail) -> None:
         super().__init__()
         self.prompts = nn.Parameter(prompts)  # (1, P, D)
         self.tail = tail
+
+    def param_groups(self, lr: float, prompt_lr: float, backbone_lr: float) -> list[dict]:
+        return [{"params": [self.prompts], "lr": prompt_lr}, {"params": list(self.tail.parameters()), "lr": lr}]
+
+
+class FullParams(nn.Module):
+    """The whole model as one client's trainable copy (federated full fine-tuning): no prompts."""
+
+    def __init__(self, vit: nn.Module, classifier: nn.Module) -> None:
+        super().__init__()
+        self.vit = copy.deepcopy(vit).requires_grad_(True)
+        self.vit.head.load_state_dict(classifier.state_dict())  # the same seeded start as the prompt methods
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit(images)
+
+    def param_groups(self, lr: float, prompt_lr: float, backbone_lr: float) -> list[dict]:
+        classifier = list(self.vit.get_classifier().parameters())
+        chosen = {id(p) for p in classifier}
+        backbone = [p for p in self.vit.parameters() if id(p) not in chosen]
+        return [{"params": backbone, "lr": backbone_lr}, {"params": classifier, "lr": lr}]
 
 
 class SplitViT:
@@ -169,10 +190,12 @@ class SplitViT:
     def new_params(self) -> ClientParams:
         return copy.deepcopy(self.initial_params)
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, params: ClientParams) -> torch.Tensor:
-        """The full model tail(body(head(x; p))) as the evaluation uses it."""
-        tokens = self.body(self.head(images, params.prompts))
+    def new_full_params(self) -> FullParams:
+        return FullParams(self._vit, self.initial_params.tail.head)
+
+    def logits(self, images: torch.Tensor, params: ClientParams) -> torch.Tensor:
+        """The full model tail(body(head(x; p))) in one place (evaluation, or a client holding it all)."""
+        tokens = self.body(self.head(images, params.prompts))  # (B, prefix+P+N, D)
         return params.tail(tokens[:, self.layout.tail_rows])
 
     def to(self, device: torch.device) -> "SplitViT":

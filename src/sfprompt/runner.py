@@ -1,7 +1,8 @@
 """The in-process runtime: one federation, one shared frozen model, the round loop, the results.
 
 Clients, the body server and the aggregation all live in this process; every client<->server
-message still goes through the codec and is counted (see `transport.InProcessLink`).
+message still goes through the codec and is counted (see `transport.InProcessLink`). The loop is
+the same for every method; a method only chooses its trainable state and its clients' phases.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from .codec import Message
 from .config import Config, ConfigError
 from .data import Transformed, load_splits, model_transform, partition, stratified_subset
 from .meter import DOWN, UP, Meter
-from .model import ClientParams, SplitViT, create_vit, data_config
+from .methods import METHODS, Method
+from .model import SplitViT, create_vit, data_config
 from .server import BodyServer
 from .transport import InProcessLink
 
 
 def run(config: Config, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
-    """Run SFPrompt as `config` says; write metrics, summary and checkpoint to `config.out`."""
+    """Run `config.method` as `config` says; write metrics, summary and checkpoint to `config.out`."""
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -53,12 +55,13 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
     link = InProcessLink(BodyServer(model, meter, device), meter, device)
     settings = TrainSettings(**{name: getattr(config, name) for name in TrainSettings.__dataclass_fields__})
     clients = [Client(k, train, part, model, settings, meter, device) for k, part in enumerate(parts)]
-    global_params = model.new_params()
+    method = METHODS[config.method]()
+    global_params = method.new_params(model).to(device)
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config.to_dict())
-    log(f"sfprompt {__version__}: {len(train)} train / {len(test)} test samples, {splits.num_classes} classes, "
+    log(f"sfprompt {__version__}, method {method.name}: {len(train)} train / {len(test)} test samples, {splits.num_classes} classes, "
         f"{config.clients} clients ({'IID' if config.alpha is None else f'Dirichlet {config.alpha}'}), "
         f"{config.model} at {config.image_size}px on {device}")
     log("config: " + json.dumps(config.to_dict()))
@@ -69,22 +72,24 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
         for round_ in range(1, config.rounds + 1):
             round_started = time.perf_counter()
             sampled = sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
-            broadcast = Message("global", dict(global_params.state_dict()))
             updates = []
             for cid in tqdm(sampled, desc=f"round {round_}/{config.rounds}", unit="client",
                             leave=False, disable=not progress, file=sys.stderr):
-                received = link.send(broadcast, DOWN, "broadcast")
-                update = clients[cid].run_round(received, link, seed=_seed(config.seed, round_, cid))
+                received = link.send(Message("global", dict(global_params.state_dict())), DOWN, "broadcast")
+                update = clients[cid].run_round(method, received, link, seed=_seed(config.seed, round_, cid))
                 updates.append(link.send(update, UP, "upload"))
+                if method.sequential:  # the next client starts from this one's result
+                    global_params.load_state_dict(updates[-1].tensors)
             weights = [u.meta["num_examples"] for u in updates]
-            global_params.load_state_dict(fedavg([u.tensors for u in updates], weights))
-            accuracy, loss = evaluate(model, global_params, test, config.batch_size, device)
+            if not method.sequential:
+                global_params.load_state_dict(fedavg([u.tensors for u in updates], weights))
+            accuracy, loss = evaluate(method, model, global_params, test, config.batch_size, device)
             record = {
                 "round": round_,
                 "accuracy": accuracy,
                 "loss": loss,
-                "train_loss": _mean([u.meta["split_loss"] for u in updates], weights),
-                "local_loss": _mean([u.meta["local_loss"] for u in updates], weights),  # None without a local phase
+                "train_loss": _mean([u.meta["train_loss"] for u in updates], weights),
+                "local_loss": _mean([u.meta.get("local_loss") for u in updates], weights),  # None: no local phase
                 **meter.take(),
                 "clients": sampled,
                 "kept_samples": sum(u.meta["kept"] for u in updates),
@@ -107,12 +112,13 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
 
 
 @torch.no_grad()
-def evaluate(model: SplitViT, params: ClientParams, data, batch_size: int, device: torch.device) -> tuple[float, float]:
+def evaluate(method: Method, model: SplitViT, params: torch.nn.Module, data, batch_size: int,
+             device: torch.device) -> tuple[float, float]:
     """Top-1 accuracy and mean cross-entropy of the full model on `data` (not a protocol step)."""
     correct, loss, seen = 0, 0.0, 0
     for images, labels in DataLoader(data, batch_size=max(batch_size, 128)):
         images, labels = images.to(device), labels.to(device)
-        logits = model.predict(images, params)
+        logits = method.logits(model, params, images)
         correct += (logits.argmax(dim=-1) == labels).sum().item()
         loss += F.cross_entropy(logits, labels, reduction="sum").item()
         seen += len(labels)
@@ -124,7 +130,7 @@ def summarise(config: Config, history: list[dict], wall_seconds: float) -> dict:
         return sum(record[key] for record in history)
 
     return {
-        "method": "sfprompt",
+        "method": config.method,
         "config": config.to_dict(),
         "final_accuracy": history[-1]["accuracy"],
         "best_accuracy": max(record["accuracy"] for record in history),
@@ -139,8 +145,8 @@ def summarise(config: Config, history: list[dict], wall_seconds: float) -> dict:
     }
 
 
-def save_checkpoint(path: Path, params: ClientParams, config: Config, round_: int) -> None:
-    """The global prompts and tail, with the config that produced them (write, then rename)."""
+def save_checkpoint(path: Path, params: torch.nn.Module, config: Config, round_: int) -> None:
+    """The global trainable state, with the config that produced it (write, then rename)."""
     partial = path.with_suffix(".partial")
     state = {name: t.detach().cpu().contiguous() for name, t in params.state_dict().items()}
     save_file(state, str(partial), metadata={"config": json.dumps(config.to_dict()), "round": str(round_)})
@@ -190,9 +196,11 @@ def _subset(labels: np.ndarray, size: int | None, seed: int, option: str) -> np.
     return stratified_subset(labels, size, seed)
 
 
-def _mean(values: list[float], weights: list[int]) -> float | None:
-    mean = float(np.average(values, weights=weights))
-    return mean if np.isfinite(mean) else None  # JSON has no NaN
+def _mean(values: list[float | None], weights: list[int]) -> float | None:
+    """Weighted mean of what clients reported; None when a phase did not run."""
+    if any(v is None for v in values):
+        return None
+    return float(np.average(values, weights=weights))
 
 
 def _seed(*parts: int) -> int:

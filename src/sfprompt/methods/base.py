@@ -1,0 +1,35 @@
+"""What a federated method is: a few hooks on the shared round loop and the shared client phases."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..model import SplitViT
+
+if TYPE_CHECKING:
+    from ..client import Client, RoundContext
+
+
+class Method:
+    name: str = ""
+    # Clients train one after another, each from the previous one's upload, with no averaging (sl);
+    # otherwise clients start from the same global state and the server averages (FedAvg).
+    sequential: bool = False
+
+    def new_params(self, model: SplitViT) -> nn.Module:
+        """The global trainable state: prompts and tail unless the method trains more."""
+        return model.new_params()
+
+    def client_holds(self, model: SplitViT) -> tuple[nn.Module, ...]:
+        """The frozen modules resident on a client (they count towards its memory)."""
+        return (model.head,)
+
+    def logits(self, model: SplitViT, params: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model.logits(images, params)
+
+    def client_round(self, client: "Client", ctx: "RoundContext") -> dict:
+        """One client's work in a round; returns what it reports beside its upload."""
+        raise NotImplementedError

@@ -1,0 +1,12 @@
+"""SFPrompt: self-update with the local loss, EL2N pruning, then split training on what was kept."""
+
+from .base import Method
+
+
+class SFPrompt(Method):
+    name = "sfprompt"
+
+    def client_round(self, client, ctx) -> dict:
+        local_loss = client.local_update(ctx)
+        kept = client.prune(ctx)
+        return {"local_loss": local_loss, "train_loss": client.split_train(ctx, kept), "kept": len(kept)}

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+import torch
+
+import sfprompt.runner as runner_module
+from sfprompt.client import Client
+from sfprompt.codec import encode
+from sfprompt.config import METHODS as METHOD_NAMES
+from sfprompt.methods import METHODS
+from sfprompt.runner import run
+
+from test_runner import tiny_config
+
+
+def quiet(config):
+    return run(config, progress=False, log=lambda _: None)
+
+
+def records(tmp_path, name="run"):
+    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_configurable_method_exists():
+    assert set(METHOD_NAMES) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_end_to_end(method, imagefolder, tmp_path):
+    summary = quiet(tiny_config(imagefolder, tmp_path, method=method, rounds=2))
+    assert summary["method"] == method and summary["rounds"] == 2
+    assert 0.0 <= summary["final_accuracy"] <= 1.0
+    assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0 and summary["client_flops"] > 0
+    assert all(r["train_loss"] is not None for r in records(tmp_path))
+
+
+def test_fl_sends_the_whole_model_down_and_up_once_per_client(imagefolder, tmp_path, monkeypatch):
+    config = tiny_config(imagefolder, tmp_path, method="fl", rounds=1)
+    captured = []
+    original = Client.run_round
+
+    def spy(self, method, received, link, seed):
+        captured.append(len(encode(received)))
+        return original(self, method, received, link, seed)
+
+    monkeypatch.setattr(Client, "run_round", spy)
+    quiet(config)
+    record = records(tmp_path)[0]
+    model_bytes = captured[0]
+    assert model_bytes > 4 * 300_000  # test_vit has about 300k parameters
+    assert record["bytes_down"] == config.clients_per_round * model_bytes
+    # the upload is the same tensors plus a small JSON header (client id, sample count, loss)
+    assert 0 <= record["bytes_up"] - config.clients_per_round * model_bytes < config.clients_per_round * 200
+    assert record["server_flops"] == 0 and "up/split" not in record["bytes_by_phase"]
+
+
+def test_fl_prompt_runs_the_whole_model_on_the_client(imagefolder, tmp_path):
+    prompt = quiet(tiny_config(imagefolder, tmp_path, method="fl-prompt", rounds=1, out=str(tmp_path / "p")))
+    split = quiet(tiny_config(imagefolder, tmp_path, method="sfl", rounds=1, out=str(tmp_path / "s")))
+    assert prompt["server_flops"] == 0 and split["server_flops"] > 0
+    assert prompt["client_flops"] > split["client_flops"]
+    assert prompt["bytes_up"] < split["bytes_up"]  # only prompts and tail cross the network
+    assert prompt["client_peak_memory_bytes"] > split["client_peak_memory_bytes"]  # it holds the body
+
+
+def test_sl_visits_clients_in_order_and_never_averages(imagefolder, tmp_path, monkeypatch):
+    visits = []
+    original = Client.run_round
+
+    def spy(self, method, received, link, seed):
+        update = original(self, method, received, link, seed)
+        visits.append((self.cid, dict(received.tensors), dict(update.tensors)))
+        return update
+
+    monkeypatch.setattr(Client, "run_round", spy)
+    monkeypatch.setattr(runner_module, "fedavg", lambda *a: pytest.fail("sl must not average"))
+    quiet(tiny_config(imagefolder, tmp_path, method="sl", rounds=2, clients=3, clients_per_round=3))
+    assert [cid for cid, _, _ in visits] == [0, 1, 2, 0, 1, 2]
+    for (_, _, previous_upload), (_, received, _) in zip(visits, visits[1:]):
+        assert all(torch.equal(received[k], previous_upload[k]) for k in received)
+
+
+def test_sfl_splits_all_data_and_sfprompt_only_the_kept(imagefolder, tmp_path):
+    sfl = quiet(tiny_config(imagefolder, tmp_path, method="sfl", rounds=1, out=str(tmp_path / "a")))
+    sfp = quiet(tiny_config(imagefolder, tmp_path, method="sfprompt", rounds=1, keep_ratio=0.25, out=str(tmp_path / "b")))
+    a, b = records(tmp_path, "a")[0], records(tmp_path, "b")[0]
+    assert a["kept_samples"] == 24 and b["kept_samples"] < 12  # two clients of 12 samples
+    assert b["bytes_by_phase"]["up/split"] < a["bytes_by_phase"]["up/split"]
+    assert sfp["server_flops"] < sfl["server_flops"]
+    assert a["local_loss"] is None and b["local_loss"] is not None
