@@ -1,32 +1,47 @@
-"""`sfprompt run`: flags are generated from `Config`, so the CLI, TOML files and docs never drift."""
+"""sfprompt: split federated prompt fine-tuning of pre-trained Vision Transformers.
+
+Flags are generated from `Config`, so the CLI, TOML files and the docs never drift apart.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from .config import Config, ConfigError
 from .data import DATASETS
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sfprompt", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="fine-tune with SFPrompt over a simulated federation",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run.add_argument("--config", help="TOML file of options (flags override it)")
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML file of options (flags override it)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        common: dict[str, Any] = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        shown = "off" if f.default is False else "on" if f.default is True else f.default
+        common: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {shown})", "default": argparse.SUPPRESS}
         if kind == "bool":
-            run.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         else:
             caster = int if "int" in kind else float if "float" in kind else str
-            run.add_argument(flag, type=caster, choices=f.metadata.get("choices"), **common)
+            parser.add_argument(flag, type=caster, choices=f.metadata.get("choices"), **common)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sfprompt", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_config_flags(commands.add_parser("run", help="fine-tune over a simulated federation (one method)"))
+    compare = commands.add_parser("compare", help="run several methods on the same partition and seed, then "
+                                  "write comparison.csv, comparison.md and plots to --out")
+    compare.add_argument("--methods", default="fl,fl-prompt,sl,sfl,sfprompt",
+                         help="comma-separated methods or ablations (sfprompt-no-local-loss, sfprompt-no-pruning) "
+                              "(default: %(default)s)")
+    compare.add_argument("--target-accuracy", type=float,
+                         help="also report the bytes and client FLOPs each method spent to first reach it")
+    _add_config_flags(compare)
     commands.add_parser("datasets", help="list the dataset names --dataset accepts")
     return parser
 
@@ -45,9 +60,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         config = config_from_args(args)
-        from .runner import run  # heavy imports only once the arguments are known to be good
+        from . import compare, runner  # heavy imports only once the arguments are known to be good
 
-        run(config, progress=not args.no_progress)
+        def run(c: Config) -> dict:
+            return runner.run(c, progress=not args.no_progress)
+
+        if args.command == "run":
+            run(config)
+        else:
+            if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
+                raise ConfigError(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
+            names = compare.parse_methods(args.methods)
+            rows = compare.compare(config, names, args.target_accuracy, run)
+            compare.write(rows, Path(config.out), args.target_accuracy)
+            print(compare.markdown(rows, args.target_accuracy))
     except ConfigError as err:
         print(f"sfprompt: error: {err}", file=sys.stderr)
         return 2
