@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--target-accuracy", type=float,
                          help="also report the bytes and client FLOPs each method spent to first reach it")
     _add_config_flags(compare)
+    cost = commands.add_parser("cost", help="per-client, per-round compute and communication of every method for "
+                               "an architecture (random weights; --out FILE.json to save)")
+    cost.add_argument("--samples-per-client", type=int, default=500, help="local samples (default: %(default)s)")
+    cost.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default: %(default)s)")
+    cost.add_argument("--probe-samples", type=int, default=4,
+                      help="samples actually run through each method, then scaled (default: %(default)s)")
+    cost.add_argument("--methods", default="fl,fl-prompt,sl,sfl,sfprompt", help="(default: %(default)s)")
+    _add_config_flags(cost)
     commands.add_parser("datasets", help="list the dataset names --dataset accepts")
     return parser
 
@@ -67,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.command == "run":
             run(config)
+        elif args.command == "cost":
+            _cost(args, config, compare.parse_methods(args.methods))
         else:
             if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
                 raise ConfigError(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
@@ -78,6 +88,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sfprompt: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _cost(args: argparse.Namespace, config: Config, methods: list[str]) -> None:
+    import json
+
+    from . import cost
+
+    for name in ("samples_per_client", "num_classes", "probe_samples"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if any(m not in cost.METHODS for m in methods):
+        raise ConfigError("cost takes method names only (an ablation is the same method with other options)")
+    results = cost.estimate(config, args.samples_per_client, args.probe_samples, args.num_classes, methods)
+    print(f"{config.model} at {config.image_size}px, {args.samples_per_client} samples per client, "
+          f"keep ratio {config.keep_ratio}, {config.prompt_tokens} prompts, {config.client_blocks} client blocks, "
+          f"local epochs {config.local_epochs}, split epochs {config.split_epochs} (per client, per round)")
+    print(cost.table(results))
+    if "out" in vars(args):  # only when asked for: the run default (a folder) is not a JSON file
+        inputs = {"samples_per_client": args.samples_per_client, "num_classes": args.num_classes,
+                  "probe_samples": args.probe_samples, "config": config.to_dict()}
+        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.out).write_text(json.dumps({"inputs": inputs, "per_client_per_round": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from torch import nn
 from ..model import SplitViT
 
 if TYPE_CHECKING:
-    from ..client import Client, RoundContext
+    from ..client import Client, RoundContext, TrainSettings
 
 
 class Method:
@@ -29,6 +29,10 @@ class Method:
 
     def logits(self, model: SplitViT, params: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model.logits(images, params)
+
+    def samples_per_phase(self, settings: "TrainSettings", samples: int) -> dict[str, int]:
+        """How many samples each client phase processes in a round on a client holding `samples`."""
+        return {"local": settings.split_epochs * samples}  # training on the client, whole model
 
     def client_round(self, client: "Client", ctx: "RoundContext") -> dict:
         """One client's work in a round; returns what it reports beside its upload."""

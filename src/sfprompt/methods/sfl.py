@@ -6,6 +6,9 @@ from .base import Method
 class SplitFed(Method):
     name = "sfl"
 
+    def samples_per_phase(self, settings, samples):
+        return {"split": settings.split_epochs * samples}
+
     def client_round(self, client, ctx) -> dict:
         everything = list(range(client.num_examples))
         return {"train_loss": client.split_train(ctx, everything), "kept": len(everything)}

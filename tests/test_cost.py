@@ -1,0 +1,61 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sfprompt.cli import main
+from sfprompt.client import Client, TrainSettings
+from sfprompt.codec import Message
+from sfprompt.config import Config
+from sfprompt.cost import estimate
+from sfprompt.meter import DOWN, UP, Meter
+from sfprompt.methods import METHODS
+from sfprompt.model import SplitViT, create_vit
+from sfprompt.server import BodyServer
+from sfprompt.transport import InProcessLink
+
+CONFIG = Config(model="test_vit", image_size=32, prompt_tokens=2, keep_ratio=0.5, batch_size=4,
+                prune_per_class=False)
+
+
+def measured_round(method_name: str, samples: int) -> dict:
+    """A real client round on `samples` samples in batches of 4, counted as a training run counts it."""
+    vit = create_vit(CONFIG.model, 10, CONFIG.image_size, "none")
+    model = SplitViT(vit, CONFIG.prompt_tokens, CONFIG.client_blocks, CONFIG.seed)
+    data = [(torch.randn(3, 32, 32), i % 10) for i in range(samples)]
+    settings = TrainSettings(**{n: getattr(CONFIG, n) for n in TrainSettings.__dataclass_fields__})
+    method, meter = METHODS[method_name](), Meter()
+    link = InProcessLink(BodyServer(model, meter, torch.device("cpu")), meter, torch.device("cpu"))
+    client = Client(0, data, np.arange(samples), model, settings, meter, torch.device("cpu"))
+    received = link.send(Message("global", dict(method.new_params(model).state_dict())), DOWN, "broadcast")
+    link.send(client.run_round(method, received, link, seed=0), UP, "upload")
+    return meter.take()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_scaled_probe_equals_a_real_round(method):
+    """Probing 4 samples and scaling to 12 gives what a real round on 12 samples (3 batches) measures."""
+    estimated = estimate(CONFIG, samples_per_client=12, probe_samples=4, num_classes=10, methods=[method])[method]
+    real = measured_round(method, 12)
+    assert estimated["client_flops"] == real["client_flops"]
+    assert estimated["server_flops"] == real["server_flops"]
+    # Tensor bytes scale exactly; message headers (about 150 bytes each) scale with the samples too,
+    # while the real round sends fewer, fuller batches when pruning leaves a partial probe batch.
+    messages = sum(real["messages_by_phase"].values())
+    assert abs(estimated["bytes_up"] - real["bytes_up"]) < 200 * messages
+    assert abs(estimated["bytes_down"] - real["bytes_down"]) < 200 * messages
+    if method != "sfprompt":  # whole batches everywhere: only the losses' JSON text differs
+        assert estimated["bytes_down"] == real["bytes_down"]
+
+
+def test_cost_command_writes_json(tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    argv = ["cost", "--model", "test_vit", "--image-size", "32", "--samples-per-client", "40", "--probe-samples",
+            "2", "--methods", "fl,sfprompt", "--out", str(out)]
+    assert main(argv) == 0
+    saved = json.loads(out.read_text())
+    assert saved["inputs"]["samples_per_client"] == 40
+    fl, sfp = saved["per_client_per_round"]["fl"], saved["per_client_per_round"]["sfprompt"]
+    assert sfp["client_flops"] < fl["client_flops"] and sfp["bytes_down"] < fl["bytes_down"]
+    assert "| sfprompt |" in capsys.readouterr().out
