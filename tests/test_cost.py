@@ -24,7 +24,7 @@ def measured_round(method_name: str, samples: int) -> dict:
     vit = create_vit(CONFIG.model, 10, CONFIG.image_size, "none")
     model = SplitViT(vit, CONFIG.prompt_tokens, CONFIG.client_blocks, CONFIG.seed)
     data = [(torch.randn(3, 32, 32), i % 10) for i in range(samples)]
-    settings = TrainSettings(**{n: getattr(CONFIG, n) for n in TrainSettings.__dataclass_fields__})
+    settings = TrainSettings.from_config(CONFIG)
     method, meter = METHODS[method_name](), Meter()
     link = InProcessLink(BodyServer(model, meter, torch.device("cpu")), meter, torch.device("cpu"))
     client = Client(0, data, np.arange(samples), model, settings, meter, torch.device("cpu"))

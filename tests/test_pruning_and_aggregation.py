@@ -5,6 +5,7 @@ import torch
 
 from sfprompt.aggregate import fedavg
 from sfprompt.client import Client, TrainSettings
+from sfprompt.config import Config
 from sfprompt.meter import Meter
 from sfprompt.pruning import el2n, hardest
 
@@ -38,7 +39,7 @@ def test_hardest_per_class_keeps_the_label_mix():
 def test_local_el2n_scores_differ_between_inputs_with_no_client_blocks(local_classifier):
     """With client_blocks = 0 the CLS token is input-independent; the local path must not read it."""
     _, split = tiny_split(client_blocks=0)
-    settings = TrainSettings(1, local_classifier, 0.5, True, 1, 8, "sgd", 0.1, 0.1, 1e-4, 0.9, 0.0)
+    settings = TrainSettings.from_config(Config(local_classifier=local_classifier))
     client = Client(0, [], torch.arange(0).numpy(), split, settings, Meter(), torch.device("cpu"))
     with torch.no_grad():
         logits = client._local_logits(torch.randn(8, 3, 32, 32), split.new_params())

@@ -53,6 +53,11 @@ class TrainSettings:
     momentum: float
     weight_decay: float
 
+    @classmethod
+    def from_config(cls, config, **changes) -> "TrainSettings":
+        """The client-side slice of a `Config`, optionally changed."""
+        return cls(**({name: getattr(config, name) for name in cls.__dataclass_fields__} | changes))
+
 
 class LocalHead(nn.Module):
     """The private classifier of the local loss: norm + linear on the mean of the patch tokens.

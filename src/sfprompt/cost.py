@@ -36,8 +36,7 @@ def estimate(config: Config, samples_per_client: int, probe_samples: int, num_cl
     labels = torch.randint(0, num_classes, (probe_samples,), generator=generator)
     probe = [(images[i], int(labels[i])) for i in range(probe_samples)]
     # One batch per epoch in the probe; pruning ranks over all probe samples (not per class).
-    fields = {name: getattr(config, name) for name in TrainSettings.__dataclass_fields__}
-    settings = TrainSettings(**(fields | {"batch_size": probe_samples, "prune_per_class": False}))
+    settings = TrainSettings.from_config(config, batch_size=probe_samples, prune_per_class=False)
     device = torch.device("cpu")
     results = {}
     for name in methods:

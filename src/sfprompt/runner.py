@@ -53,7 +53,7 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
 
     meter = Meter()
     link = InProcessLink(BodyServer(model, meter, device), meter, device)
-    settings = TrainSettings(**{name: getattr(config, name) for name in TrainSettings.__dataclass_fields__})
+    settings = TrainSettings.from_config(config)
     clients = [Client(k, train, part, model, settings, meter, device) for k, part in enumerate(parts)]
     method = METHODS[config.method]()
     global_params = method.new_params(model).to(device)
