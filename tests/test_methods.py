@@ -88,3 +88,16 @@ def test_sfl_splits_all_data_and_sfprompt_only_the_kept(imagefolder, tmp_path):
     assert b["bytes_by_phase"]["up/split"] < a["bytes_by_phase"]["up/split"]
     assert sfp["server_flops"] < sfl["server_flops"]
     assert a["local_loss"] is None and b["local_loss"] is not None
+
+
+def test_split_training_equals_prompt_tuning_on_the_whole_model(imagefolder, tmp_path):
+    """sfl computes fl-prompt's gradients, only split across client and server: same global result."""
+    from safetensors.torch import load_file
+
+    for method in ("sfl", "fl-prompt"):
+        quiet(tiny_config(imagefolder, tmp_path, method=method, rounds=2, out=str(tmp_path / method)))
+    split, whole = load_file(tmp_path / "sfl" / "global.safetensors"), load_file(tmp_path / "fl-prompt" / "global.safetensors")
+    assert split.keys() == whole.keys()
+    for key in split:
+        assert torch.allclose(split[key], whole[key], atol=1e-5, rtol=1e-4), key
+    assert [r["accuracy"] for r in records(tmp_path, "sfl")] == [r["accuracy"] for r in records(tmp_path, "fl-prompt")]
