@@ -8,8 +8,9 @@ The split wraps timm's own seams (`patch_embed` -> `_pos_embed` -> `norm_pre` ->
     body (server, frozen, shared):  blocks[client_blocks:]
     tail (client, trained):         final norm, pooling, classifier
 
-What a client trains and uploads is a `ClientParams` (prompts + tail). The frozen head and body are
-built once and shared by every simulated client, so hundreds of clients cost only their params.
+What a client trains and uploads is a `ClientParams` (prompts + tail), or for federated full
+fine-tuning a `FullParams` (the whole model). The frozen head and body are built once and shared by
+every simulated client, so hundreds of clients cost only their params.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class TokenLayout:
     prompts: int
     patches: int
     width: int
-    pool: str  # timm's global_pool: 'token' or 'avg'-like
+    pool: str  # timm's global_pool: 'token' (CLS) or 'avg'
 
     @property
     def length(self) -> int:
