@@ -3,7 +3,7 @@
 # Fashion-MNIST with the real pre-trained ViT-S/14 from ../shared, 10 clients (5 a round), IID and
 # Dirichlet(0.5), same data, partition and seed for every method; then writes BENCHMARKS.md.
 #
-#   bash benchmarks/compare.sh        # about 1.5 hours on two CPU cores
+#   bash benchmarks/compare.sh        # about 50 minutes on two CPU cores
 #   SHARED=/path/to/shared OUT=runs/compare ROUNDS=5 bash benchmarks/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
