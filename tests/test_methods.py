@@ -101,3 +101,37 @@ def test_split_training_equals_prompt_tuning_on_the_whole_model(imagefolder, tmp
     for key in split:
         assert torch.allclose(split[key], whole[key], atol=1e-5, rtol=1e-4), key
     assert [r["accuracy"] for r in records(tmp_path, "sfl")] == [r["accuracy"] for r in records(tmp_path, "fl-prompt")]
+
+
+def test_sfl_train_body_averages_per_client_body_copies(imagefolder, tmp_path, monkeypatch):
+    """The original SplitFed: each client trains its own copy of the body on the server; the copies
+    are averaged (by samples seen) into the body the next round starts from and the checkpoint holds."""
+    from safetensors.torch import load_file
+
+    import sfprompt.server as server_module
+
+    averaged, differ = [], []
+    original = server_module.fedavg
+
+    def spy(states, weights):
+        averaged.append((len(states), list(weights)))
+        differ.append(any(not torch.equal(states[0][k], states[1][k]) for k in states[0]))
+        return original(states, weights)
+
+    monkeypatch.setattr(server_module, "fedavg", spy)
+    frozen = quiet(tiny_config(imagefolder, tmp_path, method="sfl", rounds=1, out=str(tmp_path / "frozen")))
+    trained = quiet(tiny_config(imagefolder, tmp_path, method="sfl", rounds=1, train_body=True, out=str(tmp_path / "body")))
+    assert averaged == [(2, [24, 24])]  # two clients, 12 samples each, two split epochs
+    assert differ == [True]  # each copy trained on its own client's data
+    assert trained["server_flops"] > frozen["server_flops"]  # weight gradients of the body
+    assert trained["bytes_up"] == frozen["bytes_up"]  # the same tensors cross the network
+    checkpoint = load_file(tmp_path / "body" / "global.safetensors")
+    bodies = [k for k in checkpoint if k.startswith("body.")]
+    assert bodies and not any(k.startswith("body.") for k in load_file(tmp_path / "frozen" / "global.safetensors"))
+
+
+def test_train_body_is_refused_outside_sfl(imagefolder, tmp_path):
+    from sfprompt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--train-body"):
+        tiny_config(imagefolder, tmp_path, method="sfprompt", train_body=True)

@@ -175,9 +175,7 @@ class Client:
         s = self.settings
         groups = params.param_groups(s.lr, s.prompt_lr, s.backbone_lr)
         groups.append({"params": list(self.local_head.parameters()), "lr": s.lr})
-        if s.optimizer == "adam":
-            return torch.optim.Adam(groups, weight_decay=s.weight_decay)
-        return torch.optim.SGD(groups, momentum=s.momentum, weight_decay=s.weight_decay)
+        return build_optimizer(groups, s)
 
     def _loader(self, data: Dataset, generator: torch.Generator | None, memory: PeakMemory):
         """Mini-batches on the device (shuffled when given a generator), held by the client."""
@@ -187,6 +185,18 @@ class Client:
             images, labels = images.to(self.device), labels.to(self.device)
             memory.hold(images, labels)
             yield images, labels
+
+
+def build_optimizer(groups: list[dict], settings: TrainSettings) -> torch.optim.Optimizer:
+    """The configured optimiser (--optimizer, --momentum, --weight-decay) over parameter groups."""
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(groups, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(groups, momentum=settings.momentum, weight_decay=settings.weight_decay)
+
+
+def body_optimizer(settings: TrainSettings) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    """How the server trains a body copy (SplitFed --train-body): the client optimiser at --backbone-lr."""
+    return lambda body: build_optimizer([{"params": list(body.parameters()), "lr": settings.backbone_lr}], settings)
 
 
 def _mean(losses: list[float]) -> float | None:

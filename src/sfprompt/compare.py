@@ -13,10 +13,11 @@ from typing import Any, Callable
 
 from .config import METHODS, Config, ConfigError
 
-# Ablations of SFPrompt, selectable in --methods beside the method names.
+# Ablations of SFPrompt and the full SplitFed, selectable in --methods beside the method names.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sfprompt-no-local-loss": ("sfprompt", {"local_epochs": 0}),
     "sfprompt-no-pruning": ("sfprompt", {"keep_ratio": 1.0}),
+    "sfl-train-body": ("sfl", {"train_body": True}),  # the original SplitFed: the server trains the body
 }
 
 COLUMNS = [

@@ -70,12 +70,16 @@ class Config:
     split_epochs: int = _opt(
         2, "epochs of split training on the kept samples (sfl, sl, fl-prompt, fl: training epochs on all local data)"
     )
+    train_body: bool = _opt(
+        False, "the server trains the body too (method sfl only: the original SplitFed, one body copy per client "
+        "averaged each round, learning rate --backbone-lr)"
+    )
     # optimisation
     batch_size: int = _opt(32, "mini-batch size of every client phase")
     optimizer: str = _opt("adam", "client optimiser", choices=OPTIMIZERS)
     lr: float = _opt(0.01, "learning rate of the tail (and local classifier)")
     prompt_lr: float = _opt(0.01, "learning rate of the prompts")
-    backbone_lr: float = _opt(1e-4, "learning rate of the backbone weights when they train (method fl)")
+    backbone_lr: float = _opt(1e-4, "learning rate of the backbone weights when they train (fl; sfl --train-body)")
     momentum: float = _opt(0.9, "SGD momentum (ignored by Adam)")
     weight_decay: float = _opt(0.0, "weight decay")
     # run
@@ -117,6 +121,8 @@ class Config:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if self.train_body and self.method != "sfl":
+            raise ConfigError(f"--train-body is a SplitFed (--method sfl) option, not one of {self.method}")
         for name in ("method", "optimizer", "local_classifier"):
             choices = _FIELDS[name].metadata["choices"]
             if getattr(self, name) not in choices:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .aggregate import fedavg
-from .client import Client, TrainSettings
+from .client import Client, TrainSettings, body_optimizer
 from .codec import Message
 from .config import Config, ConfigError
 from .data import Transformed, load_splits, model_transform, partition, stratified_subset
@@ -52,8 +52,9 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
     parts = partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
 
     meter = Meter()
-    link = InProcessLink(BodyServer(model, meter, device), meter, device)
     settings = TrainSettings.from_config(config)
+    server = BodyServer(model, meter, device, body_optimizer(settings) if config.train_body else None)
+    link = InProcessLink(server, meter, device)
     clients = [Client(k, train, part, model, settings, meter, device) for k, part in enumerate(parts)]
     method = METHODS[config.method]()
     global_params = method.new_params(model).to(device)
@@ -80,6 +81,7 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
                 updates.append(link.send(update, UP, "upload"))
                 if method.sequential:  # the next client starts from this one's result
                     global_params.load_state_dict(updates[-1].tensors)
+            server.end_round()
             weights = [u.meta["num_examples"] for u in updates]
             if not method.sequential:
                 global_params.load_state_dict(fedavg([u.tensors for u in updates], weights))
@@ -98,7 +100,8 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-            save_checkpoint(out / "global.safetensors", global_params, config, round_)  # nothing lost on a crash
+            save_checkpoint(out / "global.safetensors", global_params, config, round_,
+                            server.body if config.train_body else None)  # nothing lost on a crash
             log(f"round {round_}/{config.rounds}: accuracy {accuracy:.4f}  test loss {loss:.4f}  "
                 f"up {record['bytes_up'] / 1e6:.1f} MB  down {record['bytes_down'] / 1e6:.1f} MB  "
                 f"client {record['client_flops'] / 1e9:.1f} GFLOP  server {record['server_flops'] / 1e9:.1f} GFLOP  "
@@ -145,10 +148,13 @@ def summarise(config: Config, history: list[dict], wall_seconds: float) -> dict:
     }
 
 
-def save_checkpoint(path: Path, params: torch.nn.Module, config: Config, round_: int) -> None:
-    """The global trainable state, with the config that produced it (write, then rename)."""
+def save_checkpoint(path: Path, params: torch.nn.Module, config: Config, round_: int,
+                    body: torch.nn.Module | None = None) -> None:
+    """The global trainable state (and the body, when it trains), with its config (write, then rename)."""
     partial = path.with_suffix(".partial")
     state = {name: t.detach().cpu().contiguous() for name, t in params.state_dict().items()}
+    if body is not None:
+        state |= {f"body.{name}": t.detach().cpu().contiguous() for name, t in body.state_dict().items()}
     save_file(state, str(partial), metadata={"config": json.dumps(config.to_dict()), "round": str(round_)})
     partial.replace(path)
 

@@ -4,12 +4,21 @@ It speaks only in `Message`s: a `forward` carrying the head's tokens is answered
 the body output that the tail reads; the matching `backward` carrying their gradient is answered
 with the gradient of the tokens the client needs (only the prompt rows when the head holds no
 blocks, since nothing else on the client is trained).
+
+The body is frozen unless the server is given a body optimiser (SplitFed with `--train-body`,
+Thapa et al.'s SplitFedV1): then each client trains its own copy of the round's body, and
+`end_round` averages the copies, weighted by the samples each one saw, into the shared body.
 """
 
 from __future__ import annotations
 
-import torch
+import copy
+from typing import Callable
 
+import torch
+from torch import nn
+
+from .aggregate import fedavg
 from .codec import Message
 from .meter import SERVER, Meter
 from .model import SplitViT
@@ -20,14 +29,33 @@ class ProtocolError(RuntimeError):
 
 
 class BodyServer:
-    def __init__(self, model: SplitViT, meter: Meter, device: torch.device) -> None:
+    def __init__(self, model: SplitViT, meter: Meter, device: torch.device,
+                 body_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None) -> None:
         self.body = model.body
         self.layout = model.layout
         self.meter = meter
         self.device = device
         self.grad_rows = model.grad_rows
+        self.body_optimizer = body_optimizer
         # client id -> (tokens it sent, body output rows returned), awaiting the backward.
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # client id -> [its body copy, its optimiser, samples trained] for this round (--train-body).
+        self._copies: dict[str, list] = {}
+
+    def end_round(self) -> None:
+        """Fold this round's per-client body copies into the shared body (nothing if it is frozen)."""
+        if self._copies:
+            copies = list(self._copies.values())
+            self.body.load_state_dict(fedavg([body.state_dict() for body, _, _ in copies], [n for _, _, n in copies]))
+        self._copies.clear()
+
+    def _body_for(self, client: str) -> nn.Module:
+        if self.body_optimizer is None:
+            return self.body
+        if client not in self._copies:
+            body = copy.deepcopy(self.body).requires_grad_(True)
+            self._copies[client] = [body, self.body_optimizer(body), 0]
+        return self._copies[client][0]
 
     def handle(self, message: Message) -> Message:
         client = str(message.meta.get("client"))
@@ -43,7 +71,7 @@ class BodyServer:
             raise ProtocolError(f"tokens of shape {tuple(tokens.shape)}, expected (B, {expected[0]}, {expected[1]})")
         tokens = tokens.to(self.device).requires_grad_(True)
         with self.meter.work(SERVER, "split"), torch.enable_grad():
-            rows = self.body(tokens)[:, self.layout.tail_rows]  # (B, R, D)
+            rows = self._body_for(client)(tokens)[:, self.layout.tail_rows]  # (B, R, D)
         self._pending[client] = (tokens, rows)
         return Message("body_output", {"rows": rows.detach()})
 
@@ -55,4 +83,9 @@ class BodyServer:
             raise ProtocolError(f"gradient of shape {tuple(grad.shape)}, expected {tuple(rows.shape)}")
         with self.meter.work(SERVER, "split"):
             rows.backward(grad.to(self.device))
+            if client in self._copies:  # the server's own training step (--train-body)
+                _, optimizer, _ = self._copies[client]
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                self._copies[client][2] += len(grad)
         return Message("input_grad", {"grad": tokens.grad[:, self.grad_rows]})
