@@ -10,6 +10,7 @@ body and its activations are never attributed to a client).
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections import defaultdict
 from typing import Iterable, Iterator
@@ -77,9 +78,15 @@ def _tensors(items: Iterable) -> Iterator[torch.Tensor]:
 
 
 class Meter:
-    """Accumulates one round's costs; `take()` returns them and starts the next round at zero."""
+    """Accumulates one round's costs; `take()` returns them and starts the next round at zero.
+
+    Thread-safe: a network body server counts from its request threads. A client in another process
+    sends its `counts()` with its upload and the server `merge`s them, so one round's record holds
+    every side's measurements, whichever runtime produced them.
+    """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._reset()
 
     def _reset(self) -> None:
@@ -89,29 +96,54 @@ class Meter:
         self.client_peak_memory = 0
 
     def count_message(self, direction: str, phase: str, payload: bytes) -> None:
-        self.bytes[direction, phase] += len(payload)
-        self.messages[direction, phase] += 1
+        with self._lock:
+            self.bytes[direction, phase] += len(payload)
+            self.messages[direction, phase] += 1
 
     @contextlib.contextmanager
     def work(self, side: str, phase: str, memory: PeakMemory | None = None) -> Iterator[None]:
         """Count the FLOPs of the enclosed work (and, given a tracker, the client's memory)."""
         with FlopCounterMode(display=False) as flops, memory or contextlib.nullcontext():
             yield
-        self.flops[side, phase] += flops.get_total_flops()
-        if memory is not None:
-            self.client_peak_memory = max(self.client_peak_memory, memory.peak)
+        with self._lock:
+            self.flops[side, phase] += flops.get_total_flops()
+            if memory is not None:
+                self.client_peak_memory = max(self.client_peak_memory, memory.peak)
+
+    def counts(self) -> dict:
+        """The raw counters, JSON-able, for `merge` on another meter (a client's, sent to the server)."""
+        with self._lock:
+            return {"bytes": _flat(self.bytes), "messages": _flat(self.messages), "flops": _flat(self.flops),
+                    "client_peak_memory": self.client_peak_memory}
+
+    def merge(self, counts: dict) -> None:
+        """Add another meter's `counts()` to this one."""
+        with self._lock:
+            for name in ("bytes", "messages", "flops"):
+                totals = getattr(self, name)
+                for key, value in counts[name].items():
+                    totals[tuple(key.split("/", 1))] += int(value)
+            self.client_peak_memory = max(self.client_peak_memory, int(counts["client_peak_memory"]))
 
     def take(self) -> dict:
         """This round's totals and per-phase breakdown, as plain JSON-able numbers."""
+        with self._lock:
+            return self._take()
+
+    def _take(self) -> dict:
         result = {
             "bytes_up": sum(v for (d, _), v in self.bytes.items() if d == UP),
             "bytes_down": sum(v for (d, _), v in self.bytes.items() if d == DOWN),
             "client_flops": sum(v for (s, _), v in self.flops.items() if s == CLIENT),
             "server_flops": sum(v for (s, _), v in self.flops.items() if s == SERVER),
             "client_peak_memory_bytes": self.client_peak_memory,
-            "bytes_by_phase": {f"{d}/{p}": v for (d, p), v in sorted(self.bytes.items())},
-            "messages_by_phase": {f"{d}/{p}": v for (d, p), v in sorted(self.messages.items())},
-            "flops_by_phase": {f"{s}/{p}": v for (s, p), v in sorted(self.flops.items())},
+            "bytes_by_phase": _flat(self.bytes),
+            "messages_by_phase": _flat(self.messages),
+            "flops_by_phase": _flat(self.flops),
         }
         self._reset()
         return result
+
+
+def _flat(counters: dict[tuple[str, str], int]) -> dict[str, int]:
+    return {f"{a}/{b}": v for (a, b), v in sorted(counters.items())}

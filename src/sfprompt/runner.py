@@ -11,14 +11,15 @@ import json
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -34,13 +35,63 @@ from .server import BodyServer
 from .transport import InProcessLink
 
 
-def run(config: Config, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
-    """Run `config.method` as `config` says; write metrics, summary and checkpoint to `config.out`."""
-    log = log or (lambda line: tqdm.write(line, file=sys.stderr))
-    started = time.perf_counter()
+@dataclass
+class Federation:
+    """Everything a run is built from. `prepare` derives it from the config alone, so every process
+    that prepares the same config (the server, each Flower client) holds the same model, data and
+    partition."""
+
+    config: Config
+    device: torch.device
+    model: SplitViT
+    method: Method
+    settings: TrainSettings
+    clients: list[Client]
+    test: Dataset
+    meter: Meter
+    description: str
+
+
+class Runtime(Protocol):
+    """Where the clients' work of a round runs: this process (`InProcessRuntime`) or a Flower federation.
+
+    `train` returns the clients' decoded uploads, in the order given, with every byte and FLOP
+    counted on `federation.meter`; `end_round` lets the body server fold its round in.
+    """
+
+    def train(self, round_: int, cids: list[int], global_params: torch.nn.Module) -> list[Message]: ...
+
+    def end_round(self) -> None: ...
+
+
+class InProcessRuntime:
+    """Clients run one after another in this process; messages still pass through the codec."""
+
+    def __init__(self, federation: Federation, progress: bool = True) -> None:
+        fed = self.federation = federation
+        self.server = BodyServer(fed.model, fed.meter, fed.device,
+                                 body_optimizer(fed.settings) if fed.config.train_body else None)
+        self.link = InProcessLink(self.server, fed.meter, fed.device)
+        self.progress = progress
+
+    def train(self, round_: int, cids: list[int], global_params: torch.nn.Module) -> list[Message]:
+        fed = self.federation
+        updates = []
+        for cid in tqdm(cids, desc=f"round {round_}/{fed.config.rounds}", unit="client",
+                        leave=False, disable=not self.progress, file=sys.stderr):
+            received = self.link.send(Message("global", dict(global_params.state_dict())), DOWN, "broadcast")
+            update = fed.clients[cid].run_round(fed.method, received, self.link, client_seed(fed.config.seed, round_, cid))
+            updates.append(self.link.send(update, UP, "upload"))
+        return updates
+
+    def end_round(self) -> None:
+        self.server.end_round()
+
+
+def prepare(config: Config) -> Federation:
+    """Data, model, partition and clients of a run, deterministically from `config`."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-
     splits = load_splits(config.dataset, config.data_dir, config.download)
     vit = create_vit(config.model, splits.num_classes, config.image_size, resolve_weights(config))
     model = SplitViT(vit, config.prompt_tokens, config.client_blocks, config.seed).to(device)
@@ -50,21 +101,32 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
     train = Subset(Transformed(splits.train, transform), train_idx.tolist())
     test = Subset(Transformed(splits.test, transform), test_idx.tolist())
     parts = partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
-
     meter = Meter()
     settings = TrainSettings.from_config(config)
-    server = BodyServer(model, meter, device, body_optimizer(settings) if config.train_body else None)
-    link = InProcessLink(server, meter, device)
     clients = [Client(k, train, part, model, settings, meter, device) for k, part in enumerate(parts)]
-    method = METHODS[config.method]()
-    global_params = method.new_params(model).to(device)
+    description = (f"{len(train)} train / {len(test)} test samples, {splits.num_classes} classes, "
+                   f"{config.clients} clients ({'IID' if config.alpha is None else f'Dirichlet {config.alpha}'}), "
+                   f"{config.model} at {config.image_size}px on {device}")
+    return Federation(config, device, model, METHODS[config.method](), settings, clients, test, meter, description)
+
+
+def run(config: Config, progress: bool = True, log: Callable[[str], None] | None = None,
+        runtime: Callable[[Federation], Runtime] | None = None) -> dict:
+    """Run `config.method` as `config` says; write metrics, summary and checkpoint to `config.out`.
+
+    The clients' work runs in this process unless `runtime` builds another (see `flower.server_app`).
+    """
+    log = log or (lambda line: tqdm.write(line, file=sys.stderr))
+    started = time.perf_counter()
+    fed = prepare(config)
+    executor = runtime(fed) if runtime else InProcessRuntime(fed, progress)
+    method, meter = fed.method, fed.meter
+    global_params = method.new_params(fed.model).to(fed.device)
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config.to_dict())
-    log(f"sfprompt {__version__}, method {method.name}: {len(train)} train / {len(test)} test samples, {splits.num_classes} classes, "
-        f"{config.clients} clients ({'IID' if config.alpha is None else f'Dirichlet {config.alpha}'}), "
-        f"{config.model} at {config.image_size}px on {device}")
+    log(f"sfprompt {__version__}, method {method.name}: {fed.description}")
     log("config: " + json.dumps(config.to_dict()))
 
     sampler = np.random.default_rng(config.seed)
@@ -73,19 +135,18 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
         for round_ in range(1, config.rounds + 1):
             round_started = time.perf_counter()
             sampled = sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
-            updates = []
-            for cid in tqdm(sampled, desc=f"round {round_}/{config.rounds}", unit="client",
-                            leave=False, disable=not progress, file=sys.stderr):
-                received = link.send(Message("global", dict(global_params.state_dict())), DOWN, "broadcast")
-                update = clients[cid].run_round(method, received, link, seed=_seed(config.seed, round_, cid))
-                updates.append(link.send(update, UP, "upload"))
-                if method.sequential:  # the next client starts from this one's result
+            if method.sequential:  # each client starts from the previous one's result, no averaging
+                updates = []
+                for cid in sampled:
+                    updates += executor.train(round_, [cid], global_params)
                     global_params.load_state_dict(updates[-1].tensors)
-            server.end_round()
+            else:
+                updates = executor.train(round_, sampled, global_params)
+            executor.end_round()
             weights = [u.meta["num_examples"] for u in updates]
             if not method.sequential:
                 global_params.load_state_dict(fedavg([u.tensors for u in updates], weights))
-            accuracy, loss = evaluate(method, model, global_params, test, config.batch_size, device)
+            accuracy, loss = evaluate(method, fed.model, global_params, fed.test, config.batch_size, fed.device)
             record = {
                 "round": round_,
                 "accuracy": accuracy,
@@ -101,7 +162,7 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             save_checkpoint(out / "global.safetensors", global_params, config, round_,
-                            server.body if config.train_body else None)  # nothing lost on a crash
+                            fed.model.body if config.train_body else None)  # nothing lost on a crash
             log(f"round {round_}/{config.rounds}: accuracy {accuracy:.4f}  test loss {loss:.4f}  "
                 f"up {record['bytes_up'] / 1e6:.1f} MB  down {record['bytes_down'] / 1e6:.1f} MB  "
                 f"client {record['client_flops'] / 1e9:.1f} GFLOP  server {record['server_flops'] / 1e9:.1f} GFLOP  "
@@ -209,7 +270,7 @@ def _mean(values: list[float | None], weights: list[int]) -> float | None:
     return float(np.average(values, weights=weights))
 
 
-def _seed(*parts: int) -> int:
+def client_seed(*parts: int) -> int:
     """An independent seed for each (run seed, round, client)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
