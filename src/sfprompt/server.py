@@ -13,6 +13,8 @@ Thapa et al.'s SplitFedV1): then each client trains its own copy of the round's 
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from typing import Callable
 
 import torch
@@ -30,24 +32,36 @@ class ProtocolError(RuntimeError):
 
 class BodyServer:
     def __init__(self, model: SplitViT, meter: Meter, device: torch.device,
-                 body_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None) -> None:
+                 body_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+                 pending_timeout_s: float = 600.0) -> None:
         self.body = model.body
         self.layout = model.layout
         self.meter = meter
         self.device = device
         self.grad_rows = model.grad_rows
         self.body_optimizer = body_optimizer
-        # client id -> (tokens it sent, body output rows returned), awaiting the backward.
-        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # client id -> (tokens it sent, body output rows returned, when), awaiting the backward; a
+        # forward whose backward never comes (the client crashed) is dropped after pending_timeout_s.
+        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.pending_timeout_s = pending_timeout_s
+        self._lock = threading.Lock()  # a network channel calls from many threads: one batch at a time
         # client id -> [its body copy, its optimiser, samples trained] for this round (--train-body).
         self._copies: dict[str, list] = {}
 
     def end_round(self) -> None:
-        """Fold this round's per-client body copies into the shared body (nothing if it is frozen)."""
-        if self._copies:
-            copies = list(self._copies.values())
-            self.body.load_state_dict(fedavg([body.state_dict() for body, _, _ in copies], [n for _, _, n in copies]))
-        self._copies.clear()
+        """Fold this round's per-client body copies into the shared body (nothing if it is frozen),
+        and forget every client's state: a forward still waiting for its backward was abandoned."""
+        with self._lock:
+            if self._copies:
+                copies = list(self._copies.values())
+                self.body.load_state_dict(fedavg([body.state_dict() for body, _, _ in copies], [n for _, _, n in copies]))
+            self._copies.clear()
+            self._pending.clear()
+
+    @property
+    def pending(self) -> int:
+        """How many forwards await their backward (what the server holds for clients)."""
+        return len(self._pending)
 
     def _body_for(self, client: str) -> nn.Module:
         if self.body_optimizer is None:
@@ -58,6 +72,16 @@ class BodyServer:
         return self._copies[client][0]
 
     def handle(self, message: Message) -> Message:
+        with self._lock:
+            self._expire()
+            return self._handle(message)
+
+    def _expire(self) -> None:
+        stale = time.monotonic() - self.pending_timeout_s
+        for client in [c for c, (_, _, since) in self._pending.items() if since < stale]:
+            del self._pending[client]
+
+    def _handle(self, message: Message) -> Message:
         client = str(message.meta.get("client"))
         if message.kind == "forward":
             return self._forward(client, message.tensors["tokens"])
@@ -72,13 +96,13 @@ class BodyServer:
         tokens = tokens.to(self.device).requires_grad_(True)
         with self.meter.work(SERVER, "split"), torch.enable_grad():
             rows = self._body_for(client)(tokens)[:, self.layout.tail_rows]  # (B, R, D)
-        self._pending[client] = (tokens, rows)
+        self._pending[client] = (tokens, rows, time.monotonic())
         return Message("body_output", {"rows": rows.detach()})
 
     def _backward(self, client: str, grad: torch.Tensor) -> Message:
         if client not in self._pending:
             raise ProtocolError(f"backward from client {client} without a pending forward")
-        tokens, rows = self._pending.pop(client)
+        tokens, rows, _ = self._pending.pop(client)
         if grad.shape != rows.shape:
             raise ProtocolError(f"gradient of shape {tuple(grad.shape)}, expected {tuple(rows.shape)}")
         with self.meter.work(SERVER, "split"):

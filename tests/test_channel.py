@@ -1,0 +1,119 @@
+"""The body channel across processes on loopback: same replies and bytes as in-process, token, TLS."""
+
+import datetime
+import ipaddress
+import multiprocessing
+
+import pytest
+import torch
+
+from sfprompt.channel import BodyChannelServer, ChannelError, ChannelLink
+from sfprompt.codec import Message
+from sfprompt.meter import Meter
+from sfprompt.server import BodyServer, ProtocolError
+from sfprompt.transport import InProcessLink
+
+from conftest import tiny_split
+
+TOKEN = "s3cret-run-token"
+
+
+def serve_tiny_body(addresses, stop) -> None:
+    """In a separate process: the tiny model's body server, until told to stop."""
+    _, model = tiny_split()
+    with BodyChannelServer(BodyServer(model, Meter(), torch.device("cpu")), "127.0.0.1:0", TOKEN) as channel:
+        addresses.put(channel.address)
+        stop.wait(60)
+
+
+@pytest.fixture(scope="module")
+def remote_body():
+    context = multiprocessing.get_context("spawn")
+    addresses, stop = context.Queue(), context.Event()
+    process = context.Process(target=serve_tiny_body, args=(addresses, stop), daemon=True)
+    process.start()
+    yield addresses.get(timeout=60)
+    stop.set()
+    process.join(10)
+
+
+def one_batch(link, model, client="0"):
+    """A client's two exchanges for one batch; returns the replies."""
+    tokens = torch.randn(2, model.layout.length, model.layout.width, generator=torch.Generator().manual_seed(1))
+    rows = link.request(Message("forward", {"tokens": tokens}, {"client": client}), "split").tensors["rows"]
+    grad = link.request(Message("backward", {"grad": torch.ones_like(rows)}, {"client": client}), "split").tensors["grad"]
+    return rows, grad
+
+
+def test_the_channel_across_processes_answers_as_in_process_and_counts_the_same_bytes(remote_body):
+    _, model = tiny_split()
+    local_meter, remote_meter = Meter(), Meter()
+    local = one_batch(InProcessLink(BodyServer(model, Meter(), torch.device("cpu")), local_meter, "cpu"), model)
+    with ChannelLink(remote_body, TOKEN, remote_meter, torch.device("cpu")) as link:
+        remote = one_batch(link, model)
+    for a, b in zip(local, remote):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert remote_meter.counts()["bytes"] == local_meter.counts()["bytes"]
+
+
+def test_a_wrong_or_missing_token_is_refused_and_the_server_keeps_serving(remote_body):
+    _, model = tiny_split()
+    for token in ("wrong", ""):
+        with ChannelLink(remote_body, token, Meter(), torch.device("cpu")) as link:
+            with pytest.raises(ChannelError, match="UNAUTHENTICATED"):
+                one_batch(link, model)
+    with ChannelLink(remote_body, TOKEN, Meter(), torch.device("cpu")) as link:
+        one_batch(link, model, client="after-refusals")
+
+
+def test_bad_requests_get_a_precise_error(remote_body):
+    _, model = tiny_split()
+    with ChannelLink(remote_body, TOKEN, Meter(), torch.device("cpu")) as link:
+        with pytest.raises(ChannelError, match="INVALID_ARGUMENT: tokens of shape"):
+            link.request(Message("forward", {"tokens": torch.zeros(2, 3, 4)}, {"client": "x"}), "split")
+        with pytest.raises(ChannelError, match="without a pending forward"):
+            link.request(Message("backward", {"grad": torch.zeros(2, 1, 64)}, {"client": "never-sent"}), "split")
+
+
+def test_an_abandoned_forward_is_dropped_after_the_timeout():
+    _, model = tiny_split()
+    server = BodyServer(model, Meter(), torch.device("cpu"), pending_timeout_s=0.0)
+    tokens = torch.randn(2, model.layout.length, model.layout.width)
+    server.handle(Message("forward", {"tokens": tokens}, {"client": "crashed"}))
+    assert server.pending == 1
+    with pytest.raises(ProtocolError, match="without a pending forward"):  # expired before it came
+        server.handle(Message("backward", {"grad": torch.ones(2, 1, model.layout.width)}, {"client": "crashed"}))
+    assert server.pending == 0
+
+
+def self_signed(tmp_path):
+    """A certificate for 127.0.0.1 and its key, PEM."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sfprompt body server")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def test_tls_when_given_a_certificate(tmp_path):
+    _, model = tiny_split()
+    certificate, key = self_signed(tmp_path)
+    server = BodyServer(model, Meter(), torch.device("cpu"))
+    with BodyChannelServer(server, "127.0.0.1:0", TOKEN, certificate=certificate, private_key=key) as channel:
+        with ChannelLink(channel.address, TOKEN, Meter(), torch.device("cpu"), root_certificate=certificate) as link:
+            rows, grad = one_batch(link, model)
+        assert rows.shape == (2, 1, model.layout.width)
+        with ChannelLink(channel.address, TOKEN, Meter(), torch.device("cpu"), timeout_s=5) as plain:
+            with pytest.raises(ChannelError, match="UNAVAILABLE"):  # no plaintext to a TLS server
+                one_batch(plain, model)
