@@ -56,12 +56,15 @@ class Runtime(Protocol):
     """Where the clients' work of a round runs: this process (`InProcessRuntime`) or a Flower federation.
 
     `train` returns the clients' decoded uploads, in the order given, with every byte and FLOP
-    counted on `federation.meter`; `end_round` lets the body server fold its round in.
+    counted on `federation.meter`; `end_round` lets the body server fold its round in; `close`
+    releases what the runtime holds (sockets) when the run ends or fails.
     """
 
     def train(self, round_: int, cids: list[int], global_params: torch.nn.Module) -> list[Message]: ...
 
     def end_round(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class InProcessRuntime:
@@ -86,6 +89,9 @@ class InProcessRuntime:
 
     def end_round(self) -> None:
         self.server.end_round()
+
+    def close(self) -> None:
+        pass
 
 
 def prepare(config: Config) -> Federation:
@@ -120,7 +126,14 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
     started = time.perf_counter()
     fed = prepare(config)
     executor = runtime(fed) if runtime else InProcessRuntime(fed, progress)
-    method, meter = fed.method, fed.meter
+    try:
+        return _run(fed, executor, log, started)
+    finally:
+        executor.close()
+
+
+def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started: float) -> dict:
+    config, method, meter = fed.config, fed.method, fed.meter
     global_params = method.new_params(fed.model).to(fed.device)
 
     out = Path(config.out)

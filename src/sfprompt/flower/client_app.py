@@ -1,0 +1,50 @@
+"""The Flower ClientApp: one client's round, run by the same `Client` code as the in-process runtime.
+
+The server sends the run's resolved config, so a client rebuilds exactly the server's data
+partition and frozen model (`runner.prepare`) and picks its own partition; its private local
+classifier persists between rounds in `Context.state`. Split-training batches go to the body server
+over the body channel; the upload and this client's measurements go back as a Flower reply.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..channel import ChannelLink
+from ..codec import decode, encode
+from ..config import Config
+from ..runner import prepare
+
+app = ClientApp()
+LOCAL_HEAD = "sfprompt.local-head"
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Which data partition this SuperNode holds, from its node config."""
+    try:
+        partition, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError:
+        raise ValueError("this SuperNode has no partition: start it with "
+                         "--node-config 'partition-id=K num-partitions=N'") from None
+    return Message(RecordDict({"sfprompt": ConfigRecord({"partition-id": partition, "num-partitions": partitions})}),
+                   reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    task = msg.content["sfprompt"]
+    fed = prepare(Config.from_dict(json.loads(task["config"])))
+    client = fed.clients[int(task["partition"])]
+    if LOCAL_HEAD in context.state:
+        client.local_head.load_state_dict(context.state[LOCAL_HEAD].to_torch_state_dict())
+    root = task["body-root-certificate"] or None
+    with ChannelLink(task["body-address"], task["body-token"], fed.meter, fed.device,
+                     root_certificate=root, timeout_s=float(task["body-timeout-s"])) as link:
+        update = client.run_round(fed.method, decode(task["global"], fed.device), link, int(task["seed"]))
+    context.state[LOCAL_HEAD] = ArrayRecord(client.local_head.state_dict())
+    reply = ConfigRecord({"upload": encode(update), "meter": json.dumps(fed.meter.counts())})
+    return Message(RecordDict({"sfprompt": reply}), reply_to=msg)

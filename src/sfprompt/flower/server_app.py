@@ -1,0 +1,126 @@
+"""The Flower ServerApp: the in-process round loop with Flower carrying the clients' work.
+
+It finds which SuperNode holds which partition, starts the body server and its channel, and runs
+`runner.run` with a `FlowerRuntime`: each round the sampled clients get the global params (as the
+codec's bytes, counted exactly as in-process), run their phases, and reply with their upload and
+their measurements. Sampling, FedAvg, evaluation, metrics and checkpoints are the runner's own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO
+from typing import Any, Mapping
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from ..channel import BodyChannelServer
+from ..client import body_optimizer
+from ..codec import Message as Payload
+from ..codec import decode, encode
+from ..config import ConfigError
+from ..meter import DOWN, UP
+from ..runner import Federation, client_seed, run
+from ..server import BodyServer
+from .settings import BodyOptions, from_run_config
+
+
+class FlowerRuntime:
+    """Runs the clients' part of a round on the SuperNodes holding their partitions."""
+
+    def __init__(self, fed: Federation, grid: Grid, nodes: dict[int, int], options: BodyOptions) -> None:
+        self.fed, self.grid, self.nodes, self.options = fed, grid, nodes, options
+        tls = options.tls()
+        self.body = BodyServer(fed.model, fed.meter, fed.device,
+                               body_optimizer(fed.settings) if fed.config.train_body else None,
+                               pending_timeout_s=options.timeout_s)
+        self.token = options.resolved_token()
+        self.channel = BodyChannelServer(self.body, options.address, self.token,
+                                         certificate=tls[0] if tls else None, private_key=tls[1] if tls else None)
+        self.root_certificate = tls[2] if tls else b""
+        self.public_address = options.public_address or self.channel.address
+        log(INFO, "body server listening on %s (clients dial %s)%s", self.channel.address, self.public_address,
+            " with TLS" if tls else "")
+
+    def train(self, round_: int, cids: list[int], global_params) -> list[Payload]:
+        fed = self.fed
+        broadcast = encode(Payload("global", dict(global_params.state_dict())))
+        config = json.dumps(fed.config.to_dict())
+        messages = []
+        for cid in cids:
+            fed.meter.count_message(DOWN, "broadcast", broadcast)
+            task = ConfigRecord({
+                "global": broadcast, "config": config, "partition": cid, "round": round_,
+                "seed": client_seed(fed.config.seed, round_, cid), "body-address": self.public_address,
+                "body-token": self.token, "body-root-certificate": self.root_certificate,
+                "body-timeout-s": self.options.timeout_s,
+            })
+            messages.append(Message(RecordDict({"sfprompt": task}), dst_node_id=self.nodes[cid],
+                                    message_type=MessageType.TRAIN))
+        uploads = {}
+        for reply in self.grid.send_and_receive(messages):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise RuntimeError(f"round {round_}: the client on node {node} failed: {reply.error.reason}")
+            record = reply.content["sfprompt"]
+            fed.meter.count_message(UP, "upload", record["upload"])
+            fed.meter.merge(json.loads(record["meter"]))
+            uploads[node] = decode(record["upload"], fed.device)
+        missing = [cid for cid in cids if self.nodes[cid] not in uploads]
+        if missing:
+            raise RuntimeError(f"round {round_}: no reply from clients {missing}")
+        return [uploads[self.nodes[cid]] for cid in cids]
+
+    def end_round(self) -> None:
+        self.body.end_round()
+
+    def close(self) -> None:
+        self.channel.stop()
+
+
+def find_partitions(grid: Grid, wait_s: float) -> dict[int, int]:
+    """partition id -> node id, once a SuperNode has reported for every partition."""
+    deadline = time.monotonic() + wait_s
+    nodes: dict[int, int] = {}
+    while True:
+        known = set(nodes.values())
+        queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+                   for node in grid.get_node_ids() if node not in known]
+        expected = None
+        for reply in grid.send_and_receive(queries, timeout=30) if queries else []:
+            if reply.has_error():
+                raise ConfigError(f"SuperNode {reply.metadata.src_node_id}: {reply.error.reason}")
+            answer = reply.content["sfprompt"]
+            partition, expected = int(answer["partition-id"]), int(answer["num-partitions"])
+            if partition in nodes:
+                raise ConfigError(f"two SuperNodes hold partition {partition}")
+            nodes[partition] = reply.metadata.src_node_id
+        if nodes and set(nodes) == set(range(expected or len(nodes))):
+            return dict(sorted(nodes.items()))
+        if time.monotonic() > deadline:
+            raise ConfigError(f"after {wait_s:.0f} s, SuperNodes hold partitions {sorted(nodes)}; "
+                              "every partition 0..num-partitions-1 needs one")
+        time.sleep(1.0)
+
+
+def make_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config starts from `defaults` (tests and embedding); `app` has none."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config, options = from_run_config({**(defaults or {}), **context.run_config})
+        nodes = find_partitions(grid, options.wait_for_nodes_s)
+        per_round = min(config.clients_per_round, len(nodes))
+        config = config.replace(clients=len(nodes), clients_per_round=per_round)
+        log(INFO, "%d SuperNodes, one partition each; %d sampled per round", len(nodes), per_round)
+        run(config, progress=False, log=lambda line: log(INFO, "%s", line),
+            runtime=lambda fed: FlowerRuntime(fed, grid, nodes, options))
+
+    return server_app
+
+
+app = make_app()
