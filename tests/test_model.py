@@ -109,3 +109,13 @@ def test_client_blocks_beyond_depth_is_refused():
 def test_weights_not_matching_the_model_are_refused():
     with pytest.raises(ConfigError, match="does not match model"):
         create_vit("vit_base_patch16_224", num_classes=10, image_size=32, weights=str(SHARED_WEIGHTS))
+
+
+def test_a_client_process_can_free_the_body_and_still_run_its_head():
+    vit, model = tiny_split(client_blocks=1)
+    depth = len(vit.blocks)
+    images = torch.randn(2, 3, 32, 32)
+    before = model.head(images, model.initial_params.prompts)
+    model.drop_body()
+    assert model.body is None and len(vit.blocks) == 1 and depth > 1
+    assert torch.equal(model.head(images, model.initial_params.prompts), before)

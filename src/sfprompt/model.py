@@ -199,6 +199,11 @@ class SplitViT:
         tokens = self.body(self.head(images, params.prompts))  # (B, prefix+P+N, D)
         return params.tail(tokens[:, self.layout.tail_rows])
 
+    def drop_body(self) -> None:
+        """Free the server's blocks in a process that only plays a split-training client."""
+        del self._vit.blocks[self.client_blocks:]
+        self.body = None
+
     def to(self, device: torch.device) -> "SplitViT":
         self._vit.to(device)
         self.initial_params.to(device)

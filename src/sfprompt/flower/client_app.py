@@ -38,6 +38,8 @@ def describe(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     task = msg.content["sfprompt"]
     fed = prepare(Config.from_dict(json.loads(task["config"])))
+    if fed.method.split:
+        fed.model.drop_body()  # it runs on the body server; a client only keeps what it runs
     client = fed.clients[int(task["partition"])]
     if LOCAL_HEAD in context.state:
         client.local_head.load_state_dict(context.state[LOCAL_HEAD].to_torch_state_dict())

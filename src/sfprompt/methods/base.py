@@ -18,6 +18,8 @@ class Method:
     # Clients train one after another, each from the previous one's upload, with no averaging (sl);
     # otherwise clients start from the same global state and the server averages (FedAvg).
     sequential: bool = False
+    # Clients train through the body server (split methods); otherwise a client holds what it runs.
+    split: bool = False
 
     def new_params(self, model: SplitViT) -> nn.Module:
         """The global trainable state: prompts and tail unless the method trains more."""

@@ -5,6 +5,7 @@ from .base import Method
 
 class SplitFed(Method):
     name = "sfl"
+    split = True
 
     def samples_per_phase(self, settings, samples):
         return {"split": settings.split_epochs * samples}

@@ -7,6 +7,7 @@ from .base import Method
 
 class SFPrompt(Method):
     name = "sfprompt"
+    split = True
 
     def samples_per_phase(self, settings, samples):
         pruning = settings.keep_ratio < 1

@@ -1,0 +1,170 @@
+"""What the distributed runtime costs, measured on this machine (the runtime section of BENCHMARKS.md).
+
+1. Per-batch overhead of the body channel: one split-training exchange (forward + backward request)
+   in-process against the same exchange over gRPC to a body server in another process, and against
+   a Flower message round trip carrying the same payload in a Flower simulation.
+2. Wall time of one SFPrompt round with 10 clients, in-process against Flower simulation + channel,
+   on Fashion-MNIST with the real ViT-S/14 from ../shared.
+
+    python benchmarks/runtime.py [--shared ../shared] [--out runs/runtime]     # about 10 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sfprompt.channel import BodyChannelServer, ChannelLink
+from sfprompt.codec import Message
+from sfprompt.config import Config
+from sfprompt.meter import Meter
+from sfprompt.model import SplitViT, create_vit
+from sfprompt.server import BodyServer
+from sfprompt.transport import InProcessLink
+
+TOKEN = "benchmark"
+# (name, model, image size, client blocks): the second keeps one block in the body so that a full
+# ViT-B/16 224 px payload is exchanged without minutes of CPU compute per batch.
+CASES = [("ViT-S/14, 56 px, batch 32", "vit_small_patch14_dinov2", 56, 0),
+         ("ViT-B/16, 224 px, batch 32 (body: 1 block)", "vit_base_patch16_224", 224, 11)]
+
+
+def split_model(model: str, size: int, client_blocks: int) -> SplitViT:
+    torch.manual_seed(0)
+    return SplitViT(create_vit(model, 10, size, "none"), 10, client_blocks, seed=0)
+
+
+def serve(model: str, size: int, client_blocks: int, addresses, stop) -> None:
+    torch.set_num_threads(1)
+    server = BodyServer(split_model(model, size, client_blocks), Meter(), torch.device("cpu"))
+    with BodyChannelServer(server, "127.0.0.1:0", TOKEN) as channel:
+        addresses.put(channel.address)
+        stop.wait()
+
+
+def exchange_seconds(link, model: SplitViT, batch: int, repeats: int) -> tuple[list[float], int]:
+    """Seconds of each forward + backward exchange, and the bytes one exchange moves."""
+    tokens = torch.randn(batch, model.layout.length, model.layout.width)
+    times, meter = [], link.meter
+    for i in range(repeats + 3):  # three warm-up exchanges
+        meter.take()
+        started = time.perf_counter()
+        rows = link.request(Message("forward", {"tokens": tokens}, {"client": "0"}), "split").tensors["rows"]
+        link.request(Message("backward", {"grad": torch.ones_like(rows)}, {"client": "0"}), "split")
+        if i >= 3:
+            times.append(time.perf_counter() - started)
+    record = meter.take()
+    return times, record["bytes_up"] + record["bytes_down"]
+
+
+def channel_overhead(repeats: int) -> list[dict]:
+    torch.set_num_threads(1)  # both sides on one core each: the comparison is of the transport
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for name, model_name, size, blocks in CASES:
+        model = split_model(model_name, size, blocks)
+        local, nbytes = exchange_seconds(InProcessLink(BodyServer(model, Meter(), "cpu"), Meter(), "cpu"), model, 32, repeats)
+        addresses, stop = context.Queue(), context.Event()
+        process = context.Process(target=serve, args=(model_name, size, blocks, addresses, stop), daemon=True)
+        process.start()
+        with ChannelLink(addresses.get(timeout=300), TOKEN, Meter(), torch.device("cpu")) as link:
+            remote, _ = exchange_seconds(link, model, 32, repeats)
+        stop.set()
+        process.join(30)
+        flower = flower_round_trip(nbytes // 2, repeats)
+        rows.append({"case": name, "bytes_per_exchange": nbytes, "in_process_s": statistics.median(local),
+                     "channel_s": statistics.median(remote), "flower_message_s": statistics.median(flower)})
+    return rows
+
+
+def flower_round_trip(payload_bytes: int, repeats: int) -> list[float]:
+    """Seconds per Flower message round trip (two per exchange, as split training would need)."""
+    from flwr.app import ConfigRecord, Context, Message as FlowerMessage, MessageType, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    server_app, client_app, times = ServerApp(), ClientApp(), []
+
+    @client_app.query()
+    def echo(msg: FlowerMessage, context: Context) -> FlowerMessage:
+        return FlowerMessage(RecordDict({"x": ConfigRecord({"payload": msg.content["x"]["payload"]})}), reply_to=msg)
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        node = list(grid.get_node_ids())[0]
+        payload = bytes(payload_bytes)
+        for i in range(repeats + 3):
+            started = time.perf_counter()
+            for _ in range(2):  # forward and backward
+                message = FlowerMessage(RecordDict({"x": ConfigRecord({"payload": payload})}), dst_node_id=node,
+                                        message_type=MessageType.QUERY)
+                list(grid.send_and_receive([message]))
+            if i >= 3:
+                times.append(time.perf_counter() - started)
+
+    run_simulation(server_app, client_app, num_supernodes=1, backend_config={"client_resources": {"num_cpus": 1}})
+    return times
+
+
+def round_wall_time(shared: Path, out: Path) -> dict:
+    from flwr.simulation import run_simulation
+
+    from sfprompt.flower import client_app, server_app
+    from sfprompt.runner import run
+
+    torch.set_num_threads(2)
+    config = Config(dataset="fashion-mnist", data_dir=str(shared / "data"),
+                    weights=str(shared / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"),
+                    train_samples=2500, test_samples=1000, clients=10, clients_per_round=10, rounds=1, device="cpu")
+    result = {}
+    for name in ("in-process", "flower"):
+        config_n = config.replace(out=str(out / name))
+        started = time.perf_counter()
+        if name == "in-process":
+            run(config_n, progress=False, log=lambda _: None)
+        else:
+            values = {k.replace("_", "-"): "" if v is None else v for k, v in config_n.to_dict().items() if k != "clients"}
+            run_simulation(server_app.make_app(values), client_app.app, num_supernodes=10)
+        record = json.loads((out / name / "metrics.jsonl").read_text().splitlines()[0])
+        result[name] = {"round_s": record["seconds"], "total_s": time.perf_counter() - started,
+                        "accuracy": record["accuracy"], "bytes_up": record["bytes_up"], "bytes_down": record["bytes_down"]}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=Path("../shared"))
+    parser.add_argument("--out", type=Path, default=Path("runs/runtime"))
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    overhead = channel_overhead(args.repeats)
+    rounds = round_wall_time(args.shared, args.out)
+    (args.out / "runtime.json").write_text(json.dumps({"overhead": overhead, "round": rounds}, indent=2) + "\n")
+
+    print(f"Command: `python benchmarks/runtime.py`; {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print("| one split-training exchange (forward + backward) | bytes | in-process | body channel (gRPC, "
+          "another process) | channel overhead | Flower message round trips |")
+    print("|---|---|---|---|---|---|")
+    for r in overhead:
+        print(f"| {r['case']} | {r['bytes_per_exchange'] / 1e6:.2f} MB | {1e3 * r['in_process_s']:.1f} ms "
+              f"| {1e3 * r['channel_s']:.1f} ms | {1e3 * (r['channel_s'] - r['in_process_s']):+.1f} ms "
+              f"| {1e3 * r['flower_message_s']:.0f} ms |")
+    print("\n| one SFPrompt round, 10 clients | round wall time | whole run (setup included) | accuracy | MB up | MB down |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rounds.items():
+        print(f"| {name} | {r['round_s']:.0f} s | {r['total_s']:.0f} s | {r['accuracy']:.4f} "
+              f"| {r['bytes_up'] / 1e6:.1f} | {r['bytes_down'] / 1e6:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
