@@ -99,7 +99,9 @@ def flower_round_trip(payload_bytes: int, repeats: int) -> list[float]:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        node = list(grid.get_node_ids())[0]
+        while not (nodes := list(grid.get_node_ids())):  # the SuperNode registers shortly after start
+            time.sleep(0.1)
+        node = nodes[0]
         payload = bytes(payload_bytes)
         for i in range(repeats + 3):
             started = time.perf_counter()

@@ -33,7 +33,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfprompt", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_config_flags(commands.add_parser("run", help="fine-tune over a simulated federation (one method)"))
+    run = commands.add_parser("run", help="fine-tune over a simulated federation (one method)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last complete round, with its "
+                     "saved options (only --rounds and --device may be given, e.g. --rounds 10 to extend it)")
+    _add_config_flags(run)
     compare = commands.add_parser("compare", help="run several methods on the same partition and seed, then "
                                   "write comparison.csv, comparison.md and plots to --out")
     compare.add_argument("--methods", default="fl,fl-prompt,sl,sfl,sfprompt",
@@ -58,7 +61,24 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """TOML file first, then the flags given on the command line (only those given)."""
     names = {f.name for f in dataclasses.fields(Config)}
     flags = {name: value for name, value in vars(args).items() if name in names}
+    if getattr(args, "resume", None):
+        return _resumed_config(Path(args.resume), flags, args.config)
     return Config.from_toml(args.config, **flags) if args.config else Config.from_dict(flags)
+
+
+def _resumed_config(folder: Path, flags: dict[str, Any], config_file: str | None) -> Config:
+    """The config a run in `folder` was started with, with --rounds / --device changed if given."""
+    allowed = {"rounds", "device"}
+    others = sorted(set(flags) - allowed) + (["config"] if config_file else [])
+    if others:
+        raise ConfigError(f"--resume continues a run with its saved options; only --rounds and --device may be "
+                          f"given, not {', '.join('--' + name.replace('_', '-') for name in others)}")
+    saved = folder / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {folder}: no config.json there (is it a run folder?)")
+    import json
+
+    return Config.from_dict({**json.loads(saved.read_text()), **flags, "out": str(folder)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return runner.run(c, progress=not args.no_progress)
 
         if args.command == "run":
-            run(config)
+            runner.run(config, progress=not args.no_progress, resume=bool(args.resume))
         elif args.command == "cost":
             _cost(args, config, compare.parse_methods(args.methods))
         else:
@@ -84,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = compare.compare(config, names, args.target_accuracy, run)
             compare.write(rows, Path(config.out), args.target_accuracy)
             print(compare.markdown(rows, args.target_accuracy))
-    except ConfigError as err:
+    except ConfigError as err:  # includes a damaged checkpoint given to --resume
         print(f"sfprompt: error: {err}", file=sys.stderr)
         return 2
     return 0

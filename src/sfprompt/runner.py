@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, checkpoint
 from .aggregate import fedavg
 from .client import Client, TrainSettings, body_optimizer
 from .codec import Message
@@ -117,35 +117,40 @@ def prepare(config: Config) -> Federation:
 
 
 def run(config: Config, progress: bool = True, log: Callable[[str], None] | None = None,
-        runtime: Callable[[Federation], Runtime] | None = None) -> dict:
+        runtime: Callable[[Federation], Runtime] | None = None, resume: bool = False) -> dict:
     """Run `config.method` as `config` says; write metrics, summary and checkpoint to `config.out`.
 
     The clients' work runs in this process unless `runtime` builds another (see `flower.server_app`).
+    With `resume`, the run continues after the last round checkpointed in `config.out` (up to
+    `config.rounds`), with the results it would have had without the interruption.
     """
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
     started = time.perf_counter()
     fed = prepare(config)
     executor = runtime(fed) if runtime else InProcessRuntime(fed, progress)
     try:
-        return _run(fed, executor, log, started)
+        return _run(fed, executor, log, started, resume)
     finally:
         executor.close()
 
 
-def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started: float) -> dict:
+def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started: float, resume: bool) -> dict:
     config, method, meter = fed.config, fed.method, fed.meter
     global_params = method.new_params(fed.model).to(fed.device)
-
+    sampler = np.random.default_rng(config.seed)
     out = Path(config.out)
+    history = _restore(fed, global_params, sampler, out) if resume else []
+
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config.to_dict())
     log(f"sfprompt {__version__}, method {method.name}: {fed.description}")
     log("config: " + json.dumps(config.to_dict()))
+    if resume:
+        log(f"resuming {out} after round {len(history)}")
 
-    sampler = np.random.default_rng(config.seed)
-    history: list[dict] = []
-    with open(out / "metrics.jsonl", "w") as metrics_file:
-        for round_ in range(1, config.rounds + 1):
+    _write_text(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
+    with open(out / "metrics.jsonl", "a") as metrics_file:
+        for round_ in range(len(history) + 1, config.rounds + 1):
             round_started = time.perf_counter()
             sampled = sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
             if method.sequential:  # each client starts from the previous one's result, no averaging
@@ -174,8 +179,12 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-            save_checkpoint(out / "global.safetensors", global_params, config, round_,
-                            fed.model.body if config.train_body else None)  # nothing lost on a crash
+            body = fed.model.body if config.train_body else None
+            save_checkpoint(out / "global.safetensors", global_params, config, round_, body)
+            checkpoint.save(out, checkpoint.RunState(  # nothing lost on a crash: `--resume` continues here
+                round_, config.to_dict(), history, sampler.bit_generator.state, torch.get_rng_state(),
+                global_params.state_dict(), {c.cid: c.local_head.state_dict() for c in fed.clients},
+                body.state_dict() if body is not None else None))
             log(f"round {round_}/{config.rounds}: accuracy {accuracy:.4f}  test loss {loss:.4f}  "
                 f"up {record['bytes_up'] / 1e6:.1f} MB  down {record['bytes_down'] / 1e6:.1f} MB  "
                 f"client {record['client_flops'] / 1e9:.1f} GFLOP  server {record['server_flops'] / 1e9:.1f} GFLOP  "
@@ -186,6 +195,30 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     log(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
         f"results in {out.resolve()}")
     return summary
+
+
+# What may differ between a run and its resumption: how long it runs, where, and on which device.
+RESUMABLE_CHANGES = ("rounds", "device", "out")
+
+
+def _restore(fed: Federation, global_params: torch.nn.Module, sampler: np.random.Generator, out: Path) -> list[dict]:
+    """Load the last checkpoint in `out` into this run's state; returns the metrics so far."""
+    state = checkpoint.load(out)
+    saved, current = state.config, fed.config.to_dict()
+    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if changed:
+        raise ConfigError(f"{out} was run with other options ({', '.join('--' + k.replace('_', '-') for k in changed)}); "
+                          f"a resumed run may only change {', '.join('--' + k for k in RESUMABLE_CHANGES)}")
+    if state.round > fed.config.rounds:
+        raise ConfigError(f"{out} already completed {state.round} rounds; pass --rounds {state.round} or more")
+    global_params.load_state_dict(state.params)
+    for cid, head in state.local_heads.items():
+        fed.clients[cid].local_head.load_state_dict(head)
+    if state.body is not None:
+        fed.model.body.load_state_dict(state.body)
+    sampler.bit_generator.state = state.sampler
+    torch.set_rng_state(state.torch_rng)
+    return state.history
 
 
 @torch.no_grad()
@@ -289,6 +322,11 @@ def client_seed(*parts: int) -> int:
 
 
 def _write_json(path: Path, value: dict) -> None:
+    _write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write, then rename: a reader (or a crash) never sees half a file."""
     partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(value, indent=2) + "\n")
+    partial.write_text(text)
     partial.replace(path)

@@ -1,0 +1,104 @@
+"""Checkpoint and resume: an interrupted or extended run ends exactly where an uninterrupted one does."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sfprompt import checkpoint
+from sfprompt.cli import main
+from sfprompt.client import Client
+from sfprompt.config import ConfigError
+from sfprompt.runner import run
+
+from test_runner import tiny_config
+
+
+def quiet(config, **kw):
+    return run(config, progress=False, log=lambda _: None, **kw)
+
+
+def outcome(folder):
+    """Final params and every metric except wall time."""
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("seconds")
+    return load_file(folder / "global.safetensors"), records
+
+
+def assert_same(a, b):
+    (params_a, records_a), (params_b, records_b) = a, b
+    assert params_a.keys() == params_b.keys()
+    assert all(torch.equal(params_a[k], params_b[k]) for k in params_a)
+    assert records_a == records_b
+
+
+@pytest.mark.parametrize("options", [{"method": "sfprompt"}, {"method": "sl"}, {"method": "sfl", "train_body": True}])
+def test_killed_and_extended_runs_end_where_an_uninterrupted_run_does(imagefolder, tmp_path, monkeypatch, options):
+    base = tiny_config(imagefolder, tmp_path, rounds=4, **options)
+    quiet(base.replace(out=str(tmp_path / "straight")))
+
+    quiet(base.replace(rounds=2, out=str(tmp_path / "extended")))
+    quiet(base.replace(out=str(tmp_path / "extended")), resume=True)
+    assert_same(outcome(tmp_path / "straight"), outcome(tmp_path / "extended"))
+
+    calls, original = [], Client.run_round
+
+    def killed_in_round_3(self, *args, **kwargs):
+        calls.append(self.cid)
+        if len(calls) > 2 * base.clients_per_round:
+            raise KeyboardInterrupt  # the process dies mid-round
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "run_round", killed_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        quiet(base.replace(out=str(tmp_path / "killed")))
+    assert checkpoint.load(tmp_path / "killed").round == 2
+    monkeypatch.setattr(Client, "run_round", original)
+    quiet(base.replace(out=str(tmp_path / "killed")), resume=True)
+    assert_same(outcome(tmp_path / "straight"), outcome(tmp_path / "killed"))
+
+
+def test_resume_from_the_command_line_and_its_refusals(imagefolder, tmp_path, capsys):
+    folder = tmp_path / "run"
+    quiet(tiny_config(imagefolder, tmp_path, rounds=1, out=str(folder)))
+    assert main(["run", "--resume", str(folder), "--rounds", "2", "--no-progress"]) == 0
+    assert json.loads((folder / "summary.json").read_text())["rounds"] == 2
+    assert main(["run", "--resume", str(folder), "--lr", "0.1"]) == 2
+    assert "only --rounds and --device" in capsys.readouterr().err
+    assert main(["run", "--resume", str(folder), "--rounds", "1"]) == 2
+    assert "already completed 2 rounds" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_a_truncated_checkpoint_is_refused_with_a_clear_message(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path, rounds=1)
+    quiet(config)
+    path = tmp_path / "run" / checkpoint.FILE
+    payload = path.read_bytes()
+    for cut in (len(payload) - 1, len(payload) // 2, 7):
+        path.write_bytes(payload[:cut])
+        with pytest.raises(ConfigError, match="damaged or truncated"):
+            quiet(config.replace(rounds=2), resume=True)
+    path.unlink()
+    with pytest.raises(ConfigError, match="does not exist"):
+        quiet(config.replace(rounds=2), resume=True)
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint(imagefolder, tmp_path, monkeypatch):
+    config = tiny_config(imagefolder, tmp_path, rounds=2)
+    original = checkpoint.os.fsync
+    rounds_written = []
+
+    def crash_on_second_write(fd):
+        rounds_written.append(fd)
+        if len(rounds_written) == 2:
+            raise OSError("disk full")
+        original(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", crash_on_second_write)
+    with pytest.raises(OSError, match="disk full"):
+        quiet(config)
+    assert checkpoint.load(tmp_path / "run").round == 1
