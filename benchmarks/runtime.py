@@ -2,7 +2,9 @@
 
 1. Per-batch overhead of the body channel: one split-training exchange (forward + backward request)
    in-process against the same exchange over gRPC to a body server in another process, and against
-   a Flower message round trip carrying the same payload in a Flower simulation.
+   Flower message round trips carrying the same payload in a Flower simulation. The body is an
+   identity here, so that only the transport is timed; the real body's compute per exchange is
+   given beside it for scale.
 2. Wall time of one SFPrompt round with 10 clients, in-process against Flower simulation + channel,
    on Fashion-MNIST with the real ViT-S/14 from ../shared.
 
@@ -30,20 +32,22 @@ from sfprompt.server import BodyServer
 from sfprompt.transport import InProcessLink
 
 TOKEN = "benchmark"
-# (name, model, image size, client blocks): the second keeps one block in the body so that a full
-# ViT-B/16 224 px payload is exchanged without minutes of CPU compute per batch.
-CASES = [("ViT-S/14, 56 px, batch 32", "vit_small_patch14_dinov2", 56, 0),
-         ("ViT-B/16, 224 px, batch 32 (body: 1 block)", "vit_base_patch16_224", 224, 11)]
+# (name, model, image size): payloads of the benchmark's model and of ViT-B/16 at 224 px.
+CASES = [("ViT-S/14, 56 px, batch 32", "vit_small_patch14_dinov2", 56),
+         ("ViT-B/16, 224 px, batch 32", "vit_base_patch16_224", 224)]
 
 
-def split_model(model: str, size: int, client_blocks: int) -> SplitViT:
+def split_model(model: str, size: int, identity_body: bool = True) -> SplitViT:
     torch.manual_seed(0)
-    return SplitViT(create_vit(model, 10, size, "none"), 10, client_blocks, seed=0)
+    split = SplitViT(create_vit(model, 10, size, "none"), 10, 0, seed=0)
+    if identity_body:  # what crosses the wire is unchanged; the server computes nothing
+        split.body = torch.nn.Identity()
+    return split
 
 
-def serve(model: str, size: int, client_blocks: int, addresses, stop) -> None:
+def serve(model: str, size: int, addresses, stop) -> None:
     torch.set_num_threads(1)
-    server = BodyServer(split_model(model, size, client_blocks), Meter(), torch.device("cpu"))
+    server = BodyServer(split_model(model, size), Meter(), torch.device("cpu"))
     with BodyChannelServer(server, "127.0.0.1:0", TOKEN) as channel:
         addresses.put(channel.address)
         stop.wait()
@@ -68,11 +72,13 @@ def channel_overhead(repeats: int) -> list[dict]:
     torch.set_num_threads(1)  # both sides on one core each: the comparison is of the transport
     context = multiprocessing.get_context("spawn")
     rows = []
-    for name, model_name, size, blocks in CASES:
-        model = split_model(model_name, size, blocks)
+    for name, model_name, size in CASES:
+        model = split_model(model_name, size)
         local, nbytes = exchange_seconds(InProcessLink(BodyServer(model, Meter(), "cpu"), Meter(), "cpu"), model, 32, repeats)
+        real = split_model(model_name, size, identity_body=False)
+        compute, _ = exchange_seconds(InProcessLink(BodyServer(real, Meter(), "cpu"), Meter(), "cpu"), real, 32, 3)
         addresses, stop = context.Queue(), context.Event()
-        process = context.Process(target=serve, args=(model_name, size, blocks, addresses, stop), daemon=True)
+        process = context.Process(target=serve, args=(model_name, size, addresses, stop), daemon=True)
         process.start()
         with ChannelLink(addresses.get(timeout=300), TOKEN, Meter(), torch.device("cpu")) as link:
             remote, _ = exchange_seconds(link, model, 32, repeats)
@@ -80,7 +86,8 @@ def channel_overhead(repeats: int) -> list[dict]:
         process.join(30)
         flower = flower_round_trip(nbytes // 2, repeats)
         rows.append({"case": name, "bytes_per_exchange": nbytes, "in_process_s": statistics.median(local),
-                     "channel_s": statistics.median(remote), "flower_message_s": statistics.median(flower)})
+                     "channel_s": statistics.median(remote), "flower_message_s": statistics.median(flower),
+                     "real_body_compute_s": statistics.median(compute)})
     return rows
 
 
@@ -120,13 +127,15 @@ def round_wall_time(shared: Path, out: Path) -> dict:
     from flwr.simulation import run_simulation
 
     from sfprompt.flower import client_app, server_app
-    from sfprompt.runner import run
+    from sfprompt.runner import prepare, run
 
     torch.set_num_threads(2)
     config = Config(dataset="fashion-mnist", data_dir=str(shared / "data"),
                     weights=str(shared / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"),
                     train_samples=2500, test_samples=1000, clients=10, clients_per_round=10, rounds=1, device="cpu")
-    result = {}
+    started = time.perf_counter()
+    prepare(config)
+    result = {"prepare_s": time.perf_counter() - started}  # what each Flower client message starts with
     for name in ("in-process", "flower"):
         config_n = config.replace(out=str(out / name))
         started = time.perf_counter()
@@ -154,14 +163,16 @@ def main() -> None:
 
     print(f"Command: `python benchmarks/runtime.py`; {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    print("| one split-training exchange (forward + backward) | bytes | in-process | body channel (gRPC, "
-          "another process) | channel overhead | Flower message round trips |")
-    print("|---|---|---|---|---|---|")
+    print("| one split-training exchange (forward + backward), transport only | bytes | in-process (codec) "
+          "| body channel (gRPC, another process) | channel overhead | as 2 Flower message round trips "
+          "| the real body's compute, for scale |")
+    print("|---|---|---|---|---|---|---|")
     for r in overhead:
         print(f"| {r['case']} | {r['bytes_per_exchange'] / 1e6:.2f} MB | {1e3 * r['in_process_s']:.1f} ms "
               f"| {1e3 * r['channel_s']:.1f} ms | {1e3 * (r['channel_s'] - r['in_process_s']):+.1f} ms "
-              f"| {1e3 * r['flower_message_s']:.0f} ms |")
-    print("\n| one SFPrompt round, 10 clients | round wall time | whole run (setup included) | accuracy | MB up | MB down |")
+              f"| {1e3 * r['flower_message_s']:.0f} ms | {1e3 * r['real_body_compute_s']:.0f} ms |")
+    print(f"\nA Flower client rebuilds its data and model for every message: {rounds.pop('prepare_s'):.1f} s here.\n")
+    print("| one SFPrompt round, 10 clients | round wall time | whole run (setup included) | accuracy | MB up | MB down |")
     print("|---|---|---|---|---|---|")
     for name, r in rounds.items():
         print(f"| {name} | {r['round_s']:.0f} s | {r['total_s']:.0f} s | {r['accuracy']:.4f} "

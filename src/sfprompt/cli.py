@@ -78,7 +78,11 @@ def _resumed_config(folder: Path, flags: dict[str, Any], config_file: str | None
         raise ConfigError(f"--resume {folder}: no config.json there (is it a run folder?)")
     import json
 
-    return Config.from_dict({**json.loads(saved.read_text()), **flags, "out": str(folder)})
+    try:
+        values = json.loads(saved.read_text())
+    except ValueError as err:
+        raise ConfigError(f"--resume {folder}: config.json is not valid JSON ({err})") from None
+    return Config.from_dict({**values, **flags, "out": str(folder)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,26 +92,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         config = config_from_args(args)
-        from . import compare, runner  # heavy imports only once the arguments are known to be good
+    except ConfigError as err:
+        return _error(err, 2)
+    from . import runner  # heavy imports only once the arguments are known to be good
 
-        def run(c: Config) -> dict:
-            return runner.run(c, progress=not args.no_progress)
-
-        if args.command == "run":
-            runner.run(config, progress=not args.no_progress, resume=bool(args.resume))
-        elif args.command == "cost":
-            _cost(args, config, compare.parse_methods(args.methods))
-        else:
-            if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
-                raise ConfigError(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
-            names = compare.parse_methods(args.methods)
-            rows = compare.compare(config, names, args.target_accuracy, run)
-            compare.write(rows, Path(config.out), args.target_accuracy)
-            print(compare.markdown(rows, args.target_accuracy))
-    except ConfigError as err:  # includes a damaged checkpoint given to --resume
-        print(f"sfprompt: error: {err}", file=sys.stderr)
-        return 2
+    try:
+        _dispatch(args, config)
+    except ConfigError as err:  # also a damaged checkpoint given to --resume
+        return _error(err, 2)
+    except runner.RoundFailed as err:
+        return _error(err, 1)
     return 0
+
+
+def _error(err: Exception, status: int) -> int:
+    print(f"sfprompt: error: {err}", file=sys.stderr)
+    return status
+
+
+def _dispatch(args: argparse.Namespace, config: Config) -> None:
+    from . import compare, runner
+
+    if args.command == "run":
+        runner.run(config, progress=not args.no_progress, resume=bool(args.resume))
+    elif args.command == "cost":
+        _cost(args, config, compare.parse_methods(args.methods))
+    else:
+        if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
+            raise ConfigError(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
+        names = compare.parse_methods(args.methods)
+        rows = compare.compare(config, names, args.target_accuracy,
+                               lambda c: runner.run(c, progress=not args.no_progress))
+        compare.write(rows, Path(config.out), args.target_accuracy)
+        print(compare.markdown(rows, args.target_accuracy))
 
 
 def _cost(args: argparse.Namespace, config: Config, methods: list[str]) -> None:

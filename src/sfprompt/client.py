@@ -8,6 +8,8 @@ choice (`methods/`); how each phase trains, counts and talks to the server is de
 
 from __future__ import annotations
 
+import copy
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -36,6 +38,24 @@ class RoundContext:
     link: InProcessLink
     generator: torch.Generator
     memory: PeakMemory
+    deadline: float | None = None  # time.monotonic() by which the round must be done
+    phase: str = "start"  # the phase running now, reported if the client fails
+
+
+class ClientFailure(RuntimeError):
+    """A client's round failed (an error, a timeout, a lost connection): the runtime drops the client."""
+
+    def __init__(self, client: int, phase: str, reason: str) -> None:
+        super().__init__(f"client {client} failed in phase {phase}: {reason}")
+        self.client, self.phase, self.reason = client, phase, reason
+
+    def record(self) -> dict:
+        """What the round's metrics say about it."""
+        return {"client": self.client, "phase": self.phase, "reason": self.reason}
+
+
+class ClientTimeout(RuntimeError):
+    """The round's time limit (--client-timeout-s) passed."""
 
 
 @dataclass(frozen=True)
@@ -98,18 +118,30 @@ class Client:
     def num_examples(self) -> int:
         return len(self.data)
 
-    def run_round(self, method: "Method", global_state: Message, link: InProcessLink, seed: int) -> Message:
-        """This client's part of a round, as the method composes it; returns its upload."""
+    def run_round(self, method: "Method", global_state: Message, link: InProcessLink, seed: int,
+                  timeout_s: float | None = None) -> Message:
+        """This client's part of a round, as the method composes it; returns its upload.
+
+        Any error, or passing `timeout_s` (checked before every mini-batch), raises `ClientFailure`
+        naming the phase; the private local classifier then keeps its state from before the round.
+        """
         params = method.new_params(self.model).to(self.device)
         params.load_state_dict(global_state.tensors)
         memory = PeakMemory()  # everything this client holds during the round
         memory.hold(*method.client_holds(self.model), params, self.local_head)
-        ctx = RoundContext(params, self._optimizer(params), link, torch.Generator().manual_seed(seed), memory)
-        report = method.client_round(self, ctx)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        ctx = RoundContext(params, self._optimizer(params), link, torch.Generator().manual_seed(seed), memory, deadline)
+        local_head = copy.deepcopy(self.local_head.state_dict())
+        try:
+            report = method.client_round(self, ctx)
+        except Exception as err:
+            self.local_head.load_state_dict(local_head)
+            raise ClientFailure(self.cid, ctx.phase, f"{type(err).__name__}: {err}") from err
         return Message("update", dict(params.state_dict()), {"client": self.cid, "num_examples": self.num_examples, **report})
 
     # SFPrompt phase 1: self-update on the local model (head, then a classifier), no server involved.
     def local_update(self, ctx: RoundContext) -> float | None:
+        ctx.phase = "local"
         return self._train(ctx, self.data, self.settings.local_epochs, "local",
                            lambda images: self._local_logits(images, ctx.params))
 
@@ -124,8 +156,9 @@ class Client:
     def prune(self, ctx: RoundContext) -> list[int]:
         if self.settings.keep_ratio >= 1.0:
             return list(range(self.num_examples))
+        ctx.phase = "prune"
         scores, all_labels = [], []
-        for images, labels in self._loader(self.data, None, ctx.memory):
+        for images, labels in self._loader(self.data, ctx, shuffle=False):
             with self.meter.work(CLIENT, "prune", ctx.memory):
                 scores.append(el2n(self._local_logits(images, ctx.params), labels))
             all_labels.append(labels)
@@ -135,9 +168,10 @@ class Client:
     # Split training on the chosen samples: activations and gradients cross the link each batch.
     def split_train(self, ctx: RoundContext, chosen: list[int]) -> float | None:
         params, optimizer, link, memory = ctx.params, ctx.optimizer, ctx.link, ctx.memory
+        ctx.phase = "split"
         losses = []
         for _ in range(self.settings.split_epochs):
-            for images, labels in self._loader(Subset(self.data, chosen), ctx.generator, memory):
+            for images, labels in self._loader(Subset(self.data, chosen), ctx):
                 with self.meter.work(CLIENT, "split", memory):
                     tokens = self.model.head(images, params.prompts)  # (B, prefix+P+N, D)
                 reply = link.request(Message("forward", {"tokens": tokens}, {"client": self.cid}), "split")
@@ -157,12 +191,13 @@ class Client:
 
     # Training with the whole model on the client (federated baselines): all local data, no server.
     def train_locally(self, ctx: RoundContext, logits: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
+        ctx.phase = "local"
         return self._train(ctx, self.data, self.settings.split_epochs, "local", logits)
 
     def _train(self, ctx: RoundContext, data: Dataset, epochs: int, phase: str, logits: Callable) -> float | None:
         losses = []
         for _ in range(epochs):
-            for images, labels in self._loader(data, ctx.generator, ctx.memory):
+            for images, labels in self._loader(data, ctx):
                 with self.meter.work(CLIENT, phase, ctx.memory):
                     loss = F.cross_entropy(logits(images), labels)
                     ctx.optimizer.zero_grad(set_to_none=True)
@@ -177,13 +212,15 @@ class Client:
         groups.append({"params": list(self.local_head.parameters()), "lr": s.lr})
         return build_optimizer(groups, s)
 
-    def _loader(self, data: Dataset, generator: torch.Generator | None, memory: PeakMemory):
-        """Mini-batches on the device (shuffled when given a generator), held by the client."""
-        loader = DataLoader(data, batch_size=self.settings.batch_size, shuffle=generator is not None,
-                            generator=generator)
+    def _loader(self, data: Dataset, ctx: RoundContext, shuffle: bool = True):
+        """Mini-batches on the device (shuffled by the round's generator), held by the client."""
+        loader = DataLoader(data, batch_size=self.settings.batch_size, shuffle=shuffle,
+                            generator=ctx.generator if shuffle else None)
         for images, labels in loader:
+            if ctx.deadline is not None and time.monotonic() > ctx.deadline:
+                raise ClientTimeout("the round's time limit passed")
             images, labels = images.to(self.device), labels.to(self.device)
-            memory.hold(images, labels)
+            ctx.memory.hold(images, labels)
             yield images, labels
 
 

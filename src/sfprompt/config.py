@@ -50,6 +50,10 @@ class Config:
     clients_per_round: int = _opt(5, "clients sampled each round")
     rounds: int = _opt(5, "federated rounds")
     alpha: Optional[float] = _opt(None, "Dirichlet label-skew concentration (omit for IID clients)")
+    min_clients: int = _opt(1, "fewest clients that must finish a round; fewer stops the run (resumable)")
+    client_timeout_s: Optional[float] = _opt(
+        None, "seconds a client may take for its round before it is dropped from it (omit for no limit)"
+    )
     # SFPrompt phases
     local_epochs: int = _opt(1, "epochs of the client self-update with the local loss (0 disables it)")
     local_classifier: str = _opt(
@@ -98,6 +102,11 @@ class Config:
             raise ConfigError(
                 f"--clients-per-round ({self.clients_per_round}) exceeds --clients ({self.clients})"
             )
+        if not 1 <= self.min_clients <= self.clients_per_round:
+            raise ConfigError(f"--min-clients must be between 1 and --clients-per-round ({self.clients_per_round}), "
+                              f"got {self.min_clients}")
+        if self.client_timeout_s is not None and not self.client_timeout_s > 0:
+            raise ConfigError(f"--client-timeout-s must be positive (omit it for no limit), got {self.client_timeout_s}")
         if self.alpha is not None and not self.alpha > 0:
             raise ConfigError(f"--alpha must be positive (omit it for IID clients), got {self.alpha}")
         for name in ("train_samples", "test_samples"):

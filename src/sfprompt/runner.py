@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
 from .aggregate import fedavg
-from .client import Client, TrainSettings, body_optimizer
+from .client import Client, ClientFailure, TrainSettings, body_optimizer
 from .codec import Message
 from .config import Config, ConfigError
 from .data import Transformed, load_splits, model_transform, partition, stratified_subset
@@ -55,12 +55,13 @@ class Federation:
 class Runtime(Protocol):
     """Where the clients' work of a round runs: this process (`InProcessRuntime`) or a Flower federation.
 
-    `train` returns the clients' decoded uploads, in the order given, with every byte and FLOP
-    counted on `federation.meter`; `end_round` lets the body server fold its round in; `close`
-    releases what the runtime holds (sockets) when the run ends or fails.
+    `train` returns the uploads of the clients that finished, in the order given, and a record of
+    each one dropped (`ClientFailure.record()`: client, phase, reason), with every byte and FLOP
+    counted on `federation.meter`; the body server forgets a dropped client. `end_round` lets the
+    body server fold its round in; `close` releases what the runtime holds (sockets).
     """
 
-    def train(self, round_: int, cids: list[int], global_params: torch.nn.Module) -> list[Message]: ...
+    def train(self, round_: int, cids: list[int], global_params: torch.nn.Module) -> tuple[list[Message], list[dict]]: ...
 
     def end_round(self) -> None: ...
 
@@ -77,15 +78,21 @@ class InProcessRuntime:
         self.link = InProcessLink(self.server, fed.meter, fed.device)
         self.progress = progress
 
-    def train(self, round_: int, cids: list[int], global_params: torch.nn.Module) -> list[Message]:
+    def train(self, round_: int, cids: list[int], global_params: torch.nn.Module) -> tuple[list[Message], list[dict]]:
         fed = self.federation
-        updates = []
+        updates, dropped = [], []
         for cid in tqdm(cids, desc=f"round {round_}/{fed.config.rounds}", unit="client",
                         leave=False, disable=not self.progress, file=sys.stderr):
             received = self.link.send(Message("global", dict(global_params.state_dict())), DOWN, "broadcast")
-            update = fed.clients[cid].run_round(fed.method, received, self.link, client_seed(fed.config.seed, round_, cid))
+            try:
+                update = fed.clients[cid].run_round(fed.method, received, self.link,
+                                                    client_seed(fed.config.seed, round_, cid), fed.config.client_timeout_s)
+            except ClientFailure as failure:
+                self.server.forget(str(cid))
+                dropped.append(failure.record())
+                continue
             updates.append(self.link.send(update, UP, "upload"))
-        return updates
+        return updates, dropped
 
     def end_round(self) -> None:
         self.server.end_round()
@@ -154,12 +161,21 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
             round_started = time.perf_counter()
             sampled = sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
             if method.sequential:  # each client starts from the previous one's result, no averaging
-                updates = []
+                updates, dropped = [], []
                 for cid in sampled:
-                    updates += executor.train(round_, [cid], global_params)
-                    global_params.load_state_dict(updates[-1].tensors)
+                    done, failed = executor.train(round_, [cid], global_params)
+                    updates, dropped = updates + done, dropped + failed
+                    if done:
+                        global_params.load_state_dict(done[-1].tensors)
             else:
-                updates = executor.train(round_, sampled, global_params)
+                updates, dropped = executor.train(round_, sampled, global_params)
+            updates, dropped = _valid_updates(updates, dropped, global_params)
+            for failure in dropped:
+                log(f"round {round_}: dropped client {failure['client']} (phase {failure['phase']}): {failure['reason']}")
+            if len(updates) < config.min_clients:
+                raise RoundFailed(f"round {round_}: {len(updates)} of {len(sampled)} clients finished, fewer than "
+                                  f"--min-clients {config.min_clients}; nothing was aggregated, and `sfprompt run "
+                                  f"--resume {out}` retries the round")
             executor.end_round()
             weights = [u.meta["num_examples"] for u in updates]
             if not method.sequential:
@@ -173,6 +189,7 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
                 "local_loss": _mean([u.meta.get("local_loss") for u in updates], weights),  # None: no local phase
                 **meter.take(),
                 "clients": sampled,
+                "dropped": dropped,
                 "kept_samples": sum(u.meta["kept"] for u in updates),
                 "seconds": time.perf_counter() - round_started,
             }
@@ -195,6 +212,32 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     log(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
         f"results in {out.resolve()}")
     return summary
+
+
+def _valid_updates(updates: list[Message], dropped: list[dict], global_params: torch.nn.Module):
+    """Keep the uploads that hold exactly the global params' tensors (same names, shapes, dtypes,
+    finite values) and a positive sample count; drop the others, saying why."""
+    expected = global_params.state_dict()
+    valid = []
+    for update in updates:
+        tensors, count = update.tensors, update.meta.get("num_examples")
+        if tensors.keys() != expected.keys():
+            reason = "upload holds other tensors than the global params"
+        elif bad := [k for k, t in tensors.items() if t.shape != expected[k].shape or t.dtype != expected[k].dtype]:
+            reason = f"upload tensors of the wrong shape or dtype: {', '.join(bad)}"
+        elif not all(torch.isfinite(t).all() for t in tensors.values()):
+            reason = "upload holds non-finite values"
+        elif not (isinstance(count, int) and not isinstance(count, bool) and count > 0):
+            reason = f"upload's num_examples is not a positive integer: {count!r}"
+        else:
+            valid.append(update)
+            continue
+        dropped = dropped + [{"client": update.meta.get("client"), "phase": "upload", "reason": reason}]
+    return valid, dropped
+
+
+class RoundFailed(RuntimeError):
+    """Too few clients finished a round to aggregate it (see --min-clients)."""
 
 
 # What may differ between a run and its resumption: how long it runs, where, and on which device.

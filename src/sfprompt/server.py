@@ -58,6 +58,12 @@ class BodyServer:
             self._copies.clear()
             self._pending.clear()
 
+    def forget(self, client: str) -> None:
+        """Drop everything held for a client that failed: its pending forward and its body copy."""
+        with self._lock:
+            self._pending.pop(client, None)
+            self._copies.pop(client, None)
+
     @property
     def pending(self) -> int:
         """How many forwards await their backward (what the server holds for clients)."""

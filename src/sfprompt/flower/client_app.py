@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..channel import ChannelLink
+from ..client import ClientFailure
 from ..codec import decode, encode
 from ..config import Config
 from ..runner import prepare
@@ -44,9 +45,14 @@ def train(msg: Message, context: Context) -> Message:
     if LOCAL_HEAD in context.state:
         client.local_head.load_state_dict(context.state[LOCAL_HEAD].to_torch_state_dict())
     root = task["body-root-certificate"] or None
-    with ChannelLink(task["body-address"], task["body-token"], fed.meter, fed.device,
-                     root_certificate=root, timeout_s=float(task["body-timeout-s"])) as link:
-        update = client.run_round(fed.method, decode(task["global"], fed.device), link, int(task["seed"]))
+    try:
+        with ChannelLink(task["body-address"], task["body-token"], fed.meter, fed.device,
+                         root_certificate=root, timeout_s=float(task["body-timeout-s"])) as link:
+            update = client.run_round(fed.method, decode(task["global"], fed.device), link, int(task["seed"]),
+                                      fed.config.client_timeout_s)
+    except ClientFailure as failure:  # the server drops this client from the round, and says why
+        reply = ConfigRecord({"failure": json.dumps(failure.record()), "meter": json.dumps(fed.meter.counts())})
+        return Message(RecordDict({"sfprompt": reply}), reply_to=msg)
     context.state[LOCAL_HEAD] = ArrayRecord(client.local_head.state_dict())
     reply = ConfigRecord({"upload": encode(update), "meter": json.dumps(fed.meter.counts())})
     return Message(RecordDict({"sfprompt": reply}), reply_to=msg)

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..channel import BodyChannelServer
 from ..client import body_optimizer
 from ..codec import Message as Payload
-from ..codec import decode, encode
+from ..codec import CodecError, decode, encode
 from ..config import ConfigError
 from ..meter import DOWN, UP
 from ..runner import Federation, client_seed, run
@@ -45,7 +45,7 @@ class FlowerRuntime:
         log(INFO, "body server listening on %s (clients dial %s)%s", self.channel.address, self.public_address,
             " with TLS" if tls else "")
 
-    def train(self, round_: int, cids: list[int], global_params) -> list[Payload]:
+    def train(self, round_: int, cids: list[int], global_params) -> tuple[list[Payload], list[dict]]:
         fed = self.fed
         broadcast = encode(Payload("global", dict(global_params.state_dict())))
         config = json.dumps(fed.config.to_dict())
@@ -60,19 +60,30 @@ class FlowerRuntime:
             })
             messages.append(Message(RecordDict({"sfprompt": task}), dst_node_id=self.nodes[cid],
                                     message_type=MessageType.TRAIN))
-        uploads = {}
-        for reply in self.grid.send_and_receive(messages):
+        timeout = fed.config.client_timeout_s
+        uploads, failures = {}, {}
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                raise RuntimeError(f"round {round_}: the client on node {node} failed: {reply.error.reason}")
+            if reply.has_error():  # the ClientApp crashed outside its phases
+                failures[node] = {"phase": "unknown", "reason": f"Flower error {reply.error.code}: {reply.error.reason}"}
+                continue
             record = reply.content["sfprompt"]
-            fed.meter.count_message(UP, "upload", record["upload"])
             fed.meter.merge(json.loads(record["meter"]))
-            uploads[node] = decode(record["upload"], fed.device)
-        missing = [cid for cid in cids if self.nodes[cid] not in uploads]
-        if missing:
-            raise RuntimeError(f"round {round_}: no reply from clients {missing}")
-        return [uploads[self.nodes[cid]] for cid in cids]
+            if "failure" in record:
+                failures[node] = json.loads(record["failure"])
+                continue
+            fed.meter.count_message(UP, "upload", record["upload"])
+            try:
+                uploads[node] = decode(record["upload"], fed.device)
+            except CodecError as err:
+                failures[node] = {"phase": "upload", "reason": f"CodecError: {err}"}
+        dropped = []
+        for cid in cids:
+            if self.nodes[cid] not in uploads:
+                failure = failures.get(self.nodes[cid], {"phase": "unknown", "reason": f"no reply within {timeout} s"})
+                dropped.append({"client": cid, "phase": failure["phase"], "reason": failure["reason"]})
+                self.body.forget(str(cid))
+        return [uploads[self.nodes[cid]] for cid in cids if self.nodes[cid] in uploads], dropped
 
     def end_round(self) -> None:
         self.body.end_round()
