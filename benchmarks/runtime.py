@@ -29,9 +29,9 @@ from sfprompt.config import Config
 from sfprompt.meter import Meter
 from sfprompt.model import SplitViT, create_vit
 from sfprompt.server import BodyServer
-from sfprompt.transport import InProcessLink
+from sfprompt.transport import InProcessLink, SessionLink
 
-TOKEN = "benchmark"
+TOKEN, SESSION = "benchmark", "benchmark-session"
 # (name, model, image size): payloads of the benchmark's model and of ViT-B/16 at 224 px.
 CASES = [("ViT-S/14, 56 px, batch 32", "vit_small_patch14_dinov2", 56),
          ("ViT-B/16, 224 px, batch 32", "vit_base_patch16_224", 224)]
@@ -48,6 +48,7 @@ def split_model(model: str, size: int, identity_body: bool = True) -> SplitViT:
 def serve(model: str, size: int, addresses, stop) -> None:
     torch.set_num_threads(1)
     server = BodyServer(split_model(model, size), Meter(), torch.device("cpu"))
+    server.admit("0", SESSION)
     with BodyChannelServer(server, "127.0.0.1:0", TOKEN) as channel:
         addresses.put(channel.address)
         stop.wait()
@@ -56,16 +57,22 @@ def serve(model: str, size: int, addresses, stop) -> None:
 def exchange_seconds(link, model: SplitViT, batch: int, repeats: int) -> tuple[list[float], int]:
     """Seconds of each forward + backward exchange, and the bytes one exchange moves."""
     tokens = torch.randn(batch, model.layout.length, model.layout.width)
-    times, meter = [], link.meter
+    times, meter, link = [], link.meter, SessionLink(link, "0", SESSION)
     for i in range(repeats + 3):  # three warm-up exchanges
         meter.take()
         started = time.perf_counter()
-        rows = link.request(Message("forward", {"tokens": tokens}, {"client": "0"}), "split").tensors["rows"]
-        link.request(Message("backward", {"grad": torch.ones_like(rows)}, {"client": "0"}), "split")
+        rows = link.request(Message("forward", {"tokens": tokens}), "split").tensors["rows"]
+        link.request(Message("backward", {"grad": torch.ones_like(rows)}), "split")
         if i >= 3:
             times.append(time.perf_counter() - started)
     record = meter.take()
     return times, record["bytes_up"] + record["bytes_down"]
+
+
+def in_process(model: SplitViT) -> InProcessLink:
+    server = BodyServer(model, Meter(), torch.device("cpu"))
+    server.admit("0", SESSION)
+    return InProcessLink(server, Meter(), torch.device("cpu"))
 
 
 def channel_overhead(repeats: int) -> list[dict]:
@@ -74,9 +81,9 @@ def channel_overhead(repeats: int) -> list[dict]:
     rows = []
     for name, model_name, size in CASES:
         model = split_model(model_name, size)
-        local, nbytes = exchange_seconds(InProcessLink(BodyServer(model, Meter(), "cpu"), Meter(), "cpu"), model, 32, repeats)
+        local, nbytes = exchange_seconds(in_process(model), model, 32, repeats)
         real = split_model(model_name, size, identity_body=False)
-        compute, _ = exchange_seconds(InProcessLink(BodyServer(real, Meter(), "cpu"), Meter(), "cpu"), real, 32, 3)
+        compute, _ = exchange_seconds(in_process(real), real, 32, 3)
         addresses, stop = context.Queue(), context.Event()
         process = context.Process(target=serve, args=(model_name, size, addresses, stop), daemon=True)
         process.start()

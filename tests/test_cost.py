@@ -13,7 +13,7 @@ from sfprompt.meter import DOWN, UP, Meter
 from sfprompt.methods import METHODS
 from sfprompt.model import SplitViT, create_vit
 from sfprompt.server import BodyServer
-from sfprompt.transport import InProcessLink
+from sfprompt.transport import InProcessLink, SessionLink
 
 CONFIG = Config(model="test_vit", image_size=32, prompt_tokens=2, keep_ratio=0.5, batch_size=4,
                 prune_per_class=False)
@@ -26,10 +26,11 @@ def measured_round(method_name: str, samples: int) -> dict:
     data = [(torch.randn(3, 32, 32), i % 10) for i in range(samples)]
     settings = TrainSettings.from_config(CONFIG)
     method, meter = METHODS[method_name](), Meter()
-    link = InProcessLink(BodyServer(model, meter, torch.device("cpu")), meter, torch.device("cpu"))
+    server = BodyServer(model, meter, torch.device("cpu"))
+    link = InProcessLink(server, meter, torch.device("cpu"))
     client = Client(0, data, np.arange(samples), model, settings, meter, torch.device("cpu"))
     received = link.send(Message("global", dict(method.new_params(model).state_dict())), DOWN, "broadcast")
-    link.send(client.run_round(method, received, link, seed=0), UP, "upload")
+    link.send(client.run_round(method, received, SessionLink(link, 0, server.admit("0")), seed=0), UP, "upload")
     return meter.take()
 
 

@@ -61,7 +61,7 @@ def test_forget_frees_a_failed_clients_pending_forward_and_body_copy(imagefolder
     fed = prepare(tiny_config(imagefolder, tmp_path, method="sfl", train_body=True))
     server = BodyServer(fed.model, Meter(), torch.device("cpu"), body_optimizer=lambda body: torch.optim.SGD(body.parameters(), 0.1))
     tokens = torch.randn(2, fed.model.layout.length, fed.model.layout.width)
-    server.handle(Message("forward", {"tokens": tokens}, {"client": "7"}))
+    server.handle(Message("forward", {"tokens": tokens}, {"client": "7", "session": server.admit("7"), "seq": 1}))
     assert server.pending == 1 and "7" in server._copies
     server.forget("7")
     assert server.pending == 0 and "7" not in server._copies

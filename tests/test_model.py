@@ -7,7 +7,7 @@ from sfprompt.config import ConfigError
 from sfprompt.meter import Meter
 from sfprompt.model import create_vit
 from sfprompt.server import BodyServer
-from sfprompt.transport import InProcessLink
+from sfprompt.transport import InProcessLink, SessionLink
 
 from conftest import SHARED_WEIGHTS, tiny_split
 
@@ -38,12 +38,13 @@ def test_prompts_do_not_enter_pooling(name):
 def _split_gradients(split, params, images, labels):
     """One training step's gradients computed through the client/server message exchange."""
     meter = Meter()
-    link = InProcessLink(BodyServer(split, meter, torch.device("cpu")), meter, torch.device("cpu"))
+    server = BodyServer(split, meter, torch.device("cpu"))
+    link = SessionLink(InProcessLink(server, meter, torch.device("cpu")), 0, server.admit("0"))
     tokens = split.head(images, params.prompts)
-    rows = link.request(Message("forward", {"tokens": tokens}, {"client": 0}), "split").tensors["rows"]
+    rows = link.request(Message("forward", {"tokens": tokens}), "split").tensors["rows"]
     rows.requires_grad_(True)
     F.cross_entropy(params.tail(rows), labels).backward()
-    grad = link.request(Message("backward", {"grad": rows.grad}, {"client": 0}), "split").tensors["grad"]
+    grad = link.request(Message("backward", {"grad": rows.grad}), "split").tensors["grad"]
     tokens[:, split.grad_rows].backward(grad)
     return {name: p.grad.clone() for name, p in params.named_parameters()}, meter.take()
 

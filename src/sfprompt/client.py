@@ -23,7 +23,8 @@ from .codec import Message
 from .meter import CLIENT, Meter, PeakMemory
 from .model import ClientParams, SplitViT
 from .pruning import el2n, hardest
-from .transport import InProcessLink
+from .server import ProtocolError
+from .transport import Link
 
 if TYPE_CHECKING:
     from .methods import Method
@@ -35,7 +36,7 @@ class RoundContext:
 
     params: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    link: InProcessLink
+    link: Link
     generator: torch.Generator
     memory: PeakMemory
     deadline: float | None = None  # time.monotonic() by which the round must be done
@@ -118,7 +119,7 @@ class Client:
     def num_examples(self) -> int:
         return len(self.data)
 
-    def run_round(self, method: "Method", global_state: Message, link: InProcessLink, seed: int,
+    def run_round(self, method: "Method", global_state: Message, link: Link, seed: int,
                   timeout_s: float | None = None) -> Message:
         """This client's part of a round, as the method composes it; returns its upload.
 
@@ -174,17 +175,19 @@ class Client:
             for images, labels in self._loader(Subset(self.data, chosen), ctx):
                 with self.meter.work(CLIENT, "split", memory):
                     tokens = self.model.head(images, params.prompts)  # (B, prefix+P+N, D)
-                reply = link.request(Message("forward", {"tokens": tokens}, {"client": self.cid}), "split")
-                memory.hold(reply.tensors["rows"])
+                reply = link.request(Message("forward", {"tokens": tokens}), "split")
+                rows = _expect(reply, "body_output", "rows", (len(images), *self.model.tail_shape))
+                memory.hold(rows)
                 with self.meter.work(CLIENT, "split", memory):
-                    rows = reply.tensors["rows"].requires_grad_(True)  # (B, R, D)
+                    rows = rows.requires_grad_(True)  # (B, R, D)
                     loss = F.cross_entropy(params.tail(rows), labels)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                reply = link.request(Message("backward", {"grad": rows.grad}, {"client": self.cid}), "split")
-                memory.hold(reply.tensors["grad"])
+                reply = link.request(Message("backward", {"grad": rows.grad}), "split")
+                input_grad = _expect(reply, "input_grad", "grad", tokens[:, self.model.grad_rows].shape)
+                memory.hold(input_grad)
                 with self.meter.work(CLIENT, "split", memory):
-                    tokens[:, self.model.grad_rows].backward(reply.tensors["grad"])  # into the prompts (and head blocks)
+                    tokens[:, self.model.grad_rows].backward(input_grad)  # into the prompts (and head blocks)
                     optimizer.step()
                 losses.append(loss.item())
         return _mean(losses)
@@ -222,6 +225,18 @@ class Client:
             images, labels = images.to(self.device), labels.to(self.device)
             ctx.memory.hold(images, labels)
             yield images, labels
+
+
+def _expect(reply: Message, kind: str, name: str, shape) -> torch.Tensor:
+    """The one tensor a server reply must carry, checked like the server checks requests."""
+    tensor = reply.tensors.get(name)
+    if reply.kind != kind or set(reply.tensors) != {name}:
+        raise ProtocolError(f"expected a {kind} carrying {name!r}, got a {reply.kind} carrying {sorted(reply.tensors)}")
+    if tuple(tensor.shape) != tuple(shape) or not tensor.is_floating_point():
+        raise ProtocolError(f"{name} of shape {tuple(tensor.shape)} and dtype {tensor.dtype}, expected {tuple(shape)}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ProtocolError(f"{name} holds non-finite values")
+    return tensor
 
 
 def build_optimizer(groups: list[dict], settings: TrainSettings) -> torch.optim.Optimizer:

@@ -21,7 +21,7 @@ from .meter import DOWN, UP, Meter
 from .methods import METHODS
 from .model import SplitViT, create_vit
 from .server import BodyServer
-from .transport import InProcessLink
+from .transport import InProcessLink, SessionLink
 
 COSTS = ("client_flops", "server_flops", "bytes_up", "bytes_down", "client_peak_memory_bytes")
 
@@ -41,10 +41,12 @@ def estimate(config: Config, samples_per_client: int, probe_samples: int, num_cl
     results = {}
     for name in methods:
         method, meter = METHODS[name](), Meter()
-        link = InProcessLink(BodyServer(model, meter, device), meter, device)
+        server = BodyServer(model, meter, device)
+        link = InProcessLink(server, meter, device)
         client = Client(0, probe, np.arange(probe_samples), model, settings, meter, device)
         received = link.send(Message("global", dict(method.new_params(model).state_dict())), DOWN, "broadcast")
-        link.send(client.run_round(method, received, link, seed=config.seed), UP, "upload")
+        session = SessionLink(link, client.cid, server.admit(str(client.cid)))
+        link.send(client.run_round(method, received, session, seed=config.seed), UP, "upload")
         measured = meter.take()
         probed = method.samples_per_phase(settings, probe_samples)
         scale = {phase: full / probed[phase]

@@ -188,6 +188,12 @@ class SplitViT:
         _reset_classifier(self.initial_params.tail.head, generator)
         self.initial_params.requires_grad_(True)
 
+    @property
+    def tail_shape(self) -> tuple[int, int]:
+        """(rows, width) of one sample's body output that travels back to the client."""
+        rows = self.layout.tail_rows
+        return len(range(self.layout.length)[rows]), self.layout.width
+
     def new_params(self) -> ClientParams:
         return copy.deepcopy(self.initial_params)
 

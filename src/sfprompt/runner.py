@@ -32,7 +32,7 @@ from .meter import DOWN, UP, Meter
 from .methods import METHODS, Method
 from .model import SplitViT, create_vit, data_config
 from .server import BodyServer
-from .transport import InProcessLink
+from .transport import InProcessLink, SessionLink
 
 
 @dataclass
@@ -84,8 +84,9 @@ class InProcessRuntime:
         for cid in tqdm(cids, desc=f"round {round_}/{fed.config.rounds}", unit="client",
                         leave=False, disable=not self.progress, file=sys.stderr):
             received = self.link.send(Message("global", dict(global_params.state_dict())), DOWN, "broadcast")
+            link = SessionLink(self.link, cid, self.server.admit(str(cid)))
             try:
-                update = fed.clients[cid].run_round(fed.method, received, self.link,
+                update = fed.clients[cid].run_round(fed.method, received, link,
                                                     client_seed(fed.config.seed, round_, cid), fed.config.client_timeout_s)
             except ClientFailure as failure:
                 self.server.forget(str(cid))

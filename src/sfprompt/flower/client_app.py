@@ -18,6 +18,7 @@ from ..client import ClientFailure
 from ..codec import decode, encode
 from ..config import Config
 from ..runner import prepare
+from ..transport import SessionLink
 
 app = ClientApp()
 LOCAL_HEAD = "sfprompt.local-head"
@@ -47,7 +48,8 @@ def train(msg: Message, context: Context) -> Message:
     root = task["body-root-certificate"] or None
     try:
         with ChannelLink(task["body-address"], task["body-token"], fed.meter, fed.device,
-                         root_certificate=root, timeout_s=float(task["body-timeout-s"])) as link:
+                         root_certificate=root, timeout_s=float(task["body-timeout-s"])) as channel:
+            link = SessionLink(channel, client.cid, task["session"])
             update = client.run_round(fed.method, decode(task["global"], fed.device), link, int(task["seed"]),
                                       fed.config.client_timeout_s)
     except ClientFailure as failure:  # the server drops this client from the round, and says why

@@ -54,7 +54,8 @@ class FlowerRuntime:
             fed.meter.count_message(DOWN, "broadcast", broadcast)
             task = ConfigRecord({
                 "global": broadcast, "config": config, "partition": cid, "round": round_,
-                "seed": client_seed(fed.config.seed, round_, cid), "body-address": self.public_address,
+                "seed": client_seed(fed.config.seed, round_, cid), "session": self.body.admit(str(cid)),
+                "body-address": self.public_address,
                 "body-token": self.token, "body-root-certificate": self.root_certificate,
                 "body-timeout-s": self.options.timeout_s,
             })
