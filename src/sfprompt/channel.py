@@ -19,14 +19,14 @@ from concurrent import futures
 import grpc
 import torch
 
-from .codec import CodecError, Message, decode, encode
+from .codec import MAX_PAYLOAD_BYTES, CodecError, Message, decode, encode
 from .meter import DOWN, UP, Meter
 from .server import BodyServer, ProtocolError
 
 METHOD = "/sfprompt.BodyChannel/Exchange"
-MAX_MESSAGE_BYTES = 1 << 30  # one encoded batch of activations; gRPC's default (4 MiB) is too small
-_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+# one encoded batch of activations; gRPC's default (4 MiB) is too small, and larger is refused unread
+_OPTIONS = [("grpc.max_receive_message_length", MAX_PAYLOAD_BYTES),
+            ("grpc.max_send_message_length", MAX_PAYLOAD_BYTES)]
 
 
 class ChannelError(RuntimeError):

@@ -17,6 +17,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 _META_KEY = "sfprompt"
+MAX_PAYLOAD_BYTES = 1 << 28  # 256 MiB: far above one batch of ViT-L activations (about 55 MB at batch 64)
+MAX_HEADER_BYTES = 1 << 20  # names, dtypes, shapes and the JSON meta of a few tensors
 
 
 class CodecError(ValueError):
@@ -36,18 +38,24 @@ def encode(message: Message) -> bytes:
     return st_save(tensors, metadata={_META_KEY: header})
 
 
-def decode(payload: bytes, device: torch.device | str = "cpu") -> Message:
+def decode(payload: bytes, device: torch.device | str = "cpu", max_bytes: int = MAX_PAYLOAD_BYTES) -> Message:
+    """The message in `payload`, or `CodecError`. Nothing is executed, and nothing larger than the
+    payload itself is allocated: safetensors checks every tensor's extent against the buffer."""
+    if len(payload) > max_bytes:
+        raise CodecError(f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
     if len(payload) < 8:
         raise CodecError("payload shorter than a safetensors header")
     (header_len,) = struct.unpack("<Q", payload[:8])
-    if header_len > len(payload) - 8:
-        raise CodecError("declared header longer than the payload")
+    if header_len > min(len(payload) - 8, MAX_HEADER_BYTES):
+        raise CodecError(f"declared header of {header_len} bytes is longer than the payload or the limit")
     try:
         header = json.loads(payload[8 : 8 + header_len])
         envelope = json.loads(header["__metadata__"][_META_KEY])
         kind, meta = envelope["kind"], envelope["meta"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise CodecError(f"payload has no sfprompt header: {err}") from None
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise CodecError(f"payload has no sfprompt header: {err!r}") from None
+    if not isinstance(kind, str) or not isinstance(meta, dict):
+        raise CodecError("payload header's kind is not a string or its meta not an object")
     try:
         tensors = st_load(payload)
     except Exception as err:  # safetensors raises its own error type

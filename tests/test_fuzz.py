@@ -1,0 +1,112 @@
+"""Thousands of random and mutated payloads against the decoder and the body server's handler.
+
+Every one must be either a valid request or refused with `CodecError` / `ProtocolError`: no other
+exception, no hang, no state left behind, no growth of what the server holds.
+"""
+
+import json
+import struct
+import time
+
+import numpy as np
+import torch
+
+from sfprompt.codec import CodecError, Message, decode, encode
+from sfprompt.meter import Meter
+from sfprompt.server import BodyServer, ProtocolError
+
+from conftest import tiny_split
+
+SESSION = "fuzz-session"
+
+
+def valid_requests(model, rng):
+    """Well-formed forwards and backwards of a few clients, to be mutated."""
+    length, width = model.layout.length, model.layout.width
+    for seq in range(1, 4):
+        batch = int(rng.integers(1, 4))
+        yield Message("forward", {"tokens": torch.randn(batch, length, width)}, {"client": "a", "session": SESSION, "seq": seq})
+        yield Message("backward", {"grad": torch.randn(batch, 1, width)}, {"client": "a", "session": SESSION, "seq": seq})
+
+
+def mutations(payload: bytes, rng) -> bytes:
+    data = bytearray(payload)
+    choice = rng.integers(0, 6)
+    if choice == 0:  # flip random bytes
+        for i in rng.integers(0, len(data), size=int(rng.integers(1, 8))):
+            data[i] ^= int(rng.integers(1, 256))
+    elif choice == 1:  # truncate
+        data = data[: int(rng.integers(0, len(data)))]
+    elif choice == 2:  # append garbage
+        data += rng.bytes(int(rng.integers(1, 64)))
+    elif choice == 3:  # lie about the header length
+        data[:8] = struct.pack("<Q", int(rng.integers(0, 2**63)))
+    elif choice == 4:  # rewrite a shape or offset in the header to a huge number
+        header_len = struct.unpack("<Q", data[:8])[0]
+        header = bytes(data[8 : 8 + header_len]).replace(b"[", b"[99999999", 1)
+        data = bytearray(struct.pack("<Q", len(header)) + header + bytes(data[8 + header_len :]))
+    else:  # pure noise
+        data = bytearray(rng.bytes(int(rng.integers(0, 512))))
+    return bytes(data)
+
+
+def crafted(model, rng):
+    """Well-formed payloads with bad content: shapes, dtypes, values, kinds, sessions, replays."""
+    length, width = model.layout.length, model.layout.width
+    good = {"client": "b", "session": SESSION}
+    tensors = [torch.randn(2, length, width).double(), torch.full((2, length, width), float("nan")),
+               torch.randn(2, length + 1, width), torch.randn(0, length, width), torch.randn(5000, 1, 1),
+               torch.randint(0, 9, (2, length, width)), torch.randn(2, length, width).half(), torch.randn(())]
+    metas = [{}, {"client": None}, {"client": True, "session": SESSION, "seq": 1}, {**good, "seq": "1"},
+             {**good, "seq": 0}, {**good, "seq": -4}, {"client": "b", "session": "nope", "seq": 10**6},
+             {"client": ["b"], "session": SESSION, "seq": 10**6}]
+    kinds = ["forward", "backward", "global", "", "forward\x00"]
+    names = ["tokens", "grad", "x"]
+    seq = 10
+    for _ in range(200):
+        seq += 1
+        meta = metas[rng.integers(len(metas))] if rng.random() < 0.3 else {**good, "seq": seq}
+        tensor = tensors[rng.integers(len(tensors))]
+        extra = {"smuggled": torch.zeros(1)} if rng.random() < 0.1 else {}
+        yield Message(kinds[rng.integers(len(kinds))], {names[rng.integers(len(names))]: tensor, **extra}, meta)
+
+
+def test_no_payload_crashes_hangs_or_leaks_in_the_body_server():
+    _, model = tiny_split()
+    server = BodyServer(model, Meter(), torch.device("cpu"), max_batch=64)
+    rng = np.random.default_rng(0)
+    payloads = [encode(m) for m in valid_requests(model, rng)]
+    payloads += [mutations(payloads[i % len(payloads)], rng) for i in range(3000)]
+    payloads += [encode(m) for m in crafted(model, rng)]
+    payloads += [b"", b"\x00" * 8, struct.pack("<Q", 2) + b"{}", struct.pack("<Q", 4) + b"null",
+                 struct.pack("<Q", 30) + json.dumps({"__metadata__": {"sfprompt": "[]"}}).encode()[:30]]
+    outcomes = {"accepted": 0, "codec": 0, "protocol": 0}
+    slowest = 0.0
+    for i, payload in enumerate(payloads):
+        if i % 500 == 0:  # fresh sessions now and then, so sequence numbers do not exhaust the fuzz
+            server.end_round()
+            server.admit("a", SESSION)
+            server.admit("b", SESSION)
+        started = time.perf_counter()
+        try:
+            server.handle(decode(payload))
+            outcomes["accepted"] += 1
+        except CodecError:
+            outcomes["codec"] += 1
+        except ProtocolError:
+            outcomes["protocol"] += 1
+        slowest = max(slowest, time.perf_counter() - started)
+        assert server.pending <= 2  # at most one forward per admitted client is ever held
+    assert sum(outcomes.values()) == len(payloads)
+    assert outcomes["codec"] > 1000 and outcomes["protocol"] > 100 and outcomes["accepted"] >= 3
+    assert slowest < 2.0  # no payload makes the server work long
+
+
+def test_the_decoder_refuses_oversized_payloads_before_reading_them():
+    payload = encode(Message("forward", {"tokens": torch.zeros(1000)}))
+    try:
+        decode(payload, max_bytes=100)
+    except CodecError as err:
+        assert "exceeds the 100-byte limit" in str(err)
+    else:
+        raise AssertionError("an oversized payload was decoded")
