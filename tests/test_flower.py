@@ -55,12 +55,14 @@ def test_the_pyproject_run_config_holds_every_option_at_its_default():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["config"] == run_config_defaults()
     config, options = from_run_config(run_config_defaults())
-    assert config == Config() and options.address == "127.0.0.1:0"
+    assert config == Config() and options.body_address == "127.0.0.1:0" and options.resume is False
 
 
 def test_run_config_errors_are_clear():
     with pytest.raises(ConfigError, match="number of SuperNodes"):
         from_run_config({"clients": 4})
-    with pytest.raises(ConfigError, match="unknown run-config key 'body-port'"):
+    with pytest.raises(ConfigError, match="unknown option 'body-port'"):
         from_run_config({"body-port": 1})
+    with pytest.raises(ConfigError, match="'resume' expects bool"):
+        from_run_config({"resume": "yes"})
     assert from_run_config({"alpha": ""})[0].alpha is None and from_run_config({"alpha": 0.5})[0].alpha == 0.5

@@ -25,23 +25,23 @@ from ..config import ConfigError
 from ..meter import DOWN, UP
 from ..runner import Federation, client_seed, run
 from ..server import BodyServer
-from .settings import BodyOptions, from_run_config
+from .settings import FlowerOptions, from_run_config
 
 
 class FlowerRuntime:
     """Runs the clients' part of a round on the SuperNodes holding their partitions."""
 
-    def __init__(self, fed: Federation, grid: Grid, nodes: dict[int, int], options: BodyOptions) -> None:
+    def __init__(self, fed: Federation, grid: Grid, nodes: dict[int, int], options: FlowerOptions) -> None:
         self.fed, self.grid, self.nodes, self.options = fed, grid, nodes, options
         tls = options.tls()
         self.body = BodyServer(fed.model, fed.meter, fed.device,
                                body_optimizer(fed.settings) if fed.config.train_body else None,
-                               pending_timeout_s=options.timeout_s)
+                               pending_timeout_s=options.body_timeout_s)
         self.token = options.resolved_token()
-        self.channel = BodyChannelServer(self.body, options.address, self.token,
+        self.channel = BodyChannelServer(self.body, options.body_address, self.token,
                                          certificate=tls[0] if tls else None, private_key=tls[1] if tls else None)
         self.root_certificate = tls[2] if tls else b""
-        self.public_address = options.public_address or self.channel.address
+        self.public_address = options.body_public_address or self.channel.address
         log(INFO, "body server listening on %s (clients dial %s)%s", self.channel.address, self.public_address,
             " with TLS" if tls else "")
 
@@ -57,7 +57,7 @@ class FlowerRuntime:
                 "seed": client_seed(fed.config.seed, round_, cid), "session": self.body.admit(str(cid)),
                 "body-address": self.public_address,
                 "body-token": self.token, "body-root-certificate": self.root_certificate,
-                "body-timeout-s": self.options.timeout_s,
+                "body-timeout-s": self.options.body_timeout_s,
             })
             messages.append(Message(RecordDict({"sfprompt": task}), dst_node_id=self.nodes[cid],
                                     message_type=MessageType.TRAIN))
@@ -130,7 +130,7 @@ def make_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         config = config.replace(clients=len(nodes), clients_per_round=per_round)
         log(INFO, "%d SuperNodes, one partition each; %d sampled per round", len(nodes), per_round)
         run(config, progress=False, log=lambda line: log(INFO, "%s", line),
-            runtime=lambda fed: FlowerRuntime(fed, grid, nodes, options))
+            runtime=lambda fed: FlowerRuntime(fed, grid, nodes, options), resume=options.resume)
 
     return server_app
 

@@ -1,8 +1,9 @@
-"""The Flower run config (`[tool.flwr.app.config]`, `flwr run . --run-config`) as a `Config` and body options.
+"""The Flower run config (`[tool.flwr.app.config]`, `flwr run . --run-config`) as a `Config` and
+the Flower runtime's own options.
 
 Every `Config` option is a run-config key (kebab-case) except `clients`, which is the number of
 SuperNodes in the federation. TOML has no null, so an empty string stands for an unset optional
-option (`alpha = ""` is IID). Keys starting with `body-` configure the body channel.
+option (`alpha = ""` is IID). The keys of `FlowerOptions` configure the body channel and resuming.
 """
 
 from __future__ import annotations
@@ -17,26 +18,27 @@ from ..config import Config, ConfigError
 
 
 @dataclass(frozen=True)
-class BodyOptions:
-    address: str = "127.0.0.1:0"  # where the body server listens; port 0 picks a free one
-    public_address: str = ""  # what clients dial, when it differs from `address` (a real deployment)
-    token: str = ""  # the run's shared secret; empty: a fresh random one, sent to clients by Flower
-    certificate: str = ""  # PEM files: with both, the channel uses TLS
-    private_key: str = ""
-    root_certificate: str = ""  # the CA that signed `certificate`, sent to clients (default: itself)
-    timeout_s: float = 600.0  # a client's wait for one exchange; the server's wait for a backward
+class FlowerOptions:
+    body_address: str = "127.0.0.1:0"  # where the body server listens; port 0 picks a free one
+    body_public_address: str = ""  # what clients dial, when it differs from `address` (a real deployment)
+    body_token: str = ""  # the run's shared secret; empty: a fresh random one, sent to clients by Flower
+    body_certificate: str = ""  # PEM files: with both, the channel uses TLS
+    body_private_key: str = ""
+    body_root_certificate: str = ""  # the CA that signed the certificate, sent to clients (default: itself)
+    body_timeout_s: float = 600.0  # a client's wait for one exchange; the server's wait for a backward
     wait_for_nodes_s: float = 300.0  # how long the ServerApp waits for every partition's SuperNode
+    resume: bool = False  # continue the run in `out` after its last checkpointed round
 
     def resolved_token(self) -> str:
-        return self.token or secrets.token_urlsafe(32)
+        return self.body_token or secrets.token_urlsafe(32)
 
     def tls(self) -> tuple[bytes, bytes, bytes] | None:
         """(certificate, private key, root certificate) as bytes, or None without TLS."""
-        if not self.certificate and not self.private_key:
+        if not self.body_certificate and not self.body_private_key:
             return None
-        if not (self.certificate and self.private_key):
+        if not (self.body_certificate and self.body_private_key):
             raise ConfigError("body-certificate and body-private-key must be given together")
-        files = [self.certificate, self.private_key, self.root_certificate or self.certificate]
+        files = [self.body_certificate, self.body_private_key, self.body_root_certificate or self.body_certificate]
         for path in files:
             if not Path(path).is_file():
                 raise ConfigError(f"body TLS file {path} does not exist")
@@ -44,24 +46,23 @@ class BodyOptions:
         return certificate, key, root
 
 
-def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, BodyOptions]:
-    """Split a Flower run config into the run's `Config` and the body channel's options."""
-    body_fields = {f.name for f in dataclasses.fields(BodyOptions)}
+def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerOptions]:
+    """Split a Flower run config into the run's `Config` and the Flower runtime's options."""
+    own = {f.name: f for f in dataclasses.fields(FlowerOptions)}
     optional = {f.name for f in dataclasses.fields(Config) if "Optional" in str(f.type)}
-    config_values, body_values = {}, {}
+    config_values, own_values = {}, {}
     for key, value in run_config.items():
-        if key.startswith("body-"):
-            name = key[len("body-"):].replace("-", "_")
-            if name not in body_fields:
-                raise ConfigError(f"unknown run-config key {key!r}; body keys: "
-                                  f"{', '.join('body-' + n.replace('_', '-') for n in sorted(body_fields))}")
-            body_values[name] = float(value) if name.endswith("_s") else str(value)
-        elif key == "clients":
+        name = key.replace("-", "_")
+        if name in own:
+            kind = type(own[name].default)
+            if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+                raise ConfigError(f"run-config key {key!r} expects {kind.__name__}, got {value!r}")
+            own_values[name] = kind(value)
+        elif name == "clients":
             raise ConfigError("'clients' is not a run-config key under Flower: it is the number of SuperNodes")
         else:
-            name = key.replace("-", "_")
             config_values[key] = None if name in optional and value == "" else value
-    return Config.from_dict(config_values), BodyOptions(**body_values)
+    return Config.from_dict(config_values), FlowerOptions(**own_values)
 
 
 def run_config_defaults() -> dict[str, Any]:
@@ -70,6 +71,6 @@ def run_config_defaults() -> dict[str, Any]:
     for f in dataclasses.fields(Config):
         if f.name != "clients":
             values[f.name.replace("_", "-")] = "" if f.default is None else f.default
-    for f in dataclasses.fields(BodyOptions):
-        values["body-" + f.name.replace("_", "-")] = f.default
+    for f in dataclasses.fields(FlowerOptions):
+        values[f.name.replace("_", "-")] = f.default
     return values
