@@ -5,16 +5,21 @@ forward/backward exchanges over their own gRPC connection and session, with toke
 (client, batch), and check every reply against the body computed locally. Reports throughput and
 the server process's memory before and after.
 
-    python benchmarks/body_load.py [--clients 32] [--batches 300]      # about 2 minutes on two cores
+    python benchmarks/body_load.py [--clients 32] [--batches 300]      # about 4 minutes on two cores
+
+It prints a Markdown report and writes it to docs/benchmarks/load.md, which BENCHMARKS.md includes.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import resource
 import threading
 import time
+
+from pathlib import Path
 
 import torch
 
@@ -24,6 +29,7 @@ from sfprompt.meter import Meter
 from sfprompt.model import SplitViT, create_vit
 from sfprompt.server import BodyServer
 from sfprompt.transport import SessionLink
+from write_benchmarks import cpu_name
 
 TOKEN = "load"
 
@@ -111,18 +117,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--markdown", type=Path, default=Path("docs/benchmarks/load.md"))
     args = parser.parse_args()
     result = run_load(args.clients, args.batches)
     total = args.clients * args.batches
-    print(f"Command: `python benchmarks/body_load.py --clients {args.clients} --batches {args.batches}`\n")
-    print("| clients | exchanges (forward + backward) | answered | errors | seconds | exchanges / s "
-          "| server pending after | server peak RSS before → after |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.clients} | {total} | {sum(result['answered'])} | {len(result['errors'])} | {result['seconds']:.1f} "
-          f"| {result['exchanges_per_s']:.0f} | {result['server_after']['pending']} "
-          f"| {result['server_before']['max_rss_mib']:.0f} → {result['server_after']['max_rss_mib']:.0f} MiB |")
-    for error in result["errors"][:10]:
-        print("error:", error)
+    lines = [f"Command: `python benchmarks/body_load.py --clients {args.clients} --batches {args.batches}`; "
+             f"{cpu_name()}, {os.cpu_count()} CPU cores (server and clients on the same machine; every reply is "
+             "checked against the body computed on the client side, which the throughput includes)", "",
+             "| clients | exchanges (forward + backward) | answered | errors | seconds | exchanges / s "
+             "| server pending after | server peak RSS before → after |", "|---|---|---|---|---|---|---|---|",
+             f"| {args.clients} | {total} | {sum(result['answered'])} | {len(result['errors'])} | {result['seconds']:.1f} "
+             f"| {result['exchanges_per_s']:.0f} | {result['server_after']['pending']} "
+             f"| {result['server_before']['max_rss_mib']:.0f} → {result['server_after']['max_rss_mib']:.0f} MiB |"]
+    lines += [f"error: {error}" for error in result["errors"][:10]]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text(text)  # BENCHMARKS.md includes it (benchmarks/write_benchmarks.py)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@
 2. Wall time of one SFPrompt round with 10 clients, in-process against Flower simulation + channel,
    on Fashion-MNIST with the real ViT-S/14 from ../shared.
 
-    python benchmarks/runtime.py [--shared ../shared] [--out runs/runtime]     # about 10 minutes
+    python benchmarks/runtime.py [--shared ../shared] [--out runs/runtime]     # about 5 minutes
+
+It prints a Markdown report and writes it to docs/benchmarks/runtime.md, which BENCHMARKS.md includes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import platform
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ from sfprompt.meter import Meter
 from sfprompt.model import SplitViT, create_vit
 from sfprompt.server import BodyServer
 from sfprompt.transport import InProcessLink, SessionLink
+from write_benchmarks import cpu_name
 
 TOKEN, SESSION = "benchmark", "benchmark-session"
 # (name, model, image size): payloads of the benchmark's model and of ViT-B/16 at 224 px.
@@ -162,28 +165,33 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
     parser.add_argument("--out", type=Path, default=Path("runs/runtime"))
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--markdown", type=Path, default=Path("docs/benchmarks/runtime.md"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     overhead = channel_overhead(args.repeats)
     rounds = round_wall_time(args.shared, args.out)
     (args.out / "runtime.json").write_text(json.dumps({"overhead": overhead, "round": rounds}, indent=2) + "\n")
 
-    print(f"Command: `python benchmarks/runtime.py`; {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    print("| one split-training exchange (forward + backward), transport only | bytes | in-process (codec) "
-          "| body channel (gRPC, another process) | channel overhead | as 2 Flower message round trips "
-          "| the real body's compute, for scale |")
-    print("|---|---|---|---|---|---|---|")
+    lines = [f"Command: `python benchmarks/runtime.py`; {cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+             "",
+             "| one split-training exchange (forward + backward), transport only | bytes | in-process (codec) "
+             "| body channel (gRPC, another process) | channel overhead | as 2 Flower message round trips "
+             "| the real body's compute, for scale |",
+             "|---|---|---|---|---|---|---|"]
     for r in overhead:
-        print(f"| {r['case']} | {r['bytes_per_exchange'] / 1e6:.2f} MB | {1e3 * r['in_process_s']:.1f} ms "
-              f"| {1e3 * r['channel_s']:.1f} ms | {1e3 * (r['channel_s'] - r['in_process_s']):+.1f} ms "
-              f"| {1e3 * r['flower_message_s']:.0f} ms | {1e3 * r['real_body_compute_s']:.0f} ms |")
-    print(f"\nA Flower client rebuilds its data and model for every message: {rounds.pop('prepare_s'):.1f} s here.\n")
-    print("| one SFPrompt round, 10 clients | round wall time | whole run (setup included) | accuracy | MB up | MB down |")
-    print("|---|---|---|---|---|---|")
+        lines.append(f"| {r['case']} | {r['bytes_per_exchange'] / 1e6:.2f} MB | {1e3 * r['in_process_s']:.1f} ms "
+                     f"| {1e3 * r['channel_s']:.1f} ms | {1e3 * (r['channel_s'] - r['in_process_s']):+.1f} ms "
+                     f"| {1e3 * r['flower_message_s']:.0f} ms | {1e3 * r['real_body_compute_s']:.0f} ms |")
+    lines += ["", f"A Flower client rebuilds its data and model for every message ({rounds.pop('prepare_s'):.1f} s here).",
+              "", "| one SFPrompt round, 10 clients, ViT-S/14 on Fashion-MNIST (2,500 samples) | round wall time "
+              "| whole run (setup included) | accuracy | MB up | MB down |", "|---|---|---|---|---|---|"]
     for name, r in rounds.items():
-        print(f"| {name} | {r['round_s']:.0f} s | {r['total_s']:.0f} s | {r['accuracy']:.4f} "
-              f"| {r['bytes_up'] / 1e6:.1f} | {r['bytes_down'] / 1e6:.1f} |")
+        lines.append(f"| {name} | {r['round_s']:.0f} s | {r['total_s']:.0f} s | {r['accuracy']:.4f} "
+                     f"| {r['bytes_up'] / 1e6:.1f} | {r['bytes_down'] / 1e6:.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text(text)  # BENCHMARKS.md includes it (benchmarks/write_benchmarks.py)
 
 
 if __name__ == "__main__":

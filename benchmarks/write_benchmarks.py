@@ -1,8 +1,12 @@
-"""Write BENCHMARKS.md from the outputs of benchmarks/compare.sh (tables, plots, command, machine).
+"""Write BENCHMARKS.md from the outputs of benchmarks/compare.sh (tables, plots, command, machine),
+followed by the runtime reports of benchmarks/runtime.py and body_load.py when they have been run.
 
     python benchmarks/write_benchmarks.py runs/compare "bash benchmarks/compare.sh" > BENCHMARKS.md
+    python benchmarks/write_benchmarks.py --update-runtime   # replace BENCHMARKS.md's runtime section only
 """
 
+import contextlib
+import io
 import json
 import os
 import platform
@@ -22,6 +26,13 @@ def cpu_name() -> str:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--update-runtime"]:
+        path = Path("BENCHMARKS.md")
+        methods = path.read_text().split("## Runtime\n")[0]
+        with contextlib.redirect_stdout(io.StringIO()) as runtime:
+            runtime_reports()
+        path.write_text(methods + runtime.getvalue())
+        return
     root, command = Path(sys.argv[1]), sys.argv[2]
     figures = Path("docs/benchmarks")
     figures.mkdir(parents=True, exist_ok=True)
@@ -44,6 +55,19 @@ def main() -> None:
             shutil.copyfile(partition / f"{plot}.png", target)
             print(f"![{partition.name}: {plot.replace('_', ' ')}]({target.as_posix()})")
         print()
+    runtime_reports()
+
+
+def runtime_reports() -> None:
+    """The distributed runtime's measurements, as benchmarks/runtime.py and body_load.py last wrote them."""
+    reports = [Path("docs/benchmarks") / name for name in ("runtime.md", "load.md")]
+    if any(report.is_file() for report in reports):
+        print("## Runtime\n")
+        print("The Flower runtime and the body channel against the in-process runtime "
+              "(`python benchmarks/runtime.py`), and the body channel under load (`python benchmarks/body_load.py`).\n")
+    for report in reports:
+        if report.is_file():
+            print(report.read_text())
 
 
 if __name__ == "__main__":
