@@ -37,3 +37,10 @@ def _same(text: str, value) -> bool:
 def test_quick_start_has_the_two_commands():
     commands = re.findall(r"^pip install -e .+$", README, flags=re.M)
     assert commands[:2] == ['pip install -e ".[demo]" && sfprompt run', 'pip install -e ".[test]" && pytest']
+
+
+def test_every_flower_runtime_key_is_documented():
+    from sfprompt.flower.settings import FlowerOptions
+
+    for f in dataclasses.fields(FlowerOptions):
+        assert f"`{f.name.replace('_', '-')}`" in README, f"run-config key {f.name} is missing from the README"
