@@ -1,0 +1,106 @@
+"""The Flower ServerApp and ClientApp code paths without Ray: a grid that hands each message to the
+ClientApp's handler in this process (one Context per node, kept across rounds), with the body
+channel on loopback. Fast enough to inject every kind of client failure."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+
+from sfprompt.client import Client
+from sfprompt.config import ConfigError
+from sfprompt.flower import client_app
+from sfprompt.flower.server_app import FlowerRuntime, find_partitions
+from sfprompt.flower.settings import FlowerOptions
+from sfprompt.runner import run
+
+from test_runner import tiny_config
+
+
+class InlineGrid:
+    """A Flower grid whose SuperNodes are handler calls; `lost` nodes never reply."""
+
+    def __init__(self, partitions: int, lost: tuple[int, ...] = ()) -> None:
+        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, state=RecordDict(), run_config={},
+                                          node_config={"partition-id": k, "num-partitions": partitions})
+                         for k in range(partitions)}
+        self.lost = {100 + k for k in lost}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node in self.lost and message.metadata.message_type == MessageType.TRAIN:
+                continue  # as if the deadline passed
+            handler = client_app.describe if message.metadata.message_type == MessageType.QUERY else client_app.train
+            try:
+                yield handler(message, self.contexts[node])
+            except Exception as err:  # what Flower does when a ClientApp raises
+                yield Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity(monkeypatch):
+    """Flower stamps messages with the running task's identity; outside Flower we set one."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+
+
+def run_inline(config, grid):
+    nodes = find_partitions(grid, wait_s=5)
+    return run(config, progress=False, log=lambda _: None,
+               runtime=lambda fed: FlowerRuntime(fed, grid, nodes, FlowerOptions()))
+
+
+def records(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_flower_apps_give_the_in_process_result(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2)
+    run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
+    run_inline(config.replace(out=str(tmp_path / "flower")), InlineGrid(3))
+    local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
+    assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
+    assert [r["accuracy"] for r in records(tmp_path / "local")] == [r["accuracy"] for r in records(tmp_path / "flower")]
+
+
+def test_a_client_failing_in_its_phase_is_dropped_with_its_phase(imagefolder, tmp_path, monkeypatch):
+    loader = Client._loader
+
+    def failing(self, data, ctx, shuffle=True):
+        if self.cid == 1 and ctx.phase == "split":
+            raise RuntimeError("battery died")
+        return loader(self, data, ctx, shuffle)
+
+    monkeypatch.setattr(Client, "_loader", failing)
+    run_inline(tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1), InlineGrid(3))
+    assert records(tmp_path / "run")[0]["dropped"] == [{"client": 1, "phase": "split", "reason": "RuntimeError: battery died"}]
+
+
+def test_a_crashed_client_app_and_a_silent_node_are_dropped(imagefolder, tmp_path, monkeypatch):
+    train = client_app.train
+
+    def crashing(msg, context):
+        if context.node_config["partition-id"] == 0:
+            raise MemoryError("out of memory while loading the model")
+        return train(msg, context)
+
+    monkeypatch.setattr(client_app, "train", crashing)
+    run_inline(tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1, client_timeout_s=30.0),
+               InlineGrid(3, lost=(2,)))
+    dropped = records(tmp_path / "run")[0]["dropped"]
+    assert dropped[0]["client"] == 0 and "out of memory" in dropped[0]["reason"]
+    assert dropped[1] == {"client": 2, "phase": "unknown", "reason": "no reply within 30.0 s"}
+
+
+def test_every_partition_needs_exactly_one_node():
+    grid = InlineGrid(3)
+    grid.contexts[101].node_config["partition-id"] = 0
+    with pytest.raises(ConfigError, match="two SuperNodes hold partition 0"):
+        find_partitions(grid, wait_s=1)
