@@ -137,7 +137,8 @@ def round_wall_time(shared: Path, out: Path) -> dict:
     from flwr.simulation import run_simulation
 
     from sfprompt.flower import client_app, server_app
-    from sfprompt.runner import prepare, run
+    from sfprompt.federation import prepare
+    from sfprompt.runner import run
 
     torch.set_num_threads(2)
     config = Config(dataset="fashion-mnist", data_dir=str(shared / "data"),

