@@ -5,7 +5,7 @@ simulation, seconds in deployment), far too slow for two exchanges per mini-batc
 a plain gRPC service with one unary method whose request and reply are the codec's bytes, so the
 bytes counted are exactly those of the in-process runtime (`transport.InProcessLink`). gRPC keeps
 one HTTP/2 connection per client open, multiplexes many clients on one server, does TLS, and is
-already a dependency of Flower; `benchmarks/channel.py` measures what it costs per batch.
+already a dependency of Flower; `benchmarks/runtime.py` measures what it costs per batch.
 
 Every call must carry the run's token (`authorization: Bearer <token>`); TLS is used when the
 server is given a certificate and key and the client the root certificate that signed it.

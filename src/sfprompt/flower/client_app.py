@@ -24,14 +24,19 @@ app = ClientApp()
 LOCAL_HEAD = "sfprompt.local-head"
 
 
-@app.query()
-def describe(msg: Message, context: Context) -> Message:
-    """Which data partition this SuperNode holds, from its node config."""
+def node_partition(context: Context) -> tuple[int, int]:
+    """(partition id, number of partitions) of this SuperNode, from its node config."""
     try:
-        partition, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     except KeyError:
         raise ValueError("this SuperNode has no partition: start it with "
                          "--node-config 'partition-id=K num-partitions=N'") from None
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Which data partition this SuperNode holds."""
+    partition, partitions = node_partition(context)
     return Message(RecordDict({"sfprompt": ConfigRecord({"partition-id": partition, "num-partitions": partitions})}),
                    reply_to=msg)
 
@@ -39,6 +44,9 @@ def describe(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     task = msg.content["sfprompt"]
+    if int(task["partition"]) != node_partition(context)[0]:
+        raise ValueError(f"asked to train partition {task['partition']}, but this SuperNode holds "
+                         f"partition {node_partition(context)[0]}")
     fed = prepare(Config.from_dict(json.loads(task["config"])))
     if fed.method.split:
         fed.model.drop_body()  # it runs on the body server; a client only keeps what it runs
