@@ -61,8 +61,9 @@ def records(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_flower_apps_give_the_in_process_result(imagefolder, tmp_path):
-    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2)
+@pytest.mark.parametrize("method", ["sfprompt", "sl", "fl"])
+def test_the_flower_apps_give_the_in_process_result(imagefolder, tmp_path, method):
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, method=method)
     run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
     run_inline(config.replace(out=str(tmp_path / "flower")), InlineGrid(3))
     local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
