@@ -105,3 +105,17 @@ def test_every_partition_needs_exactly_one_node():
     grid.contexts[101].node_config["partition-id"] = 0
     with pytest.raises(ConfigError, match="two SuperNodes hold partition 0"):
         find_partitions(grid, wait_s=1)
+
+
+def test_a_restarted_server_app_resumes_from_its_checkpoint(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=3)
+    run_inline(config.replace(out=str(tmp_path / "straight")), InlineGrid(3))
+    nodes = InlineGrid(3)  # the SuperNodes live on (their private classifiers with them)
+    run_inline(config.replace(rounds=2, out=str(tmp_path / "resumed")), nodes)
+    find = find_partitions(nodes, wait_s=5)
+    run(config.replace(out=str(tmp_path / "resumed")), progress=False, log=lambda _: None, resume=True,
+        runtime=lambda fed: FlowerRuntime(fed, nodes, find, FlowerOptions()))
+    straight, resumed = records(tmp_path / "straight"), records(tmp_path / "resumed")
+    assert [r["accuracy"] for r in straight] == [r["accuracy"] for r in resumed]
+    a, b = load_file(tmp_path / "straight" / "global.safetensors"), load_file(tmp_path / "resumed" / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
