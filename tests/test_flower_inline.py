@@ -100,6 +100,21 @@ def test_a_crashed_client_app_and_a_silent_node_are_dropped(imagefolder, tmp_pat
     assert dropped[1] == {"client": 2, "phase": "unknown", "reason": "no reply within 30.0 s"}
 
 
+def test_a_node_may_keep_the_dataset_at_its_own_path(imagefolder, tmp_path):
+    import shutil
+
+    config = tiny_config(imagefolder, tmp_path, clients=2, clients_per_round=2, rounds=1)
+    run_inline(config.replace(out=str(tmp_path / "reference")), InlineGrid(2))
+    grid = InlineGrid(2)
+    grid.contexts[101].node_config["data-dir"] = str(shutil.copytree(imagefolder, tmp_path / "node-1-disk"))
+    run_inline(config.replace(out=str(tmp_path / "copy")), grid)
+    assert records(tmp_path / "copy")[0]["accuracy"] == records(tmp_path / "reference")[0]["accuracy"]
+    grid.contexts[101].node_config["data-dir"] = str(tmp_path / "nothing-here")
+    run_inline(config.replace(out=str(tmp_path / "missing")), grid)
+    (dropped,) = records(tmp_path / "missing")[0]["dropped"]
+    assert dropped["client"] == 1 and "nothing-here" in dropped["reason"]
+
+
 def test_every_partition_needs_exactly_one_node():
     grid = InlineGrid(3)
     grid.contexts[101].node_config["partition-id"] = 0

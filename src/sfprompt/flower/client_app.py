@@ -47,7 +47,10 @@ def train(msg: Message, context: Context) -> Message:
     if int(task["partition"]) != node_partition(context)[0]:
         raise ValueError(f"asked to train partition {task['partition']}, but this SuperNode holds "
                          f"partition {node_partition(context)[0]}")
-    fed = prepare(Config.from_dict(json.loads(task["config"])))
+    config = Config.from_dict(json.loads(task["config"]))
+    if "data-dir" in context.node_config:  # where this machine keeps the dataset, if not where the server does
+        config = config.replace(data_dir=str(context.node_config["data-dir"]))
+    fed = prepare(config)
     if fed.method.split:
         fed.model.drop_body()  # it runs on the body server; a client only keeps what it runs
     client = fed.clients[int(task["partition"])]
