@@ -134,3 +134,19 @@ def test_a_restarted_server_app_resumes_from_its_checkpoint(imagefolder, tmp_pat
     assert [r["accuracy"] for r in straight] == [r["accuracy"] for r in resumed]
     a, b = load_file(tmp_path / "straight" / "global.safetensors"), load_file(tmp_path / "resumed" / "global.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_server_waits_for_a_late_supernode():
+    grid = InlineGrid(3)
+    late = grid.contexts.pop(102)
+    calls = []
+    get_node_ids = grid.get_node_ids
+
+    def arriving():
+        calls.append(1)
+        if len(calls) == 3:  # the third SuperNode registers after two polls
+            grid.contexts[102] = late
+        return get_node_ids()
+
+    grid.get_node_ids = arriving
+    assert find_partitions(grid, wait_s=10) == {0: 100, 1: 101, 2: 102}

@@ -98,11 +98,11 @@ def find_partitions(grid: Grid, wait_s: float) -> dict[int, int]:
     """partition id -> node id, once a SuperNode has reported for every partition."""
     deadline = time.monotonic() + wait_s
     nodes: dict[int, int] = {}
+    expected = None  # num-partitions, as the first SuperNode to answer reports it
     while True:
         known = set(nodes.values())
         queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
                    for node in grid.get_node_ids() if node not in known]
-        expected = None
         for reply in grid.send_and_receive(queries, timeout=30) if queries else []:
             if reply.has_error():
                 raise ConfigError(f"SuperNode {reply.metadata.src_node_id}: {reply.error.reason}")
