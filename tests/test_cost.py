@@ -6,14 +6,14 @@ import torch
 
 from sfprompt.cli import main
 from sfprompt.client import Client, TrainSettings
-from sfprompt.codec import Message
 from sfprompt.config import Config
 from sfprompt.cost import estimate
-from sfprompt.meter import DOWN, UP, Meter
+from sfprompt.inprocess import client_round
+from sfprompt.meter import Meter
 from sfprompt.methods import METHODS
 from sfprompt.model import SplitViT, create_vit
 from sfprompt.server import BodyServer
-from sfprompt.transport import InProcessLink, SessionLink
+from sfprompt.transport import InProcessLink
 
 CONFIG = Config(model="test_vit", image_size=32, prompt_tokens=2, keep_ratio=0.5, batch_size=4,
                 prune_per_class=False)
@@ -26,11 +26,9 @@ def measured_round(method_name: str, samples: int) -> dict:
     data = [(torch.randn(3, 32, 32), i % 10) for i in range(samples)]
     settings = TrainSettings.from_config(CONFIG)
     method, meter = METHODS[method_name](), Meter()
-    server = BodyServer(model, meter, torch.device("cpu"))
-    link = InProcessLink(server, meter, torch.device("cpu"))
+    link = InProcessLink(BodyServer(model, meter, torch.device("cpu")), meter, torch.device("cpu"))
     client = Client(0, data, np.arange(samples), model, settings, meter, torch.device("cpu"))
-    received = link.send(Message("global", dict(method.new_params(model).state_dict())), DOWN, "broadcast")
-    link.send(client.run_round(method, received, SessionLink(link, 0, server.admit("0")), seed=0), UP, "upload")
+    client_round(link, client, method, method.new_params(model), seed=0)  # as the in-process runtime does
     return meter.take()
 
 

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from .client import Client, TrainSettings
-from .codec import Message
 from .config import Config
-from .meter import DOWN, UP, Meter
+from .inprocess import client_round
+from .meter import Meter
 from .methods import METHODS
 from .model import SplitViT, create_vit
 from .server import BodyServer
-from .transport import InProcessLink, SessionLink
+from .transport import InProcessLink
 
 COSTS = ("client_flops", "server_flops", "bytes_up", "bytes_down", "client_peak_memory_bytes")
 
@@ -41,12 +41,9 @@ def estimate(config: Config, samples_per_client: int, probe_samples: int, num_cl
     results = {}
     for name in methods:
         method, meter = METHODS[name](), Meter()
-        server = BodyServer(model, meter, device)
-        link = InProcessLink(server, meter, device)
+        link = InProcessLink(BodyServer(model, meter, device), meter, device)
         client = Client(0, probe, np.arange(probe_samples), model, settings, meter, device)
-        received = link.send(Message("global", dict(method.new_params(model).state_dict())), DOWN, "broadcast")
-        session = SessionLink(link, client.cid, server.admit(str(client.cid)))
-        link.send(client.run_round(method, received, session, seed=config.seed), UP, "upload")
+        client_round(link, client, method, method.new_params(model), config.seed)
         measured = meter.take()
         probed = method.samples_per_phase(settings, probe_samples)
         scale = {phase: full / probed[phase]

@@ -11,12 +11,22 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from .client import ClientFailure, body_optimizer
+from .client import Client, ClientFailure, body_optimizer
 from .codec import Message
 from .federation import Federation, client_seed
 from .meter import DOWN, UP
+from .methods import Method
 from .server import BodyServer
 from .transport import InProcessLink, SessionLink
+
+
+def client_round(link: InProcessLink, client: Client, method: Method, global_params: torch.nn.Module, seed: int,
+                 timeout_s: float | None = None) -> Message:
+    """One client's round in this process, every message through the codec: the global params down,
+    the client's phases in a session of its own, its upload up (returned as the server decodes it)."""
+    received = link.send(Message("global", dict(global_params.state_dict())), DOWN, "broadcast")
+    session = SessionLink(link, client.cid, link.server.admit(str(client.cid)))
+    return link.send(client.run_round(method, received, session, seed, timeout_s), UP, "upload")
 
 
 class InProcessRuntime:
@@ -34,16 +44,12 @@ class InProcessRuntime:
         updates, dropped = [], []
         for cid in tqdm(cids, desc=f"round {round_}/{fed.config.rounds}", unit="client",
                         leave=False, disable=not self.progress, file=sys.stderr):
-            received = self.link.send(Message("global", dict(global_params.state_dict())), DOWN, "broadcast")
-            link = SessionLink(self.link, cid, self.server.admit(str(cid)))
             try:
-                update = fed.clients[cid].run_round(fed.method, received, link,
-                                                    client_seed(fed.config.seed, round_, cid), fed.config.client_timeout_s)
+                updates.append(client_round(self.link, fed.clients[cid], fed.method, global_params,
+                                            client_seed(fed.config.seed, round_, cid), fed.config.client_timeout_s))
             except ClientFailure as failure:
                 self.server.forget(str(cid))
                 dropped.append(failure.record())
-                continue
-            updates.append(self.link.send(update, UP, "upload"))
         return updates, dropped
 
     def end_round(self) -> None:
