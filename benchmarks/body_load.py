@@ -18,7 +18,6 @@ import os
 import resource
 import threading
 import time
-
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from sfprompt.meter import Meter
 from sfprompt.model import SplitViT, create_vit
 from sfprompt.server import BodyServer
 from sfprompt.transport import SessionLink
-from write_benchmarks import cpu_name
+from write_benchmarks import cpu_name, publish
 
 TOKEN = "load"
 
@@ -130,10 +129,7 @@ def main() -> None:
              f"| {result['exchanges_per_s']:.0f} | {result['server_after']['pending']} "
              f"| {result['server_before']['max_rss_mib']:.0f} → {result['server_after']['max_rss_mib']:.0f} MiB |"]
     lines += [f"error: {error}" for error in result["errors"][:10]]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(text)  # BENCHMARKS.md includes it (benchmarks/write_benchmarks.py)
+    publish(lines, args.markdown)
 
 
 if __name__ == "__main__":

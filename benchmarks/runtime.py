@@ -32,7 +32,7 @@ from sfprompt.meter import Meter
 from sfprompt.model import SplitViT, create_vit
 from sfprompt.server import BodyServer
 from sfprompt.transport import InProcessLink, SessionLink
-from write_benchmarks import cpu_name
+from write_benchmarks import cpu_name, publish
 
 TOKEN, SESSION = "benchmark", "benchmark-session"
 # (name, model, image size): payloads of the benchmark's model and of ViT-B/16 at 224 px.
@@ -189,10 +189,7 @@ def main() -> None:
     for name, r in rounds.items():
         lines.append(f"| {name} | {r['round_s']:.0f} s | {r['total_s']:.0f} s | {r['accuracy']:.4f} "
                      f"| {r['bytes_up'] / 1e6:.1f} | {r['bytes_down'] / 1e6:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(text)  # BENCHMARKS.md includes it (benchmarks/write_benchmarks.py)
+    publish(lines, args.markdown)
 
 
 if __name__ == "__main__":

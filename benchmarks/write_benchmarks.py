@@ -25,6 +25,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def publish(lines: list[str], path: Path) -> None:
+    """Print a runtime report and keep it where BENCHMARKS.md picks it up (`runtime_reports`)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def main() -> None:
     if sys.argv[1:] == ["--update-runtime"]:
         path = Path("BENCHMARKS.md")

@@ -115,7 +115,7 @@ def test_an_abandoned_forward_is_dropped_after_the_timeout():
     assert server.pending == 0
 
 
-def self_signed(tmp_path):
+def self_signed():
     """A certificate for 127.0.0.1 and its key, PEM."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -135,9 +135,9 @@ def self_signed(tmp_path):
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def test_tls_when_given_a_certificate(tmp_path):
+def test_tls_when_given_a_certificate():
     _, model = tiny_split()
-    certificate, key = self_signed(tmp_path)
+    certificate, key = self_signed()
     server = admitted(model)
     with BodyChannelServer(server, "127.0.0.1:0", TOKEN, certificate=certificate, private_key=key) as channel:
         with ChannelLink(channel.address, TOKEN, Meter(), torch.device("cpu"), root_certificate=certificate) as link:

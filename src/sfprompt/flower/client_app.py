@@ -44,9 +44,9 @@ def describe(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     task = msg.content["sfprompt"]
-    if int(task["partition"]) != node_partition(context)[0]:
-        raise ValueError(f"asked to train partition {task['partition']}, but this SuperNode holds "
-                         f"partition {node_partition(context)[0]}")
+    partition, _ = node_partition(context)
+    if int(task["partition"]) != partition:
+        raise ValueError(f"asked to train partition {task['partition']}, but this SuperNode holds partition {partition}")
     config = Config.from_dict(json.loads(task["config"]))
     if "data-dir" in context.node_config:  # where this machine keeps the dataset, if not where the server does
         config = config.replace(data_dir=str(context.node_config["data-dir"]))
