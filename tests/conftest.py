@@ -23,8 +23,10 @@ def tiny_split(model: str = "test_vit", prompts: int = 3, client_blocks: int = 0
     return vit, SplitViT(vit, prompts, client_blocks, seed=seed)
 
 
-def write_imagefolder(root: Path, classes: int = 3, train_per_class: int = 12, test_per_class: int = 4, size: int = 20) -> Path:
-    """Class k is a noisy image whose colour and bright quadrant depend on k: learnable, not trivial."""
+def write_imagefolder(root: Path, classes: int = 3, train_per_class: int = 12, test_per_class: int = 4, size: int = 20,
+                      gray: bool = False) -> Path:
+    """Class k is a noisy image whose colour and bright quadrant depend on k: learnable, not trivial
+    (`gray`: one channel, the quadrant bright)."""
     rng = np.random.default_rng(0)
     for split, count in (("train", train_per_class), ("test", test_per_class)):
         for k in range(classes):
@@ -34,8 +36,9 @@ def write_imagefolder(root: Path, classes: int = 3, train_per_class: int = 12, t
                 pixels = rng.integers(0, 60, (size, size, 3))
                 half = size // 2
                 r, c = divmod(k % 4, 2)
-                pixels[r * half:(r + 1) * half, c * half:(c + 1) * half, k % 3] += 180
-                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+                pixels[r * half:(r + 1) * half, c * half:(c + 1) * half, 0 if gray else k % 3] += 180
+                image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+                (image.getchannel(0) if gray else image).save(folder / f"{i}.png")
     return root
 
 

@@ -40,7 +40,7 @@ def _split_gradients(split, params, images, labels):
     meter = Meter()
     server = BodyServer(split, meter, torch.device("cpu"))
     link = SessionLink(InProcessLink(server, meter, torch.device("cpu")), 0, server.admit("0"))
-    tokens = split.head(images, params.prompts)
+    tokens = split.send(images, params.prompts, torch.Generator().manual_seed(0))  # the head, and any defence
     rows = link.request(Message("forward", {"tokens": tokens}), "split").tensors["rows"]
     rows.requires_grad_(True)
     F.cross_entropy(params.tail(rows), labels).backward()

@@ -28,10 +28,10 @@ def test_a_client_sends_only_activations_of_kept_samples_gradients_prompts_and_t
         return send(self, message, direction, phase)
 
     def recording_loader(self, data, ctx, shuffle=True):
-        for images, labels in loader(self, data, ctx, shuffle):
-            seen_images.append(images)
-            seen_labels.append(labels)
-            yield images, labels
+        for batch in loader(self, data, ctx, shuffle):
+            seen_images.append(batch[0])
+            seen_labels.append(batch[1])
+            yield batch
 
     monkeypatch.setattr(InProcessLink, "send", recording_send)
     monkeypatch.setattr(Client, "_loader", recording_loader)

@@ -9,6 +9,7 @@ choice (`methods/`); how each phase trains, counts and talks to the server is de
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -37,7 +38,8 @@ class RoundContext:
     params: torch.nn.Module
     optimizer: torch.optim.Optimizer
     link: Link
-    generator: torch.Generator
+    generator: torch.Generator  # the round's shuffling
+    private: torch.Generator  # the defence's randomness, from a seed the server never sees
     memory: PeakMemory
     deadline: float | None = None  # time.monotonic() by which the round must be done
     phase: str = "start"  # the phase running now, reported if the client fails
@@ -97,6 +99,9 @@ class LocalHead(nn.Module):
 
 
 class Client:
+    """One client: its data, its private local classifier, and `private_seed`, the secret behind its
+    defence's randomness (noise, shuffles, randomized labels), which never leaves it."""
+
     def __init__(
         self,
         cid: int,
@@ -106,6 +111,7 @@ class Client:
         settings: TrainSettings,
         meter: Meter,
         device: torch.device,
+        private_seed: int = 0,
     ) -> None:
         self.cid = cid
         self.data = Subset(data, indices.tolist())
@@ -113,7 +119,14 @@ class Client:
         self.settings = settings
         self.meter = meter
         self.device = device
+        self.private_seed = private_seed
         self.local_head = LocalHead(model.layout.width, model.num_classes).to(device)
+
+    @functools.cached_property
+    def label_draws(self) -> torch.Tensor:
+        """Two uniform draws per sample, fixed by the private seed, for randomized response: a sample
+        shows the same label every time it is sent (made on first use)."""
+        return torch.rand(self.num_examples, 2, generator=torch.Generator().manual_seed(self.private_seed))
 
     @property
     def num_examples(self) -> int:
@@ -131,7 +144,9 @@ class Client:
         memory = PeakMemory()  # everything this client holds during the round
         memory.hold(*method.client_holds(self.model), params, self.local_head)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        ctx = RoundContext(params, self._optimizer(params), link, torch.Generator().manual_seed(seed), memory, deadline)
+        private = torch.Generator().manual_seed(derive_seed(self.private_seed, seed))
+        ctx = RoundContext(params, self._optimizer(params), link, torch.Generator().manual_seed(seed), private, memory,
+                           deadline)
         local_head = copy.deepcopy(self.local_head.state_dict())
         try:
             report = method.client_round(self, ctx)
@@ -172,18 +187,25 @@ class Client:
         ctx.phase = "split"
         losses = []
         for _ in range(self.settings.split_epochs):
-            for images, labels in self._loader(Subset(self.data, chosen), ctx):
+            for images, labels, positions in self._loader(Subset(_Positioned(self.data), chosen), ctx):
                 with self.meter.work(CLIENT, "split", memory):
-                    tokens = self.model.head(images, params.prompts)  # (B, prefix+P+N, D)
+                    tokens = self.model.send(images, params.prompts, ctx.private)  # (B, L, D)
                 reply = link.request(Message("forward", {"tokens": tokens}), "split")
                 rows = _expect(reply, "body_output", "rows", (len(images), *self.model.tail_shape))
                 memory.hold(rows)
+                shown = self._shown_labels(labels, positions, memory)
                 with self.meter.work(CLIENT, "split", memory):
+                    # What the server gets: the gradient of the loss at the labels the defence shows (randomized
+                    # response; the true labels without it). The tail always learns from the true labels.
+                    if shown is not labels:
+                        shown_rows = rows.detach().requires_grad_(True)
+                        F.cross_entropy(params.tail(shown_rows), shown).backward()
                     rows = rows.requires_grad_(True)  # (B, R, D)
                     loss = F.cross_entropy(params.tail(rows), labels)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                reply = link.request(Message("backward", {"grad": rows.grad}), "split")
+                    grad = rows.grad if shown is labels else shown_rows.grad
+                reply = link.request(Message("backward", {"grad": grad}), "split")
                 input_grad = _expect(reply, "input_grad", "grad", tokens[:, self.model.grad_rows].shape)
                 memory.hold(input_grad)
                 with self.meter.work(CLIENT, "split", memory):
@@ -191,6 +213,15 @@ class Client:
                     optimizer.step()
                 losses.append(loss.item())
         return _mean(losses)
+
+    def _shown_labels(self, labels: torch.Tensor, positions: torch.Tensor, memory: PeakMemory) -> torch.Tensor:
+        """The labels behind the gradients sent: `labels` itself, or randomized response (--label-epsilon)."""
+        defence = self.model.defence
+        if defence.label_epsilon is None:
+            return labels
+        memory.hold(self.label_draws)
+        draws = self.label_draws[positions.cpu()].to(labels.device)
+        return defence.randomized_response(labels, draws, self.model.num_classes)
 
     # Training with the whole model on the client (federated baselines): all local data, no server.
     def train_locally(self, ctx: RoundContext, logits: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
@@ -216,15 +247,34 @@ class Client:
         return build_optimizer(groups, s)
 
     def _loader(self, data: Dataset, ctx: RoundContext, shuffle: bool = True):
-        """Mini-batches on the device (shuffled by the round's generator), held by the client."""
+        """Mini-batches (images, labels[, positions]) on the device, shuffled by the round's generator,
+        held by the client."""
         loader = DataLoader(data, batch_size=self.settings.batch_size, shuffle=shuffle,
                             generator=ctx.generator if shuffle else None)
-        for images, labels in loader:
+        for batch in loader:
             if ctx.deadline is not None and time.monotonic() > ctx.deadline:
                 raise ClientTimeout("the round's time limit passed")
-            images, labels = images.to(self.device), labels.to(self.device)
-            ctx.memory.hold(images, labels)
-            yield images, labels
+            batch = [tensor.to(self.device) for tensor in batch]
+            ctx.memory.hold(*batch[:2])  # images and labels (positions are the loader's own bookkeeping)
+            yield batch
+
+
+class _Positioned(Dataset):
+    """A client's samples with their position in its data: (image, label, position)."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, position: int):
+        return (*self.data[position], position)
+
+
+def derive_seed(*parts: int) -> int:
+    """An independent seed for each combination of `parts` (run seed, round, client, ...)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 def _expect(reply: Message, kind: str, name: str, shape) -> torch.Tensor:

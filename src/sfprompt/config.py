@@ -73,6 +73,20 @@ class Config:
         False, "the server trains the body too (method sfl only: the original SplitFed, one body copy per client "
         "averaged each round, learning rate --backbone-lr)"
     )
+    # privacy: what a client does to its messages (what each hides is measured: PRIVACY.md, `sfprompt audit`)
+    pool_tokens: int = _opt(0, "average-pool the patch tokens to a G x G grid before sending them (0: send every one)")
+    shuffle_tokens: bool = _opt(False, "send each sample's patch tokens in a random order (broken: see PRIVACY.md)")
+    clip_norm: Optional[float] = _opt(
+        None, "clip each sample's data-dependent activations to this L2 norm before sending (omit for no clipping)"
+    )
+    noise_multiplier: float = _opt(
+        0.0, "add Gaussian noise of std NOISE_MULTIPLIER x CLIP_NORM to the clipped activations (local DP)"
+    )
+    dp_delta: float = _opt(1e-5, "delta of the (epsilon, delta) reported for --noise-multiplier")
+    label_epsilon: Optional[float] = _opt(
+        None, "label-DP epsilon: the prompts' gradients are computed at randomized-response labels, drawn once "
+        "per sample (omit to send gradients of the true labels)"
+    )
     # optimisation
     batch_size: int = _opt(32, "mini-batch size of every client phase")
     optimizer: str = _opt("adam", "client optimiser", choices=OPTIMIZERS)
@@ -127,10 +141,35 @@ class Config:
             raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
         if self.train_body and self.method != "sfl":
             raise ConfigError(f"--train-body is a SplitFed (--method sfl) option, not one of {self.method}")
+        self._check_privacy()
         for name in ("method", "optimizer", "local_classifier"):
             choices = _FIELDS[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+    def _check_privacy(self) -> None:
+        if self.pool_tokens < 0:
+            raise ConfigError(f"--pool-tokens must be 0 (send every patch token) or a grid size, got {self.pool_tokens}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"--clip-norm must be positive (omit it for no clipping), got {self.clip_norm}")
+        if self.noise_multiplier < 0:
+            raise ConfigError(f"--noise-multiplier must be 0 or more, got {self.noise_multiplier}")
+        if self.noise_multiplier > 0 and self.clip_norm is None:
+            raise ConfigError("--noise-multiplier needs --clip-norm: noise is calibrated to the clipped norm")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"--dp-delta must be in (0, 1), got {self.dp_delta}")
+        if self.label_epsilon is not None and self.label_epsilon < 0:
+            raise ConfigError(f"--label-epsilon must be 0 or more (omit it for true labels), got {self.label_epsilon}")
+        if self.method in ("fl", "fl-prompt") and self.defends:
+            raise ConfigError(f"--method {self.method} sends no activations or gradients; the privacy options "
+                              "(--pool-tokens, --shuffle-tokens, --clip-norm, --noise-multiplier, --label-epsilon) "
+                              "apply to the split methods")
+
+    @property
+    def defends(self) -> bool:
+        """Whether any privacy defence is on."""
+        return (self.pool_tokens > 0 or self.shuffle_tokens or self.clip_norm is not None
+                or self.label_epsilon is not None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -30,7 +30,7 @@ def estimate(config: Config, samples_per_client: int, probe_samples: int, num_cl
              methods: list[str]) -> dict[str, dict]:
     torch.manual_seed(config.seed)
     vit = create_vit(config.model, num_classes, config.image_size, "none")
-    model = SplitViT(vit, config.prompt_tokens, config.client_blocks, config.seed)
+    model = SplitViT.from_config(vit, config)
     generator = torch.Generator().manual_seed(config.seed)
     images = torch.randn(probe_samples, 3, config.image_size, config.image_size, generator=generator)
     labels = torch.randint(0, num_classes, (probe_samples,), generator=generator)

@@ -7,14 +7,15 @@ Flower ClientApp) holds the same frozen model, the same initial params and the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .client import Client, TrainSettings
+from .client import Client, TrainSettings, derive_seed
 from .config import Config, ConfigError
-from .data import Transformed, load_splits, model_transform, partition, stratified_subset
+from .data import DataSplits, Transformed, load_splits, model_transform, partition, stratified_subset
 from .meter import Meter
 from .methods import METHODS, Method
 from .model import SplitViT, create_vit, data_config
@@ -33,6 +34,11 @@ class Federation:
     test: Dataset
     meter: Meter
     description: str
+    train: Dataset  # every client's samples (clients hold positions in it), model-ready
+    train_labels: np.ndarray  # labels of `train`
+    data: DataSplits  # the raw dataset (the audit's attacker draws its auxiliary images from its test split)
+    transform: Callable  # raw image -> model input
+    normalisation: dict  # the model's mean / std / interpolation
 
 
 def prepare(config: Config) -> Federation:
@@ -41,8 +47,9 @@ def prepare(config: Config) -> Federation:
     torch.manual_seed(config.seed)
     splits = load_splits(config.dataset, config.data_dir, config.download)
     vit = create_vit(config.model, splits.num_classes, config.image_size, resolve_weights(config))
-    model = SplitViT(vit, config.prompt_tokens, config.client_blocks, config.seed).to(device)
-    transform = model_transform(config.image_size, **_normalisation(vit))
+    model = SplitViT.from_config(vit, config).to(device)
+    normalisation = _normalisation(vit)
+    transform = model_transform(config.image_size, **normalisation)
     train_idx = _subset(splits.train_labels, config.train_samples, config.seed, "--train-samples")
     test_idx = _subset(splits.test_labels, config.test_samples, config.seed, "--test-samples")
     train = Subset(Transformed(splits.train, transform), train_idx.tolist())
@@ -50,11 +57,13 @@ def prepare(config: Config) -> Federation:
     parts = partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
     meter = Meter()
     settings = TrainSettings.from_config(config)
-    clients = [Client(k, train, part, model, settings, meter, device) for k, part in enumerate(parts)]
+    clients = [Client(k, train, part, model, settings, meter, device, private_seed(config.seed, k))
+               for k, part in enumerate(parts)]
     description = (f"{len(train)} train / {len(test)} test samples, {splits.num_classes} classes, "
                    f"{config.clients} clients ({'IID' if config.alpha is None else f'Dirichlet {config.alpha}'}), "
                    f"{config.model} at {config.image_size}px on {device}")
-    return Federation(config, device, model, METHODS[config.method](), settings, clients, test, meter, description)
+    return Federation(config, device, model, METHODS[config.method](), settings, clients, test, meter, description,
+                      train, splits.train_labels[train_idx], splits, transform, normalisation)
 
 
 def resolve_weights(config: Config) -> str:
@@ -92,6 +101,13 @@ def _subset(labels: np.ndarray, size: int | None, seed: int, option: str) -> np.
     return stratified_subset(labels, size, seed)
 
 
-def client_seed(*parts: int) -> int:
-    """An independent seed for each (run seed, round, client)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+client_seed = derive_seed  # an independent seed for each (run seed, round, client)
+
+# Salt of a simulated client's private seed. A deployed client draws its own secret instead
+# (`flower.client_app`); in simulation it is derived from --seed so that runs repeat exactly.
+PRIVATE = 0x5EC12E7
+
+
+def private_seed(seed: int, cid: int) -> int:
+    """The private seed of simulated client `cid` (its defence's randomness)."""
+    return derive_seed(seed, cid, PRIVATE)

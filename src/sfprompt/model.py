@@ -4,7 +4,8 @@ The split wraps timm's own seams (`patch_embed` -> `_pos_embed` -> `norm_pre` ->
 `norm` -> pooling -> `head`) instead of forking the model:
 
     head (client, frozen, shared):  patch embedding, prefix + position embedding, prompts inserted
-                                    after the prefix tokens, then blocks[:client_blocks]
+                                    after the prefix tokens, then blocks[:client_blocks], then the
+                                    patch tokens average-pooled to a coarser grid (`pool_tokens`)
     body (server, frozen, shared):  blocks[client_blocks:]
     tail (client, trained):         final norm, pooling, classifier
 
@@ -22,9 +23,11 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
+from .defence import Defence
 
 
 @dataclass(frozen=True)
@@ -56,19 +59,32 @@ class TokenLayout:
 
 
 class PromptedHead(nn.Module):
-    """Client-side frozen embedding (+ first blocks); prompts are passed in, not owned."""
+    """Client-side frozen embedding (+ first blocks); prompts are passed in, not owned.
 
-    def __init__(self, vit: nn.Module, client_blocks: int) -> None:
+    With `pool_grid`, the patch tokens leaving the head are average-pooled from the model's patch
+    grid to `pool_grid` x `pool_grid` (fewer bytes, coarser content; what it hides is measured by
+    `sfprompt audit`). The body sees the shorter sequence: its blocks take any token count.
+    """
+
+    def __init__(self, vit: nn.Module, client_blocks: int, pool_grid: int | None = None) -> None:
         super().__init__()
         self.vit_embed = _EmbedSeams(vit)
         self.blocks = nn.Sequential(*vit.blocks[:client_blocks])
         self.num_prefix = vit.num_prefix_tokens
+        self.grid = vit.patch_embed.grid_size
+        self.pool_grid = pool_grid
 
     def forward(self, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         x = self.vit_embed(images)  # (B, prefix + N, D)
         prompts = prompts.expand(x.shape[0], -1, -1)  # (B, P, D)
         x = torch.cat([x[:, : self.num_prefix], prompts, x[:, self.num_prefix :]], dim=1)  # (B, prefix+P+N, D)
-        return self.blocks(x)
+        x = self.blocks(x)
+        if self.pool_grid is None:
+            return x
+        kept = self.num_prefix + len(prompts[0])
+        patches = x[:, kept:].transpose(1, 2).unflatten(2, self.grid)  # (B, D, h, w)
+        pooled = F.adaptive_avg_pool2d(patches, self.pool_grid).flatten(2).transpose(1, 2)  # (B, G*G, D)
+        return torch.cat([x[:, :kept], pooled], dim=1)
 
 
 class _EmbedSeams(nn.Module):
@@ -157,9 +173,14 @@ class FullParams(nn.Module):
 
 
 class SplitViT:
-    """A timm ViT cut into a shared frozen head and body plus the initial trainable params."""
+    """A timm ViT cut into a shared frozen head and body plus the initial trainable params.
 
-    def __init__(self, vit: nn.Module, prompt_tokens: int, client_blocks: int, seed: int) -> None:
+    `send` is what a client puts on the wire for a batch of images: the head's tokens, protected by
+    the configured `Defence` (shuffled, clipped and noised with the client's private randomness).
+    """
+
+    def __init__(self, vit: nn.Module, prompt_tokens: int, client_blocks: int, seed: int,
+                 pool_tokens: int = 0, defence: Defence = Defence()) -> None:
         if vit.attn_pool is not None or vit.global_pool not in ("token", "avg") or vit.pool_include_prefix:
             raise ConfigError(
                 f"model pooling {vit.global_pool!r} is not supported: use a ViT with CLS ('token') or 'avg' pooling"
@@ -167,26 +188,44 @@ class SplitViT:
         depth = len(vit.blocks)
         if not 0 <= client_blocks < depth:
             raise ConfigError(f"--client-blocks must be between 0 and {depth - 1} for this model, got {client_blocks}")
+        grid = vit.patch_embed.grid_size
+        if not 0 <= pool_tokens <= min(grid):
+            raise ConfigError(f"--pool-tokens must be between 0 (no pooling) and the patch grid's {min(grid)} for this "
+                              f"model and image size, got {pool_tokens}")
         vit.eval().requires_grad_(False)
         self.layout = TokenLayout(
             prefix=vit.num_prefix_tokens,
             prompts=prompt_tokens,
-            patches=vit.patch_embed.num_patches,
+            patches=pool_tokens**2 if pool_tokens else vit.patch_embed.num_patches,
             width=vit.embed_dim,
             pool=vit.global_pool,
         )
-        self.head = PromptedHead(vit, client_blocks)
+        self.head = PromptedHead(vit, client_blocks, pool_tokens or None)
         self.body = Body(vit, client_blocks)
         self.client_blocks = client_blocks
+        self.defence = defence
         # The token rows whose gradient the client needs back: only the prompts' when the head holds
         # no blocks (nothing else on the client trains), every row when prompts pass through blocks.
         self.grad_rows = self.layout.prompt_rows if client_blocks == 0 else slice(None)
+        # The rows that depend on the input: without client blocks the prefix and prompt rows are the
+        # same for every image, so only the patch rows carry (and need protecting) anything of it.
+        self.private_rows = self.layout.patch_rows if client_blocks == 0 else slice(0, self.layout.length)
         self.num_classes = vit.num_classes
         self._vit = vit
         generator = torch.Generator().manual_seed(seed)
         self.initial_params = ClientParams(_init_prompts(vit, prompt_tokens, generator), Tail(vit))
         _reset_classifier(self.initial_params.tail.head, generator)
         self.initial_params.requires_grad_(True)
+
+    @classmethod
+    def from_config(cls, vit: nn.Module, config) -> "SplitViT":
+        """The split and defence a run's `Config` asks for."""
+        return cls(vit, config.prompt_tokens, config.client_blocks, config.seed, config.pool_tokens,
+                   Defence.from_config(config))
+
+    def send(self, images: torch.Tensor, prompts: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The activations a client sends for `images`: (B, L, D), protected by the defence."""
+        return self.defence.protect(self.head(images, prompts), self.private_rows, self.layout.patch_rows, generator)
 
     @property
     def tail_shape(self) -> tuple[int, int]:
@@ -200,9 +239,10 @@ class SplitViT:
     def new_full_params(self) -> FullParams:
         return FullParams(self._vit, self.initial_params.tail.head)
 
-    def logits(self, images: torch.Tensor, params: ClientParams) -> torch.Tensor:
-        """The full model tail(body(head(x; p))) in one place (evaluation, or a client holding it all)."""
-        tokens = self.body(self.head(images, params.prompts))  # (B, prefix+P+N, D)
+    def logits(self, images: torch.Tensor, params: ClientParams, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The full model tail(body(send(x; p))) in one place (evaluation, or a client holding it all),
+        with the defence applied as a client applies it (`generator` draws its randomness)."""
+        tokens = self.body(self.send(images, params.prompts, generator))  # (B, prefix+P+N, D)
         return params.tail(tokens[:, self.layout.tail_rows])
 
     def drop_body(self) -> None:

@@ -25,6 +25,7 @@ from . import __version__, checkpoint
 from .aggregate import fedavg
 from .codec import Message
 from .config import Config, ConfigError
+from .defence import privacy_notice
 from .federation import Federation, prepare
 from .inprocess import InProcessRuntime
 from .methods import Method
@@ -76,6 +77,7 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     _write_json(out / "config.json", config.to_dict())
     log(f"sfprompt {__version__}, method {method.name}: {fed.description}")
     log("config: " + json.dumps(config.to_dict()))
+    log(privacy_notice(config, config.split_epochs * config.rounds))
     if resume:
         log(f"resuming {out} after round {len(history)}")
 
@@ -104,7 +106,8 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
             weights = [u.meta["num_examples"] for u in updates]
             if not method.sequential:
                 global_params.load_state_dict(fedavg([u.tensors for u in updates], weights))
-            accuracy, loss = evaluate(method, fed.model, global_params, fed.test, config.batch_size, fed.device)
+            accuracy, loss = evaluate(method, fed.model, global_params, fed.test, config.batch_size, fed.device,
+                                      config.seed)
             record = {
                 "round": round_,
                 "accuracy": accuracy,
@@ -190,12 +193,14 @@ def _restore(fed: Federation, global_params: torch.nn.Module, sampler: np.random
 
 @torch.no_grad()
 def evaluate(method: Method, model: SplitViT, params: torch.nn.Module, data, batch_size: int,
-             device: torch.device) -> tuple[float, float]:
-    """Top-1 accuracy and mean cross-entropy of the full model on `data` (not a protocol step)."""
+             device: torch.device, seed: int = 0) -> tuple[float, float]:
+    """Top-1 accuracy and mean cross-entropy of the full model on `data` (not a protocol step),
+    with the privacy defence applied as a client using the model would apply it (seeded by `seed`)."""
     correct, loss, seen = 0, 0.0, 0
+    generator = torch.Generator().manual_seed(seed)
     for images, labels in DataLoader(data, batch_size=max(batch_size, 128)):
         images, labels = images.to(device), labels.to(device)
-        logits = method.logits(model, params, images)
+        logits = method.logits(model, params, images, generator)
         correct += (logits.argmax(dim=-1) == labels).sum().item()
         loss += F.cross_entropy(logits, labels, reduction="sum").item()
         seen += len(labels)

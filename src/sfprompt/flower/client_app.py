@@ -9,6 +9,7 @@ over the body channel; the upload and this client's measurements go back as a Fl
 from __future__ import annotations
 
 import json
+import secrets
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -22,6 +23,18 @@ from ..transport import SessionLink
 
 app = ClientApp()
 LOCAL_HEAD = "sfprompt.local-head"
+PRIVATE_SEED = "sfprompt.private-seed"
+
+
+def node_private_seed(context: Context) -> int:
+    """The secret behind this node's defence randomness (noise, shuffles, randomized labels): its node
+    config's `private-seed` when set (a reproducible experiment), otherwise drawn once from the
+    operating system's entropy and kept in the node's state. The server never sees it."""
+    if "private-seed" in context.node_config:
+        return int(context.node_config["private-seed"])
+    if PRIVATE_SEED not in context.state:
+        context.state[PRIVATE_SEED] = ConfigRecord({"seed": secrets.randbits(63)})
+    return int(context.state[PRIVATE_SEED]["seed"])
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -54,6 +67,7 @@ def train(msg: Message, context: Context) -> Message:
     if fed.method.split:
         fed.model.drop_body()  # it runs on the body server; a client only keeps what it runs
     client = fed.clients[int(task["partition"])]
+    client.private_seed = node_private_seed(context)
     if LOCAL_HEAD in context.state:
         client.local_head.load_state_dict(context.state[LOCAL_HEAD].to_torch_state_dict())
     root = task["body-root-certificate"] or None

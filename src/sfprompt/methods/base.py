@@ -29,8 +29,10 @@ class Method:
         """The frozen modules resident on a client (they count towards its memory)."""
         return (model.head,)
 
-    def logits(self, model: SplitViT, params: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return model.logits(images, params)
+    def logits(self, model: SplitViT, params: nn.Module, images: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """The global model's predictions (`generator`: the defence's randomness, if any)."""
+        return model.logits(images, params, generator)
 
     def samples_per_phase(self, settings: "TrainSettings", samples: int) -> dict[str, int]:
         """How many samples each client phase processes in a round on a client holding `samples`."""

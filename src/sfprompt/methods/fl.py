@@ -12,7 +12,7 @@ class FedFull(Method):
     def client_holds(self, model):
         return ()  # the client's trainable copy is everything it holds
 
-    def logits(self, model, params, images):
+    def logits(self, model, params, images, generator=None):
         return params(images)
 
     def client_round(self, client, ctx) -> dict:

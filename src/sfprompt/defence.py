@@ -1,0 +1,122 @@
+"""What a client does to its messages so that the server learns less about its images and labels.
+
+Every defence here is applied by the client, with randomness the server never sees (a private
+generator, see `Client`), to exactly what leaves it:
+
+- the activations of a `forward` (`protect`): the patch tokens in a random order per sample
+  (`shuffle`), and/or each sample's data-dependent rows clipped to an L2 norm and blurred with
+  Gaussian noise (`clip_norm`, `noise_multiplier`), which makes every release of a sample a Gaussian
+  mechanism with a formal (epsilon, delta) (`activation_epsilon`);
+- the labels behind a `backward` (`randomized_response`): the gradient sent for the prompts is that
+  of the loss at a label kept with probability e^eps / (e^eps + K - 1) and otherwise replaced by
+  another class, drawn once per sample so repeated rounds reveal nothing new (label-DP with epsilon
+  `label_epsilon`); the tail, which never leaves the client until it is averaged, still learns from
+  the true labels.
+
+Pooling the patch tokens (`--pool-tokens`) is part of the model split (`model.PromptedHead`) since
+it changes the sequence the body runs on. What each defence hides is not assumed here: `sfprompt
+audit` attacks it with an attacker who knows it, and PRIVACY.md holds the measurements.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Defence:
+    shuffle: bool = False
+    clip_norm: float | None = None
+    noise_multiplier: float = 0.0
+    label_epsilon: float | None = None
+
+    @classmethod
+    def from_config(cls, config) -> "Defence":
+        return cls(config.shuffle_tokens, config.clip_norm, config.noise_multiplier, config.label_epsilon)
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise on each coordinate of a sample's data-dependent rows."""
+        return self.noise_multiplier * (self.clip_norm or 0.0)
+
+    def protect(self, tokens: torch.Tensor, private_rows: slice, patch_rows: slice,
+                generator: torch.Generator | None) -> torch.Tensor:
+        """The activations a client sends, from the head's tokens (B, L, D).
+
+        `private_rows` are the rows that depend on the input (clipped and noised); `patch_rows` the
+        patch tokens (shuffled). Differentiable, so the prompts still train through it.
+        """
+        if self.shuffle:
+            order = torch.rand(tokens.shape[0], len(range(tokens.shape[1])[patch_rows]), generator=generator)
+            order = order.argsort(dim=1).to(tokens.device)  # (B, N): a fresh permutation per sample
+            patches = tokens[:, patch_rows].gather(1, order[..., None].expand(-1, -1, tokens.shape[2]))
+            tokens = torch.cat([tokens[:, : patch_rows.start], patches, tokens[:, patch_rows.stop :]], dim=1)
+        if self.clip_norm is not None:
+            private = tokens[:, private_rows]
+            norms = private.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
+            scale = (self.clip_norm / norms).clamp(max=1.0)[:, None, None]
+            private = private * scale
+            if self.noise_multiplier > 0:
+                noise = torch.randn(private.shape, generator=generator, dtype=private.dtype).to(private.device)
+                private = private + self.noise_std * noise
+            tokens = torch.cat([tokens[:, : private_rows.start], private, tokens[:, private_rows.stop :]], dim=1)
+        return tokens
+
+    def keep_probability(self, num_classes: int) -> float:
+        """Probability that randomized response shows a sample's true label (1 without it)."""
+        if self.label_epsilon is None:
+            return 1.0
+        return math.exp(self.label_epsilon) / (math.exp(self.label_epsilon) + num_classes - 1)
+
+    def randomized_response(self, labels: torch.Tensor, draws: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The labels a client's backward gradients are computed with: each true label kept with
+        `keep_probability`, otherwise one of the other classes uniformly (K-ary randomized response).
+
+        `draws` (B, 2) are each sample's own two uniform numbers in [0, 1), fixed for the sample, so
+        it shows the same label every time it is sent (`labels` itself without the defence)."""
+        if self.label_epsilon is None:
+            return labels
+        keep = draws[:, 0] < self.keep_probability(num_classes)
+        shift = 1 + (draws[:, 1] * (num_classes - 1)).long().clamp(max=num_classes - 2)  # another class, uniformly
+        return torch.where(keep, labels, (labels + shift) % num_classes)
+
+
+def activation_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """Epsilon of local (epsilon, delta)-DP for one sample's activations released `releases` times,
+    each clipped to norm C with Gaussian noise of std `noise_multiplier` x C.
+
+    Any two inputs are neighbours (local DP), so one release has L2 sensitivity 2C: the Gaussian
+    mechanism's noise multiplier is `noise_multiplier / 2`. Composed with Renyi DP by Opacus's
+    accountant (no subsampling: every kept sample is sent in every split epoch).
+    """
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    if noise_multiplier <= 0:
+        return math.inf
+    orders = [1 + x / 100.0 for x in range(1, 100)] + [2 + x / 10.0 for x in range(100)] + list(range(12, 256))
+    rdp = compute_rdp(q=1.0, noise_multiplier=noise_multiplier / 2, steps=releases, orders=orders)
+    with warnings.catch_warnings():  # tiny noise: the smallest order is optimal and the bound is loose, as stated
+        warnings.simplefilter("ignore", UserWarning)
+        epsilon, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(epsilon)
+
+
+def privacy_notice(config, releases: int) -> str:
+    """What the server can learn under `config`, said plainly in every run's log (figures: PRIVACY.md)."""
+    if config.method in ("fl", "fl-prompt"):
+        return ("privacy: clients send whole-model or prompt updates, never activations; gradient inversion of "
+                "updates is not audited here")
+    images = ("the activations are an affine map of the pixels: the server can reconstruct every image sent"
+              if config.client_blocks == 0 and config.clip_norm is None and not config.pool_tokens
+              else "the server can still reconstruct recognisable images from the activations")
+    if config.noise_multiplier > 0:
+        epsilon = activation_epsilon(config.noise_multiplier, releases, config.dp_delta)
+        images = (f"activations are local ({epsilon:.3g}, {config.dp_delta:g})-DP per sample over {releases} sends; "
+                  "how much that hides in practice is measured, not implied")
+    labels = ("the backward gradients give the server every label" if config.label_epsilon is None else
+              f"labels behind the gradients are randomized response with epsilon {config.label_epsilon:g}")
+    return f"privacy: {images}; {labels}. Measured in PRIVACY.md; `sfprompt audit` with these options measures this run"

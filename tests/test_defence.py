@@ -1,0 +1,143 @@
+"""The privacy defences do what they say to the messages, train through the split, and run in both runtimes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sfprompt.config import Config, ConfigError
+from sfprompt.defence import Defence, activation_epsilon
+from sfprompt.model import SplitViT, create_vit
+from sfprompt.runner import run
+
+from test_flower_inline import InlineGrid, flower_task_identity, records, run_inline  # noqa: F401 (a fixture)
+from test_model import _split_gradients
+from test_runner import tiny_config
+
+
+def split_with(client_blocks=0, pool_tokens=0, defence=Defence(), image_size=64):
+    """A tiny random ViT at 64 px: a 4 x 4 patch grid, so the patch tokens can be pooled."""
+    torch.manual_seed(0)
+    vit = create_vit("test_vit", num_classes=4, image_size=image_size, weights="none")
+    return SplitViT(vit, 3, client_blocks, 0, pool_tokens, defence)
+
+
+@pytest.mark.parametrize("client_blocks", [0, 1])
+def test_pooled_tokens_are_the_average_of_each_block_of_patches(client_blocks):
+    plain, pooled = split_with(client_blocks), split_with(client_blocks, pool_tokens=2)
+    images, prompts = torch.randn(2, 3, 64, 64), plain.new_params().prompts
+    full, coarse = plain.head(images, prompts), pooled.head(images, prompts)
+    layout = plain.layout
+    assert pooled.layout.length == layout.prefix + layout.prompts + 4 and coarse.shape[1] == pooled.layout.length
+    grid = full[:, layout.patch_rows].unflatten(1, (4, 4))  # (B, 4, 4, D)
+    top_left = grid[:, :2, :2].mean(dim=(1, 2))
+    assert torch.allclose(coarse[:, pooled.layout.patch_rows][:, 0], top_left, atol=1e-6)
+    assert torch.equal(coarse[:, : layout.prefix + layout.prompts], full[:, : layout.prefix + layout.prompts])
+
+
+@pytest.mark.parametrize("client_blocks", [0, 1])
+def test_split_gradients_still_equal_autograd_through_pooling_and_shuffling(client_blocks):
+    """The defences sit inside the client's graph: prompts train through them exactly."""
+    split = split_with(client_blocks, pool_tokens=2, defence=Defence(shuffle=True))
+    images, labels = torch.randn(6, 3, 64, 64), torch.tensor([0, 1, 2, 3, 0, 1])
+    reference = split.new_params()
+    tokens = split.body(split.head(images, reference.prompts))
+    F.cross_entropy(reference.tail(tokens[:, split.layout.tail_rows]), labels).backward()
+    # shuffling leaves the CLS output alone (attention is blind to order once positions are embedded),
+    # so the gradients through the message exchange equal those of the unshuffled model
+    exchanged, _ = _split_gradients(split, split.new_params(), images, labels)
+    for name, p in reference.named_parameters():
+        assert torch.allclose(exchanged[name], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_shuffling_permutes_each_samples_patch_tokens_and_nothing_else():
+    split = split_with(defence=Defence(shuffle=True))
+    images, prompts = torch.randn(3, 3, 64, 64), split.new_params().prompts
+    clean = split.head(images, prompts)
+    sent = split.send(images, prompts, torch.Generator().manual_seed(1))
+    rows = split.layout.patch_rows
+    assert torch.equal(sent[:, : rows.start], clean[:, : rows.start])
+    assert not torch.equal(sent[:, rows], clean[:, rows])
+    for b in range(3):
+        assert torch.equal(sent[b, rows].sort(dim=0).values, clean[b, rows].sort(dim=0).values)
+    with torch.no_grad():
+        assert torch.allclose(split.logits(images, split.new_params(), torch.Generator().manual_seed(2)),
+                              split_with().logits(images, split.new_params()), atol=1e-5)
+
+
+@pytest.mark.parametrize("client_blocks", [0, 1])
+def test_clipping_bounds_each_samples_data_dependent_rows_and_noise_has_the_stated_std(client_blocks):
+    clipped = split_with(client_blocks, defence=Defence(clip_norm=0.5))
+    images, prompts = torch.randn(4, 3, 64, 64) * 3, clipped.new_params().prompts
+    sent = clipped.send(images, prompts, None)
+    rows = clipped.private_rows
+    assert torch.all(sent[:, rows].flatten(1).norm(dim=1) <= 0.5 + 1e-5)
+    if client_blocks == 0:  # the prefix and prompt rows carry nothing of the input and are left alone
+        assert torch.equal(sent[:, : rows.start], clipped.head(images, prompts)[:, : rows.start])
+    noisy = split_with(client_blocks, defence=Defence(clip_norm=0.5, noise_multiplier=2.0))
+    difference = noisy.send(images, prompts, torch.Generator().manual_seed(0)) - sent
+    assert difference[:, rows].std().item() == pytest.approx(1.0, rel=0.05)  # 2.0 x 0.5
+
+
+def test_randomized_response_keeps_the_stated_share_and_a_sample_always_shows_one_label():
+    defence, classes = Defence(label_epsilon=1.0), 10
+    labels = torch.randint(0, classes, (20000,), generator=torch.Generator().manual_seed(0))
+    draws = torch.rand(20000, 2, generator=torch.Generator().manual_seed(1))
+    shown = defence.randomized_response(labels, draws, classes)
+    kept = (shown == labels).float().mean().item()
+    assert kept == pytest.approx(math.e / (math.e + classes - 1), abs=0.01)
+    changed = (shown - labels)[shown != labels] % classes
+    assert set(changed.tolist()) == set(range(1, classes))  # every other class, about equally often
+    assert torch.equal(defence.randomized_response(labels, draws, classes), shown)
+    assert Defence().randomized_response(labels, draws, classes) is labels
+
+
+def test_activation_epsilon_follows_the_noise_and_the_number_of_sends():
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    assert activation_epsilon(4.0, 10, 1e-5) < activation_epsilon(2.0, 10, 1e-5) < activation_epsilon(2.0, 40, 1e-5)
+    assert activation_epsilon(0.0, 10, 1e-5) == math.inf
+    orders = [1.5, 2, 4, 8, 16, 32, 64]
+    # any two inputs are neighbours: sensitivity 2C, so noise multiplier 6 acts as 3 for Opacus's add/remove
+    direct, _ = get_privacy_spent(orders=orders, rdp=compute_rdp(q=1.0, noise_multiplier=3.0, steps=5, orders=orders),
+                                  delta=1e-5)
+    assert activation_epsilon(6.0, 5, 1e-5) <= direct + 1e-9
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"pool_tokens": -1}, "--pool-tokens"),
+    ({"clip_norm": 0.0}, "--clip-norm"),
+    ({"noise_multiplier": 1.0}, "needs --clip-norm"),
+    ({"clip_norm": 1.0, "noise_multiplier": -1.0}, "--noise-multiplier"),
+    ({"dp_delta": 1.0}, "--dp-delta"),
+    ({"label_epsilon": -0.5}, "--label-epsilon"),
+    ({"method": "fl", "pool_tokens": 1}, "sends no activations"),
+])
+def test_bad_privacy_options_are_refused(options, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(**options)
+
+
+def test_pooling_beyond_the_patch_grid_is_refused():
+    with pytest.raises(ConfigError, match="--pool-tokens must be between 0 \\(no pooling\\) and the patch grid's 4"):
+        split_with(pool_tokens=5)
+
+
+DEFENDED = dict(pool_tokens=1, shuffle_tokens=True, clip_norm=5.0, noise_multiplier=0.1, label_epsilon=2.0)
+
+
+def test_defences_run_in_process_and_under_flower(imagefolder, tmp_path, flower_task_identity):
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, image_size=64, **DEFENDED)
+    plain = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, image_size=64,
+                        out=str(tmp_path / "plain"))
+    run(plain, progress=False, log=lambda _: None)
+    lines = []
+    run(config.replace(out=str(tmp_path / "local")), progress=False, log=lines.append)
+    run_inline(config.replace(out=str(tmp_path / "flower")), InlineGrid(3))
+    assert any("-DP per sample over 4 sends" in line for line in lines)  # the log states the guarantee
+    for folder in ("local", "flower"):
+        rounds = records(tmp_path / folder)
+        assert [r["dropped"] for r in rounds] == [[], []]
+        # one pooled token a sample instead of 16: the forwards shrink
+        assert rounds[0]["bytes_by_phase"]["up/split"] < records(tmp_path / "plain")[0]["bytes_by_phase"]["up/split"]
