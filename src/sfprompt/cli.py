@@ -30,6 +30,26 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=caster, choices=f.metadata.get("choices"), **common)
 
 
+_AUDIT_HELP = {
+    "victim": "the client whose messages are attacked",
+    "images": "how many of the images it sends are reconstructed and scored",
+    "aux_samples": "auxiliary images of the test split the attacker learns from (no client holds them)",
+    "gallery": "re-identification candidates per image: the original and others of its class (chance 1/N)",
+    "steps": "steps of the white-box optimisation attack",
+    "inversion_epochs": "training epochs of the learned inversion network",
+    "seed": "the attacker's own randomness and the choice of gallery",
+}
+
+
+def _add_audit_flags(parser: argparse.ArgumentParser) -> None:
+    from .audit import AuditOptions
+
+    for f in dataclasses.fields(AuditOptions):
+        flag = "--" + ("attack-seed" if f.name == "seed" else f.name.replace("_", "-"))
+        parser.add_argument(flag, dest=f"audit_{f.name}", type=int, default=f.default, metavar="N",
+                            help=f"{_AUDIT_HELP[f.name]} (default: {f.default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfprompt", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="samples actually run through each method, then scaled (default: %(default)s)")
     cost.add_argument("--methods", default="fl,fl-prompt,sl,sfl,sfprompt", help="(default: %(default)s)")
     _add_config_flags(cost)
+    audit = commands.add_parser("audit", help="attack one client's real messages as an honest-but-curious server "
+                                "would; write audit.json and audit.png to --out (or to the run folder of --from)")
+    audit.add_argument("--from", dest="from_dir", metavar="DIR",
+                       help="attack with the global params of the finished run in DIR, with its options "
+                            "(only --device may be given)")
+    _add_audit_flags(audit)
+    _add_config_flags(audit)
     commands.add_parser("datasets", help="list the dataset names --dataset accepts")
     return parser
 
@@ -63,6 +90,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     flags = {name: value for name, value in vars(args).items() if name in names}
     if getattr(args, "resume", None):
         return _resumed_config(Path(args.resume), flags, args.config)
+    if getattr(args, "from_dir", None):
+        from .audit import run_from
+
+        others = sorted(set(flags) - {"device"}) + (["config"] if args.config else [])
+        if others:
+            raise ConfigError(f"--from audits a finished run with its saved options; only --device may be given, "
+                              f"not {', '.join('--' + name.replace('_', '-') for name in others)}")
+        return run_from(Path(args.from_dir), flags.get("device"))
     return Config.from_toml(args.config, **flags) if args.config else Config.from_dict(flags)
 
 
@@ -115,6 +150,12 @@ def _dispatch(args: argparse.Namespace, config: Config) -> None:
 
     if args.command == "run":
         runner.run(config, progress=not args.no_progress, resume=bool(args.resume))
+    elif args.command == "audit":
+        from .audit import AuditOptions, run_audit
+
+        options = AuditOptions(**{name[len("audit_"):]: value for name, value in vars(args).items()
+                                  if name.startswith("audit_")})
+        run_audit(config, options, Path(args.from_dir) if args.from_dir else None, progress=not args.no_progress)
     elif args.command == "cost":
         _cost(args, config, compare.parse_methods(args.methods))
     else:

@@ -1,0 +1,256 @@
+"""The attacks of an honest-but-curious server on what a client sends (run by `sfprompt audit`).
+
+The attacker holds what the server legitimately holds: the architecture and the public pre-trained
+weights (so the whole frozen head), the configuration and the defence's algorithm with its public
+parameters, every message a client sends (activations, gradients, the uploaded prompts and tail),
+and auxiliary images of the same domain that no client holds. It never holds a client's data,
+labels or private randomness (its noise draws, shuffles and randomized labels).
+
+Images are reconstructed as [0, 1] pixels at the model's input size (one channel when the domain
+is grayscale); `Simulator` turns such pixels into the activations a client would send.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from tqdm.auto import tqdm
+
+from .model import SplitViT
+
+
+class Simulator:
+    """The client's sending path as the attacker computes it: pixels -> model input -> head ->
+    defence. `clean` is its deterministic part (clipped, no noise, in order); `observe` adds the
+    defence's randomness with the attacker's own generator and undoes a shuffle as well as it can."""
+
+    def __init__(self, model: SplitViT, prompts: torch.Tensor, mean, std, channels: int) -> None:
+        self.model, self.prompts, self.channels = model, prompts.detach(), channels
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        defence = model.defence
+        self.deterministic = dataclasses.replace(defence, shuffle=False, noise_multiplier=0.0)
+        self.rows = model.private_rows  # the rows that depend on the input
+        self.unshuffler: Unshuffler | None = None
+
+    def inputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels (B, channels, H, W) -> the model's normalised RGB input."""
+        return (pixels.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+    def clean(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The sent tokens (B, L, D) without the defence's randomness."""
+        tokens = self.model.head(self.inputs(pixels), self.prompts)
+        return self.deterministic.protect(tokens, self.rows, self.model.layout.patch_rows, None)
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the attacks read from tokens in order (B, L, D): the input-dependent rows, flattened."""
+        return tokens[:, self.rows].flatten(1)
+
+    @torch.no_grad()
+    def is_affine(self, aux: torch.Tensor) -> bool:
+        """Whether the clean sending path is affine in the pixels, tried on mixtures of auxiliary images."""
+        first, second = aux[:8], aux[8:16]
+        mixed = self.features(self.clean(0.3 * first + 0.7 * second))
+        expected = 0.3 * self.features(self.clean(first)) + 0.7 * self.features(self.clean(second))
+        return bool((mixed - expected).norm() <= 1e-3 * expected.norm())
+
+    def received(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`features` of tokens as a client sent them: a shuffle is undone first, if there is one."""
+        if self.unshuffler is not None:
+            tokens = self.unshuffler(tokens)
+        return self.features(tokens)
+
+    def observe(self, clean: torch.Tensor, sends: int, generator: torch.Generator) -> torch.Tensor:
+        """Features of `sends` independent protected sends of each sample, averaged (as the attacker
+        averages a sample's repeated sends), from its `clean` tokens."""
+        model = self.model
+        total = sum(self.received(model.defence.protect(clean, self.rows, model.layout.patch_rows, generator))
+                    for _ in range(sends))
+        return total / sends
+
+
+class Unshuffler:
+    """Puts shuffled patch tokens back in place, one-to-one (the Hungarian algorithm), each received
+    token at the position whose reference it is nearest to.
+
+    Where the sending path is affine in the pixels (no client blocks), a token is its position's
+    offset (the token of a black patch there) plus the embedding of its pixels, which lies in one
+    subspace for every position: the distance that counts is the part of (token - offset) outside that
+    subspace, and the position embeddings make it vanish at the right position only. Otherwise the
+    reference is each position's mean token over the auxiliary images."""
+
+    def __init__(self, references: torch.Tensor, patch_rows: slice, content: torch.Tensor | None = None) -> None:
+        self.references, self.patch_rows = references, patch_rows  # (N, D)
+        width = references.shape[1]
+        # projection onto what the pixels cannot change, (D, D); the identity when it is not known
+        self.residual = torch.eye(width) if content is None else torch.eye(width) - content @ content.T
+
+    @classmethod
+    def fit(cls, sim: "Simulator", aux: torch.Tensor) -> "Unshuffler":
+        rows = sim.model.layout.patch_rows
+        with torch.no_grad():
+            if sim.is_affine(aux):
+                offsets = sim.clean(torch.zeros(1, *aux.shape[1:]))[0, rows]  # (N, D)
+                patch = sim.model.head.vit_embed.patch_embed.patch_size
+                pixels = torch.zeros(aux.shape[1] * patch[0] * patch[1], *aux.shape[1:])
+                for k, (c, y, x) in enumerate(np.ndindex(aux.shape[1], patch[0], patch[1])):
+                    pixels[k, c, y, x] = 1.0  # one pixel of the first patch at a time
+                changes = (sim.clean(pixels)[:, rows] - offsets).flatten(0, 1)
+                _, values, vectors = torch.linalg.svd(changes, full_matrices=False)
+                rank = int((values > 1e-5 * values[0]).sum())
+                if rank < offsets.shape[1]:  # the pixels of a patch cannot reach every direction of a token
+                    return cls(offsets, rows, vectors[:rank].T)
+            clean = torch.cat([sim.clean(aux[i : i + 256]) for i in range(0, len(aux), 256)])
+            return cls(clean[:, rows].mean(0), rows)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, self.patch_rows]  # (B, N, D)
+        outside = (patches[:, :, None] - self.references[None, None]) @ self.residual  # (B, N, N, D)
+        costs = outside.pow(2).sum(-1).numpy()
+        placed = torch.empty_like(patches)
+        for b, cost in enumerate(costs):
+            received, position = linear_sum_assignment(cost)
+            placed[b, position] = patches[b, received]
+        return torch.cat([tokens[:, : self.patch_rows.start], placed, tokens[:, self.patch_rows.stop :]], dim=1)
+
+
+def affine_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, noise_var: float,
+                  max_dims: int = 16384) -> tuple[torch.Tensor | None, str]:
+    """The linear minimum-mean-square-error estimate of the pixels where the sending path is affine
+    in them (no client blocks, no clipping at work): x = mu + S A' (A S A' + s I)^-1 (y - A mu - b),
+    with A, b the path's matrix and offset, mu and S the mean and covariance of the auxiliary images
+    and s the noise left after averaging. Where A is injective and there is no noise it returns the
+    exact input. Returns (None, why) where it does not apply."""
+    shape = aux.shape[1:]
+    n = int(np.prod(shape))
+    with torch.no_grad():
+        if not sim.is_affine(aux):
+            return None, "the sending path is not affine in the pixels (client blocks or clipping at work)"
+        m = observed.shape[1]
+        if max(n, m) > max_dims:
+            return None, f"{n} pixels and {m} sent numbers exceed the {max_dims} this solve handles"
+        offset = sim.features(sim.clean(torch.zeros(1, *shape)))[0].double()
+        columns = [sim.features(sim.clean(torch.eye(n)[i : i + 512].view(-1, *shape))).double() - offset
+                   for i in range(0, n, 512)]
+    matrix = torch.cat(columns).T  # (m, n)
+    pixels = aux.flatten(1).double()
+    mean = pixels.mean(0)
+    covariance = torch.cov(pixels.T)
+    covariance += 1e-3 * covariance.diagonal().mean() * torch.eye(n, dtype=torch.float64)  # fewer images than pixels
+    projected = matrix @ covariance  # (m, n) = A S
+    system = projected @ matrix.T  # A S A'
+    jitter = 1e-9 * system.diagonal().mean()
+    system += (noise_var + jitter) * torch.eye(m, dtype=torch.float64)
+    gain = torch.linalg.solve(system, projected)  # (A S A' + s I)^-1 A S, (m, n)
+    estimate = mean + (observed.double() - offset - mean @ matrix.T) @ gain
+    return estimate.float().clamp(0, 1).view(-1, *shape), ""
+
+
+def optimisation_attack(sim: Simulator, observed: torch.Tensor, start: torch.Tensor, steps: int,
+                        progress: bool = True) -> torch.Tensor:
+    """White-box optimisation: the pixels whose clean sent activations best match the observed ones
+    (mean squared error; Adam on the pixels' logits with a cosine schedule), from the auxiliary mean image."""
+    logits = torch.logit(start.clamp(0.02, 0.98)).expand(len(observed), *start.shape).clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([logits], lr=0.2)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    scale = observed.pow(2).mean().clamp_min(1e-12)
+    for _ in tqdm(range(steps), desc="audit: white-box optimisation", unit="step", leave=False, disable=not progress):
+        loss = (sim.features(sim.clean(torch.sigmoid(logits))) - observed).pow(2).mean() / scale
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+    return torch.sigmoid(logits).detach()
+
+
+class InversionNet(nn.Module):
+    """A learned decoder from sent features to pixels: the features' top principal components
+    (whitened, fitted on the auxiliary data), a two-layer MLP, and a linear path beside it, so it is
+    never worse than the best linear decoder of those components."""
+
+    def __init__(self, features: torch.Tensor, shape: tuple[int, ...], components: int = 512, hidden: int = 1024) -> None:
+        super().__init__()
+        self.shape = shape
+        pixels = int(np.prod(shape))
+        centred = features - features.mean(0)
+        _, values, vectors = torch.linalg.svd(centred, full_matrices=False)
+        k = min(components, len(values))
+        scale = (values[:k] / max(len(features) - 1, 1) ** 0.5).clamp_min(1e-6)
+        self.register_buffer("mean", features.mean(0))
+        self.register_buffer("basis", vectors[:k].T / scale)  # (features, k): projection and whitening
+        self.mlp = nn.Sequential(nn.Linear(k, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, pixels))
+        self.linear = nn.Linear(k, pixels)
+
+    def components(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) @ self.basis
+
+    def forward(self, components: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.mlp(components) + self.linear(components)).view(-1, *self.shape)
+
+
+def learned_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, sends: int, epochs: int,
+                   generator: torch.Generator, progress: bool = True, batch_size: int = 128) -> torch.Tensor:
+    """Trains an `InversionNet` on the auxiliary images, each sent through the simulated defence
+    (fresh randomness every epoch, `sends` sends averaged, as the victim's), then decodes the
+    observed features. It needs none of the client's secrets."""
+    with torch.no_grad():
+        clean = torch.cat([sim.clean(aux[i : i + 256]) for i in range(0, len(aux), 256)])
+        random = sim.model.defence.shuffle or sim.model.defence.noise_std > 0
+        features = sim.observe(clean, sends, generator)
+        net = InversionNet(features, tuple(aux.shape[1:]))
+        inputs = net.components(features)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs)
+    for epoch in tqdm(range(epochs), desc="audit: learned inversion", unit="epoch", leave=False, disable=not progress):
+        if random and epoch:
+            with torch.no_grad():
+                inputs = net.components(sim.observe(clean, sends, generator))
+        order = torch.randperm(len(aux), generator=generator)
+        for i in range(0, len(aux), batch_size):
+            batch = order[i : i + batch_size]
+            loss = F.mse_loss(net(inputs[batch]), aux[batch])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+        schedule.step()
+    with torch.no_grad():
+        return net.eval()(net.components(observed))
+
+
+def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, grads: torch.Tensor,
+                  sample: torch.Tensor, num_classes: int, keep_probability: float) -> dict[str, torch.Tensor]:
+    """Each sample's label as the server infers it (one guess per distinct `sample` id, ascending).
+
+    - label_free: the global model's prediction from the body output rows it computed itself;
+    - gradient: the class whose loss gradient at those rows points most like the `backward` gradient
+      received (cosine similarity, summed over the sample's sends);
+    - gradient_with_prior: the gradient's class combined with the model's prediction, as a Bayesian
+      attacker who knows the randomized-response rate (`keep_probability`) would combine them.
+    """
+    rows = rows.detach()
+    with torch.enable_grad():
+        rows_ = rows.clone().requires_grad_(True)
+        logits = tail(rows_)
+        candidates = []
+        for c in range(num_classes):
+            target = torch.full((len(rows),), c, dtype=torch.long)
+            (g,) = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), rows_, retain_graph=True)
+            candidates.append(F.cosine_similarity(g.flatten(1), grads.flatten(1), dim=1))
+    similarity = torch.stack(candidates, dim=1)  # (S, K)
+    log_probs = logits.detach().log_softmax(dim=1)
+    ids, inverse = sample.unique(return_inverse=True)
+    per_sample = lambda scores: torch.zeros(len(ids), num_classes).index_add_(0, inverse, scores)  # noqa: E731
+    gradient = per_sample(similarity).argmax(dim=1)
+    prior = per_sample(log_probs)
+    shown = F.one_hot(gradient, num_classes).bool()
+    other = (1 - keep_probability) / max(num_classes - 1, 1)
+    likelihood = torch.where(shown, torch.tensor(keep_probability), torch.tensor(other)).clamp_min(1e-12).log()
+    return {"label_free": prior.argmax(dim=1), "gradient": gradient,
+            "gradient_with_prior": (prior + likelihood).argmax(dim=1)}

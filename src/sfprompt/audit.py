@@ -1,0 +1,320 @@
+"""`sfprompt audit`: what an honest-but-curious server recovers from a client's real messages.
+
+One client (the victim) runs a real round of the configured method, with the run's global params
+(the initial ones, or a finished run's with `--from DIR`), through the real client code and the real
+body server; every request the server receives and every reply is recorded, as is which of the
+client's samples each batch held (the ground truth, which the attacks never see). Then the attacks
+of `attacks.py` run on those messages, with auxiliary images from the dataset's test split (which no
+client holds), and are scored against the originals:
+
+- reconstruction, per image: PSNR and SSIM on [0, 1] pixels (torchmetrics) and re-identification:
+  whether the reconstruction's nearest image (pixel distance) among the original and `gallery - 1`
+  other training images of its class (none of them auxiliary data) is the original (chance
+  1 / gallery). `best` takes, per image, the best PSNR and SSIM of any attack and counts it
+  re-identified if any attack re-identifies it: an upper bound on what the server can choose.
+- the class-mean image of the auxiliary data (of the image's true class): what the server gets with
+  no attack at all.
+- labels: the server's label-free prediction from the activations, and inference from the
+  `backward` gradients (see `attacks.label_attacks`).
+
+The attacker is given which of the sends belong to the same image (so it averages repeated sends),
+which it would otherwise have to work out: the audit errs on the attacker's side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from tqdm.auto import tqdm
+
+from . import attacks, checkpoint
+from .client import Client
+from .codec import Message
+from .config import Config, ConfigError
+from .data import Transformed, stratified_subset
+from .defence import activation_epsilon
+from .federation import Federation, client_seed, prepare
+from .inprocess import client_round
+from .meter import DOWN, UP
+from .server import BodyServer
+from .transport import InProcessLink
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    victim: int = 0  # the client whose messages are attacked
+    images: int = 100  # how many of the images it sent are reconstructed
+    aux_samples: int = 4000  # auxiliary images (from the test split) the attacker trains on
+    gallery: int = 100  # re-identification candidates per image: the original and others of its class
+    steps: int = 300  # white-box optimisation steps
+    inversion_epochs: int = 30  # epochs of the learned inversion network
+    seed: int = 0  # the attacker's own randomness and choice of gallery
+
+    def check(self, config: Config) -> None:
+        for name in ("images", "aux_samples", "steps", "inversion_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.gallery < 2:
+            raise ConfigError(f"--gallery must be at least 2 (the original and one other image), got {self.gallery}")
+        if not 0 <= self.victim < config.clients:
+            raise ConfigError(f"--victim must be a client id between 0 and {config.clients - 1}, got {self.victim}")
+        if config.method in ("fl", "fl-prompt"):
+            raise ConfigError(f"--method {config.method} sends no activations or gradients, only whole-model or "
+                              "prompt uploads; the audit attacks the split methods (sfprompt, sfl, sl)")
+
+
+class _Wiretap(InProcessLink):
+    """The in-process link, also keeping every split request as the server received it, with its reply."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.exchanges: list[tuple[Message, Message]] = []
+
+    def request(self, message: Message, phase: str) -> Message:
+        received = self.send(message, UP, phase)
+        reply = self.server.handle(received)
+        self.exchanges.append((received, reply))
+        return self.send(reply, DOWN, phase)
+
+
+class _WitnessedClient(Client):
+    """A client whose split-training batches are noted (positions, labels, images): the ground truth."""
+
+    batches: list[list[torch.Tensor]]
+
+    def _loader(self, data, ctx, shuffle=True):
+        for batch in super()._loader(data, ctx, shuffle):
+            if ctx.phase == "split":
+                self.batches.append([t.detach().cpu() for t in batch])
+            yield batch
+
+
+@dataclass
+class Witnessed:
+    """A victim's round as the server saw it, with the ground truth beside it."""
+
+    tokens: torch.Tensor  # (S, L, D): every forward's activations, one row per send
+    rows: torch.Tensor  # (S, R, D): the body output the server returned for each send
+    grads: torch.Tensor  # (S, R, D): the backward gradient received for each send
+    positions: torch.Tensor  # (S,): which of the victim's samples each send was (never shown to the attacks)
+    labels: torch.Tensor  # (S,)
+    images: dict[int, torch.Tensor]  # position -> the model input it came from
+    upload: Message
+
+
+def witness(fed: Federation, global_params: torch.nn.Module, victim: int, local_head: dict | None) -> Witnessed:
+    """Run the victim's round for real and record what the server receives."""
+    original = fed.clients[victim]
+    client = _WitnessedClient(victim, original.data.dataset, np.asarray(original.data.indices), fed.model,
+                              fed.settings, fed.meter, fed.device, original.private_seed)
+    client.batches = []
+    if local_head is not None:
+        client.local_head.load_state_dict(local_head)
+    server = BodyServer(fed.model, fed.meter, fed.device)
+    link = _Wiretap(server, fed.meter, fed.device)
+    upload = client_round(link, client, fed.method, global_params, client_seed(fed.config.seed, 1, victim))
+    fed.meter.take()
+    forwards = [(request, reply) for request, reply in link.exchanges if request.kind == "forward"]
+    backwards = [request for request, _ in link.exchanges if request.kind == "backward"]
+    images = {}
+    for batch in client.batches:
+        for image, position in zip(batch[0], batch[2].tolist()):
+            images[position] = image
+    cat = lambda parts: torch.cat([p.detach().cpu() for p in parts])  # noqa: E731
+    return Witnessed(cat([r.tensors["tokens"] for r, _ in forwards]), cat([a.tensors["rows"] for _, a in forwards]),
+                     cat([b.tensors["grad"] for b in backwards]), cat([b[2] for b in client.batches]),
+                     cat([b[1] for b in client.batches]), images, upload)
+
+
+def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = None, progress: bool = True,
+              log: Callable[[str], None] | None = None) -> dict:
+    """Attack the victim's messages; write `audit.json` and `audit.png` to `config.out`; return the figures."""
+    log = log or (lambda line: tqdm.write(line, file=sys.stderr))
+    started = time.perf_counter()
+    options.check(config)
+    fed = prepare(config)
+    global_params = fed.method.new_params(fed.model).to(fed.device)
+    local_head = None
+    if from_dir is not None:
+        saved = load_file(str(from_dir / "global.safetensors"))
+        global_params.load_state_dict({k: v for k, v in saved.items() if not k.startswith("body.")})
+        if (from_dir / checkpoint.FILE).is_file():
+            local_head = checkpoint.load(from_dir).local_heads.get(options.victim)
+    log(f"audit of {config.method} ({fed.description}): client {options.victim}'s messages, "
+        f"{'params of ' + str(from_dir) if from_dir else 'initial params'}")
+    seen = witness(fed, global_params, options.victim, local_head)
+    fed.model.to(torch.device("cpu"))
+
+    mean, std = fed.normalisation["mean"], fed.normalisation["std"]
+    to_pixels = lambda x: (x.cpu() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)).clamp(0, 1)  # noqa: E731
+    aux_data = Transformed(fed.data.test, fed.transform)
+    aux_index = stratified_subset(fed.data.test_labels, options.aux_samples, options.seed)
+    aux = torch.stack([to_pixels(aux_data[int(i)][0]) for i in tqdm(aux_index, desc="audit: auxiliary images",
+                                                                     leave=False, disable=not progress)])
+    aux_labels = torch.as_tensor(fed.data.test_labels[aux_index])
+    channels = 1 if float((aux - aux[:, :1]).abs().max()) < 1e-4 else aux.shape[1]  # the attacker sees it is grayscale
+    aux = aux[:, :channels]
+
+    upload = fed.method.new_params(fed.model)
+    upload.load_state_dict({k: v.cpu() for k, v in seen.upload.tensors.items()})
+    upload.eval().requires_grad_(False)
+    sim = attacks.Simulator(fed.model, upload.prompts, mean, std, channels)
+    defence = fed.model.defence
+    if defence.shuffle:
+        sim.unshuffler = attacks.Unshuffler.fit(sim, aux)
+
+    # The images attacked: the first `images` distinct samples the victim sent, each with all its sends.
+    chosen = seen.positions.unique()[: options.images]
+    sends = int((seen.positions == chosen[0]).sum())
+    with torch.no_grad():
+        received = sim.received(seen.tokens)  # (S, features)
+    observed = torch.stack([received[seen.positions == p].mean(0) for p in chosen])
+    originals = torch.stack([to_pixels(seen.images[int(p)])[:channels] for p in chosen])
+    labels = torch.stack([seen.labels[seen.positions == p][0] for p in chosen])
+    generator = torch.Generator().manual_seed(options.seed)
+
+    reconstructions: dict[str, torch.Tensor] = {}
+    skipped: dict[str, str] = {}
+    class_means = torch.stack([aux[aux_labels == c].mean(0) for c in range(fed.model.num_classes)])
+    reconstructions["class_mean"] = class_means[labels]
+    estimate, why = attacks.affine_attack(sim, observed, aux, defence.noise_std**2 / sends)
+    if estimate is None:
+        skipped["affine"] = why
+    else:
+        reconstructions["affine"] = estimate
+    reconstructions["optimisation"] = attacks.optimisation_attack(sim, observed, aux.mean(0), options.steps, progress)
+    reconstructions["learned"] = attacks.learned_attack(sim, observed, aux, sends, options.inversion_epochs,
+                                                        generator, progress)
+
+    candidates = _gallery(fed, chosen, seen, options, to_pixels, channels)
+    scores = {name: _scores(images, originals, candidates) for name, images in reconstructions.items()}
+    attacks_only = [s for name, s in scores.items() if name != "class_mean"]
+    best = {"psnr": torch.stack([s["psnr"] for s in attacks_only]).amax(0),
+            "ssim": torch.stack([s["ssim"] for s in attacks_only]).amax(0),
+            "reidentified": torch.stack([s["reidentified"] for s in attacks_only]).any(0)}
+    reconstruction = {name: _summary(s) for name, s in scores.items()} | {"best": _summary(best)}
+    reconstruction |= {name: {"skipped": why} for name, why in skipped.items()}
+
+    guesses = attacks.label_attacks(upload.tail, seen.rows, seen.grads, seen.positions, fed.model.num_classes,
+                                    defence.keep_probability(fed.model.num_classes))
+    truth = torch.stack([seen.labels[seen.positions == p][0] for p in seen.positions.unique()])
+    label_accuracy = {name: float((guess == truth).float().mean()) for name, guess in guesses.items()}
+    label_accuracy["best_attack"] = max(label_accuracy["gradient"], label_accuracy["gradient_with_prior"])
+    label_accuracy["advantage"] = label_accuracy["best_attack"] - label_accuracy["label_free"]
+
+    releases = config.split_epochs * config.rounds
+    epsilon = activation_epsilon(defence.noise_multiplier, releases, config.dp_delta)
+    result = {
+        "config": config.to_dict(),
+        "audit": asdict(options),
+        "params": str(from_dir) if from_dir else "initial",
+        "images_attacked": len(chosen),
+        "sends_per_image": sends,
+        "samples_sent": len(truth),
+        "gallery": options.gallery,
+        "chance_reidentification": 1 / options.gallery,
+        "aux_images": len(aux),
+        "pixels": f"{channels} x {aux.shape[2]} x {aux.shape[3]} in [0, 1]",
+        "activation_privacy": {
+            "noise_std": defence.noise_std, "releases_per_sample": releases, "delta": config.dp_delta,
+            "epsilon": epsilon if math.isfinite(epsilon) else None,  # None: no noise, no guarantee
+        },
+        "label_privacy": {"epsilon": defence.label_epsilon,
+                          "keep_probability": defence.keep_probability(fed.model.num_classes)},
+        "reconstruction": reconstruction,
+        "labels": {"samples": len(truth), **label_accuracy},
+        "seconds": time.perf_counter() - started,
+    }
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "audit.json").write_text(json.dumps(result, indent=2) + "\n")
+    _picture(out / "audit.png", originals, reconstructions, scores)
+    log(summary_line(result) + f"; results in {out.resolve() / 'audit.json'}")
+    return result
+
+
+def summary_line(result: dict) -> str:
+    best, mean, labels = result["reconstruction"]["best"], result["reconstruction"]["class_mean"], result["labels"]
+    return (f"best attack re-identifies {best['reidentified']:.0%} of {result['images_attacked']} images "
+            f"(chance {result['chance_reidentification']:.0%}) at PSNR {best['psnr']:.1f} dB, SSIM {best['ssim']:.2f} "
+            f"(class-mean image: {mean['psnr']:.1f} dB, {mean['ssim']:.2f}); labels inferred "
+            f"{labels['best_attack']:.0%} against {labels['label_free']:.0%} label-free")
+
+
+def _gallery(fed: Federation, chosen: torch.Tensor, seen: Witnessed, options: AuditOptions, to_pixels,
+             channels: int) -> torch.Tensor:
+    """(images, gallery, pixels...): each image's original first, then `gallery - 1` other training
+    images of its class (seeded), never auxiliary data."""
+    rng = np.random.default_rng(options.seed)
+    victim_indices = np.asarray(fed.clients[options.victim].data.indices)
+    rows = []
+    for p in chosen.tolist():
+        index = int(victim_indices[p])
+        same = np.flatnonzero(fed.train_labels == fed.train_labels[index])
+        others = rng.permutation(same[same != index])[: options.gallery - 1]
+        images = [to_pixels(seen.images[p])] + [to_pixels(fed.train[int(i)][0]) for i in others]
+        rows.append(torch.stack(images)[:, :channels])
+    if min(len(r) for r in rows) < options.gallery:
+        raise ConfigError(f"some class has fewer than {options.gallery} training images; lower --gallery")
+    return torch.stack(rows)
+
+
+def _scores(images: torch.Tensor, originals: torch.Tensor, candidates: torch.Tensor) -> dict[str, torch.Tensor]:
+    distances = (candidates - images[:, None]).flatten(2).pow(2).sum(2)  # (images, gallery)
+    return {
+        "psnr": peak_signal_noise_ratio(images, originals, data_range=1.0, reduction="none", dim=(1, 2, 3)),
+        "ssim": structural_similarity_index_measure(images, originals, data_range=1.0, reduction="none"),
+        "reidentified": distances.argmin(dim=1) == 0,
+    }
+
+
+def _summary(scores: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {"psnr": float(scores["psnr"].mean()), "ssim": float(scores["ssim"].mean()),
+            "reidentified": float(scores["reidentified"].float().mean())}
+
+
+def _picture(path: Path, originals: torch.Tensor, reconstructions: dict[str, torch.Tensor], scores: dict,
+             columns: int = 12) -> None:
+    """Originals above each attack's reconstructions, one row each, labelled with the row's mean figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {"original": originals} | reconstructions
+    count = min(columns, len(originals))
+    fig, axes = plt.subplots(len(rows), count, figsize=(count * 0.9, len(rows) * 1.05), squeeze=False)
+    for r, (name, images) in enumerate(rows.items()):
+        for c in range(count):
+            ax = axes[r, c]
+            image = images[c].permute(1, 2, 0).squeeze(-1).numpy()
+            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        label = name if name == "original" else (
+            f"{name}\n{float(scores[name]['psnr'].mean()):.1f} dB\nre-id {float(scores[name]['reidentified'].float().mean()):.0%}")
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_from(folder: Path, device: str | None) -> Config:
+    """The config of the finished run in `folder` (for `--from`)."""
+    saved = folder / "config.json"
+    if not (saved.is_file() and (folder / "global.safetensors").is_file()):
+        raise ConfigError(f"--from {folder}: no config.json and global.safetensors there (is it a finished run?)")
+    values = json.loads(saved.read_text())
+    return Config.from_dict({**values, "out": str(folder), **({"device": device} if device else {})})
+
+

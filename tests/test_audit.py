@@ -1,0 +1,101 @@
+"""`sfprompt audit`: the attacks are strong enough to be believed, and each defence is attacked as it runs."""
+
+import json
+
+import pytest
+
+from sfprompt.audit import AuditOptions, run_audit
+from sfprompt.cli import main
+from sfprompt.config import Config, ConfigError
+from sfprompt.runner import run
+
+from conftest import SHARED_DATA, SHARED_WEIGHTS, write_imagefolder
+
+# Small, quick attacks: enough to tell a protocol that leaks from one that does not.
+QUICK = AuditOptions(images=12, aux_samples=60, gallery=12, steps=40, inversion_epochs=3)
+
+
+@pytest.fixture(scope="module")
+def gray(tmp_path_factory):
+    return write_imagefolder(tmp_path_factory.mktemp("gray"), classes=3, train_per_class=24, test_per_class=20, gray=True)
+
+
+def audit_config(folder, tmp_path, **changes):
+    """A randomly initialised ViT-S/14 at 28 px (2 x 2 patches of 14 x 14 pixels, 384 numbers each): its
+    embedding of a grayscale image is injective, as the real ViT-S/14's and ViT-B/16's are."""
+    options = dict(dataset="imagefolder", data_dir=str(folder), model="vit_small_patch14_dinov2", weights="none",
+                   image_size=28, prompt_tokens=2, clients=2, clients_per_round=2, rounds=1, batch_size=8,
+                   out=str(tmp_path / "audit"))
+    return Config(**(options | changes))
+
+
+def test_the_attacks_recover_undefended_images_and_labels(gray, tmp_path):
+    result = run_audit(audit_config(gray, tmp_path), QUICK, progress=False, log=lambda _: None)
+    best, labels = result["reconstruction"]["best"], result["labels"]
+    assert result["reconstruction"]["affine"]["psnr"] >= 30  # the closed-form solve returns the input
+    assert best["psnr"] >= 30 and best["reidentified"] == 1.0
+    assert labels["gradient"] >= 0.9 and labels["best_attack"] >= 0.9
+    assert result["images_attacked"] == QUICK.images and result["sends_per_image"] == 2  # two split epochs
+    written = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert written["reconstruction"] == result["reconstruction"]
+    assert set(written["reconstruction"]) == {"class_mean", "affine", "optimisation", "learned", "best"}
+    assert (tmp_path / "audit" / "audit.png").stat().st_size > 1000
+
+
+def test_shuffled_tokens_are_put_back_in_place(gray, tmp_path):
+    """Shuffling the patch tokens changes nothing for an attacker who knows the position embeddings."""
+    result = run_audit(audit_config(gray, tmp_path, shuffle_tokens=True), QUICK, progress=False, log=lambda _: None)
+    assert result["reconstruction"]["affine"]["psnr"] >= 30
+
+
+def test_coarser_tokens_give_coarser_reconstructions(gray, tmp_path):
+    plain = run_audit(audit_config(gray, tmp_path), QUICK, progress=False, log=lambda _: None)
+    pooled = run_audit(audit_config(gray, tmp_path, pool_tokens=1), QUICK, progress=False, log=lambda _: None)
+    assert pooled["reconstruction"]["affine"]["psnr"] < plain["reconstruction"]["affine"]["psnr"] - 10
+
+
+def test_clipping_makes_the_path_non_affine_and_the_other_attacks_still_run(gray, tmp_path):
+    config = audit_config(gray, tmp_path, clip_norm=1.0, noise_multiplier=0.1)
+    result = run_audit(config, QUICK, progress=False, log=lambda _: None)
+    assert "skipped" in result["reconstruction"]["affine"]
+    assert {"optimisation", "learned", "best"} <= set(result["reconstruction"])
+    assert result["activation_privacy"]["epsilon"] > 0 and result["activation_privacy"]["noise_std"] == pytest.approx(0.1)
+
+
+def test_randomized_labels_leave_the_gradients_little_to_tell(gray, tmp_path):
+    """With label epsilon 0 the gradient is that of a label drawn uniformly: it says nothing of the true one."""
+    options = AuditOptions(images=4, aux_samples=30, gallery=4, steps=2, inversion_epochs=1)
+    config = audit_config(gray, tmp_path, label_epsilon=0.0, keep_ratio=1.0)
+    result = run_audit(config, options, progress=False, log=lambda _: None)
+    assert result["labels"]["samples"] >= 30
+    assert result["labels"]["gradient"] <= 0.6  # chance is 1/3; without the defence it is 1.0
+    assert result["label_privacy"]["keep_probability"] == pytest.approx(1 / 3)
+
+
+def test_audit_from_a_finished_run_and_clear_refusals(gray, tmp_path, capsys):
+    config = audit_config(gray, tmp_path, out=str(tmp_path / "run"))
+    run(config, progress=False, log=lambda _: None)
+    assert main(["audit", "--from", str(tmp_path / "run"), "--images", "4", "--aux-samples", "30", "--gallery", "4",
+                 "--steps", "2", "--inversion-epochs", "1", "--no-progress"]) == 0
+    result = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert result["params"] == str(tmp_path / "run") and result["config"] == config.to_dict()
+    assert main(["audit", "--from", str(tmp_path / "run"), "--rounds", "3"]) == 2
+    assert "only --device" in capsys.readouterr().err
+    assert main(["audit", "--from", str(tmp_path / "nothing")]) == 2
+    with pytest.raises(ConfigError, match="sends no activations"):
+        run_audit(audit_config(gray, tmp_path, method="fl"), QUICK, progress=False)
+    with pytest.raises(ConfigError, match="--gallery"):
+        run_audit(audit_config(gray, tmp_path), AuditOptions(gallery=1), progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
+                    reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
+def test_the_attacks_break_the_undefended_protocol_on_the_real_checkpoint(tmp_path):
+    """The real pre-trained ViT-S/14 on Fashion-MNIST at 56 px, as in PRIVACY.md, at a smaller size."""
+    config = Config(dataset="fashion-mnist", data_dir=str(SHARED_DATA), weights=str(SHARED_WEIGHTS), image_size=56,
+                    clients=4, clients_per_round=2, rounds=1, train_samples=1000, test_samples=200, out=str(tmp_path))
+    options = AuditOptions(images=20, aux_samples=600, gallery=20, steps=100, inversion_epochs=5)
+    result = run_audit(config, options, progress=False, log=lambda _: None)
+    assert result["reconstruction"]["best"]["psnr"] >= 30 and result["reconstruction"]["best"]["reidentified"] == 1.0
+    assert result["labels"]["best_attack"] >= 0.9
