@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sfprompt.defence import Defence
 from sfprompt.model import SplitViT, create_vit
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -16,11 +17,12 @@ SHARED_WEIGHTS = SHARED / "models" / "vit_small_patch14_dinov2.imgfocus.safetens
 SHARED_DATA = SHARED / "data"
 
 
-def tiny_split(model: str = "test_vit", prompts: int = 3, client_blocks: int = 0, num_classes: int = 4, seed: int = 0):
-    """A randomly initialised tiny timm ViT (embedding 64) at 32 px, split."""
+def tiny_split(model: str = "test_vit", prompts: int = 3, client_blocks: int = 0, num_classes: int = 4, seed: int = 0,
+               pool_tokens: int = 0, defence: Defence = Defence()):
+    """A randomly initialised tiny timm ViT (embedding 64) at 32 px (2 x 2 patches), split."""
     torch.manual_seed(seed)
     vit = create_vit(model, num_classes=num_classes, image_size=32, weights="none")
-    return vit, SplitViT(vit, prompts, client_blocks, seed=seed)
+    return vit, SplitViT(vit, prompts, client_blocks, seed, pool_tokens, defence)
 
 
 def write_imagefolder(root: Path, classes: int = 3, train_per_class: int = 12, test_per_class: int = 4, size: int = 20,

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from sfprompt.codec import Message
+from sfprompt.defence import Defence
 from sfprompt.config import ConfigError
 from sfprompt.meter import Meter
 from sfprompt.model import create_vit
@@ -51,8 +52,12 @@ def _split_gradients(split, params, images, labels):
 
 @pytest.mark.parametrize("name", ["test_vit", "test_vit2"])
 @pytest.mark.parametrize("client_blocks", [0, 2])
-def test_split_gradients_equal_end_to_end_autograd(name, client_blocks):
-    _, split = tiny_split(name, prompts=3, client_blocks=client_blocks)
+@pytest.mark.parametrize("pooled_and_shuffled", [False, True])
+def test_split_gradients_equal_end_to_end_autograd(name, client_blocks, pooled_and_shuffled):
+    """Also through the pooling and shuffling defences: shuffling leaves the output alone (attention is
+    blind to order once positions are embedded), so the exchange gives the unshuffled model's gradients."""
+    _, split = tiny_split(name, prompts=3, client_blocks=client_blocks,
+                          pool_tokens=1 if pooled_and_shuffled else 0, defence=Defence(shuffle=pooled_and_shuffled))
     images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1])
 
     reference = split.new_params()
