@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sfprompt.config import Config, ConfigError
 from sfprompt.defence import Defence, activation_epsilon
@@ -111,6 +112,7 @@ DEFENDED = dict(pool_tokens=1, shuffle_tokens=True, clip_norm=5.0, noise_multipl
 
 
 def test_defences_run_in_process_and_under_flower(imagefolder, tmp_path, flower_task_identity):
+    """Given the same private seeds (a node's `private-seed`), the Flower apps give the in-process result."""
     config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, image_size=64, **DEFENDED)
     plain = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, image_size=64,
                         out=str(tmp_path / "plain"))
@@ -124,3 +126,6 @@ def test_defences_run_in_process_and_under_flower(imagefolder, tmp_path, flower_
         assert [r["dropped"] for r in rounds] == [[], []]
         # one pooled token a sample instead of 16: the forwards shrink
         assert rounds[0]["bytes_by_phase"]["up/split"] < records(tmp_path / "plain")[0]["bytes_by_phase"]["up/split"]
+    local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
+    assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
+    assert [r["accuracy"] for r in records(tmp_path / "local")] == [r["accuracy"] for r in records(tmp_path / "flower")]

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sfprompt.client import Client
 from sfprompt.config import ConfigError
+from sfprompt.federation import private_seed
 from sfprompt.flower import client_app
 from sfprompt.flower.server_app import FlowerRuntime, find_partitions
 from sfprompt.flower.settings import FlowerOptions
@@ -23,9 +24,11 @@ from test_runner import tiny_config
 class InlineGrid:
     """A Flower grid whose SuperNodes are handler calls; `lost` nodes never reply."""
 
-    def __init__(self, partitions: int, lost: tuple[int, ...] = ()) -> None:
+    def __init__(self, partitions: int, lost: tuple[int, ...] = (), seed: int = 0) -> None:
+        # each node's private seed as the in-process runtime derives it, so that the two can be compared
         self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, state=RecordDict(), run_config={},
-                                          node_config={"partition-id": k, "num-partitions": partitions})
+                                          node_config={"partition-id": k, "num-partitions": partitions,
+                                                       "private-seed": private_seed(seed, k)})
                          for k in range(partitions)}
         self.lost = {100 + k for k in lost}
 
@@ -150,3 +153,12 @@ def test_the_server_waits_for_a_late_supernode():
 
     grid.get_node_ids = arriving
     assert find_partitions(grid, wait_s=10) == {0: 100, 1: 101, 2: 102}
+
+
+def test_a_node_draws_its_own_private_seed_once_unless_its_node_config_names_one():
+    fresh = [Context(run_id=1, node_id=k, state=RecordDict(), run_config={}, node_config={}) for k in range(2)]
+    seeds = [client_app.node_private_seed(context) for context in fresh]
+    assert seeds[0] != seeds[1]  # from the operating system's entropy, not from anything the server sent
+    assert [client_app.node_private_seed(context) for context in fresh] == seeds  # kept in the node's state
+    named = Context(run_id=1, node_id=3, state=RecordDict(), run_config={}, node_config={"private-seed": 42})
+    assert client_app.node_private_seed(named) == 42
