@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# PRIVACY.md's table: every defence (and today's undefended protocol) trained on the Fashion-MNIST
+# benchmark setting with the real pre-trained ViT-S/14 from ../shared (56 px, 5,000 / 2,000 samples,
+# 10 clients, 5 a round, IID, 5 rounds), then attacked by `sfprompt audit --from` its finished run
+# of seed 0 (an attacker who knows the defence); then seeds 1 and 2 of every row, for the accuracy's
+# mean and spread; `fl` once, as the reference for client FLOPs. A finished run or audit is not
+# redone, so an interrupted benchmark continues where it stopped, and the table can be written at any
+# point from what is finished (it says how many seeds each accuracy rests on).
+#
+#   bash benchmarks/privacy.sh            # about 6 hours on two CPU cores (2 for seed 0 alone)
+#   SHARED=/path/to/shared OUT=runs/privacy SEEDS="0" ROWS="none pool-2" bash benchmarks/privacy.sh
+#
+# ROWS picks some configurations by name (all by default), so that two copies can share the work,
+# e.g. each with OMP_NUM_THREADS=1 on two cores. SIZE and AUDIT_SIZE append options to every run and
+# audit, and DOC names the document written (a test runs the whole script at a tiny size this way).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${SHARED:-../shared}
+OUT=${OUT:-runs/privacy}
+SEEDS=${SEEDS:-0 1 2}
+ROWS=${ROWS:-}
+DOC=${DOC:-PRIVACY.md}
+read -r -a size <<< "${SIZE:-}"
+read -r -a audit_size <<< "${AUDIT_SIZE:-}"
+common=(--dataset fashion-mnist --data-dir "$SHARED/data"
+        --weights "$SHARED/models/vit_small_patch14_dinov2.imgfocus.safetensors"
+        --image-size 56 --clients 10 --clients-per-round 5 --train-samples 5000 --test-samples 2000
+        --rounds 5 --no-progress "${size[@]}")
+
+# The configurations: a name and its privacy options (every one given, whatever the defaults are).
+rows=(
+    "none|--client-blocks 0 --pool-tokens 0"
+    "client-blocks-1|--client-blocks 1 --pool-tokens 0"
+    "client-blocks-2|--client-blocks 2 --pool-tokens 0"
+    "shuffle|--client-blocks 0 --pool-tokens 0 --shuffle-tokens"
+    "pool-2|--client-blocks 0 --pool-tokens 2"
+    "pool-1|--client-blocks 0 --pool-tokens 1"
+    "noise-0.05|--client-blocks 0 --pool-tokens 0 --clip-norm 10 --noise-multiplier 0.005"
+    "pool-2-noise-0.05|--client-blocks 0 --pool-tokens 2 --clip-norm 5 --noise-multiplier 0.01"
+    "pool-2-dp-epsilon-8|--client-blocks 0 --pool-tokens 2 --clip-norm 5 --noise-multiplier 4"
+    "label-epsilon-1|--client-blocks 0 --pool-tokens 0 --label-epsilon 1"
+    "label-epsilon-3|--client-blocks 0 --pool-tokens 0 --label-epsilon 3"
+)
+
+# train NAME SEED OPTIONS...: one run, unless it finished before.
+train() {
+    local name=$1 seed=$2
+    shift 2
+    [ -f "$OUT/$name/seed-$seed/summary.json" ] ||
+        sfprompt run "${common[@]}" "$@" --seed "$seed" --out "$OUT/$name/seed-$seed"
+}
+
+[ -f "$OUT/fl/summary.json" ] || sfprompt run "${common[@]}" --method fl --out "$OUT/fl"
+for seed in $SEEDS; do
+    for row in "${rows[@]}"; do
+        name=${row%%|*}
+        [ -z "$ROWS" ] || [[ " $ROWS " == *" $name "* ]] || continue
+        # shellcheck disable=SC2086  # the options are words
+        train "$name" "$seed" ${row#*|}
+        if [ "$seed" = 0 ] && [ ! -f "$OUT/$name/seed-0/audit.json" ]; then
+            sfprompt audit --from "$OUT/$name/seed-0" --no-progress "${audit_size[@]}"
+        fi
+    done
+done
+python benchmarks/privacy_table.py "$OUT" "$DOC" "${rows[@]%%|*}"

@@ -1,0 +1,77 @@
+"""Write PRIVACY.md's measured table from the runs and audits of benchmarks/privacy.sh.
+
+    python benchmarks/privacy_table.py runs/privacy PRIVACY.md none shuffle ...
+
+The names are the table's rows in order; each is a folder of OUT holding `seed-K/` runs (summary.json) and, in `seed-0/`, the audit of
+that run (audit.json, audit.png); `OUT/fl` is the `fl` run whose client FLOPs are the reference.
+The table replaces what lies between the `<!-- privacy-table -->` markers of the document, and the
+audit pictures are copied to docs/privacy/ beside the document.
+"""
+
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+START, END = "<!-- privacy-table -->", "<!-- /privacy-table -->"
+OPTIONS = ("client_blocks", "pool_tokens", "shuffle_tokens", "clip_norm", "noise_multiplier", "label_epsilon")
+
+
+def options(config: dict) -> str:
+    """The privacy options a row was run with, as flags."""
+    flags = []
+    for name in OPTIONS:
+        value = config[name]
+        if value in (None, False, 0, 0.0):
+            continue
+        flag = "--" + name.replace("_", "-")
+        flags.append(flag if value is True else f"{flag} {value:g}")
+    return " ".join(flags) or "(none)"
+
+
+def accuracy(row: Path) -> str:
+    finals = [json.loads(s.read_text())["final_accuracy"] for s in sorted(row.glob("seed-*/summary.json"))]
+    if len(finals) == 1:
+        return f"{finals[0]:.3f} (1 seed)"
+    return f"{statistics.mean(finals):.3f} ± {statistics.stdev(finals):.3f} ({len(finals)} seeds)"
+
+
+def line(row: Path, fl_flops: float, document: Path) -> str:
+    summary = json.loads((row / "seed-0" / "summary.json").read_text())
+    audit = json.loads((row / "seed-0" / "audit.json").read_text())
+    best, mean, labels = audit["reconstruction"]["best"], audit["reconstruction"]["class_mean"], audit["labels"]
+    epsilon = audit["activation_privacy"]["epsilon"]
+    picture = Path("docs", "privacy", f"{row.name}.png")  # relative to the document
+    (document.parent / picture).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(row / "seed-0" / "audit.png", document.parent / picture)
+    return (f"| {row.name} | `{options(audit['config'])}` | {best['reidentified']:.0%} | {best['psnr']:.1f} "
+            f"| {best['ssim']:.2f} | {mean['psnr']:.1f} / {mean['ssim']:.2f} "
+            f"| {labels['best_attack']:.0%} / {labels['label_free']:.0%} | {accuracy(row)} "
+            f"| {(summary['bytes_up'] + summary['bytes_down']) / 1e6:.0f} "
+            f"| {100 * summary['client_flops'] / fl_flops:.2f} % "
+            f"| {'—' if epsilon is None else f'{epsilon:.3g}'} | [grid]({picture.as_posix()}) |")
+
+
+def main() -> None:
+    if len(sys.argv) < 4:
+        sys.exit("usage: privacy_table.py OUT_DIR DOCUMENT.md ROW...")
+    root, document, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+    fl_flops = json.loads((root / "fl" / "summary.json").read_text())["client_flops"]
+    rows = [root / name for name in names if (root / name / "seed-0" / "audit.json").is_file()]
+    table = [
+        "| configuration | privacy options | re-identified by the best attack (chance 1 %) | best PSNR dB | best SSIM "
+        "| class-mean image PSNR / SSIM | labels: inferred / label-free | final accuracy | MB up + down "
+        "| client FLOPs / `fl` | activation ε (δ = 1e-5) | reconstructions |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *(line(row, fl_flops, document) for row in rows),
+    ]
+    text = document.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    document.write_text(head + START + "\n" + "\n".join(table) + "\n" + END + tail)
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
