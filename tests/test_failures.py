@@ -114,13 +114,16 @@ def test_a_client_whose_body_server_disappears_fails_in_the_split_phase(imagefol
     assert failure.value.phase == "split" and "UNAVAILABLE" in failure.value.reason
 
 
+@pytest.mark.parametrize("method", ["sfprompt", "sl"])
 @pytest.mark.parametrize("corrupt", ["nan", "shape", "extra", "count"])
-def test_a_malformed_upload_is_dropped_not_averaged(imagefolder, tmp_path, monkeypatch, corrupt):
+def test_a_malformed_upload_is_dropped_not_averaged(imagefolder, tmp_path, monkeypatch, corrupt, method):
+    """Also in sequential split learning, where the next client starts from an upload: the first client's
+    bad upload is dropped before anyone uses it, so the clients after it are unharmed."""
     original = Client.run_round
 
     def corrupting(self, *args):
         update = original(self, *args)
-        if self.cid == 2:
+        if self.cid == 0:
             name = next(iter(update.tensors))
             if corrupt == "nan":
                 update.tensors[name] = torch.full_like(update.tensors[name], float("nan"))
@@ -133,7 +136,7 @@ def test_a_malformed_upload_is_dropped_not_averaged(imagefolder, tmp_path, monke
         return update
 
     monkeypatch.setattr(Client, "run_round", corrupting)
-    quiet(tiny_config(imagefolder, tmp_path, rounds=1, clients=3, clients_per_round=3))
+    quiet(tiny_config(imagefolder, tmp_path, method=method, rounds=1, clients=3, clients_per_round=3))
     (dropped,) = records(tmp_path / "run")[0]["dropped"]
-    assert dropped["client"] == 2 and dropped["phase"] == "upload"
+    assert dropped["client"] == 0 and dropped["phase"] == "upload"
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "run" / "global.safetensors").values())

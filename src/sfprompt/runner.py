@@ -86,16 +86,15 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
         for round_ in range(len(history) + 1, config.rounds + 1):
             round_started = time.perf_counter()
             sampled = sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
-            if method.sequential:  # each client starts from the previous one's result, no averaging
+            if method.sequential:  # each client starts from the previous one's (validated) result, no averaging
                 updates, dropped = [], []
                 for cid in sampled:
-                    done, failed = executor.train(round_, [cid], global_params)
+                    done, failed = _valid_updates(*executor.train(round_, [cid], global_params), global_params)
                     updates, dropped = updates + done, dropped + failed
                     if done:
                         global_params.load_state_dict(done[-1].tensors)
             else:
-                updates, dropped = executor.train(round_, sampled, global_params)
-            updates, dropped = _valid_updates(updates, dropped, global_params)
+                updates, dropped = _valid_updates(*executor.train(round_, sampled, global_params), global_params)
             for failure in dropped:
                 log(f"round {round_}: dropped client {failure['client']} (phase {failure['phase']}): {failure['reason']}")
             if len(updates) < config.min_clients:
