@@ -11,6 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from sfprompt.client import Client
+from sfprompt.codec import decode, encode
 from sfprompt.config import ConfigError
 from sfprompt.federation import private_seed
 from sfprompt.flower import client_app
@@ -162,3 +163,41 @@ def test_a_node_draws_its_own_private_seed_once_unless_its_node_config_names_one
     assert [client_app.node_private_seed(context) for context in fresh] == seeds  # kept in the node's state
     named = Context(run_id=1, node_id=3, state=RecordDict(), run_config={}, node_config={"private-seed": 42})
     assert client_app.node_private_seed(named) == 42
+
+
+def _inflated(record):
+    upload = decode(record["upload"])
+    upload.meta["num_examples"] = 10**6  # the FedAvg weight: a claim the server can check
+    record["upload"] = encode(upload)
+
+
+MALFORMED_REPLIES = {
+    "no meter": (lambda record: record.pop("meter"), "reply", "KeyError"),
+    "no upload": (lambda record: record.pop("upload"), "reply", "KeyError"),
+    "meter not JSON": (lambda record: record.__setitem__("meter", "{not json"), "reply", "JSONDecodeError"),
+    "meter not counts": (lambda record: record.__setitem__("meter", '{"bytes": 3}'), "reply", "not a meter"),
+    "negative count": (lambda record: record.__setitem__("meter", json.dumps(
+        {"bytes": {"up/split": -1}, "messages": {}, "flops": {}, "client_peak_memory": 0})), "reply", "not a count"),
+    "failure not JSON": (lambda record: record.__setitem__("failure", "]"), "reply", "JSONDecodeError"),
+    "upload not bytes": (lambda record: record.__setitem__("upload", "text"), "reply", "not bytes"),
+    "upload not a message": (lambda record: record.__setitem__("upload", b"\x00" * 12), "upload", "CodecError"),
+    "inflated sample count": (_inflated, "upload", "more than its partition"),
+}
+
+
+@pytest.mark.parametrize("corruption", MALFORMED_REPLIES)
+def test_a_malformed_reply_drops_its_client_not_the_server_app(imagefolder, tmp_path, monkeypatch, corruption):
+    corrupt, phase, reason = MALFORMED_REPLIES[corruption]
+    train = client_app.train
+
+    def malformed(msg, context):
+        reply = train(msg, context)
+        if context.node_config["partition-id"] == 1:
+            corrupt(reply.content["sfprompt"])
+        return reply
+
+    monkeypatch.setattr(client_app, "train", malformed)
+    run_inline(tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1), InlineGrid(3))
+    (dropped,) = records(tmp_path / "run")[0]["dropped"]
+    assert dropped["client"] == 1 and dropped["phase"] == phase and reason in dropped["reason"]
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "run" / "global.safetensors").values())

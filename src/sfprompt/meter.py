@@ -117,13 +117,20 @@ class Meter:
                     "client_peak_memory": self.client_peak_memory}
 
     def merge(self, counts: dict) -> None:
-        """Add another meter's `counts()` to this one."""
+        """Add another meter's `counts()` to this one: all of it, or (ValueError, counts from an
+        untrusted peer that are not such a record) nothing."""
+        try:
+            increments = [(name, tuple(key.split("/", 1)), _count(value))
+                          for name in ("bytes", "messages", "flops") for key, value in counts[name].items()]
+            peak = _count(counts["client_peak_memory"])
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"not a meter's counts: {type(err).__name__}: {err}") from None
+        if any(len(key) != 2 for _, key, _ in increments):
+            raise ValueError("not a meter's counts: a key is not 'direction/phase' or 'side/phase'")
         with self._lock:
-            for name in ("bytes", "messages", "flops"):
-                totals = getattr(self, name)
-                for key, value in counts[name].items():
-                    totals[tuple(key.split("/", 1))] += int(value)
-            self.client_peak_memory = max(self.client_peak_memory, int(counts["client_peak_memory"]))
+            for name, key, value in increments:
+                getattr(self, name)[key] += value
+            self.client_peak_memory = max(self.client_peak_memory, peak)
 
     def take(self) -> dict:
         """This round's totals and per-phase breakdown, as plain JSON-able numbers."""
@@ -147,3 +154,10 @@ class Meter:
 
 def _flat(counters: dict[tuple[str, str], int]) -> dict[str, int]:
     return {f"{a}/{b}": v for (a, b), v in sorted(counters.items())}
+
+
+def _count(value) -> int:
+    """A count from another meter: a non-negative integer, nothing else."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"not a meter's counts: {value!r} is not a count")
+    return value

@@ -64,21 +64,15 @@ class FlowerRuntime:
                                     message_type=MessageType.TRAIN))
         timeout = fed.config.client_timeout_s
         uploads, failures = {}, {}
+        partition = {node: cid for cid, node in self.nodes.items()}
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
-            if reply.has_error():  # the ClientApp crashed outside its phases
-                failures[node] = {"phase": "unknown", "reason": f"Flower error {reply.error.code}: {reply.error.reason}"}
-                continue
-            record = reply.content["sfprompt"]
-            fed.meter.merge(json.loads(record["meter"]))
-            if "failure" in record:
-                failures[node] = json.loads(record["failure"])
-                continue
-            fed.meter.count_message(UP, "upload", record["upload"])
+            if node not in partition or node in uploads or node in failures:
+                continue  # not a reply to this round's messages
             try:
-                uploads[node] = decode(record["upload"], fed.device)
-            except CodecError as err:
-                failures[node] = {"phase": "upload", "reason": f"CodecError: {err}"}
+                uploads[node] = self._upload(reply, fed.clients[partition[node]].num_examples)
+            except Dropped as dropped:
+                failures[node] = {"phase": dropped.phase, "reason": dropped.reason}
         dropped = []
         for cid in cids:
             if self.nodes[cid] not in uploads:
@@ -87,11 +81,48 @@ class FlowerRuntime:
                 self.body.forget(str(cid))
         return [uploads[self.nodes[cid]] for cid in cids if self.nodes[cid] in uploads], dropped
 
+    def _upload(self, reply: Message, partition_size: int) -> Payload:
+        """The upload in a ClientApp's reply, after adding its measurements to the run's meter.
+
+        The reply comes from another machine, so nothing in it is trusted: an error, a reported
+        failure, a malformed record, or a sample count (the upload's FedAvg weight) larger than the
+        client's partition raises `Dropped`, and the round goes on without that client."""
+        if reply.has_error():  # the ClientApp crashed outside its phases
+            raise Dropped("unknown", f"Flower error {reply.error.code}: {reply.error.reason}")
+        try:
+            record = reply.content["sfprompt"]
+            self.fed.meter.merge(json.loads(record["meter"]))
+            if "failure" in record:
+                failure = json.loads(record["failure"])
+                raise Dropped(str(failure["phase"]), str(failure["reason"]))
+            upload = record["upload"]
+            if not isinstance(upload, bytes):
+                raise TypeError(f"upload is {type(upload).__name__}, not bytes")
+        except (KeyError, TypeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+            raise Dropped("reply", f"malformed reply: {type(err).__name__}: {err}") from None
+        self.fed.meter.count_message(UP, "upload", upload)
+        try:
+            payload = decode(upload, self.fed.device)
+        except CodecError as err:
+            raise Dropped("upload", f"CodecError: {err}") from None
+        count = payload.meta.get("num_examples")
+        if isinstance(count, int) and count > partition_size:
+            raise Dropped("upload", f"upload claims {count} examples, more than its partition's {partition_size}")
+        return payload
+
     def end_round(self) -> None:
         self.body.end_round()
 
     def close(self) -> None:
         self.channel.stop()
+
+
+class Dropped(Exception):
+    """A client's reply that drops it from the round: the phase it failed in and why."""
+
+    def __init__(self, phase: str, reason: str) -> None:
+        super().__init__(f"{phase}: {reason}")
+        self.phase, self.reason = phase, reason
 
 
 def find_partitions(grid: Grid, wait_s: float) -> dict[int, int]:
