@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sfprompt.codec import CodecError, Message, decode, encode
+from sfprompt.codec import MAX_PAYLOAD_BYTES, CodecError, Message, decode, encode
 
 
 def test_roundtrip_keeps_tensors_and_meta():
@@ -33,3 +33,24 @@ def test_payload_without_sfprompt_header_is_refused():
 
     with pytest.raises(CodecError, match="no sfprompt header"):
         decode(save({"t": torch.zeros(2)}))
+
+
+def test_the_size_limit_follows_what_the_model_sends():
+    """`fl` with ViT-B broadcasts 343 MB, more than the codec's default limit: the run's own limit,
+    derived from its model and method, lets exactly that through and refuses more."""
+    from sfprompt.meter import DOWN, Meter
+    from sfprompt.methods import METHODS
+    from sfprompt.model import SplitViT, create_vit
+    from sfprompt.server import BodyServer
+    from sfprompt.transport import InProcessLink
+
+    model = SplitViT(create_vit("vit_base_patch16_224", 10, 32, "none"), 10, 0, 0)
+    state = dict(METHODS["fl"]().new_params(model).state_dict())
+    limit = model.max_message_bytes(batch_size=32, whole_model=True)
+    link = InProcessLink(BodyServer(model, Meter(), torch.device("cpu")), Meter(), torch.device("cpu"), limit)
+    assert len(encode(Message("global", state))) > MAX_PAYLOAD_BYTES
+    assert link.send(Message("global", state), DOWN, "broadcast").tensors.keys() == state.keys()
+    state["smuggled"] = torch.zeros(2 * 1024 * 1024)  # 8 MB more than the model
+    with pytest.raises(CodecError, match="exceeds"):
+        link.send(Message("global", state), DOWN, "broadcast")
+    assert model.max_message_bytes(batch_size=32) < limit  # a split method sends prompts, tail, activations

@@ -24,9 +24,13 @@ from .meter import DOWN, UP, Meter
 from .server import BodyServer, ProtocolError
 
 METHOD = "/sfprompt.BodyChannel/Exchange"
-# one encoded batch of activations; gRPC's default (4 MiB) is too small, and larger is refused unread
-_OPTIONS = [("grpc.max_receive_message_length", MAX_PAYLOAD_BYTES),
-            ("grpc.max_send_message_length", MAX_PAYLOAD_BYTES)]
+
+
+def _options(max_bytes: int) -> list[tuple[str, int]]:
+    """gRPC limits of one encoded batch of activations: gRPC's default (4 MiB) is too small, and
+    anything larger than the run legitimately sends is refused unread."""
+    max_bytes = min(max_bytes, 2**31 - 1)  # gRPC's own ceiling
+    return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
 
 
 class ChannelError(RuntimeError):
@@ -37,14 +41,14 @@ class BodyChannelServer:
     """Serves a `BodyServer` to many clients at once on `address` ("host:port"; port 0 picks one)."""
 
     def __init__(self, server: BodyServer, address: str, token: str, *, certificate: bytes | None = None,
-                 private_key: bytes | None = None, workers: int = 16) -> None:
+                 private_key: bytes | None = None, workers: int = 16, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         if not token:
             raise ValueError("the body channel needs a non-empty token")
         if (certificate is None) != (private_key is None):
             raise ValueError("TLS needs both a certificate and its private key")
-        self.server = server
+        self.server, self.max_bytes = server, max_bytes
         self._token = f"Bearer {token}".encode()
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_OPTIONS)
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_options(max_bytes))
         service, method = METHOD.strip("/").split("/")
         handler = grpc.unary_unary_rpc_method_handler(self._exchange)  # bytes in, bytes out
         self._grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {method: handler}),))
@@ -61,7 +65,7 @@ class BodyChannelServer:
         if not hmac.compare_digest(presented.encode(), self._token):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong run token")
         try:
-            reply = self.server.handle(decode(request, self.server.device))
+            reply = self.server.handle(decode(request, self.server.device, self.max_bytes))
         except (CodecError, ProtocolError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         return encode(reply)
@@ -80,13 +84,16 @@ class ChannelLink:
     """A client's end of the channel: the same `request` as `InProcessLink`, counted the same way."""
 
     def __init__(self, address: str, token: str, meter: Meter, device: torch.device, *,
-                 root_certificate: bytes | None = None, timeout_s: float = 300.0) -> None:
+                 root_certificate: bytes | None = None, timeout_s: float = 300.0,
+                 max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         self.address, self.meter, self.device, self.timeout_s = address, meter, device, timeout_s
+        self.max_bytes = max_bytes
         self._metadata = (("authorization", f"Bearer {token}"),)
         if root_certificate is not None:
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificate), _OPTIONS)
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificate),
+                                                 _options(max_bytes))
         else:
-            self._channel = grpc.insecure_channel(address, _OPTIONS)
+            self._channel = grpc.insecure_channel(address, _options(max_bytes))
         self._call = self._channel.unary_unary(METHOD)
 
     def request(self, message: Message, phase: str) -> Message:
@@ -97,7 +104,7 @@ class ChannelLink:
         except grpc.RpcError as err:
             raise ChannelError(f"body server {self.address}: {err.code().name}: {err.details()}") from None
         self.meter.count_message(DOWN, phase, reply)
-        return decode(reply, self.device)
+        return decode(reply, self.device, self.max_bytes)
 
     def close(self) -> None:
         self._channel.close()

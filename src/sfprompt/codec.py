@@ -17,7 +17,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 _META_KEY = "sfprompt"
-MAX_PAYLOAD_BYTES = 1 << 28  # 256 MiB: far above one batch of ViT-L activations (about 55 MB at batch 64)
+MAX_PAYLOAD_BYTES = 1 << 28  # 256 MiB: the default where the model is not known; runs use SplitViT.max_message_bytes
 MAX_HEADER_BYTES = 1 << 20  # names, dtypes, shapes and the JSON meta of a few tensors
 
 

@@ -41,7 +41,8 @@ def estimate(config: Config, samples_per_client: int, probe_samples: int, num_cl
     results = {}
     for name in methods:
         method, meter = METHODS[name](), Meter()
-        link = InProcessLink(BodyServer(model, meter, device), meter, device)
+        limit = model.max_message_bytes(settings.batch_size, method.sends_whole_model)
+        link = InProcessLink(BodyServer(model, meter, device), meter, device, limit)
         client = Client(0, probe, np.arange(probe_samples), model, settings, meter, device)
         client_round(link, client, method, method.new_params(model), config.seed)
         measured = meter.take()

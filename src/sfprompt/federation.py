@@ -41,6 +41,12 @@ class Federation:
     normalisation: dict  # the model's mean / std / interpolation
 
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest payload this run legitimately sends; every link and channel refuses larger."""
+        return self.model.max_message_bytes(self.config.batch_size, self.method.sends_whole_model)
+
+
 def prepare(config: Config) -> Federation:
     """Data, model, partition and clients of a run, deterministically from `config`."""
     device = resolve_device(config.device)

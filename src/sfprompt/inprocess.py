@@ -36,7 +36,7 @@ class InProcessRuntime:
         fed = self.federation = federation
         self.server = BodyServer(fed.model, fed.meter, fed.device,
                                  body_optimizer(fed.settings) if fed.config.train_body else None)
-        self.link = InProcessLink(self.server, fed.meter, fed.device)
+        self.link = InProcessLink(self.server, fed.meter, fed.device, fed.max_message_bytes)
         self.progress = progress
 
     def train(self, round_: int, cids: list[int], global_params: torch.nn.Module) -> tuple[list[Message], list[dict]]:

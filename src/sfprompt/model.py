@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .codec import MAX_HEADER_BYTES
 from .config import ConfigError
 from .defence import Defence
 
@@ -212,6 +213,7 @@ class SplitViT:
         self.private_rows = self.layout.patch_rows if client_blocks == 0 else slice(0, self.layout.length)
         self.num_classes = vit.num_classes
         self._vit = vit
+        self.model_bytes = _tensor_bytes(vit.state_dict())  # what `fl` broadcasts and uploads, less the header
         generator = torch.Generator().manual_seed(seed)
         self.initial_params = ClientParams(_init_prompts(vit, prompt_tokens, generator), Tail(vit))
         _reset_classifier(self.initial_params.tail.head, generator)
@@ -232,6 +234,14 @@ class SplitViT:
         """(rows, width) of one sample's body output that travels back to the client."""
         rows = self.layout.tail_rows
         return len(range(self.layout.length)[rows]), self.layout.width
+
+    def max_message_bytes(self, batch_size: int, whole_model: bool = False) -> int:
+        """The largest payload a run legitimately sends, so the codec refuses anything larger: the
+        trainable params (the broadcast and each upload; the whole model for `whole_model`, as `fl`
+        sends it) or one batch of activations (B, L, D) or gradients, with room for the header."""
+        params = self.model_bytes if whole_model else _tensor_bytes(self.initial_params.state_dict())
+        activations = batch_size * self.layout.length * self.layout.width * 4  # float32
+        return max(params, activations) + MAX_HEADER_BYTES
 
     def new_params(self) -> ClientParams:
         return copy.deepcopy(self.initial_params)
@@ -320,3 +330,7 @@ def _create(model: str, weights: str, **kwargs) -> nn.Module:
 def data_config(vit: nn.Module) -> dict:
     """The model's pretrained normalisation (mean, std, interpolation) as timm resolves it."""
     return timm.data.resolve_data_config({}, model=vit)
+
+
+def _tensor_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())

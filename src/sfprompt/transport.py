@@ -12,20 +12,21 @@ from typing import Protocol
 
 import torch
 
-from .codec import Message, decode, encode
+from .codec import MAX_PAYLOAD_BYTES, Message, decode, encode
 from .meter import DOWN, UP, Meter
 from .server import BodyServer
 
 
 class InProcessLink:
-    def __init__(self, server: BodyServer, meter: Meter, device: torch.device) -> None:
-        self.server, self.meter, self.device = server, meter, device
+    def __init__(self, server: BodyServer, meter: Meter, device: torch.device,
+                 max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+        self.server, self.meter, self.device, self.max_bytes = server, meter, device, max_bytes
 
     def send(self, message: Message, direction: str, phase: str) -> Message:
         """One message crossing the (simulated) network: encode, count, decode."""
         payload = encode(message)
         self.meter.count_message(direction, phase, payload)
-        return decode(payload, self.device)
+        return decode(payload, self.device, self.max_bytes)
 
     def request(self, message: Message, phase: str) -> Message:
         """A client request to the body server and its reply."""

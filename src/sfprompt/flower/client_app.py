@@ -73,10 +73,11 @@ def train(msg: Message, context: Context) -> Message:
     root = task["body-root-certificate"] or None
     try:
         with ChannelLink(task["body-address"], task["body-token"], fed.meter, fed.device,
-                         root_certificate=root, timeout_s=float(task["body-timeout-s"])) as channel:
+                         root_certificate=root, timeout_s=float(task["body-timeout-s"]),
+                         max_bytes=fed.max_message_bytes) as channel:
             link = SessionLink(channel, client.cid, task["session"])
-            update = client.run_round(fed.method, decode(task["global"], fed.device), link, int(task["seed"]),
-                                      fed.config.client_timeout_s)
+            global_params = decode(task["global"], fed.device, fed.max_message_bytes)
+            update = client.run_round(fed.method, global_params, link, int(task["seed"]), fed.config.client_timeout_s)
     except ClientFailure as failure:  # the server drops this client from the round, and says why
         reply = ConfigRecord({"failure": json.dumps(failure.record()), "meter": json.dumps(fed.meter.counts())})
         return Message(RecordDict({"sfprompt": reply}), reply_to=msg)

@@ -40,7 +40,8 @@ class FlowerRuntime:
                                pending_timeout_s=options.body_timeout_s)
         self.token = options.resolved_token()
         self.channel = BodyChannelServer(self.body, options.body_address, self.token,
-                                         certificate=tls[0] if tls else None, private_key=tls[1] if tls else None)
+                                         certificate=tls[0] if tls else None, private_key=tls[1] if tls else None,
+                                         max_bytes=fed.max_message_bytes)
         self.root_certificate = tls[2] if tls else b""
         self.public_address = options.body_public_address or self.channel.address
         log(INFO, "body server listening on %s (clients dial %s)%s", self.channel.address, self.public_address,
@@ -102,7 +103,7 @@ class FlowerRuntime:
             raise Dropped("reply", f"malformed reply: {type(err).__name__}: {err}") from None
         self.fed.meter.count_message(UP, "upload", upload)
         try:
-            payload = decode(upload, self.fed.device)
+            payload = decode(upload, self.fed.device, self.fed.max_message_bytes)
         except CodecError as err:
             raise Dropped("upload", f"CodecError: {err}") from None
         count = payload.meta.get("num_examples")

@@ -18,6 +18,7 @@ class Method:
     # Clients train one after another, each from the previous one's upload, with no averaging (sl);
     # otherwise clients start from the same global state and the server averages (FedAvg).
     sequential: bool = False
+    sends_whole_model: bool = False  # the broadcast and uploads are the whole model (message size limit)
     # Clients train through the body server (split methods); otherwise a client holds what it runs.
     split: bool = False
 

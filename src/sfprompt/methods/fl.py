@@ -5,6 +5,7 @@ from .base import Method
 
 class FedFull(Method):
     name = "fl"
+    sends_whole_model = True
 
     def new_params(self, model):
         return model.new_full_params()
