@@ -6,7 +6,7 @@ from sfprompt.codec import Message
 from sfprompt.defence import Defence
 from sfprompt.config import ConfigError
 from sfprompt.meter import Meter
-from sfprompt.model import create_vit
+from sfprompt.model import SplitViT, create_vit
 from sfprompt.server import BodyServer
 from sfprompt.transport import InProcessLink, SessionLink
 
@@ -104,6 +104,13 @@ def test_bad_model_options_are_named(kwargs, message):
     options = dict(model="test_vit", num_classes=4, image_size=32, weights="none") | kwargs
     with pytest.raises(ConfigError, match=message):
         create_vit(**options)
+
+
+@pytest.mark.parametrize("name, message", [("deit_tiny_distilled_patch16_224", "distilled ViTs"),
+                                           ("vit_base_patch16_siglip_224", "pooling 'map'")])
+def test_vits_the_split_does_not_handle_are_refused_up_front(name, message):
+    with pytest.raises(ConfigError, match=message):
+        SplitViT(create_vit(name, 4, 32, "none"), 2, 0, 0)
 
 
 def test_client_blocks_beyond_depth_is_refused():

@@ -182,6 +182,9 @@ class SplitViT:
 
     def __init__(self, vit: nn.Module, prompt_tokens: int, client_blocks: int, seed: int,
                  pool_tokens: int = 0, defence: Defence = Defence()) -> None:
+        if getattr(vit, "dist_token", None) is not None:
+            raise ConfigError("distilled ViTs (a distillation token and a second classifier, e.g. DeiT's *_distilled_*) "
+                              "are not supported: use the model without distillation")
         if vit.attn_pool is not None or vit.global_pool not in ("token", "avg") or vit.pool_include_prefix:
             raise ConfigError(
                 f"model pooling {vit.global_pool!r} is not supported: use a ViT with CLS ('token') or 'avg' pooling"
