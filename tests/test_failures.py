@@ -77,7 +77,7 @@ def test_a_client_past_the_timeout_is_dropped(imagefolder, tmp_path, monkeypatch
     def slow(self, data, ctx, shuffle=True):
         for batch in original(self, data, ctx, shuffle):
             if self.cid == 0:
-                time.sleep(0.5)  # a dozen batches: far past the limit, which the others meet even on a busy machine
+                time.sleep(1.0)  # six batches a round: twice the limit, which the others meet even on a busy machine
             yield batch
 
     monkeypatch.setattr(Client, "_loader", slow)
