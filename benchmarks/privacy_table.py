@@ -2,8 +2,9 @@
 
     python benchmarks/privacy_table.py runs/privacy PRIVACY.md none shuffle ...
 
-The names are the table's rows in order; each is a folder of OUT holding `seed-K/` runs (summary.json) and, in `seed-0/`, the audit of
-that run (audit.json, audit.png); `OUT/fl` is the `fl` run whose client FLOPs are the reference.
+The names are the table's rows in order; each is a folder of OUT holding `seed-K/` runs
+(summary.json) and, in `seed-0/`, the audit of that run (audit.json, audit.png); `OUT/fl` is the
+`fl` run whose client FLOPs are the reference.
 The table replaces what lies between the `<!-- privacy-table -->` markers of the document, and the
 audit pictures are copied to docs/privacy/ beside the document.
 """

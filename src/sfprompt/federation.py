@@ -40,7 +40,6 @@ class Federation:
     transform: Callable  # raw image -> model input
     normalisation: dict  # the model's mean / std / interpolation
 
-
     @property
     def max_message_bytes(self) -> int:
         """The largest payload this run legitimately sends; every link and channel refuses larger."""
