@@ -11,7 +11,7 @@ import sfprompt.runner as runner_module
 from sfprompt import checkpoint
 from sfprompt.channel import BodyChannelServer, ChannelLink
 from sfprompt.client import Client, ClientFailure
-from sfprompt.codec import Message
+from sfprompt.codec import Message, decode, encode
 from sfprompt.meter import Meter
 from sfprompt.federation import prepare
 from sfprompt.runner import RoundFailed, run
@@ -38,10 +38,10 @@ def test_a_client_that_raises_in_any_phase_is_dropped_and_the_rest_are_averaged(
             raise RuntimeError("disk on fire")
         return loader(self, data, ctx, shuffle)
 
-    def failing_backward(self, message, phase_):  # after the server holds a forward for client 1
+    def failing_backward(self, message, phase_, memory=None):  # after the server holds a forward for client 1
         if message.kind == "backward" and message.meta["client"] == 1:
             raise RuntimeError("disk on fire")
-        return request(self, message, phase_)
+        return request(self, message, phase_, memory)
 
     if phase == "split":
         monkeypatch.setattr(InProcessLink, "request", failing_backward)
@@ -122,7 +122,8 @@ def test_a_malformed_upload_is_dropped_not_averaged(imagefolder, tmp_path, monke
     original = Client.run_round
 
     def corrupting(self, *args):
-        update = original(self, *args)
+        payload = original(self, *args)
+        update = decode(payload)
         if self.cid == 0:
             name = next(iter(update.tensors))
             if corrupt == "nan":
@@ -133,7 +134,7 @@ def test_a_malformed_upload_is_dropped_not_averaged(imagefolder, tmp_path, monke
                 update.tensors["smuggled"] = torch.zeros(3)
             else:
                 update.meta["num_examples"] = -5
-        return update
+        return encode(update)
 
     monkeypatch.setattr(Client, "run_round", corrupting)
     quiet(tiny_config(imagefolder, tmp_path, method=method, rounds=1, clients=3, clients_per_round=3))

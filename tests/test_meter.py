@@ -1,6 +1,8 @@
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from sfprompt.meter import CLIENT, DOWN, SERVER, UP, Meter, PeakMemory
+from sfprompt.model import create_vit
 
 
 def test_flops_are_counted_per_side_and_phase():
@@ -44,3 +46,24 @@ def test_peak_memory_counts_module_state_once():
     layer = torch.nn.Linear(10, 10)
     memory.hold(layer, layer)
     assert memory.current == (100 + 10) * 4
+
+
+def _vit_flops(fused: bool) -> int:
+    """FLOPs of a forward and backward of a tiny timm ViT, attention fused (timm's default) or not."""
+    torch.manual_seed(0)
+    vit = create_vit("test_vit", num_classes=4, image_size=32, weights="none")
+    for block in vit.blocks:
+        block.attn.fused_attn = fused
+    meter = Meter()
+    with meter.work(CLIENT, "local"):
+        vit(torch.randn(2, 3, 32, 32)).sum().backward()
+    return meter.take()["client_flops"]
+
+
+def test_fused_attention_counts_what_unfused_attention_counts():
+    """The same configuration counts the same FLOPs on every device: the CPU's fused attention kernel,
+    which PyTorch's counter skips, is counted as its two matrix products, forward and backward."""
+    with FlopCounterMode(display=False) as plain:  # what the counter alone sees on a CPU
+        torch.manual_seed(0)
+        create_vit("test_vit", num_classes=4, image_size=32, weights="none")(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert _vit_flops(fused=True) == _vit_flops(fused=False) > plain.get_total_flops()

@@ -5,7 +5,7 @@ import torch
 
 import sfprompt.runner as runner_module
 from sfprompt.client import Client
-from sfprompt.codec import encode
+from sfprompt.codec import decode, encode
 from sfprompt.config import METHODS as METHOD_NAMES
 from sfprompt.methods import METHODS
 from sfprompt.runner import run
@@ -71,9 +71,9 @@ def test_sl_visits_clients_in_order_and_never_averages(imagefolder, tmp_path, mo
     original = Client.run_round
 
     def spy(self, method, received, *args):
-        update = original(self, method, received, *args)
-        visits.append((self.cid, dict(received.tensors), dict(update.tensors)))
-        return update
+        upload = original(self, method, received, *args)
+        visits.append((self.cid, dict(received.tensors), decode(upload).tensors))
+        return upload
 
     monkeypatch.setattr(Client, "run_round", spy)
     monkeypatch.setattr(runner_module, "fedavg", lambda *a: pytest.fail("sl must not average"))

@@ -39,15 +39,15 @@ from tqdm.auto import tqdm
 
 from . import attacks, checkpoint
 from .client import Client
-from .codec import Message
+from .codec import Message, encode
 from .config import Config, ConfigError
 from .data import Transformed, stratified_subset
 from .defence import activation_epsilon
 from .federation import Federation, client_seed, prepare
 from .inprocess import client_round
-from .meter import DOWN, UP
+from .meter import DOWN, UP, PeakMemory
 from .server import BodyServer
-from .transport import InProcessLink
+from .transport import InProcessLink, encode_held
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,11 @@ class _Wiretap(InProcessLink):
         super().__init__(*args)
         self.exchanges: list[tuple[Message, Message]] = []
 
-    def request(self, message: Message, phase: str) -> Message:
-        received = self.send(message, UP, phase)
+    def request(self, message: Message, phase: str, memory: PeakMemory | None = None) -> Message:
+        received = self.deliver(encode_held(message, memory), UP, phase)
         reply = self.server.handle(received)
         self.exchanges.append((received, reply))
-        return self.send(reply, DOWN, phase)
+        return self.deliver(encode(reply), DOWN, phase, memory)
 
 
 class _WitnessedClient(Client):

@@ -20,8 +20,9 @@ import grpc
 import torch
 
 from .codec import MAX_PAYLOAD_BYTES, CodecError, Message, decode, encode
-from .meter import DOWN, UP, Meter
+from .meter import DOWN, UP, Meter, PeakMemory
 from .server import BodyServer, ProtocolError
+from .transport import decode_held, encode_held
 
 METHOD = "/sfprompt.BodyChannel/Exchange"
 
@@ -96,15 +97,15 @@ class ChannelLink:
             self._channel = grpc.insecure_channel(address, _options(max_bytes))
         self._call = self._channel.unary_unary(METHOD)
 
-    def request(self, message: Message, phase: str) -> Message:
-        payload = encode(message)
+    def request(self, message: Message, phase: str, memory: PeakMemory | None = None) -> Message:
+        payload = encode_held(message, memory)
         self.meter.count_message(UP, phase, payload)
         try:
             reply = self._call(payload, metadata=self._metadata, timeout=self.timeout_s)
         except grpc.RpcError as err:
             raise ChannelError(f"body server {self.address}: {err.code().name}: {err.details()}") from None
         self.meter.count_message(DOWN, phase, reply)
-        return decode(reply, self.device, self.max_bytes)
+        return decode_held(reply, self.device, self.max_bytes, memory)
 
     def close(self) -> None:
         self._channel.close()

@@ -25,7 +25,7 @@ from .meter import CLIENT, Meter, PeakMemory
 from .model import ClientParams, SplitViT
 from .pruning import el2n, hardest
 from .server import ProtocolError
-from .transport import Link
+from .transport import Link, encode_held
 
 if TYPE_CHECKING:
     from .methods import Method
@@ -33,10 +33,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class RoundContext:
-    """What a client holds for one round: its copy of the global params and its working state."""
+    """What a client holds for one round: its copy of the global params and its working state.
+
+    No optimiser: each phase builds a fresh one over exactly what that phase trains, so a parameter a
+    phase cannot reach is neither stepped nor decayed by it, and nothing carries over between phases
+    (Adam's moments of the local loss, on head features, would mislead the split phase).
+    """
 
     params: torch.nn.Module
-    optimizer: torch.optim.Optimizer
     link: Link
     generator: torch.Generator  # the round's shuffling
     private: torch.Generator  # the defence's randomness, from a seed the server never sees
@@ -133,33 +137,43 @@ class Client:
         return len(self.data)
 
     def run_round(self, method: "Method", global_state: Message, link: Link, seed: int,
-                  timeout_s: float | None = None) -> Message:
-        """This client's part of a round, as the method composes it; returns its upload.
+                  timeout_s: float | None = None) -> bytes:
+        """This client's part of a round, as the method composes it; returns its upload, encoded.
 
         Any error, or passing `timeout_s` (checked before every mini-batch), raises `ClientFailure`
         naming the phase; the private local classifier then keeps its state from before the round.
         """
+        memory = PeakMemory()  # everything this client holds during the round, the messages included
+        memory.hold(*method.client_holds(self.model), self.local_head, *global_state.tensors.values())
+        memory.buffer(global_state.wire_bytes)  # the broadcast as it arrived, beside what it decoded to
         params = method.new_params(self.model).to(self.device)
         params.load_state_dict(global_state.tensors)
-        memory = PeakMemory()  # everything this client holds during the round
-        memory.hold(*method.client_holds(self.model), params, self.local_head)
+        memory.hold(params)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         private = torch.Generator().manual_seed(derive_seed(self.private_seed, seed))
-        ctx = RoundContext(params, self._optimizer(params), link, torch.Generator().manual_seed(seed), private, memory,
-                           deadline)
+        ctx = RoundContext(params, link, torch.Generator().manual_seed(seed), private, memory, deadline)
         local_head = copy.deepcopy(self.local_head.state_dict())
         try:
             report = method.client_round(self, ctx)
         except Exception as err:
             self.local_head.load_state_dict(local_head)
             raise ClientFailure(self.cid, ctx.phase, f"{type(err).__name__}: {err}") from err
-        return Message("update", dict(params.state_dict()), {"client": self.cid, "num_examples": self.num_examples, **report})
+        update = Message("update", dict(params.state_dict()), {"client": self.cid, "num_examples": self.num_examples,
+                                                                **report})
+        payload = encode_held(update, memory)
+        self.meter.record_peak(memory)
+        return payload
 
     # SFPrompt phase 1: self-update on the local model (head, then a classifier), no server involved.
     def local_update(self, ctx: RoundContext) -> float | None:
         ctx.phase = "local"
-        return self._train(ctx, self.data, self.settings.local_epochs, "local",
-                           lambda images: self._local_logits(images, ctx.params))
+        s, params = self.settings, ctx.params
+        classifier = params.tail if s.local_classifier == "shared" else self.local_head
+        groups = [{"params": list(classifier.parameters()), "lr": s.lr}]
+        if self.model.client_blocks > 0:  # without client blocks the local loss cannot reach the prompts
+            groups.append({"params": [params.prompts], "lr": s.prompt_lr})
+        return self._train(ctx, self.data, s.local_epochs, "local", lambda images: self._local_logits(images, params),
+                           build_optimizer(groups, s))
 
     def _local_logits(self, images: torch.Tensor, params: ClientParams) -> torch.Tensor:
         tokens = self.model.head(images, params.prompts)  # (B, prefix+P+N, D)
@@ -183,14 +197,16 @@ class Client:
 
     # Split training on the chosen samples: activations and gradients cross the link each batch.
     def split_train(self, ctx: RoundContext, chosen: list[int]) -> float | None:
-        params, optimizer, link, memory = ctx.params, ctx.optimizer, ctx.link, ctx.memory
+        params, link, memory = ctx.params, ctx.link, ctx.memory
         ctx.phase = "split"
+        s = self.settings
+        optimizer = build_optimizer(params.param_groups(s.lr, s.prompt_lr, s.backbone_lr), s)  # prompts and tail
         losses = []
         for _ in range(self.settings.split_epochs):
             for images, labels, positions in self._loader(Subset(_Positioned(self.data), chosen), ctx):
                 with self.meter.work(CLIENT, "split", memory):
                     tokens = self.model.send(images, params.prompts, ctx.private)  # (B, L, D)
-                reply = link.request(Message("forward", {"tokens": tokens}), "split")
+                reply = link.request(Message("forward", {"tokens": tokens}), "split", memory)
                 rows = _expect(reply, "body_output", "rows", (len(images), *self.model.tail_shape))
                 memory.hold(rows)
                 shown = self._shown_labels(labels, positions, memory)
@@ -205,7 +221,7 @@ class Client:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     grad = rows.grad if shown is labels else shown_rows.grad
-                reply = link.request(Message("backward", {"grad": grad}), "split")
+                reply = link.request(Message("backward", {"grad": grad}), "split", memory)
                 input_grad = _expect(reply, "input_grad", "grad", tokens[:, self.model.grad_rows].shape)
                 memory.hold(input_grad)
                 with self.meter.work(CLIENT, "split", memory):
@@ -226,25 +242,22 @@ class Client:
     # Training with the whole model on the client (federated baselines): all local data, no server.
     def train_locally(self, ctx: RoundContext, logits: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
         ctx.phase = "local"
-        return self._train(ctx, self.data, self.settings.split_epochs, "local", logits)
+        s = self.settings
+        optimizer = build_optimizer(ctx.params.param_groups(s.lr, s.prompt_lr, s.backbone_lr), s)
+        return self._train(ctx, self.data, s.split_epochs, "local", logits, optimizer)
 
-    def _train(self, ctx: RoundContext, data: Dataset, epochs: int, phase: str, logits: Callable) -> float | None:
+    def _train(self, ctx: RoundContext, data: Dataset, epochs: int, phase: str, logits: Callable,
+               optimizer: torch.optim.Optimizer) -> float | None:
         losses = []
         for _ in range(epochs):
             for images, labels in self._loader(data, ctx):
                 with self.meter.work(CLIENT, phase, ctx.memory):
                     loss = F.cross_entropy(logits(images), labels)
-                    ctx.optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    ctx.optimizer.step()
+                    optimizer.step()
                 losses.append(loss.item())
         return _mean(losses)
-
-    def _optimizer(self, params: torch.nn.Module) -> torch.optim.Optimizer:
-        s = self.settings
-        groups = params.param_groups(s.lr, s.prompt_lr, s.backbone_lr)
-        groups.append({"params": list(self.local_head.parameters()), "lr": s.lr})
-        return build_optimizer(groups, s)
 
     def _loader(self, data: Dataset, ctx: RoundContext, shuffle: bool = True):
         """Mini-batches (images, labels[, positions]) on the device, shuffled by the round's generator,

@@ -30,6 +30,7 @@ class Message:
     kind: str
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    wire_bytes: int = field(default=0, compare=False)  # the length of the payload it was decoded from
 
 
 def encode(message: Message) -> bytes:
@@ -62,4 +63,4 @@ def decode(payload: bytes, device: torch.device | str = "cpu", max_bytes: int = 
         raise CodecError(f"payload tensors are malformed: {err}") from None
     if device != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}
-    return Message(kind=kind, tensors=tensors, meta=meta)
+    return Message(kind=kind, tensors=tensors, meta=meta, wire_bytes=len(payload))

@@ -26,7 +26,7 @@ def client_round(link: InProcessLink, client: Client, method: Method, global_par
     the client's phases in a session of its own, its upload up (returned as the server decodes it)."""
     received = link.send(Message("global", dict(global_params.state_dict())), DOWN, "broadcast")
     session = SessionLink(link, client.cid, link.server.admit(str(client.cid)))
-    return link.send(client.run_round(method, received, session, seed, timeout_s), UP, "upload")
+    return link.deliver(client.run_round(method, received, session, seed, timeout_s), UP, "upload")
 
 
 class InProcessRuntime:

@@ -3,8 +3,9 @@
 Nothing here estimates from shapes: bytes are the lengths of encoded messages, FLOPs are what
 `torch.utils.flop_counter.FlopCounterMode` counts while the work runs, and peak memory is the most
 tensor storage alive at once during a client's work, as `PeakMemory` sees it being allocated and
-freed (its frozen head, prompts, tail, activations, gradients and optimiser state; the server's
-body and its activations are never attributed to a client).
+freed (its frozen head, prompts, tail, activations, gradients and optimiser state), plus the encoded
+message buffers it sends and receives, while they exist beside the tensors; the server's body and
+its activations are never attributed to a client.
 """
 
 from __future__ import annotations
@@ -18,10 +19,32 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 UP, DOWN = "up", "down"  # client -> server, server -> client
 CLIENT, SERVER = "client", "server"
+
+
+def _attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)  # scores = q k^T, then scores v
+
+
+def _attention_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)  # the gradients' four products
+
+
+_aten = torch.ops.aten
+# Attention counted as its matrix products, whichever kernel runs it: PyTorch's counter skips the CPU's
+# fused kernel (timm's default), and counts a fused CUDA backward's recomputation of the scores, which
+# the unfused products do not do. So a configuration counts the same FLOPs on every device (tested
+# against timm's unfused attention).
+ATTENTION_FLOPS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _attention,
+    **dict.fromkeys([_aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                     _aten._scaled_dot_product_efficient_attention_backward,
+                     _aten._scaled_dot_product_flash_attention_backward,
+                     _aten._scaled_dot_product_cudnn_attention_backward], _attention_backward),
+}
 
 
 class PeakMemory(TorchDispatchMode):
@@ -41,6 +64,10 @@ class PeakMemory(TorchDispatchMode):
     def hold(self, *items: torch.Tensor | torch.nn.Module | torch.optim.Optimizer) -> None:
         for tensor in _tensors(items):
             self._add(tensor)
+
+    def buffer(self, nbytes: int) -> None:
+        """`nbytes` alive for a moment beside everything tracked (an encoded message being sent or decoded)."""
+        self.peak = max(self.peak, self.current + nbytes)
 
     def _add(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -103,12 +130,17 @@ class Meter:
     @contextlib.contextmanager
     def work(self, side: str, phase: str, memory: PeakMemory | None = None) -> Iterator[None]:
         """Count the FLOPs of the enclosed work (and, given a tracker, the client's memory)."""
-        with FlopCounterMode(display=False) as flops, memory or contextlib.nullcontext():
+        with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as flops, memory or contextlib.nullcontext():
             yield
         with self._lock:
             self.flops[side, phase] += flops.get_total_flops()
-            if memory is not None:
-                self.client_peak_memory = max(self.client_peak_memory, memory.peak)
+        if memory is not None:
+            self.record_peak(memory)
+
+    def record_peak(self, memory: PeakMemory) -> None:
+        """Take a client's peak so far into the round's largest."""
+        with self._lock:
+            self.client_peak_memory = max(self.client_peak_memory, memory.peak)
 
     def counts(self) -> dict:
         """The raw counters, JSON-able, for `merge` on another meter (a client's, sent to the server)."""

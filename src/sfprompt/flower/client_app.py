@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from ..channel import ChannelLink
 from ..client import ClientFailure
-from ..codec import decode, encode
+from ..codec import decode
 from ..config import Config
 from ..federation import prepare
 from ..transport import SessionLink
@@ -77,10 +77,10 @@ def train(msg: Message, context: Context) -> Message:
                          max_bytes=fed.max_message_bytes) as channel:
             link = SessionLink(channel, client.cid, task["session"])
             global_params = decode(task["global"], fed.device, fed.max_message_bytes)
-            update = client.run_round(fed.method, global_params, link, int(task["seed"]), fed.config.client_timeout_s)
+            upload = client.run_round(fed.method, global_params, link, int(task["seed"]), fed.config.client_timeout_s)
     except ClientFailure as failure:  # the server drops this client from the round, and says why
         reply = ConfigRecord({"failure": json.dumps(failure.record()), "meter": json.dumps(fed.meter.counts())})
         return Message(RecordDict({"sfprompt": reply}), reply_to=msg)
     context.state[LOCAL_HEAD] = ArrayRecord(client.local_head.state_dict())
-    reply = ConfigRecord({"upload": encode(update), "meter": json.dumps(fed.meter.counts())})
+    reply = ConfigRecord({"upload": upload, "meter": json.dumps(fed.meter.counts())})
     return Message(RecordDict({"sfprompt": reply}), reply_to=msg)
