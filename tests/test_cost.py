@@ -15,15 +15,14 @@ from sfprompt.model import SplitViT, create_vit
 from sfprompt.server import BodyServer
 from sfprompt.transport import InProcessLink
 
-CONFIG = Config(model="test_vit", image_size=32, prompt_tokens=2, keep_ratio=0.5, batch_size=4,
-                prune_per_class=False)
+CONFIG = Config(model="test_vit", image_size=32, prompt_tokens=2, keep_ratio=0.5, batch_size=4)
 
 
 def measured_round(method_name: str, samples: int) -> dict:
     """A real client round on `samples` samples in batches of 4, counted as a training run counts it."""
     vit = create_vit(CONFIG.model, 10, CONFIG.image_size, "none")
     model = SplitViT(vit, CONFIG.prompt_tokens, CONFIG.client_blocks, CONFIG.seed)
-    data = [(torch.randn(3, 32, 32), i % 10) for i in range(samples)]
+    data = [(torch.randn(3, 32, 32), i % 10) for i in range(samples)]  # per-class pruning keeps 10 of 12
     settings = TrainSettings.from_config(CONFIG)
     method, meter = METHODS[method_name](), Meter()
     link = InProcessLink(BodyServer(model, meter, torch.device("cpu")), meter, torch.device("cpu"))
@@ -34,11 +33,13 @@ def measured_round(method_name: str, samples: int) -> dict:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_scaled_probe_equals_a_real_round(method):
-    """Probing 4 samples and scaling to 12 gives what a real round on 12 samples (3 batches) measures."""
-    estimated = estimate(CONFIG, samples_per_client=12, probe_samples=4, num_classes=10, methods=[method])[method]
+    """Probing one batch of 4 samples (one epoch per phase) and scaling to 12 gives what a real round on 12
+    samples (3 batches, two split epochs, per-class pruning as `run` prunes) measures, peak memory included."""
+    estimated = estimate(CONFIG, samples_per_client=12, num_classes=10, methods=[method])[method]
     real = measured_round(method, 12)
     assert estimated["client_flops"] == real["client_flops"]
     assert estimated["server_flops"] == real["server_flops"]
+    assert estimated["client_peak_memory_bytes"] == pytest.approx(real["client_peak_memory_bytes"], rel=0.02)
     # Tensor bytes scale exactly; message headers (about 150 bytes each) scale with the samples too,
     # while the real round sends fewer, fuller batches when pruning leaves a partial probe batch.
     messages = sum(real["messages_by_phase"].values())

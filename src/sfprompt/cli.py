@@ -69,10 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
                                "an architecture (random weights; --out FILE.json to save)")
     cost.add_argument("--samples-per-client", type=int, default=500, help="local samples (default: %(default)s)")
     cost.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default: %(default)s)")
-    cost.add_argument("--probe-samples", type=int, default=4,
-                      help="samples actually run through each method, then scaled (default: %(default)s)")
+    cost.add_argument("--probe-samples", type=int,
+                      help="samples run through the model by each method, then scaled (default: enough for a "
+                           "full --batch-size batch in every phase, so peak memory is the run's)")
     cost.add_argument("--methods", default="fl,fl-prompt,sl,sfl,sfprompt", help="(default: %(default)s)")
     _add_config_flags(cost)
+    predict = commands.add_parser("predict", help="apply a finished run's model to an image folder or the run's "
+                                  "own test (or train) split; write the top-1 class and probabilities to CSV")
+    predict.add_argument("--from", dest="from_dir", metavar="DIR", required=True,
+                         help="the run folder (or its global.safetensors)")
+    predict.add_argument("--images", metavar="FOLDER", help="predict every image under FOLDER (recursively)")
+    predict.add_argument("--split", choices=("test", "train"), default="test",
+                         help="without --images: the run's own split, labelled, so the accuracy is printed "
+                              "(default: %(default)s)")
+    predict.add_argument("--out", metavar="FILE", help="the CSV (default: DIR/predictions.csv)")
+    predict.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    predict.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
+    predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     audit = commands.add_parser("audit", help="attack one client's real messages as an honest-but-curious server "
                                 "would; write audit.json and audit.png to --out (or to the run folder of --from)")
     audit.add_argument("--from", dest="from_dir", metavar="DIR",
@@ -125,6 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "datasets":
         print("\n".join(DATASETS))
         return 0
+    if args.command == "predict":
+        from .predict import predict
+
+        try:
+            predict(Path(args.from_dir), Path(args.images) if args.images else None, args.split,
+                    Path(args.out) if args.out else None, args.device, args.batch_size, not args.no_progress)
+        except ConfigError as err:
+            return _error(err, 2)
+        return 0
     try:
         config = config_from_args(args)
     except ConfigError as err:
@@ -174,11 +196,11 @@ def _cost(args: argparse.Namespace, config: Config, methods: list[str]) -> None:
     from . import cost
 
     for name in ("samples_per_client", "num_classes", "probe_samples"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if any(m not in cost.METHODS for m in methods):
         raise ConfigError("cost takes method names only (an ablation is the same method with other options)")
-    results = cost.estimate(config, args.samples_per_client, args.probe_samples, args.num_classes, methods)
+    results = cost.estimate(config, args.samples_per_client, args.num_classes, methods, args.probe_samples)
     print(f"{config.model} at {config.image_size}px, {args.samples_per_client} samples per client, "
           f"keep ratio {config.keep_ratio}, {config.prompt_tokens} prompts, {config.client_blocks} client blocks, "
           f"local epochs {config.local_epochs}, split epochs {config.split_epochs} (per client, per round)")

@@ -1,15 +1,23 @@
 """`sfprompt cost`: per-client, per-round compute and communication of every method, for planning.
 
-Nothing is estimated from shapes: each method's client round runs for real (randomly initialised
-weights of the chosen architecture, random images) on a small probe batch, through the same client
-code, codec and counters as a training run. Each phase's FLOPs and bytes are then scaled by the
-number of samples that phase would process on a client holding `samples_per_client` samples; the
-broadcast and upload do not depend on the data and are taken as measured. Per-message headers
-(a few hundred bytes) are scaled with the samples too, a negligible error at real activation sizes.
-Client peak memory is measured at the probe batch size.
+Nothing is estimated from shapes, and no phase logic is repeated here: each method's client round
+runs for real (randomly initialised weights of the chosen architecture, random images) on a probe
+just large enough for a full `--batch-size` batch in every phase, two epochs of each phase at most,
+through the same client code, codec and counters as a training run, which count each phase's FLOPs
+and bytes and the samples it processed.
+How many samples each phase processes on a client holding `samples_per_client` samples is counted
+the same way, by running the same round on that many samples through a tiny ViT (seconds), with the
+configured pruning (per class over a balanced label mix, as IID data gives). Each phase's costs are
+scaled by the ratio of the two counts; the broadcast and upload do not depend on the data and are
+taken as measured. Per-message headers (a few hundred bytes) are scaled with the samples too, a
+negligible error at real activation sizes. Client peak memory is measured as the probe runs: full
+batches, and a second epoch with the optimiser's state, as in a training run.
 """
 
 from __future__ import annotations
+
+import math
+from collections import Counter
 
 import numpy as np
 import torch
@@ -24,33 +32,62 @@ from .server import BodyServer
 from .transport import InProcessLink
 
 COSTS = ("client_flops", "server_flops", "bytes_up", "bytes_down", "client_peak_memory_bytes")
+COUNTING_MODEL, COUNTING_SIZE = "test_vit", 32  # the tiny ViT that counts a round's samples per phase
 
 
-def estimate(config: Config, samples_per_client: int, probe_samples: int, num_classes: int,
-             methods: list[str]) -> dict[str, dict]:
-    torch.manual_seed(config.seed)
-    vit = create_vit(config.model, num_classes, config.image_size, "none")
+class _CountingClient(Client):
+    """A client that also counts the samples each of its phases loads (every epoch, every batch)."""
+
+    samples: Counter
+
+    def _loader(self, data, ctx, shuffle=True):
+        for batch in super()._loader(data, ctx, shuffle):
+            self.samples[ctx.phase] += len(batch[0])
+            yield batch
+
+
+def _round(config: Config, vit: torch.nn.Module, method_name: str, samples: int, num_classes: int,
+           settings: TrainSettings) -> tuple[dict, Counter]:
+    """One real client round on `samples` random images with balanced labels: its costs as a
+    training run measures them, and the samples each phase processed."""
     model = SplitViT.from_config(vit, config)
     generator = torch.Generator().manual_seed(config.seed)
-    images = torch.randn(probe_samples, 3, config.image_size, config.image_size, generator=generator)
-    labels = torch.randint(0, num_classes, (probe_samples,), generator=generator)
-    probe = [(images[i], int(labels[i])) for i in range(probe_samples)]
-    # One batch per epoch in the probe; pruning ranks over all probe samples (not per class).
-    settings = TrainSettings.from_config(config, batch_size=probe_samples, prune_per_class=False)
-    device = torch.device("cpu")
+    size = vit.patch_embed.img_size
+    images = torch.randn(samples, 3, *size, generator=generator)
+    data = [(images[i], i % num_classes) for i in range(samples)]
+    method, meter, device = METHODS[method_name](), Meter(), torch.device("cpu")
+    link = InProcessLink(BodyServer(model, meter, device), meter, device,
+                         model.max_message_bytes(settings.batch_size, method.sends_whole_model))
+    client = _CountingClient(0, data, np.arange(samples), model, settings, meter, device)
+    client.samples = Counter()
+    client_round(link, client, method, method.new_params(model), config.seed)
+    return meter.take(), client.samples
+
+
+def estimate(config: Config, samples_per_client: int, num_classes: int, methods: list[str],
+             probe_samples: int | None = None) -> dict[str, dict]:
+    """Each method's costs per client and round, from `probe_samples` run for real (default: `probe_size`)."""
+    settings = TrainSettings.from_config(config)
+    # Two epochs of each phase at most: the second one's batches meet the optimiser's state, as a run's do.
+    probe_settings = TrainSettings.from_config(
+        config, local_epochs=min(config.local_epochs, 2), split_epochs=min(config.split_epochs, 2))
+    torch.manual_seed(config.seed)
+    vit = create_vit(config.model, num_classes, config.image_size, "none")
+    counting_vit = create_vit(COUNTING_MODEL, num_classes, COUNTING_SIZE, "none")
+    counting_config = config.replace(model=COUNTING_MODEL, image_size=COUNTING_SIZE, pool_tokens=0, client_blocks=0)
     results = {}
     for name in methods:
-        method, meter = METHODS[name](), Meter()
-        limit = model.max_message_bytes(settings.batch_size, method.sends_whole_model)
-        link = InProcessLink(BodyServer(model, meter, device), meter, device, limit)
-        client = Client(0, probe, np.arange(probe_samples), model, settings, meter, device)
-        client_round(link, client, method, method.new_params(model), config.seed)
-        measured = meter.take()
-        probed = method.samples_per_phase(settings, probe_samples)
-        scale = {phase: full / probed[phase]
-                 for phase, full in method.samples_per_phase(settings, samples_per_client).items() if probed[phase]}
-        results[name] = _scaled(measured, scale)
+        _, full = _round(counting_config, counting_vit, name, samples_per_client, num_classes, settings)
+        probe = min(probe_samples or probe_size(config, pruned="prune" in full), samples_per_client)
+        measured, probed = _round(config, vit, name, probe, num_classes, probe_settings)
+        results[name] = _scaled(measured, {phase: full[phase] / probed[phase] for phase in probed})
     return results
+
+
+def probe_size(config: Config, pruned: bool) -> int:
+    """Samples enough for a full batch in every phase, so peak memory is measured at --batch-size: one
+    batch, or enough that pruning keeps one."""
+    return math.ceil(config.batch_size / config.keep_ratio) if pruned else config.batch_size
 
 
 def _scaled(measured: dict, scale: dict[str, float]) -> dict:
@@ -63,8 +100,6 @@ def _scaled(measured: dict, scale: dict[str, float]) -> dict:
         totals[f"bytes_{direction}"] += value * scale.get(phase, 1.0)
     return {key: int(round(v)) for key, v in totals.items()} | {
         "client_peak_memory_bytes": measured["client_peak_memory_bytes"]}
-
-
 def table(results: dict[str, dict]) -> str:
     reference = results.get("fl")
     lines = ["| method | client GFLOP | server GFLOP | MB up | MB down | client peak MiB (probe batch) "

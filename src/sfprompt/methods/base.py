@@ -10,7 +10,7 @@ from torch import nn
 from ..model import SplitViT
 
 if TYPE_CHECKING:
-    from ..client import Client, RoundContext, TrainSettings
+    from ..client import Client, RoundContext
 
 
 class Method:
@@ -34,10 +34,6 @@ class Method:
                generator: torch.Generator | None = None) -> torch.Tensor:
         """The global model's predictions (`generator`: the defence's randomness, if any)."""
         return model.logits(images, params, generator)
-
-    def samples_per_phase(self, settings: "TrainSettings", samples: int) -> dict[str, int]:
-        """How many samples each client phase processes in a round on a client holding `samples`."""
-        return {"local": settings.split_epochs * samples}  # training on the client, whole model
 
     def client_round(self, client: "Client", ctx: "RoundContext") -> dict:
         """One client's work in a round; returns what it reports beside its upload."""

@@ -7,9 +7,6 @@ class SplitFed(Method):
     name = "sfl"
     split = True
 
-    def samples_per_phase(self, settings, samples):
-        return {"split": settings.split_epochs * samples}
-
     def client_round(self, client, ctx) -> dict:
         everything = list(range(client.num_examples))
         return {"train_loss": client.split_train(ctx, everything), "kept": len(everything)}
