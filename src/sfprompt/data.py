@@ -27,6 +27,7 @@ class DataSplits:
     train_labels: np.ndarray
     test_labels: np.ndarray
     num_classes: int
+    classes: list[str]  # a name per class (the class index as text where the dataset names none)
 
 
 class ToRGB:
@@ -141,8 +142,9 @@ def load_splits(name: str, data_dir: str | Path, download: bool = False) -> Data
     train_labels, test_labels = labels_of(train), labels_of(test)
     if isinstance(train, tvd.ImageFolder) and train.classes != test.classes:
         raise ConfigError(f"imagefolder train/ and test/ have different classes: {train.classes} vs {test.classes}")
-    num_classes = len(getattr(train, "classes", ())) or int(max(train_labels.max(), test_labels.max())) + 1
-    return DataSplits(train, test, train_labels, test_labels, num_classes)
+    named = list(getattr(train, "classes", ()))
+    num_classes = len(named) or int(max(train_labels.max(), test_labels.max())) + 1
+    return DataSplits(train, test, train_labels, test_labels, num_classes, named or [str(k) for k in range(num_classes)])
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:

@@ -53,10 +53,10 @@ def prepare(config: Config) -> Federation:
     splits = load_splits(config.dataset, config.data_dir, config.download)
     vit = create_vit(config.model, splits.num_classes, config.image_size, resolve_weights(config))
     model = SplitViT.from_config(vit, config).to(device)
-    normalisation = _normalisation(vit)
-    transform = model_transform(config.image_size, **normalisation)
-    train_idx = _subset(splits.train_labels, config.train_samples, config.seed, "--train-samples")
-    test_idx = _subset(splits.test_labels, config.test_samples, config.seed, "--test-samples")
+    norm = normalisation(vit)
+    transform = model_transform(config.image_size, **norm)
+    train_idx = subset_indices(splits.train_labels, config.train_samples, config.seed, "--train-samples")
+    test_idx = subset_indices(splits.test_labels, config.test_samples, config.seed, "--test-samples")
     train = Subset(Transformed(splits.train, transform), train_idx.tolist())
     test = Subset(Transformed(splits.test, transform), test_idx.tolist())
     parts = partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
@@ -68,7 +68,7 @@ def prepare(config: Config) -> Federation:
                    f"{config.clients} clients ({'IID' if config.alpha is None else f'Dirichlet {config.alpha}'}), "
                    f"{config.model} at {config.image_size}px on {device}")
     return Federation(config, device, model, METHODS[config.method](), settings, clients, test, meter, description,
-                      train, splits.train_labels[train_idx], splits, transform, normalisation)
+                      train, splits.train_labels[train_idx], splits, transform, norm)
 
 
 def resolve_weights(config: Config) -> str:
@@ -93,12 +93,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _normalisation(vit: torch.nn.Module) -> dict:
+def normalisation(vit: torch.nn.Module) -> dict:
+    """The model's preprocessing: mean, std and interpolation."""
     cfg = data_config(vit)
     return {"mean": cfg["mean"], "std": cfg["std"], "interpolation": cfg["interpolation"]}
 
 
-def _subset(labels: np.ndarray, size: int | None, seed: int, option: str) -> np.ndarray:
+def subset_indices(labels: np.ndarray, size: int | None, seed: int, option: str) -> np.ndarray:
+    """The run's seeded, class-stratified subset (--train-samples / --test-samples), or every index."""
     if size is None:
         return np.arange(len(labels))
     if size > len(labels):

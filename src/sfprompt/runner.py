@@ -7,6 +7,7 @@ method (`methods/`) chooses its trainable state and its clients' phases, and a r
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import sys
@@ -18,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
@@ -30,6 +30,7 @@ from .federation import Federation, prepare
 from .inprocess import InProcessRuntime
 from .methods import Method
 from .model import SplitViT
+from .predict import logits_of
 
 
 class Runtime(Protocol):
@@ -123,7 +124,7 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             body = fed.model.body if config.train_body else None
-            save_checkpoint(out / "global.safetensors", global_params, config, round_, body)
+            save_checkpoint(out / "global.safetensors", global_params, config, round_, fed.data.classes, body)
             checkpoint.save(out, checkpoint.RunState(  # nothing lost on a crash: `--resume` continues here
                 round_, config.to_dict(), history, sampler.bit_generator.state, torch.get_rng_state(),
                 global_params.state_dict(), {c.cid: c.local_head.state_dict() for c in fed.clients},
@@ -196,10 +197,9 @@ def evaluate(method: Method, model: SplitViT, params: torch.nn.Module, data, bat
     """Top-1 accuracy and mean cross-entropy of the full model on `data` (not a protocol step),
     with the privacy defence applied as a client using the model would apply it (seeded by `seed`)."""
     correct, loss, seen = 0, 0.0, 0
-    generator = torch.Generator().manual_seed(seed)
-    for images, labels in DataLoader(data, batch_size=max(batch_size, 128)):
-        images, labels = images.to(device), labels.to(device)
-        logits = method.logits(model, params, images, generator)
+    forward = functools.partial(method.logits, model, params)
+    for logits, labels in logits_of(forward, data, batch_size, device, seed):
+        labels = labels.to(device)
         correct += (logits.argmax(dim=-1) == labels).sum().item()
         loss += F.cross_entropy(logits, labels, reduction="sum").item()
         seen += len(labels)
@@ -226,14 +226,16 @@ def summarise(config: Config, history: list[dict], wall_seconds: float) -> dict:
     }
 
 
-def save_checkpoint(path: Path, params: torch.nn.Module, config: Config, round_: int,
+def save_checkpoint(path: Path, params: torch.nn.Module, config: Config, round_: int, classes: list[str],
                     body: torch.nn.Module | None = None) -> None:
-    """The global trainable state (and the body, when it trains), with its config (write, then rename)."""
+    """The global trainable state (and the body, when it trains), with its config and class names, so
+    that `predict.load_run` rebuilds the model from this file alone (write, then rename)."""
     partial = path.with_suffix(".partial")
     state = {name: t.detach().cpu().contiguous() for name, t in params.state_dict().items()}
     if body is not None:
         state |= {f"body.{name}": t.detach().cpu().contiguous() for name, t in body.state_dict().items()}
-    save_file(state, str(partial), metadata={"config": json.dumps(config.to_dict()), "round": str(round_)})
+    save_file(state, str(partial), metadata={"config": json.dumps(config.to_dict()), "round": str(round_),
+                                             "classes": json.dumps(classes)})
     partial.replace(path)
 
 
