@@ -11,7 +11,7 @@ from sfprompt.defence import Defence, activation_epsilon
 from sfprompt.model import SplitViT, create_vit
 from sfprompt.runner import run
 
-from test_flower_inline import InlineGrid, flower_task_identity, records, run_inline  # noqa: F401 (a fixture)
+from test_flower_inline import InlineGrid, flower_task_identity, node_disks, records, run_inline  # noqa: F401 (fixtures)
 from test_runner import tiny_config
 
 
@@ -111,7 +111,7 @@ def test_pooling_beyond_the_patch_grid_is_refused():
 DEFENDED = dict(pool_tokens=1, shuffle_tokens=True, clip_norm=5.0, noise_multiplier=0.1, label_epsilon=2.0)
 
 
-def test_defences_run_in_process_and_under_flower(imagefolder, tmp_path, flower_task_identity):
+def test_defences_run_in_process_and_under_flower(imagefolder, tmp_path, flower_task_identity, node_disks):
     """Given the same private seeds (a node's `private-seed`), the Flower apps give the in-process result."""
     config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, image_size=64, **DEFENDED)
     plain = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, image_size=64,

@@ -1,6 +1,7 @@
 """The Flower ServerApp and ClientApp code paths without Ray: a grid that hands each message to the
-ClientApp's handler in this process (one Context per node, kept across rounds), with the body
-channel on loopback. Fast enough to inject every kind of client failure."""
+ClientApp's handler in this process (one Context per node, kept across rounds; a new grid is a new
+`flwr run`, with fresh Contexts, on the same node disks), with the body channel on loopback. Fast
+enough to inject every kind of client failure."""
 
 import json
 
@@ -49,10 +50,17 @@ class InlineGrid:
 
 
 @pytest.fixture(autouse=True)
+def node_disks(tmp_path, monkeypatch):
+    """Each SuperNode's default state dir, inside the test's folder (one disk per partition)."""
+    monkeypatch.setattr(client_app, "STATE_DIR", tmp_path / "supernodes")
+    return tmp_path / "supernodes"
+
+
+@pytest.fixture(autouse=True)
 def flower_task_identity(monkeypatch):
     """Flower stamps messages with the running task's identity; outside Flower we set one."""
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def run_inline(config, grid):
@@ -126,14 +134,28 @@ def test_every_partition_needs_exactly_one_node():
         find_partitions(grid, wait_s=1)
 
 
-def test_a_restarted_server_app_resumes_from_its_checkpoint(imagefolder, tmp_path):
-    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=3)
+def test_a_resumed_flower_run_ends_equal_to_an_uninterrupted_one(imagefolder, tmp_path, monkeypatch):
+    """The ServerApp dies in round 3 after its clients trained (and kept their private classifiers);
+    the resumed run is a new `flwr run` with fresh Contexts, whose nodes find their classifiers on
+    disk as they stood after round 2, the last checkpointed."""
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=4)
     run_inline(config.replace(out=str(tmp_path / "straight")), InlineGrid(3))
-    nodes = InlineGrid(3)  # the SuperNodes live on (their private classifiers with them)
-    run_inline(config.replace(rounds=2, out=str(tmp_path / "resumed")), nodes)
+    end_round, rounds = FlowerRuntime.end_round, []
+
+    def dying_in_round_3(self):
+        rounds.append(1)
+        if len(rounds) == 3:
+            raise KeyboardInterrupt("the ServerApp is killed")
+        end_round(self)
+
+    monkeypatch.setattr(FlowerRuntime, "end_round", dying_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_inline(config.replace(out=str(tmp_path / "resumed")), InlineGrid(3))
+    monkeypatch.setattr(FlowerRuntime, "end_round", end_round)
+    nodes = InlineGrid(3)  # a new `flwr run`: fresh Contexts on the same node disks
     find = find_partitions(nodes, wait_s=5)
     run(config.replace(out=str(tmp_path / "resumed")), progress=False, log=lambda _: None, resume=True,
-        runtime=lambda fed: FlowerRuntime(fed, nodes, find, FlowerOptions()))
+        runtime=lambda fed: FlowerRuntime(fed, nodes, find, FlowerOptions(resume=True)))
     straight, resumed = records(tmp_path / "straight"), records(tmp_path / "resumed")
     assert [r["accuracy"] for r in straight] == [r["accuracy"] for r in resumed]
     a, b = load_file(tmp_path / "straight" / "global.safetensors"), load_file(tmp_path / "resumed" / "global.safetensors")
@@ -156,13 +178,24 @@ def test_the_server_waits_for_a_late_supernode():
     assert find_partitions(grid, wait_s=10) == {0: 100, 1: 101, 2: 102}
 
 
-def test_a_node_draws_its_own_private_seed_once_unless_its_node_config_names_one():
-    fresh = [Context(run_id=1, node_id=k, state=RecordDict(), run_config={}, node_config={}) for k in range(2)]
-    seeds = [client_app.node_private_seed(context) for context in fresh]
+def node(partition: int, **node_config) -> Context:
+    """A fresh Context, as each `flwr run` gives a SuperNode."""
+    return Context(run_id=1, node_id=partition, state=RecordDict(), run_config={},
+                   node_config={"partition-id": partition, "num-partitions": 3, **node_config})
+
+
+def test_a_node_draws_its_own_private_seed_once_unless_its_node_config_names_one(tmp_path):
+    seeds = [client_app.NodeState(node(k)).private_seed() for k in range(2)]
     assert seeds[0] != seeds[1]  # from the operating system's entropy, not from anything the server sent
-    assert [client_app.node_private_seed(context) for context in fresh] == seeds  # kept in the node's state
-    named = Context(run_id=1, node_id=3, state=RecordDict(), run_config={}, node_config={"private-seed": 42})
-    assert client_app.node_private_seed(named) == 42
+    assert [client_app.NodeState(node(k)).private_seed() for k in range(2)] == seeds  # kept on the node's disk
+    assert client_app.NodeState(node(0, **{"state-dir": str(tmp_path / "elsewhere")})).private_seed() != seeds[0]
+    assert oct((tmp_path / "supernodes" / "partition-0" / "private-seed").stat().st_mode)[-3:] == "600"
+    assert client_app.NodeState(node(2, **{"private-seed": 42})).private_seed() == 42
+
+
+def test_a_node_refuses_a_run_key_that_is_not_a_name():
+    with pytest.raises(ValueError, match="not 32 hex digits"):
+        client_app.NodeState(node(0)).local_head("../../etc", 2)
 
 
 def _inflated(record):

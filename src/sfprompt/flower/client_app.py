@@ -1,18 +1,23 @@
 """The Flower ClientApp: one client's round, run by the same `Client` code as the in-process runtime.
 
 The server sends the run's resolved config, so a client rebuilds exactly the server's data
-partition and frozen model (`federation.prepare`) and picks its own partition; its private local
-classifier persists between rounds in `Context.state`. Split-training batches go to the body server
-over the body channel; the upload and this client's measurements go back as a Flower reply.
+partition and frozen model (`federation.prepare`) and picks its own partition. What the node keeps
+(its private seed, and its private local classifier after each round) lives on its own disk
+(`NodeState`), so a new `flwr run` that resumes a run finds it. Split-training batches go to the
+body server over the body channel; the upload and this client's measurements go back as a Flower reply.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import secrets
+from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from safetensors.torch import load_file, save_file
 
 from ..channel import ChannelLink
 from ..client import ClientFailure
@@ -22,19 +27,67 @@ from ..federation import prepare
 from ..transport import SessionLink
 
 app = ClientApp()
-LOCAL_HEAD = "sfprompt.local-head"
-PRIVATE_SEED = "sfprompt.private-seed"
+STATE_DIR = Path("~/.cache/sfprompt/supernode")  # a node's default state-dir: STATE_DIR/partition-K
 
 
-def node_private_seed(context: Context) -> int:
-    """The secret behind this node's defence randomness (noise, shuffles, randomized labels): its node
-    config's `private-seed` when set (a reproducible experiment), otherwise drawn once from the
-    operating system's entropy and kept in the node's state. The server never sees it."""
-    if "private-seed" in context.node_config:
-        return int(context.node_config["private-seed"])
-    if PRIVATE_SEED not in context.state:
-        context.state[PRIVATE_SEED] = ConfigRecord({"seed": secrets.randbits(63)})
-    return int(context.state[PRIVATE_SEED]["seed"])
+class NodeState:
+    """What a SuperNode keeps on its own disk, in its node config's `state-dir` (default
+    ~/.cache/sfprompt/supernode/partition-K): its private seed, and for each run (a key the ServerApp
+    keeps with the run, so a resumed run finds it) its private local classifier after each round it
+    trained in. Flower gives every `flwr run` a fresh Context, so nothing that must outlive one run
+    may live there."""
+
+    def __init__(self, context: Context) -> None:
+        partition, _ = node_partition(context)
+        self.root = Path(str(context.node_config.get("state-dir") or STATE_DIR / f"partition-{partition}")).expanduser()
+        self.node_config = context.node_config
+
+    def private_seed(self) -> int:
+        """The secret behind this node's defence randomness (noise, shuffles, randomized labels): its node
+        config's `private-seed` when set (a reproducible experiment), otherwise drawn once from the
+        operating system's entropy and kept in the state dir (readable by its owner only), so that
+        randomized labels are the same draw in every round and run. The server never sees it."""
+        if "private-seed" in self.node_config:
+            return int(self.node_config["private-seed"])
+        path = self.root / "private-seed"
+        if not path.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            partial.write_text(str(secrets.randbits(63)))
+            os.chmod(partial, 0o600)
+            partial.replace(path)
+        return int(path.read_text())
+
+    def local_head(self, run_key: str, round_: int) -> tuple[int, dict | None]:
+        """(round, state) of the local classifier as it stood before `round_`: the latest saved in an
+        earlier round of this run ((0, None) if none; later rounds were a crashed attempt)."""
+        saved = [r for r in self._rounds(run_key) if r < round_]
+        if not saved:
+            return 0, None
+        return max(saved), load_file(self._file(run_key, max(saved)))
+
+    def save_local_head(self, run_key: str, round_: int, state: dict, start: int) -> None:
+        """Keep the classifier after `round_` (write, then rename) and forget rounds before `start`,
+        the one this round began from (which a retried round needs)."""
+        path = self._file(run_key, round_)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path.with_suffix(".partial")))
+        path.with_suffix(".partial").replace(path)
+        for old in self._rounds(run_key):
+            if old < start:
+                self._file(run_key, old).unlink(missing_ok=True)
+
+    def _rounds(self, run_key: str) -> list[int]:
+        files = self._folder(run_key).glob("local-head-round-*.safetensors")
+        return [int(p.stem.removeprefix("local-head-round-")) for p in files]
+
+    def _file(self, run_key: str, round_: int) -> Path:
+        return self._folder(run_key) / f"local-head-round-{round_}.safetensors"
+
+    def _folder(self, run_key: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{32}", run_key):  # the server names a folder here: only a plain name
+            raise ValueError(f"run key {run_key!r} is not 32 hex digits")
+        return self.root / run_key
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -67,9 +120,11 @@ def train(msg: Message, context: Context) -> Message:
     if fed.method.split:
         fed.model.drop_body()  # it runs on the body server; a client only keeps what it runs
     client = fed.clients[int(task["partition"])]
-    client.private_seed = node_private_seed(context)
-    if LOCAL_HEAD in context.state:
-        client.local_head.load_state_dict(context.state[LOCAL_HEAD].to_torch_state_dict())
+    state, run_key, round_ = NodeState(context), str(task["run-key"]), int(task["round"])
+    client.private_seed = state.private_seed()
+    start, local_head = state.local_head(run_key, round_)
+    if local_head is not None:
+        client.local_head.load_state_dict(local_head)
     root = task["body-root-certificate"] or None
     try:
         with ChannelLink(task["body-address"], task["body-token"], fed.meter, fed.device,
@@ -81,6 +136,6 @@ def train(msg: Message, context: Context) -> Message:
     except ClientFailure as failure:  # the server drops this client from the round, and says why
         reply = ConfigRecord({"failure": json.dumps(failure.record()), "meter": json.dumps(fed.meter.counts())})
         return Message(RecordDict({"sfprompt": reply}), reply_to=msg)
-    context.state[LOCAL_HEAD] = ArrayRecord(client.local_head.state_dict())
+    state.save_local_head(run_key, round_, client.local_head.state_dict(), start)
     reply = ConfigRecord({"upload": upload, "meter": json.dumps(fed.meter.counts())})
     return Message(RecordDict({"sfprompt": reply}), reply_to=msg)

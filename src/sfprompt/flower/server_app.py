@@ -9,7 +9,9 @@ their measurements. Sampling, FedAvg, evaluation, metrics and checkpoints are th
 from __future__ import annotations
 
 import json
+import secrets
 import time
+from pathlib import Path
 from logging import INFO
 from typing import Any, Mapping
 
@@ -34,6 +36,7 @@ class FlowerRuntime:
 
     def __init__(self, fed: Federation, grid: Grid, nodes: dict[int, int], options: FlowerOptions) -> None:
         self.fed, self.grid, self.nodes, self.options = fed, grid, nodes, options
+        self._run_key: str | None = None
         tls = options.tls()
         self.body = BodyServer(fed.model, fed.meter, fed.device,
                                body_optimizer(fed.settings) if fed.config.train_body else None,
@@ -57,6 +60,7 @@ class FlowerRuntime:
             task = ConfigRecord({
                 "global": broadcast, "config": config, "partition": cid, "round": round_,
                 "seed": client_seed(fed.config.seed, round_, cid), "session": self.body.admit(str(cid)),
+                "run-key": self.run_key(),
                 "body-address": self.public_address,
                 "body-token": self.token, "body-root-certificate": self.root_certificate,
                 "body-timeout-s": self.options.body_timeout_s,
@@ -81,6 +85,18 @@ class FlowerRuntime:
                 dropped.append({"client": cid, "phase": failure["phase"], "reason": failure["reason"]})
                 self.body.forget(str(cid))
         return [uploads[self.nodes[cid]] for cid in cids if self.nodes[cid] in uploads], dropped
+
+    def run_key(self) -> str:
+        """The run's name on the SuperNodes (where they keep its private classifiers): new for a new run,
+        the same when it resumes; kept in the run folder (`node-state-key`)."""
+        path = Path(self.fed.config.out) / "node-state-key"
+        if self._run_key is None:
+            if self.options.resume and path.is_file():
+                self._run_key = path.read_text().strip()
+            else:
+                self._run_key = secrets.token_hex(16)
+                path.write_text(self._run_key)
+        return self._run_key
 
     def _upload(self, reply: Message, partition_size: int) -> Payload:
         """The upload in a ClientApp's reply, after adding its measurements to the run's meter.
