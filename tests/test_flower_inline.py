@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from sfprompt.client import Client
 from sfprompt.codec import decode, encode
 from sfprompt.config import ConfigError
-from sfprompt.federation import private_seed
+from sfprompt.federation import prepare, private_seed
 from sfprompt.flower import client_app
 from sfprompt.flower.server_app import FlowerRuntime, find_partitions
 from sfprompt.flower.settings import FlowerOptions
@@ -234,3 +234,24 @@ def test_a_malformed_reply_drops_its_client_not_the_server_app(imagefolder, tmp_
     (dropped,) = records(tmp_path / "run")[0]["dropped"]
     assert dropped["client"] == 1 and dropped["phase"] == phase and reason in dropped["reason"]
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "run" / "global.safetensors").values())
+
+
+def test_the_uncounted_control_fields_are_as_small_as_the_readme_says(imagefolder, tmp_path):
+    """Bytes are counted for the codec's payloads; under Flower the control fields beside them (task:
+    config, partition, seeds, session, token, ...; reply: the measurements) are not. README: about
+    1.2 KB down and 0.3 KB up per client and round, plus the root certificate with TLS."""
+    grid = InlineGrid(3)
+    fed = prepare(tiny_config(imagefolder, tmp_path, clients=3))
+    runtime = FlowerRuntime(fed, grid, find_partitions(grid, wait_s=5), FlowerOptions())
+    try:
+        task = runtime.task(0, 1, b"")
+        down = sum(len(key) + len(str(value).encode()) for key, value in task.items() if key != "global")
+        assert 800 < down < 1536
+        for direction, phase in (("up", "split"), ("down", "split"), ("up", "upload"), ("down", "broadcast")):
+            fed.meter.count_message(direction, phase, b"x" * 10**7)
+        for phase in ("local", "prune", "split"):
+            fed.meter.flops["client", phase] += 10**15
+        up = len(json.dumps(fed.meter.counts()).encode()) + len("meter")  # a round's measurements, as sent
+        assert up < 512
+    finally:
+        runtime.close()

@@ -53,20 +53,11 @@ class FlowerRuntime:
     def train(self, round_: int, cids: list[int], global_params) -> tuple[list[Payload], list[dict]]:
         fed = self.fed
         broadcast = encode(Payload("global", dict(global_params.state_dict())))
-        config = json.dumps(fed.config.to_dict())
         messages = []
         for cid in cids:
             fed.meter.count_message(DOWN, "broadcast", broadcast)
-            task = ConfigRecord({
-                "global": broadcast, "config": config, "partition": cid, "round": round_,
-                "seed": client_seed(fed.config.seed, round_, cid), "session": self.body.admit(str(cid)),
-                "run-key": self.run_key(),
-                "body-address": self.public_address,
-                "body-token": self.token, "body-root-certificate": self.root_certificate,
-                "body-timeout-s": self.options.body_timeout_s,
-            })
-            messages.append(Message(RecordDict({"sfprompt": task}), dst_node_id=self.nodes[cid],
-                                    message_type=MessageType.TRAIN))
+            messages.append(Message(RecordDict({"sfprompt": self.task(cid, round_, broadcast)}),
+                                    dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN))
         timeout = fed.config.client_timeout_s
         uploads, failures = {}, {}
         partition = {node: cid for cid, node in self.nodes.items()}
@@ -86,6 +77,18 @@ class FlowerRuntime:
                 self.body.forget(str(cid))
         return [uploads[self.nodes[cid]] for cid in cids if self.nodes[cid] in uploads], dropped
 
+    def task(self, cid: int, round_: int, broadcast: bytes) -> ConfigRecord:
+        """What a client gets for a round: the broadcast (counted as the in-process runtime counts it)
+        and the control fields beside it (the run's config, its partition, seeds, session, body
+        address, token and certificate; about 1.2 KB, more with a certificate), which are not counted."""
+        return ConfigRecord({
+            "global": broadcast, "config": json.dumps(self.fed.config.to_dict()), "partition": cid, "round": round_,
+            "seed": client_seed(self.fed.config.seed, round_, cid), "session": self.body.admit(str(cid)),
+            "run-key": self.run_key(), "body-address": self.public_address,
+            "body-token": self.token, "body-root-certificate": self.root_certificate,
+            "body-timeout-s": self.options.body_timeout_s,
+        })
+
     def run_key(self) -> str:
         """The run's name on the SuperNodes (where they keep its private classifiers): new for a new run,
         the same when it resumes; kept in the run folder (`node-state-key`)."""
@@ -95,6 +98,7 @@ class FlowerRuntime:
                 self._run_key = path.read_text().strip()
             else:
                 self._run_key = secrets.token_hex(16)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(self._run_key)
         return self._run_key
 
