@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from sfprompt.channel import BodyChannelServer, ChannelError, ChannelLink
-from sfprompt.codec import Message
+from sfprompt.codec import Message, ProtocolError
 from sfprompt.meter import Meter
-from sfprompt.server import BodyServer, ProtocolError
+from sfprompt.server import BodyServer
 from sfprompt.transport import InProcessLink, SessionLink
 
 from conftest import tiny_split

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import torch
 
-from sfprompt.codec import CodecError, Message, decode, encode
+from sfprompt.codec import CodecError, Message, ProtocolError, decode, encode
 from sfprompt.meter import Meter
-from sfprompt.server import BodyServer, ProtocolError
+from sfprompt.server import BodyServer
 
 from conftest import tiny_split
 

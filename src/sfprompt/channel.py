@@ -19,9 +19,9 @@ from concurrent import futures
 import grpc
 import torch
 
-from .codec import MAX_PAYLOAD_BYTES, CodecError, Message, decode, encode
+from .codec import MAX_PAYLOAD_BYTES, CodecError, Message, ProtocolError, decode, encode
 from .meter import DOWN, UP, Meter, PeakMemory
-from .server import BodyServer, ProtocolError
+from .server import BodyServer
 from .transport import decode_held, encode_held
 
 METHOD = "/sfprompt.BodyChannel/Exchange"

@@ -1,7 +1,7 @@
 """A simulated client: its data, its private state, and the phases every method is composed of.
 
 In the split methods a client never holds the body: it holds a reference to the shared frozen head,
-its own copy of the global prompts and tail for the round, an optimiser, and a private local
+its own copy of the global prompts and tail for the round, an optimiser per phase, and a private local
 classifier that persists across rounds (SFPrompt's local loss). Which phases run is the method's
 choice (`methods/`); how each phase trains, counts and talks to the server is decided here, once.
 """
@@ -12,7 +12,7 @@ import copy
 import functools
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -20,16 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .codec import Message
+from .codec import Message, ProtocolError
 from .meter import CLIENT, Meter, PeakMemory
+from .optim import build_optimizer
 from .model import ClientParams, SplitViT
 from .pruning import el2n, hardest
-from .server import ProtocolError
 from .transport import Link, encode_held
-
-if TYPE_CHECKING:
-    from .methods import Method
-
 
 @dataclass
 class RoundContext:
@@ -47,6 +43,17 @@ class RoundContext:
     memory: PeakMemory
     deadline: float | None = None  # time.monotonic() by which the round must be done
     phase: str = "start"  # the phase running now, reported if the client fails
+
+
+class RoundPlan(Protocol):
+    """What a client needs of a method (`methods.Method` is one): its trainable state, the frozen modules
+    a client holds, and which phases run. Methods use the client, never the other way round."""
+
+    def new_params(self, model: SplitViT) -> nn.Module: ...
+
+    def client_holds(self, model: SplitViT) -> tuple[nn.Module, ...]: ...
+
+    def client_round(self, client: "Client", ctx: RoundContext) -> dict: ...
 
 
 class ClientFailure(RuntimeError):
@@ -136,7 +143,7 @@ class Client:
     def num_examples(self) -> int:
         return len(self.data)
 
-    def run_round(self, method: "Method", global_state: Message, link: Link, seed: int,
+    def run_round(self, method: RoundPlan, global_state: Message, link: Link, seed: int,
                   timeout_s: float | None = None) -> bytes:
         """This client's part of a round, as the method composes it; returns its upload, encoded.
 
@@ -300,18 +307,6 @@ def _expect(reply: Message, kind: str, name: str, shape) -> torch.Tensor:
     if not bool(torch.isfinite(tensor).all()):
         raise ProtocolError(f"{name} holds non-finite values")
     return tensor
-
-
-def build_optimizer(groups: list[dict], settings: TrainSettings) -> torch.optim.Optimizer:
-    """The configured optimiser (--optimizer, --momentum, --weight-decay) over parameter groups."""
-    if settings.optimizer == "adam":
-        return torch.optim.Adam(groups, weight_decay=settings.weight_decay)
-    return torch.optim.SGD(groups, momentum=settings.momentum, weight_decay=settings.weight_decay)
-
-
-def body_optimizer(settings: TrainSettings) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    """How the server trains a body copy (SplitFed --train-body): the client optimiser at --backbone-lr."""
-    return lambda body: build_optimizer([{"params": list(body.parameters()), "lr": settings.backbone_lr}], settings)
 
 
 def _mean(losses: list[float]) -> float | None:

@@ -25,6 +25,11 @@ class CodecError(ValueError):
     """A payload that is not a well-formed sfprompt message."""
 
 
+class ProtocolError(RuntimeError):
+    """A well-formed message that its receiver cannot act on (unknown kind, backward without forward,
+    bad shape): raised by the body server on requests and by a client on replies."""
+
+
 @dataclass
 class Message:
     kind: str

@@ -11,12 +11,12 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from .client import Client, ClientFailure, body_optimizer
+from .client import Client, ClientFailure
 from .codec import Message
 from .federation import Federation, client_seed
 from .meter import DOWN, UP
 from .methods import Method
-from .server import BodyServer
+from .server import BodyServer, body_optimizer
 from .transport import InProcessLink, SessionLink
 
 

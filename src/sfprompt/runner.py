@@ -68,7 +68,7 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
 
 
 def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started: float, resume: bool) -> dict:
-    config, method, meter = fed.config, fed.method, fed.meter
+    config, method = fed.config, fed.method
     global_params = method.new_params(fed.model).to(fed.device)
     sampler = np.random.default_rng(config.seed)
     out = Path(config.out)
@@ -85,51 +85,13 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     _write_text(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
     with open(out / "metrics.jsonl", "a") as metrics_file:
         for round_ in range(len(history) + 1, config.rounds + 1):
-            round_started = time.perf_counter()
             sampled = sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
-            if method.sequential:  # each client starts from the previous one's (validated) result, no averaging
-                updates, dropped = [], []
-                for cid in sampled:
-                    done, failed = _valid_updates(*executor.train(round_, [cid], global_params), global_params)
-                    updates, dropped = updates + done, dropped + failed
-                    if done:
-                        global_params.load_state_dict(done[-1].tensors)
-            else:
-                updates, dropped = _valid_updates(*executor.train(round_, sampled, global_params), global_params)
-            for failure in dropped:
-                log(f"round {round_}: dropped client {failure['client']} (phase {failure['phase']}): {failure['reason']}")
-            if len(updates) < config.min_clients:
-                raise RoundFailed(f"round {round_}: {len(updates)} of {len(sampled)} clients finished, fewer than "
-                                  f"--min-clients {config.min_clients}; nothing was aggregated, and `sfprompt run "
-                                  f"--resume {out}` retries the round")
-            executor.end_round()
-            weights = [u.meta["num_examples"] for u in updates]
-            if not method.sequential:
-                global_params.load_state_dict(fedavg([u.tensors for u in updates], weights))
-            accuracy, loss = evaluate(method, fed.model, global_params, fed.test, config.batch_size, fed.device,
-                                      config.seed)
-            record = {
-                "round": round_,
-                "accuracy": accuracy,
-                "loss": loss,
-                "train_loss": _mean([u.meta["train_loss"] for u in updates], weights),
-                "local_loss": _mean([u.meta.get("local_loss") for u in updates], weights),  # None: no local phase
-                **meter.take(),
-                "clients": sampled,
-                "dropped": dropped,
-                "kept_samples": sum(u.meta["kept"] for u in updates),
-                "seconds": time.perf_counter() - round_started,
-            }
+            record = _round(fed, executor, round_, sampled, global_params, log)
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-            body = fed.model.body if config.train_body else None
-            save_checkpoint(out / "global.safetensors", global_params, config, round_, fed.data.classes, body)
-            checkpoint.save(out, checkpoint.RunState(  # nothing lost on a crash: `--resume` continues here
-                round_, config.to_dict(), history, sampler.bit_generator.state, torch.get_rng_state(),
-                global_params.state_dict(), {c.cid: c.local_head.state_dict() for c in fed.clients},
-                body.state_dict() if body is not None else None))
-            log(f"round {round_}/{config.rounds}: accuracy {accuracy:.4f}  test loss {loss:.4f}  "
+            _persist(fed, out, history, global_params, sampler)
+            log(f"round {round_}/{config.rounds}: accuracy {record['accuracy']:.4f}  test loss {record['loss']:.4f}  "
                 f"up {record['bytes_up'] / 1e6:.1f} MB  down {record['bytes_down'] / 1e6:.1f} MB  "
                 f"client {record['client_flops'] / 1e9:.1f} GFLOP  server {record['server_flops'] / 1e9:.1f} GFLOP  "
                 f"({record['seconds']:.0f} s)")
@@ -139,6 +101,59 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     log(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
         f"results in {out.resolve()}")
     return summary
+
+
+def _round(fed: Federation, executor: Runtime, round_: int, sampled: list[int], global_params: torch.nn.Module,
+           log: Callable[[str], None]) -> dict:
+    """One round: the sampled clients train, their valid uploads are aggregated into `global_params`
+    (in place), and the result is evaluated; returns the round's metrics record."""
+    config, method = fed.config, fed.method
+    started = time.perf_counter()
+    if method.sequential:  # each client starts from the previous one's (validated) result, no averaging
+        updates, dropped = [], []
+        for cid in sampled:
+            done, failed = _valid_updates(*executor.train(round_, [cid], global_params), global_params)
+            updates, dropped = updates + done, dropped + failed
+            if done:
+                global_params.load_state_dict(done[-1].tensors)
+    else:
+        updates, dropped = _valid_updates(*executor.train(round_, sampled, global_params), global_params)
+    for failure in dropped:
+        log(f"round {round_}: dropped client {failure['client']} (phase {failure['phase']}): {failure['reason']}")
+    if len(updates) < config.min_clients:
+        raise RoundFailed(f"round {round_}: {len(updates)} of {len(sampled)} clients finished, fewer than "
+                          f"--min-clients {config.min_clients}; nothing was aggregated, and `sfprompt run "
+                          f"--resume {config.out}` retries the round")
+    executor.end_round()
+    weights = [u.meta["num_examples"] for u in updates]
+    if not method.sequential:
+        global_params.load_state_dict(fedavg([u.tensors for u in updates], weights))
+    accuracy, loss = evaluate(method, fed.model, global_params, fed.test, config.batch_size, fed.device, config.seed)
+    return {
+        "round": round_,
+        "accuracy": accuracy,
+        "loss": loss,
+        "train_loss": _mean([u.meta["train_loss"] for u in updates], weights),
+        "local_loss": _mean([u.meta.get("local_loss") for u in updates], weights),  # None: no local phase
+        **fed.meter.take(),
+        "clients": sampled,
+        "dropped": dropped,
+        "kept_samples": sum(u.meta["kept"] for u in updates),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _persist(fed: Federation, out: Path, history: list[dict], global_params: torch.nn.Module,
+             sampler: np.random.Generator) -> None:
+    """After a round: the user's model file and the checkpoint `--resume` continues from (nothing lost
+    on a crash)."""
+    config, round_ = fed.config, len(history)
+    body = fed.model.body if config.train_body else None
+    save_checkpoint(out / "global.safetensors", global_params, config, round_, fed.data.classes, body)
+    checkpoint.save(out, checkpoint.RunState(
+        round_, config.to_dict(), history, sampler.bit_generator.state, torch.get_rng_state(),
+        global_params.state_dict(), {c.cid: c.local_head.state_dict() for c in fed.clients},
+        body.state_dict() if body is not None else None))
 
 
 def _valid_updates(updates: list[Message], dropped: list[dict], global_params: torch.nn.Module):

@@ -29,13 +29,16 @@ import torch
 from torch import nn
 
 from .aggregate import fedavg
-from .codec import Message
+from .codec import Message, ProtocolError
 from .meter import SERVER, Meter
 from .model import SplitViT
+from .optim import build_optimizer
 
 
-class ProtocolError(RuntimeError):
-    """A message the server cannot act on (unknown kind, backward without forward, bad shape)."""
+def body_optimizer(settings) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    """How the server trains a body copy (SplitFed --train-body): the client optimiser (--optimizer,
+    --momentum, --weight-decay of the run's `TrainSettings`) at --backbone-lr."""
+    return lambda body: build_optimizer([{"params": list(body.parameters()), "lr": settings.backbone_lr}], settings)
 
 
 class BodyServer:

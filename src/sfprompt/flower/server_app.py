@@ -20,14 +20,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from ..channel import BodyChannelServer
-from ..client import body_optimizer
 from ..codec import Message as Payload
 from ..codec import CodecError, decode, encode
 from ..config import ConfigError
 from ..meter import DOWN, UP
 from ..federation import Federation, client_seed
 from ..runner import run
-from ..server import BodyServer
+from ..server import BodyServer, body_optimizer
 from .settings import FlowerOptions, from_run_config
 
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from ..client import Client, RoundContext
 from ..model import SplitViT
-
-if TYPE_CHECKING:
-    from ..client import Client, RoundContext
 
 
 class Method:
@@ -35,6 +31,6 @@ class Method:
         """The global model's predictions (`generator`: the defence's randomness, if any)."""
         return model.logits(images, params, generator)
 
-    def client_round(self, client: "Client", ctx: "RoundContext") -> dict:
+    def client_round(self, client: Client, ctx: RoundContext) -> dict:
         """One client's work in a round; returns what it reports beside its upload."""
         raise NotImplementedError

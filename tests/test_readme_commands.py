@@ -1,0 +1,80 @@
+"""Every command in README.md's code blocks runs, at a size CI can afford, so that a change cannot
+silently break a documented command again (the README's `sfprompt cost` once failed on its own
+message-size limit). Each command is run as written, with options appended that shrink the data,
+the rounds and the probe (later flags override earlier ones); a command this test does not know
+fails it, so a new command in the README needs a rule here."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sfprompt.cli import main
+
+from conftest import SHARED_DATA, SHARED_WEIGHTS
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+TINY = ["--train-samples", "40", "--test-samples", "20", "--clients", "2", "--clients-per-round", "2", "--rounds", "1",
+        "--image-size", "28", "--no-progress"]
+TINY_AUDIT = ["--images", "4", "--aux-samples", "30", "--gallery", "4", "--steps", "2", "--inversion-epochs", "1"]
+TINY_COST = ["--batch-size", "2", "--probe-samples", "2"]
+# Commands not run here as typed, and why (each is run elsewhere or needs what CI does not have).
+NOT_RUN = {
+    "pip install": "installation: CI itself runs the quick start's install",
+    "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "an environment variable",
+    "pytest": "the test suite itself",
+    "flwr run": "needs a SuperLink; the same ServerApp and ClientApp run in tests/test_flower.py's simulation",
+}
+
+
+def readme_commands() -> list[str]:
+    """Each command of the README's bash blocks: continuation lines joined, `a && b` as two commands,
+    comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for command in re.sub(r"\s+#.*$", "", line).split(" && "):
+                if command.strip() and not command.strip().startswith("#"):
+                    commands.append(re.sub(r"\s+", " ", command.strip()))
+    return commands
+
+
+def test_the_readme_has_the_commands_this_test_knows():
+    commands = readme_commands()
+    assert any(c == "sfprompt run" for c in commands) and any(c.startswith("sfprompt cost") for c in commands)
+
+
+@pytest.mark.parametrize("command", readme_commands(), ids=lambda command: command[:90])
+def test_readme_command_runs(command, tmp_path, monkeypatch):
+    for prefix, reason in NOT_RUN.items():
+        if command.startswith(prefix):
+            pytest.skip(reason)
+    monkeypatch.chdir(tmp_path)  # what a command writes (runs/, data/, cost.json) stays in the test's folder
+    argv = shlex.split(command.replace("[any option of run]", ""))
+    if argv[:2] == ["python", "examples/export_digits.py"]:
+        done = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:]], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert len(list((tmp_path / argv[2] / "train").rglob("*.png"))) > 1000
+        return
+    assert argv[0] == "sfprompt", f"README command with no rule in this test: {command}"
+    if "../shared" in command and not (SHARED_DATA.is_dir() and SHARED_WEIGHTS.is_file()):
+        pytest.skip("needs ../shared (the project's offline data and checkpoint)")
+    argv = [arg.replace("../shared", str(SHARED_DATA.parent)) for arg in argv[1:]]
+    subcommand = argv[0]
+    if any(arg.startswith("data/digits") for arg in argv):
+        subprocess.run([sys.executable, str(ROOT / "examples" / "export_digits.py"), "data/digits"], check=True)
+    if subcommand == "cost":
+        big = "vit_large" in command  # at ViT-L/16, only fl (its 1.2 GB broadcast) and sfprompt: memory and time
+        argv += TINY_COST + (["--methods", "fl,sfprompt"] if big else [])
+    elif "--from" in argv:
+        assert main(["run", *TINY, "--out", "runs/latest"]) == 0  # the finished run the command reads
+        argv += TINY_AUDIT if subcommand == "audit" else ["--no-progress"]
+    else:
+        argv += TINY + (TINY_AUDIT if subcommand == "audit" else [])
+    assert main(argv) == 0, command
