@@ -1,26 +1,53 @@
 #!/usr/bin/env bash
-# Re-runs the measurements quoted in README.md ("Measured"): SFPrompt on Fashion-MNIST with the real
-# pre-trained ViT-S/14 from ../shared (5,000 train / 2,000 test samples, 10 clients, 5 a round),
-# IID for 5 rounds and Dirichlet(0.5) for 10, then the ablations behind the defaults (local classifier,
-# split epochs, per-class pruning, optimiser), and prints the table.
+# The measurements behind README.md's "Measured" and BENCHMARKS.md's "Ablations": SFPrompt on Fashion-MNIST
+# with the real pre-trained ViT-S/14 from ../shared (5,000 train / 2,000 test samples, 10 clients, 5 a
+# round), IID for 5 rounds and Dirichlet(0.5) for 10, then the ablations behind the defaults (local
+# classifier, per-class pruning, split epochs, optimiser), each with every seed in SEEDS; then the
+# table of means and spreads (docs/benchmarks/ablations.md) and BENCHMARKS.md's "Ablations" section.
 #
-#   bash benchmarks/core.sh            # about 65 minutes on two CPU cores
-#   SHARED=/path/to/shared OUT=runs/core bash benchmarks/core.sh
+#   bash benchmarks/core.sh            # about 100 minutes on two CPU cores
+#   SHARED=/path/to/shared OUT=runs/core SEEDS="0 1 2" ROWS="iid iid-sgd" bash benchmarks/core.sh
+#
+# A finished run is not redone, so an interrupted benchmark continues where it stopped. SIZE appends
+# options to every run, TABLE and DOC name the table and the document written (a test runs the
+# script at a tiny size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 OUT=${OUT:-runs/core}
+SEEDS=${SEEDS:-0 1 2}
+ROWS=${ROWS:-iid iid-shared-local-classifier iid-global-pruning iid-split-epochs-1 iid-sgd dirichlet-0.5}
+read -r -a size <<< "${SIZE:-}"
 common=(--dataset fashion-mnist --data-dir "$SHARED/data"
         --weights "$SHARED/models/vit_small_patch14_dinov2.imgfocus.safetensors"
-        --image-size 56 --clients 10 --clients-per-round 5 --train-samples 5000 --test-samples 2000)
+        --image-size 56 --clients 10 --clients-per-round 5 --train-samples 5000 --test-samples 2000
+        --no-progress)
 
-sfprompt run "${common[@]}" --rounds 5 --out "$OUT/iid"
-sfprompt run "${common[@]}" --rounds 10 --alpha 0.5 --out "$OUT/dirichlet-0.5"
-sfprompt run "${common[@]}" --rounds 5 --local-classifier shared --out "$OUT/iid-shared-local-classifier"
-sfprompt run "${common[@]}" --rounds 5 --no-prune-per-class --out "$OUT/iid-global-pruning"
-sfprompt run "${common[@]}" --rounds 5 --seed 1 --out "$OUT/iid-seed-1"
-sfprompt run "${common[@]}" --rounds 5 --seed 1 --no-prune-per-class --out "$OUT/iid-global-pruning-seed-1"
-sfprompt run "${common[@]}" --rounds 5 --split-epochs 1 --out "$OUT/iid-split-epochs-1"
-sfprompt run "${common[@]}" --rounds 5 --split-epochs 1 --no-prune-per-class --out "$OUT/iid-split-epochs-1-global-pruning"
-sfprompt run "${common[@]}" --rounds 5 --optimizer sgd --lr 0.01 --prompt-lr 0.01 --out "$OUT/iid-sgd"
-python benchmarks/table.py "$OUT"/iid "$OUT"/dirichlet-0.5 "$OUT"/iid-*
+options() {  # the options of one row: the defaults, changed in one thing
+  case "$1" in
+    iid) echo "--rounds 5" ;;
+    dirichlet-0.5) echo "--rounds 10 --alpha 0.5" ;;
+    iid-shared-local-classifier) echo "--rounds 5 --local-classifier shared" ;;
+    iid-global-pruning) echo "--rounds 5 --no-prune-per-class" ;;
+    iid-split-epochs-1) echo "--rounds 5 --split-epochs 1" ;;
+    iid-sgd) echo "--rounds 5 --optimizer sgd --lr 0.01 --prompt-lr 0.01" ;;
+    *) echo "unknown row $1" >&2; exit 2 ;;
+  esac
+}
+
+for row in $ROWS; do
+  for seed in $SEEDS; do
+    run="$OUT/$row/seed-$seed"
+    if [ -f "$run/summary.json" ]; then echo "$run: done before"; continue; fi
+    echo "$run ..."
+    mkdir -p "$OUT/$row"
+    # shellcheck disable=SC2046
+    sfprompt run "${common[@]}" $(options "$row") "${size[@]}" --seed "$seed" --out "$run" > "$run.log" 2>&1 \
+      || { echo "$run failed: see $run.log" >&2; exit 1; }
+  done
+done
+mkdir -p docs/benchmarks
+rows=(); for row in $ROWS; do rows+=("$OUT/$row"); done
+TABLE=${TABLE:-docs/benchmarks/ablations.md}
+python benchmarks/table.py "${rows[@]}" | tee "$TABLE"
+python benchmarks/write_benchmarks.py --update-reports "${DOC:-BENCHMARKS.md}" "$TABLE"

@@ -1,33 +1,49 @@
-"""Print a Markdown table of finished runs (each a folder with summary.json and metrics.jsonl).
+"""Print a Markdown table of finished runs, one row per configuration: the mean and spread over its
+seeds (each configuration a folder of `seed-*` runs, each with summary.json and metrics.jsonl).
 
-    python benchmarks/table.py runs/core/*
+    python benchmarks/table.py runs/core/iid runs/core/iid-sgd
 """
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
 
-def row(run: Path) -> str:
-    summary = json.loads((run / "summary.json").read_text())
-    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    curve = " ".join(f"{r['accuracy']:.2f}" for r in rounds)
-    return (f"| {run.name} | {summary['rounds']} | {summary['final_accuracy']:.4f} | {summary['best_accuracy']:.4f} "
-            f"| {curve} | {summary['bytes_up'] / 1e6:.1f} | {summary['bytes_down'] / 1e6:.1f} "
-            f"| {summary['client_flops'] / 1e9:.1f} | {summary['server_flops'] / 1e9:.0f} "
-            f"| {100 * summary['client_flops'] / summary['server_flops']:.2f} % "
-            f"| {summary['client_peak_memory_bytes'] / 2**20:.1f} | {summary['wall_seconds']:.0f} |")
+def spread(values: list[float], digits: int) -> str:
+    """mean ± sample standard deviation (the mean alone for one seed)."""
+    mean = statistics.fmean(values)
+    return f"{mean:.{digits}f}" if len(values) < 2 else f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def row(config: Path) -> str | None:
+    runs = sorted(p for p in config.glob("seed-*") if (p / "summary.json").is_file())
+    if not runs:
+        return None
+    summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
+    curves = [[json.loads(line)["accuracy"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in runs]
+    mean_curve = " ".join(f"{statistics.fmean(accs):.2f}" for accs in zip(*curves))
+    first = summaries[0]  # costs: the same for every seed but for the data each client happens to hold
+    seeds = ",".join(run.name.removeprefix("seed-") for run in runs)
+    return (f"| {config.name} | {seeds} | {first['rounds']} "
+            f"| {spread([s['final_accuracy'] for s in summaries], 3)} | {spread([s['best_accuracy'] for s in summaries], 3)} "
+            f"| {mean_curve} | {statistics.fmean(s['bytes_up'] for s in summaries) / 1e6:.1f} "
+            f"| {statistics.fmean(s['bytes_down'] for s in summaries) / 1e6:.1f} "
+            f"| {statistics.fmean(s['client_flops'] for s in summaries) / 1e9:.1f} "
+            f"| {statistics.fmean(s['server_flops'] for s in summaries) / 1e9:.0f} "
+            f"| {max(s['client_peak_memory_bytes'] for s in summaries) / 2**20:.1f} "
+            f"| {statistics.fmean(s['wall_seconds'] for s in summaries):.0f} |")
 
 
 def main() -> None:
-    runs = [Path(arg) for arg in sys.argv[1:] if (Path(arg) / "summary.json").is_file()]
-    if not runs:
-        sys.exit("usage: table.py RUN_DIR... (folders holding summary.json)")
-    print("| run | rounds | final acc. | best acc. | accuracy per round | MB up | MB down "
-          "| client GFLOP | server GFLOP | client / server FLOPs | client peak MiB | wall s |")
+    rows = [line for line in map(row, map(Path, sys.argv[1:])) if line]
+    if not rows:
+        sys.exit("usage: table.py CONFIG_DIR... (folders of seed-*/ runs holding summary.json)")
+    print("| run | seeds | rounds | final acc. | best acc. | mean accuracy per round | MB up | MB down "
+          "| client GFLOP | server GFLOP | client peak MiB | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for run in runs:
-        print(row(run))
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
