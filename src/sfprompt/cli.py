@@ -84,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: %(default)s)")
     predict.add_argument("--out", metavar="FILE", help="the CSV (default: DIR/predictions.csv)")
     predict.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
-    predict.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
     predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     audit = commands.add_parser("audit", help="attack one client's real messages as an honest-but-curious server "
                                 "would; write audit.json and audit.png to --out (or to the run folder of --from)")
@@ -143,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             predict(Path(args.from_dir), Path(args.images) if args.images else None, args.split,
-                    Path(args.out) if args.out else None, args.device, args.batch_size, not args.no_progress)
+                    Path(args.out) if args.out else None, args.device, not args.no_progress)
         except ConfigError as err:
             return _error(err, 2)
         return 0

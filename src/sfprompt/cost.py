@@ -4,8 +4,7 @@ Nothing is estimated from shapes, and no phase logic is repeated here: each meth
 runs for real (randomly initialised weights of the chosen architecture, random images) on a probe
 just large enough for a full `--batch-size` batch in every phase, two epochs of each phase at most,
 through the same client code, codec and counters as a training run, which count each phase's FLOPs
-and bytes and the samples it processed.
-How many samples each phase processes on a client holding `samples_per_client` samples is counted
+and bytes and the samples it processed. How many samples each phase processes on a client holding `samples_per_client` samples is counted
 the same way, by running the same round on that many samples through a tiny ViT (seconds), with the
 configured pruning (per class over a balanced label mix, as IID data gives). Each phase's costs are
 scaled by the ratio of the two counts; the broadcast and upload do not depend on the data and are
@@ -101,6 +100,8 @@ def _scaled(measured: dict, scale: dict[str, float]) -> dict:
         totals[f"bytes_{direction}"] += value * scale.get(phase, 1.0)
     return {key: int(round(v)) for key, v in totals.items()} | {
         "client_peak_memory_bytes": measured["client_peak_memory_bytes"]}
+
+
 def table(results: dict[str, dict]) -> str:
     reference = results.get("fl")
     lines = ["| method | client GFLOP | server GFLOP | MB up | MB down | client peak MiB (probe batch) "

@@ -121,9 +121,10 @@ def run_split(model: RunModel, split: str) -> Dataset:
     return Subset(Transformed(raw, model.transform), subset_indices(labels, size, config.seed, option).tolist())
 
 
-def predict(folder: Path, images: Path | None, split: str, out: Path | None, device: str, batch_size: int,
+def predict(folder: Path, images: Path | None, split: str, out: Path | None, device: str,
             progress: bool = True) -> float | None:
-    """Write top-1 class and class probabilities to CSV; return the accuracy when labels are known."""
+    """Write top-1 class and class probabilities to CSV; return the accuracy when labels are known.
+    Batches are the run's evaluation batches, so a defence's randomness falls as it did in the run."""
     model = load_run(folder, device)
     if images is not None:
         if not images.is_dir():
@@ -141,7 +142,8 @@ def predict(folder: Path, images: Path | None, split: str, out: Path | None, dev
         writer.writerow(["sample", "label", "predicted", "predicted_class", "probability",
                          *(f"p[{name}]" for name in model.classes)])
         rows = iter(names)
-        for logits, labels in logits_of(model, data, batch_size, resolve_device(device), model.config.seed, progress):
+        for logits, labels in logits_of(model, data, model.config.batch_size, resolve_device(device),
+                                        model.config.seed, progress):
             probabilities = logits.softmax(dim=-1).cpu()
             top = probabilities.argmax(dim=-1)
             for p, k, label in zip(probabilities.tolist(), top.tolist(), labels.tolist()):
