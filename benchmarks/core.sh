@@ -5,7 +5,7 @@
 # classifier, per-class pruning, split epochs, optimiser), each with every seed in SEEDS; then the
 # table of means and spreads (docs/benchmarks/ablations.md) and BENCHMARKS.md's "Ablations" section.
 #
-#   bash benchmarks/core.sh            # about 100 minutes on two CPU cores
+#   bash benchmarks/core.sh            # about 4 hours on two CPU cores (each run 10-25 minutes)
 #   SHARED=/path/to/shared OUT=runs/core SEEDS="0 1 2" ROWS="iid iid-sgd" bash benchmarks/core.sh
 #
 # A finished run is not redone, so an interrupted benchmark continues where it stopped. SIZE appends
