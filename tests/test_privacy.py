@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sfprompt.client import Client
+from sfprompt.codec import decode
 from sfprompt.meter import UP
 from sfprompt.federation import prepare
 from sfprompt.runner import run
@@ -21,12 +22,12 @@ def test_a_client_sends_only_activations_of_kept_samples_gradients_prompts_and_t
                                                                                      client_blocks):
     config = tiny_config(imagefolder, tmp_path, rounds=1, clients=3, clients_per_round=3, client_blocks=client_blocks)
     sent, seen_images, seen_labels = [], [], []
-    send, loader = InProcessLink.send, Client._loader
+    deliver, loader = InProcessLink.deliver, Client._loader
 
-    def recording_send(self, message, direction, phase):
-        if direction == UP:  # everything a client hands to the network (uploads and split requests)
-            sent.append(message)
-        return send(self, message, direction, phase)
+    def recording_deliver(self, payload, direction, phase, memory=None):
+        if direction == UP:  # every payload a client puts on the network (uploads and split requests), as sent
+            sent.append(decode(payload))
+        return deliver(self, payload, direction, phase, memory)
 
     def recording_loader(self, data, ctx, shuffle=True):
         for batch in loader(self, data, ctx, shuffle):
@@ -34,7 +35,7 @@ def test_a_client_sends_only_activations_of_kept_samples_gradients_prompts_and_t
             seen_labels.append(batch[1])
             yield batch
 
-    monkeypatch.setattr(InProcessLink, "send", recording_send)
+    monkeypatch.setattr(InProcessLink, "deliver", recording_deliver)
     monkeypatch.setattr(Client, "_loader", recording_loader)
     run(config, progress=False, log=lambda _: None)
 
