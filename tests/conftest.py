@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +15,27 @@ from PIL import Image
 from sfprompt.defence import Defence
 from sfprompt.model import SplitViT, create_vit
 
+ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_WEIGHTS = SHARED / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"
 SHARED_DATA = SHARED / "data"
+
+
+# Options that shrink any run to seconds, and an audit of it (the README's commands and the benchmarks, at CI size).
+TINY_RUN = ["--train-samples", "40", "--test-samples", "20", "--clients", "2", "--clients-per-round", "2", "--rounds", "1",
+            "--image-size", "28"]
+TINY_AUDIT = ["--images", "4", "--aux-samples", "30", "--gallery", "4", "--steps", "2", "--inversion-epochs", "1"]
+
+
+def run_benchmark(script: str, tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
+    """`bash benchmarks/SCRIPT` at a tiny size (SIZE, and AUDIT_SIZE for audits) with ../shared, its runs
+    under `tmp_path`, this environment's `sfprompt`, and the script's own `variables`."""
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "SHARED": str(SHARED), "OUT": str(tmp_path / "runs"),
+        "SIZE": " ".join(TINY_RUN), "AUDIT_SIZE": " ".join(TINY_AUDIT), **variables,
+    }
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / script)], env=env, capture_output=True, text=True)
 
 
 def tiny_split(model: str = "test_vit", prompts: int = 3, client_blocks: int = 0, num_classes: int = 4, seed: int = 0,

@@ -1,10 +1,6 @@
 """`sfprompt audit`: the attacks are strong enough to be believed, and each defence is attacked as it runs."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,9 +9,7 @@ from sfprompt.cli import main
 from sfprompt.config import Config, ConfigError
 from sfprompt.runner import run
 
-from conftest import SHARED, SHARED_DATA, SHARED_WEIGHTS, write_imagefolder
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import SHARED_DATA, SHARED_WEIGHTS, run_benchmark, write_imagefolder
 
 # Small, quick attacks: enough to tell a protocol that leaks from one that does not.
 QUICK = AuditOptions(images=12, aux_samples=60, gallery=12, steps=40, inversion_epochs=3)
@@ -114,14 +108,7 @@ def test_the_privacy_benchmark_reruns_and_writes_its_table(tmp_path):
     """`bash benchmarks/privacy.sh`, PRIVACY.md's command, end to end at a tiny size: runs, audits, table."""
     document = tmp_path / "PRIVACY.md"
     document.write_text("before\n<!-- privacy-table -->\nstale\n<!-- /privacy-table -->\nafter\n")
-    env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this environment's sfprompt
-        "SHARED": str(SHARED), "OUT": str(tmp_path / "runs"), "DOC": str(document),
-        "ROWS": "none shuffle", "SEEDS": "0 1",
-        "SIZE": "--train-samples 40 --test-samples 20 --clients 2 --clients-per-round 2 --rounds 1 --image-size 28",
-        "AUDIT_SIZE": "--images 4 --aux-samples 30 --gallery 4 --steps 2 --inversion-epochs 1",
-    }
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "privacy.sh")], env=env, capture_output=True, text=True)
+    done = run_benchmark("privacy.sh", tmp_path, DOC=str(document), ROWS="none shuffle", SEEDS="0 1")
     assert done.returncode == 0, done.stderr[-3000:]
     text = document.read_text()
     assert text.startswith("before\n<!-- privacy-table -->\n| configuration |") and "stale" not in text

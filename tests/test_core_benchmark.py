@@ -1,16 +1,9 @@
 """`bash benchmarks/core.sh`, the README's "Measured" and BENCHMARKS.md's ablations, end to end at a
 tiny size: runs for every seed, a finished run not redone, the table of means and spreads, the document."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from conftest import SHARED, SHARED_DATA, SHARED_WEIGHTS
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import SHARED_DATA, SHARED_WEIGHTS, run_benchmark
 
 
 @pytest.mark.slow
@@ -19,19 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_ablation_benchmark_reruns_and_writes_its_table(tmp_path):
     document = tmp_path / "BENCHMARKS.md"
     document.write_text("# Benchmarks\n\n## iid\n\nthe comparison\n\n## Ablations\n\nstale\n")
-    env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this environment's sfprompt
-        "SHARED": str(SHARED), "OUT": str(tmp_path / "runs"), "DOC": str(document),
-        "TABLE": str(tmp_path / "ablations.md"), "ROWS": "iid iid-sgd", "SEEDS": "0 1",
-        "SIZE": "--train-samples 40 --test-samples 20 --clients 2 --clients-per-round 2 --rounds 1 --image-size 28",
-    }
-    script = ["bash", str(ROOT / "benchmarks" / "core.sh")]
-    done = subprocess.run(script, env=env, capture_output=True, text=True)
+    variables = dict(DOC=str(document), TABLE=str(tmp_path / "ablations.md"), ROWS="iid iid-sgd", SEEDS="0 1")
+    done = run_benchmark("core.sh", tmp_path, **variables)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in (tmp_path / "ablations.md").read_text().splitlines() if line.startswith("| iid")]
     assert [row.split(" | ")[1] for row in rows] == ["0,1", "0,1"] and all("±" in row for row in rows)
     text = document.read_text()
     assert text.startswith("# Benchmarks\n\n## iid\n\nthe comparison\n\n## Ablations\n") and "stale" not in text
     assert rows[0] in text
-    again = subprocess.run(script, env=env | {"SEEDS": "0 1"}, capture_output=True, text=True)
+    again = run_benchmark("core.sh", tmp_path, **variables)
     assert again.returncode == 0 and again.stdout.count("done before") == 4  # nothing redone

@@ -16,13 +16,11 @@ import pytest
 
 from sfprompt.cli import main
 
-from conftest import SHARED_DATA, SHARED_WEIGHTS
+from conftest import SHARED_DATA, SHARED_WEIGHTS, TINY_AUDIT, TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-TINY = ["--train-samples", "40", "--test-samples", "20", "--clients", "2", "--clients-per-round", "2", "--rounds", "1",
-        "--image-size", "28", "--no-progress"]
-TINY_AUDIT = ["--images", "4", "--aux-samples", "30", "--gallery", "4", "--steps", "2", "--inversion-epochs", "1"]
+TINY = [*TINY_RUN, "--no-progress"]
 TINY_COST = ["--batch-size", "2", "--probe-samples", "2"]
 # Commands not run here as typed, and why (each is run elsewhere or needs what CI does not have).
 NOT_RUN = {
