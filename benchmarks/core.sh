@@ -8,7 +8,8 @@
 #   bash benchmarks/core.sh            # about 4 hours on two CPU cores (each run 10-25 minutes)
 #   SHARED=/path/to/shared OUT=runs/core SEEDS="0 1 2" ROWS="iid iid-sgd" bash benchmarks/core.sh
 #
-# A finished run is not redone, so an interrupted benchmark continues where it stopped. SIZE appends
+# A finished run is not redone and an interrupted one continues after its last complete round, so the
+# benchmark can be stopped and restarted at any time. SIZE appends
 # options to every run, TABLE and DOC name the table and the document written (a test runs the
 # script at a tiny size).
 set -euo pipefail
@@ -39,8 +40,14 @@ for row in $ROWS; do
   for seed in $SEEDS; do
     run="$OUT/$row/seed-$seed"
     if [ -f "$run/summary.json" ]; then echo "$run: done before"; continue; fi
-    echo "$run ..."
     mkdir -p "$OUT/$row"
+    if [ -f "$run/checkpoint.safetensors" ]; then  # interrupted: continue after its last complete round
+      echo "$run: continuing"
+      sfprompt run --resume "$run" --no-progress >> "$run.log" 2>&1 \
+        || { echo "$run failed: see $run.log" >&2; exit 1; }
+      continue
+    fi
+    echo "$run ..."
     # shellcheck disable=SC2046
     sfprompt run "${common[@]}" $(options "$row") "${size[@]}" --seed "$seed" --out "$run" > "$run.log" 2>&1 \
       || { echo "$run failed: see $run.log" >&2; exit 1; }

@@ -1,5 +1,8 @@
 """`bash benchmarks/core.sh`, the README's "Measured" and BENCHMARKS.md's ablations, end to end at a
-tiny size: runs for every seed, a finished run not redone, the table of means and spreads, the document."""
+tiny size: runs for every seed, a finished run not redone, an interrupted one continued from its
+checkpoint, the table of means and spreads, the document."""
+
+import json
 
 import pytest
 
@@ -22,3 +25,9 @@ def test_the_ablation_benchmark_reruns_and_writes_its_table(tmp_path):
     assert rows[0] in text
     again = run_benchmark("core.sh", tmp_path, **variables)
     assert again.returncode == 0 and again.stdout.count("done before") == 4  # nothing redone
+    summary = tmp_path / "runs" / "iid-sgd" / "seed-1" / "summary.json"
+    finished = json.loads(summary.read_text())
+    summary.unlink()  # as if killed after its last checkpoint
+    resumed = run_benchmark("core.sh", tmp_path, **variables)
+    assert resumed.returncode == 0 and resumed.stdout.count("done before") == 3 and "seed-1: continuing" in resumed.stdout
+    assert json.loads(summary.read_text())["final_accuracy"] == finished["final_accuracy"]
