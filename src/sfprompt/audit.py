@@ -116,7 +116,7 @@ def witness(fed: Federation, global_params: torch.nn.Module, victim: int, local_
     """Run the victim's round for real and record what the server receives."""
     original = fed.clients[victim]
     client = _WitnessedClient(victim, original.data.dataset, np.asarray(original.data.indices), fed.model,
-                              fed.settings, fed.meter, fed.device, original.private_seed)
+                              fed.settings, fed.meter, fed.device, original.private_seed, fed.config.seed)
     client.batches = []
     if local_head is not None:
         client.local_head.load_state_dict(local_head)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -100,18 +101,25 @@ class LocalHead(nn.Module):
     local path pools the (input-dependent) patch tokens instead.
     """
 
-    def __init__(self, width: int, num_classes: int) -> None:
+    def __init__(self, width: int, num_classes: int, seed: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width)
         self.fc = nn.Linear(width, num_classes)
+        # nn.Linear's default range, drawn from the client's own seed: its start depends on nothing
+        # else (not on the model's initialisation, nor on other clients), so a node builds it alone.
+        bound, generator = 1 / math.sqrt(width), torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.fc.weight.uniform_(-bound, bound, generator=generator)
+            self.fc.bias.uniform_(-bound, bound, generator=generator)
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(patch_tokens.mean(dim=1)))  # (B, N, D) -> (B, C)
 
 
 class Client:
-    """One client: its data, its private local classifier, and `private_seed`, the secret behind its
-    defence's randomness (noise, shuffles, randomized labels), which never leaves it."""
+    """One client: its data, its private local classifier (its start drawn from the run's `seed` and the
+    client id alone), and `private_seed`, the secret behind its defence's randomness (noise, shuffles,
+    randomized labels), which never leaves it."""
 
     def __init__(
         self,
@@ -123,6 +131,7 @@ class Client:
         meter: Meter,
         device: torch.device,
         private_seed: int = 0,
+        seed: int = 0,
     ) -> None:
         self.cid = cid
         self.data = Subset(data, indices.tolist())
@@ -131,7 +140,7 @@ class Client:
         self.meter = meter
         self.device = device
         self.private_seed = private_seed
-        self.local_head = LocalHead(model.layout.width, model.num_classes).to(device)
+        self.local_head = LocalHead(model.layout.width, model.num_classes, derive_seed(seed, cid, LOCAL_HEAD)).to(device)
 
     @functools.cached_property
     def label_draws(self) -> torch.Tensor:
@@ -290,6 +299,9 @@ class _Positioned(Dataset):
 
     def __getitem__(self, position: int):
         return (*self.data[position], position)
+
+
+LOCAL_HEAD = 0x10CA1  # salt of a client's local classifier's initial weights (from the run seed and client id)
 
 
 def derive_seed(*parts: int) -> int:
