@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import subprocess
 import sys
@@ -68,3 +70,55 @@ def write_imagefolder(root: Path, classes: int = 3, train_per_class: int = 12, t
 @pytest.fixture
 def imagefolder(tmp_path: Path) -> Path:
     return write_imagefolder(tmp_path / "images")
+
+
+def certificates() -> tuple[bytes, bytes, bytes]:
+    """A CA and, signed by it, a server certificate for 127.0.0.1 and localhost with its key (PEM):
+    what the deployment guide's step 1 makes."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def signed(subject: str, key, issuer: str, signer, ca: bool):
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), False)
+        return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = signed("sfprompt test CA", ca_key, "sfprompt test CA", ca_key, ca=True)
+    server = signed("sfprompt server", server_key, "sfprompt test CA", ca_key, ca=False)
+    key = server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption())
+    return ca, server, key
+
+
+@pytest.fixture
+def weights_file(tmp_path: Path) -> Path:
+    """The tiny test ViT's random weights as a file in timm's layout, as a pre-trained checkpoint is."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    path = tmp_path / "test_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in create_vit("test_vit", 1000, 32, "none").state_dict().items()}, str(path))
+    return path
+
+
+def client_folders(fed, root: Path) -> list[Path]:
+    """Each client's partition of a prepared run written out as its own folder, as a node would hold it."""
+    from sfprompt.data import write_client_folder
+
+    raw = fed.train.dataset.raw
+    for client in fed.clients:
+        indices = [fed.train.indices[p] for p in client.data.indices]
+        write_client_folder(raw, indices, fed.data.classes, root / f"client-{client.cid}")
+    return [root / f"client-{client.cid}" for client in fed.clients]

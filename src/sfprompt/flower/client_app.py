@@ -1,14 +1,17 @@
 """The Flower ClientApp: one client's round, run by the same `Client` code as the in-process runtime.
 
-The server sends the run's resolved config, so a client rebuilds exactly the server's data
-partition and frozen model (`federation.prepare`) and picks its own partition. What the node keeps
-(its private seed, and its private local classifier after each round) lives on its own disk
-(`NodeState`), so a new `flwr run` that resumes a run finds it. Split-training batches go to the
-body server over the body channel; the upload and this client's measurements go back as a Flower reply.
+A SuperNode holds only what its client uses: its own samples (node config `data-folder`, a folder of
+images per class; without one, the seeded partition of the run's dataset, as in simulation) and, in
+the split methods, only the head's and tail's weights (`federation.prepare_client`). The server sends
+the run's resolved config, so the node builds the same frozen model and initial params. What the node
+keeps (its private seed, and its private local classifier after each round) lives on its own disk
+(`NodeState`), so a new `flwr run` that resumes a run finds it. Split-training batches go to the body
+server over the body channel; the upload and this client's measurements go back as a Flower reply.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -23,7 +26,9 @@ from ..channel import ChannelLink
 from ..client import ClientFailure
 from ..codec import decode
 from ..config import Config
-from ..federation import prepare
+from ..data import count_images
+from ..federation import ClientSide, prepare_client
+from ..meter import Meter
 from ..transport import SessionLink
 
 app = ClientApp()
@@ -101,10 +106,22 @@ def node_partition(context: Context) -> tuple[int, int]:
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
-    """Which data partition this SuperNode holds."""
+    """Which partition this SuperNode plays and what data it holds: its own folder (and how many images
+    are in it, which bounds its FedAvg weight), or the seeded partition of the run's dataset."""
     partition, partitions = node_partition(context)
-    return Message(RecordDict({"sfprompt": ConfigRecord({"partition-id": partition, "num-partitions": partitions})}),
-                   reply_to=msg)
+    folder = context.node_config.get("data-folder")
+    answer = {"partition-id": partition, "num-partitions": partitions, "data": "folder" if folder else "partition"}
+    if folder:
+        answer["examples"] = count_images(str(folder))
+    return Message(RecordDict({"sfprompt": ConfigRecord(answer)}), reply_to=msg)
+
+
+@functools.lru_cache(maxsize=1)
+def client_side(config_json: str, partition: int, classes_json: str, folder: str | None) -> ClientSide:
+    """This node's side of a run, built once per process and kept for the run's later messages (the
+    simulation engine reuses its processes; a deployed SuperNode starts one per message, so there it is
+    built each time, from the head's weights and the node's own data only)."""
+    return prepare_client(Config.from_dict(json.loads(config_json)), partition, json.loads(classes_json), folder)
 
 
 @app.train()
@@ -116,26 +133,25 @@ def train(msg: Message, context: Context) -> Message:
     config = Config.from_dict(json.loads(task["config"]))
     if "data-dir" in context.node_config:  # where this machine keeps the dataset, if not where the server does
         config = config.replace(data_dir=str(context.node_config["data-dir"]))
-    fed = prepare(config)
-    if fed.method.split:
-        fed.model.drop_body()  # it runs on the body server; a client only keeps what it runs
-    client = fed.clients[int(task["partition"])]
-    state, run_key, round_ = NodeState(context), str(task["run-key"]), int(task["round"])
-    client.private_seed = state.private_seed()
+    folder = context.node_config.get("data-folder")
+    side = client_side(json.dumps(config.to_dict()), partition, task["classes"], str(folder) if folder else None)
+    meter, state = Meter(), NodeState(context)
+    client = side.client(partition, meter, state.private_seed())
+    run_key, round_ = str(task["run-key"]), int(task["round"])
     start, local_head = state.local_head(run_key, round_)
     if local_head is not None:
         client.local_head.load_state_dict(local_head)
     root = task["body-root-certificate"] or None
     try:
-        with ChannelLink(task["body-address"], task["body-token"], fed.meter, fed.device,
+        with ChannelLink(task["body-address"], task["body-token"], meter, side.device,
                          root_certificate=root, timeout_s=float(task["body-timeout-s"]),
-                         max_bytes=fed.max_message_bytes) as channel:
+                         max_bytes=side.max_message_bytes) as channel:
             link = SessionLink(channel, client.cid, task["session"])
-            global_params = decode(task["global"], fed.device, fed.max_message_bytes)
-            upload = client.run_round(fed.method, global_params, link, int(task["seed"]), fed.config.client_timeout_s)
+            global_params = decode(task["global"], side.device, side.max_message_bytes)
+            upload = client.run_round(side.method, global_params, link, int(task["seed"]), config.client_timeout_s)
     except ClientFailure as failure:  # the server drops this client from the round, and says why
-        reply = ConfigRecord({"failure": json.dumps(failure.record()), "meter": json.dumps(fed.meter.counts())})
+        reply = ConfigRecord({"failure": json.dumps(failure.record()), "meter": json.dumps(meter.counts())})
         return Message(RecordDict({"sfprompt": reply}), reply_to=msg)
     state.save_local_head(run_key, round_, client.local_head.state_dict(), start)
-    reply = ConfigRecord({"upload": upload, "meter": json.dumps(fed.meter.counts())})
+    reply = ConfigRecord({"upload": upload, "meter": json.dumps(meter.counts())})
     return Message(RecordDict({"sfprompt": reply}), reply_to=msg)

@@ -33,8 +33,10 @@ from .settings import FlowerOptions, from_run_config
 class FlowerRuntime:
     """Runs the clients' part of a round on the SuperNodes holding their partitions."""
 
-    def __init__(self, fed: Federation, grid: Grid, nodes: dict[int, int], options: FlowerOptions) -> None:
+    def __init__(self, fed: Federation, grid: Grid, nodes: dict[int, int], options: FlowerOptions,
+                 folder_sizes: Mapping[int, int] | None = None) -> None:
         self.fed, self.grid, self.nodes, self.options = fed, grid, nodes, options
+        self.caps = {cid: self._cap(cid, (folder_sizes or {}).get(cid)) for cid in nodes}
         self._run_key: str | None = None
         tls = options.tls()
         self.body = BodyServer(fed.model, fed.meter, fed.device,
@@ -65,7 +67,7 @@ class FlowerRuntime:
             if node not in partition or node in uploads or node in failures:
                 continue  # not a reply to this round's messages
             try:
-                uploads[node] = self._upload(reply, fed.clients[partition[node]].num_examples)
+                uploads[node] = self._upload(reply, self.caps[partition[node]])
             except Dropped as dropped:
                 failures[node] = {"phase": dropped.phase, "reason": dropped.reason}
         dropped = []
@@ -78,10 +80,12 @@ class FlowerRuntime:
 
     def task(self, cid: int, round_: int, broadcast: bytes) -> ConfigRecord:
         """What a client gets for a round: the broadcast (counted as the in-process runtime counts it)
-        and the control fields beside it (the run's config, its partition, seeds, session, body
-        address, token and certificate; about 1.2 KB, more with a certificate), which are not counted."""
+        and the control fields beside it (the run's config and class names, its partition, seeds,
+        session, body address, token and certificate; about 1.3 KB, more with a certificate), which
+        are not counted."""
         return ConfigRecord({
             "global": broadcast, "config": json.dumps(self.fed.config.to_dict()), "partition": cid, "round": round_,
+            "classes": json.dumps(self.fed.data.classes),
             "seed": client_seed(self.fed.config.seed, round_, cid), "session": self.body.admit(str(cid)),
             "run-key": self.run_key(), "body-address": self.public_address,
             "body-token": self.token, "body-root-certificate": self.root_certificate,
@@ -101,12 +105,20 @@ class FlowerRuntime:
                 path.write_text(self._run_key)
         return self._run_key
 
+    def _cap(self, cid: int, folder_size: int | None) -> int:
+        """The most examples client `cid` may claim (its upload's FedAvg weight): its partition's size,
+        which the server knows; for a node with its own folder, what it reported when the run began,
+        at most `max-examples` when set."""
+        if folder_size is None:
+            return self.fed.clients[cid].num_examples
+        return min(folder_size, self.options.max_examples) if self.options.max_examples else folder_size
+
     def _upload(self, reply: Message, partition_size: int) -> Payload:
         """The upload in a ClientApp's reply, after adding its measurements to the run's meter.
 
         The reply comes from another machine, so nothing in it is trusted: an error, a reported
         failure, a malformed record, or a sample count (the upload's FedAvg weight) larger than the
-        client's partition raises `Dropped`, and the round goes on without that client."""
+        client's cap (`_cap`) raises `Dropped`, and the round goes on without that client."""
         if reply.has_error():  # the ClientApp crashed outside its phases
             raise Dropped("unknown", f"Flower error {reply.error.code}: {reply.error.reason}")
         try:
@@ -127,7 +139,7 @@ class FlowerRuntime:
             raise Dropped("upload", f"CodecError: {err}") from None
         count = payload.meta.get("num_examples")
         if isinstance(count, int) and count > partition_size:
-            raise Dropped("upload", f"upload claims {count} examples, more than its partition's {partition_size}")
+            raise Dropped("upload", f"upload claims {count} examples, more than its cap of {partition_size}")
         return payload
 
     def end_round(self) -> None:
@@ -145,10 +157,12 @@ class Dropped(Exception):
         self.phase, self.reason = phase, reason
 
 
-def find_partitions(grid: Grid, wait_s: float) -> dict[int, int]:
-    """partition id -> node id, once a SuperNode has reported for every partition."""
+def find_partitions(grid: Grid, wait_s: float) -> tuple[dict[int, int], dict[int, int]]:
+    """(partition id -> node id, partition id -> images in the node's own folder, for nodes with one),
+    once a SuperNode has reported for every partition."""
     deadline = time.monotonic() + wait_s
     nodes: dict[int, int] = {}
+    folder_sizes: dict[int, int] = {}
     expected = None  # num-partitions, as the first SuperNode to answer reports it
     while True:
         known = set(nodes.values())
@@ -162,8 +176,10 @@ def find_partitions(grid: Grid, wait_s: float) -> dict[int, int]:
             if partition in nodes:
                 raise ConfigError(f"two SuperNodes hold partition {partition}")
             nodes[partition] = reply.metadata.src_node_id
+            if answer.get("data") == "folder":
+                folder_sizes[partition] = int(answer["examples"])
         if nodes and set(nodes) == set(range(expected or len(nodes))):
-            return dict(sorted(nodes.items()))
+            return dict(sorted(nodes.items())), folder_sizes
         if time.monotonic() > deadline:
             raise ConfigError(f"after {wait_s:.0f} s, SuperNodes hold partitions {sorted(nodes)}; "
                               "every partition 0..num-partitions-1 needs one")
@@ -177,12 +193,15 @@ def make_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         config, options = from_run_config({**(defaults or {}), **context.run_config})
-        nodes = find_partitions(grid, options.wait_for_nodes_s)
+        nodes, folder_sizes = find_partitions(grid, options.wait_for_nodes_s)
         per_round = min(config.clients_per_round, len(nodes))
         config = config.replace(clients=len(nodes), clients_per_round=per_round)
         log(INFO, "%d SuperNodes, one partition each; %d sampled per round", len(nodes), per_round)
+        if folder_sizes:
+            log(INFO, "SuperNodes with their own data (partition: images): %s; a node's FedAvg weight is at most "
+                "that%s", folder_sizes, f" and {options.max_examples}" if options.max_examples else "")
         run(config, progress=False, log=lambda line: log(INFO, "%s", line),
-            runtime=lambda fed: FlowerRuntime(fed, grid, nodes, options), resume=options.resume)
+            runtime=lambda fed: FlowerRuntime(fed, grid, nodes, options, folder_sizes), resume=options.resume)
 
     return server_app
 

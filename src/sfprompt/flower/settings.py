@@ -28,6 +28,7 @@ class FlowerOptions:
     body_timeout_s: float = 600.0  # a client's wait for one exchange; the server's wait for a backward
     wait_for_nodes_s: float = 300.0  # how long the ServerApp waits for every partition's SuperNode
     resume: bool = False  # continue the run in `out` after its last checkpointed round
+    max_examples: int = 0  # the most examples a node with its own data may weigh in FedAvg (0: what it reported)
 
     def resolved_token(self) -> str:
         return self.body_token or secrets.token_urlsafe(32)
