@@ -27,7 +27,8 @@ NOT_RUN = {
     "pip install": "installation: CI itself runs the quick start's install",
     "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "an environment variable",
     "pytest": "the test suite itself",
-    "flwr run": "needs a SuperLink; the same ServerApp and ClientApp run in tests/test_flower.py's simulation",
+    "flwr run": "a federation: the simulation's apps run in tests/test_flower.py, and the deployment guide's "
+                "`flwr run . prod` against a SuperLink and SuperNodes on loopback in tests/test_deployment.py",
 }
 
 
