@@ -137,16 +137,13 @@ def round_wall_time(shared: Path, out: Path) -> dict:
     from flwr.simulation import run_simulation
 
     from sfprompt.flower import client_app, server_app
-    from sfprompt.federation import prepare
     from sfprompt.runner import run
 
     torch.set_num_threads(2)
     config = Config(dataset="fashion-mnist", data_dir=str(shared / "data"),
                     weights=str(shared / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"),
                     train_samples=2500, test_samples=1000, clients=10, clients_per_round=10, rounds=1, device="cpu")
-    started = time.perf_counter()
-    prepare(config)
-    result = {"prepare_s": time.perf_counter() - started}  # what each Flower client message starts with
+    result = {}
     for name in ("in-process", "flower"):
         config_n = config.replace(out=str(out / name))
         started = time.perf_counter()
@@ -183,8 +180,7 @@ def main() -> None:
         lines.append(f"| {r['case']} | {r['bytes_per_exchange'] / 1e6:.2f} MB | {1e3 * r['in_process_s']:.1f} ms "
                      f"| {1e3 * r['channel_s']:.1f} ms | {1e3 * (r['channel_s'] - r['in_process_s']):+.1f} ms "
                      f"| {1e3 * r['flower_message_s']:.0f} ms | {1e3 * r['real_body_compute_s']:.0f} ms |")
-    lines += ["", f"A Flower client rebuilds its data and model for every message ({rounds.pop('prepare_s'):.1f} s here).",
-              "", "| one SFPrompt round, 10 clients, ViT-S/14 on Fashion-MNIST (2,500 samples) | round wall time "
+    lines += ["", "| one SFPrompt round, 10 clients, ViT-S/14 on Fashion-MNIST (2,500 samples) | round wall time "
               "| whole run (setup included) | accuracy | MB up | MB down |", "|---|---|---|---|---|---|"]
     for name, r in rounds.items():
         lines.append(f"| {name} | {r['round_s']:.0f} s | {r['total_s']:.0f} s | {r['accuracy']:.4f} "

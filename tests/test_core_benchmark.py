@@ -1,6 +1,6 @@
 """`bash benchmarks/core.sh`, the README's "Measured" and BENCHMARKS.md's ablations, end to end at a
 tiny size: runs for every seed, a finished run not redone, an interrupted one continued from its
-checkpoint, the table of means and spreads, the document."""
+checkpoint, the table of means and spreads, the document; and benchmarks/clientapp.py at a small size."""
 
 import json
 
@@ -31,3 +31,24 @@ def test_the_ablation_benchmark_reruns_and_writes_its_table(tmp_path):
     resumed = run_benchmark("core.sh", tmp_path, **variables)
     assert resumed.returncode == 0 and resumed.stdout.count("done before") == 3 and "seed-1: continuing" in resumed.stdout
     assert json.loads(summary.read_text())["final_accuracy"] == finished["final_accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
+                    reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
+def test_the_clientapp_benchmark_measures_each_build_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, SHARED
+
+    markdown = tmp_path / "clientapp.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "clientapp.py"), "--shared", str(SHARED),
+                           "--out", str(tmp_path / "runs"), "--markdown", str(markdown), "--models", "ViT-S/14, 56 px",
+                           "--train-samples", "200"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "runs" / "clientapp.json").read_text())
+    assert [r["build"] for r in rows] == ["before", "partition", "own folder"]
+    before, own = rows[0], rows[2]
+    assert own["build_peak_mib"] < before["build_peak_mib"] and own["again_s"] < 0.05  # kept, not rebuilt
+    assert markdown.read_text().count("| ViT-S/14, 56 px |") == 3
