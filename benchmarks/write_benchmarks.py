@@ -79,8 +79,9 @@ def reports(ablations: Path) -> None:
               "2,000 test samples at 56 px, 10 clients, 5 a round): the mean ± standard deviation over the seeds "
               "listed (`bash benchmarks/core.sh`). Costs are the mean over the seeds (they differ only by the "
               "data each client happens to hold); wall seconds are not a speed benchmark (runs shared the cores). "
-              "A row of core.sh missing here has not been re-run since commit 2e644f5 (each client phase its own "
-              "optimiser); its single-seed result from before is in README.md's Measured.\n")
+              "A row of core.sh missing here has not been re-run since commit 74749d6 (each client's local "
+              "classifier its own seeded start; before it, 2e644f5: each client phase its own optimiser); its "
+              "single-seed result from before both is in README.md's Measured.\n")
         print(ablations.read_text())
     runtime_reports()
 
