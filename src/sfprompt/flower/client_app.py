@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import secrets
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..channel import ChannelLink
+from ..checkpoint import write_atomically
 from ..client import ClientFailure
 from ..codec import decode
 from ..config import Config
@@ -57,10 +57,7 @@ class NodeState:
         path = self.root / "private-seed"
         if not path.is_file():
             self.root.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
-            partial.write_text(str(secrets.randbits(63)))
-            os.chmod(partial, 0o600)
-            partial.replace(path)
+            write_atomically(path, str(secrets.randbits(63)).encode(), mode=0o600)
         return int(path.read_text())
 
     def local_head(self, run_key: str, round_: int) -> tuple[int, dict | None]:
@@ -72,12 +69,11 @@ class NodeState:
         return max(saved), load_file(self._file(run_key, max(saved)))
 
     def save_local_head(self, run_key: str, round_: int, state: dict, start: int) -> None:
-        """Keep the classifier after `round_` (write, then rename) and forget rounds before `start`,
-        the one this round began from (which a retried round needs)."""
+        """Keep the classifier after `round_` (atomically) and forget rounds before `start`, the one this
+        round began from (which a retried round needs)."""
         path = self._file(run_key, round_)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path.with_suffix(".partial")))
-        path.with_suffix(".partial").replace(path)
+        write_atomically(path, save({k: v.contiguous() for k, v in state.items()}))
         for old in self._rounds(run_key):
             if old < start:
                 self._file(run_key, old).unlink(missing_ok=True)
