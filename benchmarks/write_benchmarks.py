@@ -1,6 +1,6 @@
 """Write BENCHMARKS.md from the outputs of benchmarks/compare.sh (tables, plots, command, machine),
 followed by the reports other benchmarks keep in docs/benchmarks when they have been run: the
-ablations of benchmarks/core.sh and the runtime reports of benchmarks/runtime.py, body_load.py and clientapp.py.
+ablations of benchmarks/core.sh and the runtime reports of benchmarks/runtime.py, body_load.py, clientapp.py and scale.py.
 
     python benchmarks/write_benchmarks.py runs/compare "bash benchmarks/compare.sh" > BENCHMARKS.md
     python benchmarks/write_benchmarks.py --update-reports [DOC [ABLATIONS]]   # replace those sections only
@@ -87,14 +87,15 @@ def reports(ablations: Path) -> None:
 
 
 def runtime_reports() -> None:
-    """The distributed runtime's measurements, as benchmarks/runtime.py, body_load.py and clientapp.py last
+    """The runtime's measurements, as benchmarks/runtime.py, body_load.py, clientapp.py and scale.py last
     wrote them."""
-    reports = [Path("docs/benchmarks") / name for name in ("runtime.md", "load.md", "clientapp.md")]
+    reports = [Path("docs/benchmarks") / name for name in ("runtime.md", "load.md", "clientapp.md", "scale.md")]
     if any(report.is_file() for report in reports):
         print("## Runtime\n")
         print("The Flower runtime and the body channel against the in-process runtime "
               "(`python benchmarks/runtime.py`), the body channel under load (`python benchmarks/body_load.py`), "
-              "and what a Flower ClientApp builds for a message (`python benchmarks/clientapp.py`).\n")
+              "what a Flower ClientApp builds for a message (`python benchmarks/clientapp.py`), and what many "
+              "simulated clients cost in one process (`python benchmarks/scale.py`).\n")
     for report in reports:
         if report.is_file():
             print(report.read_text())

@@ -1,6 +1,7 @@
 """`bash benchmarks/core.sh`, the README's "Measured" and BENCHMARKS.md's ablations, end to end at a
 tiny size: runs for every seed, a finished run not redone, an interrupted one continued from its
-checkpoint, the table of means and spreads, the document; and benchmarks/clientapp.py at a small size."""
+checkpoint, the table of means and spreads, the document; and benchmarks/clientapp.py and scale.py at a
+small size."""
 
 import json
 
@@ -52,3 +53,21 @@ def test_the_clientapp_benchmark_measures_each_build_in_a_fresh_process(tmp_path
     before, own = rows[0], rows[2]
     assert own["build_peak_mib"] < before["build_peak_mib"] and own["again_s"] < 0.05  # kept, not rebuilt
     assert markdown.read_text().count("| ViT-S/14, 56 px |") == 3
+
+
+@pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
+                    reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
+def test_the_scale_benchmark_measures_each_client_count_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, SHARED
+
+    markdown = tmp_path / "scale.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--shared", str(SHARED),
+                           "--clients", "10", "400", "--train-samples", "4000", "--markdown", str(markdown)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ") for line in markdown.read_text().splitlines() if line.startswith(("| IID", "| Dirichlet"))]
+    assert [row[1] for row in rows] == ["10", "400", "10", "400"]
+    assert all(float(row[5].split()[0]) < 10 for row in rows if row[5] != "- |")  # KB per idle client

@@ -134,13 +134,26 @@ class Client:
         seed: int = 0,
     ) -> None:
         self.cid = cid
-        self.data = Subset(data, indices.tolist())
+        self.data = Subset(data, np.asarray(indices))
         self.model = model
         self.settings = settings
         self.meter = meter
         self.device = device
         self.private_seed = private_seed
-        self.local_head = LocalHead(model.layout.width, model.num_classes, derive_seed(seed, cid, LOCAL_HEAD)).to(device)
+        self.seed = seed
+
+    @functools.cached_property
+    def local_head(self) -> LocalHead:
+        """The private local classifier, made on first use: a client that was never sampled holds
+        nothing but its sample indices (its start depends on the run seed and its id alone, so when it
+        is made does not matter)."""
+        width, classes = self.model.layout.width, self.model.num_classes
+        return LocalHead(width, classes, derive_seed(self.seed, self.cid, LOCAL_HEAD)).to(self.device)
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the client holds anything a checkpoint must keep (its local classifier, once made)."""
+        return "local_head" in self.__dict__
 
     @functools.cached_property
     def label_draws(self) -> torch.Tensor:

@@ -213,7 +213,9 @@ def partition(labels: np.ndarray, clients: int, alpha: float | None, seed: int) 
     """Split sample indices across clients, every sample in exactly one client.
 
     IID when `alpha` is None; otherwise each class is divided by proportions drawn from
-    Dirichlet(alpha), redrawn until every client holds at least `min(10, n // clients)` samples.
+    Dirichlet(alpha), and a client left with fewer than `min(10, n // clients)` samples gets the rest
+    of its main class from the client holding most of it, so that no client is empty however many
+    there are, and label skew stays.
     """
     n = len(labels)
     if clients > n:
@@ -221,17 +223,28 @@ def partition(labels: np.ndarray, clients: int, alpha: float | None, seed: int) 
     rng = np.random.default_rng(seed)
     if alpha is None:
         return [np.sort(part) for part in np.array_split(rng.permutation(n), clients)]
+    parts: list[list[np.ndarray]] = [[] for _ in range(clients)]
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        cuts = (np.cumsum(rng.dirichlet([alpha] * clients)) * len(members)).astype(int)[:-1]
+        for client, chunk in enumerate(np.split(members, cuts)):
+            parts[client].append(chunk)
+    held = [np.concatenate(chunks) for chunks in parts]
     minimum = max(1, min(10, n // clients))
-    for _ in range(1000):
-        parts: list[list[int]] = [[] for _ in range(clients)]
-        for c in np.unique(labels):
-            members = rng.permutation(np.flatnonzero(labels == c))
-            cuts = (np.cumsum(rng.dirichlet([alpha] * clients)) * len(members)).astype(int)[:-1]
-            for client, chunk in enumerate(np.split(members, cuts)):
-                parts[client].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= minimum:
-            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ConfigError(
-        f"could not give each of {clients} clients at least {minimum} samples with --alpha {alpha}; "
-        "raise --alpha or --train-samples, or lower --clients"
-    )
+    classes = int(labels.max()) + 1
+    counts = np.stack([np.bincount(labels[h], minlength=classes) for h in held])  # (clients, classes)
+    sizes = counts.sum(1)
+    for client in np.flatnonzero(sizes < minimum):  # top up, keeping each client's main class
+        while (need := minimum - sizes[client]) > 0:
+            main = int(np.argmax(counts[client])) if sizes[client] else int(rng.integers(classes))
+            spare = np.where(sizes > minimum, counts[:, main], 0)  # donors stay at the minimum or above
+            donor = int(np.argmax(spare)) if spare.any() else int(np.argmax(sizes))
+            pool = np.flatnonzero(labels[held[donor]] == main) if spare.any() else np.arange(sizes[donor])
+            moved = rng.choice(pool, min(need, len(pool), sizes[donor] - minimum), replace=False)
+            moved_counts = np.bincount(labels[held[donor][moved]], minlength=classes)
+            held[client] = np.concatenate([held[client], held[donor][moved]])
+            held[donor] = np.delete(held[donor], moved)
+            counts[client] += moved_counts
+            counts[donor] -= moved_counts
+            sizes[client], sizes[donor] = sizes[client] + len(moved), sizes[donor] - len(moved)
+    return [np.sort(h.astype(np.int64)) for h in held]

@@ -152,7 +152,7 @@ def _persist(fed: Federation, out: Path, history: list[dict], global_params: tor
     save_checkpoint(out / "global.safetensors", global_params, config, round_, fed.data.classes, body)
     checkpoint.save(out, checkpoint.RunState(
         round_, config.to_dict(), history, sampler.bit_generator.state, torch.get_rng_state(),
-        global_params.state_dict(), {c.cid: c.local_head.state_dict() for c in fed.clients},
+        global_params.state_dict(), {c.cid: c.local_head.state_dict() for c in fed.clients if c.has_state},
         body.state_dict() if body is not None else None))
 
 
