@@ -20,23 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from write_benchmarks import memory_mib  # this script's folder is on sys.path
 
 BUILDS = ("before", "partition", "own folder")
 MODELS = {  # name -> (timm model, image size, weights: "shared" = the real checkpoint, else generated)
     "ViT-S/14, 56 px": ("vit_small_patch14_dinov2", 56, "shared"),
     "ViT-B/16, 224 px": ("vit_base_patch16_224", 224, "generated"),
 }
-
-
-def memory_mib() -> dict[str, float]:
-    """This process's resident memory now and at its peak (VmHWM: unlike getrusage's maxrss, it does
-    not inherit the parent's peak across fork and exec)."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return {name: int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM")}
 
 
 def child(spec: dict) -> None:
@@ -66,13 +60,6 @@ def child(spec: dict) -> None:
                       "model_mb": held / 1e6}))
 
 
-def measure(spec: dict) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
@@ -88,7 +75,7 @@ def main() -> None:
     from sfprompt.data import write_client_folder
     from sfprompt.federation import prepare
     from sfprompt.model import create_vit
-    from write_benchmarks import cpu_name, publish
+    from write_benchmarks import cpu_name, in_fresh_process, publish
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -110,7 +97,7 @@ def main() -> None:
         spec = {"config": config.to_dict(), "classes": fed.data.classes}
         del fed
         for build in BUILDS:
-            result = measure(spec | {"build": build, "folder": str(folder) if build == "own folder" else None})
+            result = in_fresh_process(__file__, spec | {"build": build, "folder": str(folder) if build == "own folder" else None})
             rows.append({"model": label, "build": build, **result})
             print(rows[-1], file=sys.stderr)
     (args.out / "clientapp.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -133,9 +120,8 @@ def main() -> None:
     publish(lines, args.markdown)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the script's folder is on sys.path: write_benchmarks imports in both modes
     if sys.argv[1:2] == ["--child"]:
         child(json.loads(sys.argv[2]))
     else:
-        sys.path.insert(0, str(Path(__file__).parent))
         main()

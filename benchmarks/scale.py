@@ -15,15 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def memory_mib() -> dict[str, float]:
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return {name: int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM")}
+from write_benchmarks import memory_mib  # this script's folder is on sys.path
 
 
 def child(config: dict) -> None:
@@ -50,7 +46,7 @@ def main() -> None:
     import torch
 
     from sfprompt.config import Config
-    from write_benchmarks import cpu_name, publish
+    from write_benchmarks import cpu_name, in_fresh_process, publish
 
     rows = []
     for alpha in (None, 0.5):
@@ -59,11 +55,7 @@ def main() -> None:
                             weights=str(args.shared / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"),
                             train_samples=args.train_samples, clients=clients, clients_per_round=min(10, clients),
                             alpha=alpha, device="cpu")
-            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(config.to_dict())],
-                                  capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(done.stderr[-3000:])
-            rows.append({"alpha": alpha, **json.loads(done.stdout.strip().splitlines()[-1])})
+            rows.append({"alpha": alpha, **in_fresh_process(__file__, config.to_dict())})
             print(rows[-1], file=sys.stderr)
 
     samples = f"{args.train_samples:,}" if args.train_samples else "all 60,000"
@@ -82,9 +74,8 @@ def main() -> None:
     publish(lines, args.markdown)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the script's folder is on sys.path: write_benchmarks imports in both modes
     if sys.argv[1:2] == ["--child"]:
         child(json.loads(sys.argv[2]))
     else:
-        sys.path.insert(0, str(Path(__file__).parent))
         main()

@@ -26,6 +26,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def memory_mib() -> dict[str, float]:
+    """This process's resident memory now and at its peak (VmHWM: unlike getrusage's maxrss, it does
+    not inherit the parent's peak across fork and exec)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return {name: int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM")}
+
+
+def in_fresh_process(script: str, spec: dict) -> dict:
+    """Run `python SCRIPT --child SPEC` (a benchmark measuring one case in a process of its own) and
+    return the JSON it prints last."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def publish(lines: list[str], path: Path) -> None:
     """Print a runtime report and keep it where BENCHMARKS.md picks it up (`runtime_reports`)."""
     text = "\n".join(lines) + "\n"
