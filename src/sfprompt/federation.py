@@ -55,11 +55,10 @@ def prepare(config: Config) -> Federation:
     model = SplitViT.from_config(vit, config).to(device)
     norm = normalisation(vit)
     transform = model_transform(config.image_size, **norm)
-    train_idx = subset_indices(splits.train_labels, config.train_samples, config.seed, "--train-samples")
+    train_idx, parts = train_partition(config, splits)
     test_idx = subset_indices(splits.test_labels, config.test_samples, config.seed, "--test-samples")
     train = Subset(Transformed(splits.train, transform), train_idx.tolist())
     test = Subset(Transformed(splits.test, transform), test_idx.tolist())
-    parts = partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
     meter = Meter()
     settings = TrainSettings.from_config(config)
     clients = [Client(k, train, part, model, settings, meter, device, private_seed(config.seed, k), config.seed)
@@ -122,10 +121,16 @@ def prepare_client(config: Config, cid: int, classes: Sequence[str], folder: str
         splits = load_splits(config.dataset, config.data_dir, config.download)
         if splits.classes != list(classes):
             raise ConfigError(f"--dataset {config.dataset} here has classes {splits.classes[:6]}, the run's are {list(classes)[:6]}")
-        train_idx = subset_indices(splits.train_labels, config.train_samples, config.seed, "--train-samples")
-        raw = Subset(splits.train, train_idx.tolist())
-        indices = partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)[cid]
+        train_idx, parts = train_partition(config, splits)
+        raw, indices = Subset(splits.train, train_idx.tolist()), parts[cid]
     return ClientSide(config, device, model, method, TrainSettings.from_config(config), Transformed(raw, transform), indices)
+
+
+def train_partition(config: Config, splits: DataSplits) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The run's training samples (indices into the train split) and each client's positions in them:
+    the same seeded draw in every process that prepares the run."""
+    train_idx = subset_indices(splits.train_labels, config.train_samples, config.seed, "--train-samples")
+    return train_idx, partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
 
 
 def resolve_weights(config: Config) -> str:
