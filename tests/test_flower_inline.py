@@ -17,7 +17,7 @@ from sfprompt.config import ConfigError
 from sfprompt.federation import prepare, private_seed
 from sfprompt.flower import client_app
 from sfprompt.flower.server_app import FlowerRuntime, find_partitions
-from sfprompt.flower.settings import FlowerOptions
+from sfprompt.flower.settings import FlowerOptions, from_run_config
 from sfprompt.runner import run
 
 from test_runner import tiny_config
@@ -255,3 +255,21 @@ def test_the_uncounted_control_fields_are_as_small_as_the_readme_says(imagefolde
         assert up < 512
     finally:
         runtime.close()
+
+
+def test_body_batching_reaches_the_body_server_and_keeps_the_result(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=1)
+    run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
+    runtimes = []
+    nodes, folder_sizes = find_partitions(InlineGrid(3), wait_s=5)
+    options = FlowerOptions(body_batching=True, body_batch_window_s=0.01)
+    run(config.replace(out=str(tmp_path / "flower")), progress=False, log=lambda _: None,
+        runtime=lambda fed: runtimes.append(FlowerRuntime(fed, InlineGrid(3), nodes, options, folder_sizes)) or runtimes[-1])
+    assert runtimes[0].body.batch_window_s == 0.01
+    local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
+    assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
+
+
+def test_body_batching_is_refused_with_a_trained_body():
+    with pytest.raises(ConfigError, match="trained body"):
+        from_run_config({"method": "sfl", "train-body": True, "body-batching": True})

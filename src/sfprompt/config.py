@@ -24,6 +24,7 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 METHODS = ("sfprompt", "sfl", "sl", "fl-prompt", "fl")
 OPTIMIZERS = ("sgd", "adam")
 LOCAL_CLASSIFIERS = ("separate", "shared")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class Config:
     image_size: int = _opt(56, "input resolution in pixels (a multiple of the patch size)")
     prompt_tokens: int = _opt(10, "number of learnable prompt tokens inserted after the CLS token")
     client_blocks: int = _opt(0, "transformer blocks kept on the client, after the embedding")
+    precision: str = _opt(
+        "fp32", "arithmetic of the server's body (split methods): fp32, or bf16 / fp16 mixed precision (autocast; "
+        "messages stay float32)", choices=PRECISIONS,
+    )
     # federation
     clients: int = _opt(10, "number of clients the training set is split across")
     clients_per_round: int = _opt(5, "clients sampled each round")
@@ -141,8 +146,13 @@ class Config:
             raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
         if self.train_body and self.method != "sfl":
             raise ConfigError(f"--train-body is a SplitFed (--method sfl) option, not one of {self.method}")
+        if self.precision != "fp32" and self.method in ("fl", "fl-prompt"):
+            raise ConfigError(f"--precision is the server body's arithmetic; --method {self.method} has no server body")
+        if self.precision == "fp16" and self.train_body:
+            raise ConfigError("--precision fp16 cannot train the body (its weight gradients would need loss scaling): "
+                              "use bf16 with --train-body")
         self._check_privacy()
-        for name in ("method", "optimizer", "local_classifier"):
+        for name in ("method", "optimizer", "local_classifier", "precision"):
             choices = _FIELDS[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")

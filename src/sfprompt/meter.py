@@ -47,6 +47,11 @@ ATTENTION_FLOPS = {
 }
 
 
+def counting_flops() -> FlopCounterMode:
+    """A FLOP counter for the enclosed work, attention counted as its matrix products (above)."""
+    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
+
+
 class PeakMemory(TorchDispatchMode):
     """Tracks bytes of tensor storage alive while entered, and their peak.
 
@@ -130,12 +135,16 @@ class Meter:
     @contextlib.contextmanager
     def work(self, side: str, phase: str, memory: PeakMemory | None = None) -> Iterator[None]:
         """Count the FLOPs of the enclosed work (and, given a tracker, the client's memory)."""
-        with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as flops, memory or contextlib.nullcontext():
+        with counting_flops() as flops, memory or contextlib.nullcontext():
             yield
-        with self._lock:
-            self.flops[side, phase] += flops.get_total_flops()
+        self.add_flops(side, phase, flops.get_total_flops())
         if memory is not None:
             self.record_peak(memory)
+
+    def add_flops(self, side: str, phase: str, flops: int) -> None:
+        """FLOPs counted elsewhere (the body server's share of a batch it ran for several clients)."""
+        with self._lock:
+            self.flops[side, phase] += flops
 
     def record_peak(self, memory: PeakMemory) -> None:
         """Take a client's peak so far into the round's largest."""

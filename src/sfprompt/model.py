@@ -116,15 +116,28 @@ class _EmbedSeams(nn.Module):
         return self.norm_pre(x)
 
 
-class Body(nn.Module):
-    """Server-side frozen blocks."""
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def __init__(self, vit: nn.Module, client_blocks: int) -> None:
+
+class Body(nn.Module):
+    """Server-side frozen blocks, run in the configured precision wherever they run (the server's
+    split steps, evaluation, `predict`): 'bf16' and 'fp16' autocast the blocks (mixed precision: weights
+    and the residual stream stay float32), and the output is returned in the input's dtype, so the
+    wire format does not change."""
+
+    def __init__(self, vit: nn.Module, client_blocks: int, precision: str = "fp32") -> None:
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.blocks = nn.Sequential(*vit.blocks[client_blocks:])
+        self.precision = precision
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.blocks(tokens)
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return self.blocks(tokens)
+        with torch.autocast(tokens.device.type, dtype=dtype):
+            return self.blocks(tokens).to(tokens.dtype)
 
 
 class Tail(nn.Module):
@@ -183,7 +196,7 @@ class SplitViT:
     """
 
     def __init__(self, vit: nn.Module, prompt_tokens: int, client_blocks: int, seed: int,
-                 pool_tokens: int = 0, defence: Defence = Defence()) -> None:
+                 pool_tokens: int = 0, defence: Defence = Defence(), precision: str = "fp32") -> None:
         if getattr(vit, "dist_token", None) is not None:
             raise ConfigError("distilled ViTs (a distillation token and a second classifier, e.g. DeiT's *_distilled_*) "
                               "are not supported: use the model without distillation")
@@ -207,7 +220,7 @@ class SplitViT:
             pool=vit.global_pool,
         )
         self.head = PromptedHead(vit, client_blocks, pool_tokens or None)
-        self.body = Body(vit, client_blocks)
+        self.body = Body(vit, client_blocks, precision)
         self.client_blocks = client_blocks
         self.defence = defence
         # The token rows whose gradient the client needs back: only the prompts' when the head holds
@@ -228,7 +241,7 @@ class SplitViT:
     def from_config(cls, vit: nn.Module, config) -> "SplitViT":
         """The split and defence a run's `Config` asks for."""
         return cls(vit, config.prompt_tokens, config.client_blocks, config.seed, config.pool_tokens,
-                   Defence.from_config(config))
+                   Defence.from_config(config), config.precision)
 
     def send(self, images: torch.Tensor, prompts: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The activations a client sends for `images`: (B, L, D), protected by the defence."""

@@ -11,6 +11,16 @@ message must be of a known kind with exactly the expected tensor, of the model's
 of the expected shape with at most `max_batch` samples. Anything else raises `ProtocolError`, which
 a network channel returns to that client alone; the server keeps serving the others.
 
+Batching (`batch_window_s`): requests from concurrent clients (a network channel calls from many
+threads) that arrive within the window, or while the body is busy, run through the body as one
+batch, and each client gets its own rows back. It is exact to float tolerance: every body operation
+acts on each sample alone (attention within a sample, LayerNorm per token), so a client's rows and
+its input gradient depend only on its own samples. A backward uses the graph of the batch its
+forward ran in, with zero gradient for the other members' rows; it does not wait for them, so a slow
+or failed client delays no one beyond the window, and the graph is freed when every member has sent
+its backward or expired. FLOPs are counted per client as if run alone (`_counted`). Off (None) by default: then
+requests run one at a time, and a run gives the same numbers bit for bit whatever the timing.
+
 The body is frozen unless the server is given a body optimiser (SplitFed with `--train-body`,
 Thapa et al.'s SplitFedV1): then each client trains its own copy of the round's body, and
 `end_round` averages the copies, weighted by the samples each one saw, into the shared body.
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import hmac
+import math
 import secrets
 import threading
 import time
@@ -30,7 +41,7 @@ from torch import nn
 
 from .aggregate import fedavg
 from .codec import Message, ProtocolError
-from .meter import SERVER, Meter
+from .meter import SERVER, Meter, counting_flops
 from .model import SplitViT
 from .optim import build_optimizer
 
@@ -41,27 +52,70 @@ def body_optimizer(settings) -> Callable[[nn.Module], torch.optim.Optimizer]:
     return lambda body: build_optimizer([{"params": list(body.parameters()), "lr": settings.backbone_lr}], settings)
 
 
+FP16_GRAD_PEAK = 2.0**8  # under --precision fp16 a gradient is scaled so its largest entry is about this
+
+
+class _Graph:
+    """One batch's trip through the body: its input tokens and the rows the tail reads."""
+
+    def __init__(self, tokens: torch.Tensor, rows: torch.Tensor) -> None:
+        self.tokens, self.rows = tokens, rows
+
+
+class _Pending:
+    """A client's forward awaiting its backward: the graph it ran in and its samples' place there."""
+
+    def __init__(self, graph: _Graph, samples: slice) -> None:
+        self.graph, self.samples, self.since = graph, samples, time.monotonic()
+
+
+class _Request:
+    """A validated request on its way through the body; `done` is set once it has a reply or an error."""
+
+    def __init__(self, client: str, session: list, kind: str, tensor: torch.Tensor,
+                 pending: _Pending | None = None) -> None:
+        self.client, self.session, self.kind, self.tensor, self.pending = client, session, kind, tensor, pending
+        self.reply: Message | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def result(self) -> Message:
+        if self.error is not None:
+            raise self.error
+        assert self.reply is not None
+        return self.reply
+
+
 class BodyServer:
     def __init__(self, model: SplitViT, meter: Meter, device: torch.device,
                  body_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
-                 pending_timeout_s: float = 600.0, max_batch: int = 4096) -> None:
+                 pending_timeout_s: float = 600.0, max_batch: int = 4096,
+                 batch_window_s: float | None = None) -> None:
+        if batch_window_s is not None and (batch_window_s < 0 or body_optimizer is not None):
+            raise ValueError("a batch window is 0 s or more, and cannot batch a trained body (a copy per client)")
         self.body = model.body
         self.layout = model.layout
         self.meter = meter
         self.device = device
         self.grad_rows = model.grad_rows
         self.body_optimizer = body_optimizer
-        # client id -> (tokens it sent, body output rows returned, when), awaiting the backward; a
-        # forward whose backward never comes (the client crashed) is dropped after pending_timeout_s.
-        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        # client id -> its forward awaiting the backward; a forward whose backward never comes (the
+        # client crashed) is dropped after pending_timeout_s.
+        self._pending: dict[str, _Pending] = {}
         self.pending_timeout_s = pending_timeout_s
-        self.max_batch = max_batch
+        self.max_batch = max_batch  # samples in one request; also where a batch stops waiting for more
+        self.batch_window_s = batch_window_s
         self.dtype = model.initial_params.prompts.dtype
         # client id -> [its session secret for this round, the last sequence number it used]
         self._sessions: dict[str, list] = {}
-        self._lock = threading.Lock()  # a network channel calls from many threads: one batch at a time
+        # The server's state; held for the whole request when not batching (one request at a time).
+        self._lock = threading.RLock()
+        self._compute = threading.Lock()  # batching: one batch in the body at a time
+        self._queued: dict[str, list[_Request]] = {"forward": [], "backward": []}  # batching: waiting requests
+        self._arrived = threading.Condition()
         # client id -> [its body copy, its optimiser, samples trained] for this round (--train-body).
         self._copies: dict[str, list] = {}
+        self._flops_per_sample: dict[str, int] = {}  # "forward" / "backward" -> the body's FLOPs per sample
 
     def end_round(self) -> None:
         """Fold this round's per-client body copies into the shared body (nothing if it is frozen),
@@ -102,16 +156,46 @@ class BodyServer:
         return self._copies[client][0]
 
     def handle(self, message: Message) -> Message:
-        with self._lock:
-            self._expire()
-            return self._handle(message)
+        if self.batch_window_s is None:
+            with self._lock:
+                self._expire()
+                request = self._check(message)
+                self._run([request])
+        else:
+            with self._lock:
+                self._expire()
+                request = self._check(message)
+            self._join_batch(request)
+        return request.result()
+
+    def _join_batch(self, request: _Request) -> None:
+        """Wait in the queue of this request's kind; the first to arrive leads: it gathers what comes
+        within the window (or until every client with a session has a request there, or max_batch
+        samples), then runs them all."""
+        with self._arrived:
+            queue = self._queued[request.kind]
+            queue.append(request)
+            self._arrived.notify_all()
+            leads = len(queue) == 1
+        if not leads:
+            request.done.wait()
+            return
+        deadline = time.monotonic() + self.batch_window_s
+        with self._arrived:
+            while (len(queue) < len(self._sessions) and sum(len(r.tensor) for r in queue) < self.max_batch
+                   and (left := deadline - time.monotonic()) > 0):
+                self._arrived.wait(left)
+            batch = queue[:]
+            queue.clear()
+        with self._compute:
+            self._run(batch)
 
     def _expire(self) -> None:
         stale = time.monotonic() - self.pending_timeout_s
-        for client in [c for c, (_, _, since) in self._pending.items() if since < stale]:
+        for client in [c for c, pending in self._pending.items() if pending.since < stale]:
             del self._pending[client]
 
-    def _handle(self, message: Message) -> Message:
+    def _check(self, message: Message) -> _Request:
         client = self._check_session(message.meta)
         expected = {"forward": "tokens", "backward": "grad"}.get(message.kind)
         if expected is None:
@@ -123,9 +207,20 @@ class BodyServer:
             raise ProtocolError(f"{expected} of dtype {tensor.dtype}, expected {self.dtype}")
         if not bool(torch.isfinite(tensor).all()):
             raise ProtocolError(f"{expected} holds non-finite values")
+        session = self._sessions[client]
         if message.kind == "forward":
-            return self._forward(client, tensor)
-        return self._backward(client, tensor)
+            shape = (self.layout.length, self.layout.width)
+            if tensor.dim() != 3 or tuple(tensor.shape[1:]) != shape or not 1 <= len(tensor) <= self.max_batch:
+                raise ProtocolError(f"tokens of shape {tuple(tensor.shape)}, expected (B, {shape[0]}, {shape[1]}) "
+                                    f"with 1 <= B <= {self.max_batch}")
+            return _Request(client, session, "forward", tensor)
+        pending = self._pending.pop(client, None)
+        if pending is None:
+            raise ProtocolError(f"backward from client {client} without a pending forward")
+        rows = pending.graph.rows[pending.samples]
+        if tensor.shape != rows.shape:
+            raise ProtocolError(f"gradient of shape {tuple(tensor.shape)}, expected {tuple(rows.shape)}")
+        return _Request(client, session, "backward", tensor, pending)
 
     def _check_session(self, meta: dict) -> str:
         client, session, seq = meta.get("client"), meta.get("session"), meta.get("seq")
@@ -140,28 +235,105 @@ class BodyServer:
         entry[1] = seq
         return client
 
-    def _forward(self, client: str, tokens: torch.Tensor) -> Message:
-        expected = (self.layout.length, self.layout.width)
-        if tokens.dim() != 3 or tuple(tokens.shape[1:]) != expected or not 1 <= len(tokens) <= self.max_batch:
-            raise ProtocolError(f"tokens of shape {tuple(tokens.shape)}, expected (B, {expected[0]}, {expected[1]}) "
-                                f"with 1 <= B <= {self.max_batch}")
-        tokens = tokens.to(self.device).requires_grad_(True)
-        with self.meter.work(SERVER, "split"), torch.enable_grad():
-            rows = self._body_for(client)(tokens)[:, self.layout.tail_rows]  # (B, R, D)
-        self._pending[client] = (tokens, rows, time.monotonic())
-        return Message("body_output", {"rows": rows.detach()})
+    def _run(self, batch: list[_Request]) -> None:
+        """Run a batch of requests of one kind through the body, then answer each."""
+        try:
+            if batch[0].kind == "forward":
+                self._forward(batch)
+            else:
+                self._backward(batch)
+        except Exception as err:  # the body failed (out of memory, say): every member of this batch is told
+            for request in batch:
+                request.error = request.error or err
+        finally:
+            for request in batch:
+                request.done.set()
 
-    def _backward(self, client: str, grad: torch.Tensor) -> Message:
-        if client not in self._pending:
-            raise ProtocolError(f"backward from client {client} without a pending forward")
-        tokens, rows, _ = self._pending.pop(client)
-        if grad.shape != rows.shape:
-            raise ProtocolError(f"gradient of shape {tuple(grad.shape)}, expected {tuple(rows.shape)}")
-        with self.meter.work(SERVER, "split"):
-            rows.backward(grad.to(self.device))
-            if client in self._copies:  # the server's own training step (--train-body)
-                _, optimizer, _ = self._copies[client]
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                self._copies[client][2] += len(grad)
-        return Message("input_grad", {"grad": tokens.grad[:, self.grad_rows]})
+    def _still_admitted(self, request: _Request) -> bool:
+        """Whether the request's session outlived its trip through the body (not forgotten, round not ended)."""
+        if self._sessions.get(request.client) is request.session:
+            return True
+        request.error = ProtocolError(f"client {request.client}'s session ended while its request ran")
+        return False
+
+    def _forward(self, batch: list[_Request]) -> None:
+        tokens = torch.cat([request.tensor for request in batch]).to(self.device).requires_grad_(True)
+        body = self._body_for(batch[0].client)
+        with torch.enable_grad():
+            rows = self._counted("forward", lambda: body(tokens)[:, self.layout.tail_rows], len(tokens))  # (B, R, D)
+        graph, start = _Graph(tokens, rows), 0
+        with self._lock:
+            for request in batch:
+                samples = slice(start, start + len(request.tensor))
+                start = samples.stop
+                if self._still_admitted(request):
+                    self._pending[request.client] = _Pending(graph, samples)
+                    request.reply = Message("body_output", {"rows": rows[samples].detach()})
+
+    def _backward(self, batch: list[_Request]) -> None:
+        graphs: dict[int, list[_Request]] = {}
+        for request in batch:
+            graphs.setdefault(id(request.pending.graph), []).append(request)
+        for members in graphs.values():
+            self._backward_through(members[0].pending.graph, members)
+
+    def _backward_through(self, graph: _Graph, members: list[_Request]) -> None:
+        """Backpropagate the members' gradients through the graph their forwards ran in (the other
+        rows' gradient zero; the graph is kept for members still to come)."""
+        grad = torch.zeros_like(graph.rows)
+        for request in members:
+            grad[request.pending.samples] = request.tensor.to(self.device)
+        scale = self._grad_scale(grad)
+
+        def backward() -> None:
+            graph.tokens.grad = None
+            graph.rows.backward(grad * scale if scale != 1 else grad, retain_graph=True)
+
+        self._counted("backward", backward, len(graph.tokens), sum(len(request.tensor) for request in members))
+        for _ in range(2):  # fp16 only: if the scaled gradient overflowed, again with a smaller scale (uncounted)
+            if scale == 1 or bool(torch.isfinite(graph.tokens.grad).all()):
+                break
+            scale /= 2.0**8
+            backward()
+        if len(members) == 1 and members[0].client in self._copies:  # the server's own step (--train-body)
+            entry = self._copies[members[0].client]
+            entry[1].step()
+            entry[1].zero_grad(set_to_none=True)
+            entry[2] += len(members[0].tensor)
+        token_grad = graph.tokens.grad
+        graph.tokens.grad = None
+        with self._lock:
+            for request in members:
+                if self._still_admitted(request):
+                    grad_rows = token_grad[request.pending.samples][:, self.grad_rows]
+                    request.reply = Message("input_grad", {"grad": grad_rows / scale if scale != 1 else grad_rows})
+
+    def _counted(self, kind: str, work: Callable[[], torch.Tensor | None], samples: int,
+                 answered: int | None = None) -> torch.Tensor | None:
+        """Do the body's `work` on `samples` samples and count the FLOPs of `answered` of them (all by
+        default), as if they had run alone. The body's FLOPs are exactly linear in its samples, so the
+        first batch of each kind is counted operation by operation and later ones from its count per
+        sample: the counter costs about 0.1 ms of Python a body operation, more than the body's own
+        work on a GPU (measured: README, Distributed)."""
+        per_sample = self._flops_per_sample.get(kind)
+        if per_sample is None:
+            with counting_flops() as flops:
+                result = work()
+            total = flops.get_total_flops()
+            if total % samples == 0:
+                self._flops_per_sample[kind] = total // samples
+            per_sample = total / samples
+        else:
+            result = work()
+        self.meter.add_flops(SERVER, "split", round(per_sample * (samples if answered is None else answered)))
+        return result
+
+    def _grad_scale(self, grad: torch.Tensor) -> float:
+        """Under fp16, a power of two that lifts the gradient's largest entry to about FP16_GRAD_PEAK, so
+        that small gradients do not underflow in half precision (exactly undone on the way out)."""
+        if self.body.precision != "fp16":
+            return 1.0
+        peak = float(grad.abs().max())
+        if peak == 0:
+            return 1.0
+        return 2.0 ** math.floor(math.log2(FP16_GRAD_PEAK / peak))

@@ -41,7 +41,8 @@ class FlowerRuntime:
         tls = options.tls()
         self.body = BodyServer(fed.model, fed.meter, fed.device,
                                body_optimizer(fed.settings) if fed.config.train_body else None,
-                               pending_timeout_s=options.body_timeout_s)
+                               pending_timeout_s=options.body_timeout_s,
+                               batch_window_s=options.body_batch_window_s if options.body_batching else None)
         self.token = options.resolved_token()
         self.channel = BodyChannelServer(self.body, options.body_address, self.token,
                                          certificate=tls[0] if tls else None, private_key=tls[1] if tls else None,

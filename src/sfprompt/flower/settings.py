@@ -26,6 +26,8 @@ class FlowerOptions:
     body_private_key: str = ""
     body_root_certificate: str = ""  # the CA that signed the certificate, sent to clients (default: itself)
     body_timeout_s: float = 600.0  # a client's wait for one exchange; the server's wait for a backward
+    body_batching: bool = False  # run concurrent clients' requests through the body as one batch
+    body_batch_window_s: float = 0.01  # how long a batch waits for more clients' requests
     wait_for_nodes_s: float = 300.0  # how long the ServerApp waits for every partition's SuperNode
     resume: bool = False  # continue the run in `out` after its last checkpointed round
     max_examples: int = 0  # the most examples a node with its own data may weigh in FedAvg (0: what it reported)
@@ -63,7 +65,12 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerOption
             raise ConfigError("'clients' is not a run-config key under Flower: it is the number of SuperNodes")
         else:
             config_values[key] = None if name in optional and value == "" else value
-    return Config.from_dict(config_values), FlowerOptions(**own_values)
+    config, options = Config.from_dict(config_values), FlowerOptions(**own_values)
+    if options.body_batch_window_s < 0:
+        raise ConfigError(f"body-batch-window-s must be 0 or more, got {options.body_batch_window_s}")
+    if options.body_batching and config.train_body:
+        raise ConfigError("body-batching cannot batch a trained body (--train-body keeps a body copy per client)")
+    return config, options
 
 
 def run_config_defaults() -> dict[str, Any]:

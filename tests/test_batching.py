@@ -1,0 +1,208 @@
+"""The batching body server: concurrent clients' requests run as one batch, each client gets exactly
+its own answer (to float tolerance) and its own FLOPs, and a slow, failed or malformed client
+delays or corrupts no one else."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from sfprompt.channel import BodyChannelServer, ChannelLink
+from sfprompt.codec import Message, ProtocolError
+from sfprompt.meter import Meter
+from sfprompt.server import BodyServer
+from sfprompt.transport import SessionLink
+
+from conftest import tiny_split
+
+SIZES = (1, 2, 3, 5)  # each client's batch, different on purpose
+
+
+def tokens_of(model, client: int, samples: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(100 + client)
+    return torch.randn(samples, model.layout.length, model.layout.width, generator=generator)
+
+
+def grad_of(rows: torch.Tensor, client: int) -> torch.Tensor:
+    return torch.randn(rows.shape, generator=torch.Generator().manual_seed(200 + client))
+
+
+class Session:
+    """A client's stamped requests to one server."""
+
+    def __init__(self, server: BodyServer, client: int) -> None:
+        self.server, self.client, self.session, self.seq = server, str(client), server.admit(str(client)), 0
+
+    def request(self, kind: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        self.seq += 1
+        reply = self.server.handle(Message(kind, {name: tensor}, {"client": self.client, "session": self.session,
+                                                                   "seq": self.seq}))
+        return next(iter(reply.tensors.values()))
+
+
+def counting_body_calls(server: BodyServer) -> list[int]:
+    """Wraps the body so that each call records its batch size."""
+    calls, forward = [], server.body.forward
+    server.body.forward = lambda tokens: calls.append(len(tokens)) or forward(tokens)
+    return calls
+
+
+def one_by_one(model) -> tuple[dict, dict]:
+    """Each client's rows and input gradient from an unbatched server, and the FLOPs it counted."""
+    meter, answers = Meter(), {}
+    server = BodyServer(model, meter, torch.device("cpu"))
+    for client, samples in enumerate(SIZES):
+        session = Session(server, client)
+        rows = session.request("forward", "tokens", tokens_of(model, client, samples))
+        answers[client] = (rows, session.request("backward", "grad", grad_of(rows, client)))
+    return answers, meter.take()
+
+
+def concurrently(server: BodyServer, work, clients) -> dict:
+    """Runs `work(client)` for every client on its own thread; returns what each returned or raised."""
+    results = {}
+
+    def run(client):
+        try:
+            results[client] = work(client)
+        except Exception as err:  # noqa: BLE001 - collected and checked by the test
+            results[client] = err
+
+    threads = [threading.Thread(target=run, args=(client,)) for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_concurrent_clients_run_as_one_batch_and_get_their_own_answers_and_flops():
+    _, model = tiny_split(client_blocks=1)
+    expected, expected_costs = one_by_one(model)
+    meter = Meter()
+    server = BodyServer(model, meter, torch.device("cpu"), batch_window_s=30.0)  # everyone arrives well within
+    calls = counting_body_calls(server)
+    sessions = {client: Session(server, client) for client in range(len(SIZES))}
+
+    def work(client):
+        rows = sessions[client].request("forward", "tokens", tokens_of(model, client, SIZES[client]))
+        return rows, sessions[client].request("backward", "grad", grad_of(rows, client))
+
+    started = time.monotonic()
+    answers = concurrently(server, work, sessions)
+    assert time.monotonic() - started < 30  # the batch ran once every client with a session was in it
+    assert calls == [sum(SIZES)]  # one forward for all four clients
+    for client in sessions:
+        for got, want in zip(answers[client], expected[client]):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert meter.take()["flops_by_phase"] == expected_costs["flops_by_phase"]
+    assert server.pending == 0
+
+
+def test_a_client_that_never_sends_its_backward_delays_no_one_and_is_freed_after_the_timeout():
+    _, model = tiny_split()
+    expected, _ = one_by_one(model)
+    server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=30.0, pending_timeout_s=2.0)
+    sessions = {client: Session(server, client) for client in range(len(SIZES))}
+    rows = concurrently(server, lambda c: sessions[c].request("forward", "tokens", tokens_of(model, c, SIZES[c])),
+                        sessions)
+    silent = 3  # crashed after its forward
+    started = time.monotonic()
+    # The others' backwards: the batch closes when every client with a session, less the silent one,
+    # could have come; here the window is what ends the wait, so it is kept short for this phase.
+    server.batch_window_s = 0.2
+    grads = concurrently(server, lambda c: sessions[c].request("backward", "grad", grad_of(rows[c], c)),
+                         [c for c in sessions if c != silent])
+    assert time.monotonic() - started < 5
+    for client, grad in grads.items():
+        torch.testing.assert_close(grad, expected[client][1], atol=1e-5, rtol=1e-4)
+    assert server.pending == 1  # only the silent client's forward is still held
+    time.sleep(2.1)
+    with pytest.raises(ProtocolError, match="without a pending forward"):  # expired: the graph is gone
+        sessions[silent].request("backward", "grad", grad_of(rows[silent], silent))
+    assert server.pending == 0
+
+
+def test_a_malformed_request_is_refused_alone_and_a_late_client_gets_its_exact_answer():
+    _, model = tiny_split()
+    expected, _ = one_by_one(model)
+    server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=0.5)
+    sessions = {client: Session(server, client) for client in range(len(SIZES))}
+
+    def work(client):
+        tokens = tokens_of(model, client, SIZES[client])
+        if client == 0:
+            tokens[0, 0, 0] = float("nan")  # refused before it reaches the batch
+        rows = sessions[client].request("forward", "tokens", tokens)
+        if client == 2:
+            time.sleep(1.0)  # slow: its backward comes after the others' batch ran
+        return rows, sessions[client].request("backward", "grad", grad_of(rows, client))
+
+    answers = concurrently(server, work, sessions)
+    assert isinstance(answers[0], ProtocolError) and "non-finite" in str(answers[0])
+    for client in (1, 2, 3):
+        for got, want in zip(answers[client], expected[client]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert server.pending == 0
+
+
+def test_a_forgotten_client_in_a_batch_gets_an_error_and_leaves_nothing_held():
+    _, model = tiny_split()
+    server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=0.0)
+    session = Session(server, 0)
+    forward = server._forward
+
+    def forget_during(batch):  # the runtime drops the client while its batch is in the body
+        server.forget("0")
+        forward(batch)
+
+    server._forward = forget_during
+    with pytest.raises(ProtocolError, match="session ended"):
+        session.request("forward", "tokens", tokens_of(model, 0, 2))
+    assert server.pending == 0
+
+
+def test_a_trained_body_cannot_batch():
+    _, model = tiny_split()
+    with pytest.raises(ValueError, match="trained body"):
+        BodyServer(model, Meter(), torch.device("cpu"), body_optimizer=lambda body: None, batch_window_s=0.0)
+
+
+def test_the_channel_batches_its_concurrent_clients():
+    _, model = tiny_split()
+    expected, _ = one_by_one(model)
+    server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=30.0)
+    calls = counting_body_calls(server)
+    sessions = {client: server.admit(str(client)) for client in range(len(SIZES))}
+    with BodyChannelServer(server, "127.0.0.1:0", "token", workers=len(SIZES)) as channel:
+        def work(client):
+            with ChannelLink(channel.address, "token", Meter(), torch.device("cpu")) as link:
+                session = SessionLink(link, client, sessions[client])
+                rows = session.request(Message("forward", {"tokens": tokens_of(model, client, SIZES[client])}),
+                                       "split").tensors["rows"]
+                grad = session.request(Message("backward", {"grad": grad_of(rows, client)}), "split").tensors["grad"]
+                return rows, grad
+
+        answers = concurrently(server, work, sessions)
+    assert calls == [sum(SIZES)]
+    for client in sessions:
+        for got, want in zip(answers[client], expected[client]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_the_throughput_benchmark_measures_every_mode(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    markdown = tmp_path / "batching.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "body_batching.py"), "--model", "test_vit",
+                           "--image-size", "32", "--clients", "1", "3", "--steps", "1", "--precision", "fp32", "bf16",
+                           "--markdown", str(markdown)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ") for line in markdown.read_text().splitlines() if line.startswith(("| fp32", "| bf16"))]
+    assert [(row[0], row[1]) for row in rows] == [("| fp32", "1"), ("| fp32", "3"), ("| bf16", "1"), ("| bf16", "3")]
+    assert all(float(cell.replace(",", "")) > 0 for row in rows for cell in row[2:5])  # every mode ran
