@@ -29,7 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .codec import MAX_HEADER_BYTES
-from .config import ConfigError
+from .config import PRECISIONS, ConfigError
 from .defence import Defence
 
 
@@ -116,7 +116,7 @@ class _EmbedSeams(nn.Module):
         return self.norm_pre(x)
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = dict(zip(PRECISIONS, (None, torch.bfloat16, torch.float16)))  # --precision -> autocast dtype
 
 
 class Body(nn.Module):
@@ -127,13 +127,13 @@ class Body(nn.Module):
 
     def __init__(self, vit: nn.Module, client_blocks: int, precision: str = "fp32") -> None:
         super().__init__()
-        if precision not in PRECISIONS:
+        if precision not in AUTOCAST_DTYPES:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.blocks = nn.Sequential(*vit.blocks[client_blocks:])
         self.precision = precision
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        dtype = PRECISIONS[self.precision]
+        dtype = AUTOCAST_DTYPES[self.precision]
         if dtype is None:
             return self.blocks(tokens)
         with torch.autocast(tokens.device.type, dtype=dtype):
