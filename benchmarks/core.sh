@@ -8,10 +8,15 @@
 #   bash benchmarks/core.sh            # about 4 hours on two CPU cores (each run 10-25 minutes)
 #   SHARED=/path/to/shared OUT=runs/core SEEDS="0 1 2" ROWS="iid iid-sgd" bash benchmarks/core.sh
 #
+# The server body's precision, on a GPU (BENCHMARKS.md's Runtime; rows iid-bf16 and iid-fp16 are not
+# in the default ROWS: a CPU without bf16 arithmetic emulates it, many times slower):
+#   OUT=runs/precision ROWS="iid iid-bf16 iid-fp16" JOBS=9 TABLE=docs/benchmarks/precision.md DOC= \
+#     bash benchmarks/core.sh
+#
 # A finished run is not redone and an interrupted one continues after its last complete round, so the
-# benchmark can be stopped and restarted at any time. SIZE appends
-# options to every run, TABLE and DOC name the table and the document written (a test runs the
-# script at a tiny size).
+# benchmark can be stopped and restarted at any time. JOBS runs that many at once (default 1). SIZE
+# appends options to every run, TABLE and DOC name the table and the document written (DOC empty:
+# only the table; a test runs the script at a tiny size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
@@ -32,29 +37,38 @@ options() {  # the options of one row: the defaults, changed in one thing
     iid-global-pruning) echo "--rounds 5 --no-prune-per-class" ;;
     iid-split-epochs-1) echo "--rounds 5 --split-epochs 1" ;;
     iid-sgd) echo "--rounds 5 --optimizer sgd --lr 0.01 --prompt-lr 0.01" ;;
+    iid-bf16) echo "--rounds 5 --precision bf16" ;;
+    iid-fp16) echo "--rounds 5 --precision fp16" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
 
+one_run() {  # one row and seed: done before, continued from its checkpoint, or run
+  local row=$1 seed=$2 run="$OUT/$1/seed-$2"
+  if [ -f "$run/summary.json" ]; then echo "$run: done before"; return; fi
+  mkdir -p "$OUT/$row"
+  if [ -f "$run/checkpoint.safetensors" ]; then  # interrupted: continue after its last complete round
+    echo "$run: continuing"
+    sfprompt run --resume "$run" --no-progress >> "$run.log" 2>&1 || { echo "$run failed: see $run.log" >&2; return 1; }
+    return
+  fi
+  echo "$run ..."
+  # shellcheck disable=SC2046
+  sfprompt run "${common[@]}" $(options "$row") "${size[@]}" --seed "$seed" --out "$run" > "$run.log" 2>&1 \
+    || { echo "$run failed: see $run.log" >&2; return 1; }
+}
+
 for row in $ROWS; do
+  options "$row" > /dev/null  # an unknown row stops the benchmark before anything runs
   for seed in $SEEDS; do
-    run="$OUT/$row/seed-$seed"
-    if [ -f "$run/summary.json" ]; then echo "$run: done before"; continue; fi
-    mkdir -p "$OUT/$row"
-    if [ -f "$run/checkpoint.safetensors" ]; then  # interrupted: continue after its last complete round
-      echo "$run: continuing"
-      sfprompt run --resume "$run" --no-progress >> "$run.log" 2>&1 \
-        || { echo "$run failed: see $run.log" >&2; exit 1; }
-      continue
-    fi
-    echo "$run ..."
-    # shellcheck disable=SC2046
-    sfprompt run "${common[@]}" $(options "$row") "${size[@]}" --seed "$seed" --out "$run" > "$run.log" 2>&1 \
-      || { echo "$run failed: see $run.log" >&2; exit 1; }
+    while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-1}" ]; do wait -n || exit 1; done
+    one_run "$row" "$seed" &
   done
 done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || exit 1; done
 mkdir -p docs/benchmarks
 rows=(); for row in $ROWS; do rows+=("$OUT/$row"); done
 TABLE=${TABLE:-docs/benchmarks/ablations.md}
 python benchmarks/table.py "${rows[@]}" | tee "$TABLE"
-python benchmarks/write_benchmarks.py --update-reports "${DOC:-BENCHMARKS.md}" "$TABLE"
+DOC=${DOC-BENCHMARKS.md}
+if [ -n "$DOC" ]; then python benchmarks/write_benchmarks.py --update-reports "$DOC" "$TABLE"; fi

@@ -1,6 +1,7 @@
 """Write BENCHMARKS.md from the outputs of benchmarks/compare.sh (tables, plots, command, machine),
 followed by the reports other benchmarks keep in docs/benchmarks when they have been run: the
-ablations of benchmarks/core.sh and the runtime reports of benchmarks/runtime.py, body_load.py, clientapp.py and scale.py.
+ablations of benchmarks/core.sh and the runtime reports of benchmarks/runtime.py, body_load.py, body_batching.py,
+precision.sh, clientapp.py, scale.py and flower_scale.py.
 
     python benchmarks/write_benchmarks.py runs/compare "bash benchmarks/compare.sh" > BENCHMARKS.md
     python benchmarks/write_benchmarks.py --update-reports [DOC [ABLATIONS]]   # replace those sections only
@@ -105,15 +106,20 @@ def reports(ablations: Path) -> None:
 
 
 def runtime_reports() -> None:
-    """The runtime's measurements, as benchmarks/runtime.py, body_load.py, clientapp.py and scale.py last
-    wrote them."""
-    reports = [Path("docs/benchmarks") / name for name in ("runtime.md", "load.md", "clientapp.md", "scale.md")]
+    """The runtime's measurements, as benchmarks/runtime.py, body_load.py, body_batching.py, precision.sh,
+    clientapp.py, scale.py and flower_scale.py last wrote them."""
+    reports = [Path("docs/benchmarks") / name
+               for name in ("runtime.md", "load.md", "batching-cpu.md", "batching-cuda.md", "precision.md",
+                            "clientapp.md", "scale.md", "flower-scale.md")]
     if any(report.is_file() for report in reports):
         print("## Runtime\n")
         print("The Flower runtime and the body channel against the in-process runtime "
               "(`python benchmarks/runtime.py`), the body channel under load (`python benchmarks/body_load.py`), "
-              "what a Flower ClientApp builds for a message (`python benchmarks/clientapp.py`), and what many "
-              "simulated clients cost in one process (`python benchmarks/scale.py`).\n")
+              "the body server's throughput with many concurrent clients, one request at a time or batched "
+              "(`python benchmarks/body_batching.py`), and its precision (`benchmarks/core.sh`'s precision rows), "
+              "what a Flower ClientApp builds for a message (`python benchmarks/clientapp.py`), what many "
+              "simulated clients cost in one process (`python benchmarks/scale.py`), and a Flower simulation of 100 "
+              "SuperNodes against the in-process runtime (`python benchmarks/flower_scale.py`).\n")
     for report in reports:
         if report.is_file():
             print(report.read_text())

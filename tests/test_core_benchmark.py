@@ -71,3 +71,37 @@ def test_the_scale_benchmark_measures_each_client_count_in_a_fresh_process(tmp_p
     rows = [line.split(" | ") for line in markdown.read_text().splitlines() if line.startswith(("| IID", "| Dirichlet"))]
     assert [row[1] for row in rows] == ["10", "400", "10", "400"]
     assert all(float(row[5].split()[0]) < 10 for row in rows if row[5] != "- |")  # KB per idle client
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
+                    reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
+def test_the_precision_benchmark_runs_each_precision_and_writes_its_report(tmp_path):
+    report = tmp_path / "precision.md"
+    done = run_benchmark("precision.sh", tmp_path, SEEDS="0", ROWS="iid iid-bf16", JOBS="2", REPORT=str(report))
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = report.read_text()
+    assert text.startswith("Command: `bash benchmarks/precision.sh`")
+    assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| iid")] == ["| iid", "| iid-bf16"]
+    config = json.loads((tmp_path / "runs" / "iid-bf16" / "seed-0" / "config.json").read_text())
+    assert config["precision"] == "bf16"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
+                    reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
+def test_the_flower_scale_benchmark_compares_both_runtimes(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, SHARED
+
+    markdown = tmp_path / "flower-scale.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flower_scale.py"), "--shared", str(SHARED),
+                           "--nodes", "4", "--per-round", "2", "--rounds", "1", "--train-samples", "80",
+                           "--test-samples", "40", "--out", str(tmp_path / "runs"), "--markdown", str(markdown)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ") for line in markdown.read_text().splitlines() if line.startswith(("| in-process", "| flower"))]
+    assert [row[0] for row in rows] == ["| in-process", "| flower"]
+    assert all(row[-1] == "yes |" for row in rows)  # the same accuracy and bytes under Flower

@@ -1,0 +1,166 @@
+"""Body throughput with many concurrent clients: one request at a time against the batching body server,
+and both against one centralised batch of the same samples through the same body.
+
+N client threads each run split-training exchanges (a forward of BATCH samples, then its backward)
+against one `BodyServer`, as a network channel's threads would (the codec and the sockets are left
+out: benchmarks/runtime.py measures those). Throughput is body samples a second, forward and backward
+both; the centralised reference runs N x BATCH samples through the body's forward and backward in one
+call, with no server around it. Each --precision is measured the same way (its speed-up is the ratio
+of its rows to fp32's). A configuration that runs out of device memory is reported as such.
+
+    python benchmarks/body_batching.py                      # ViT-S/14 at 56 px on this machine's CPU
+    python benchmarks/body_batching.py --model vit_base_patch16_224 --image-size 224 \
+        --precision fp32 bf16 fp16 --device cuda            # the GPU figures in BENCHMARKS.md
+
+It prints a Markdown report and writes it to docs/benchmarks/batching-<device type>.md, which
+BENCHMARKS.md includes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from sfprompt.codec import Message
+from sfprompt.meter import Meter
+from sfprompt.model import SplitViT, create_vit
+from sfprompt.server import BodyServer
+from write_benchmarks import cpu_name, publish
+
+
+def split_model(name: str, image_size: int, precision: str, device: torch.device) -> SplitViT:
+    torch.manual_seed(0)  # random weights: throughput does not depend on them
+    vit = create_vit(name, num_classes=10, image_size=image_size, weights="none")
+    model = SplitViT(vit, prompt_tokens=10, client_blocks=0, seed=0, precision=precision)
+    model.body.to(device)
+    return model
+
+
+def tail_rows(model: SplitViT) -> int:
+    return len(range(model.layout.length)[model.layout.tail_rows])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def centralised(model: SplitViT, samples: int, steps: int, device: torch.device) -> float:
+    """Samples a second of one batch through the body's forward and backward, no server around it."""
+    tokens = torch.randn(samples, model.layout.length, model.layout.width, device=device)
+    grad = torch.randn(samples, tail_rows(model), model.layout.width, device=device)
+
+    def step() -> None:
+        leaf = tokens.detach().requires_grad_(True)
+        model.body(leaf)[:, model.layout.tail_rows].backward(grad)
+
+    return _timed(step, samples, steps, device)
+
+
+def served(model: SplitViT, clients: int, batch: int, steps: int, window_s: float | None,
+           device: torch.device) -> float:
+    """Samples a second of `clients` concurrent clients, each running `steps` exchanges of `batch` samples."""
+    server = BodyServer(model, Meter(), device, batch_window_s=window_s)
+    sessions = [server.admit(str(k)) for k in range(clients)]
+    tokens = [torch.randn(batch, model.layout.length, model.layout.width, device=device) for _ in range(clients)]
+    grads = [torch.randn(batch, tail_rows(model), model.layout.width, device=device) for _ in range(clients)]
+    sequence = [0] * clients
+    errors: list[BaseException] = []
+
+    def exchange(k: int) -> None:
+        for kind, name, tensor in (("forward", "tokens", tokens[k]), ("backward", "grad", grads[k])):
+            sequence[k] += 1
+            server.handle(Message(kind, {name: tensor}, {"client": str(k), "session": sessions[k], "seq": sequence[k]}))
+
+    def client(k: int, count: int) -> None:
+        try:
+            for _ in range(count):
+                exchange(k)
+        except BaseException as err:  # noqa: BLE001 - reported by the caller (out of memory, say)
+            errors.append(err)
+
+    def round_of(count: int) -> None:
+        threads = [threading.Thread(target=client, args=(k, count)) for k in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    return _timed(lambda: round_of(steps), clients * batch * steps, 1, device, warm_up=lambda: round_of(1))
+
+
+def _timed(step, samples_per_step: int, steps: int, device: torch.device, warm_up=None) -> float:
+    (warm_up or step)()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return samples_per_step * steps / (time.perf_counter() - started)
+
+
+def measure(what, device: torch.device) -> float | str:
+    try:
+        return what()
+    except torch.OutOfMemoryError:
+        return "out of memory"
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_small_patch14_dinov2")
+    parser.add_argument("--image-size", type=int, default=56)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--batch-size", type=int, default=32, help="each client's samples a request")
+    parser.add_argument("--steps", type=int, default=5, help="exchanges each client runs, after one to warm up")
+    parser.add_argument("--window-s", type=float, default=0.01, help="the batching server's window")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__} (fp32 matrix products in full fp32, no TF32)"
+    else:
+        machine = f"{cpu_name()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    lines = [f"Command: `python benchmarks/body_batching.py --model {args.model} --image-size {args.image_size} "
+             f"--clients {' '.join(map(str, args.clients))} --batch-size {args.batch_size} --steps {args.steps} "
+             f"--window-s {args.window_s} --precision {' '.join(args.precision)} --device {args.device}`; {machine}. "
+             "Body samples a second (forward and backward) with N concurrent clients of "
+             f"{args.batch_size} samples: one request at a time (the default), batched (`body-batching`, window "
+             f"{args.window_s * 1000:g} ms), and one centralised batch of N x {args.batch_size} samples through the "
+             "same body with no server around it.", "",
+             "| precision | clients | one at a time | batched | centralised batch | batched / centralised "
+             "| batched / one at a time |", "|---|---|---|---|---|---|---|"]
+    for precision in args.precision:
+        model = split_model(args.model, args.image_size, precision, device)
+        for clients in args.clients:
+            central = measure(lambda: centralised(model, clients * args.batch_size, args.steps, device), device)
+            alone = measure(lambda: served(model, clients, args.batch_size, args.steps, None, device), device)
+            batched = measure(lambda: served(model, clients, args.batch_size, args.steps, args.window_s, device), device)
+            cells = [_rate(v) for v in (alone, batched, central)]
+            ratios = [_ratio(batched, central), _ratio(batched, alone)]
+            lines.append(f"| {precision} | {clients} | " + " | ".join(cells + ratios) + " |")
+            print(lines[-1], flush=True)
+    publish(lines, args.markdown or Path(f"docs/benchmarks/batching-{device.type}.md"))
+
+
+def _rate(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:,.0f}"
+
+
+def _ratio(a: float | str, b: float | str) -> str:
+    return "—" if isinstance(a, str) or isinstance(b, str) else f"{a / b:.2f}×"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The server body's precision on the benchmark setting: core.sh's iid row (Fashion-MNIST, the real
+# ViT-S/14 at 56 px, 5,000 / 2,000 samples, 10 clients, 5 a round, 5 rounds) with the body in fp32,
+# bf16 and fp16 mixed precision, every seed in SEEDS (default 0 1 2), all on one device, JOBS runs
+# at once (default 9). Meant for a GPU: a CPU without bf16 arithmetic emulates it, many times slower.
+# Writes docs/benchmarks/precision.md (REPORT names another file), which BENCHMARKS.md includes.
+#
+#   bash benchmarks/precision.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+table=$(mktemp)
+OUT=${OUT:-runs/precision} ROWS=${ROWS:-iid iid-bf16 iid-fp16} JOBS=${JOBS:-9} TABLE=$table DOC= bash benchmarks/core.sh
+device=$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU', 'torch', torch.__version__)")
+{
+  echo "Command: \`bash benchmarks/precision.sh\`; $device. core.sh's iid setting with the server's body in fp32, bf16 and fp16 mixed precision (rows iid, iid-bf16, iid-fp16), every run on this device; wall seconds are of ${JOBS:-9} runs sharing it."
+  echo
+  cat "$table"
+} > "${REPORT:=docs/benchmarks/precision.md}"
+cat "$REPORT"
