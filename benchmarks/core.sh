@@ -8,10 +8,8 @@
 #   bash benchmarks/core.sh            # about 4 hours on two CPU cores (each run 10-25 minutes)
 #   SHARED=/path/to/shared OUT=runs/core SEEDS="0 1 2" ROWS="iid iid-sgd" bash benchmarks/core.sh
 #
-# The server body's precision, on a GPU (BENCHMARKS.md's Runtime; rows iid-bf16 and iid-fp16 are not
-# in the default ROWS: a CPU without bf16 arithmetic emulates it, many times slower):
-#   OUT=runs/precision ROWS="iid iid-bf16 iid-fp16" JOBS=9 TABLE=docs/benchmarks/precision.md DOC= \
-#     bash benchmarks/core.sh
+# Rows iid-bf16 and iid-fp16 (the server body's precision) are not in the default ROWS: a CPU without
+# bf16 arithmetic emulates it, many times slower; `bash benchmarks/precision.sh` runs them on a GPU.
 #
 # A finished run is not redone and an interrupted one continues after its last complete round, so the
 # benchmark can be stopped and restarted at any time. JOBS runs that many at once (default 1). SIZE

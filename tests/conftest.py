@@ -114,11 +114,8 @@ def weights_file(tmp_path: Path) -> Path:
 
 
 def client_folders(fed, root: Path) -> list[Path]:
-    """Each client's partition of a prepared run written out as its own folder, as a node would hold it."""
-    from sfprompt.data import write_client_folder
+    """Each client's partition of a prepared run written out as its own folder, as a node would hold it
+    (`sfprompt export-clients`)."""
+    from sfprompt.federation import export_clients
 
-    raw = fed.train.dataset.raw
-    for client in fed.clients:
-        indices = [fed.train.indices[p] for p in client.data.indices]
-        write_client_folder(raw, indices, fed.data.classes, root / f"client-{client.cid}")
-    return [root / f"client-{client.cid}" for client in fed.clients]
+    return export_clients(fed.config, root, progress=False)

@@ -108,3 +108,18 @@ def test_a_folder_node_weighs_at_most_what_it_reported_or_the_configured_cap(ima
         assert runtime.caps == {0: sizes[0], 1: 3, 2: sizes[2]}  # partitions: their size; a folder: capped
     finally:
         runtime.close()
+
+
+def test_export_clients_writes_each_partition_once_and_overwrites_nothing(imagefolder, tmp_path, capsys):
+    from sfprompt.cli import main
+
+    fed = prepare(tiny_config(imagefolder, tmp_path, clients=3))
+    flags = ["--dataset", "imagefolder", "--data-dir", str(imagefolder), "--clients", "3", "--out", str(tmp_path / "nodes"),
+             "--no-progress"]
+    assert main(["export-clients", *flags]) == 0
+    assert "wrote 3 client folders" in capsys.readouterr().out
+    for client in fed.clients:
+        folder = ClientFolder(tmp_path / "nodes" / f"client-{client.cid}", fed.data.classes)
+        assert folder.targets == [fed.data.train_labels[fed.train.indices[p]] for p in client.data.indices]
+    assert main(["export-clients", *flags]) == 2  # the folders exist: refused, nothing overwritten
+    assert "already exist" in capsys.readouterr().err

@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(only --device may be given)")
     _add_audit_flags(audit)
     _add_config_flags(audit)
+    export = commands.add_parser("export-clients", help="write each client's partition of the run's training data "
+                                 "(--dataset, --train-samples, --clients, --alpha, --seed) as its own image folder, "
+                                 "--out/client-K: a SuperNode's data-folder")
+    _add_config_flags(export)
     commands.add_parser("datasets", help="list the dataset names --dataset accepts")
     return parser
 
@@ -100,6 +104,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """TOML file first, then the flags given on the command line (only those given)."""
     names = {f.name for f in dataclasses.fields(Config)}
     flags = {name: value for name, value in vars(args).items() if name in names}
+    if args.command == "export-clients" and "clients" in flags:  # no rounds: sampling must not refuse few clients
+        flags.setdefault("clients_per_round", min(flags["clients"], Config.clients_per_round))
     if getattr(args, "resume", None):
         return _resumed_config(Path(args.resume), flags, args.config)
     if getattr(args, "from_dir", None):
@@ -171,6 +177,11 @@ def _dispatch(args: argparse.Namespace, config: Config) -> None:
 
     if args.command == "run":
         runner.run(config, progress=not args.no_progress, resume=bool(args.resume))
+    elif args.command == "export-clients":
+        from .federation import export_clients
+
+        folders = export_clients(config, Path(config.out), progress=not args.no_progress)
+        print(f"wrote {len(folders)} client folders to {Path(config.out).resolve()} (client-0 ... client-{len(folders) - 1})")
     elif args.command == "audit":
         from .audit import AuditOptions, run_audit
 

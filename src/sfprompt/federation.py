@@ -6,7 +6,9 @@ Flower ClientApp) holds the same frozen model, the same initial params and the s
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -15,7 +17,8 @@ from torch.utils.data import Dataset, Subset
 
 from .client import Client, TrainSettings, derive_seed
 from .config import Config, ConfigError
-from .data import ClientFolder, DataSplits, Transformed, load_splits, model_transform, partition, stratified_subset
+from .data import (ClientFolder, DataSplits, Transformed, load_splits, model_transform, partition, stratified_subset,
+                   write_client_folder)
 from .meter import Meter
 from .methods import METHODS, Method
 from .model import SplitViT, create_head_vit, create_vit, data_config
@@ -131,6 +134,27 @@ def train_partition(config: Config, splits: DataSplits) -> tuple[np.ndarray, lis
     the same seeded draw in every process that prepares the run."""
     train_idx = subset_indices(splits.train_labels, config.train_samples, config.seed, "--train-samples")
     return train_idx, partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
+
+
+def export_clients(config: Config, folder: Path, progress: bool = True) -> list[Path]:
+    """Write each client's partition of the run's training data as its own image folder, `folder/client-K`
+    (a SuperNode's `data-folder`: `data.ClientFolder`, samples in the partition's order), so that a
+    demonstration federation can be deployed with each node holding only its own images."""
+    from tqdm.auto import tqdm
+
+    targets = [folder / f"client-{cid}" for cid in range(config.clients)]
+    taken = [str(target) for target in targets if target.exists()]
+    if taken:
+        raise ConfigError(f"{', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''} already exist: "
+                          "export into a new folder, nothing is overwritten")
+    splits = load_splits(config.dataset, config.data_dir, config.download)
+    train_idx, parts = train_partition(config, splits)
+    for target, positions in tqdm(list(zip(targets, parts)), desc="clients", unit="client", disable=not progress):
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted export
+        write_client_folder(splits.train, train_idx[positions], splits.classes, partial)
+        partial.rename(target)  # a client folder exists only once complete
+    return targets
 
 
 def resolve_weights(config: Config) -> str:

@@ -1,7 +1,8 @@
 """Measurement: encoded bytes per direction and phase, FLOPs per side and phase, client peak memory.
 
 Nothing here estimates from shapes: bytes are the lengths of encoded messages, FLOPs are what
-`torch.utils.flop_counter.FlopCounterMode` counts while the work runs, and peak memory is the most
+`torch.utils.flop_counter.FlopCounterMode` counts while the work runs (the body server scales its first
+count per sample: `server.BodyServer._counted`), and peak memory is the most
 tensor storage alive at once during a client's work, as `PeakMemory` sees it being allocated and
 freed (its frozen head, prompts, tail, activations, gradients and optimiser state), plus the encoded
 message buffers it sends and receives, while they exist beside the tensors; the server's body and
