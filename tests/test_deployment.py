@@ -33,12 +33,27 @@ def toml_value(value) -> str:
     return json.dumps("" if value is None else value)  # JSON strings, numbers and booleans are TOML too
 
 
-def wait_for(path: Path, processes: list[subprocess.Popen], seconds: float) -> None:
-    """Until `path` exists; fails early if a process of the federation died."""
-    deadline = time.monotonic() + seconds
+def run_status(env: dict) -> str:
+    """The submitted run's status as the SuperLink reports it (`flwr ls`), e.g. 'running', 'finished:failed'."""
+    listed = subprocess.run(["flwr", "ls", "loopback", "--format", "json"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    runs = json.loads(listed.stdout).get("runs", []) if listed.returncode == 0 and listed.stdout.strip() else []
+    return runs[0]["status"] if runs else "unknown"
+
+
+def wait_for(path: Path, processes: list[subprocess.Popen], seconds: float, status, logs: Path) -> None:
+    """Until `path` exists; fails early, with the federation's logs, if one of its processes died or the
+    run finished without writing `path` (a failed ServerApp), and at the deadline."""
+    deadline, checked = time.monotonic() + seconds, time.monotonic()
     while not path.exists():
         dead = [p.args[0] for p in processes if p.poll() is not None]
-        assert not dead and time.monotonic() < deadline, f"{dead or 'timed out'} before {path.name} appeared"
+        finished = ""
+        if time.monotonic() - checked > 10:
+            checked, finished = time.monotonic(), status()
+        failed = dead or (finished.startswith("finished") and not path.exists() and f"the run is {finished}")
+        if failed or time.monotonic() > deadline:
+            tail = "\n".join(log.read_text()[-1500:] for log in sorted(logs.glob("*.log")))
+            raise AssertionError(f"{failed or 'timed out'} before {path.name} appeared; logs:\n{tail}")
         time.sleep(1)
 
 
@@ -88,7 +103,7 @@ def test_the_deployment_guide_on_loopback_gives_the_in_process_run(imagefolder, 
         submitted = subprocess.run(["flwr", "run", str(ROOT), "loopback", "--run-config", str(tmp_path / "run.toml")],
                                    env=env, capture_output=True, text=True, timeout=120)
         assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
-        wait_for(tmp_path / "flower" / "summary.json", processes, seconds=600)
+        wait_for(tmp_path / "flower" / "summary.json", processes, 600, lambda: run_status(env), logs)
     finally:
         for process in processes:
             os.killpg(process.pid, signal.SIGTERM)
