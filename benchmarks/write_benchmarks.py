@@ -116,7 +116,7 @@ def runtime_reports() -> None:
         print("The Flower runtime and the body channel against the in-process runtime "
               "(`python benchmarks/runtime.py`), the body channel under load (`python benchmarks/body_load.py`), "
               "the body server's throughput with many concurrent clients, one request at a time or batched "
-              "(`python benchmarks/body_batching.py`), and its precision (`benchmarks/core.sh`'s precision rows), "
+              "(`python benchmarks/body_batching.py`), and its precision (`bash benchmarks/precision.sh`), "
               "what a Flower ClientApp builds for a message (`python benchmarks/clientapp.py`), what many "
               "simulated clients cost in one process (`python benchmarks/scale.py`), and a Flower simulation of 100 "
               "SuperNodes against the in-process runtime (`python benchmarks/flower_scale.py`).\n")
