@@ -104,3 +104,13 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(imagefolder, tmp_p
     with pytest.raises(OSError, match="disk full"):
         quiet(config)
     assert checkpoint.load(tmp_path / "run").round == 1
+
+
+def test_a_run_checkpointed_before_an_option_existed_resumes_with_its_default(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path, rounds=2)
+    quiet(config.replace(rounds=1))
+    state = checkpoint.load(tmp_path / "run")
+    del state.config["precision"]  # as a checkpoint written before --precision was added
+    checkpoint.save(tmp_path / "run", state)
+    quiet(config, resume=True)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -189,7 +189,8 @@ RESUMABLE_CHANGES = ("rounds", "device", "out")
 def _restore(fed: Federation, global_params: torch.nn.Module, sampler: np.random.Generator, out: Path) -> list[dict]:
     """Load the last checkpoint in `out` into this run's state; returns the metrics so far."""
     state = checkpoint.load(out)
-    saved, current = state.config, fed.config.to_dict()
+    # An option added to sfprompt after the run began is read as its default (what the run had).
+    saved, current = Config().to_dict() | state.config, fed.config.to_dict()
     changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
     if changed:
         raise ConfigError(f"{out} was run with other options ({', '.join('--' + k.replace('_', '-') for k in changed)}); "
