@@ -63,10 +63,9 @@ def child(spec: dict) -> None:
         from flwr.simulation import run_simulation
 
         from sfprompt.flower import client_app, server_app
+        from sfprompt.flower.settings import as_run_config
 
-        run_config = {key.replace("_", "-"): "" if value is None else value
-                      for key, value in config.to_dict().items() if key != "clients"}
-        run_simulation(server_app.make_app(run_config), client_app.app, num_supernodes=config.clients,
+        run_simulation(server_app.make_app(as_run_config(config)), client_app.app, num_supernodes=config.clients,
                        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": os.cpu_count()}})
     wall = time.perf_counter() - started
     done.set()

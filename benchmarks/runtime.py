@@ -137,6 +137,7 @@ def round_wall_time(shared: Path, out: Path) -> dict:
     from flwr.simulation import run_simulation
 
     from sfprompt.flower import client_app, server_app
+    from sfprompt.flower.settings import as_run_config
     from sfprompt.runner import run
 
     torch.set_num_threads(2)
@@ -150,8 +151,7 @@ def round_wall_time(shared: Path, out: Path) -> dict:
         if name == "in-process":
             run(config_n, progress=False, log=lambda _: None)
         else:
-            values = {k.replace("_", "-"): "" if v is None else v for k, v in config_n.to_dict().items() if k != "clients"}
-            run_simulation(server_app.make_app(values), client_app.app, num_supernodes=10)
+            run_simulation(server_app.make_app(as_run_config(config_n)), client_app.app, num_supernodes=10)
         record = json.loads((out / name / "metrics.jsonl").read_text().splitlines()[0])
         result[name] = {"round_s": record["seconds"], "total_s": time.perf_counter() - started,
                         "accuracy": record["accuracy"], "bytes_up": record["bytes_up"], "bytes_down": record["bytes_down"]}

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from sfprompt.federation import prepare, private_seed
+from sfprompt.flower.settings import as_run_config
 from sfprompt.runner import run
 
 from conftest import ROOT, certificates, client_folders
@@ -95,8 +96,7 @@ def test_the_deployment_guide_on_loopback_gives_the_in_process_run(imagefolder, 
         (tmp_path / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\n'
             f'root-certificates = "{tls / "ca.crt"}"\n')
-        values = {k.replace("_", "-"): v for k, v in config.to_dict().items() if k != "clients"}
-        values |= {"out": str(tmp_path / "flower"), "body-certificate": str(tls / "server.crt"),
+        values = as_run_config(config) | {"out": str(tmp_path / "flower"), "body-certificate": str(tls / "server.crt"),
                    "body-private-key": str(tls / "server.key"), "body-root-certificate": str(tls / "ca.crt"),
                    "wait-for-nodes-s": 120.0}
         (tmp_path / "run.toml").write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))

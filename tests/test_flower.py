@@ -9,17 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from sfprompt.config import Config, ConfigError
-from sfprompt.flower.settings import from_run_config, run_config_defaults
+from sfprompt.flower.settings import as_run_config, from_run_config, run_config_defaults
 from sfprompt.runner import run
 
 from test_runner import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def as_run_config(config: Config) -> dict:
-    return {key.replace("_", "-"): "" if value is None else value
-            for key, value in config.to_dict().items() if key != "clients"}
 
 
 def records(out: Path) -> list[dict]:

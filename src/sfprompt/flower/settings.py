@@ -73,12 +73,14 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerOption
     return config, options
 
 
+def as_run_config(config: Config) -> dict[str, Any]:
+    """A `Config` as Flower run-config keys, the inverse of `from_run_config`'s first half (no `clients`:
+    under Flower that is the number of SuperNodes; "" for an unset optional option)."""
+    return {key.replace("_", "-"): "" if value is None else value
+            for key, value in config.to_dict().items() if key != "clients"}
+
+
 def run_config_defaults() -> dict[str, Any]:
     """What `[tool.flwr.app.config]` should hold: every option at its default (kept in sync by a test)."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(Config):
-        if f.name != "clients":
-            values[f.name.replace("_", "-")] = "" if f.default is None else f.default
-    for f in dataclasses.fields(FlowerOptions):
-        values[f.name.replace("_", "-")] = f.default
-    return values
+    options = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(FlowerOptions)}
+    return as_run_config(Config()) | options
