@@ -40,6 +40,11 @@ def run_benchmark(script: str, tmp_path: Path, **variables: str) -> subprocess.C
     return subprocess.run(["bash", str(ROOT / "benchmarks" / script)], env=env, capture_output=True, text=True)
 
 
+def run_python_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python benchmarks/SCRIPT ARGS` in a fresh process, as run by hand (its folder on sys.path)."""
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True)
+
+
 def tiny_split(model: str = "test_vit", prompts: int = 3, client_blocks: int = 0, num_classes: int = 4, seed: int = 0,
                pool_tokens: int = 0, defence: Defence = Defence()):
     """A randomly initialised tiny timm ViT (embedding 64) at 32 px (2 x 2 patches), split."""

@@ -14,7 +14,7 @@ from sfprompt.meter import Meter
 from sfprompt.server import BodyServer
 from sfprompt.transport import SessionLink
 
-from conftest import tiny_split
+from conftest import run_python_benchmark, tiny_split
 
 SIZES = (1, 2, 3, 5)  # each client's batch, different on purpose
 
@@ -193,15 +193,9 @@ def test_the_channel_batches_its_concurrent_clients():
 
 
 def test_the_throughput_benchmark_measures_every_mode(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     markdown = tmp_path / "batching.md"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "body_batching.py"), "--model", "test_vit",
-                           "--image-size", "32", "--clients", "1", "3", "--steps", "1", "--precision", "fp32", "bf16",
-                           "--markdown", str(markdown)], capture_output=True, text=True)
+    done = run_python_benchmark("body_batching.py", "--model", "test_vit", "--image-size", "32", "--clients", "1", "3",
+                                "--steps", "1", "--precision", "fp32", "bf16", "--markdown", str(markdown))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split(" | ") for line in markdown.read_text().splitlines() if line.startswith(("| fp32", "| bf16"))]
     assert [(row[0], row[1]) for row in rows] == [("| fp32", "1"), ("| fp32", "3"), ("| bf16", "1"), ("| bf16", "3")]

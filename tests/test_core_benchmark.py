@@ -1,18 +1,20 @@
 """`bash benchmarks/core.sh`, the README's "Measured" and BENCHMARKS.md's ablations, end to end at a
 tiny size: runs for every seed, a finished run not redone, an interrupted one continued from its
-checkpoint, the table of means and spreads, the document; and benchmarks/clientapp.py and scale.py at a
-small size."""
+checkpoint, the table of means and spreads, the document; and precision.sh, clientapp.py, scale.py and
+flower_scale.py at a small size."""
 
 import json
 
 import pytest
 
-from conftest import SHARED_DATA, SHARED_WEIGHTS, run_benchmark
+from conftest import SHARED, SHARED_DATA, SHARED_WEIGHTS, run_benchmark, run_python_benchmark
+
+needs_shared = pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
+                                  reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
-                    reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
+@needs_shared
 def test_the_ablation_benchmark_reruns_and_writes_its_table(tmp_path):
     document = tmp_path / "BENCHMARKS.md"
     document.write_text("# Benchmarks\n\n## iid\n\nthe comparison\n\n## Ablations\n\nstale\n")
@@ -35,18 +37,11 @@ def test_the_ablation_benchmark_reruns_and_writes_its_table(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
-                    reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
+@needs_shared
 def test_the_clientapp_benchmark_measures_each_build_in_a_fresh_process(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT, SHARED
-
     markdown = tmp_path / "clientapp.md"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "clientapp.py"), "--shared", str(SHARED),
-                           "--out", str(tmp_path / "runs"), "--markdown", str(markdown), "--models", "ViT-S/14, 56 px",
-                           "--train-samples", "200"], capture_output=True, text=True)
+    done = run_python_benchmark("clientapp.py", "--shared", str(SHARED), "--out", str(tmp_path / "runs"),
+                                "--markdown", str(markdown), "--models", "ViT-S/14, 56 px", "--train-samples", "200")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "runs" / "clientapp.json").read_text())
     assert [r["build"] for r in rows] == ["before", "partition", "own folder"]
@@ -55,18 +50,11 @@ def test_the_clientapp_benchmark_measures_each_build_in_a_fresh_process(tmp_path
     assert markdown.read_text().count("| ViT-S/14, 56 px |") == 3
 
 
-@pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
-                    reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
+@needs_shared
 def test_the_scale_benchmark_measures_each_client_count_in_a_fresh_process(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT, SHARED
-
     markdown = tmp_path / "scale.md"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--shared", str(SHARED),
-                           "--clients", "10", "400", "--train-samples", "4000", "--markdown", str(markdown)],
-                          capture_output=True, text=True)
+    done = run_python_benchmark("scale.py", "--shared", str(SHARED), "--clients", "10", "400",
+                                "--train-samples", "4000", "--markdown", str(markdown))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split(" | ") for line in markdown.read_text().splitlines() if line.startswith(("| IID", "| Dirichlet"))]
     assert [row[1] for row in rows] == ["10", "400", "10", "400"]
@@ -74,8 +62,7 @@ def test_the_scale_benchmark_measures_each_client_count_in_a_fresh_process(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
-                    reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
+@needs_shared
 def test_the_precision_benchmark_runs_each_precision_and_writes_its_report(tmp_path):
     report = tmp_path / "precision.md"
     done = run_benchmark("precision.sh", tmp_path, SEEDS="0", ROWS="iid iid-bf16", JOBS="2", REPORT=str(report))
@@ -88,19 +75,12 @@ def test_the_precision_benchmark_runs_each_precision_and_writes_its_report(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
-                    reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
+@needs_shared
 def test_the_flower_scale_benchmark_compares_both_runtimes(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT, SHARED
-
     markdown = tmp_path / "flower-scale.md"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flower_scale.py"), "--shared", str(SHARED),
-                           "--nodes", "4", "--per-round", "2", "--rounds", "1", "--train-samples", "80",
-                           "--test-samples", "40", "--out", str(tmp_path / "runs"), "--markdown", str(markdown)],
-                          capture_output=True, text=True)
+    done = run_python_benchmark("flower_scale.py", "--shared", str(SHARED), "--nodes", "4", "--per-round", "2",
+                                "--rounds", "1", "--train-samples", "80", "--test-samples", "40",
+                                "--out", str(tmp_path / "runs"), "--markdown", str(markdown))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split(" | ") for line in markdown.read_text().splitlines() if line.startswith(("| in-process", "| flower"))]
     assert [row[0] for row in rows] == ["| in-process", "| flower"]
