@@ -115,3 +115,24 @@ def test_the_privacy_benchmark_reruns_and_writes_its_table(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| none |") or line.startswith("| shuffle |")]
     assert len(rows) == 2 and "(2 seeds)" in rows[0] and "`--shuffle-tokens`" in rows[1]
     assert (tmp_path / "docs" / "privacy" / "shuffle.png").is_file()
+
+
+def test_a_mixed_federation_is_audited_at_the_victims_own_split_point(gray, tmp_path):
+    """With --client-budgets the server knows where each client's head ends and attacks that head: the
+    audit of a mixed federation's client is the audit of a federation where every head ends there."""
+    from dataclasses import replace
+
+    from sfprompt.federation import prepare
+    from sfprompt.splits import head_gflop
+
+    config = audit_config(gray, tmp_path, seed=1)
+    costs = head_gflop(prepare(config).model)
+    mixed = config.replace(client_budgets=f"{costs[0]:.9f},{costs[1]:.9f}")
+    splits = [client.model.client_blocks for client in prepare(mixed).clients]
+    assert sorted(splits) == [0, 1]  # the seeded draw gives one of each
+    for victim in (0, 1):
+        options = replace(QUICK, victim=victim)
+        result = run_audit(mixed, options, progress=False, log=lambda _: None)
+        alone = run_audit(config.replace(client_blocks=splits[victim]), options, progress=False, log=lambda _: None)
+        assert result["victim_client_blocks"] == alone["victim_client_blocks"] == splits[victim]
+        assert result["reconstruction"] == alone["reconstruction"] and result["labels"] == alone["labels"]

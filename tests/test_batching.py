@@ -10,6 +10,7 @@ import torch
 
 from sfprompt.channel import BodyChannelServer, ChannelLink
 from sfprompt.codec import Message, ProtocolError
+from sfprompt.config import ConfigError
 from sfprompt.meter import Meter
 from sfprompt.server import BodyServer
 from sfprompt.transport import SessionLink
@@ -31,8 +32,9 @@ def grad_of(rows: torch.Tensor, client: int) -> torch.Tensor:
 class Session:
     """A client's stamped requests to one server."""
 
-    def __init__(self, server: BodyServer, client: int) -> None:
-        self.server, self.client, self.session, self.seq = server, str(client), server.admit(str(client)), 0
+    def __init__(self, server: BodyServer, client: int, client_blocks: int | None = None) -> None:
+        self.server, self.client, self.seq = server, str(client), 0
+        self.session = server.admit(str(client), client_blocks=client_blocks)
 
     def request(self, kind: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
         self.seq += 1
@@ -48,12 +50,13 @@ def counting_body_calls(server: BodyServer) -> list[int]:
     return calls
 
 
-def one_by_one(model) -> tuple[dict, dict]:
-    """Each client's rows and input gradient from an unbatched server, and the FLOPs it counted."""
+def one_by_one(model, splits: dict | None = None) -> tuple[dict, dict]:
+    """Each client's rows and input gradient from an unbatched server, and the FLOPs it counted
+    (`splits`: client -> where its head ends, when not the model's split)."""
     meter, answers = Meter(), {}
     server = BodyServer(model, meter, torch.device("cpu"))
     for client, samples in enumerate(SIZES):
-        session = Session(server, client)
+        session = Session(server, client, (splits or {}).get(client))
         rows = session.request("forward", "tokens", tokens_of(model, client, samples))
         answers[client] = (rows, session.request("backward", "grad", grad_of(rows, client)))
     return answers, meter.take()
@@ -99,6 +102,34 @@ def test_concurrent_clients_run_as_one_batch_and_get_their_own_answers_and_flops
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert meter.take()["flops_by_phase"] == expected_costs["flops_by_phase"]
     assert server.pending == 0
+
+
+def test_clients_with_heads_of_different_depths_are_batched_by_split_point_and_answered_as_alone():
+    _, model = tiny_split(client_blocks=0)
+    splits = {0: 0, 1: 2, 2: 2, 3: 0}
+    expected, expected_costs = one_by_one(model, splits)
+    meter = Meter()
+    server = BodyServer(model, meter, torch.device("cpu"), batch_window_s=30.0)
+    sessions = {client: Session(server, client, splits[client]) for client in range(len(SIZES))}
+
+    def work(client):
+        rows = sessions[client].request("forward", "tokens", tokens_of(model, client, SIZES[client]))
+        return rows, sessions[client].request("backward", "grad", grad_of(rows, client))
+
+    answers = concurrently(server, work, sessions)
+    for client in sessions:
+        rows, grad = answers[client]
+        # the prompts' rows for a head without blocks, every row once the prompts pass through client blocks
+        assert grad.shape[1] == (model.layout.prompts if splits[client] == 0 else model.layout.length)
+        for got, want in zip(answers[client], expected[client]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert meter.take()["flops_by_phase"] == expected_costs["flops_by_phase"]
+    # the body after 2 blocks is shorter: its clients cost the server less
+    server_flops = [one_by_one(model, dict.fromkeys(range(len(SIZES)), blocks))[1]["flops_by_phase"]["server/split"]
+                    for blocks in (0, 2)]
+    assert server_flops[1] < server_flops[0]
+    with pytest.raises(ConfigError, match="split after 6 blocks"):  # the tiny ViT has 6
+        server.admit("deep", client_blocks=6)
 
 
 def test_a_client_that_never_sends_its_backward_delays_no_one_and_is_freed_after_the_timeout():

@@ -1,6 +1,6 @@
 """`bash benchmarks/core.sh`, the README's "Measured" and BENCHMARKS.md's ablations, end to end at a
 tiny size: runs for every seed, a finished run not redone, an interrupted one continued from its
-checkpoint, the table of means and spreads, the document; and precision.sh, clientapp.py, scale.py and
+checkpoint, the table of means and spreads, the document; and precision.sh, heterogeneous.sh, clientapp.py, scale.py and
 flower_scale.py at a small size."""
 
 import json
@@ -85,3 +85,18 @@ def test_the_flower_scale_benchmark_compares_both_runtimes(tmp_path):
     rows = [line.split(" | ") for line in markdown.read_text().splitlines() if line.startswith(("| in-process", "| flower"))]
     assert [row[0] for row in rows] == ["| in-process", "| flower"]
     assert all(row[-1] == "yes |" for row in rows)  # the same accuracy and bytes under Flower
+
+
+@pytest.mark.slow
+@needs_shared
+def test_the_heterogeneous_benchmark_runs_mixed_split_points_and_writes_its_report(tmp_path):
+    report = tmp_path / "heterogeneous.md"
+    done = run_benchmark("heterogeneous.sh", tmp_path, SEEDS="0", ROWS="iid iid-mixed-budgets", REPORT=str(report))
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = report.read_text()
+    assert text.startswith("Command: `bash benchmarks/heterogeneous.sh`")
+    assert "- seed-0: split points (client blocks): " in text  # which clients got which head
+    assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| iid")] == ["| iid",
+                                                                                                 "| iid-mixed-budgets"]
+    config = json.loads((tmp_path / "runs" / "iid-mixed-budgets" / "seed-0" / "config.json").read_text())
+    assert config["client_budgets"] == "0.05,0.5,1.0"

@@ -19,8 +19,10 @@ from sfprompt.flower import client_app
 from sfprompt.flower.server_app import FlowerRuntime, find_partitions
 from sfprompt.flower.settings import FlowerOptions, from_run_config
 from sfprompt.runner import run
+from sfprompt.splits import head_gflop
 
 from test_runner import tiny_config
+from test_splits import budgets_for
 
 
 class InlineGrid:
@@ -64,9 +66,9 @@ def flower_task_identity(monkeypatch):
 
 
 def run_inline(config, grid, options=FlowerOptions()):
-    nodes, folder_sizes = find_partitions(grid, wait_s=5)
+    nodes, folder_sizes, budgets = find_partitions(grid, wait_s=5)
     return run(config, progress=False, log=lambda _: None,
-               runtime=lambda fed: FlowerRuntime(fed, grid, nodes, options, folder_sizes))
+               runtime=lambda fed: FlowerRuntime(fed, grid, nodes, options, folder_sizes, budgets))
 
 
 def records(folder):
@@ -153,7 +155,7 @@ def test_a_resumed_flower_run_ends_equal_to_an_uninterrupted_one(imagefolder, tm
         run_inline(config.replace(out=str(tmp_path / "resumed")), InlineGrid(3))
     monkeypatch.setattr(FlowerRuntime, "end_round", end_round)
     nodes = InlineGrid(3)  # a new `flwr run`: fresh Contexts on the same node disks
-    find, _ = find_partitions(nodes, wait_s=5)
+    find, _, _ = find_partitions(nodes, wait_s=5)
     run(config.replace(out=str(tmp_path / "resumed")), progress=False, log=lambda _: None, resume=True,
         runtime=lambda fed: FlowerRuntime(fed, nodes, find, FlowerOptions(resume=True)))
     straight, resumed = records(tmp_path / "straight"), records(tmp_path / "resumed")
@@ -175,7 +177,7 @@ def test_the_server_waits_for_a_late_supernode():
         return get_node_ids()
 
     grid.get_node_ids = arriving
-    assert find_partitions(grid, wait_s=10) == ({0: 100, 1: 101, 2: 102}, {})
+    assert find_partitions(grid, wait_s=10) == ({0: 100, 1: 101, 2: 102}, {}, {})
 
 
 def node(partition: int, **node_config) -> Context:
@@ -261,7 +263,7 @@ def test_body_batching_reaches_the_body_server_and_keeps_the_result(imagefolder,
     config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=1)
     run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
     runtimes = []
-    nodes, folder_sizes = find_partitions(InlineGrid(3), wait_s=5)
+    nodes, folder_sizes, _ = find_partitions(InlineGrid(3), wait_s=5)
     options = FlowerOptions(body_batching=True, body_batch_window_s=0.01)
     run(config.replace(out=str(tmp_path / "flower")), progress=False, log=lambda _: None,
         runtime=lambda fed: runtimes.append(FlowerRuntime(fed, InlineGrid(3), nodes, options, folder_sizes)) or runtimes[-1])
@@ -273,3 +275,48 @@ def test_body_batching_reaches_the_body_server_and_keeps_the_result(imagefolder,
 def test_body_batching_is_refused_with_a_trained_body():
     with pytest.raises(ConfigError, match="trained body"):
         from_run_config({"method": "sfl", "train-body": True, "body-batching": True})
+
+
+def test_mixed_split_points_under_flower_give_the_in_process_result(imagefolder, tmp_path):
+    """A simulated federation's drawn budgets (--client-budgets) reach the ClientApps as each one's split point."""
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=2, seed=2)
+    config = config.replace(client_budgets=budgets_for(prepare(config).model, 0, 2))
+    assert len({c.model.client_blocks for c in prepare(config).clients}) == 2
+    run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
+    run_inline(config.replace(out=str(tmp_path / "flower")), InlineGrid(3))
+    local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
+    assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
+    for a, b in zip(records(tmp_path / "local"), records(tmp_path / "flower")):
+        assert (a["accuracy"], a["bytes_by_phase"], a["flops_by_phase"]) == (b["accuracy"], b["bytes_by_phase"], b["flops_by_phase"])
+
+
+def test_a_node_budget_chooses_its_split_point(imagefolder, tmp_path):
+    """Each SuperNode's `budget-gflop` decides where its head ends (the deepest it affords); SplitFed then
+    trains the model a federation without client blocks trains, with more bytes down (every row's gradient)."""
+    config = tiny_config(imagefolder, tmp_path, method="sfl", clients=3, clients_per_round=3, rounds=1)
+    costs = head_gflop(prepare(config).model)
+    grid = InlineGrid(3)
+    grid.contexts[101].node_config["budget-gflop"] = costs[3] * 1.01
+    grid.contexts[102].node_config["budget-gflop"] = 1e6  # all but the last block
+    nodes, folder_sizes, budgets = find_partitions(grid, wait_s=5)
+    assert budgets == {1: costs[3] * 1.01, 2: 1e6}
+    runtimes = []
+    run(config.replace(out=str(tmp_path / "flower")), progress=False, log=lambda _: None,
+        runtime=lambda fed: runtimes.append(FlowerRuntime(fed, grid, nodes, FlowerOptions(), folder_sizes, budgets))
+        or runtimes[-1])
+    assert runtimes[0].splits == {0: 0, 1: 3, 2: len(costs) - 1}
+    run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
+    local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
+    assert all(torch.allclose(local[k], flower[k], atol=1e-4, rtol=1e-3) for k in local)
+    (uniform,), (mixed,) = records(tmp_path / "local"), records(tmp_path / "flower")
+    assert mixed["bytes_down"] > uniform["bytes_down"] and mixed["client_flops"] > uniform["client_flops"]
+
+
+@pytest.mark.parametrize("budget, message", [("lots", "budget-gflop must be a positive number"),
+                                             (1e-9, "does not cover the head's embedding")])
+def test_a_node_budget_that_is_not_a_number_or_too_small_stops_the_run_saying_why(imagefolder, tmp_path, budget,
+                                                                                  message):
+    grid = InlineGrid(3)
+    grid.contexts[100].node_config["budget-gflop"] = budget
+    with pytest.raises(ConfigError, match=message):
+        run_inline(tiny_config(imagefolder, tmp_path, clients=3, rounds=1), grid)

@@ -115,7 +115,7 @@ class Witnessed:
 def witness(fed: Federation, global_params: torch.nn.Module, victim: int, local_head: dict | None) -> Witnessed:
     """Run the victim's round for real and record what the server receives."""
     original = fed.clients[victim]
-    client = _WitnessedClient(victim, original.data.dataset, np.asarray(original.data.indices), fed.model,
+    client = _WitnessedClient(victim, original.data.dataset, np.asarray(original.data.indices), original.model,
                               fed.settings, fed.meter, fed.device, original.private_seed, fed.config.seed)
     client.batches = []
     if local_head is not None:
@@ -168,7 +168,8 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     upload = fed.method.new_params(fed.model)
     upload.load_state_dict({k: v.cpu() for k, v in seen.upload.tensors.items()})
     upload.eval().requires_grad_(False)
-    sim = attacks.Simulator(fed.model, upload.prompts, mean, std, channels)
+    # The server knows where each client's head ends (it admitted it there): the attack simulates that head.
+    sim = attacks.Simulator(fed.clients[options.victim].model, upload.prompts, mean, std, channels)
     defence = fed.model.defence
     if defence.shuffle:
         sim.unshuffler = attacks.Unshuffler.fit(sim, aux)
@@ -218,6 +219,7 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
         "config": config.to_dict(),
         "audit": asdict(options),
         "params": str(from_dir) if from_dir else "initial",
+        "victim_client_blocks": fed.clients[options.victim].model.client_blocks,  # its split point
         "images_attacked": len(chosen),
         "sends_per_image": sends,
         "samples_sent": len(truth),

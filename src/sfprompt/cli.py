@@ -208,6 +208,9 @@ def _cost(args: argparse.Namespace, config: Config, methods: list[str]) -> None:
     for name in ("samples_per_client", "num_classes", "probe_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.client_budgets is not None:
+        raise ConfigError("cost measures one split point: pass --client-blocks K for each split your budgets give "
+                          "(`sfprompt run` prints which clients get which, with each head's GFLOP per sample)")
     if any(m not in cost.METHODS for m in methods):
         raise ConfigError("cost takes method names only (an ablation is the same method with other options)")
     results = cost.estimate(config, args.samples_per_client, args.num_classes, methods, args.probe_samples)

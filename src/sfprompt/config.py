@@ -7,6 +7,7 @@ of them, and the resolved config is printed and saved with every result.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,11 @@ class Config:
     image_size: int = _opt(56, "input resolution in pixels (a multiple of the patch size)")
     prompt_tokens: int = _opt(10, "number of learnable prompt tokens inserted after the CLS token")
     client_blocks: int = _opt(0, "transformer blocks kept on the client, after the embedding")
+    client_budgets: Optional[str] = _opt(
+        None, "heterogeneous clients: comma-separated compute budgets in GFLOP per training sample (the head's "
+        "forward and backward); each client draws one (seeded) and keeps the deepest head it affords, instead of "
+        "--client-blocks (omit: every client keeps --client-blocks)",
+    )
     precision: str = _opt(
         "fp32", "arithmetic of the server's body (split methods): fp32, or bf16 / fp16 mixed precision (autocast; "
         "messages stay float32)", choices=PRECISIONS,
@@ -152,6 +158,7 @@ class Config:
             raise ConfigError("--precision fp16 cannot train the body (its weight gradients would need loss scaling): "
                               "use bf16 with --train-body")
         self._check_privacy()
+        self._check_budgets()
         for name in ("method", "optimizer", "local_classifier", "precision"):
             choices = _FIELDS[name].metadata["choices"]
             if getattr(self, name) not in choices:
@@ -174,6 +181,29 @@ class Config:
             raise ConfigError(f"--method {self.method} sends no activations or gradients; the privacy options "
                               "(--pool-tokens, --shuffle-tokens, --clip-norm, --noise-multiplier, --label-epsilon) "
                               "apply to the split methods")
+
+    def _check_budgets(self) -> None:
+        if self.client_budgets is None:
+            return
+        budgets = self.budgets
+        if not budgets or not all(math.isfinite(b) and b > 0 for b in budgets):
+            raise ConfigError(f"--client-budgets must be positive numbers (GFLOP per sample) separated by commas, "
+                              f"got {self.client_budgets!r}")
+        if self.client_blocks != 0:
+            raise ConfigError("--client-budgets chooses each client's split point: leave --client-blocks at 0")
+        if self.method in ("fl", "fl-prompt") or self.train_body:
+            raise ConfigError("--client-budgets sets where a client's head ends and the server's body begins: it "
+                              "applies to the split methods with a frozen body (sfprompt, sfl, sl; not --train-body)")
+
+    @property
+    def budgets(self) -> tuple[float, ...] | None:
+        """--client-budgets as numbers (None when unset; empty when it holds none)."""
+        if self.client_budgets is None:
+            return None
+        try:
+            return tuple(float(part) for part in self.client_budgets.split(",") if part.strip())
+        except ValueError:
+            raise ConfigError(f"--client-budgets must be numbers separated by commas, got {self.client_budgets!r}") from None
 
     @property
     def defends(self) -> bool:

@@ -22,6 +22,7 @@ from .data import (ClientFolder, DataSplits, Transformed, load_splits, model_tra
 from .meter import Meter
 from .methods import METHODS, Method
 from .model import SplitViT, create_head_vit, create_vit, data_config
+from .splits import client_models
 
 
 @dataclass
@@ -64,11 +65,12 @@ def prepare(config: Config) -> Federation:
     test = Subset(Transformed(splits.test, transform), test_idx.tolist())
     meter = Meter()
     settings = TrainSettings.from_config(config)
-    clients = [Client(k, train, part, model, settings, meter, device, private_seed(config.seed, k), config.seed)
-               for k, part in enumerate(parts)]
+    models, heads = client_models(model, config)
+    clients = [Client(k, train, part, split, settings, meter, device, private_seed(config.seed, k), config.seed)
+               for k, (part, split) in enumerate(zip(parts, models))]
     description = (f"{len(train)} train / {len(test)} test samples, {splits.num_classes} classes, "
                    f"{config.clients} clients ({'IID' if config.alpha is None else f'Dirichlet {config.alpha}'}), "
-                   f"{config.model} at {config.image_size}px on {device}")
+                   f"{config.model} at {config.image_size}px on {device}" + (f"; {heads}" if heads else ""))
     return Federation(config, device, model, METHODS[config.method](), settings, clients, test, meter, description,
                       train, splits.train_labels[train_idx], splits, transform, norm)
 
@@ -97,22 +99,26 @@ class ClientSide:
                       self.config.seed)
 
 
-def prepare_client(config: Config, cid: int, classes: Sequence[str], folder: str | None = None) -> ClientSide:
+def prepare_client(config: Config, cid: int, classes: Sequence[str], folder: str | None = None,
+                   client_blocks: int | None = None) -> ClientSide:
     """Client `cid`'s side of the run `config` describes, holding only what it uses.
 
     Its samples are the images in `folder` (a `ClientFolder`, labelled by the run's `classes`), or
     without one the seeded partition `cid` of --dataset, as `prepare` draws it (simulation). In the
     split methods the model holds no body: with a weights file, only the head's and tail's tensors are
     read from it (`create_head_vit`); with hub or random weights it is built whole (the seed draws
-    random weights) and the body dropped. `fl` trains the whole model, so it holds it."""
+    random weights) and the body dropped. `fl` trains the whole model, so it holds it. The head ends
+    after `client_blocks` blocks when given (the split the server chose for this client's budget),
+    otherwise after --client-blocks."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     method, weights = METHODS[config.method](), resolve_weights(config)
+    blocks = config.client_blocks if client_blocks is None else client_blocks
     if method.split and weights not in ("hub", "none"):
-        vit = create_head_vit(config.model, len(classes), config.image_size, weights, config.client_blocks)
+        vit = create_head_vit(config.model, len(classes), config.image_size, weights, blocks)
     else:
         vit = create_vit(config.model, len(classes), config.image_size, weights)
-    model = SplitViT.from_config(vit, config)
+    model = SplitViT.from_config(vit, config).at(blocks)
     if method.split:
         model.drop_body()
     model.to(device)

@@ -219,23 +219,41 @@ class SplitViT:
             width=vit.embed_dim,
             pool=vit.global_pool,
         )
-        self.head = PromptedHead(vit, client_blocks, pool_tokens or None)
-        self.body = Body(vit, client_blocks, precision)
+        self._vit = vit
+        self.depth, self.image_size = depth, tuple(vit.patch_embed.img_size)
+        self.pool_grid, self.precision, self.defence = pool_tokens or None, precision, defence
+        self._split_at(client_blocks)
+        self.num_classes = vit.num_classes
+        self.model_bytes = _tensor_bytes(vit.state_dict())  # what `fl` broadcasts and uploads, less the header
+        generator = torch.Generator().manual_seed(seed)
+        self.initial_params = ClientParams(_init_prompts(vit, prompt_tokens, generator), Tail(vit))
+        _reset_classifier(self.initial_params.tail.head, generator)
+        self.initial_params.requires_grad_(True)
+
+    def _split_at(self, client_blocks: int) -> None:
+        """Set what depends on the split point: the head, the body, and which rows the client needs."""
+        self.head = PromptedHead(self._vit, client_blocks, self.pool_grid)
+        self.body = Body(self._vit, client_blocks, self.precision)
         self.client_blocks = client_blocks
-        self.defence = defence
         # The token rows whose gradient the client needs back: only the prompts' when the head holds
         # no blocks (nothing else on the client trains), every row when prompts pass through blocks.
         self.grad_rows = self.layout.prompt_rows if client_blocks == 0 else slice(None)
         # The rows that depend on the input: without client blocks the prefix and prompt rows are the
         # same for every image, so only the patch rows carry (and need protecting) anything of it.
         self.private_rows = self.layout.patch_rows if client_blocks == 0 else slice(0, self.layout.length)
-        self.num_classes = vit.num_classes
-        self._vit = vit
-        self.model_bytes = _tensor_bytes(vit.state_dict())  # what `fl` broadcasts and uploads, less the header
-        generator = torch.Generator().manual_seed(seed)
-        self.initial_params = ClientParams(_init_prompts(vit, prompt_tokens, generator), Tail(vit))
-        _reset_classifier(self.initial_params.tail.head, generator)
-        self.initial_params.requires_grad_(True)
+
+    def at(self, client_blocks: int) -> "SplitViT":
+        """The same model split after `client_blocks` blocks instead (a client of another budget): it
+        shares every frozen weight and the initial params, and computes the same function, so prompts
+        and tails trained at different split points average (FedAvg) as they are."""
+        if client_blocks == self.client_blocks:
+            return self
+        if self.body is None or not 0 <= client_blocks < self.depth:
+            raise ConfigError(f"a split after {client_blocks} blocks is not one of this model's (0 to {self.depth - 1}, "
+                              "on a model that still holds its body)")
+        split = copy.copy(self)
+        split._split_at(client_blocks)
+        return split
 
     @classmethod
     def from_config(cls, vit: nn.Module, config) -> "SplitViT":

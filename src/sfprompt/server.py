@@ -21,6 +21,12 @@ or failed client delays no one beyond the window, and the graph is freed when ev
 its backward or expired. FLOPs are counted per client as if run alone (`_counted`). Off (None) by default: then
 requests run one at a time, and a run gives the same numbers bit for bit whatever the timing.
 
+Clients may end their heads at different blocks (heterogeneous budgets: `splits`): a session is
+admitted with its client's split point, the body runs the blocks after it for that client, and its
+backwards are answered with the gradient rows its head needs (every row once the prompts pass through
+client blocks, only the prompts' without); a batch runs the members of each split point through
+their own blocks.
+
 The body is frozen unless the server is given a body optimiser (SplitFed with `--train-body`,
 Thapa et al.'s SplitFedV1): then each client trains its own copy of the round's body, and
 `end_round` averages the copies, weighted by the samples each one saw, into the shared body.
@@ -56,10 +62,11 @@ FP16_GRAD_PEAK = 2.0**8  # under --precision fp16 a gradient is scaled so its la
 
 
 class _Graph:
-    """One batch's trip through the body: its input tokens and the rows the tail reads."""
+    """One batch's trip through the body: its input tokens, the rows the tail reads, and the split point
+    its members' heads end at."""
 
-    def __init__(self, tokens: torch.Tensor, rows: torch.Tensor) -> None:
-        self.tokens, self.rows = tokens, rows
+    def __init__(self, tokens: torch.Tensor, rows: torch.Tensor, split: SplitViT) -> None:
+        self.tokens, self.rows, self.split = tokens, rows, split
 
 
 class _Pending:
@@ -75,6 +82,7 @@ class _Request:
     def __init__(self, client: str, session: list, kind: str, tensor: torch.Tensor,
                  pending: _Pending | None = None) -> None:
         self.client, self.session, self.kind, self.tensor, self.pending = client, session, kind, tensor, pending
+        self.split: SplitViT = session[2]  # where this client's head ends, fixed when it was admitted
         self.reply: Message | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -93,11 +101,11 @@ class BodyServer:
                  batch_window_s: float | None = None) -> None:
         if batch_window_s is not None and (batch_window_s < 0 or body_optimizer is not None):
             raise ValueError("a batch window is 0 s or more, and cannot batch a trained body (a copy per client)")
+        self.model = model
         self.body = model.body
         self.layout = model.layout
         self.meter = meter
         self.device = device
-        self.grad_rows = model.grad_rows
         self.body_optimizer = body_optimizer
         # client id -> its forward awaiting the backward; a forward whose backward never comes (the
         # client crashed) is dropped after pending_timeout_s.
@@ -106,7 +114,7 @@ class BodyServer:
         self.max_batch = max_batch  # samples in one request; also where a batch stops waiting for more
         self.batch_window_s = batch_window_s
         self.dtype = model.initial_params.prompts.dtype
-        # client id -> [its session secret for this round, the last sequence number it used]
+        # client id -> [its session secret for this round, the last sequence number it used, its split]
         self._sessions: dict[str, list] = {}
         # The server's state; held for the whole request when not batching (one request at a time).
         self._lock = threading.RLock()
@@ -115,7 +123,7 @@ class BodyServer:
         self._arrived = threading.Condition()
         # client id -> [its body copy, its optimiser, samples trained] for this round (--train-body).
         self._copies: dict[str, list] = {}
-        self._flops_per_sample: dict[str, int] = {}  # "forward" / "backward" -> the body's FLOPs per sample
+        self._flops_per_sample: dict[tuple, int] = {}  # (kind, split point) -> the body's FLOPs per sample
 
     def end_round(self) -> None:
         """Fold this round's per-client body copies into the shared body (nothing if it is frozen),
@@ -128,11 +136,16 @@ class BodyServer:
             self._pending.clear()
             self._sessions.clear()
 
-    def admit(self, client: str, session: str | None = None) -> str:
-        """Open a session for `client` for this round; returns the secret its requests must carry."""
+    def admit(self, client: str, session: str | None = None, client_blocks: int | None = None) -> str:
+        """Open a session for `client` for this round, its head ending after `client_blocks` blocks (default:
+        the model's split); returns the secret its requests must carry. The body runs the rest of the
+        blocks for it, and its backwards are answered with the gradient rows its head needs."""
+        split = self.model.at(self.model.client_blocks if client_blocks is None else client_blocks)
+        if split is not self.model and self.body_optimizer is not None:
+            raise ValueError("a trained body (--train-body) has one split point for every client")
         session = session or secrets.token_hex(16)
         with self._lock:
-            self._sessions[client] = [session, 0]
+            self._sessions[client] = [session, 0, split]
         return session
 
     def forget(self, client: str) -> None:
@@ -147,9 +160,10 @@ class BodyServer:
         """How many forwards await their backward (what the server holds for clients)."""
         return len(self._pending)
 
-    def _body_for(self, client: str) -> nn.Module:
+    def _body_for(self, request: _Request) -> nn.Module:
         if self.body_optimizer is None:
-            return self.body
+            return request.split.body
+        client = request.client
         if client not in self._copies:
             body = copy.deepcopy(self.body).requires_grad_(True)
             self._copies[client] = [body, self.body_optimizer(body), 0]
@@ -257,11 +271,19 @@ class BodyServer:
         return False
 
     def _forward(self, batch: list[_Request]) -> None:
+        splits: dict[int, list[_Request]] = {}  # clients whose heads end elsewhere run through other blocks
+        for request in batch:
+            splits.setdefault(request.split.client_blocks, []).append(request)
+        for members in splits.values():
+            self._forward_through(members[0].split, members)
+
+    def _forward_through(self, split: SplitViT, batch: list[_Request]) -> None:
         tokens = torch.cat([request.tensor for request in batch]).to(self.device).requires_grad_(True)
-        body = self._body_for(batch[0].client)
+        body = self._body_for(batch[0])
         with torch.enable_grad():
-            rows = self._counted("forward", lambda: body(tokens)[:, self.layout.tail_rows], len(tokens))  # (B, R, D)
-        graph, start = _Graph(tokens, rows), 0
+            rows = self._counted(("forward", split.client_blocks), lambda: body(tokens)[:, self.layout.tail_rows],
+                                 len(tokens))  # (B, R, D)
+        graph, start = _Graph(tokens, rows, split), 0
         with self._lock:
             for request in batch:
                 samples = slice(start, start + len(request.tensor))
@@ -289,7 +311,8 @@ class BodyServer:
             graph.tokens.grad = None
             graph.rows.backward(grad * scale if scale != 1 else grad, retain_graph=True)
 
-        self._counted("backward", backward, len(graph.tokens), sum(len(request.tensor) for request in members))
+        self._counted(("backward", graph.split.client_blocks), backward, len(graph.tokens),
+                      sum(len(request.tensor) for request in members))
         for _ in range(2):  # fp16 only: if the scaled gradient overflowed, again with a smaller scale (uncounted)
             if scale == 1 or bool(torch.isfinite(graph.tokens.grad).all()):
                 break
@@ -305,10 +328,10 @@ class BodyServer:
         with self._lock:
             for request in members:
                 if self._still_admitted(request):
-                    grad_rows = token_grad[request.pending.samples][:, self.grad_rows]
+                    grad_rows = token_grad[request.pending.samples][:, graph.split.grad_rows]
                     request.reply = Message("input_grad", {"grad": grad_rows / scale if scale != 1 else grad_rows})
 
-    def _counted(self, kind: str, work: Callable[[], torch.Tensor | None], samples: int,
+    def _counted(self, kind: tuple, work: Callable[[], torch.Tensor | None], samples: int,
                  answered: int | None = None) -> torch.Tensor | None:
         """Do the body's `work` on `samples` samples and count the FLOPs of `answered` of them (all by
         default), as if they had run alone. The body's FLOPs are exactly linear in its samples, so the

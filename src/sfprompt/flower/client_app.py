@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import secrets
 from pathlib import Path
@@ -100,24 +101,42 @@ def node_partition(context: Context) -> tuple[int, int]:
                          "--node-config 'partition-id=K num-partitions=N'") from None
 
 
+def node_budget(context: Context) -> float:
+    """This SuperNode's compute budget (node config `budget-gflop`: GFLOP per training sample its head may
+    cost), from which the server chooses where its head ends (`splits`)."""
+    value = context.node_config["budget-gflop"]
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        budget = math.nan
+    if not (math.isfinite(budget) and budget > 0):
+        raise ValueError(f"node config budget-gflop must be a positive number of GFLOP per sample, got {value!r}")
+    return budget
+
+
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
-    """Which partition this SuperNode plays and what data it holds: its own folder (and how many images
-    are in it, which bounds its FedAvg weight), or the seeded partition of the run's dataset."""
+    """Which partition this SuperNode plays, what data it holds (its own folder, and how many images are
+    in it, which bounds its FedAvg weight; or the seeded partition of the run's dataset), and its
+    compute budget when its node config sets one."""
     partition, partitions = node_partition(context)
     folder = context.node_config.get("data-folder")
     answer = {"partition-id": partition, "num-partitions": partitions, "data": "folder" if folder else "partition"}
     if folder:
         answer["examples"] = count_images(str(folder))
+    if "budget-gflop" in context.node_config:
+        answer["budget-gflop"] = node_budget(context)
     return Message(RecordDict({"sfprompt": ConfigRecord(answer)}), reply_to=msg)
 
 
 @functools.lru_cache(maxsize=1)
-def client_side(config_json: str, partition: int, classes_json: str, folder: str | None) -> ClientSide:
+def client_side(config_json: str, partition: int, classes_json: str, folder: str | None,
+                client_blocks: int) -> ClientSide:
     """This node's side of a run, built once per process and kept for the run's later messages (the
     simulation engine reuses its processes; a deployed SuperNode starts one per message, so there it is
     built each time, from the head's weights and the node's own data only)."""
-    return prepare_client(Config.from_dict(json.loads(config_json)), partition, json.loads(classes_json), folder)
+    return prepare_client(Config.from_dict(json.loads(config_json)), partition, json.loads(classes_json), folder,
+                          client_blocks)
 
 
 @app.train()
@@ -130,7 +149,8 @@ def train(msg: Message, context: Context) -> Message:
     if "data-dir" in context.node_config:  # where this machine keeps the dataset, if not where the server does
         config = config.replace(data_dir=str(context.node_config["data-dir"]))
     folder = context.node_config.get("data-folder")
-    side = client_side(json.dumps(config.to_dict()), partition, task["classes"], str(folder) if folder else None)
+    side = client_side(json.dumps(config.to_dict()), partition, task["classes"], str(folder) if folder else None,
+                       int(task["client-blocks"]))
     meter, state = Meter(), NodeState(context)
     client = side.client(partition, meter, state.private_seed())
     run_key, round_ = str(task["run-key"]), int(task["round"])

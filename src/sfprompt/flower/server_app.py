@@ -27,6 +27,7 @@ from ..meter import DOWN, UP
 from ..federation import Federation, client_seed
 from ..runner import run
 from ..server import BodyServer, body_optimizer
+from ..splits import affordable_split, head_gflop
 from .settings import FlowerOptions, from_run_config
 
 
@@ -34,9 +35,10 @@ class FlowerRuntime:
     """Runs the clients' part of a round on the SuperNodes holding their partitions."""
 
     def __init__(self, fed: Federation, grid: Grid, nodes: dict[int, int], options: FlowerOptions,
-                 folder_sizes: Mapping[int, int] | None = None) -> None:
+                 folder_sizes: Mapping[int, int] | None = None, budgets: Mapping[int, float] | None = None) -> None:
         self.fed, self.grid, self.nodes, self.options = fed, grid, nodes, options
         self.caps = {cid: self._cap(cid, (folder_sizes or {}).get(cid)) for cid in nodes}
+        self.splits = self._splits(budgets or {})
         self._run_key: str | None = None
         tls = options.tls()
         self.body = BodyServer(fed.model, fed.meter, fed.device,
@@ -82,12 +84,13 @@ class FlowerRuntime:
     def task(self, cid: int, round_: int, broadcast: bytes) -> ConfigRecord:
         """What a client gets for a round: the broadcast (counted as the in-process runtime counts it)
         and the control fields beside it (the run's config and class names, its partition, seeds,
-        session, body address, token and certificate; about 1.3 KB, more with a certificate), which
+        split point, session, body address, token and certificate; about 1.3 KB, more with a certificate), which
         are not counted."""
         return ConfigRecord({
             "global": broadcast, "config": json.dumps(self.fed.config.to_dict()), "partition": cid, "round": round_,
             "classes": json.dumps(self.fed.data.classes),
-            "seed": client_seed(self.fed.config.seed, round_, cid), "session": self.body.admit(str(cid)),
+            "seed": client_seed(self.fed.config.seed, round_, cid), "client-blocks": self.splits[cid],
+            "session": self.body.admit(str(cid), client_blocks=self.splits[cid]),
             "run-key": self.run_key(), "body-address": self.public_address,
             "body-token": self.token, "body-root-certificate": self.root_certificate,
             "body-timeout-s": self.options.body_timeout_s,
@@ -105,6 +108,19 @@ class FlowerRuntime:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(self._run_key)
         return self._run_key
+
+    def _splits(self, budgets: Mapping[int, float]) -> dict[int, int]:
+        """Where each client's head ends: the deepest its node's `budget-gflop` affords, for a node that
+        reports one; otherwise as in simulation (the run's --client-budgets draw, or --client-blocks)."""
+        splits = {cid: self.fed.clients[cid].model.client_blocks for cid in self.nodes}
+        if budgets and self.fed.method.split:
+            if self.fed.config.train_body:
+                raise ConfigError("SuperNodes report compute budgets (budget-gflop), but --train-body trains one "
+                                  "body for a single split point")
+            costs = head_gflop(self.fed.model)
+            splits |= {cid: affordable_split(costs, budget) for cid, budget in budgets.items() if cid in splits}
+            log(INFO, "each client's head ends after (partition: blocks): %s", splits)
+        return splits
 
     def _cap(self, cid: int, folder_size: int | None) -> int:
         """The most examples client `cid` may claim (its upload's FedAvg weight): its partition's size,
@@ -158,12 +174,14 @@ class Dropped(Exception):
         self.phase, self.reason = phase, reason
 
 
-def find_partitions(grid: Grid, wait_s: float) -> tuple[dict[int, int], dict[int, int]]:
-    """(partition id -> node id, partition id -> images in the node's own folder, for nodes with one),
-    once a SuperNode has reported for every partition."""
+def find_partitions(grid: Grid, wait_s: float) -> tuple[dict[int, int], dict[int, int], dict[int, float]]:
+    """(partition id -> node id, partition id -> images in the node's own folder, for nodes with one,
+    partition id -> the node's compute budget, for nodes with one), once a SuperNode has reported for
+    every partition."""
     deadline = time.monotonic() + wait_s
     nodes: dict[int, int] = {}
     folder_sizes: dict[int, int] = {}
+    budgets: dict[int, float] = {}
     expected = None  # num-partitions, as the first SuperNode to answer reports it
     while True:
         known = set(nodes.values())
@@ -179,8 +197,10 @@ def find_partitions(grid: Grid, wait_s: float) -> tuple[dict[int, int], dict[int
             nodes[partition] = reply.metadata.src_node_id
             if answer.get("data") == "folder":
                 folder_sizes[partition] = int(answer["examples"])
+            if "budget-gflop" in answer:
+                budgets[partition] = float(answer["budget-gflop"])
         if nodes and set(nodes) == set(range(expected or len(nodes))):
-            return dict(sorted(nodes.items())), folder_sizes
+            return dict(sorted(nodes.items())), folder_sizes, budgets
         if time.monotonic() > deadline:
             raise ConfigError(f"after {wait_s:.0f} s, SuperNodes hold partitions {sorted(nodes)}; "
                               "every partition 0..num-partitions-1 needs one")
@@ -194,15 +214,17 @@ def make_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         config, options = from_run_config({**(defaults or {}), **context.run_config})
-        nodes, folder_sizes = find_partitions(grid, options.wait_for_nodes_s)
+        nodes, folder_sizes, budgets = find_partitions(grid, options.wait_for_nodes_s)
         per_round = min(config.clients_per_round, len(nodes))
         config = config.replace(clients=len(nodes), clients_per_round=per_round)
         log(INFO, "%d SuperNodes, one partition each; %d sampled per round", len(nodes), per_round)
         if folder_sizes:
             log(INFO, "SuperNodes with their own data (partition: images): %s; a node's FedAvg weight is at most "
                 "that%s", folder_sizes, f" and {options.max_examples}" if options.max_examples else "")
+        if budgets:
+            log(INFO, "SuperNodes with a compute budget (partition: GFLOP per sample): %s", budgets)
         run(config, progress=False, log=lambda line: log(INFO, "%s", line),
-            runtime=lambda fed: FlowerRuntime(fed, grid, nodes, options, folder_sizes), resume=options.resume)
+            runtime=lambda fed: FlowerRuntime(fed, grid, nodes, options, folder_sizes, budgets), resume=options.resume)
 
     return server_app
 
