@@ -10,6 +10,7 @@
 #
 # Rows iid-bf16 and iid-fp16 (the server body's precision) are not in the default ROWS: a CPU without
 # bf16 arithmetic emulates it, many times slower; `bash benchmarks/precision.sh` runs them on a GPU.
+# Rows iid-client-blocks-2 and iid-mixed-budgets (split points) are `bash benchmarks/heterogeneous.sh`'s.
 #
 # A finished run is not redone and an interrupted one continues after its last complete round, so the
 # benchmark can be stopped and restarted at any time. JOBS runs that many at once (default 1). SIZE
@@ -35,6 +36,8 @@ options() {  # the options of one row: the defaults, changed in one thing
     iid-global-pruning) echo "--rounds 5 --no-prune-per-class" ;;
     iid-split-epochs-1) echo "--rounds 5 --split-epochs 1" ;;
     iid-sgd) echo "--rounds 5 --optimizer sgd --lr 0.01 --prompt-lr 0.01" ;;
+    iid-client-blocks-2) echo "--rounds 5 --client-blocks 2" ;;
+    iid-mixed-budgets) echo "--rounds 5 --client-budgets 0.05,0.5,1.0" ;;  # heads of 0, 2 and 5 blocks
     iid-bf16) echo "--rounds 5 --precision bf16" ;;
     iid-fp16) echo "--rounds 5 --precision fp16" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;

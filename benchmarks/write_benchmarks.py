@@ -1,6 +1,6 @@
 """Write BENCHMARKS.md from the outputs of benchmarks/compare.sh (tables, plots, command, machine),
 followed by the reports other benchmarks keep in docs/benchmarks when they have been run: the
-ablations of benchmarks/core.sh and the runtime reports of benchmarks/runtime.py, body_load.py, body_batching.py,
+ablations of benchmarks/core.sh, heterogeneous.sh's split points, and the runtime reports of benchmarks/runtime.py, body_load.py, body_batching.py,
 precision.sh, clientapp.py, scale.py and flower_scale.py.
 
     python benchmarks/write_benchmarks.py runs/compare "bash benchmarks/compare.sh" > BENCHMARKS.md
@@ -57,7 +57,9 @@ def main() -> None:
     if sys.argv[1:2] == ["--update-reports"]:
         path = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("BENCHMARKS.md")
         ablations = Path(sys.argv[3]) if len(sys.argv) > 3 else ABLATIONS
-        methods = path.read_text().split("## Ablations\n")[0].split("## Runtime\n")[0]
+        methods = path.read_text()
+        for section in ("## Ablations\n", "## Heterogeneous clients\n", "## Runtime\n"):
+            methods = methods.split(section)[0]
         with contextlib.redirect_stdout(io.StringIO()) as sections:
             reports(ablations)
         path.write_text(methods + sections.getvalue())
@@ -91,7 +93,7 @@ ABLATIONS = Path("docs/benchmarks/ablations.md")
 
 
 def reports(ablations: Path) -> None:
-    """The sections after the comparison: the ablations, then the runtime."""
+    """The sections after the comparison: the ablations, heterogeneous clients, then the runtime."""
     if ablations.is_file():
         print("## Ablations\n")
         print("SFPrompt's defaults, each changed in one thing, on Fashion-MNIST with the real ViT-S/14 (5,000 train / "
@@ -102,6 +104,13 @@ def reports(ablations: Path) -> None:
               "classifier its own seeded start; before it, 2e644f5: each client phase its own optimiser); its "
               "single-seed result from before both is in README.md's Measured.\n")
         print(ablations.read_text())
+    heterogeneous = Path("docs/benchmarks/heterogeneous.md")
+    if heterogeneous.is_file():
+        print("## Heterogeneous clients\n")
+        print("A split point per client, chosen by its compute budget (`bash benchmarks/heterogeneous.sh`; "
+              "README: clients of different strength), against federations where every head ends at the same "
+              "block; mean ± standard deviation over the seeds listed, costs the mean over them.\n")
+        print(heterogeneous.read_text())
     runtime_reports()
 
 
