@@ -48,11 +48,13 @@ def child(spec: dict) -> None:
         fed.model.drop_body()
         model = fed.model
     else:
-        side = client_app.client_side(json.dumps(spec["config"]), 0, json.dumps(spec["classes"]), spec["folder"])
+        side = client_app.client_side(json.dumps(spec["config"]), 0, json.dumps(spec["classes"]), spec["folder"],
+                                      config.client_blocks)
         model = side.model
     built = time.perf_counter()
     if spec["build"] != "before":  # a second message of the run in the same process
-        client_app.client_side(json.dumps(spec["config"]), 0, json.dumps(spec["classes"]), spec["folder"])
+        client_app.client_side(json.dumps(spec["config"]), 0, json.dumps(spec["classes"]), spec["folder"],
+                               config.client_blocks)
     again = time.perf_counter()
     held = sum(t.numel() * t.element_size() for t in model._vit.state_dict().values())
     print(json.dumps({"import_s": imported - started, "build_s": built - imported, "again_s": again - built,
