@@ -223,6 +223,7 @@ class SplitViT:
         self.depth, self.image_size = depth, tuple(vit.patch_embed.img_size)
         self.pool_grid, self.precision, self.defence = pool_tokens or None, precision, defence
         self._split_at(client_blocks)
+        self._splits = {client_blocks: self}  # split point -> its view (`at`), shared by every view
         self.num_classes = vit.num_classes
         self.model_bytes = _tensor_bytes(vit.state_dict())  # what `fl` broadcasts and uploads, less the header
         generator = torch.Generator().manual_seed(seed)
@@ -245,14 +246,16 @@ class SplitViT:
     def at(self, client_blocks: int) -> "SplitViT":
         """The same model split after `client_blocks` blocks instead (a client of another budget): it
         shares every frozen weight and the initial params, and computes the same function, so prompts
-        and tails trained at different split points average (FedAvg) as they are."""
-        if client_blocks == self.client_blocks:
-            return self
-        if self.body is None or not 0 <= client_blocks < self.depth:
-            raise ConfigError(f"a split after {client_blocks} blocks is not one of this model's (0 to {self.depth - 1}, "
-                              "on a model that still holds its body)")
-        split = copy.copy(self)
-        split._split_at(client_blocks)
+        and tails trained at different split points average (FedAvg) as they are. One view per split
+        point, made on first use and shared by every caller (clients, the body server)."""
+        split = self._splits.get(client_blocks)
+        if split is None:
+            if self.body is None or not 0 <= client_blocks < self.depth:
+                raise ConfigError(f"a split after {client_blocks} blocks is not one of this model's "
+                                  f"(0 to {self.depth - 1}, on a model that still holds its body)")
+            split = copy.copy(self)
+            split._split_at(client_blocks)
+            self._splits[client_blocks] = split
         return split
 
     @classmethod
@@ -295,6 +298,7 @@ class SplitViT:
         """Free the server's blocks in a process that only plays a split-training client."""
         del self._vit.blocks[self.client_blocks:]
         self.body = None
+        self._splits = {self.client_blocks: self}  # other views would keep the body's blocks alive
 
     def to(self, device: torch.device) -> "SplitViT":
         self._vit.to(device)

@@ -94,6 +94,14 @@ class _Request:
         return self.reply
 
 
+def _grouped(requests: list[_Request], key: Callable[[_Request], object]) -> list[list[_Request]]:
+    """`requests` in groups of equal `key`, each in arrival order."""
+    groups: dict[object, list[_Request]] = {}
+    for request in requests:
+        groups.setdefault(key(request), []).append(request)
+    return list(groups.values())
+
+
 class BodyServer:
     def __init__(self, model: SplitViT, meter: Meter, device: torch.device,
                  body_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
@@ -271,10 +279,7 @@ class BodyServer:
         return False
 
     def _forward(self, batch: list[_Request]) -> None:
-        splits: dict[int, list[_Request]] = {}  # clients whose heads end elsewhere run through other blocks
-        for request in batch:
-            splits.setdefault(request.split.client_blocks, []).append(request)
-        for members in splits.values():
+        for members in _grouped(batch, lambda r: r.split.client_blocks):  # heads ending elsewhere: other blocks
             self._forward_through(members[0].split, members)
 
     def _forward_through(self, split: SplitViT, batch: list[_Request]) -> None:
@@ -293,10 +298,7 @@ class BodyServer:
                     request.reply = Message("body_output", {"rows": rows[samples].detach()})
 
     def _backward(self, batch: list[_Request]) -> None:
-        graphs: dict[int, list[_Request]] = {}
-        for request in batch:
-            graphs.setdefault(id(request.pending.graph), []).append(request)
-        for members in graphs.values():
+        for members in _grouped(batch, lambda r: id(r.pending.graph)):
             self._backward_through(members[0].pending.graph, members)
 
     def _backward_through(self, graph: _Graph, members: list[_Request]) -> None:

@@ -16,6 +16,8 @@ blocks, only the prompts' without), and its local loss, which reads its head's o
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
 
@@ -72,11 +74,9 @@ def client_models(model: SplitViT, config: Config) -> tuple[list[SplitViT], str]
     if budgets is None:
         return [model] * config.clients, ""
     costs = head_gflop(model)
-    splits = {budget: model.at(affordable_split(costs, budget)) for budget in config.budgets}
-    models = [splits[budget] for budget in budgets.tolist()]
-    counts = {}
-    for split in models:
-        counts[split.client_blocks] = counts.get(split.client_blocks, 0) + 1
+    splits = {budget: affordable_split(costs, budget) for budget in config.budgets}
+    models = [model.at(splits[budget]) for budget in budgets.tolist()]
+    counts = Counter(split.client_blocks for split in models)
     line = "split points (client blocks): " + ", ".join(
         f"{blocks} for {n} clients ({costs[blocks]:.3g} GFLOP a sample)" for blocks, n in sorted(counts.items()))
     return models, line
