@@ -99,10 +99,7 @@ def reports(ablations: Path) -> None:
         print("SFPrompt's defaults, each changed in one thing, on Fashion-MNIST with the real ViT-S/14 (5,000 train / "
               "2,000 test samples at 56 px, 10 clients, 5 a round): the mean ± standard deviation over the seeds "
               "listed (`bash benchmarks/core.sh`). Costs are the mean over the seeds (they differ only by the "
-              "data each client happens to hold); wall seconds are not a speed benchmark (runs shared the cores). "
-              "A row of core.sh missing here has not been re-run since commit 74749d6 (each client's local "
-              "classifier its own seeded start; before it, 2e644f5: each client phase its own optimiser); its "
-              "single-seed result from before both is in README.md's Measured.\n")
+              "data each client happens to hold); wall seconds are not a speed benchmark (runs shared the cores).\n")
         print(ablations.read_text())
     heterogeneous = Path("docs/benchmarks/heterogeneous.md")
     if heterogeneous.is_file():
