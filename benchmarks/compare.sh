@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The method comparison behind BENCHMARKS.md: every method, SplitFed with a trained body and both SFPrompt ablations on
-# Fashion-MNIST with the real pre-trained ViT-S/14 from ../shared, 10 clients (5 a round), IID and
-# Dirichlet(0.5), same data, partition and seed for every method; then writes BENCHMARKS.md.
+# the setting of benchmarks/compare.toml (Fashion-MNIST with the real pre-trained ViT-S/14 from ../shared, 10
+# clients, 5 a round), IID and Dirichlet(0.5), same data, partition and seed for every method, each method with
+# its tuned options from TUNED (default benchmarks/tuned.toml, written by benchmarks/tune.py) when that exists;
+# then writes BENCHMARKS.md.
 #
 #   bash benchmarks/compare.sh        # about an hour on two CPU cores
 #   SHARED=/path/to/shared OUT=runs/compare ROUNDS=5 bash benchmarks/compare.sh
@@ -10,10 +12,11 @@ cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 OUT=${OUT:-runs/compare}
 ROUNDS=${ROUNDS:-5}
-common=(--dataset fashion-mnist --data-dir "$SHARED/data"
+TUNED=${TUNED:-benchmarks/tuned.toml}
+common=(--config benchmarks/compare.toml --data-dir "$SHARED/data"
         --weights "$SHARED/models/vit_small_patch14_dinov2.imgfocus.safetensors"
-        --image-size 56 --clients 10 --clients-per-round 5 --train-samples 2500 --test-samples 1000
         --rounds "$ROUNDS" --target-accuracy 0.7 --no-progress)
+if [ -f "$TUNED" ]; then common+=(--method-options "$TUNED"); else echo "no $TUNED: every method runs with the defaults" >&2; fi
 methods=fl,fl-prompt,sl,sfl,sfl-train-body,sfprompt,sfprompt-no-local-loss,sfprompt-no-pruning
 
 sfprompt compare "${common[@]}" --methods "$methods" --out "$OUT/iid"

@@ -1,6 +1,6 @@
 """Write BENCHMARKS.md from the outputs of benchmarks/compare.sh (tables, plots, command, machine),
 followed by the reports other benchmarks keep in docs/benchmarks when they have been run: the
-ablations of benchmarks/core.sh, heterogeneous.sh's split points, and the runtime reports of benchmarks/runtime.py, body_load.py, body_batching.py,
+tuning of benchmarks/tune.py, the ablations of benchmarks/core.sh, heterogeneous.sh's split points, and the runtime reports of benchmarks/runtime.py, body_load.py, body_batching.py,
 precision.sh, clientapp.py, scale.py and flower_scale.py.
 
     python benchmarks/write_benchmarks.py runs/compare "bash benchmarks/compare.sh" > BENCHMARKS.md
@@ -58,7 +58,7 @@ def main() -> None:
         path = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("BENCHMARKS.md")
         ablations = Path(sys.argv[3]) if len(sys.argv) > 3 else ABLATIONS
         methods = path.read_text()
-        for section in ("## Ablations\n", "## Heterogeneous clients\n", "## Runtime\n"):
+        for section in ("## Tuning\n", "## Ablations\n", "## Heterogeneous clients\n", "## Runtime\n"):
             methods = methods.split(section)[0]
         with contextlib.redirect_stdout(io.StringIO()) as sections:
             reports(ablations)
@@ -81,7 +81,7 @@ def main() -> None:
     for partition in sorted(p for p in root.iterdir() if (p / "comparison.md").is_file()):
         print(f"## {partition.name}\n")
         print((partition / "comparison.md").read_text())
-        for plot in ("accuracy_per_round", "accuracy_vs_bytes", "client_flops"):
+        for plot in ("accuracy_per_round", "accuracy_vs_bytes", "accuracy_vs_client_flops", "client_flops"):
             target = figures / f"{partition.name}-{plot}.png"
             shutil.copyfile(partition / f"{plot}.png", target)
             print(f"![{partition.name}: {plot.replace('_', ' ')}]({target.as_posix()})")
@@ -93,7 +93,14 @@ ABLATIONS = Path("docs/benchmarks/ablations.md")
 
 
 def reports(ablations: Path) -> None:
-    """The sections after the comparison: the ablations, heterogeneous clients, then the runtime."""
+    """The sections after the comparison: the baselines' tuning, the ablations, heterogeneous clients, then the
+    runtime."""
+    tuning = Path("docs/benchmarks/tuning.md")
+    if tuning.is_file():
+        print("## Tuning\n")
+        print("Every method's learning rates, tuned on validation samples held out of the clients' training data "
+              "(`python benchmarks/tune.py`); compare.sh runs each method with its best, from benchmarks/tuned.toml.\n")
+        print(tuning.read_text())
     if ablations.is_file():
         print("## Ablations\n")
         print("SFPrompt's defaults, each changed in one thing, on Fashion-MNIST with the real ViT-S/14 (5,000 train / "

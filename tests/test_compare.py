@@ -4,23 +4,32 @@ import json
 import pytest
 
 from sfprompt.cli import main
-from sfprompt.compare import parse_methods
-from sfprompt.config import ConfigError
+from sfprompt.compare import at_equal_cost, load_method_options, markdown, parse_methods, variant_config
+from sfprompt.config import Config, ConfigError
 
 
 def test_compare_writes_table_and_plots_from_the_runs_own_numbers(imagefolder, tmp_path, capsys):
     out = tmp_path / "cmp"
+    tuned = tmp_path / "tuned.toml"
+    tuned.write_text('[fl]\noptimizer = "sgd"\nbackbone_lr = 0.003\n\n[sfprompt]\nlr = 0.002\n')
     argv = ["compare", "--methods", "fl,sfprompt,sfprompt-no-pruning", "--target-accuracy", "0.3",
+            "--method-options", str(tuned),
             "--dataset", "imagefolder", "--data-dir", str(imagefolder), "--model", "test_vit", "--weights", "none",
             "--image-size", "32", "--prompt-tokens", "2", "--clients", "3", "--clients-per-round", "2",
             "--rounds", "2", "--batch-size", "8", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
-    for name in ("comparison.csv", "comparison.md", "accuracy_per_round.png", "accuracy_vs_bytes.png", "client_flops.png"):
+    for name in ("comparison.csv", "comparison.md", "history.csv", "accuracy_per_round.png", "accuracy_vs_bytes.png",
+                 "accuracy_vs_client_flops.png", "client_flops.png"):
         assert (out / name).stat().st_size > 0, name
     rows = {row["method"]: row for row in csv.DictReader(open(out / "comparison.csv"))}
     assert list(rows) == ["fl", "sfprompt", "sfprompt-no-pruning"]
     summaries = {name: json.loads((out / name / "summary.json").read_text()) for name in rows}
     assert summaries["sfprompt-no-pruning"]["config"]["keep_ratio"] == 1.0
+    configs = {name: summaries[name]["config"] for name in rows}  # each method ran with its own options
+    assert (configs["fl"]["optimizer"], configs["fl"]["backbone_lr"], configs["fl"]["lr"]) == ("sgd", 0.003, 0.01)
+    assert configs["sfprompt"]["lr"] == configs["sfprompt-no-pruning"]["lr"] == 0.002  # a variant takes its method's
+    assert configs["sfprompt"]["optimizer"] == "adam"
+    cumulative = list(csv.DictReader(open(out / "history.csv")))
     for name, row in rows.items():
         for key in ("bytes_up", "client_flops", "client_peak_memory_bytes"):
             assert int(row[key]) == summaries[name][key]
@@ -32,8 +41,64 @@ def test_compare_writes_table_and_plots_from_the_runs_own_numbers(imagefolder, t
         else:
             spent = sum(r["bytes_up"] + r["bytes_down"] for r in history[: reached + 1])
             assert int(row["bytes_to_target"]) == spent and int(row["round_to_target"]) == reached + 1
+        mine = [r for r in cumulative if r["method"] == name]
+        assert [int(r["cumulative_bytes"]) for r in mine] == [
+            sum(h["bytes_up"] + h["bytes_down"] for h in history[: k + 1]) for k in range(len(history))]
+        assert [int(r["cumulative_client_flops"]) for r in mine] == [
+            sum(h["client_flops"] for h in history[: k + 1]) for k in range(len(history))]
     assert float(rows["sfprompt"]["bytes_up_vs_fl"]) < 1  # prompts, tail and pruned activations vs the model
-    assert "| sfprompt |" in (out / "comparison.md").read_text()
+    table = (out / "comparison.md").read_text()
+    assert "| sfprompt |" in table
+    assert "fl: --optimizer sgd, --backbone-lr 0.003" in table and "sfprompt-no-pruning: --keep-ratio 1.0, --lr 0.002." in table
+
+
+def history_row(method: str, costs: list[float], accuracies: list[float]) -> dict:
+    return {"method": method, "history": [{"round": k + 1, "accuracy": a, "bytes": c, "client_flops": c}
+                                          for k, (c, a) in enumerate(zip(costs, accuracies))]}
+
+
+def test_equal_cost_takes_each_methods_last_round_within_sfprompts_spend():
+    rows = [history_row("sfprompt", [10 * k for k in range(1, 11)], [k / 10 for k in range(1, 11)]),
+            history_row("fl", [400, 800], [0.5, 0.8]),  # one round costs more than sfprompt's first five
+            history_row("sfl", [25, 50, 75], [0.3, 0.4, 0.6])]  # ends below sfprompt's spend after 10 rounds
+    tables = at_equal_cost(rows, "bytes")
+    assert [(n, budget) for n, budget, _ in tables] == [(5, 50), (10, 100)]  # 20 rounds: sfprompt ran only 10
+    five, ten = tables[0][2], tables[1][2]
+    assert five["sfprompt"]["accuracy"] == 0.5 and not five["sfprompt"]["ended"]
+    assert five["fl"] is None and ten["fl"] is None
+    assert (five["sfl"]["round"], five["sfl"]["accuracy"], five["sfl"]["ended"]) == (2, 0.4, False)
+    assert (ten["sfl"]["round"], ten["sfl"]["ended"]) == (3, True)
+    assert not ten["sfprompt"]["ended"]  # it spent exactly the budget
+    assert at_equal_cost(rows[1:], "bytes") == []  # no sfprompt row, no table
+    text = "\n".join(markdown_lines(rows))
+    assert "| fl | — | — |" in text and "| sfl | 0.4000 (2) | ≤ 0.6000 (3) |" in text
+
+
+def markdown_lines(rows):
+    full = [{**r, "final_accuracy": 0, "best_accuracy": 0, "rounds": 1, "bytes_up": 1, "bytes_down": 1,
+             "client_flops": 1, "server_flops": 1, "client_peak_memory_bytes": 1, "bytes_to_target": None,
+             "client_flops_to_target": None, **{f"{k}_vs_fl": None for k in
+                                               ("bytes_up", "bytes_down", "client_flops", "client_peak_memory_bytes")}}
+            for r in rows]
+    return markdown(full, None).splitlines()
+
+
+def test_method_options_are_checked_before_anything_runs(tmp_path):
+    path = tmp_path / "options.toml"
+    for text, message in [("[fedprox]\nlr = 0.1\n", "holds 'fedprox'"), ("lr = 0.1\n", "holds 'lr'"),
+                          ("[fl]\nseed = 3\n", "may not set method, out or seed"), ("[fl\n", "not valid TOML")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_method_options(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_method_options(tmp_path / "missing.toml")
+    base = Config(out=str(tmp_path / "cmp"))
+    with pytest.raises(ConfigError, match="fl: unknown option 'learning_rate'"):
+        variant_config(base, "fl", {"fl": {"learning_rate": 0.1}})
+    with pytest.raises(ConfigError, match="sfl-train-body: --backbone-lr must be positive"):
+        variant_config(base, "sfl-train-body", {"sfl-train-body": {"backbone_lr": 0.0}})
+    variant = variant_config(base, "sfl-train-body", {"sfl": {"lr": 0.5}, "sfl-train-body": {"backbone_lr": 3e-5}})
+    assert (variant.method, variant.train_body, variant.lr, variant.backbone_lr) == ("sfl", True, 0.5, 3e-5)
 
 
 def test_unknown_methods_are_named():

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: %(default)s)")
     compare.add_argument("--target-accuracy", type=float,
                          help="also report the bytes and client FLOPs each method spent to first reach it")
+    compare.add_argument("--method-options", metavar="FILE",
+                         help="TOML file of options per method or variant, e.g. each one's tuned learning rates "
+                              "(`[fl]` then `backbone_lr = 3e-5`; a variant also takes its method's); written by "
+                              "benchmarks/tune.py")
     _add_config_flags(compare)
     cost = commands.add_parser("cost", help="per-client, per-round compute and communication of every method for "
                                "an architecture (random weights; --out FILE.json to save)")
@@ -194,8 +198,9 @@ def _dispatch(args: argparse.Namespace, config: Config) -> None:
         if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
             raise ConfigError(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
         names = compare.parse_methods(args.methods)
+        options = compare.load_method_options(args.method_options) if args.method_options else None
         rows = compare.compare(config, names, args.target_accuracy,
-                               lambda c: runner.run(c, progress=not args.no_progress))
+                               lambda c: runner.run(c, progress=not args.no_progress), options)
         compare.write(rows, Path(config.out), args.target_accuracy)
         print(compare.markdown(rows, args.target_accuracy))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ COLUMNS = [
     "server_flops", "client_peak_memory_bytes", "bytes_to_target", "client_flops_to_target", "round_to_target",
 ]
 RATIOS = ["bytes_up", "bytes_down", "client_flops", "server_flops", "client_peak_memory_bytes"]
+EQUAL_COST_ROUNDS = (5, 10, 20)  # the equal-cost tables compare at what SFPrompt spent after these rounds
 
 
 def parse_methods(text: str) -> list[str]:
@@ -38,18 +40,49 @@ def parse_methods(text: str) -> list[str]:
     return names
 
 
-def variant_config(base: Config, name: str) -> Config:
+def load_method_options(path: str | Path) -> dict[str, dict[str, Any]]:
+    """--method-options: a TOML table per method or variant of the options it runs with (each method's tuned
+    learning rates, as benchmarks/tune.py writes them), e.g. `[fl]` / `optimizer = "sgd"` / `backbone_lr = 0.003`."""
+    path = Path(path)
+    try:
+        tables = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--method-options: {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--method-options: {path} is not valid TOML: {err}") from None
+    for name, table in tables.items():
+        if name not in METHODS and name not in VARIANTS or not isinstance(table, dict):
+            raise ConfigError(f"--method-options: {path} holds {name!r}; each entry must be a [table] named by a "
+                              f"method or variant ({', '.join([*METHODS, *VARIANTS])})")
+        if {"method", "out", "seed"} & {key.replace("-", "_") for key in table}:
+            raise ConfigError(f"--method-options: [{name}] may not set method, out or seed (the comparison sets them)")
+    return tables
+
+
+def variant_config(base: Config, name: str, options: dict[str, dict[str, Any]] | None = None) -> Config:
+    """`base` run as method or variant `name`, with its options from --method-options (a variant takes its
+    method's first, then its own)."""
     method, overrides = VARIANTS.get(name, (name, {}))
-    return base.replace(method=method, out=str(Path(base.out) / name), **overrides)
+    options = options or {}
+    tuned = {**options.get(method, {}), **(options.get(name, {}) if name != method else {})}
+    values = {**base.to_dict(), **tuned, "method": method, "out": str(Path(base.out) / name), **overrides}
+    try:
+        return Config.from_dict(values)
+    except ConfigError as err:
+        raise ConfigError(f"{name}: {err}") from None
 
 
-def compare(base: Config, names: list[str], target: float | None, run: Callable[[Config], dict]) -> list[dict]:
-    """Run each method (same data, partition and seed: only the method differs) and tabulate."""
+def compare(base: Config, names: list[str], target: float | None, run: Callable[[Config], dict],
+            options: dict[str, dict[str, Any]] | None = None) -> list[dict]:
+    """Run each method (same data, partition and seed: only the method and its --method-options differ) and
+    tabulate."""
+    configs = {name: variant_config(base, name, options) for name in names}  # every option checked before any run
     rows = []
-    for name in names:
-        config = variant_config(base, name)
+    for name, config in configs.items():
         run(config)
         rows.append(tabulate(name, Path(config.out), target))
+        rows[-1]["options"] = {key: value for key, value in config.to_dict().items()
+                               if value != getattr(base, key) and key not in ("method", "out")}
     add_ratios(rows)
     return rows
 
@@ -59,17 +92,38 @@ def tabulate(name: str, out: Path, target: float | None) -> dict:
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     row = {key: summary[key] for key in COLUMNS if key in summary} | {"method": name}
     row.update(bytes_to_target=None, client_flops_to_target=None, round_to_target=None)
-    if target is not None:
-        sent = flops = 0
-        for record in history:
-            sent += record["bytes_up"] + record["bytes_down"]
-            flops += record["client_flops"]
-            if record["accuracy"] >= target:
-                row.update(bytes_to_target=sent, client_flops_to_target=flops, round_to_target=record["round"])
-                break
-    row["history"] = [{"round": r["round"], "accuracy": r["accuracy"],
-                       "bytes": r["bytes_up"] + r["bytes_down"]} for r in history]
+    sent = flops = 0
+    row["history"] = []  # accuracy after each round against the cost spent until then
+    for record in history:
+        sent += record["bytes_up"] + record["bytes_down"]
+        flops += record["client_flops"]
+        row["history"].append({"round": record["round"], "accuracy": record["accuracy"], "bytes": sent,
+                               "client_flops": flops})
+    reached = next((h for h in row["history"] if target is not None and h["accuracy"] >= target), None)
+    if reached:
+        row.update(bytes_to_target=reached["bytes"], client_flops_to_target=reached["client_flops"],
+                   round_to_target=reached["round"])
     return row
+
+
+def at_equal_cost(rows: list[dict], cost: str, reference: str = "sfprompt",
+                  rounds: tuple[int, ...] = EQUAL_COST_ROUNDS) -> list[tuple[int, float, dict[str, dict | None]]]:
+    """Each method's accuracy at the cost (`bytes` or `client_flops`, cumulative) the reference method had spent
+    after each of `rounds` (those its run reached): the last round a method finished within that budget (None
+    when not even its first fits), and whether its run ended before spending the budget."""
+    ref = next((row for row in rows if row["method"] == reference), None)
+    if ref is None:
+        return []
+    tables = []
+    for n in (n for n in rounds if n <= len(ref["history"])):
+        budget = ref["history"][n - 1][cost]
+        cells = {}
+        for row in rows:
+            within = [h for h in row["history"] if h[cost] <= budget]
+            ended = len(within) == len(row["history"]) and bool(within) and within[-1][cost] < budget
+            cells[row["method"]] = {**within[-1], "ended": ended} if within else None
+        tables.append((n, budget, cells))
+    return tables
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -87,6 +141,11 @@ def write(rows: list[dict], out: Path, target: float | None) -> None:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    with open(out / "history.csv", "w", newline="") as handle:  # accuracy against cumulative cost, every round
+        writer = csv.writer(handle)
+        writer.writerow(["method", "round", "accuracy", "cumulative_bytes", "cumulative_client_flops"])
+        writer.writerows([r["method"], h["round"], h["accuracy"], h["bytes"], h["client_flops"]]
+                         for r in rows for h in r["history"])
     (out / "comparison.md").write_text(markdown(rows, target))
     plot(rows, out)
 
@@ -111,7 +170,34 @@ def markdown(rows: list[dict], target: float | None) -> str:
             f"| {gf(r['client_flops_to_target'])} | {ratio(r['bytes_up_vs_fl'])} | {ratio(r['bytes_down_vs_fl'])} "
             f"| {ratio(r['client_flops_vs_fl'])} | {ratio(r['client_peak_memory_bytes_vs_fl'])} |"
         )
+    for cost, unit, scale in (("bytes", "MB", 1e6), ("client_flops", "client GFLOP", 1e9)):
+        lines += equal_cost_markdown(rows, cost, unit, scale)
+    changed = [f"{r['method']}: " + ", ".join(f"{_flag(k)} {v}" for k, v in r["options"].items())
+               for r in rows if r.get("options")]
+    if changed:
+        lines += ["", "Options that differ between the methods: " + "; ".join(changed) + "."]
     return "\n".join(lines) + "\n"
+
+
+def equal_cost_markdown(rows: list[dict], cost: str, unit: str, scale: float) -> list[str]:
+    """The `at_equal_cost` table for `cost` as Markdown lines (none without an `sfprompt` row)."""
+    tables = at_equal_cost(rows, cost)
+    if not tables:
+        return []
+    lines = ["", f"Accuracy at SFPrompt's {unit}: each method's accuracy after its last round within what `sfprompt` "
+                 f"had spent after {', '.join(str(n) for n, _, _ in tables)} rounds (that round in brackets; — : not "
+                 "even its first round fits; ≤ : its run ended below that budget).", "",
+             "| method | " + " | ".join(f"{unit} of {n} rounds: {budget / scale:,.1f}" for n, budget, _ in tables) + " |",
+             "|" + "---|" * (len(tables) + 1)]
+    for r in rows:
+        cells = [cells[r["method"]] for _, _, cells in tables]
+        lines.append(f"| {r['method']} | " + " | ".join(
+            "—" if c is None else f"{'≤ ' if c['ended'] else ''}{c['accuracy']:.4f} ({c['round']})" for c in cells) + " |")
+    return lines
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -128,18 +214,17 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "accuracy_per_round.png", dpi=120)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        sent, xs = 0, []
-        for h in r["history"]:
-            sent += h["bytes"]
-            xs.append(sent / 1e6)
-        ax.plot(xs, [h["accuracy"] for h in r["history"]], marker="o", label=r["method"])
-    ax.set(xscale="log", xlabel="cumulative MB sent (up + down, all clients)", ylabel="test accuracy",
-           title="Accuracy against communication")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_bytes.png", dpi=120)
+    for cost, scale, label, title in (
+            ("bytes", 1e6, "cumulative MB sent (up + down, all clients)", "communication"),
+            ("client_flops", 1e9, "cumulative client GFLOP (all clients)", "client compute")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in rows:
+            ax.plot([h[cost] / scale for h in r["history"]], [h["accuracy"] for h in r["history"]], marker="o",
+                    label=r["method"])
+        ax.set(xscale="log", xlabel=label, ylabel="test accuracy", title=f"Accuracy against {title}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"accuracy_vs_{cost}.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar([r["method"] for r in rows], [r["client_flops"] / 1e9 for r in rows])

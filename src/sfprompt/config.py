@@ -37,6 +37,10 @@ class Config:
     download: bool = _opt(False, "download the dataset into --data-dir if it is missing")
     train_samples: Optional[int] = _opt(None, "use a seeded, class-stratified subset of N training samples")
     test_samples: Optional[int] = _opt(None, "use a seeded, class-stratified subset of N test samples")
+    validation_samples: Optional[int] = _opt(
+        None, "hold out a seeded, class-stratified N of the training samples from every client and evaluate on them "
+        "instead of the test set (for tuning: the test set is then never read)",
+    )
     # model
     model: str = _opt("vit_small_patch14_dinov2", "timm model name (a ViT)")
     weights: str = _opt(
@@ -134,14 +138,14 @@ class Config:
             raise ConfigError(f"--client-timeout-s must be positive (omit it for no limit), got {self.client_timeout_s}")
         if self.alpha is not None and not self.alpha > 0:
             raise ConfigError(f"--alpha must be positive (omit it for IID clients), got {self.alpha}")
-        for name in ("train_samples", "test_samples"):
+        for name in ("train_samples", "test_samples", "validation_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{_flag(name)} must be at least 1, got {value}")
-        if self.train_samples is not None and self.train_samples < self.clients:
+        if self.train_samples is not None and self.train_samples - (self.validation_samples or 0) < self.clients:
             raise ConfigError(
-                f"--train-samples ({self.train_samples}) is fewer than --clients ({self.clients}): "
-                "every client needs at least one sample"
+                f"--train-samples ({self.train_samples}) less --validation-samples ({self.validation_samples or 0}) is "
+                f"fewer than --clients ({self.clients}): every client needs at least one sample"
             )
         for name in ("lr", "prompt_lr", "backbone_lr"):
             if not getattr(self, name) > 0:

@@ -35,7 +35,7 @@ class Federation:
     method: Method
     settings: TrainSettings
     clients: list[Client]
-    test: Dataset
+    test: Dataset  # what each round is evaluated on: the test samples, or the validation samples when held out
     meter: Meter
     description: str
     train: Dataset  # every client's samples (clients hold positions in it), model-ready
@@ -60,15 +60,19 @@ def prepare(config: Config) -> Federation:
     norm = normalisation(vit)
     transform = model_transform(config.image_size, **norm)
     train_idx, parts = train_partition(config, splits)
-    test_idx = subset_indices(splits.test_labels, config.test_samples, config.seed, "--test-samples")
     train = Subset(Transformed(splits.train, transform), train_idx.tolist())
-    test = Subset(Transformed(splits.test, transform), test_idx.tolist())
+    if config.validation_samples is None:
+        test_idx = subset_indices(splits.test_labels, config.test_samples, config.seed, "--test-samples")
+        test = Subset(Transformed(splits.test, transform), test_idx.tolist())
+    else:
+        test = Subset(Transformed(splits.train, transform), training_pool(config, splits)[1].tolist())
     meter = Meter()
     settings = TrainSettings.from_config(config)
     models, heads = client_models(model, config)
     clients = [Client(k, train, part, split, settings, meter, device, private_seed(config.seed, k), config.seed)
                for k, (part, split) in enumerate(zip(parts, models))]
-    description = (f"{len(train)} train / {len(test)} test samples, {splits.num_classes} classes, "
+    evaluated = "test samples" if config.validation_samples is None else "validation samples (the test set unread)"
+    description = (f"{len(train)} train / {len(test)} {evaluated}, {splits.num_classes} classes, "
                    f"{config.clients} clients ({'IID' if config.alpha is None else f'Dirichlet {config.alpha}'}), "
                    f"{config.model} at {config.image_size}px on {device}" + (f"; {heads}" if heads else ""))
     return Federation(config, device, model, METHODS[config.method](), settings, clients, test, meter, description,
@@ -138,8 +142,22 @@ def prepare_client(config: Config, cid: int, classes: Sequence[str], folder: str
 def train_partition(config: Config, splits: DataSplits) -> tuple[np.ndarray, list[np.ndarray]]:
     """The run's training samples (indices into the train split) and each client's positions in them:
     the same seeded draw in every process that prepares the run."""
-    train_idx = subset_indices(splits.train_labels, config.train_samples, config.seed, "--train-samples")
+    train_idx = training_pool(config, splits)[0]
     return train_idx, partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
+
+
+def training_pool(config: Config, splits: DataSplits) -> tuple[np.ndarray, np.ndarray]:
+    """The clients' samples and the validation samples held out of them (--validation-samples; none without it),
+    both indices into the train split: the --train-samples subset, divided by a seeded, class-stratified draw."""
+    pool = subset_indices(splits.train_labels, config.train_samples, config.seed, "--train-samples")
+    if config.validation_samples is None:
+        return pool, pool[:0]
+    if config.validation_samples > len(pool) - config.clients:
+        raise ConfigError(f"--validation-samples {config.validation_samples} leaves fewer training samples than "
+                          f"--clients ({config.clients}) of the {len(pool)} there are")
+    held = np.zeros(len(pool), dtype=bool)
+    held[stratified_subset(splits.train_labels[pool], config.validation_samples, derive_seed(config.seed, VALIDATION))] = True
+    return pool[~held], pool[held]
 
 
 def export_clients(config: Config, folder: Path, progress: bool = True) -> list[Path]:
@@ -205,6 +223,7 @@ client_seed = derive_seed  # an independent seed for each (run seed, round, clie
 # Salt of a simulated client's private seed. A deployed client draws its own secret instead
 # (`flower.client_app`); in simulation it is derived from --seed so that runs repeat exactly.
 PRIVATE = 0x5EC12E7
+VALIDATION = 0x7A11D  # salt of the validation draw, independent of the partition's
 
 
 def private_seed(seed: int, cid: int) -> int:

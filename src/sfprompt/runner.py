@@ -91,7 +91,7 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             _persist(fed, out, history, global_params, sampler)
-            log(f"round {round_}/{config.rounds}: accuracy {record['accuracy']:.4f}  test loss {record['loss']:.4f}  "
+            log(f"round {round_}/{config.rounds}: accuracy {record['accuracy']:.4f}  loss {record['loss']:.4f}  "
                 f"up {record['bytes_up'] / 1e6:.1f} MB  down {record['bytes_down'] / 1e6:.1f} MB  "
                 f"client {record['client_flops'] / 1e9:.1f} GFLOP  server {record['server_flops'] / 1e9:.1f} GFLOP  "
                 f"({record['seconds']:.0f} s)")

@@ -1,0 +1,65 @@
+"""--validation-samples: tuning evaluates on samples held out of the clients' training data, never the test set."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sfprompt.cli import main
+from sfprompt.config import Config, ConfigError
+from sfprompt.data import load_splits
+from sfprompt.federation import prepare, train_partition, training_pool
+
+TINY = ["--dataset", "imagefolder", "--model", "test_vit", "--weights", "none", "--image-size", "32",
+        "--prompt-tokens", "2", "--clients", "3", "--clients-per-round", "2", "--rounds", "1", "--batch-size", "8",
+        "--no-progress"]
+
+
+def config(imagefolder, **changes) -> Config:
+    return Config(dataset="imagefolder", data_dir=str(imagefolder), model="test_vit", weights="none", image_size=32,
+                  prompt_tokens=2, clients=3, clients_per_round=2, rounds=1, batch_size=8, **changes)
+
+
+def test_validation_samples_are_held_out_of_every_client_stratified_and_seeded(imagefolder):
+    splits = load_splits("imagefolder", imagefolder)
+    base = config(imagefolder)
+    held = config(imagefolder, validation_samples=9)
+    train, validation = training_pool(held, splits)
+    assert len(validation) == 9 and len(train) == 36 - 9
+    assert not set(train) & set(validation) and sorted([*train, *validation]) == list(range(36))
+    assert np.bincount(splits.train_labels[validation]).tolist() == [3, 3, 3]  # the class mix kept
+    train_idx, parts = train_partition(held, splits)
+    clients_hold = {int(train_idx[p]) for part in parts for p in part}
+    assert clients_hold == set(train.tolist())  # every other training sample, and no validation one, is a client's
+    assert (training_pool(held, splits)[1] == validation).all()  # the same draw in every process
+    assert len(training_pool(base, splits)[1]) == 0 and len(training_pool(base, splits)[0]) == 36
+    other_seed = training_pool(held.replace(seed=1), splits)[1]
+    assert set(other_seed) != set(validation)
+
+
+def test_a_validation_run_never_reads_the_test_set(imagefolder, tmp_path, capsys):
+    for image in (imagefolder / "test").rglob("*.png"):
+        image.write_bytes(b"not an image")  # decoding any test image now fails
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--data-dir", str(imagefolder), "--validation-samples", "6", "--out", str(out)]) == 0
+    assert "30 train / 6 validation samples (the test set unread)" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["validation_samples"] == 6
+    with pytest.raises(Exception, match="cannot identify image"):  # the same run on the test set reads it
+        main(["run", *TINY, "--data-dir", str(imagefolder), "--out", str(tmp_path / "test")])
+
+
+def test_evaluation_uses_the_validation_samples(imagefolder):
+    fed = prepare(config(imagefolder, validation_samples=6))
+    validation = training_pool(fed.config, fed.data)[1]
+    assert fed.test.indices == validation.tolist() and fed.test.dataset.raw is fed.data.train
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"validation_samples": 0}, "--validation-samples must be at least 1"),
+    ({"validation_samples": 34}, "leaves fewer training samples than --clients"),
+    ({"train_samples": 12, "validation_samples": 10}, r"--train-samples \(12\) less --validation-samples \(10\)"),
+])
+def test_too_many_validation_samples_are_refused(imagefolder, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        prepare(config(imagefolder, **changes))
