@@ -2,10 +2,11 @@
 # The measurements behind README.md's "Measured" and BENCHMARKS.md's "Ablations": SFPrompt on Fashion-MNIST
 # with the real pre-trained ViT-S/14 from ../shared (5,000 train / 2,000 test samples, 10 clients, 5 a
 # round), IID for 5 rounds and Dirichlet(0.5) for 10, then the ablations behind the defaults (local
-# classifier, per-class pruning, split epochs, optimiser), each with every seed in SEEDS; then the
-# table of means and spreads (docs/benchmarks/ablations.md) and BENCHMARKS.md's "Ablations" section.
+# classifier, per-class pruning, split epochs, optimiser, which samples pruning keeps and the model that
+# scores them), each with every seed in SEEDS; then the table of means and spreads
+# (docs/benchmarks/ablations.md) and BENCHMARKS.md's "Ablations" section.
 #
-#   bash benchmarks/core.sh            # about 4 hours on two CPU cores (each run 10-25 minutes)
+#   bash benchmarks/core.sh            # about 9 hours on two CPU cores (each run 10-25 minutes)
 #   SHARED=/path/to/shared OUT=runs/core SEEDS="0 1 2" ROWS="iid iid-sgd" bash benchmarks/core.sh
 #
 # Rows iid-bf16 and iid-fp16 (the server body's precision) are not in the default ROWS: a CPU without
@@ -21,7 +22,9 @@ cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 OUT=${OUT:-runs/core}
 SEEDS=${SEEDS:-0 1 2}
-ROWS=${ROWS:-iid iid-shared-local-classifier iid-global-pruning iid-split-epochs-1 iid-sgd dirichlet-0.5}
+ROWS=${ROWS:-iid iid-shared-local-classifier iid-global-pruning iid-split-epochs-1 iid-sgd dirichlet-0.5
+             iid-prune-easiest iid-prune-middle iid-prune-random iid-prune-received
+             dirichlet-0.5-prune-by-size dirichlet-0.5-prune-random}
 read -r -a size <<< "${SIZE:-}"
 common=(--dataset fashion-mnist --data-dir "$SHARED/data"
         --weights "$SHARED/models/vit_small_patch14_dinov2.imgfocus.safetensors"
@@ -36,6 +39,12 @@ options() {  # the options of one row: the defaults, changed in one thing
     iid-global-pruning) echo "--rounds 5 --no-prune-per-class" ;;
     iid-split-epochs-1) echo "--rounds 5 --split-epochs 1" ;;
     iid-sgd) echo "--rounds 5 --optimizer sgd --lr 0.01 --prompt-lr 0.01" ;;
+    iid-prune-easiest) echo "--rounds 5 --prune-keep easiest" ;;
+    iid-prune-middle) echo "--rounds 5 --prune-keep middle" ;;
+    iid-prune-random) echo "--rounds 5 --prune-keep random" ;;
+    iid-prune-received) echo "--rounds 5 --prune-scores received" ;;  # scored before the self-update
+    dirichlet-0.5-prune-by-size) echo "--rounds 10 --alpha 0.5 --prune-keep by-size" ;;  # IID clients are all one size
+    dirichlet-0.5-prune-random) echo "--rounds 10 --alpha 0.5 --prune-keep random" ;;
     iid-client-blocks-2) echo "--rounds 5 --client-blocks 2" ;;
     iid-mixed-budgets) echo "--rounds 5 --client-budgets 0.05,0.5,1.0" ;;  # heads of 0, 2 and 5 blocks
     iid-bf16) echo "--rounds 5 --precision bf16" ;;

@@ -63,3 +63,17 @@ def test_evaluation_uses_the_validation_samples(imagefolder):
 def test_too_many_validation_samples_are_refused(imagefolder, changes, message):
     with pytest.raises(ConfigError, match=message):
         prepare(config(imagefolder, **changes))
+
+
+def test_the_mean_samples_per_client_count_only_the_clients_samples(imagefolder, tmp_path):
+    """--prune-keep by-size places a client against the federation's mean, which leaves validation samples out."""
+    from sfprompt.federation import export_clients, prepare_client
+
+    assert prepare(config(imagefolder)).settings.mean_samples == 36 / 3
+    held = config(imagefolder, validation_samples=9)
+    assert prepare(held).settings.mean_samples == 27 / 3
+    assert prepare_client(held, 0, ["class_0", "class_1", "class_2"]).settings.mean_samples == 27 / 3
+    folder = export_clients(config(imagefolder), tmp_path / "nodes", progress=False)[0]
+    classes = ["class_0", "class_1", "class_2"]
+    assert prepare_client(config(imagefolder), 0, classes, str(folder)).settings.mean_samples is None  # a node alone
+    assert prepare_client(config(imagefolder, train_samples=30), 0, classes, str(folder)).settings.mean_samples == 10

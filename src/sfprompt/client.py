@@ -22,10 +22,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .codec import Message, ProtocolError
+from .config import ConfigError
 from .meter import CLIENT, Meter, PeakMemory
 from .optim import build_optimizer
 from .model import ClientParams, SplitViT
-from .pruning import el2n, hardest
+from .pruning import BANDS, el2n, keep_band, size_band
 from .transport import Link, encode_held
 
 @dataclass
@@ -79,6 +80,8 @@ class TrainSettings:
     local_classifier: str  # 'separate' | 'shared'
     keep_ratio: float
     prune_per_class: bool
+    prune_keep: str
+    prune_scores: str
     split_epochs: int
     batch_size: int
     optimizer: str
@@ -87,11 +90,13 @@ class TrainSettings:
     backbone_lr: float
     momentum: float
     weight_decay: float
+    mean_samples: float | None = None  # the federation's mean samples per client (--prune-keep by-size), if known
 
     @classmethod
     def from_config(cls, config, **changes) -> "TrainSettings":
         """The client-side slice of a `Config`, optionally changed."""
-        return cls(**({name: getattr(config, name) for name in cls.__dataclass_fields__} | changes))
+        fields = [name for name in cls.__dataclass_fields__ if hasattr(config, name)]
+        return cls(**({name: getattr(config, name) for name in fields} | changes))
 
 
 class LocalHead(nn.Module):
@@ -210,19 +215,30 @@ class Client:
         classifier = params.tail if self.settings.local_classifier == "shared" else self.local_head
         return classifier(patches)
 
-    # SFPrompt phase 1b: EL2N scores under the local model; keep the hardest samples.
+    # SFPrompt phase 1b: EL2N scores under the local model; keep a band of them (the hardest by default).
     @torch.no_grad()
     def prune(self, ctx: RoundContext) -> list[int]:
-        if self.settings.keep_ratio >= 1.0:
+        s = self.settings
+        if s.keep_ratio >= 1.0:
             return list(range(self.num_examples))
         ctx.phase = "prune"
         scores, all_labels = [], []
         for images, labels in self._loader(self.data, ctx, shuffle=False):
-            with self.meter.work(CLIENT, "prune", ctx.memory):
-                scores.append(el2n(self._local_logits(images, ctx.params), labels))
+            if s.prune_keep != "random":
+                with self.meter.work(CLIENT, "prune", ctx.memory):
+                    scores.append(el2n(self._local_logits(images, ctx.params), labels))
             all_labels.append(labels)
-        groups = torch.cat(all_labels) if self.settings.prune_per_class else None
-        return hardest(torch.cat(scores), self.settings.keep_ratio, groups).tolist()
+        labels = torch.cat(all_labels)
+        ranked = torch.cat(scores) if scores else torch.rand(len(labels), generator=ctx.generator)
+        return keep_band(ranked, s.keep_ratio, self._band(), labels if s.prune_per_class else None).tolist()
+
+    def _band(self) -> float:
+        if self.settings.prune_keep != "by-size":
+            return BANDS.get(self.settings.prune_keep, 0.0)  # a random draw ranks by random scores
+        if self.settings.mean_samples is None:
+            raise ConfigError("--prune-keep by-size needs the federation's mean samples per client: with a node's "
+                              "own data folder, set --train-samples to the federation's total")
+        return size_band(self.num_examples, self.settings.mean_samples)
 
     # Split training on the chosen samples: activations and gradients cross the link each batch.
     def split_train(self, ctx: RoundContext, chosen: list[int]) -> float | None:

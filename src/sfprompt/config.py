@@ -26,6 +26,8 @@ METHODS = ("sfprompt", "sfl", "sl", "fl-prompt", "fl")
 OPTIMIZERS = ("sgd", "adam")
 LOCAL_CLASSIFIERS = ("separate", "shared")
 PRECISIONS = ("fp32", "bf16", "fp16")
+PRUNE_KEEPS = ("hardest", "easiest", "middle", "random", "by-size")
+PRUNE_SCORES = ("updated", "received")
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,17 @@ class Config:
     )
     keep_ratio: float = _opt(0.5, "fraction of local samples (the highest EL2N) kept for split training")
     prune_per_class: bool = _opt(
-        True, "keep the --keep-ratio hardest of each class (so pruning keeps the label mix) rather than overall"
+        True, "keep the --keep-ratio of each class (so pruning keeps the label mix) rather than of all samples"
+    )
+    prune_keep: str = _opt(
+        "hardest", "which --keep-ratio of the samples, ranked by EL2N score, split training uses: the hardest (the "
+        "paper), the easiest, a middle band, a random draw (the control, no scoring), or by-size: easier the fewer "
+        "samples a client holds (the middle band at the federation's mean, the hardest from twice it)",
+        choices=PRUNE_KEEPS,
+    )
+    prune_scores: str = _opt(
+        "updated", "score with the local model after this round's self-update (updated), or before it, with the "
+        "prompts and tail as received (received)", choices=PRUNE_SCORES,
     )
     split_epochs: int = _opt(
         2, "epochs of split training on the kept samples (sfl, sl, fl-prompt, fl: training epochs on all local data)"
@@ -163,7 +175,7 @@ class Config:
                               "use bf16 with --train-body")
         self._check_privacy()
         self._check_budgets()
-        for name in ("method", "optimizer", "local_classifier", "precision"):
+        for name in ("method", "optimizer", "local_classifier", "precision", "prune_keep", "prune_scores"):
             choices = _FIELDS[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")

@@ -67,10 +67,11 @@ def estimate(config: Config, samples_per_client: int, num_classes: int, methods:
              probe_samples: int | None = None) -> dict[str, dict]:
     """Each method's costs per client and round, from `probe_samples` run for real (default: `probe_size`)."""
     # Counting: samples per phase do not depend on the batch size, so one batch per epoch (seconds, not minutes).
-    settings = TrainSettings.from_config(config, batch_size=samples_per_client)
+    settings = TrainSettings.from_config(config, batch_size=samples_per_client, mean_samples=samples_per_client)
     # Two epochs of each phase at most: the second one's batches meet the optimiser's state, as a run's do.
     probe_settings = TrainSettings.from_config(
-        config, local_epochs=min(config.local_epochs, 2), split_epochs=min(config.split_epochs, 2))
+        config, local_epochs=min(config.local_epochs, 2), split_epochs=min(config.split_epochs, 2),
+        mean_samples=samples_per_client)
     torch.manual_seed(config.seed)
     vit = create_vit(config.model, num_classes, config.image_size, "none")
     counting_vit = create_vit(COUNTING_MODEL, num_classes, COUNTING_SIZE, "none")

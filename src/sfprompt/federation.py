@@ -67,7 +67,7 @@ def prepare(config: Config) -> Federation:
     else:
         test = Subset(Transformed(splits.train, transform), training_pool(config, splits)[1].tolist())
     meter = Meter()
-    settings = TrainSettings.from_config(config)
+    settings = TrainSettings.from_config(config, mean_samples=len(train) / config.clients)
     models, heads = client_models(model, config)
     clients = [Client(k, train, part, split, settings, meter, device, private_seed(config.seed, k), config.seed)
                for k, (part, split) in enumerate(zip(parts, models))]
@@ -130,13 +130,18 @@ def prepare_client(config: Config, cid: int, classes: Sequence[str], folder: str
     if folder is not None:
         raw: Dataset = ClientFolder(folder, classes)
         indices = np.arange(len(raw))
+        # A node sees only its own data: the federation's size is what --train-samples says, when it is given.
+        total = None if config.train_samples is None else config.train_samples - (config.validation_samples or 0)
+        mean_samples = None if total is None else total / config.clients
     else:
         splits = load_splits(config.dataset, config.data_dir, config.download)
         if splits.classes != list(classes):
             raise ConfigError(f"--dataset {config.dataset} here has classes {splits.classes[:6]}, the run's are {list(classes)[:6]}")
         train_idx, parts = train_partition(config, splits)
         raw, indices = Subset(splits.train, train_idx.tolist()), parts[cid]
-    return ClientSide(config, device, model, method, TrainSettings.from_config(config), Transformed(raw, transform), indices)
+        mean_samples = len(train_idx) / config.clients
+    return ClientSide(config, device, model, method, TrainSettings.from_config(config, mean_samples=mean_samples),
+                      Transformed(raw, transform), indices)
 
 
 def train_partition(config: Config, splits: DataSplits) -> tuple[np.ndarray, list[np.ndarray]]:
