@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sfprompt.compare import variant_config
 from sfprompt.config import Config
-from sfprompt.runner import run
+from sfprompt.runner import run_or_reuse
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_LRS = [{"lr": lr, "prompt_lr": lr} for lr in (1e-3, 3e-3, 1e-2, 3e-2)]  # tail and prompts, Adam
@@ -52,13 +52,8 @@ def sweep(base: Config, methods: list[str], progress: bool) -> dict[str, list[di
         for k, point in enumerate(GRID[name], 1):
             config = variant_config(base, name, {**best, name: point}).replace(
                 out=str(Path(base.out) / name / point_name(point)))
-            summary_file = Path(config.out) / "summary.json"
-            if not summary_file.is_file():
-                resume = (Path(config.out) / "checkpoint.safetensors").is_file()
-                print(f"{name} {k}/{len(GRID[name])}: {point_name(point)}{' (continuing)' if resume else ''}",
-                      file=sys.stderr, flush=True)
-                run(config, progress=progress, resume=resume)
-            summary = json.loads(summary_file.read_text())
+            print(f"{name} {k}/{len(GRID[name])}: {point_name(point)}", file=sys.stderr, flush=True)
+            summary = run_or_reuse(config, progress=progress)
             results[name].append({"point": point, "final": summary["final_accuracy"], "best": summary["best_accuracy"],
                                   "seconds": summary["wall_seconds"]})
         best[name] = max(results[name], key=lambda r: r["final"])["point"]  # the first of equals: grid order

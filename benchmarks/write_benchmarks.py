@@ -67,8 +67,8 @@ def main() -> None:
     root, command = Path(sys.argv[1]), sys.argv[2]
     figures = Path("docs/benchmarks")
     figures.mkdir(parents=True, exist_ok=True)
-    some_summary = next(root.glob("*/*/summary.json"))
-    summary = json.loads(some_summary.read_text())
+    summary = json.loads(next(root.rglob("summary.json")).read_text())
+    seeds = sorted({int(folder.name.removeprefix("seed-")) for folder in root.glob("*/seed-*")}) or [summary["config"]["seed"]]
     print("# Benchmarks\n")
     print(f"Command: `{command}`  ")
     print(f"Machine: {cpu_name()}, {os.cpu_count()} CPU cores, "
@@ -77,7 +77,8 @@ def main() -> None:
     config = summary["config"]
     print(f"Setting: {config['dataset']} ({config['train_samples']} train / {config['test_samples']} test samples), "
           f"{config['model']} at {config['image_size']} px from `{Path(config['weights']).name}`, "
-          f"{config['clients']} clients, {config['clients_per_round']} a round, {config['rounds']} rounds, seed {config['seed']}.\n")
+          f"{config['clients']} clients, {config['clients_per_round']} a round, {config['rounds']} rounds, "
+          f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}.\n")
     for partition in sorted(p for p in root.iterdir() if (p / "comparison.md").is_file()):
         print(f"## {partition.name}\n")
         print((partition / "comparison.md").read_text())

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from sfprompt.cli import main
-from sfprompt.compare import at_equal_cost, load_method_options, markdown, parse_methods, variant_config
+from sfprompt.compare import (add_ratios, at_equal_cost, load_method_options, markdown, mean_row, parse_methods,
+                              parse_seeds, variant_config)
 from sfprompt.config import Config, ConfigError
 
 
@@ -107,3 +108,44 @@ def test_unknown_methods_are_named():
         parse_methods("sfprompt,fedprox")
     with pytest.raises(ConfigError, match="twice"):
         parse_methods("fl,fl")
+
+
+def test_several_seeds_give_each_seeds_comparison_and_their_mean_and_spread(imagefolder, tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "sfl,sfprompt", "--seeds", "0,1", "--target-accuracy", "0.5",
+            "--dataset", "imagefolder", "--data-dir", str(imagefolder), "--model", "test_vit", "--weights", "none",
+            "--image-size", "32", "--prompt-tokens", "2", "--clients", "3", "--clients-per-round", "2",
+            "--rounds", "2", "--batch-size", "8", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    summaries = {(seed, name): json.loads((out / f"seed-{seed}" / name / "summary.json").read_text())
+                 for seed in (0, 1) for name in ("sfl", "sfprompt")}
+    assert all(summary["config"]["seed"] == seed for (seed, _), summary in summaries.items())
+    assert (out / "seed-1" / "comparison.md").is_file() and (out / "history.csv").is_file()
+    rows = {row["method"]: row for row in csv.DictReader(open(out / "comparison.csv"))}
+    for name, row in rows.items():
+        finals = [summaries[seed, name]["final_accuracy"] for seed in (0, 1)]
+        assert float(row["final_accuracy"]) == pytest.approx(sum(finals) / 2)
+        assert float(row["final_accuracy_std"]) == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5)
+        assert float(row["bytes_up"]) == pytest.approx(sum(summaries[seed, name]["bytes_up"] for seed in (0, 1)) / 2)
+        assert row["seeds"] == "2"
+    table = (out / "comparison.md").read_text()
+    assert table.startswith("Mean over 2 seeds") and "±" in table
+
+
+def test_a_cost_to_the_target_says_how_many_seeds_reached_it():
+    rows = [history_row("sfprompt", [10, 20], accuracies) for accuracies in ([0.2, 0.6], [0.3, 0.4])]
+    for row, reached in zip(rows, (2, None)):  # seed 0 reached 0.5 in round 2, seed 1 never did
+        row.update(final_accuracy=row["history"][-1]["accuracy"], best_accuracy=0.6, rounds=2, bytes_up=1,
+                   bytes_down=1, client_flops=1, server_flops=1, client_peak_memory_bytes=1, options={},
+                   bytes_to_target=reached and 20, client_flops_to_target=reached and 20, round_to_target=reached)
+    mean = mean_row(rows, 0.5)
+    assert (mean["reached"], mean["seeds"], mean["bytes_to_target"]) == (1, 2, 20)
+    assert mean["final_accuracy"] == pytest.approx(0.5) and mean["final_accuracy_std"] == pytest.approx(0.1 * 2 ** 0.5)
+    assert [h["accuracy"] for h in mean["history"]] == pytest.approx([0.25, 0.5])
+    add_ratios([mean])
+    text = markdown([mean], 0.5)
+    assert "| sfprompt | 0.5000 ± 0.1414 |" in text and "| 0.0 (1 of 2 seeds) |" in text  # 20 bytes: 0.0 MB
+    with pytest.raises(ConfigError, match="distinct"):
+        parse_seeds("1,1")
+    with pytest.raises(ConfigError, match="integers"):
+        parse_seeds("0,x")

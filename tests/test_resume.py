@@ -114,3 +114,26 @@ def test_a_run_checkpointed_before_an_option_existed_resumes_with_its_default(im
     checkpoint.save(tmp_path / "run", state)
     quiet(config, resume=True)
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_run_or_reuse_does_not_redo_a_finished_run_and_continues_an_interrupted_one(tmp_path, monkeypatch):
+    """What compare and benchmarks/tune.py run through: a benchmark can be stopped and restarted at any time."""
+    from sfprompt import runner
+    from sfprompt.config import Config
+
+    calls = []
+    monkeypatch.setattr(runner, "run", lambda config, progress=True, resume=False: calls.append(resume) or {"ran": 1})
+    config = Config(out=str(tmp_path / "run"))
+    out = tmp_path / "run"
+    assert runner.run_or_reuse(config) == {"ran": 1} and calls == [False]  # nothing there: run
+    out.mkdir()
+    saved = config.to_dict()
+    del saved["prune_keep"]  # a run from before an option existed has what is now its default
+    (out / "config.json").write_text(json.dumps(saved))
+    (out / "checkpoint.safetensors").write_bytes(b"")
+    runner.run_or_reuse(config)
+    assert calls == [False, True]  # interrupted: continued
+    (out / "summary.json").write_text(json.dumps({"final_accuracy": 0.5}))
+    assert runner.run_or_reuse(config) == {"final_accuracy": 0.5} and len(calls) == 2  # finished: not redone
+    runner.run_or_reuse(config.replace(lr=0.5))
+    assert calls[-1] is False and len(calls) == 3  # another config in the folder: run afresh

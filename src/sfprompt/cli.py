@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: %(default)s)")
     compare.add_argument("--target-accuracy", type=float,
                          help="also report the bytes and client FLOPs each method spent to first reach it")
+    compare.add_argument("--seeds", metavar="LIST",
+                         help="run the whole comparison once per seed (comma-separated, each into --out/seed-S) and "
+                              "report the mean and spread (default: --seed alone)")
     compare.add_argument("--method-options", metavar="FILE",
                          help="TOML file of options per method or variant, e.g. each one's tuned learning rates "
                               "(`[fl]` then `backbone_lr = 3e-5`; a variant also takes its method's); written by "
@@ -199,8 +202,9 @@ def _dispatch(args: argparse.Namespace, config: Config) -> None:
             raise ConfigError(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
         names = compare.parse_methods(args.methods)
         options = compare.load_method_options(args.method_options) if args.method_options else None
+        seeds = compare.parse_seeds(args.seeds) if args.seeds else None
         rows = compare.compare(config, names, args.target_accuracy,
-                               lambda c: runner.run(c, progress=not args.no_progress), options)
+                               lambda c: runner.run_or_reuse(c, progress=not args.no_progress), options, seeds)
         compare.write(rows, Path(config.out), args.target_accuracy)
         print(compare.markdown(rows, args.target_accuracy))
 

@@ -1,4 +1,5 @@
-"""`sfprompt compare`: several methods on the same data partition and seed, side by side.
+"""`sfprompt compare`: several methods on the same data partition and seed, side by side, and with
+several seeds, the mean and spread over them.
 
 Every number in the table comes from the runs' own `metrics.jsonl`, so ratios and costs-to-target
 are computed from exactly what each run measured.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import tomllib
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +28,7 @@ COLUMNS = [
     "server_flops", "client_peak_memory_bytes", "bytes_to_target", "client_flops_to_target", "round_to_target",
 ]
 RATIOS = ["bytes_up", "bytes_down", "client_flops", "server_flops", "client_peak_memory_bytes"]
+SPREAD = ["final_accuracy", "best_accuracy"]  # reported as mean ± standard deviation over seeds
 EQUAL_COST_ROUNDS = (5, 10, 20)  # the equal-cost tables compare at what SFPrompt spent after these rounds
 
 
@@ -72,10 +75,35 @@ def variant_config(base: Config, name: str, options: dict[str, dict[str, Any]] |
         raise ConfigError(f"{name}: {err}") from None
 
 
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be integers separated by commas, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds must list distinct seeds, 0 or more, got {text!r}")
+    return seeds
+
+
 def compare(base: Config, names: list[str], target: float | None, run: Callable[[Config], dict],
-            options: dict[str, dict[str, Any]] | None = None) -> list[dict]:
+            options: dict[str, dict[str, Any]] | None = None, seeds: list[int] | None = None) -> list[dict]:
     """Run each method (same data, partition and seed: only the method and its --method-options differ) and
-    tabulate."""
+    tabulate. With several `seeds`, each seed's comparison goes to --out/seed-S (its table there too) and the rows
+    returned are the mean over seeds, with the spread of the accuracies."""
+    if not seeds or seeds == [base.seed]:
+        return _compare_one(base, names, target, run, options)
+    per_seed = []
+    for seed in seeds:
+        seeded = base.replace(seed=seed, out=str(Path(base.out) / f"seed-{seed}"))
+        per_seed.append(_compare_one(seeded, names, target, run, options))
+        write(per_seed[-1], Path(seeded.out), target)
+    rows = [mean_row([rows[k] for rows in per_seed], target) for k in range(len(names))]
+    add_ratios(rows)
+    return rows
+
+
+def _compare_one(base: Config, names: list[str], target: float | None, run: Callable[[Config], dict],
+                 options: dict[str, dict[str, Any]] | None) -> list[dict]:
     configs = {name: variant_config(base, name, options) for name in names}  # every option checked before any run
     rows = []
     for name, config in configs.items():
@@ -85,6 +113,23 @@ def compare(base: Config, names: list[str], target: float | None, run: Callable[
                                if value != getattr(base, key) and key not in ("method", "out")}
     add_ratios(rows)
     return rows
+
+
+def mean_row(rows: list[dict], target: float | None) -> dict:
+    """One method's rows over several seeds: every number the mean, the accuracies with their standard deviation,
+    the costs to the target over the seeds that reached it (`reached` counts them), and the history the mean of
+    each round's accuracy and cumulative costs."""
+    row = {"method": rows[0]["method"], "options": rows[0]["options"], "seeds": len(rows)}
+    for key in COLUMNS[1:]:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        row[key] = statistics.fmean(values) if values else None
+    for key in SPREAD:
+        row[f"{key}_std"] = statistics.stdev(r[key] for r in rows)
+    row["reached"] = sum(r["round_to_target"] is not None for r in rows) if target is not None else None
+    rounds = min(len(r["history"]) for r in rows)
+    row["history"] = [{key: statistics.fmean(r["history"][k][key] for r in rows)
+                       for key in ("round", "accuracy", "bytes", "client_flops")} for k in range(rounds)]
+    return row
 
 
 def tabulate(name: str, out: Path, target: float | None) -> dict:
@@ -137,6 +182,8 @@ def add_ratios(rows: list[dict]) -> None:
 def write(rows: list[dict], out: Path, target: float | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fields = COLUMNS + [f"{key}_vs_fl" for key in RATIOS]
+    if "seeds" in rows[0]:  # a mean over seeds
+        fields += [f"{key}_std" for key in SPREAD] + ["seeds", "reached"]
     with open(out / "comparison.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -154,9 +201,17 @@ def markdown(rows: list[dict], target: float | None) -> str:
     def mb(v): return "—" if v is None else f"{v / 1e6:,.1f}"
     def gf(v): return "—" if v is None else f"{v / 1e9:,.1f}"
     def ratio(v): return "—" if v is None else f"{v:.3g}×"
+    def acc(r, key): return f"{r[key]:.4f}" + (f" ± {r[key + '_std']:.4f}" if f"{key}_std" in r else "")
+
+    def to_target(r, text):  # with how many seeds got there, when not all did
+        partial = r.get("reached") not in (None, r.get("seeds")) and text != "—"
+        return f"{text} ({r['reached']} of {r['seeds']} seeds)" if partial else text
 
     goal = f"{target:.2f}" if target is not None else "(no --target-accuracy)"
-    lines = [
+    lines = [] if "seeds" not in rows[0] else [
+        f"Mean over {rows[0]['seeds']} seeds, the accuracies ± their standard deviation; a cost to the target is the "
+        "mean over the seeds that reached it; the equal-cost tables use each round's mean accuracy and cost.", ""]
+    lines += [
         f"| method | final acc. | best acc. | rounds | MB up | MB down | client GFLOP | server GFLOP "
         f"| client peak MiB | MB to {goal} | client GFLOP to {goal} | up / fl | down / fl | client FLOPs / fl "
         f"| client memory / fl |",
@@ -164,10 +219,10 @@ def markdown(rows: list[dict], target: float | None) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | {r['rounds']} "
+            f"| {r['method']} | {acc(r, 'final_accuracy')} | {acc(r, 'best_accuracy')} | {r['rounds']:g} "
             f"| {mb(r['bytes_up'])} | {mb(r['bytes_down'])} | {gf(r['client_flops'])} | {gf(r['server_flops'])} "
-            f"| {r['client_peak_memory_bytes'] / 2**20:,.1f} | {mb(r['bytes_to_target'])} "
-            f"| {gf(r['client_flops_to_target'])} | {ratio(r['bytes_up_vs_fl'])} | {ratio(r['bytes_down_vs_fl'])} "
+            f"| {r['client_peak_memory_bytes'] / 2**20:,.1f} | {to_target(r, mb(r['bytes_to_target']))} "
+            f"| {to_target(r, gf(r['client_flops_to_target']))} | {ratio(r['bytes_up_vs_fl'])} | {ratio(r['bytes_down_vs_fl'])} "
             f"| {ratio(r['client_flops_vs_fl'])} | {ratio(r['client_peak_memory_bytes_vs_fl'])} |"
         )
     for cost, unit, scale in (("bytes", "MB", 1e6), ("client_flops", "client GFLOP", 1e9)):

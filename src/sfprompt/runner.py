@@ -67,6 +67,19 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
         executor.close()
 
 
+def run_or_reuse(config: Config, progress: bool = True) -> dict:
+    """`run`, for benchmarks that run many configs and may be stopped at any time: a run already finished in
+    `config.out` with this very config is not redone, one interrupted after a checkpoint continues, and a
+    folder holding anything else is run afresh."""
+    out = Path(config.out)
+    # An option added to sfprompt after the run began is read as its default (what the run had), as resume does.
+    same = (out / "config.json").is_file() and \
+        Config().to_dict() | json.loads((out / "config.json").read_text()) == config.to_dict()
+    if same and (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    return run(config, progress=progress, resume=same and (out / "checkpoint.safetensors").is_file())
+
+
 def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started: float, resume: bool) -> dict:
     config, method = fed.config, fed.method
     global_params = method.new_params(fed.model).to(fed.device)
