@@ -4,7 +4,7 @@ data (`--validation-samples`; the test set is never read). Writes each method's 
 accuracy, to benchmarks/tuned.toml (which compare.sh passes to `sfprompt compare --method-options`) and every
 point to docs/benchmarks/tuning.md (which BENCHMARKS.md includes).
 
-    python benchmarks/tune.py                       # 31 runs, about 3 hours on two CPU cores
+    python benchmarks/tune.py                       # 31 runs, about 6 hours on two CPU cores (half of it fl)
     python benchmarks/tune.py --methods fl,sfprompt --shared /path/to/shared
 
 A finished run is not redone and an interrupted one continues after its last complete round, so the sweep can
