@@ -2,6 +2,7 @@
 server, averaged into one global model."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -58,7 +59,10 @@ def test_each_client_draws_a_budget_and_clients_of_a_split_share_one_model(image
     assert sorted({m.client_blocks for m in models}) == [0, 2, 4]
     assert len({id(m) for m in models}) == 3
     assert [m.client_blocks for m in models] == [m.client_blocks for m in client_models(model, config)[0]]  # seeded
-    assert line.startswith("split points (client blocks): 0 for ") and line.count(" clients (") == 3
+    assert line.startswith("split points (client blocks): 0 for ") and line.count(" GFLOP a sample)") == 3
+    counts = Counter(m.client_blocks for m in models)
+    for blocks, n in counts.items():
+        assert f"{blocks} for {n} {'client' if n == 1 else 'clients'} (" in line
 
 
 def test_a_mixed_federation_trains_the_same_model_as_a_uniform_one(imagefolder, tmp_path):

@@ -78,5 +78,6 @@ def client_models(model: SplitViT, config: Config) -> tuple[list[SplitViT], str]
     models = [model.at(splits[budget]) for budget in budgets.tolist()]
     counts = Counter(split.client_blocks for split in models)
     line = "split points (client blocks): " + ", ".join(
-        f"{blocks} for {n} clients ({costs[blocks]:.3g} GFLOP a sample)" for blocks, n in sorted(counts.items()))
+        f"{blocks} for {n} client{'s' * (n != 1)} ({costs[blocks]:.3g} GFLOP a sample)"
+        for blocks, n in sorted(counts.items()))
     return models, line
