@@ -21,6 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_WEIGHTS = SHARED / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"
 SHARED_DATA = SHARED / "data"
+# Tests of the real checkpoint and Fashion-MNIST from ../shared (benchmarks at a tiny size): skipped where it is missing.
+needs_shared = pytest.mark.skipif(
+    not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
+    reason=f"the real checkpoint ({SHARED_WEIGHTS}) or Fashion-MNIST ({SHARED_DATA}) is missing",
+)
 
 
 # Options that shrink any run to seconds, and an audit of it (the README's commands and the benchmarks, at CI size).

@@ -9,7 +9,7 @@ from sfprompt.cli import main
 from sfprompt.config import Config, ConfigError
 from sfprompt.runner import run
 
-from conftest import SHARED_DATA, SHARED_WEIGHTS, run_benchmark, write_imagefolder
+from conftest import SHARED_DATA, SHARED_WEIGHTS, needs_shared, run_benchmark, write_imagefolder
 
 # Small, quick attacks: enough to tell a protocol that leaks from one that does not.
 QUICK = AuditOptions(images=12, aux_samples=60, gallery=12, steps=40, inversion_epochs=3)
@@ -89,8 +89,7 @@ def test_audit_from_a_finished_run_and_clear_refusals(gray, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
-                    reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
+@needs_shared
 def test_the_attacks_break_the_undefended_protocol_on_the_real_checkpoint(tmp_path):
     """The real pre-trained ViT-S/14 on Fashion-MNIST at 56 px, as in PRIVACY.md, at a smaller size."""
     config = Config(dataset="fashion-mnist", data_dir=str(SHARED_DATA), weights=str(SHARED_WEIGHTS), image_size=56,
@@ -102,8 +101,7 @@ def test_the_attacks_break_the_undefended_protocol_on_the_real_checkpoint(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
-                    reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
+@needs_shared
 def test_the_privacy_benchmark_reruns_and_writes_its_table(tmp_path):
     """`bash benchmarks/privacy.sh`, PRIVACY.md's command, end to end at a tiny size: runs, audits, table."""
     document = tmp_path / "PRIVACY.md"

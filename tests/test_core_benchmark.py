@@ -7,11 +7,7 @@ import json
 
 import pytest
 
-from conftest import SHARED, SHARED_DATA, SHARED_WEIGHTS, run_benchmark, run_python_benchmark
-
-needs_shared = pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
-                                  reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
-
+from conftest import SHARED, needs_shared, run_benchmark, run_python_benchmark
 
 @pytest.mark.slow
 @needs_shared

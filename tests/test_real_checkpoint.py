@@ -7,13 +7,7 @@ from safetensors.torch import load_file
 from sfprompt.config import Config
 from sfprompt.runner import run
 
-from conftest import SHARED_DATA, SHARED_WEIGHTS
-
-needs_shared = pytest.mark.skipif(
-    not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
-    reason=f"the real checkpoint ({SHARED_WEIGHTS}) or Fashion-MNIST ({SHARED_DATA}) is missing",
-)
-
+from conftest import SHARED_DATA, SHARED_WEIGHTS, needs_shared
 
 @pytest.mark.slow
 @needs_shared

@@ -6,12 +6,8 @@ import tomllib
 
 import pytest
 
-from conftest import SHARED, SHARED_DATA, SHARED_WEIGHTS, run_python_benchmark
+from conftest import SHARED, needs_shared, run_python_benchmark
 from sfprompt.compare import load_method_options
-
-needs_shared = pytest.mark.skipif(not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "FashionMNIST" / "raw").is_dir()),
-                                  reason="the real checkpoint or Fashion-MNIST from ../shared is missing")
-
 
 @pytest.mark.slow
 @needs_shared
