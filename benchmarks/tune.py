@@ -42,6 +42,11 @@ def point_name(point: dict) -> str:
     return "-".join(f"{key.replace('_', '-')}-{value}" for key, value in point.items())
 
 
+def chosen(points: list[dict]) -> dict:
+    """A method's best point: the highest final validation accuracy, the first of equals in grid order."""
+    return max(points, key=lambda r: r["final"])
+
+
 def sweep(base: Config, methods: list[str], progress: bool) -> dict[str, list[dict]]:
     """Run every grid point of `methods` (each in base.out/METHOD/POINT, resumed where it stopped); the points
     with their final and best validation accuracy."""
@@ -56,7 +61,7 @@ def sweep(base: Config, methods: list[str], progress: bool) -> dict[str, list[di
             summary = run_or_reuse(config, progress=progress)
             results[name].append({"point": point, "final": summary["final_accuracy"], "best": summary["best_accuracy"],
                                   "seconds": summary["wall_seconds"]})
-        best[name] = max(results[name], key=lambda r: r["final"])["point"]  # the first of equals: grid order
+        best[name] = chosen(results[name])["point"]
     return results
 
 
@@ -66,7 +71,7 @@ def tuned_toml(results: dict[str, list[dict]], command: str) -> str:
              "# `sfprompt compare --method-options` reads it; re-run the script rather than editing it."]
     for name, points in results.items():
         lines += ["", f"[{name}]"]
-        for key, value in max(points, key=lambda r: r["final"])["point"].items():
+        for key, value in chosen(points)["point"].items():
             lines.append(f"{key} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"
 
@@ -80,10 +85,10 @@ def report(results: dict[str, list[dict]], base: Config, command: str) -> str:
              "sfl-train-body was tuned on sfl's best, SFPrompt's ablations take sfprompt's.", "",
              "| method | options | final val. acc. | best val. acc. | wall s |", "|---|---|---|---|---|"]
     for name, points in results.items():
-        chosen = max(points, key=lambda r: r["final"])
+        best = chosen(points)
         for r in points:
             options = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in r["point"].items())
-            final = f"**{r['final']:.4f}**" if r is chosen else f"{r['final']:.4f}"
+            final = f"**{r['final']:.4f}**" if r is best else f"{r['final']:.4f}"
             lines.append(f"| {name} | {options} | {final} | {r['best']:.4f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 

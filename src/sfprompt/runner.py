@@ -72,9 +72,7 @@ def run_or_reuse(config: Config, progress: bool = True) -> dict:
     `config.out` with this very config is not redone, one interrupted after a checkpoint continues, and a
     folder holding anything else is run afresh."""
     out = Path(config.out)
-    # An option added to sfprompt after the run began is read as its default (what the run had), as resume does.
-    same = (out / "config.json").is_file() and \
-        Config().to_dict() | json.loads((out / "config.json").read_text()) == config.to_dict()
+    same = (out / "config.json").is_file() and _as_run(json.loads((out / "config.json").read_text())) == config.to_dict()
     if same and (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     return run(config, progress=progress, resume=same and (out / "checkpoint.safetensors").is_file())
@@ -199,11 +197,16 @@ class RoundFailed(RuntimeError):
 RESUMABLE_CHANGES = ("rounds", "device", "out")
 
 
+def _as_run(saved: dict) -> dict:
+    """A run's saved options, with any option added to sfprompt after the run began read as its default (what the
+    run had)."""
+    return Config().to_dict() | saved
+
+
 def _restore(fed: Federation, global_params: torch.nn.Module, sampler: np.random.Generator, out: Path) -> list[dict]:
     """Load the last checkpoint in `out` into this run's state; returns the metrics so far."""
     state = checkpoint.load(out)
-    # An option added to sfprompt after the run began is read as its default (what the run had).
-    saved, current = Config().to_dict() | state.config, fed.config.to_dict()
+    saved, current = _as_run(state.config), fed.config.to_dict()
     changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
     if changed:
         raise ConfigError(f"{out} was run with other options ({', '.join('--' + k.replace('_', '-') for k in changed)}); "
