@@ -11,7 +11,8 @@
 #
 # Rows iid-bf16 and iid-fp16 (the server body's precision) are not in the default ROWS: a CPU without
 # bf16 arithmetic emulates it, many times slower; `bash benchmarks/precision.sh` runs them on a GPU.
-# Rows iid-client-blocks-2 and iid-mixed-budgets (split points) are `bash benchmarks/heterogeneous.sh`'s.
+# Rows iid-client-blocks-2 and iid-mixed-budgets (split points) are `bash benchmarks/heterogeneous.sh`'s, rows
+# iid-shared-once and iid-wire-* (the wire format) `bash benchmarks/wire.sh`'s.
 #
 # A finished run is not redone and an interrupted one continues after its last complete round, so the
 # benchmark can be stopped and restarted at any time. JOBS runs that many at once (default 1). SIZE
@@ -47,6 +48,10 @@ options() {  # the options of one row: the defaults, changed in one thing
     dirichlet-0.5-prune-random) echo "--rounds 10 --alpha 0.5 --prune-keep random" ;;
     iid-client-blocks-2) echo "--rounds 5 --client-blocks 2" ;;
     iid-mixed-budgets) echo "--rounds 5 --client-budgets 0.05,0.5,1.0" ;;  # heads of 0, 2 and 5 blocks
+    iid-shared-once) echo "--rounds 5 --shared-rows once" ;;  # the wire format's rows (wire.sh)
+    iid-wire-bfloat16) echo "--rounds 5 --shared-rows once --wire-dtype bfloat16" ;;
+    iid-wire-float16) echo "--rounds 5 --shared-rows once --wire-dtype float16" ;;
+    iid-wire-int8) echo "--rounds 5 --shared-rows once --wire-dtype int8" ;;
     iid-bf16) echo "--rounds 5 --precision bf16" ;;
     iid-fp16) echo "--rounds 5 --precision fp16" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;

@@ -13,11 +13,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/core}
 table=$(mktemp)
 OUT=$OUT ROWS=${ROWS:-iid iid-client-blocks-2 iid-mixed-budgets} TABLE=$table DOC= bash benchmarks/core.sh
-machine=$(python3 -c "
-import os, platform, torch
-name = torch.cuda.get_device_name() if torch.cuda.is_available() else next(
-    (l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), platform.machine())
-print(f'{name}, {os.cpu_count()} CPU cores, torch {torch.__version__}')")
+machine=$(python benchmarks/write_benchmarks.py --machine)
 {
   echo "Command: \`bash benchmarks/heterogeneous.sh\`; $machine. core.sh's iid setting with every client's head ending after the embedding (iid: no client blocks), after 2 blocks (iid-client-blocks-2), or as deep as the client affords (iid-mixed-budgets: \`--client-budgets 0.05,0.5,1.0\`, GFLOP per training sample, one drawn per client by the seed: heads of 0, 2 and 5 blocks, costing 0.0072, 0.396 and 0.980 GFLOP a sample)."
   echo

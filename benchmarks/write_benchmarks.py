@@ -1,10 +1,12 @@
 """Write BENCHMARKS.md from the outputs of benchmarks/compare.sh (tables, plots, command, machine),
 followed by the reports other benchmarks keep in docs/benchmarks when they have been run: the
-tuning of benchmarks/tune.py, the ablations of benchmarks/core.sh, heterogeneous.sh's split points, and the runtime reports of benchmarks/runtime.py, body_load.py, body_batching.py,
+tuning of benchmarks/tune.py, the ablations of benchmarks/core.sh, heterogeneous.sh's split points, wire.sh's wire
+formats, and the runtime reports of benchmarks/runtime.py, body_load.py, body_batching.py,
 precision.sh, clientapp.py, scale.py and flower_scale.py.
 
     python benchmarks/write_benchmarks.py runs/compare "bash benchmarks/compare.sh" > BENCHMARKS.md
     python benchmarks/write_benchmarks.py --update-reports [DOC [ABLATIONS]]   # replace those sections only
+    python benchmarks/write_benchmarks.py --machine   # the line naming the machine, for a report
 """
 
 import contextlib
@@ -25,6 +27,14 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """What ran a benchmark: the GPU, or the CPU, its cores and torch's version."""
+    import torch
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
+    return f"{name}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
 def memory_mib() -> dict[str, float]:
@@ -54,6 +64,9 @@ def publish(lines: list[str], path: Path) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--machine"]:  # for the shell benchmarks' reports
+        print(machine())
+        return
     if sys.argv[1:2] == ["--update-reports"]:
         path = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("BENCHMARKS.md")
         ablations = Path(sys.argv[3]) if len(sys.argv) > 3 else ABLATIONS
@@ -116,6 +129,13 @@ def reports(ablations: Path) -> None:
               "README: clients of different strength), against federations where every head ends at the same "
               "block; mean ± standard deviation over the seeds listed, costs the mean over them.\n")
         print(heterogeneous.read_text())
+    wire = Path("docs/benchmarks/wire.md")
+    if wire.is_file():
+        print("## Wire format\n")
+        print("What split training's activations and gradients cost on the wire, and what their number format keeps "
+              "(`bash benchmarks/wire.sh`; README: the wire format); mean ± standard deviation over the seeds listed, "
+              "costs the mean over them.\n")
+        print(wire.read_text())
     runtime_reports()
 
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from sfprompt.defence import Defence
+from sfprompt.wire import WireFormat
 from sfprompt.model import SplitViT, create_vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +52,11 @@ def run_python_benchmark(script: str, *args: str) -> subprocess.CompletedProcess
 
 
 def tiny_split(model: str = "test_vit", prompts: int = 3, client_blocks: int = 0, num_classes: int = 4, seed: int = 0,
-               pool_tokens: int = 0, defence: Defence = Defence()):
+               pool_tokens: int = 0, defence: Defence = Defence(), wire: WireFormat = WireFormat()):
     """A randomly initialised tiny timm ViT (embedding 64) at 32 px (2 x 2 patches), split."""
     torch.manual_seed(seed)
     vit = create_vit(model, num_classes=num_classes, image_size=32, weights="none")
-    return vit, SplitViT(vit, prompts, client_blocks, seed, pool_tokens, defence)
+    return vit, SplitViT(vit, prompts, client_blocks, seed, pool_tokens, defence, wire=wire)
 
 
 def write_imagefolder(root: Path, classes: int = 3, train_per_class: int = 12, test_per_class: int = 4, size: int = 20,

@@ -42,6 +42,14 @@ def test_the_attacks_recover_undefended_images_and_labels(gray, tmp_path):
     assert (tmp_path / "audit" / "audit.png").stat().st_size > 1000
 
 
+def test_a_compact_wire_format_is_no_defence(gray, tmp_path):
+    """The server decodes int8 activations with their shared rows sent once, and attacks what it decoded."""
+    result = run_audit(audit_config(gray, tmp_path, wire_dtype="int8", shared_rows="once"), QUICK, progress=False,
+                       log=lambda _: None)
+    assert result["reconstruction"]["best"]["psnr"] >= 25 and result["reconstruction"]["best"]["reidentified"] == 1.0
+    assert result["labels"]["best_attack"] >= 0.9
+
+
 def test_shuffled_tokens_are_put_back_in_place(gray, tmp_path):
     """Shuffling the patch tokens changes nothing for an attacker who knows the position embeddings."""
     result = run_audit(audit_config(gray, tmp_path, shuffle_tokens=True), QUICK, progress=False, log=lambda _: None)

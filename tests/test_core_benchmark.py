@@ -1,6 +1,6 @@
 """`bash benchmarks/core.sh`, the README's "Measured" and BENCHMARKS.md's ablations, end to end at a
 tiny size: runs for every seed, a finished run not redone, an interrupted one continued from its
-checkpoint, the table of means and spreads, the document; and precision.sh, heterogeneous.sh, clientapp.py, scale.py and
+checkpoint, the table of means and spreads, the document; and precision.sh, heterogeneous.sh, wire.sh, clientapp.py, scale.py and
 flower_scale.py at a small size."""
 
 import json
@@ -81,6 +81,22 @@ def test_the_flower_scale_benchmark_compares_both_runtimes(tmp_path):
     rows = [line.split(" | ") for line in markdown.read_text().splitlines() if line.startswith(("| in-process", "| flower"))]
     assert [row[0] for row in rows] == ["| in-process", "| flower"]
     assert all(row[-1] == "yes |" for row in rows)  # the same accuracy and bytes under Flower
+
+
+@pytest.mark.slow
+@needs_shared
+def test_the_wire_benchmark_runs_each_format_and_writes_its_report(tmp_path):
+    report = tmp_path / "wire.md"
+    done = run_benchmark("wire.sh", tmp_path, SEEDS="0", ROWS="iid iid-wire-int8", REPORT=str(report))
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = report.read_text()
+    assert text.startswith("Command: `bash benchmarks/wire.sh`")
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in text.splitlines() if line.startswith("| iid")}
+    assert list(rows) == ["| iid", "| iid-wire-int8"]
+    up = 6  # MB up: int8 with the shared rows once sends less than a third of float32's
+    assert float(rows["| iid-wire-int8"][up]) < float(rows["| iid"][up]) / 3
+    config = json.loads((tmp_path / "runs" / "iid-wire-int8" / "seed-0" / "config.json").read_text())
+    assert (config["wire_dtype"], config["shared_rows"]) == ("int8", "once")
 
 
 @pytest.mark.slow

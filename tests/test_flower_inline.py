@@ -290,6 +290,18 @@ def test_mixed_split_points_under_flower_give_the_in_process_result(imagefolder,
         assert (a["accuracy"], a["bytes_by_phase"], a["flops_by_phase"]) == (b["accuracy"], b["bytes_by_phase"], b["flops_by_phase"])
 
 
+def test_a_compact_wire_format_under_flower_gives_the_in_process_result(imagefolder, tmp_path):
+    """--wire-dtype and --shared-rows reach the ClientApps and the body channel: the same model, bytes and FLOPs."""
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, wire_dtype="int8",
+                         shared_rows="once")
+    run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
+    run_inline(config.replace(out=str(tmp_path / "flower")), InlineGrid(3))
+    local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
+    assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
+    for a, b in zip(records(tmp_path / "local"), records(tmp_path / "flower")):
+        assert (a["accuracy"], a["bytes_by_phase"], a["flops_by_phase"]) == (b["accuracy"], b["bytes_by_phase"], b["flops_by_phase"])
+
+
 def test_a_node_budget_chooses_its_split_point(imagefolder, tmp_path):
     """Each SuperNode's `budget-gflop` decides where its head ends (the deepest it affords); SplitFed then
     trains the model a federation without client blocks trains, with more bytes down (every row's gradient)."""

@@ -131,8 +131,12 @@ def witness(fed: Federation, global_params: torch.nn.Module, victim: int, local_
         for image, position in zip(batch[0], batch[2].tolist()):
             images[position] = image
     cat = lambda parts: torch.cat([p.detach().cpu() for p in parts])  # noqa: E731
-    return Witnessed(cat([r.tensors["tokens"] for r, _ in forwards]), cat([a.tensors["rows"] for _, a in forwards]),
-                     cat([b.tensors["grad"] for b in backwards]), cat([b[2] for b in client.batches]),
+    model = original.model  # what the server decodes, in the victim's wire format
+    tokens = [model.unpack_tokens(request.tensors) for request, _ in forwards]
+    rows = [model.wire.unpack(reply.tensors, {"rows": (len(t), *model.tail_shape)})["rows"]
+            for t, (_, reply) in zip(tokens, forwards)]
+    grads = [model.wire.unpack(request.tensors, {"grad": tuple(r.shape)})["grad"] for r, request in zip(rows, backwards)]
+    return Witnessed(cat(tokens), cat(rows), cat(grads), cat([b[2] for b in client.batches]),
                      cat([b[1] for b in client.batches]), images, upload)
 
 

@@ -251,8 +251,9 @@ class Client:
             for images, labels, positions in self._loader(Subset(_Positioned(self.data), chosen), ctx):
                 with self.meter.work(CLIENT, "split", memory):
                     tokens = self.model.send(images, params.prompts, ctx.private)  # (B, L, D)
-                reply = link.request(Message("forward", {"tokens": tokens}), "split", memory)
-                rows = _expect(reply, "body_output", "rows", (len(images), *self.model.tail_shape))
+                reply = link.request(Message("forward", self.model.pack_tokens(tokens)), "split", memory)
+                shape = (len(images), *self.model.tail_shape)
+                rows = self.model.wire.unpack(_expect(reply, "body_output"), {"rows": shape})["rows"]
                 memory.hold(rows)
                 shown = self._shown_labels(labels, positions, memory)
                 with self.meter.work(CLIENT, "split", memory):
@@ -266,11 +267,9 @@ class Client:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     grad = rows.grad if shown is labels else shown_rows.grad
-                reply = link.request(Message("backward", {"grad": grad}), "split", memory)
-                input_grad = _expect(reply, "input_grad", "grad", tokens[:, self.model.grad_rows].shape)
-                memory.hold(input_grad)
+                reply = link.request(Message("backward", self.model.wire.pack("grad", grad)), "split", memory)
                 with self.meter.work(CLIENT, "split", memory):
-                    tokens[:, self.model.grad_rows].backward(input_grad)  # into the prompts (and head blocks)
+                    memory.hold(self.model.backward_input(tokens, _expect(reply, "input_grad")))  # prompts (head blocks)
                     optimizer.step()
                 losses.append(loss.item())
         return _mean(losses)
@@ -338,16 +337,11 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def _expect(reply: Message, kind: str, name: str, shape) -> torch.Tensor:
-    """The one tensor a server reply must carry, checked like the server checks requests."""
-    tensor = reply.tensors.get(name)
-    if reply.kind != kind or set(reply.tensors) != {name}:
-        raise ProtocolError(f"expected a {kind} carrying {name!r}, got a {reply.kind} carrying {sorted(reply.tensors)}")
-    if tuple(tensor.shape) != tuple(shape) or not tensor.is_floating_point():
-        raise ProtocolError(f"{name} of shape {tuple(tensor.shape)} and dtype {tensor.dtype}, expected {tuple(shape)}")
-    if not bool(torch.isfinite(tensor).all()):
-        raise ProtocolError(f"{name} holds non-finite values")
-    return tensor
+def _expect(reply: Message, kind: str) -> dict[str, torch.Tensor]:
+    """The tensors of a server reply of `kind`; the wire format checks them as the server checks requests."""
+    if reply.kind != kind:
+        raise ProtocolError(f"expected a {kind}, got a {reply.kind} carrying {sorted(reply.tensors)}")
+    return reply.tensors
 
 
 def _mean(losses: list[float]) -> float | None:

@@ -28,6 +28,8 @@ LOCAL_CLASSIFIERS = ("separate", "shared")
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRUNE_KEEPS = ("hardest", "easiest", "middle", "random", "by-size")
 PRUNE_SCORES = ("updated", "received")
+WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # wire.WireFormat's
+SHARED_ROWS = ("per-sample", "once")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,14 @@ class Config:
     precision: str = _opt(
         "fp32", "arithmetic of the server's body (split methods): fp32, or bf16 / fp16 mixed precision (autocast; "
         "messages stay float32)", choices=PRECISIONS,
+    )
+    wire_dtype: str = _opt(
+        "float32", "number format of the activations and gradients on the wire (split methods): float32, bfloat16, "
+        "float16, or int8 with a float32 scale per token (fl and fl-prompt send neither)", choices=WIRE_DTYPES,
+    )
+    shared_rows: str = _opt(
+        "per-sample", "without client blocks, send the rows every image shares (CLS, prompts) with every sample, as "
+        "the paper does, or once a batch (their gradient then comes back summed over the batch)", choices=SHARED_ROWS,
     )
     # federation
     clients: int = _opt(10, "number of clients the training set is split across")
@@ -175,7 +185,8 @@ class Config:
                               "use bf16 with --train-body")
         self._check_privacy()
         self._check_budgets()
-        for name in ("method", "optimizer", "local_classifier", "precision", "prune_keep", "prune_scores"):
+        for name in ("method", "optimizer", "local_classifier", "precision", "prune_keep", "prune_scores", "wire_dtype",
+                     "shared_rows"):
             choices = _FIELDS[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")

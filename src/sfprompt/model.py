@@ -31,6 +31,7 @@ from torch import nn
 from .codec import MAX_HEADER_BYTES
 from .config import PRECISIONS, ConfigError
 from .defence import Defence
+from .wire import WireFormat
 
 
 @dataclass(frozen=True)
@@ -192,11 +193,13 @@ class SplitViT:
     """A timm ViT cut into a shared frozen head and body plus the initial trainable params.
 
     `send` is what a client puts on the wire for a batch of images: the head's tokens, protected by
-    the configured `Defence` (shuffled, clipped and noised with the client's private randomness).
+    the configured `Defence` (shuffled, clipped and noised with the client's private randomness);
+    `wire` is how they and their gradients travel (`wire.WireFormat`: number format, shared rows once).
     """
 
     def __init__(self, vit: nn.Module, prompt_tokens: int, client_blocks: int, seed: int,
-                 pool_tokens: int = 0, defence: Defence = Defence(), precision: str = "fp32") -> None:
+                 pool_tokens: int = 0, defence: Defence = Defence(), precision: str = "fp32",
+                 wire: WireFormat = WireFormat()) -> None:
         if getattr(vit, "dist_token", None) is not None:
             raise ConfigError("distilled ViTs (a distillation token and a second classifier, e.g. DeiT's *_distilled_*) "
                               "are not supported: use the model without distillation")
@@ -221,7 +224,7 @@ class SplitViT:
         )
         self._vit = vit
         self.depth, self.image_size = depth, tuple(vit.patch_embed.img_size)
-        self.pool_grid, self.precision, self.defence = pool_tokens or None, precision, defence
+        self.pool_grid, self.precision, self.defence, self.wire = pool_tokens or None, precision, defence, wire
         self._split_at(client_blocks)
         self._splits = {client_blocks: self}  # split point -> its view (`at`), shared by every view
         self.num_classes = vit.num_classes
@@ -242,6 +245,8 @@ class SplitViT:
         # The rows that depend on the input: without client blocks the prefix and prompt rows are the
         # same for every image, so only the patch rows carry (and need protecting) anything of it.
         self.private_rows = self.layout.patch_rows if client_blocks == 0 else slice(0, self.layout.length)
+        # Those same-for-every-image rows travel once a batch when the wire format says so.
+        self.shares_rows = self.wire.shared_once and client_blocks == 0 and self.layout.patch_rows.start > 0
 
     def at(self, client_blocks: int) -> "SplitViT":
         """The same model split after `client_blocks` blocks instead (a client of another budget): it
@@ -262,11 +267,45 @@ class SplitViT:
     def from_config(cls, vit: nn.Module, config) -> "SplitViT":
         """The split and defence a run's `Config` asks for."""
         return cls(vit, config.prompt_tokens, config.client_blocks, config.seed, config.pool_tokens,
-                   Defence.from_config(config), config.precision)
+                   Defence.from_config(config), config.precision, WireFormat.from_config(config))
 
     def send(self, images: torch.Tensor, prompts: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The activations a client sends for `images`: (B, L, D), protected by the defence."""
         return self.defence.protect(self.head(images, prompts), self.private_rows, self.layout.patch_rows, generator)
+
+    def pack_tokens(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What a forward carries for the tokens `send` made (B, L, D): every row of every sample, or, when
+        rows are shared, each sample's image rows and one copy of the rows every image shares."""
+        if not self.shares_rows:
+            return self.wire.pack("tokens", tokens)
+        shared = slice(0, self.layout.patch_rows.start)
+        return {**self.wire.pack("tokens", tokens[:, self.layout.patch_rows]), **self.wire.pack("shared", tokens[0, shared])}
+
+    def unpack_tokens(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The (B, L, D) float32 tokens a forward carries, checked (`ProtocolError`): the server's side of `pack_tokens`."""
+        width = self.layout.width
+        if not self.shares_rows:
+            return self.wire.unpack(tensors, {"tokens": (None, self.layout.length, width)})["tokens"]
+        shared_rows = self.layout.patch_rows.start
+        got = self.wire.unpack(tensors, {"tokens": (None, self.layout.patches, width), "shared": (shared_rows, width)})
+        images = got["tokens"]
+        return torch.cat([got["shared"].expand(len(images), shared_rows, width), images], dim=1)
+
+    def pack_input_grad(self, token_grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The server's answer to one client's backward from the gradient of its tokens (B, L, D): the rows
+        its head needs, summed over the batch when they are shared rows (one broadcast's gradient)."""
+        rows = token_grad[:, self.grad_rows]
+        return self.wire.pack("grad", rows.sum(dim=0) if self.shares_rows else rows)
+
+    def backward_input(self, tokens: torch.Tensor, reply: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Backpropagate the gradient a backward's reply carries into the head that made `tokens` (the
+        prompts, and the head's blocks); returns the checked gradient (float32)."""
+        rows = tokens[:, self.grad_rows]
+        if self.shares_rows:  # every sample's prompt rows are one broadcast: its gradient is the batch's sum
+            rows = rows[0]
+        grad = self.wire.unpack(reply, {"grad": tuple(rows.shape)})["grad"]
+        rows.backward(grad)
+        return grad
 
     @property
     def tail_shape(self) -> tuple[int, int]:
@@ -279,7 +318,7 @@ class SplitViT:
         trainable params (the broadcast and each upload; the whole model for `whole_model`, as `fl`
         sends it) or one batch of activations (B, L, D) or gradients, with room for the header."""
         params = self.model_bytes if whole_model else _tensor_bytes(self.initial_params.state_dict())
-        activations = batch_size * self.layout.length * self.layout.width * 4  # float32
+        activations = batch_size * self.layout.length * self.layout.width * 4  # float32, the widest wire format
         return max(params, activations) + MAX_HEADER_BYTES
 
     def new_params(self) -> ClientParams:

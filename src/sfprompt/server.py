@@ -7,8 +7,9 @@ blocks, since nothing else on the client is trained).
 
 Every request is checked before it touches the body: the client must hold a session for this round
 (`admit`), with a sequence number above its last (a replayed or reordered request is refused), the
-message must be of a known kind with exactly the expected tensor, of the model's dtype, finite, and
-of the expected shape with at most `max_batch` samples. Anything else raises `ProtocolError`, which
+message must be of a known kind with exactly the tensors the wire format names (`wire.WireFormat`:
+its dtypes, shared rows once or not), finite, and of the expected shape with at most `max_batch`
+samples; replies travel in the same format. Anything else raises `ProtocolError`, which
 a network channel returns to that client alone; the server keeps serving the others.
 
 Batching (`batch_window_s`): requests from concurrent clients (a network channel calls from many
@@ -121,7 +122,6 @@ class BodyServer:
         self.pending_timeout_s = pending_timeout_s
         self.max_batch = max_batch  # samples in one request; also where a batch stops waiting for more
         self.batch_window_s = batch_window_s
-        self.dtype = model.initial_params.prompts.dtype
         # client id -> [its session secret for this round, the last sequence number it used, its split]
         self._sessions: dict[str, list] = {}
         # The server's state; held for the whole request when not batching (one request at a time).
@@ -219,30 +219,20 @@ class BodyServer:
 
     def _check(self, message: Message) -> _Request:
         client = self._check_session(message.meta)
-        expected = {"forward": "tokens", "backward": "grad"}.get(message.kind)
-        if expected is None:
+        if message.kind not in ("forward", "backward"):
             raise ProtocolError(f"unknown message kind {message.kind!r}")
-        if set(message.tensors) != {expected}:
-            raise ProtocolError(f"a {message.kind} carries exactly one tensor, {expected!r}; got {sorted(message.tensors)}")
-        tensor = message.tensors[expected]
-        if tensor.dtype != self.dtype:
-            raise ProtocolError(f"{expected} of dtype {tensor.dtype}, expected {self.dtype}")
-        if not bool(torch.isfinite(tensor).all()):
-            raise ProtocolError(f"{expected} holds non-finite values")
         session = self._sessions[client]
+        split: SplitViT = session[2]
         if message.kind == "forward":
-            shape = (self.layout.length, self.layout.width)
-            if tensor.dim() != 3 or tuple(tensor.shape[1:]) != shape or not 1 <= len(tensor) <= self.max_batch:
-                raise ProtocolError(f"tokens of shape {tuple(tensor.shape)}, expected (B, {shape[0]}, {shape[1]}) "
-                                    f"with 1 <= B <= {self.max_batch}")
-            return _Request(client, session, "forward", tensor)
+            tokens = split.unpack_tokens(message.tensors)
+            if len(tokens) > self.max_batch:
+                raise ProtocolError(f"a forward of {len(tokens)} samples; at most {self.max_batch} are served")
+            return _Request(client, session, "forward", tokens)
         pending = self._pending.pop(client, None)
         if pending is None:
             raise ProtocolError(f"backward from client {client} without a pending forward")
-        rows = pending.graph.rows[pending.samples]
-        if tensor.shape != rows.shape:
-            raise ProtocolError(f"gradient of shape {tuple(tensor.shape)}, expected {tuple(rows.shape)}")
-        return _Request(client, session, "backward", tensor, pending)
+        grad = split.wire.unpack(message.tensors, {"grad": tuple(pending.graph.rows[pending.samples].shape)})["grad"]
+        return _Request(client, session, "backward", grad, pending)
 
     def _check_session(self, meta: dict) -> str:
         client, session, seq = meta.get("client"), meta.get("session"), meta.get("seq")
@@ -295,7 +285,7 @@ class BodyServer:
                 start = samples.stop
                 if self._still_admitted(request):
                     self._pending[request.client] = _Pending(graph, samples)
-                    request.reply = Message("body_output", {"rows": rows[samples].detach()})
+                    request.reply = Message("body_output", split.wire.pack("rows", rows[samples]))
 
     def _backward(self, batch: list[_Request]) -> None:
         for members in _grouped(batch, lambda r: id(r.pending.graph)):
@@ -330,8 +320,8 @@ class BodyServer:
         with self._lock:
             for request in members:
                 if self._still_admitted(request):
-                    grad_rows = token_grad[request.pending.samples][:, graph.split.grad_rows]
-                    request.reply = Message("input_grad", {"grad": grad_rows / scale if scale != 1 else grad_rows})
+                    grad = token_grad[request.pending.samples]
+                    request.reply = Message("input_grad", graph.split.pack_input_grad(grad / scale if scale != 1 else grad))
 
     def _counted(self, kind: tuple, work: Callable[[], torch.Tensor | None], samples: int,
                  answered: int | None = None) -> torch.Tensor | None:
