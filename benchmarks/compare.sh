@@ -6,11 +6,11 @@
 # with every seed in SEEDS (the mean and spread over them); then writes BENCHMARKS.md.
 #
 #   bash benchmarks/compare.sh        # about an hour per seed on two CPU cores
-#   SHARED=/path/to/shared OUT=runs/compare ROUNDS=5 SEEDS="0 1 2" bash benchmarks/compare.sh
+#   SHARED=/path/to/shared OUT=results/compare ROUNDS=5 SEEDS="0 1 2" bash benchmarks/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
-OUT=${OUT:-runs/compare}
+OUT=${OUT:-results/compare}
 ROUNDS=${ROUNDS:-5}
 SEEDS=${SEEDS:-0 1 2}
 TUNED=${TUNED:-benchmarks/tuned.toml}

@@ -7,7 +7,7 @@
 # (docs/benchmarks/ablations.md) and BENCHMARKS.md's "Ablations" section.
 #
 #   bash benchmarks/core.sh            # about 9 hours on two CPU cores (each run 10-25 minutes)
-#   SHARED=/path/to/shared OUT=runs/core SEEDS="0 1 2" ROWS="iid iid-sgd" bash benchmarks/core.sh
+#   SHARED=/path/to/shared OUT=results/core SEEDS="0 1 2" ROWS="iid iid-sgd" bash benchmarks/core.sh
 #
 # Rows iid-bf16 and iid-fp16 (the server body's precision) are not in the default ROWS: a CPU without
 # bf16 arithmetic emulates it, many times slower; `bash benchmarks/precision.sh` runs them on a GPU.
@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
-OUT=${OUT:-runs/core}
+OUT=${OUT:-results/core}
 SEEDS=${SEEDS:-0 1 2}
 ROWS=${ROWS:-iid iid-shared-local-classifier iid-global-pruning iid-split-epochs-1 iid-sgd dirichlet-0.5
              iid-prune-easiest iid-prune-middle iid-prune-random iid-prune-received

@@ -4,13 +4,13 @@
 # embedding (iid), after 2 blocks (iid-client-blocks-2), or where each client draws a compute budget of
 # 0.05, 0.5 or 1.0 GFLOP per training sample and keeps the deepest head it affords: 0, 2 or 5 blocks
 # (iid-mixed-budgets). Every seed in SEEDS (default 0 1 2); runs core.sh has done (same OUT, default
-# runs/core) are reused. Writes docs/benchmarks/heterogeneous.md (REPORT names another file), which
+# results/core) are reused. Writes docs/benchmarks/heterogeneous.md (REPORT names another file), which
 # BENCHMARKS.md includes.
 #
 #   bash benchmarks/heterogeneous.sh      # about an hour on two CPU cores beyond core.sh's iid row
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/core}
+OUT=${OUT:-results/core}
 table=$(mktemp)
 OUT=$OUT ROWS=${ROWS:-iid iid-client-blocks-2 iid-mixed-budgets} TABLE=$table DOC= bash benchmarks/core.sh
 machine=$(python benchmarks/write_benchmarks.py --machine)

@@ -8,7 +8,7 @@
 # point from what is finished (it says how many seeds each accuracy rests on).
 #
 #   bash benchmarks/privacy.sh            # about 6 hours on two CPU cores (2 for seed 0 alone)
-#   SHARED=/path/to/shared OUT=runs/privacy SEEDS="0" ROWS="none pool-2" bash benchmarks/privacy.sh
+#   SHARED=/path/to/shared OUT=results/privacy SEEDS="0" ROWS="none pool-2" bash benchmarks/privacy.sh
 #
 # ROWS picks some configurations by name (all by default), so that two copies can share the work,
 # e.g. each with OMP_NUM_THREADS=1 on two cores. SIZE and AUDIT_SIZE append options to every run and
@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
-OUT=${OUT:-runs/privacy}
+OUT=${OUT:-results/privacy}
 SEEDS=${SEEDS:-0 1 2}
 ROWS=${ROWS:-}
 DOC=${DOC:-PRIVACY.md}

@@ -1,6 +1,6 @@
 """Write PRIVACY.md's measured table from the runs and audits of benchmarks/privacy.sh.
 
-    python benchmarks/privacy_table.py runs/privacy PRIVACY.md none shuffle ...
+    python benchmarks/privacy_table.py results/privacy PRIVACY.md none shuffle ...
 
 The names are the table's rows in order; each is a folder of OUT holding `seed-K/` runs
 (summary.json) and, in `seed-0/`, the audit of that run (audit.json, audit.png); `OUT/fl` is the

@@ -1,7 +1,7 @@
 """Print a Markdown table of finished runs, one row per configuration: the mean and spread over its
 seeds (each configuration a folder of `seed-*` runs, each with summary.json and metrics.jsonl).
 
-    python benchmarks/table.py runs/core/iid runs/core/iid-sgd
+    python benchmarks/table.py results/core/iid results/core/iid-sgd
 """
 
 import json

@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(GRID), help="methods to tune, in order")
     parser.add_argument("--validation-samples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "tune"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "tune"))
     parser.add_argument("--tuned", default=str(ROOT / "benchmarks" / "tuned.toml"), help="where the best options go")
     parser.add_argument("--report", default=str(ROOT / "docs" / "benchmarks" / "tuning.md"), help="where the table goes")
     parser.add_argument("--no-progress", action="store_true")

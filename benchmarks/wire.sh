@@ -3,13 +3,13 @@
 # 5,000 / 2,000 samples, 10 clients, 5 a round, 5 rounds) as the paper sends it (iid: float32, every row of
 # every sample), with the rows every image shares sent once a batch (iid-shared-once), and then in
 # bfloat16, float16 and int8 with a scale per token (iid-wire-*). Every seed in SEEDS (default 0 1 2);
-# runs core.sh has done (same OUT, default runs/core) are reused. Writes docs/benchmarks/wire.md (REPORT
+# runs core.sh has done (same OUT, default results/core) are reused. Writes docs/benchmarks/wire.md (REPORT
 # names another file), which BENCHMARKS.md includes.
 #
 #   bash benchmarks/wire.sh      # about 4 hours on two CPU cores beyond core.sh's iid row (JOBS=2 halves it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/core}
+OUT=${OUT:-results/core}
 ROWS=${ROWS:-iid iid-shared-once iid-wire-bfloat16 iid-wire-float16 iid-wire-int8}
 table=$(mktemp)
 OUT=$OUT ROWS=$ROWS TABLE=$table DOC= bash benchmarks/core.sh

@@ -4,7 +4,7 @@ tuning of benchmarks/tune.py, the ablations of benchmarks/core.sh, heterogeneous
 formats, and the runtime reports of benchmarks/runtime.py, body_load.py, body_batching.py,
 precision.sh, clientapp.py, scale.py and flower_scale.py.
 
-    python benchmarks/write_benchmarks.py runs/compare "bash benchmarks/compare.sh" > BENCHMARKS.md
+    python benchmarks/write_benchmarks.py results/compare "bash benchmarks/compare.sh" > BENCHMARKS.md
     python benchmarks/write_benchmarks.py --update-reports [DOC [ABLATIONS]]   # replace those sections only
     python benchmarks/write_benchmarks.py --machine   # the line naming the machine, for a report
 """
