@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from sfprompt.compare import variant_config
+from sfprompt.compare import as_flags, variant_config
 from sfprompt.config import Config
 from sfprompt.runner import run_or_reuse
 
@@ -87,7 +87,7 @@ def report(results: dict[str, list[dict]], base: Config, command: str) -> str:
     for name, points in results.items():
         best = chosen(points)
         for r in points:
-            options = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in r["point"].items())
+            options = as_flags(r["point"])
             final = f"**{r['final']:.4f}**" if r is best else f"{r['final']:.4f}"
             lines.append(f"| {name} | {options} | {final} | {r['best']:.4f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"

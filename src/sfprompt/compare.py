@@ -227,8 +227,7 @@ def markdown(rows: list[dict], target: float | None) -> str:
         )
     for cost, unit, scale in (("bytes", "MB", 1e6), ("client_flops", "client GFLOP", 1e9)):
         lines += equal_cost_markdown(rows, cost, unit, scale)
-    changed = [f"{r['method']}: " + ", ".join(f"{_flag(k)} {v}" for k, v in r["options"].items())
-               for r in rows if r.get("options")]
+    changed = [f"{r['method']}: " + as_flags(r["options"]) for r in rows if r.get("options")]
     if changed:
         lines += ["", "Options that differ between the methods: " + "; ".join(changed) + "."]
     return "\n".join(lines) + "\n"
@@ -251,8 +250,9 @@ def equal_cost_markdown(rows: list[dict], cost: str, unit: str, scale: float) ->
     return lines
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def as_flags(options: dict[str, Any]) -> str:
+    """Options as the flags that set them: `{"backbone_lr": 0.001}` -> '--backbone-lr 0.001'."""
+    return ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in options.items())
 
 
 def plot(rows: list[dict], out: Path) -> None:
