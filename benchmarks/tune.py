@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -95,16 +96,22 @@ def report(results: dict[str, list[dict]], base: Config, command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", default=str(ROOT.parent / "shared"), help="the folder holding data/ and models/")
-    parser.add_argument("--config", default=str(ROOT / "benchmarks" / "compare.toml"), help="the setting (compare.sh's)")
+    # Defaults are relative to the repository's root, where the sweep runs, and so are the paths its runs save: a
+    # finished run in results/ has the same config, and is reused, wherever the repository is checked out.
+    parser.add_argument("--shared", default="../shared", help="the folder holding data/ and models/")
+    parser.add_argument("--config", default="benchmarks/compare.toml", help="the setting (compare.sh's)")
     parser.add_argument("--methods", default=",".join(GRID), help="methods to tune, in order")
     parser.add_argument("--validation-samples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "results" / "tune"))
-    parser.add_argument("--tuned", default=str(ROOT / "benchmarks" / "tuned.toml"), help="where the best options go")
-    parser.add_argument("--report", default=str(ROOT / "docs" / "benchmarks" / "tuning.md"), help="where the table goes")
+    parser.add_argument("--out", default="results/tune")
+    parser.add_argument("--tuned", default="benchmarks/tuned.toml", help="where the best options go")
+    parser.add_argument("--report", default="docs/benchmarks/tuning.md", help="where the table goes")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
+    for name in ("shared", "config", "out", "tuned", "report"):  # a path given on the command line: from here
+        if getattr(args, name) != parser.get_default(name):
+            setattr(args, name, os.path.relpath(Path(getattr(args, name)).resolve(), ROOT))
+    os.chdir(ROOT)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in GRID]
     if unknown or not methods:
