@@ -30,11 +30,13 @@ def cpu_name() -> str:
 
 
 def machine() -> str:
-    """What ran a benchmark: the GPU, or the CPU, its cores and torch's version."""
+    """What ran a benchmark: the GPU, or the CPU, its cores, the threads a run uses (OMP_NUM_THREADS: the same
+    seed gives slightly different numbers with another count) and torch's version."""
     import torch
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
-    return f"{name}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{name}, {os.cpu_count()} CPU cores, {threads} thread{'s' * (threads != 1)} a run, torch {torch.__version__}"
 
 
 def memory_mib() -> dict[str, float]:
