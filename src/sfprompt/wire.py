@@ -24,6 +24,7 @@ import torch
 
 from .codec import ProtocolError
 from .config import WIRE_DTYPES
+
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _INT8_LEVELS = 127.0
 _SCALE = ".scale"  # suffix of an int8 tensor's per-token scales
