@@ -36,17 +36,17 @@ def test_prompts_do_not_enter_pooling(name):
     assert not set(rows) & set(range(layout.length)[layout.prompt_rows])
 
 
-def _split_gradients(split, params, images, labels):
-    """One training step's gradients computed through the client/server message exchange."""
+def split_gradients(split, params, images, labels):
+    """One training step's gradients computed through the client/server message exchange, in the split's
+    wire format, and what it cost (the meter's counts)."""
     meter = Meter()
     server = BodyServer(split, meter, torch.device("cpu"))
     link = SessionLink(InProcessLink(server, meter, torch.device("cpu")), 0, server.admit("0"))
     tokens = split.send(images, params.prompts, torch.Generator().manual_seed(0))  # the head, and any defence
-    rows = link.request(Message("forward", {"tokens": tokens}), "split").tensors["rows"]
-    rows.requires_grad_(True)
+    reply = link.request(Message("forward", split.pack_tokens(tokens)), "split")
+    rows = split.wire.unpack(reply.tensors, {"rows": (len(images), *split.tail_shape)})["rows"].requires_grad_(True)
     F.cross_entropy(params.tail(rows), labels).backward()
-    grad = link.request(Message("backward", {"grad": rows.grad}), "split").tensors["grad"]
-    tokens[:, split.grad_rows].backward(grad)
+    split.backward_input(tokens, link.request(Message("backward", split.wire.pack("grad", rows.grad)), "split").tensors)
     return {name: p.grad.clone() for name, p in params.named_parameters()}, meter.take()
 
 
@@ -64,7 +64,7 @@ def test_split_gradients_equal_end_to_end_autograd(name, client_blocks, pooled_a
     tokens = split.body(split.head(images, reference.prompts))
     F.cross_entropy(reference.tail(tokens[:, split.layout.tail_rows]), labels).backward()
 
-    grads, costs = _split_gradients(split, split.new_params(), images, labels)
+    grads, costs = split_gradients(split, split.new_params(), images, labels)
     for pname, param in reference.named_parameters():
         assert torch.allclose(grads[pname], param.grad, atol=1e-6, rtol=1e-4), pname
     assert grads["prompts"].abs().sum() > 0
@@ -74,7 +74,7 @@ def test_split_gradients_equal_end_to_end_autograd(name, client_blocks, pooled_a
 
 def test_server_returns_only_what_the_client_needs():
     _, split = tiny_split("test_vit", prompts=3, client_blocks=0)
-    _, costs = _split_gradients(split, split.new_params(), torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    _, costs = split_gradients(split, split.new_params(), torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
     layout = split.layout
     # Up: all tokens (4 x L x D) and the CLS-row gradient (4 x 1 x D); down: the CLS rows and the prompt-row gradient.
     up_floats = 4 * layout.length * layout.width + 4 * layout.width

@@ -3,17 +3,16 @@ that the body server accepts exactly the configured format."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sfprompt.codec import Message, ProtocolError, encode
 from sfprompt.config import Config, ConfigError
 from sfprompt.meter import Meter
 from sfprompt.runner import run
 from sfprompt.server import BodyServer
-from sfprompt.transport import InProcessLink, SessionLink
 from sfprompt.wire import WireFormat
 
 from conftest import tiny_split
+from test_model import split_gradients
 from test_runner import tiny_config
 
 DTYPES = ["float32", "bfloat16", "float16", "int8"]
@@ -91,18 +90,10 @@ def test_unpack_refuses_what_the_format_does_not_name(dtype):
 
 
 def exchange(split, images, labels):
-    """One training step through the client's and server's message exchange, in the split's wire format:
-    the parameter gradients and the bytes up and down."""
-    params = split.new_params()
-    meter = Meter()
-    server = BodyServer(split, meter, torch.device("cpu"))
-    link = SessionLink(InProcessLink(server, meter, torch.device("cpu")), 0, server.admit("0"))
-    tokens = split.send(images, params.prompts, None)
-    reply = link.request(Message("forward", split.pack_tokens(tokens)), "split")
-    rows = split.wire.unpack(reply.tensors, {"rows": (len(images), *split.tail_shape)})["rows"].requires_grad_(True)
-    F.cross_entropy(params.tail(rows), labels).backward()
-    split.backward_input(tokens, link.request(Message("backward", split.wire.pack("grad", rows.grad)), "split").tensors)
-    return {name: p.grad.clone() for name, p in params.named_parameters()}, meter.take()["bytes_by_phase"]
+    """One training step through the message exchange in the split's wire format: the parameter gradients
+    and the bytes by phase."""
+    grads, costs = split_gradients(split, split.new_params(), images, labels)
+    return grads, costs["bytes_by_phase"]
 
 
 @pytest.mark.parametrize("name", ["test_vit", "test_vit2"])  # CLS pooling; average pooling with registers
