@@ -109,35 +109,31 @@ ABLATIONS = Path("docs/benchmarks/ablations.md")
 
 
 def reports(ablations: Path) -> None:
-    """The sections after the comparison: the baselines' tuning, the ablations, heterogeneous clients, then the
-    runtime."""
-    tuning = Path("docs/benchmarks/tuning.md")
-    if tuning.is_file():
-        print("## Tuning\n")
-        print("Every method's learning rates, tuned on validation samples held out of the clients' training data "
-              "(`python benchmarks/tune.py`); compare.sh runs each method with its best, from benchmarks/tuned.toml.\n")
-        print(tuning.read_text())
-    if ablations.is_file():
-        print("## Ablations\n")
-        print("SFPrompt's defaults, each changed in one thing, on Fashion-MNIST with the real ViT-S/14 (5,000 train / "
-              "2,000 test samples at 56 px, 10 clients, 5 a round): the mean ± standard deviation over the seeds "
-              "listed (`bash benchmarks/core.sh`). Costs are the mean over the seeds (they differ only by the "
-              "data each client happens to hold); wall seconds are not a speed benchmark (runs shared the cores).\n")
-        print(ablations.read_text())
-    heterogeneous = Path("docs/benchmarks/heterogeneous.md")
-    if heterogeneous.is_file():
-        print("## Heterogeneous clients\n")
-        print("A split point per client, chosen by its compute budget (`bash benchmarks/heterogeneous.sh`; "
-              "README: clients of different strength), against federations where every head ends at the same "
-              "block; mean ± standard deviation over the seeds listed, costs the mean over them.\n")
-        print(heterogeneous.read_text())
-    wire = Path("docs/benchmarks/wire.md")
-    if wire.is_file():
-        print("## Wire format\n")
-        print("What split training's activations and gradients cost on the wire, and what their number format keeps "
-              "(`bash benchmarks/wire.sh`; README: the wire format); mean ± standard deviation over the seeds listed, "
-              "costs the mean over them.\n")
-        print(wire.read_text())
+    """The sections after the comparison, each when its report exists: the baselines' tuning, the ablations,
+    heterogeneous clients, the wire format, then the runtime."""
+    sections = [
+        ("Tuning", Path("docs/benchmarks/tuning.md"),
+         "Every method's learning rates, tuned on validation samples held out of the clients' training data "
+         "(`python benchmarks/tune.py`); compare.sh runs each method with its best, from benchmarks/tuned.toml."),
+        ("Ablations", ablations,
+         "SFPrompt's defaults, each changed in one thing, on Fashion-MNIST with the real ViT-S/14 (5,000 train / "
+         "2,000 test samples at 56 px, 10 clients, 5 a round): the mean ± standard deviation over the seeds "
+         "listed (`bash benchmarks/core.sh`). Costs are the mean over the seeds (they differ only by the "
+         "data each client happens to hold); wall seconds are not a speed benchmark (runs shared the cores)."),
+        ("Heterogeneous clients", Path("docs/benchmarks/heterogeneous.md"),
+         "A split point per client, chosen by its compute budget (`bash benchmarks/heterogeneous.sh`; "
+         "README: clients of different strength), against federations where every head ends at the same "
+         "block; mean ± standard deviation over the seeds listed, costs the mean over them."),
+        ("Wire format", Path("docs/benchmarks/wire.md"),
+         "What split training's activations and gradients cost on the wire, and what their number format keeps "
+         "(`bash benchmarks/wire.sh`; README: the wire format); mean ± standard deviation over the seeds listed, "
+         "costs the mean over them."),
+    ]
+    for title, report, intro in sections:
+        if report.is_file():
+            print(f"## {title}\n")
+            print(intro + "\n")
+            print(report.read_text())
     runtime_reports()
 
 

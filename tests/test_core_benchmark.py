@@ -9,6 +9,25 @@ import pytest
 
 from conftest import SHARED, needs_shared, run_benchmark, run_python_benchmark
 
+
+def run_report(script: str, tmp_path, rows: str, **variables: str) -> tuple[str, dict[str, list[str]]]:
+    """`bash benchmarks/SCRIPT` on seed 0 of `rows` (core.sh rows), checked: its report, which names its
+    command, and the report's table as each row's cells by row name, in the order given."""
+    report = tmp_path / "report.md"
+    done = run_benchmark(script, tmp_path, SEEDS="0", ROWS=rows, REPORT=str(report), **variables)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = report.read_text()
+    assert text.startswith(f"Command: `bash benchmarks/{script}`")
+    cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| iid")]
+    table = {row[0].removeprefix("| "): row for row in cells}
+    assert list(table) == rows.split()
+    return text, table
+
+
+def saved_config(tmp_path, row: str) -> dict:
+    """The config a benchmark's run of `row` (seed 0) saved."""
+    return json.loads((tmp_path / "runs" / row / "seed-0" / "config.json").read_text())
+
 @pytest.mark.slow
 @needs_shared
 def test_the_ablation_benchmark_reruns_and_writes_its_table(tmp_path):
@@ -60,14 +79,8 @@ def test_the_scale_benchmark_measures_each_client_count_in_a_fresh_process(tmp_p
 @pytest.mark.slow
 @needs_shared
 def test_the_precision_benchmark_runs_each_precision_and_writes_its_report(tmp_path):
-    report = tmp_path / "precision.md"
-    done = run_benchmark("precision.sh", tmp_path, SEEDS="0", ROWS="iid iid-bf16", JOBS="2", REPORT=str(report))
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = report.read_text()
-    assert text.startswith("Command: `bash benchmarks/precision.sh`")
-    assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| iid")] == ["| iid", "| iid-bf16"]
-    config = json.loads((tmp_path / "runs" / "iid-bf16" / "seed-0" / "config.json").read_text())
-    assert config["precision"] == "bf16"
+    run_report("precision.sh", tmp_path, "iid iid-bf16", JOBS="2")
+    assert saved_config(tmp_path, "iid-bf16")["precision"] == "bf16"
 
 
 @pytest.mark.slow
@@ -86,29 +99,16 @@ def test_the_flower_scale_benchmark_compares_both_runtimes(tmp_path):
 @pytest.mark.slow
 @needs_shared
 def test_the_wire_benchmark_runs_each_format_and_writes_its_report(tmp_path):
-    report = tmp_path / "wire.md"
-    done = run_benchmark("wire.sh", tmp_path, SEEDS="0", ROWS="iid iid-wire-int8", REPORT=str(report))
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = report.read_text()
-    assert text.startswith("Command: `bash benchmarks/wire.sh`")
-    rows = {line.split(" | ")[0]: line.split(" | ") for line in text.splitlines() if line.startswith("| iid")}
-    assert list(rows) == ["| iid", "| iid-wire-int8"]
+    _, rows = run_report("wire.sh", tmp_path, "iid iid-wire-int8")
     up = 6  # MB up: int8 with the shared rows once sends less than a third of float32's
-    assert float(rows["| iid-wire-int8"][up]) < float(rows["| iid"][up]) / 3
-    config = json.loads((tmp_path / "runs" / "iid-wire-int8" / "seed-0" / "config.json").read_text())
+    assert float(rows["iid-wire-int8"][up]) < float(rows["iid"][up]) / 3
+    config = saved_config(tmp_path, "iid-wire-int8")
     assert (config["wire_dtype"], config["shared_rows"]) == ("int8", "once")
 
 
 @pytest.mark.slow
 @needs_shared
 def test_the_heterogeneous_benchmark_runs_mixed_split_points_and_writes_its_report(tmp_path):
-    report = tmp_path / "heterogeneous.md"
-    done = run_benchmark("heterogeneous.sh", tmp_path, SEEDS="0", ROWS="iid iid-mixed-budgets", REPORT=str(report))
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = report.read_text()
-    assert text.startswith("Command: `bash benchmarks/heterogeneous.sh`")
+    text, _ = run_report("heterogeneous.sh", tmp_path, "iid iid-mixed-budgets")
     assert "- seed-0: split points (client blocks): " in text  # which clients got which head
-    assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| iid")] == ["| iid",
-                                                                                                 "| iid-mixed-budgets"]
-    config = json.loads((tmp_path / "runs" / "iid-mixed-budgets" / "seed-0" / "config.json").read_text())
-    assert config["client_budgets"] == "0.05,0.5,1.0"
+    assert saved_config(tmp_path, "iid-mixed-budgets")["client_budgets"] == "0.05,0.5,1.0"

@@ -277,29 +277,30 @@ def test_body_batching_is_refused_with_a_trained_body():
         from_run_config({"method": "sfl", "train-body": True, "body-batching": True})
 
 
+def assert_flower_gives_the_in_process_result(config, tmp_path):
+    """`config` run in process and under the inline Flower grid: the same model, and every round's accuracy,
+    bytes and FLOPs by phase."""
+    run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
+    run_inline(config.replace(out=str(tmp_path / "flower")), InlineGrid(config.clients))
+    local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
+    assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
+    for a, b in zip(records(tmp_path / "local"), records(tmp_path / "flower")):
+        assert (a["accuracy"], a["bytes_by_phase"], a["flops_by_phase"]) == (b["accuracy"], b["bytes_by_phase"], b["flops_by_phase"])
+
+
 def test_mixed_split_points_under_flower_give_the_in_process_result(imagefolder, tmp_path):
     """A simulated federation's drawn budgets (--client-budgets) reach the ClientApps as each one's split point."""
     config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=2, seed=2)
     config = config.replace(client_budgets=budgets_for(prepare(config).model, 0, 2))
     assert len({c.model.client_blocks for c in prepare(config).clients}) == 2
-    run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
-    run_inline(config.replace(out=str(tmp_path / "flower")), InlineGrid(3))
-    local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
-    assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
-    for a, b in zip(records(tmp_path / "local"), records(tmp_path / "flower")):
-        assert (a["accuracy"], a["bytes_by_phase"], a["flops_by_phase"]) == (b["accuracy"], b["bytes_by_phase"], b["flops_by_phase"])
+    assert_flower_gives_the_in_process_result(config, tmp_path)
 
 
 def test_a_compact_wire_format_under_flower_gives_the_in_process_result(imagefolder, tmp_path):
     """--wire-dtype and --shared-rows reach the ClientApps and the body channel: the same model, bytes and FLOPs."""
     config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, wire_dtype="int8",
                          shared_rows="once")
-    run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
-    run_inline(config.replace(out=str(tmp_path / "flower")), InlineGrid(3))
-    local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
-    assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
-    for a, b in zip(records(tmp_path / "local"), records(tmp_path / "flower")):
-        assert (a["accuracy"], a["bytes_by_phase"], a["flops_by_phase"]) == (b["accuracy"], b["bytes_by_phase"], b["flops_by_phase"])
+    assert_flower_gives_the_in_process_result(config, tmp_path)
 
 
 def test_a_node_budget_chooses_its_split_point(imagefolder, tmp_path):
