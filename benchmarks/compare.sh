@@ -3,10 +3,12 @@
 # the setting of benchmarks/compare.toml (Fashion-MNIST with the real pre-trained ViT-S/14 from ../shared, 10
 # clients, 5 a round), IID and Dirichlet(0.5), same data, partition and seed for every method, each method with
 # its tuned options from TUNED (default benchmarks/tuned.toml, written by benchmarks/tune.py) when that exists,
-# with every seed in SEEDS (the mean and spread over them); then writes BENCHMARKS.md.
+# with every seed in SEEDS (the mean and spread over them); then writes BENCHMARKS.md. JOBS (default 2) runs that
+# many partitions at once, each with OMP_NUM_THREADS (default: the cores shared out among them). METHODS names the
+# methods, SIZE appends options to every run and DOC names the document written (a test runs it at a tiny size).
 #
-#   bash benchmarks/compare.sh        # about an hour per seed on two CPU cores
-#   SHARED=/path/to/shared OUT=results/compare ROUNDS=5 SEEDS="0 1 2" bash benchmarks/compare.sh
+#   bash benchmarks/compare.sh        # about two hours on two CPU cores
+#   SHARED=/path/to/shared OUT=results/compare ROUNDS=5 SEEDS="0 1 2" JOBS=1 bash benchmarks/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
@@ -14,12 +16,28 @@ OUT=${OUT:-results/compare}
 ROUNDS=${ROUNDS:-5}
 SEEDS=${SEEDS:-0 1 2}
 TUNED=${TUNED:-benchmarks/tuned.toml}
+JOBS=${JOBS:-2}
+cores=$(nproc)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores > JOBS ? cores / JOBS : 1 ))}  # the same seed gives slightly
+# different numbers with another thread count: BENCHMARKS.md's machine line names it
 common=(--config benchmarks/compare.toml --data-dir "$SHARED/data"
         --weights "$SHARED/models/vit_small_patch14_dinov2.imgfocus.safetensors"
         --rounds "$ROUNDS" --seeds "$(echo $SEEDS | tr ' ' ,)" --target-accuracy 0.7 --no-progress)
 if [ -f "$TUNED" ]; then common+=(--method-options "$TUNED"); else echo "no $TUNED: every method runs with the defaults" >&2; fi
-methods=fl,fl-prompt,sl,sfl,sfl-train-body,sfprompt,sfprompt-no-local-loss,sfprompt-no-pruning
+methods=${METHODS:-fl,fl-prompt,sl,sfl,sfl-train-body,sfprompt,sfprompt-no-local-loss,sfprompt-no-pruning}
+read -r -a size <<< "${SIZE:-}"
 
-sfprompt compare "${common[@]}" --methods "$methods" --out "$OUT/iid"
-sfprompt compare "${common[@]}" --methods "$methods" --alpha 0.5 --out "$OUT/dirichlet-0.5"
-python benchmarks/write_benchmarks.py "$OUT" "bash benchmarks/compare.sh (ROUNDS=$ROUNDS SEEDS=\"$SEEDS\")" > BENCHMARKS.md
+mkdir -p "$OUT"
+partition() {  # NAME [OPTIONS]: one partition's comparison, its table and log in $OUT/NAME
+  local name=$1; shift
+  sfprompt compare "${common[@]}" --methods "$methods" "$@" "${size[@]}" --out "$OUT/$name" > "$OUT/$name.log" 2>&1 \
+    && cat "$OUT/$name/comparison.md" || { echo "$OUT/$name failed: see $OUT/$name.log" >&2; return 1; }
+}
+while read -r name options; do
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || exit 1; done
+  # shellcheck disable=SC2086
+  partition "$name" $options &
+done <<< "iid
+dirichlet-0.5 --alpha 0.5"
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || exit 1; done
+python benchmarks/write_benchmarks.py "$OUT" "bash benchmarks/compare.sh (ROUNDS=$ROUNDS SEEDS=\"$SEEDS\")" "${DOC:-BENCHMARKS.md}"

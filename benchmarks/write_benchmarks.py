@@ -4,7 +4,7 @@ tuning of benchmarks/tune.py, the ablations of benchmarks/core.sh, heterogeneous
 formats, and the runtime reports of benchmarks/runtime.py, body_load.py, body_batching.py,
 precision.sh, clientapp.py, scale.py and flower_scale.py.
 
-    python benchmarks/write_benchmarks.py results/compare "bash benchmarks/compare.sh" > BENCHMARKS.md
+    python benchmarks/write_benchmarks.py results/compare "bash benchmarks/compare.sh" [DOC]  # BENCHMARKS.md
     python benchmarks/write_benchmarks.py --update-reports [DOC [ABLATIONS]]   # replace those sections only
     python benchmarks/write_benchmarks.py --machine   # the line naming the machine, for a report
 """
@@ -80,14 +80,23 @@ def main() -> None:
         path.write_text(methods + sections.getvalue())
         return
     root, command = Path(sys.argv[1]), sys.argv[2]
+    document = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("BENCHMARKS.md")
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        comparison(root, command, document.parent)
+        reports(ABLATIONS)
+    document.write_text(text.getvalue())
+
+
+def comparison(root: Path, command: str, home: Path) -> None:
+    """compare.sh's section: command, machine, setting, then each partition's table and plots (copied to
+    docs/benchmarks under `home`, the document's folder, and linked from there)."""
     figures = Path("docs/benchmarks")
-    figures.mkdir(parents=True, exist_ok=True)
+    (home / figures).mkdir(parents=True, exist_ok=True)
     summary = json.loads(next(root.rglob("summary.json")).read_text())
     seeds = sorted({int(folder.name.removeprefix("seed-")) for folder in root.glob("*/seed-*")}) or [summary["config"]["seed"]]
     print("# Benchmarks\n")
     print(f"Command: `{command}`  ")
-    print(f"Machine: {cpu_name()}, {os.cpu_count()} CPU cores, "
-          f"{summary['versions']['platform']}; torch {summary['versions']['torch']}, "
+    print(f"Machine: {machine()}, {summary['versions']['platform']}; "
           f"timm {summary['versions']['timm']}, sfprompt {summary['versions']['sfprompt']}  ")
     config = summary["config"]
     print(f"Setting: {config['dataset']} ({config['train_samples']} train / {config['test_samples']} test samples), "
@@ -99,10 +108,9 @@ def main() -> None:
         print((partition / "comparison.md").read_text())
         for plot in ("accuracy_per_round", "accuracy_vs_bytes", "accuracy_vs_client_flops", "client_flops"):
             target = figures / f"{partition.name}-{plot}.png"
-            shutil.copyfile(partition / f"{plot}.png", target)
+            shutil.copyfile(partition / f"{plot}.png", home / target)
             print(f"![{partition.name}: {plot.replace('_', ' ')}]({target.as_posix()})")
         print()
-    reports(ABLATIONS)
 
 
 ABLATIONS = Path("docs/benchmarks/ablations.md")

@@ -1,7 +1,7 @@
 """`bash benchmarks/core.sh`, the README's "Measured" and BENCHMARKS.md's ablations, end to end at a
 tiny size: runs for every seed, a finished run not redone, an interrupted one continued from its
-checkpoint, the table of means and spreads, the document; and precision.sh, heterogeneous.sh, wire.sh, clientapp.py, scale.py and
-flower_scale.py at a small size."""
+checkpoint, the table of means and spreads, the document; and compare.sh, precision.sh, heterogeneous.sh, wire.sh,
+clientapp.py, scale.py and flower_scale.py at a small size."""
 
 import json
 
@@ -49,6 +49,27 @@ def test_the_ablation_benchmark_reruns_and_writes_its_table(tmp_path):
     resumed = run_benchmark("core.sh", tmp_path, **variables)
     assert resumed.returncode == 0 and resumed.stdout.count("done before") == 3 and "seed-1: continuing" in resumed.stdout
     assert json.loads(summary.read_text())["final_accuracy"] == finished["final_accuracy"]
+
+
+@pytest.mark.slow
+@needs_shared
+def test_the_comparison_benchmark_runs_both_partitions_at_once_and_writes_its_document(tmp_path):
+    document = tmp_path / "BENCHMARKS.md"
+    done = run_benchmark("compare.sh", tmp_path, METHODS="fl,sfprompt", SEEDS="0 1", JOBS="2", OMP_NUM_THREADS="1",
+                         DOC=str(document))
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = document.read_text()
+    assert text.startswith('# Benchmarks\n\nCommand: `bash benchmarks/compare.sh (ROUNDS=5 SEEDS="0 1")`')
+    assert ", 1 thread a run, " in text and "seeds 0, 1." in text
+    for partition in ("iid", "dirichlet-0.5"):
+        for seed in (0, 1):
+            assert (tmp_path / "runs" / partition / f"seed-{seed}" / "sfprompt" / "summary.json").is_file()
+        section = text.split(f"## {partition}\n")[1].split("\n## ")[0]
+        rows = [line for line in section.splitlines() if line.startswith(("| fl ", "| sfprompt "))]
+        assert len(rows) == 2 and all("±" in row for row in rows)  # the mean over both seeds, with its spread
+        assert rows[0] in (tmp_path / "runs" / partition / "comparison.md").read_text()
+        assert f"(docs/benchmarks/{partition}-accuracy_vs_bytes.png)" in section
+        assert (tmp_path / "docs" / "benchmarks" / f"{partition}-accuracy_vs_bytes.png").is_file()  # beside DOC
 
 
 @pytest.mark.slow
