@@ -1,7 +1,7 @@
-"""Write BENCHMARKS.md from the outputs of benchmarks/compare.sh (tables, plots, command, machine),
-followed by the reports other benchmarks keep in docs/benchmarks when they have been run: the
-tuning of benchmarks/tune.py, the ablations of benchmarks/core.sh, heterogeneous.sh's split points, wire.sh's wire
-formats, and the runtime reports of benchmarks/runtime.py, body_load.py, body_batching.py,
+"""Write BENCHMARKS.md from the outputs of benchmarks/compare.sh (tables, plots, command, machine,
+SFPrompt's goals met or missed), followed by the reports other benchmarks keep in docs/benchmarks when they have
+been run: the tuning of benchmarks/tune.py, the ablations of benchmarks/core.sh, heterogeneous.sh's split points,
+wire.sh's wire formats, and the runtime reports of benchmarks/runtime.py, body_load.py, body_batching.py,
 precision.sh, clientapp.py, scale.py and flower_scale.py.
 
     python benchmarks/write_benchmarks.py results/compare "bash benchmarks/compare.sh" [DOC]  # BENCHMARKS.md
@@ -10,10 +10,12 @@ precision.sh, clientapp.py, scale.py and flower_scale.py.
 """
 
 import contextlib
+import csv
 import io
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -111,6 +113,62 @@ def comparison(root: Path, command: str, home: Path) -> None:
             shutil.copyfile(partition / f"{plot}.png", home / target)
             print(f"![{partition.name}: {plot.replace('_', ' ')}]({target.as_posix()})")
         print()
+    goals(root)
+
+
+def goals(root: Path) -> None:
+    """SFPrompt's goals on this setting (issue 11), checked against each partition's table: how far each is met or
+    missed, then why (docs/benchmarks/comparison-notes.md, written by hand from these tables, when it exists)."""
+    lines = []
+    for partition in sorted(p for p in root.iterdir() if (p / "comparison.csv").is_file()):
+        with open(partition / "comparison.csv", newline="") as handle:
+            rows = {row["method"]: row for row in csv.DictReader(handle)}
+        target = re.search(r"\| MB to (\S+) \|", (partition / "comparison.md").read_text()).group(1)
+        for check in goal_checks(rows, target):
+            lines.append(f"| {partition.name} | " + " | ".join(check) + " |")
+    if not lines:
+        return
+    print("## Goals\n")
+    print("SFPrompt against the goals set for it on this setting (the mean rows above): its final accuracy at least "
+          "SplitFed's (sfl), fl-prompt's less half a point and tuned full fine-tuning's (fl); the bytes until it "
+          "first reaches the target accuracy at most half SplitFed's and a tenth of fl's.\n")
+    print("| partition | goal | sfprompt | bound | met |\n|---|---|---|---|---|")
+    print("\n".join(lines) + "\n")
+    notes = Path("docs/benchmarks/comparison-notes.md")
+    if notes.is_file():
+        print(notes.read_text())
+
+
+def goal_checks(rows: dict[str, dict], target: str) -> list[tuple[str, str, str, str]]:
+    """(goal, SFPrompt's figure, the bound, met or by how much not) for each goal whose baseline was run."""
+    def number(method, key):
+        value = rows.get(method, {}).get(key)
+        return float(value) if value else None
+
+    checks = []
+    ours = number("sfprompt", "final_accuracy")
+    for method, slack in (("sfl", 0.0), ("fl-prompt", 0.005), ("fl", 0.0)):
+        if ours is None or method not in rows:
+            continue
+        bound = number(method, "final_accuracy") - slack
+        short = bound - ours
+        checks.append((f"final accuracy ≥ {method}'s" + (f" − {slack * 100:g} points" if slack else ""),
+                       f"{ours:.4f}", f"{bound:.4f}", "yes" if short <= 0 else f"no: {short * 100:.1f} points short"))
+    ours = number("sfprompt", "bytes_to_target")
+    for method, factor in (("sfl", 0.5), ("fl", 0.1)):
+        if "sfprompt" not in rows or method not in rows:
+            continue
+        theirs = number(method, "bytes_to_target")
+        bound = f"{factor:g} × {theirs / 1e6:,.1f} = {factor * theirs / 1e6:,.1f}" if theirs else f"{method} never reached it"
+        if ours is None:
+            met = "no: sfprompt never reached it"
+        elif theirs is None:
+            met = "yes"
+        else:
+            met = "yes" if ours <= factor * theirs else f"no: {ours / (factor * theirs):.2f}× the bound"
+        checks.append((f"MB to {target} ≤ {factor:g} × {method}'s", "—" if ours is None else f"{ours / 1e6:,.1f}",
+                       bound, met))
+    return checks
 
 
 ABLATIONS = Path("docs/benchmarks/ablations.md")

@@ -70,6 +70,9 @@ def test_the_comparison_benchmark_runs_both_partitions_at_once_and_writes_its_do
         assert rows[0] in (tmp_path / "runs" / partition / "comparison.md").read_text()
         assert f"(docs/benchmarks/{partition}-accuracy_vs_bytes.png)" in section
         assert (tmp_path / "docs" / "benchmarks" / f"{partition}-accuracy_vs_bytes.png").is_file()  # beside DOC
+        goal = next(line for line in text.splitlines() if line.startswith(f"| {partition} | final accuracy ≥ fl's | "))
+        sfprompt, fl = (float(row.split(" | ")[1].split(" ± ")[0]) for row in rows[::-1])
+        assert goal.endswith("| yes |" if sfprompt >= fl else f"| no: {(fl - sfprompt) * 100:.1f} points short |")
 
 
 @pytest.mark.slow
