@@ -4,12 +4,14 @@ data (`--validation-samples`; the test set is never read). Writes each method's 
 accuracy, to benchmarks/tuned.toml (which compare.sh passes to `sfprompt compare --method-options`) and every
 point to docs/benchmarks/tuning.md (which BENCHMARKS.md includes).
 
-    python benchmarks/tune.py                       # 31 runs, about 6 hours on two CPU cores (half of it fl)
+    python benchmarks/tune.py                       # 31 runs, 2.8 hours of one-thread runs (fl's 12: 72 minutes)
     python benchmarks/tune.py --methods fl,sfprompt --shared /path/to/shared
 
 A finished run is not redone and an interrupted one continues after its last complete round, so the sweep can
-be stopped and restarted at any time. `sfl-train-body` is tuned after `sfl`, on top of sfl's best (as compare
-runs it); SFPrompt's ablations take sfprompt's.
+be stopped and restarted at any time. Two invocations on disjoint --methods (sfl-train-body with sfl) can share
+two cores, each with OMP_NUM_THREADS=1 and its own --tuned and --report; a plain run afterwards only reads
+their runs and writes both files. `sfl-train-body` is tuned after `sfl`, on top of sfl's best (as compare runs
+it); SFPrompt's ablations take sfprompt's.
 """
 
 from __future__ import annotations
