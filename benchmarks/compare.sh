@@ -40,4 +40,5 @@ while read -r name options; do
 done <<< "iid
 dirichlet-0.5 --alpha 0.5"
 while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || exit 1; done
-python benchmarks/write_benchmarks.py "$OUT" "bash benchmarks/compare.sh (ROUNDS=$ROUNDS SEEDS=\"$SEEDS\")" "${DOC:-BENCHMARKS.md}"
+label="ROUNDS=$ROUNDS SEEDS=\"$SEEDS\"${METHODS:+ METHODS=$METHODS}"
+python benchmarks/write_benchmarks.py "$OUT" "bash benchmarks/compare.sh ($label)" "${DOC:-BENCHMARKS.md}"

@@ -59,7 +59,7 @@ def test_the_comparison_benchmark_runs_both_partitions_at_once_and_writes_its_do
                          DOC=str(document))
     assert done.returncode == 0, done.stderr[-3000:]
     text = document.read_text()
-    assert text.startswith('# Benchmarks\n\nCommand: `bash benchmarks/compare.sh (ROUNDS=5 SEEDS="0 1")`')
+    assert text.startswith('# Benchmarks\n\nCommand: `bash benchmarks/compare.sh (ROUNDS=5 SEEDS="0 1" METHODS=fl,sfprompt)`')
     assert ", 1 thread a run, " in text and "seeds 0, 1." in text
     for partition in ("iid", "dirichlet-0.5"):
         for seed in (0, 1):
