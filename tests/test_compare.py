@@ -142,6 +142,7 @@ def test_a_cost_to_the_target_says_how_many_seeds_reached_it():
     assert (mean["reached"], mean["seeds"], mean["bytes_to_target"]) == (1, 2, 20)
     assert mean["final_accuracy"] == pytest.approx(0.5) and mean["final_accuracy_std"] == pytest.approx(0.1 * 2 ** 0.5)
     assert [h["accuracy"] for h in mean["history"]] == pytest.approx([0.25, 0.5])
+    assert [h["round"] for h in mean["history"]] == [1, 2] and all(type(h["round"]) is int for h in mean["history"])
     add_ratios([mean])
     text = markdown([mean], 0.5)
     assert "| sfprompt | 0.5000 ± 0.1414 |" in text and "| 0.0 (1 of 2 seeds) |" in text  # 20 bytes: 0.0 MB

@@ -127,8 +127,8 @@ def mean_row(rows: list[dict], target: float | None) -> dict:
         row[f"{key}_std"] = statistics.stdev(r[key] for r in rows)
     row["reached"] = sum(r["round_to_target"] is not None for r in rows) if target is not None else None
     rounds = min(len(r["history"]) for r in rows)
-    row["history"] = [{key: statistics.fmean(r["history"][k][key] for r in rows)
-                       for key in ("round", "accuracy", "bytes", "client_flops")} for k in range(rounds)]
+    row["history"] = [{"round": k + 1} | {key: statistics.fmean(r["history"][k][key] for r in rows)
+                                          for key in ("accuracy", "bytes", "client_flops")} for k in range(rounds)]
     return row
 
 
