@@ -39,7 +39,8 @@ def test_the_ablation_benchmark_reruns_and_writes_its_table(tmp_path):
     rows = [line for line in (tmp_path / "ablations.md").read_text().splitlines() if line.startswith("| iid")]
     assert [row.split(" | ")[1] for row in rows] == ["0,1", "0,1"] and all("±" in row for row in rows)
     text = document.read_text()
-    assert text.startswith("# Benchmarks\n\n## iid\n\nthe comparison\n\n## Ablations\n") and "stale" not in text
+    assert text.startswith("# Benchmarks\n\n## iid\n\nthe comparison\n\n## ") and "stale" not in text  # the reports follow
+    assert "\n## Ablations\n" in text
     assert rows[0] in text
     again = run_benchmark("core.sh", tmp_path, **variables)
     assert again.returncode == 0 and again.stdout.count("done before") == 4  # nothing redone
