@@ -123,8 +123,8 @@ def goals(root: Path) -> None:
     for partition in sorted(p for p in root.iterdir() if (p / "comparison.csv").is_file()):
         with open(partition / "comparison.csv", newline="") as handle:
             rows = {row["method"]: row for row in csv.DictReader(handle)}
-        target = re.search(r"\| MB to (\S+) \|", (partition / "comparison.md").read_text()).group(1)
-        for check in goal_checks(rows, target):
+        target = re.search(r"\| MB to ([0-9.]+) \|", (partition / "comparison.md").read_text())
+        for check in goal_checks(rows, target and target.group(1)):
             lines.append(f"| {partition.name} | " + " | ".join(check) + " |")
     if not lines:
         return
@@ -139,8 +139,9 @@ def goals(root: Path) -> None:
         print(notes.read_text())
 
 
-def goal_checks(rows: dict[str, dict], target: str) -> list[tuple[str, str, str, str]]:
-    """(goal, SFPrompt's figure, the bound, met or by how much not) for each goal whose baseline was run."""
+def goal_checks(rows: dict[str, dict], target: str | None) -> list[tuple[str, str, str, str]]:
+    """(goal, SFPrompt's figure, the bound, met or by how much not) for each goal whose baseline was run (the
+    bytes to the `target` accuracy only when the comparison had one)."""
     def number(method, key):
         value = rows.get(method, {}).get(key)
         return float(value) if value else None
@@ -156,7 +157,7 @@ def goal_checks(rows: dict[str, dict], target: str) -> list[tuple[str, str, str,
                        f"{ours:.4f}", f"{bound:.4f}", "yes" if short <= 0 else f"no: {short * 100:.1f} points short"))
     ours = number("sfprompt", "bytes_to_target")
     for method, factor in (("sfl", 0.5), ("fl", 0.1)):
-        if "sfprompt" not in rows or method not in rows:
+        if target is None or "sfprompt" not in rows or method not in rows:
             continue
         theirs = number(method, "bytes_to_target")
         bound = f"{factor:g} × {theirs / 1e6:,.1f} = {factor * theirs / 1e6:,.1f}" if theirs else f"{method} never reached it"
