@@ -7,7 +7,7 @@
 # many partitions at once, each with OMP_NUM_THREADS (default: the cores shared out among them). METHODS names the
 # methods, SIZE appends options to every run and DOC names the document written (a test runs it at a tiny size).
 #
-#   bash benchmarks/compare.sh        # about two hours on two CPU cores
+#   bash benchmarks/compare.sh        # 48 runs, about 2.7 hours on two CPU cores
 #   SHARED=/path/to/shared OUT=results/compare ROUNDS=5 SEEDS="0 1 2" JOBS=1 bash benchmarks/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

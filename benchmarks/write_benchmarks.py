@@ -75,8 +75,8 @@ def main() -> None:
         path = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("BENCHMARKS.md")
         ablations = Path(sys.argv[3]) if len(sys.argv) > 3 else ABLATIONS
         methods = path.read_text()
-        for section in ("## Tuning\n", "## Ablations\n", "## Heterogeneous clients\n", "## Runtime\n"):
-            methods = methods.split(section)[0]
+        for title in [title for title, _, _ in report_sections(ablations)] + ["Runtime"]:
+            methods = methods.split(f"## {title}\n")[0]
         with contextlib.redirect_stdout(io.StringIO()) as sections:
             reports(ablations)
         path.write_text(methods + sections.getvalue())
@@ -176,9 +176,19 @@ ABLATIONS = Path("docs/benchmarks/ablations.md")
 
 
 def reports(ablations: Path) -> None:
-    """The sections after the comparison, each when its report exists: the baselines' tuning, the ablations,
-    heterogeneous clients, the wire format, then the runtime."""
-    sections = [
+    """The sections after the comparison, each when its report exists, then the runtime's."""
+    for title, report, intro in report_sections(ablations):
+        if report.is_file():
+            print(f"## {title}\n")
+            print(intro + "\n")
+            print(report.read_text())
+    runtime_reports()
+
+
+def report_sections(ablations: Path) -> list[tuple[str, Path, str]]:
+    """(title, report, intro) of the sections after the comparison: the baselines' tuning, the ablations,
+    heterogeneous clients and the wire format (--update-reports replaces these and the runtime's)."""
+    return [
         ("Tuning", Path("docs/benchmarks/tuning.md"),
          "Every method's learning rates, tuned on validation samples held out of the clients' training data "
          "(`python benchmarks/tune.py`); compare.sh runs each method with its best, from benchmarks/tuned.toml."),
@@ -196,12 +206,6 @@ def reports(ablations: Path) -> None:
          "(`bash benchmarks/wire.sh`; README: the wire format); mean ± standard deviation over the seeds listed, "
          "costs the mean over them."),
     ]
-    for title, report, intro in sections:
-        if report.is_file():
-            print(f"## {title}\n")
-            print(intro + "\n")
-            print(report.read_text())
-    runtime_reports()
 
 
 def runtime_reports() -> None:

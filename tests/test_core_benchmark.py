@@ -28,6 +28,7 @@ def saved_config(tmp_path, row: str) -> dict:
     """The config a benchmark's run of `row` (seed 0) saved."""
     return json.loads((tmp_path / "runs" / row / "seed-0" / "config.json").read_text())
 
+
 @pytest.mark.slow
 @needs_shared
 def test_the_ablation_benchmark_reruns_and_writes_its_table(tmp_path):
