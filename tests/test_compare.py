@@ -24,6 +24,7 @@ def test_compare_writes_table_and_plots_from_the_runs_own_numbers(imagefolder, t
         assert (out / name).stat().st_size > 0, name
     rows = {row["method"]: row for row in csv.DictReader(open(out / "comparison.csv"))}
     assert list(rows) == ["fl", "sfprompt", "sfprompt-no-pruning"]
+    assert {row["target_accuracy"] for row in rows.values()} == {"0.3"}
     summaries = {name: json.loads((out / name / "summary.json").read_text()) for name in rows}
     assert summaries["sfprompt-no-pruning"]["config"]["keep_ratio"] == 1.0
     configs = {name: summaries[name]["config"] for name in rows}  # each method ran with its own options

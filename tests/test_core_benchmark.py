@@ -75,6 +75,7 @@ def test_the_comparison_benchmark_runs_both_partitions_at_once_and_writes_its_do
         goal = next(line for line in text.splitlines() if line.startswith(f"| {partition} | final accuracy ≥ fl's | "))
         sfprompt, fl = (float(row.split(" | ")[1].split(" ± ")[0]) for row in rows[::-1])
         assert goal.endswith("| yes |" if sfprompt >= fl else f"| no: {(fl - sfprompt) * 100:.1f} points short |")
+        assert f"| {partition} | MB to 0.70 ≤ 0.1 × fl's | " in text  # compare.sh's target, from comparison.csv
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ def test_every_method_runs_end_to_end(method, imagefolder, tmp_path):
     assert abs(correct - round(correct)) < 1e-9 and history[-1]["loss"] > 0  # a count of correct test samples
     assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0 and summary["client_flops"] > 0
     assert all(r["train_loss"] is not None for r in history)
+    assert summary["threads"] == torch.get_num_threads()
 
 
 def test_fl_sends_the_whole_model_down_and_up_once_per_client(imagefolder, tmp_path, monkeypatch):

@@ -181,13 +181,13 @@ def add_ratios(rows: list[dict]) -> None:
 
 def write(rows: list[dict], out: Path, target: float | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    fields = COLUMNS + [f"{key}_vs_fl" for key in RATIOS]
+    fields = COLUMNS + [f"{key}_vs_fl" for key in RATIOS] + ["target_accuracy"]
     if "seeds" in rows[0]:  # a mean over seeds
         fields += [f"{key}_std" for key in SPREAD] + ["seeds", "reached"]
     with open(out / "comparison.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(row | {"target_accuracy": target} for row in rows)
     with open(out / "history.csv", "w", newline="") as handle:  # accuracy against cumulative cost, every round
         writer = csv.writer(handle)
         writer.writerow(["method", "round", "accuracy", "cumulative_bytes", "cumulative_client_flops"])

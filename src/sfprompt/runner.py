@@ -254,6 +254,7 @@ def summarise(config: Config, history: list[dict], wall_seconds: float) -> dict:
         "server_flops": total("server_flops"),
         "client_peak_memory_bytes": max(record["client_peak_memory_bytes"] for record in history),
         "wall_seconds": wall_seconds,
+        "threads": torch.get_num_threads(),  # the same seed gives slightly different numbers with another count
         "versions": versions(),
     }
 
