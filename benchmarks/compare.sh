@@ -28,9 +28,9 @@ methods=${METHODS:-fl,fl-prompt,sl,sfl,sfl-train-body,sfprompt,sfprompt-no-local
 read -r -a size <<< "${SIZE:-}"
 
 mkdir -p "$OUT"
-partition() {  # NAME [OPTIONS]: one partition's comparison, its table and log in $OUT/NAME
+partition() {  # NAME [OPTIONS]: one partition's comparison and its table in $OUT/NAME, its log appended to $OUT/NAME.log
   local name=$1; shift
-  sfprompt compare "${common[@]}" --methods "$methods" "$@" "${size[@]}" --out "$OUT/$name" > "$OUT/$name.log" 2>&1 \
+  sfprompt compare "${common[@]}" --methods "$methods" "$@" "${size[@]}" --out "$OUT/$name" >> "$OUT/$name.log" 2>&1 \
     && cat "$OUT/$name/comparison.md" || { echo "$OUT/$name failed: see $OUT/$name.log" >&2; return 1; }
 }
 while read -r name options; do
