@@ -2,17 +2,17 @@
 # The measurements behind README.md's "Measured" and BENCHMARKS.md's "Ablations": SFPrompt on Fashion-MNIST
 # with the real pre-trained ViT-S/14 from ../shared (5,000 train / 2,000 test samples, 10 clients, 5 a
 # round), IID for 5 rounds and Dirichlet(0.5) for 10, then the ablations behind the defaults (local
-# classifier, per-class pruning, split epochs, optimiser, which samples pruning keeps and the model that
-# scores them), each with every seed in SEEDS; then the table of means and spreads
-# (docs/benchmarks/ablations.md) and BENCHMARKS.md's "Ablations" section.
+# classifier, per-class pruning, split epochs, optimiser), each with every seed in SEEDS; then the table of
+# means and spreads (docs/benchmarks/ablations.md) and BENCHMARKS.md's "Ablations" section.
 #
-#   bash benchmarks/core.sh            # about 9 hours on two CPU cores (each run 10-25 minutes)
+#   bash benchmarks/core.sh            # about 4 hours on two CPU cores (each run 8-20 minutes at one thread)
 #   SHARED=/path/to/shared OUT=results/core SEEDS="0 1 2" ROWS="iid iid-sgd" bash benchmarks/core.sh
 #
 # Rows iid-bf16 and iid-fp16 (the server body's precision) are not in the default ROWS: a CPU without
 # bf16 arithmetic emulates it, many times slower; `bash benchmarks/precision.sh` runs them on a GPU.
 # Rows iid-client-blocks-2 and iid-mixed-budgets (split points) are `bash benchmarks/heterogeneous.sh`'s, rows
-# iid-shared-once and iid-wire-* (the wire format) `bash benchmarks/wire.sh`'s.
+# iid-shared-once and iid-wire-* (the wire format) `bash benchmarks/wire.sh`'s, rows iid-prune-* and
+# dirichlet-0.5-prune-* (which samples pruning keeps) `bash benchmarks/pruning.sh`'s.
 #
 # A finished run is not redone and an interrupted one continues after its last complete round, so the
 # benchmark can be stopped and restarted at any time. JOBS runs that many at once (default 1). SIZE
@@ -23,9 +23,7 @@ cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/core}
 SEEDS=${SEEDS:-0 1 2}
-ROWS=${ROWS:-iid iid-shared-local-classifier iid-global-pruning iid-split-epochs-1 iid-sgd dirichlet-0.5
-             iid-prune-easiest iid-prune-middle iid-prune-random iid-prune-received
-             dirichlet-0.5-prune-by-size dirichlet-0.5-prune-random}
+ROWS=${ROWS:-iid iid-shared-local-classifier iid-global-pruning iid-split-epochs-1 iid-sgd dirichlet-0.5}
 read -r -a size <<< "${SIZE:-}"
 common=(--dataset fashion-mnist --data-dir "$SHARED/data"
         --weights "$SHARED/models/vit_small_patch14_dinov2.imgfocus.safetensors"

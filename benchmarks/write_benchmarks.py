@@ -1,8 +1,8 @@
 """Write BENCHMARKS.md from the outputs of benchmarks/compare.sh (tables, plots, command, machine,
 SFPrompt's goals met or missed), followed by the reports other benchmarks keep in docs/benchmarks when they have
-been run: the tuning of benchmarks/tune.py, the ablations of benchmarks/core.sh, heterogeneous.sh's split points,
-wire.sh's wire formats, and the runtime reports of benchmarks/runtime.py, body_load.py, body_batching.py,
-precision.sh, clientapp.py, scale.py and flower_scale.py.
+been run: the tuning of benchmarks/tune.py, the ablations of benchmarks/core.sh, pruning.sh's choice of samples,
+heterogeneous.sh's split points, wire.sh's wire formats, and the runtime reports of benchmarks/runtime.py,
+body_load.py, body_batching.py, precision.sh, clientapp.py, scale.py and flower_scale.py.
 
     python benchmarks/write_benchmarks.py results/compare "bash benchmarks/compare.sh" [DOC]  # BENCHMARKS.md
     python benchmarks/write_benchmarks.py --update-reports [DOC [ABLATIONS]]   # replace those sections only
@@ -186,7 +186,7 @@ def reports(ablations: Path) -> None:
 
 def report_sections(ablations: Path) -> list[tuple[str, Path, str]]:
     """(title, report, intro) of the sections after the comparison: the baselines' tuning, the ablations,
-    heterogeneous clients and the wire format (--update-reports replaces these and the runtime's)."""
+    pruning, heterogeneous clients and the wire format (--update-reports replaces these and the runtime's)."""
     return [
         ("Tuning", Path("docs/benchmarks/tuning.md"),
          "Every method's learning rates, tuned on validation samples held out of the clients' training data "
@@ -196,6 +196,9 @@ def report_sections(ablations: Path) -> list[tuple[str, Path, str]]:
          "2,000 test samples at 56 px, 10 clients, 5 a round): the mean ± standard deviation over the seeds "
          "listed (`bash benchmarks/core.sh`). Costs are the mean over the seeds (they differ only by the "
          "data each client happens to hold); wall seconds are not a speed benchmark (runs shared the cores)."),
+        ("Pruning", Path("docs/benchmarks/pruning.md"),
+         "Which half of each client's samples split training sees (`bash benchmarks/pruning.sh`; README: choices "
+         "where the paper is silent); mean ± standard deviation over the seeds listed, costs the mean over them."),
         ("Heterogeneous clients", Path("docs/benchmarks/heterogeneous.md"),
          "A split point per client, chosen by its compute budget (`bash benchmarks/heterogeneous.sh`; "
          "README: clients of different strength), against federations where every head ends at the same "

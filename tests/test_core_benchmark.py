@@ -1,7 +1,7 @@
 """`bash benchmarks/core.sh`, the README's "Measured" and BENCHMARKS.md's ablations, end to end at a
 tiny size: runs for every seed, a finished run not redone, an interrupted one continued from its
-checkpoint, the table of means and spreads, the document; and compare.sh, precision.sh, heterogeneous.sh, wire.sh,
-clientapp.py, scale.py and flower_scale.py at a small size."""
+checkpoint, the table of means and spreads, the document; and compare.sh, precision.sh, heterogeneous.sh,
+wire.sh, pruning.sh, clientapp.py, scale.py and flower_scale.py at a small size."""
 
 import json
 
@@ -18,7 +18,7 @@ def run_report(script: str, tmp_path, rows: str, **variables: str) -> tuple[str,
     assert done.returncode == 0, done.stderr[-3000:]
     text = report.read_text()
     assert text.startswith(f"Command: `bash benchmarks/{script}`")
-    cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| iid")]
+    cells = [line.split(" | ") for line in text.splitlines() if line.startswith(("| iid", "| dirichlet"))]
     table = {row[0].removeprefix("| "): row for row in cells}
     assert list(table) == rows.split()
     return text, table
@@ -131,6 +131,17 @@ def test_the_wire_benchmark_runs_each_format_and_writes_its_report(tmp_path):
     assert float(rows["iid-wire-int8"][up]) < float(rows["iid"][up]) / 3
     config = saved_config(tmp_path, "iid-wire-int8")
     assert (config["wire_dtype"], config["shared_rows"]) == ("int8", "once")
+
+
+@pytest.mark.slow
+@needs_shared
+def test_the_pruning_benchmark_runs_each_band_and_writes_its_report(tmp_path):
+    text, rows = run_report("pruning.sh", tmp_path, "iid iid-prune-random dirichlet-0.5-prune-by-size")
+    assert "Every row sends the same bytes" in text
+    assert rows["iid-prune-random"][6] == rows["iid"][6]  # MB up: the same number of samples, other ones
+    assert saved_config(tmp_path, "iid-prune-random")["prune_keep"] == "random"
+    config = saved_config(tmp_path, "dirichlet-0.5-prune-by-size")
+    assert (config["prune_keep"], config["alpha"]) == ("by-size", 0.5)
 
 
 @pytest.mark.slow
