@@ -38,6 +38,7 @@ options() {  # the options of one row: the defaults, changed in one thing
     iid-global-pruning) echo "--rounds 5 --no-prune-per-class" ;;
     iid-split-epochs-1) echo "--rounds 5 --split-epochs 1" ;;
     iid-sgd) echo "--rounds 5 --optimizer sgd --lr 0.01 --prompt-lr 0.01" ;;
+    iid-keep-all) echo "--rounds 5 --keep-ratio 1" ;;  # no pruning: twice the bytes and server FLOPs
     iid-prune-easiest) echo "--rounds 5 --prune-keep easiest" ;;
     iid-prune-middle) echo "--rounds 5 --prune-keep middle" ;;
     iid-prune-random) echo "--rounds 5 --prune-keep random" ;;

@@ -2,7 +2,8 @@
 # Which samples pruning keeps, on the benchmark setting (Fashion-MNIST, the real ViT-S/14 at 56 px, 5,000 /
 # 2,000 samples, 10 clients, 5 a round): core.sh's iid row (the half that EL2N ranks hardest, the paper's
 # choice) against the easiest half, a middle band, a random half (the control: nothing is scored) and the
-# hardest half scored before the self-update (iid-prune-*), 5 rounds; then under Dirichlet(0.5), where clients
+# hardest half scored before the self-update (iid-prune-*), and every sample kept (iid-keep-all: no pruning,
+# at twice the bytes), 5 rounds; then under Dirichlet(0.5), where clients
 # hold different amounts of data, core.sh's dirichlet-0.5 row against a band chosen by each client's size
 # (Sorscher et al. 2022) and a random half, 10 rounds. Every seed in SEEDS (default 0 1 2); runs core.sh has
 # done (same OUT, default results/core) are reused. Writes docs/benchmarks/pruning.md (REPORT names another
@@ -12,12 +13,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/core}
-ROWS=${ROWS:-iid iid-prune-easiest iid-prune-middle iid-prune-random iid-prune-received
+ROWS=${ROWS:-iid iid-prune-easiest iid-prune-middle iid-prune-random iid-prune-received iid-keep-all
              dirichlet-0.5 dirichlet-0.5-prune-by-size dirichlet-0.5-prune-random}
 table=$(mktemp)
 OUT=$OUT ROWS=$ROWS TABLE=$table DOC= bash benchmarks/core.sh
 {
-  echo "Command: \`bash benchmarks/pruning.sh\`; $(python benchmarks/write_benchmarks.py --machine). core.sh's settings, each keeping half of every client's samples within each class (\`--keep-ratio 0.5\`): iid and dirichlet-0.5 keep the half that EL2N ranks hardest after the self-update (the defaults, the paper's choice); the other rows change \`--prune-keep\` (\`easiest\`, \`middle\`, \`random\`, \`by-size\`) or score before the self-update (\`--prune-scores received\`). Every row sends the same bytes: only which samples are sent differs."
+  echo "Command: \`bash benchmarks/pruning.sh\`; $(python benchmarks/write_benchmarks.py --machine). core.sh's settings, each keeping half of every client's samples within each class (\`--keep-ratio 0.5\`): iid and dirichlet-0.5 keep the half that EL2N ranks hardest after the self-update (the defaults, the paper's choice); the other rows change \`--prune-keep\` (\`easiest\`, \`middle\`, \`random\`, \`by-size\`) or score before the self-update (\`--prune-scores received\`); those rows send the same bytes, only which samples are sent differs. iid-keep-all keeps every sample (\`--keep-ratio 1\`): no pruning."
   echo
   cat "$table"
 } > "${REPORT:=docs/benchmarks/pruning.md}"
