@@ -5,7 +5,8 @@
 # classifier, per-class pruning, split epochs, optimiser), each with every seed in SEEDS; then the table of
 # means and spreads (docs/benchmarks/ablations.md) and BENCHMARKS.md's "Ablations" section.
 #
-#   bash benchmarks/core.sh            # about 4 hours on two CPU cores (each run 8-20 minutes at one thread)
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/core.sh   # about 1.5 hours on two CPU cores (5-8 minutes an
+#                                                       # IID run, 10-15 a Dirichlet one)
 #   SHARED=/path/to/shared OUT=results/core SEEDS="0 1 2" ROWS="iid iid-sgd" bash benchmarks/core.sh
 #
 # Rows iid-bf16 and iid-fp16 (the server body's precision) are not in the default ROWS: a CPU without

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Which samples pruning keeps, on the benchmark setting (Fashion-MNIST, the real ViT-S/14 at 56 px, 5,000 /
 # 2,000 samples, 10 clients, 5 a round): core.sh's iid row (the half that EL2N ranks hardest, the paper's
-# choice) against the easiest half, a middle band, a random half (the control: nothing is scored) and the
-# hardest half scored before the self-update (iid-prune-*), and every sample kept (iid-keep-all: no pruning,
-# at twice the bytes), 5 rounds; then under Dirichlet(0.5), where clients
-# hold different amounts of data, core.sh's dirichlet-0.5 row against a band chosen by each client's size
-# (Sorscher et al. 2022) and a random half, 10 rounds. Every seed in SEEDS (default 0 1 2); runs core.sh has
-# done (same OUT, default results/core) are reused. Writes docs/benchmarks/pruning.md (REPORT names another
-# file), which BENCHMARKS.md includes.
+# choice) against the easiest half, a middle band, a random half (the control: nothing is scored), the
+# hardest half scored before the self-update (iid-prune-*) and every sample kept (iid-keep-all: no pruning,
+# twice the bytes), 5 rounds; then under Dirichlet(0.5), where clients hold different amounts of data,
+# core.sh's dirichlet-0.5 row against a band chosen by each client's size (Sorscher et al. 2022) and a
+# random half, 10 rounds. Every seed in SEEDS (default 0 1 2); runs core.sh has done (same OUT, default
+# results/core) are reused. Writes docs/benchmarks/pruning.md (REPORT names another file), which
+# BENCHMARKS.md includes.
 #
-#   bash benchmarks/pruning.sh   # about 2.5 hours on two CPU cores with JOBS=2 (one thread a run)
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/pruning.sh   # about 2.5 hours on two CPU cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/core}
