@@ -11,6 +11,7 @@
 #   SHARED=/path/to/shared OUT=results/compare ROUNDS=5 SEEDS="0 1 2" JOBS=1 bash benchmarks/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/lib.sh
 SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/compare}
 ROUNDS=${ROUNDS:-5}
@@ -34,11 +35,11 @@ partition() {  # NAME [OPTIONS]: one partition's comparison and its table in $OU
     && cat "$OUT/$name/comparison.md" || { echo "$OUT/$name failed: see $OUT/$name.log" >&2; return 1; }
 }
 while read -r name options; do
-  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || exit 1; done
+  wait_for_lane "$JOBS"
   # shellcheck disable=SC2086
   partition "$name" $options &
 done <<< "iid
 dirichlet-0.5 --alpha 0.5"
-while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || exit 1; done
+wait_for_all
 label="ROUNDS=$ROUNDS SEEDS=\"$SEEDS\"${METHODS:+ METHODS=$METHODS}"
 python benchmarks/write_benchmarks.py "$OUT" "bash benchmarks/compare.sh ($label)" "${DOC:-BENCHMARKS.md}"

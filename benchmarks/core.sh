@@ -21,6 +21,7 @@
 # only the table; a test runs the script at a tiny size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/lib.sh
 SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/core}
 SEEDS=${SEEDS:-0 1 2}
@@ -76,11 +77,11 @@ one_run() {  # one row and seed: done before, continued from its checkpoint, or 
 for row in $ROWS; do
   options "$row" > /dev/null  # an unknown row stops the benchmark before anything runs
   for seed in $SEEDS; do
-    while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-1}" ]; do wait -n || exit 1; done
+    wait_for_lane "${JOBS:-1}"
     one_run "$row" "$seed" &
   done
 done
-while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || exit 1; done
+wait_for_all
 mkdir -p docs/benchmarks
 rows=(); for row in $ROWS; do rows+=("$OUT/$row"); done
 TABLE=${TABLE:-docs/benchmarks/ablations.md}

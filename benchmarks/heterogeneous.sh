@@ -10,17 +10,11 @@
 #   bash benchmarks/heterogeneous.sh      # about an hour on two CPU cores beyond core.sh's iid row
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-results/core}
-table=$(mktemp)
-OUT=$OUT ROWS=${ROWS:-iid iid-client-blocks-2 iid-mixed-budgets} TABLE=$table DOC= bash benchmarks/core.sh
-machine=$(python benchmarks/write_benchmarks.py --machine)
-{
-  echo "Command: \`bash benchmarks/heterogeneous.sh\`; $machine. core.sh's iid setting with every client's head ending after the embedding (iid: no client blocks), after 2 blocks (iid-client-blocks-2), or as deep as the client affords (iid-mixed-budgets: \`--client-budgets 0.05,0.5,1.0\`, GFLOP per training sample, one drawn per client by the seed: heads of 0, 2 and 5 blocks, costing 0.0072, 0.396 and 0.980 GFLOP a sample)."
-  echo
-  for log in "$OUT"/iid-mixed-budgets/seed-*.log; do
-    [ -f "$log" ] && echo "- $(basename "$log" .log): $(grep -o 'split points.*' "$log" | head -1)"
+source benchmarks/lib.sh
+ROWS=${ROWS:-iid iid-client-blocks-2 iid-mixed-budgets}
+report_notes() {  # the split points each seed drew
+  for log in "${OUT:-results/core}"/iid-mixed-budgets/seed-*.log; do
+    if [ -f "$log" ]; then echo "- $(basename "$log" .log): $(grep -o 'split points.*' "$log" | head -1)"; fi
   done
-  echo
-  cat "$table"
-} > "${REPORT:=docs/benchmarks/heterogeneous.md}"
-cat "$REPORT"
+}
+rows_report heterogeneous "core.sh's iid setting with every client's head ending after the embedding (iid: no client blocks), after 2 blocks (iid-client-blocks-2), or as deep as the client affords (iid-mixed-budgets: \`--client-budgets 0.05,0.5,1.0\`, GFLOP per training sample, one drawn per client by the seed: heads of 0, 2 and 5 blocks, costing 0.0072, 0.396 and 0.980 GFLOP a sample)."

@@ -12,14 +12,7 @@
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/pruning.sh   # about 2.5 hours on two CPU cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-results/core}
+source benchmarks/lib.sh
 ROWS=${ROWS:-iid iid-prune-easiest iid-prune-middle iid-prune-random iid-prune-received iid-keep-all
              dirichlet-0.5 dirichlet-0.5-prune-by-size dirichlet-0.5-prune-random}
-table=$(mktemp)
-OUT=$OUT ROWS=$ROWS TABLE=$table DOC= bash benchmarks/core.sh
-{
-  echo "Command: \`bash benchmarks/pruning.sh\`; $(python benchmarks/write_benchmarks.py --machine). core.sh's settings, each keeping half of every client's samples within each class (\`--keep-ratio 0.5\`): iid and dirichlet-0.5 keep the half that EL2N ranks hardest after the self-update (the defaults, the paper's choice); the other rows change \`--prune-keep\` (\`easiest\`, \`middle\`, \`random\`, \`by-size\`) or score before the self-update (\`--prune-scores received\`); those rows send the same bytes, only which samples are sent differs. iid-keep-all keeps every sample (\`--keep-ratio 1\`): no pruning."
-  echo
-  cat "$table"
-} > "${REPORT:=docs/benchmarks/pruning.md}"
-cat "$REPORT"
+rows_report pruning "core.sh's settings, each keeping half of every client's samples within each class (\`--keep-ratio 0.5\`): iid and dirichlet-0.5 keep the half that EL2N ranks hardest after the self-update (the defaults, the paper's choice); the other rows change \`--prune-keep\` (\`easiest\`, \`middle\`, \`random\`, \`by-size\`) or score before the self-update (\`--prune-scores received\`); those rows send the same bytes, only which samples are sent differs. iid-keep-all keeps every sample (\`--keep-ratio 1\`): no pruning."

@@ -9,13 +9,6 @@
 #   bash benchmarks/wire.sh      # about 4 hours on two CPU cores beyond core.sh's iid row (JOBS=2 halves it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-results/core}
+source benchmarks/lib.sh
 ROWS=${ROWS:-iid iid-shared-once iid-wire-bfloat16 iid-wire-float16 iid-wire-int8}
-table=$(mktemp)
-OUT=$OUT ROWS=$ROWS TABLE=$table DOC= bash benchmarks/core.sh
-{
-  echo "Command: \`bash benchmarks/wire.sh\`; $(python benchmarks/write_benchmarks.py --machine). core.sh's iid setting with \`--shared-rows once\` (iid-shared-once) and then \`--wire-dtype bfloat16\`, \`float16\` or \`int8\` as well (iid-wire-*); iid is the paper's format (float32, every row of every sample). MB up and down count every message, the prompts' and tail's broadcasts and uploads (float32 in every row) included."
-  echo
-  cat "$table"
-} > "${REPORT:=docs/benchmarks/wire.md}"
-cat "$REPORT"
+rows_report wire "core.sh's iid setting with \`--shared-rows once\` (iid-shared-once) and then \`--wire-dtype bfloat16\`, \`float16\` or \`int8\` as well (iid-wire-*); iid is the paper's format (float32, every row of every sample). MB up and down count every message, the prompts' and tail's broadcasts and uploads (float32 in every row) included."

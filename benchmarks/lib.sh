@@ -1,0 +1,29 @@
+# Shell helpers the benchmark scripts share; each script sources this file after `cd` to the repository.
+
+# wait_for_lane JOBS: returns once fewer than JOBS background runs are running; stops the script if one failed.
+wait_for_lane() {
+  while [ "$(jobs -rp | wc -l)" -ge "$1" ]; do wait -n || exit 1; done
+}
+
+# wait_for_all: returns once every background run has finished; stops the script if one failed.
+wait_for_all() {
+  wait_for_lane 1
+}
+
+# rows_report NAME INTRO: runs core.sh's rows named in ROWS (every seed in SEEDS; runs done before, in the
+# same OUT, default results/core, are reused) and writes docs/benchmarks/NAME.md (REPORT names another file):
+# the command that re-runs it and the machine, INTRO, whatever a `report_notes` function the script defines
+# prints, and the table of means and spreads.
+rows_report() {
+  local name=$1 intro=$2 table
+  table=$(mktemp)
+  OUT=${OUT:-results/core} ROWS=$ROWS TABLE=$table DOC= bash benchmarks/core.sh
+  {
+    echo "Command: \`bash benchmarks/$name.sh\`; $(python benchmarks/write_benchmarks.py --machine). $intro"
+    echo
+    if declare -F report_notes > /dev/null; then report_notes; echo; fi
+    cat "$table"
+  } > "${REPORT:=docs/benchmarks/$name.md}"
+  rm -f "$table"
+  cat "$REPORT"
+}
