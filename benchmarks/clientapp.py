@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -70,14 +69,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--train-samples", type=int, default=5000)
     args = parser.parse_args()
-    import torch
     from safetensors.torch import save_file
 
     from sfprompt.config import Config
     from sfprompt.data import write_client_folder
     from sfprompt.federation import prepare
     from sfprompt.model import create_vit
-    from write_benchmarks import cpu_name, in_fresh_process, publish
+    from write_benchmarks import command_line, in_fresh_process, publish
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -104,7 +102,7 @@ def main() -> None:
             print(rows[-1], file=sys.stderr)
     (args.out / "clientapp.json").write_text(json.dumps(rows, indent=2) + "\n")
 
-    lines = [f"Command: `python benchmarks/clientapp.py`; {cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}. "
+    lines = [command_line("python benchmarks/clientapp.py") + ". "
              f"Each row is a fresh process building one client's side of a run (Fashion-MNIST, {args.train_samples:,} "
              f"training samples, 10 clients) as a deployed SuperNode does for every message: *before* is what the "
              "ClientApp did before commit 381da75 (the whole dataset and the whole ViT, then the body dropped); *partition* is a simulated node "

@@ -87,10 +87,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
-    import torch
-
     from sfprompt.config import Config
-    from write_benchmarks import cpu_name, in_fresh_process, publish
+    from write_benchmarks import command_line, in_fresh_process, publish
 
     base = Config(dataset="fashion-mnist", data_dir=str(args.shared / "data"), image_size=28,
                   weights=str(args.shared / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"),
@@ -104,7 +102,7 @@ def main() -> None:
     local = results["in-process"]["records"]
     command = (f"python benchmarks/flower_scale.py --nodes {args.nodes} --per-round {args.per_round} --rounds {args.rounds} "
                f"--train-samples {args.train_samples} --test-samples {args.test_samples}")
-    lines = [f"Command: `{command}`; {cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}. "
+    lines = [command_line(command) + ". "
              f"Fashion-MNIST ({args.train_samples} train / {args.test_samples} test samples) at 28 px, the real "
              f"ViT-S/14, {args.nodes} clients ({args.nodes} SuperNodes under Flower, on Ray with one worker a core), "
              f"{args.per_round} a round.", "",

@@ -9,6 +9,7 @@
    on Fashion-MNIST with the real ViT-S/14 from ../shared.
 
     python benchmarks/runtime.py [--shared ../shared] [--out runs/runtime]     # about 5 minutes
+    python benchmarks/runtime.py --cases vit-s-56 --repeats 2 --train-samples 100 --test-samples 40  # a test's size
 
 It prints a Markdown report and writes it to docs/benchmarks/runtime.md, which BENCHMARKS.md includes.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import statistics
 import time
 from pathlib import Path
@@ -32,19 +32,19 @@ from sfprompt.meter import Meter
 from sfprompt.model import SplitViT, create_vit
 from sfprompt.server import BodyServer
 from sfprompt.transport import InProcessLink, SessionLink
-from write_benchmarks import cpu_name, publish
+from write_benchmarks import command_line, publish
 
 TOKEN, SESSION = "benchmark", "benchmark-session"
-# (name, model, image size): payloads of the benchmark's model and of ViT-B/16 at 224 px.
-CASES = [("ViT-S/14, 56 px, batch 32", "vit_small_patch14_dinov2", 56),
-         ("ViT-B/16, 224 px, batch 32", "vit_base_patch16_224", 224)]
+# --cases: the payloads of the benchmark's model and of ViT-B/16 at 224 px, as (row name, model, image size).
+CASES = {"vit-s-56": ("ViT-S/14, 56 px, batch 32", "vit_small_patch14_dinov2", 56),
+         "vit-b-224": ("ViT-B/16, 224 px, batch 32", "vit_base_patch16_224", 224)}
 
 
 def split_model(model: str, size: int, identity_body: bool = True) -> SplitViT:
     torch.manual_seed(0)
     split = SplitViT(create_vit(model, 10, size, "none"), 10, 0, seed=0)
     if identity_body:  # what crosses the wire is unchanged; the server computes nothing
-        split.body = torch.nn.Identity()
+        split.body.blocks = torch.nn.Identity()
     return split
 
 
@@ -78,11 +78,11 @@ def in_process(model: SplitViT) -> InProcessLink:
     return InProcessLink(server, Meter(), torch.device("cpu"))
 
 
-def channel_overhead(repeats: int) -> list[dict]:
+def channel_overhead(cases: list[str], repeats: int) -> list[dict]:
     torch.set_num_threads(1)  # both sides on one core each: the comparison is of the transport
     context = multiprocessing.get_context("spawn")
     rows = []
-    for name, model_name, size in CASES:
+    for name, model_name, size in (CASES[case] for case in cases):
         model = split_model(model_name, size)
         local, nbytes = exchange_seconds(in_process(model), model, 32, repeats)
         real = split_model(model_name, size, identity_body=False)
@@ -133,7 +133,7 @@ def flower_round_trip(payload_bytes: int, repeats: int) -> list[float]:
     return times
 
 
-def round_wall_time(shared: Path, out: Path) -> dict:
+def round_wall_time(shared: Path, out: Path, train_samples: int, test_samples: int) -> dict:
     from flwr.simulation import run_simulation
 
     from sfprompt.flower import client_app, server_app
@@ -143,7 +143,7 @@ def round_wall_time(shared: Path, out: Path) -> dict:
     torch.set_num_threads(2)
     config = Config(dataset="fashion-mnist", data_dir=str(shared / "data"),
                     weights=str(shared / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"),
-                    train_samples=2500, test_samples=1000, clients=10, clients_per_round=10, rounds=1, device="cpu")
+                    train_samples=train_samples, test_samples=test_samples, clients=10, clients_per_round=10, rounds=1, device="cpu")
     result = {}
     for name in ("in-process", "flower"):
         config_n = config.replace(out=str(out / name))
@@ -163,14 +163,20 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
     parser.add_argument("--out", type=Path, default=Path("runs/runtime"))
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--train-samples", type=int, default=2500)
+    parser.add_argument("--test-samples", type=int, default=1000)
     parser.add_argument("--markdown", type=Path, default=Path("docs/benchmarks/runtime.md"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    overhead = channel_overhead(args.repeats)
-    rounds = round_wall_time(args.shared, args.out)
+    overhead = channel_overhead(args.cases, args.repeats)
+    rounds = round_wall_time(args.shared, args.out, args.train_samples, args.test_samples)
     (args.out / "runtime.json").write_text(json.dumps({"overhead": overhead, "round": rounds}, indent=2) + "\n")
 
-    lines = [f"Command: `python benchmarks/runtime.py`; {cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+    changed = [f"--{name.replace('_', '-')} {' '.join(value) if name == 'cases' else value}"  # what re-runs it
+               for name, value in vars(args).items()
+               if name in ("repeats", "cases", "train_samples", "test_samples") and value != parser.get_default(name)]
+    lines = [command_line(" ".join(["python benchmarks/runtime.py", *changed])),
              "",
              "| one split-training exchange (forward + backward), transport only | bytes | in-process (codec) "
              "| body channel (gRPC, another process) | channel overhead | as 2 Flower message round trips "
@@ -180,8 +186,8 @@ def main() -> None:
         lines.append(f"| {r['case']} | {r['bytes_per_exchange'] / 1e6:.2f} MB | {1e3 * r['in_process_s']:.1f} ms "
                      f"| {1e3 * r['channel_s']:.1f} ms | {1e3 * (r['channel_s'] - r['in_process_s']):+.1f} ms "
                      f"| {1e3 * r['flower_message_s']:.0f} ms | {1e3 * r['real_body_compute_s']:.0f} ms |")
-    lines += ["", "| one SFPrompt round, 10 clients, ViT-S/14 on Fashion-MNIST (2,500 samples) | round wall time "
-              "| whole run (setup included) | accuracy | MB up | MB down |", "|---|---|---|---|---|---|"]
+    lines += ["", f"| one SFPrompt round, 10 clients, ViT-S/14 on Fashion-MNIST ({args.train_samples:,} samples) "
+              "| round wall time | whole run (setup included) | accuracy | MB up | MB down |", "|---|---|---|---|---|---|"]
     for name, r in rounds.items():
         lines.append(f"| {name} | {r['round_s']:.0f} s | {r['total_s']:.0f} s | {r['accuracy']:.4f} "
                      f"| {r['bytes_up'] / 1e6:.1f} | {r['bytes_down'] / 1e6:.1f} |")

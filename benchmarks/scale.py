@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,10 +42,8 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=None, help="default: the whole training set")
     parser.add_argument("--markdown", type=Path, default=Path("docs/benchmarks/scale.md"))
     args = parser.parse_args()
-    import torch
-
     from sfprompt.config import Config
-    from write_benchmarks import cpu_name, in_fresh_process, publish
+    from write_benchmarks import command_line, in_fresh_process, publish
 
     rows = []
     for alpha in (None, 0.5):
@@ -59,7 +56,7 @@ def main() -> None:
             print(rows[-1], file=sys.stderr)
 
     samples = f"{args.train_samples:,}" if args.train_samples else "all 60,000"
-    lines = [f"Command: `python benchmarks/scale.py`; {cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}. "
+    lines = [command_line("python benchmarks/scale.py") + ". "
              f"Setting up a run's federation (`federation.prepare`) in a fresh process: Fashion-MNIST ({samples} training "
              "images), ViT-S/14 at 28 px, the number of clients changed and nothing else. Memory is what set-up adds "
              "to the process (after imports); per idle client is its growth over the smallest count, divided by "

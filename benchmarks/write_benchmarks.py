@@ -40,6 +40,13 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} CPU cores, {threads} thread{'s' * (threads != 1)} a run, torch {torch.__version__}"
 
 
+def command_line(command: str) -> str:
+    """How a process benchmark's report opens: the command that re-runs it and the machine that ran it."""
+    import torch
+
+    return f"Command: `{command}`; {cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
 def memory_mib() -> dict[str, float]:
     """This process's resident memory now and at its peak (VmHWM: unlike getrusage's maxrss, it does
     not inherit the parent's peak across fork and exec)."""

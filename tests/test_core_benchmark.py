@@ -1,7 +1,7 @@
 """`bash benchmarks/core.sh`, the README's "Measured" and BENCHMARKS.md's ablations, end to end at a
 tiny size: runs for every seed, a finished run not redone, an interrupted one continued from its
 checkpoint, the table of means and spreads, the document; and compare.sh, precision.sh, heterogeneous.sh,
-wire.sh, pruning.sh, clientapp.py, scale.py and flower_scale.py at a small size."""
+wire.sh, pruning.sh, clientapp.py, scale.py, runtime.py and flower_scale.py at a small size."""
 
 import json
 
@@ -108,6 +108,24 @@ def test_the_scale_benchmark_measures_each_client_count_in_a_fresh_process(tmp_p
 def test_the_precision_benchmark_runs_each_precision_and_writes_its_report(tmp_path):
     run_report("precision.sh", tmp_path, "iid iid-bf16", JOBS="2")
     assert saved_config(tmp_path, "iid-bf16")["precision"] == "bf16"
+
+
+@pytest.mark.slow
+@needs_shared
+def test_the_runtime_benchmark_times_the_transports_and_one_round_in_both_runtimes(tmp_path):
+    markdown = tmp_path / "runtime.md"
+    done = run_python_benchmark("runtime.py", "--shared", str(SHARED), "--cases", "vit-s-56", "--repeats", "2",
+                                "--train-samples", "100", "--test-samples", "40", "--out", str(tmp_path / "runs"),
+                                "--markdown", str(markdown))
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = markdown.read_text()
+    assert text.startswith("Command: `python benchmarks/runtime.py --repeats 2 --cases vit-s-56 --train-samples 100 "
+                           "--test-samples 40`")
+    exchange = next(line.split(" | ") for line in text.splitlines() if line.startswith("| ViT-S/14"))
+    assert exchange[1] == "1.92 MB"  # bytes do not depend on the machine: BENCHMARKS.md's figure
+    rounds = {line.split(" | ")[0]: line.split(" | ")[3:] for line in text.splitlines()
+              if line.startswith(("| in-process", "| flower"))}
+    assert rounds["| flower"] == rounds["| in-process"]  # accuracy and bytes the same under Flower
 
 
 @pytest.mark.slow
