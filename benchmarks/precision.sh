@@ -8,12 +8,8 @@
 #   bash benchmarks/precision.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-table=$(mktemp)
-OUT=${OUT:-results/precision} ROWS=${ROWS:-iid iid-bf16 iid-fp16} JOBS=${JOBS:-9} TABLE=$table DOC= bash benchmarks/core.sh
-device=$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU', 'torch', torch.__version__)")
-{
-  echo "Command: \`bash benchmarks/precision.sh\`; $device. core.sh's iid setting with the server's body in fp32, bf16 and fp16 mixed precision (rows iid, iid-bf16, iid-fp16), every run on this device; wall seconds are of ${JOBS:-9} runs sharing it."
-  echo
-  cat "$table"
-} > "${REPORT:=docs/benchmarks/precision.md}"
-cat "$REPORT"
+source benchmarks/lib.sh
+OUT=${OUT:-results/precision}
+ROWS=${ROWS:-iid iid-bf16 iid-fp16}
+export JOBS=${JOBS:-9}
+rows_report precision "core.sh's iid setting with the server's body in fp32, bf16 and fp16 mixed precision (rows iid, iid-bf16, iid-fp16), every run on this device; wall seconds are of $JOBS runs sharing it."
