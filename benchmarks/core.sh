@@ -59,19 +59,9 @@ options() {  # the options of one row: the defaults, changed in one thing
   esac
 }
 
-one_run() {  # one row and seed: done before, continued from its checkpoint, or run
-  local row=$1 seed=$2 run="$OUT/$1/seed-$2"
-  if [ -f "$run/summary.json" ]; then echo "$run: done before"; return; fi
-  mkdir -p "$OUT/$row"
-  if [ -f "$run/checkpoint.safetensors" ]; then  # interrupted: continue after its last complete round
-    echo "$run: continuing"
-    sfprompt run --resume "$run" --no-progress >> "$run.log" 2>&1 || { echo "$run failed: see $run.log" >&2; return 1; }
-    return
-  fi
-  echo "$run ..."
+one_run() {  # one row and seed
   # shellcheck disable=SC2046
-  sfprompt run "${common[@]}" $(options "$row") "${size[@]}" --seed "$seed" --out "$run" > "$run.log" 2>&1 \
-    || { echo "$run failed: see $run.log" >&2; return 1; }
+  run_once "$OUT/$1/seed-$2" "$OUT/$1/seed-$2.log" "${common[@]}" $(options "$1") "${size[@]}" --seed "$2"
 }
 
 for row in $ROWS; do

@@ -1,5 +1,21 @@
 # Shell helpers the benchmark scripts share; each script sources this file after `cd` to the repository.
 
+# run_once RUN LOG OPTIONS...: `sfprompt run OPTIONS --out RUN`, its output in LOG, unless RUN holds a finished run;
+# one interrupted after a checkpoint continues from it, so that a benchmark can be stopped and restarted at any time.
+run_once() {
+  local run=$1 log=$2
+  shift 2
+  if [ -f "$run/summary.json" ]; then echo "$run: done before"; return; fi
+  mkdir -p "$(dirname "$run")"
+  if [ -f "$run/checkpoint.safetensors" ]; then
+    echo "$run: continuing after its last complete round"
+    sfprompt run --resume "$run" --no-progress >> "$log" 2>&1 || { echo "$run failed: see $log" >&2; return 1; }
+    return
+  fi
+  echo "$run ..."
+  sfprompt run "$@" --out "$run" > "$log" 2>&1 || { echo "$run failed: see $log" >&2; return 1; }
+}
+
 # wait_for_lane JOBS: returns once fewer than JOBS background runs are running; stops the script if one failed.
 wait_for_lane() {
   while [ "$(jobs -rp | wc -l)" -ge "$1" ]; do wait -n || exit 1; done

@@ -4,8 +4,9 @@
 # 10 clients, 5 a round, IID, 5 rounds), then attacked by `sfprompt audit --from` its finished run
 # of seed 0 (an attacker who knows the defence); then seeds 1 and 2 of every row, for the accuracy's
 # mean and spread; `fl` once, as the reference for client FLOPs. A finished run or audit is not
-# redone, so an interrupted benchmark continues where it stopped, and the table can be written at any
-# point from what is finished (it says how many seeds each accuracy rests on).
+# redone and an interrupted run continues after its last complete round (each run's log is beside it),
+# so the benchmark can be stopped and restarted at any time, and the table can be written at any point
+# from what is finished (it says how many seeds each accuracy rests on).
 #
 #   bash benchmarks/privacy.sh            # about 6 hours on two CPU cores (2 for seed 0 alone)
 #   SHARED=/path/to/shared OUT=results/privacy SEEDS="0" ROWS="none pool-2" bash benchmarks/privacy.sh
@@ -15,6 +16,7 @@
 # audit, and DOC names the document written (a test runs the whole script at a tiny size this way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/lib.sh
 SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/privacy}
 SEEDS=${SEEDS:-0 1 2}
@@ -42,15 +44,14 @@ rows=(
     "label-epsilon-3|--client-blocks 0 --pool-tokens 0 --label-epsilon 3"
 )
 
-# train NAME SEED OPTIONS...: one run, unless it finished before.
+# train NAME SEED OPTIONS...: one run (its log beside it), unless it finished before; an interrupted one continues.
 train() {
     local name=$1 seed=$2
     shift 2
-    [ -f "$OUT/$name/seed-$seed/summary.json" ] ||
-        sfprompt run "${common[@]}" "$@" --seed "$seed" --out "$OUT/$name/seed-$seed"
+    run_once "$OUT/$name/seed-$seed" "$OUT/$name/seed-$seed.log" "${common[@]}" "$@" --seed "$seed"
 }
 
-[ -f "$OUT/fl/summary.json" ] || sfprompt run "${common[@]}" --method fl --out "$OUT/fl"
+run_once "$OUT/fl" "$OUT/fl.log" "${common[@]}" --method fl
 for seed in $SEEDS; do
     for row in "${rows[@]}"; do
         name=${row%%|*}
