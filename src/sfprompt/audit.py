@@ -42,7 +42,7 @@ from .client import Client
 from .codec import Message, encode
 from .config import Config, ConfigError
 from .data import Transformed, stratified_subset
-from .defence import activation_epsilon
+from .defence import Defence, activation_epsilon
 from .federation import Federation, client_seed, prepare
 from .inprocess import client_round
 from .meter import DOWN, UP, PeakMemory
@@ -147,13 +147,7 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     started = time.perf_counter()
     options.check(config)
     fed = prepare(config)
-    global_params = fed.method.new_params(fed.model).to(fed.device)
-    local_head = None
-    if from_dir is not None:
-        saved = load_file(str(from_dir / "global.safetensors"))
-        global_params.load_state_dict({k: v for k, v in saved.items() if not k.startswith("body.")})
-        if (from_dir / checkpoint.FILE).is_file():
-            local_head = checkpoint.load(from_dir).local_heads.get(options.victim)
+    global_params, local_head = _trained(fed, from_dir, options.victim)
     log(f"audit of {config.method} ({fed.description}): client {options.victim}'s messages, "
         f"{'params of ' + str(from_dir) if from_dir else 'initial params'}")
     seen = witness(fed, global_params, options.victim, local_head)
@@ -161,13 +155,8 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
 
     mean, std = fed.normalisation["mean"], fed.normalisation["std"]
     to_pixels = lambda x: (x.cpu() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)).clamp(0, 1)  # noqa: E731
-    aux_data = Transformed(fed.data.test, fed.transform)
-    aux_index = stratified_subset(fed.data.test_labels, options.aux_samples, options.seed)
-    aux = torch.stack([to_pixels(aux_data[int(i)][0]) for i in tqdm(aux_index, desc="audit: auxiliary images",
-                                                                     leave=False, disable=not progress)])
-    aux_labels = torch.as_tensor(fed.data.test_labels[aux_index])
-    channels = 1 if float((aux - aux[:, :1]).abs().max()) < 1e-4 else aux.shape[1]  # the attacker sees it is grayscale
-    aux = aux[:, :channels]
+    aux, aux_labels = _auxiliary(fed, options, to_pixels, progress)
+    channels = aux.shape[1]
 
     upload = fed.method.new_params(fed.model)
     upload.load_state_dict({k: v.cpu() for k, v in seen.upload.tensors.items()})
@@ -186,36 +175,15 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     observed = torch.stack([received[seen.positions == p].mean(0) for p in chosen])
     originals = torch.stack([to_pixels(seen.images[int(p)])[:channels] for p in chosen])
     labels = torch.stack([seen.labels[seen.positions == p][0] for p in chosen])
-    generator = torch.Generator().manual_seed(options.seed)
-
-    reconstructions: dict[str, torch.Tensor] = {}
-    skipped: dict[str, str] = {}
     class_means = torch.stack([aux[aux_labels == c].mean(0) for c in range(fed.model.num_classes)])
-    reconstructions["class_mean"] = class_means[labels]
-    estimate, why = attacks.affine_attack(sim, observed, aux, defence.noise_std**2 / sends)
-    if estimate is None:
-        skipped["affine"] = why
-    else:
-        reconstructions["affine"] = estimate
-    reconstructions["optimisation"] = attacks.optimisation_attack(sim, observed, aux.mean(0), options.steps, progress)
-    reconstructions["learned"] = attacks.learned_attack(sim, observed, aux, sends, options.inversion_epochs,
-                                                        generator, progress)
+    reconstructions, skipped = _reconstruct(sim, observed, aux, defence.noise_std**2 / sends, sends, options, progress)
+    reconstructions = {"class_mean": class_means[labels], **reconstructions}
 
     candidates = _gallery(fed, chosen, seen, options, to_pixels, channels)
-    scores = {name: _scores(images, originals, candidates) for name, images in reconstructions.items()}
-    attacks_only = [s for name, s in scores.items() if name != "class_mean"]
-    best = {"psnr": torch.stack([s["psnr"] for s in attacks_only]).amax(0),
-            "ssim": torch.stack([s["ssim"] for s in attacks_only]).amax(0),
-            "reidentified": torch.stack([s["reidentified"] for s in attacks_only]).any(0)}
-    reconstruction = {name: _summary(s) for name, s in scores.items()} | {"best": _summary(best)}
+    scores, reconstruction = _scored(reconstructions, originals, candidates)
     reconstruction |= {name: {"skipped": why} for name, why in skipped.items()}
 
-    guesses = attacks.label_attacks(upload.tail, seen.rows, seen.grads, seen.positions, fed.model.num_classes,
-                                    defence.keep_probability(fed.model.num_classes))
-    truth = torch.stack([seen.labels[seen.positions == p][0] for p in seen.positions.unique()])
-    label_accuracy = {name: float((guess == truth).float().mean()) for name, guess in guesses.items()}
-    label_accuracy["best_attack"] = max(label_accuracy["gradient"], label_accuracy["gradient_with_prior"])
-    label_accuracy["advantage"] = label_accuracy["best_attack"] - label_accuracy["label_free"]
+    label_accuracy, samples_sent = _label_accuracy(upload.tail, seen, fed.model.num_classes, defence)
 
     releases = config.split_epochs * config.rounds
     epsilon = activation_epsilon(defence.noise_multiplier, releases, config.dp_delta)
@@ -226,7 +194,7 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
         "victim_client_blocks": fed.clients[options.victim].model.client_blocks,  # its split point
         "images_attacked": len(chosen),
         "sends_per_image": sends,
-        "samples_sent": len(truth),
+        "samples_sent": samples_sent,
         "gallery": options.gallery,
         "chance_reidentification": 1 / options.gallery,
         "aux_images": len(aux),
@@ -238,7 +206,7 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
         "label_privacy": {"epsilon": defence.label_epsilon,
                           "keep_probability": defence.keep_probability(fed.model.num_classes)},
         "reconstruction": reconstruction,
-        "labels": {"samples": len(truth), **label_accuracy},
+        "labels": {"samples": samples_sent, **label_accuracy},
         "seconds": time.perf_counter() - started,
     }
     out = Path(config.out)
@@ -247,6 +215,71 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     _picture(out / "audit.png", originals, reconstructions, scores)
     log(summary_line(result) + f"; results in {out.resolve() / 'audit.json'}")
     return result
+
+
+def _trained(fed: Federation, from_dir: Path | None, victim: int) -> tuple[torch.nn.Module, dict | None]:
+    """The global parameters the victim's round starts from (a finished run's, from `from_dir`, else the initial
+    ones) and the victim's private local classifier in that run, if it checkpointed one."""
+    global_params = fed.method.new_params(fed.model).to(fed.device)
+    if from_dir is None:
+        return global_params, None
+    saved = load_file(str(from_dir / "global.safetensors"))
+    global_params.load_state_dict({k: v for k, v in saved.items() if not k.startswith("body.")})
+    local_head = checkpoint.load(from_dir).local_heads.get(victim) if (from_dir / checkpoint.FILE).is_file() else None
+    return global_params, local_head
+
+
+def _auxiliary(fed: Federation, options: AuditOptions, to_pixels: Callable,
+               progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attacker's own images (a class-stratified draw from the test split, never the victim's) as pixels in
+    [0, 1], one channel when they are grayscale (which the attacker sees), and their labels."""
+    data = Transformed(fed.data.test, fed.transform)
+    index = stratified_subset(fed.data.test_labels, options.aux_samples, options.seed)
+    aux = torch.stack([to_pixels(data[int(i)][0]) for i in tqdm(index, desc="audit: auxiliary images", leave=False,
+                                                                 disable=not progress)])
+    channels = 1 if float((aux - aux[:, :1]).abs().max()) < 1e-4 else aux.shape[1]
+    return aux[:, :channels], torch.as_tensor(fed.data.test_labels[index])
+
+
+def _reconstruct(sim: attacks.Simulator, observed: torch.Tensor, aux: torch.Tensor, noise_var: float, sends: int,
+                 options: AuditOptions, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each attack's reconstructions of the observed images, and why an attack that cannot apply was skipped."""
+    reconstructions, skipped = {}, {}
+    estimate, why = attacks.affine_attack(sim, observed, aux, noise_var)
+    if estimate is None:
+        skipped["affine"] = why
+    else:
+        reconstructions["affine"] = estimate
+    reconstructions["optimisation"] = attacks.optimisation_attack(sim, observed, aux.mean(0), options.steps, progress)
+    reconstructions["learned"] = attacks.learned_attack(sim, observed, aux, sends, options.inversion_epochs,
+                                                        torch.Generator().manual_seed(options.seed), progress)
+    return reconstructions, skipped
+
+
+def _scored(reconstructions: dict[str, torch.Tensor], originals: torch.Tensor,
+            candidates: torch.Tensor) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Each reconstruction's per-image scores against the originals (and the re-identification gallery) and their
+    summaries, with `best`: image by image, the best any attack reached (the class-mean image is a reference,
+    not an attack)."""
+    scores = {name: _scores(images, originals, candidates) for name, images in reconstructions.items()}
+    attacks_only = [s for name, s in scores.items() if name != "class_mean"]
+    best = {"psnr": torch.stack([s["psnr"] for s in attacks_only]).amax(0),
+            "ssim": torch.stack([s["ssim"] for s in attacks_only]).amax(0),
+            "reidentified": torch.stack([s["reidentified"] for s in attacks_only]).any(0)}
+    return scores, {name: _summary(s) for name, s in scores.items()} | {"best": _summary(best)}
+
+
+def _label_accuracy(tail: torch.nn.Module, seen: Witnessed, num_classes: int,
+                    defence: Defence) -> tuple[dict[str, float], int]:
+    """How often each label attack names the true label of a sample the victim sent, the best attack's advantage
+    over guessing without the messages, and how many samples it sent."""
+    guesses = attacks.label_attacks(tail, seen.rows, seen.grads, seen.positions, num_classes,
+                                    defence.keep_probability(num_classes))
+    truth = torch.stack([seen.labels[seen.positions == p][0] for p in seen.positions.unique()])
+    accuracy = {name: float((guess == truth).float().mean()) for name, guess in guesses.items()}
+    accuracy["best_attack"] = max(accuracy["gradient"], accuracy["gradient_with_prior"])
+    accuracy["advantage"] = accuracy["best_attack"] - accuracy["label_free"]
+    return accuracy, len(truth)
 
 
 def summary_line(result: dict) -> str:
