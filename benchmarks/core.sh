@@ -18,7 +18,8 @@
 # A finished run is not redone and an interrupted one continues after its last complete round, so the
 # benchmark can be stopped and restarted at any time. JOBS runs that many at once (default 1). SIZE
 # appends options to every run, TABLE and DOC name the table and the document written (DOC empty:
-# only the table; a test runs the script at a tiny size).
+# only the table; a test runs the script at a tiny size), and HEADER opens the table (default: this
+# command and the machine; empty: the table alone, as the scripts that report core.sh's rows want it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/lib.sh
@@ -75,6 +76,8 @@ wait_for_all
 mkdir -p docs/benchmarks
 rows=(); for row in $ROWS; do rows+=("$OUT/$row"); done
 TABLE=${TABLE:-docs/benchmarks/ablations.md}
-python benchmarks/table.py "${rows[@]}" | tee "$TABLE"
+HEADER=${HEADER-"Command: \`bash benchmarks/core.sh\`; $(python benchmarks/write_benchmarks.py --machine)."}
+{ if [ -n "$HEADER" ]; then echo "$HEADER"; echo; fi; python benchmarks/table.py "${rows[@]}"; } > "$TABLE"
+cat "$TABLE"
 DOC=${DOC-BENCHMARKS.md}
 if [ -n "$DOC" ]; then python benchmarks/write_benchmarks.py --update-reports "$DOC" "$TABLE"; fi

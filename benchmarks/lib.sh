@@ -33,7 +33,7 @@ wait_for_all() {
 rows_report() {
   local name=$1 intro=$2 table
   table=$(mktemp)
-  OUT=${OUT:-results/core} ROWS=$ROWS TABLE=$table DOC= bash benchmarks/core.sh
+  OUT=${OUT:-results/core} ROWS=$ROWS TABLE=$table DOC= HEADER= bash benchmarks/core.sh
   {
     echo "Command: \`bash benchmarks/$name.sh\`; $(python benchmarks/write_benchmarks.py --machine). $intro"
     echo

@@ -37,7 +37,9 @@ def test_the_ablation_benchmark_reruns_and_writes_its_table(tmp_path):
     variables = dict(DOC=str(document), TABLE=str(tmp_path / "ablations.md"), ROWS="iid iid-sgd", SEEDS="0 1")
     done = run_benchmark("core.sh", tmp_path, **variables)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line for line in (tmp_path / "ablations.md").read_text().splitlines() if line.startswith("| iid")]
+    table = (tmp_path / "ablations.md").read_text()
+    assert table.startswith("Command: `bash benchmarks/core.sh`; ") and " a run, torch " in table.splitlines()[0]
+    rows = [line for line in table.splitlines() if line.startswith("| iid")]
     assert [row.split(" | ")[1] for row in rows] == ["0,1", "0,1"] and all("±" in row for row in rows)
     text = document.read_text()
     assert text.startswith("# Benchmarks\n\n## iid\n\nthe comparison\n\n## ") and "stale" not in text  # the reports follow
