@@ -11,9 +11,10 @@ audit pictures are copied to docs/privacy/ beside the document.
 
 import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
+
+from table import spread  # the script's folder is on sys.path
 
 START, END = "<!-- privacy-table -->", "<!-- /privacy-table -->"
 OPTIONS = ("client_blocks", "pool_tokens", "shuffle_tokens", "clip_norm", "noise_multiplier", "label_epsilon")
@@ -32,10 +33,9 @@ def options(config: dict) -> str:
 
 
 def accuracy(row: Path) -> str:
+    """The mean final accuracy over the row's seeds and its spread, as every table here writes it."""
     finals = [json.loads(s.read_text())["final_accuracy"] for s in sorted(row.glob("seed-*/summary.json"))]
-    if len(finals) == 1:
-        return f"{finals[0]:.3f} (1 seed)"
-    return f"{statistics.mean(finals):.3f} ± {statistics.stdev(finals):.3f} ({len(finals)} seeds)"
+    return f"{spread(finals, 3)} ({len(finals)} seed{'s' * (len(finals) != 1)})"
 
 
 def line(row: Path, fl_flops: float, document: Path) -> str:
