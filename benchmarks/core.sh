@@ -76,7 +76,7 @@ wait_for_all
 mkdir -p docs/benchmarks
 rows=(); for row in $ROWS; do rows+=("$OUT/$row"); done
 TABLE=${TABLE:-docs/benchmarks/ablations.md}
-HEADER=${HEADER-"Command: \`bash benchmarks/core.sh\`; $(python benchmarks/write_benchmarks.py --machine)."}
+HEADER=${HEADER-$(command_header core)}
 { if [ -n "$HEADER" ]; then echo "$HEADER"; echo; fi; python benchmarks/table.py "${rows[@]}"; } > "$TABLE"
 cat "$TABLE"
 DOC=${DOC-BENCHMARKS.md}

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 source benchmarks/lib.sh
 ROWS=${ROWS:-iid iid-client-blocks-2 iid-mixed-budgets}
 report_notes() {  # the split points each seed drew
-  for log in "${OUT:-results/core}"/iid-mixed-budgets/seed-*.log; do
+  for log in "$OUT"/iid-mixed-budgets/seed-*.log; do
     if [ -f "$log" ]; then echo "- $(basename "$log" .log): $(grep -o 'split points.*' "$log" | head -1)"; fi
   done
 }

@@ -26,6 +26,11 @@ wait_for_all() {
   wait_for_lane 1
 }
 
+# command_header NAME: the line a report of `bash benchmarks/NAME.sh` opens with, naming the machine that ran it.
+command_header() {
+  echo "Command: \`bash benchmarks/$1.sh\`; $(python benchmarks/write_benchmarks.py --machine)."
+}
+
 # rows_report NAME INTRO: runs core.sh's rows named in ROWS (every seed in SEEDS; runs done before, in the
 # same OUT, default results/core, are reused) and writes docs/benchmarks/NAME.md (REPORT names another file):
 # the command that re-runs it and the machine, INTRO, whatever a `report_notes` function the script defines
@@ -33,9 +38,10 @@ wait_for_all() {
 rows_report() {
   local name=$1 intro=$2 table
   table=$(mktemp)
-  OUT=${OUT:-results/core} ROWS=$ROWS TABLE=$table DOC= HEADER= bash benchmarks/core.sh
+  : "${OUT:=results/core}"  # report_notes reads the runs there too
+  OUT=$OUT ROWS=$ROWS TABLE=$table DOC= HEADER= bash benchmarks/core.sh
   {
-    echo "Command: \`bash benchmarks/$name.sh\`; $(python benchmarks/write_benchmarks.py --machine). $intro"
+    echo "$(command_header "$name") $intro"
     echo
     if declare -F report_notes > /dev/null; then report_notes; echo; fi
     cat "$table"
