@@ -174,8 +174,8 @@ def main() -> None:
     (args.out / "runtime.json").write_text(json.dumps({"overhead": overhead, "round": rounds}, indent=2) + "\n")
 
     changed = [f"--{name.replace('_', '-')} {' '.join(value) if name == 'cases' else value}"  # what re-runs it
-               for name, value in vars(args).items()
-               if name in ("repeats", "cases", "train_samples", "test_samples") and value != parser.get_default(name)]
+               for name in ("repeats", "cases", "train_samples", "test_samples")
+               if (value := getattr(args, name)) != parser.get_default(name)]
     lines = [command_line(" ".join(["python benchmarks/runtime.py", *changed])),
              "",
              "| one split-training exchange (forward + backward), transport only | bytes | in-process (codec) "
