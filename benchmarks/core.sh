@@ -48,6 +48,7 @@ options() {  # the options of one row: the defaults, changed in one thing
     iid-prune-received) echo "--rounds 5 --prune-scores received" ;;  # scored before the self-update
     dirichlet-0.5-prune-by-size) echo "--rounds 10 --alpha 0.5 --prune-keep by-size" ;;  # IID clients are all one size
     dirichlet-0.5-prune-random) echo "--rounds 10 --alpha 0.5 --prune-keep random" ;;
+    dirichlet-0.5-keep-all) echo "--rounds 10 --alpha 0.5 --keep-ratio 1" ;;  # no pruning under skew
     iid-client-blocks-2) echo "--rounds 5 --client-blocks 2" ;;
     iid-mixed-budgets) echo "--rounds 5 --client-budgets 0.05,0.5,1.0" ;;  # heads of 0, 2 and 5 blocks
     iid-shared-once) echo "--rounds 5 --shared-rows once" ;;  # the wire format's rows (wire.sh)
