@@ -6,7 +6,9 @@ against one `BodyServer`, as a network channel's threads would (the codec and th
 out: benchmarks/runtime.py measures those). Throughput is body samples a second, forward and backward
 both; the centralised reference runs N x BATCH samples through the body's forward and backward in one
 call, with no server around it. Each --precision is measured the same way (its speed-up is the ratio
-of its rows to fp32's). A configuration that runs out of device memory is reported as such.
+of its rows to fp32's). The batched server's passes through the body per exchange (forward and
+backward, warm-up included) say whether its batches held every client: 2 when they did. A
+configuration that runs out of device memory is reported as such.
 
     python benchmarks/body_batching.py                      # ViT-S/14 at 56 px on this machine's CPU
     python benchmarks/body_batching.py --model vit_base_patch16_224 --image-size 224 \
@@ -62,8 +64,9 @@ def centralised(model: SplitViT, samples: int, steps: int, device: torch.device)
 
 
 def served(model: SplitViT, clients: int, batch: int, steps: int, window_s: float | None,
-           device: torch.device) -> float:
-    """Samples a second of `clients` concurrent clients, each running `steps` exchanges of `batch` samples."""
+           device: torch.device) -> tuple[float, float]:
+    """Samples a second of `clients` concurrent clients, each running `steps` exchanges of `batch` samples,
+    and the server's passes through the body per exchange."""
     server = BodyServer(model, Meter(), device, batch_window_s=window_s)
     sessions = [server.admit(str(k)) for k in range(clients)]
     tokens = [torch.randn(batch, model.layout.length, model.layout.width, device=device) for _ in range(clients)]
@@ -92,7 +95,8 @@ def served(model: SplitViT, clients: int, batch: int, steps: int, window_s: floa
         if errors:
             raise errors[0]
 
-    return _timed(lambda: round_of(steps), clients * batch * steps, 1, device, warm_up=lambda: round_of(1))
+    rate = _timed(lambda: round_of(steps), clients * batch * steps, 1, device, warm_up=lambda: round_of(1))
+    return rate, sum(server.passes.values()) / (steps + 1)
 
 
 def _timed(step, samples_per_step: int, steps: int, device: torch.device, warm_up=None) -> float:
@@ -105,11 +109,12 @@ def _timed(step, samples_per_step: int, steps: int, device: torch.device, warm_u
     return samples_per_step * steps / (time.perf_counter() - started)
 
 
-def measure(what, device: torch.device) -> float | str:
+def measure(what, device: torch.device, values: int = 1):
+    """What `what` returns (`values` values), or 'out of memory' in place of each."""
     try:
         return what()
     except torch.OutOfMemoryError:
-        return "out of memory"
+        return "out of memory" if values == 1 else ("out of memory",) * values
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -140,22 +145,23 @@ def main() -> None:
              f"{args.window_s * 1000:g} ms), and one centralised batch of N x {args.batch_size} samples through the "
              "same body with no server around it.", "",
              "| precision | clients | one at a time | batched | centralised batch | batched / centralised "
-             "| batched / one at a time |", "|---|---|---|---|---|---|---|"]
+             "| batched / one at a time | body passes an exchange, batched |", "|---|---|---|---|---|---|---|---|"]
     for precision in args.precision:
         model = split_model(args.model, args.image_size, precision, device)
         for clients in args.clients:
             central = measure(lambda: centralised(model, clients * args.batch_size, args.steps, device), device)
-            alone = measure(lambda: served(model, clients, args.batch_size, args.steps, None, device), device)
-            batched = measure(lambda: served(model, clients, args.batch_size, args.steps, args.window_s, device), device)
+            alone = measure(lambda: served(model, clients, args.batch_size, args.steps, None, device)[0], device)
+            batched, passes = measure(lambda: served(model, clients, args.batch_size, args.steps, args.window_s, device),
+                                      device, values=2)
             cells = [_rate(v) for v in (alone, batched, central)]
             ratios = [_ratio(batched, central), _ratio(batched, alone)]
-            lines.append(f"| {precision} | {clients} | " + " | ".join(cells + ratios) + " |")
+            lines.append(f"| {precision} | {clients} | " + " | ".join(cells + ratios) + f" | {_rate(passes, '.1f')} |")
             print(lines[-1], flush=True)
     publish(lines, args.markdown or Path(f"docs/benchmarks/batching-{device.type}.md"))
 
 
-def _rate(value: float | str) -> str:
-    return value if isinstance(value, str) else f"{value:,.0f}"
+def _rate(value: float | str, form: str = ",.0f") -> str:
+    return value if isinstance(value, str) else format(value, form)
 
 
 def _ratio(a: float | str, b: float | str) -> str:

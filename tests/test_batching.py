@@ -104,6 +104,26 @@ def test_concurrent_clients_run_as_one_batch_and_get_their_own_answers_and_flops
     assert server.pending == 0
 
 
+def test_clients_arriving_one_after_another_within_the_window_of_each_other_make_one_batch():
+    """The window is a pause: a batch whose clients come 50 ms apart is not cut after 200 ms (a deadline
+    from the first arrival cut it in two, and each phase then paid two passes through the body)."""
+    _, model = tiny_split()
+    clients = range(8)
+    server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=0.2)
+    sessions = {client: Session(server, client) for client in clients}
+
+    def work(client):
+        time.sleep(0.05 * client)
+        tokens = tokens_of(model, client, 2)
+        rows = sessions[client].request("forward", "tokens", tokens)
+        return rows, sessions[client].request("backward", "grad", grad_of(rows, client))
+
+    answers = concurrently(server, work, clients)
+    assert not [answer for answer in answers.values() if isinstance(answer, Exception)]
+    assert server.passes == {"forward": 1, "backward": 1}
+    assert server.pending == 0
+
+
 def test_clients_with_heads_of_different_depths_are_batched_by_split_point_and_answered_as_alone():
     _, model = tiny_split(client_blocks=0)
     splits = {0: 0, 1: 2, 2: 2, 3: 0}

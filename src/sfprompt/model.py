@@ -281,13 +281,15 @@ class SplitViT:
         shared = slice(0, self.layout.patch_rows.start)
         return {**self.wire.pack("tokens", tokens[:, self.layout.patch_rows]), **self.wire.pack("shared", tokens[0, shared])}
 
-    def unpack_tokens(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The (B, L, D) float32 tokens a forward carries, checked (`ProtocolError`): the server's side of `pack_tokens`."""
+    def unpack_tokens(self, tensors: dict[str, torch.Tensor], check_values: bool = True) -> torch.Tensor:
+        """The (B, L, D) float32 tokens a forward carries, checked (`ProtocolError`; `WireFormat.unpack` says
+        what `check_values` leaves out): the server's side of `pack_tokens`."""
         width = self.layout.width
         if not self.shares_rows:
-            return self.wire.unpack(tensors, {"tokens": (None, self.layout.length, width)})["tokens"]
+            return self.wire.unpack(tensors, {"tokens": (None, self.layout.length, width)}, check_values)["tokens"]
         shared_rows = self.layout.patch_rows.start
-        got = self.wire.unpack(tensors, {"tokens": (None, self.layout.patches, width), "shared": (shared_rows, width)})
+        got = self.wire.unpack(tensors, {"tokens": (None, self.layout.patches, width), "shared": (shared_rows, width)},
+                               check_values)
         images = got["tokens"]
         return torch.cat([got["shared"].expand(len(images), shared_rows, width), images], dim=1)
 

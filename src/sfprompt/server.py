@@ -10,17 +10,24 @@ Every request is checked before it touches the body: the client must hold a sess
 message must be of a known kind with exactly the tensors the wire format names (`wire.WireFormat`:
 its dtypes, shared rows once or not), finite, and of the expected shape with at most `max_batch`
 samples; replies travel in the same format. Anything else raises `ProtocolError`, which
-a network channel returns to that client alone; the server keeps serving the others.
+a network channel returns to that client alone; the server keeps serving the others. The values are
+checked when the request's batch is about to run, with one read for the whole batch (reading a
+value waits for the device: one wait a batch, not one a request).
 
 Batching (`batch_window_s`): requests from concurrent clients (a network channel calls from many
-threads) that arrive within the window, or while the body is busy, run through the body as one
-batch, and each client gets its own rows back. It is exact to float tolerance: every body operation
-acts on each sample alone (attention within a sample, LayerNorm per token), so a client's rows and
-its input gradient depend only on its own samples. A backward uses the graph of the batch its
-forward ran in, with zero gradient for the other members' rows; it does not wait for them, so a slow
-or failed client delays no one beyond the window, and the graph is freed when every member has sent
-its backward or expired. FLOPs are counted per client as if run alone (`_counted`). Off (None) by default: then
-requests run one at a time, and a run gives the same numbers bit for bit whatever the timing.
+threads) run through the body as one batch, and each client gets its own rows back. A batch gathers
+until every client that could send such a request has (a backward from each client whose forward
+awaits one, a forward from each other client with a session), `max_batch` samples, or no request
+came for the window (a pause, not a deadline from the first: 32 clients arriving one after another
+outlasted a 10 ms deadline, and the batch cut in two stayed two, each phase paying two passes
+through the body); requests that arrive while the body is busy wait for the next batch. It is exact
+to float tolerance: every body operation acts on each sample alone (attention within a sample,
+LayerNorm per token), so a client's rows and its input gradient depend only on its own samples. A
+backward uses the graph of the batch its forward ran in, with zero gradient for the other members'
+rows; it waits for them no longer than a pause of the window, so a slow or failed client delays no
+one beyond that, and the graph is freed when every member has sent its backward or expired (a
+backward from the graph's last member frees it as it runs; `passes` counts the body's passes). FLOPs are counted per client as if run alone (`_counted`). Off (None) by default:
+then requests run one at a time, and a run gives the same numbers bit for bit whatever the timing.
 
 Clients may end their heads at different blocks (heterogeneous budgets: `splits`): a session is
 admitted with its client's split point, the body runs the blocks after it for that client, and its
@@ -41,6 +48,7 @@ import math
 import secrets
 import threading
 import time
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -68,6 +76,7 @@ class _Graph:
 
     def __init__(self, tokens: torch.Tensor, rows: torch.Tensor, split: SplitViT) -> None:
         self.tokens, self.rows, self.split = tokens, rows, split
+        self.owing = 0  # members whose backward has not come: the last one need not keep the graph
 
 
 class _Pending:
@@ -80,10 +89,12 @@ class _Pending:
 class _Request:
     """A validated request on its way through the body; `done` is set once it has a reply or an error."""
 
-    def __init__(self, client: str, session: list, kind: str, tensor: torch.Tensor,
+    def __init__(self, client: str, session: list, kind: str, tensor: torch.Tensor, carried: dict[str, torch.Tensor],
                  pending: _Pending | None = None) -> None:
         self.client, self.session, self.kind, self.tensor, self.pending = client, session, kind, tensor, pending
         self.split: SplitViT = session[2]  # where this client's head ends, fixed when it was admitted
+        self.carried = carried  # the tensors as they came: their values are checked with the batch
+        self.values_ok = self.split.wire.values_ok(carried)  # not read yet
         self.reply: Message | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -128,10 +139,11 @@ class BodyServer:
         self._lock = threading.RLock()
         self._compute = threading.Lock()  # batching: one batch in the body at a time
         self._queued: dict[str, list[_Request]] = {"forward": [], "backward": []}  # batching: waiting requests
-        self._arrived = threading.Condition()
+        self._arrived = threading.Condition(self._lock)  # batching: a request was queued
         # client id -> [its body copy, its optimiser, samples trained] for this round (--train-body).
         self._copies: dict[str, list] = {}
         self._flops_per_sample: dict[tuple, int] = {}  # (kind, split point) -> the body's FLOPs per sample
+        self.passes: Counter[str] = Counter()  # 'forward' / 'backward' -> passes through the body so far
 
     def end_round(self) -> None:
         """Fold this round's per-client body copies into the shared body (nothing if it is frozen),
@@ -184,33 +196,49 @@ class BodyServer:
                 request = self._check(message)
                 self._run([request])
         else:
-            with self._lock:
-                self._expire()
-                request = self._check(message)
-            self._join_batch(request)
+            request = self._join_batch(message)
         return request.result()
 
-    def _join_batch(self, request: _Request) -> None:
-        """Wait in the queue of this request's kind; the first to arrive leads: it gathers what comes
-        within the window (or until every client with a session has a request there, or max_batch
-        samples), then runs them all."""
+    def _join_batch(self, message: Message) -> _Request:
+        """Check the request and queue it by its kind, in one step under the server's lock (a gathering
+        batch counts each client as owing a request or as queued, never neither); the first in the
+        queue leads: it gathers until every client that could send such a request has, max_batch
+        samples, or a pause of the window, then runs them all."""
         with self._arrived:
+            self._expire()
+            request = self._check(message)
             queue = self._queued[request.kind]
             queue.append(request)
             self._arrived.notify_all()
-            leads = len(queue) == 1
-        if not leads:
+            if len(queue) > 1:
+                batch = None
+            else:
+                batch = self._gather(queue)
+        if batch is None:
             request.done.wait()
-            return
-        deadline = time.monotonic() + self.batch_window_s
-        with self._arrived:
-            while (len(queue) < len(self._sessions) and sum(len(r.tensor) for r in queue) < self.max_batch
-                   and (left := deadline - time.monotonic()) > 0):
-                self._arrived.wait(left)
-            batch = queue[:]
-            queue.clear()
-        with self._compute:
-            self._run(batch)
+        else:
+            with self._compute:
+                self._run(batch)
+        return request
+
+    def _gather(self, queue: list[_Request]) -> list[_Request]:
+        """The leader's wait (holding `_arrived`): the queue's requests once it is complete or paused."""
+        arrived, deadline, kind = 0, 0.0, queue[0].kind
+        while len(queue) < self._could_send(kind) and sum(len(r.tensor) for r in queue) < self.max_batch:
+            if len(queue) > arrived:
+                arrived, deadline = len(queue), time.monotonic() + self.batch_window_s
+            if (left := deadline - time.monotonic()) <= 0:
+                break
+            self._arrived.wait(left)
+        batch = queue[:]
+        queue.clear()
+        return batch
+
+    def _could_send(self, kind: str) -> int:
+        """How many requests of `kind` a batch gathering now could hold: a backward from every client whose
+        forward awaits one (those queued already left `_pending`), a forward from every other client."""
+        owing = len(self._pending)
+        return owing + len(self._queued["backward"]) if kind == "backward" else len(self._sessions) - owing
 
     def _expire(self) -> None:
         stale = time.monotonic() - self.pending_timeout_s
@@ -224,15 +252,16 @@ class BodyServer:
         session = self._sessions[client]
         split: SplitViT = session[2]
         if message.kind == "forward":
-            tokens = split.unpack_tokens(message.tensors)
+            tokens = split.unpack_tokens(message.tensors, check_values=False)
             if len(tokens) > self.max_batch:
                 raise ProtocolError(f"a forward of {len(tokens)} samples; at most {self.max_batch} are served")
-            return _Request(client, session, "forward", tokens)
+            return _Request(client, session, "forward", tokens, message.tensors)
         pending = self._pending.pop(client, None)
         if pending is None:
             raise ProtocolError(f"backward from client {client} without a pending forward")
-        grad = split.wire.unpack(message.tensors, {"grad": tuple(pending.graph.rows[pending.samples].shape)})["grad"]
-        return _Request(client, session, "backward", grad, pending)
+        grad = split.wire.unpack(message.tensors, {"grad": tuple(pending.graph.rows[pending.samples].shape)},
+                                 check_values=False)["grad"]
+        return _Request(client, session, "backward", grad, message.tensors, pending)
 
     def _check_session(self, meta: dict) -> str:
         client, session, seq = meta.get("client"), meta.get("session"), meta.get("seq")
@@ -248,18 +277,32 @@ class BodyServer:
         return client
 
     def _run(self, batch: list[_Request]) -> None:
-        """Run a batch of requests of one kind through the body, then answer each."""
+        """Run a batch of requests of one kind through the body (less those whose values fail their
+        checks: each is refused alone), then answer each."""
         try:
-            if batch[0].kind == "forward":
-                self._forward(batch)
-            else:
-                self._backward(batch)
+            valid = self._with_valid_values(batch)
+            if valid and valid[0].kind == "forward":
+                self._forward(valid)
+            elif valid:
+                self._backward(valid)
         except Exception as err:  # the body failed (out of memory, say): every member of this batch is told
             for request in batch:
                 request.error = request.error or err
         finally:
             for request in batch:
                 request.done.set()
+
+    def _with_valid_values(self, batch: list[_Request]) -> list[_Request]:
+        """The members whose values pass `WireFormat.check_values`, read once for the batch; the others
+        get its `ProtocolError`."""
+        oks = torch.stack([request.values_ok.to(self.device) for request in batch]).tolist()
+        for request, ok in zip(batch, oks):
+            if not ok:
+                try:
+                    request.split.wire.check_values(request.carried)
+                except ProtocolError as fault:
+                    request.error = fault
+        return [request for request in batch if request.error is None]
 
     def _still_admitted(self, request: _Request) -> bool:
         """Whether the request's session outlived its trip through the body (not forgotten, round not ended)."""
@@ -278,6 +321,7 @@ class BodyServer:
         with torch.enable_grad():
             rows = self._counted(("forward", split.client_blocks), lambda: body(tokens)[:, self.layout.tail_rows],
                                  len(tokens))  # (B, R, D)
+        self.passes["forward"] += 1
         graph, start = _Graph(tokens, rows, split), 0
         with self._lock:
             for request in batch:
@@ -285,6 +329,7 @@ class BodyServer:
                 start = samples.stop
                 if self._still_admitted(request):
                     self._pending[request.client] = _Pending(graph, samples)
+                    graph.owing += 1
                     request.reply = Message("body_output", split.wire.pack("rows", rows[samples]))
 
     def _backward(self, batch: list[_Request]) -> None:
@@ -298,10 +343,14 @@ class BodyServer:
         for request in members:
             grad[request.pending.samples] = request.tensor.to(self.device)
         scale = self._grad_scale(grad)
+        with self._lock:
+            graph.owing -= len(members)
+            keep = graph.owing > 0 or scale != 1  # for members still to come, or fp16's retry
+        self.passes["backward"] += 1
 
         def backward() -> None:
             graph.tokens.grad = None
-            graph.rows.backward(grad * scale if scale != 1 else grad, retain_graph=True)
+            graph.rows.backward(grad * scale if scale != 1 else grad, retain_graph=keep)
 
         self._counted(("backward", graph.split.client_blocks), backward, len(graph.tokens),
                       sum(len(request.tensor) for request in members))

@@ -13,7 +13,9 @@ backward through the broadcast computes anyway. Exact to float rounding. Off, ev
 every row, as the paper's protocol does.
 
 Receiving is validation: `unpack` accepts exactly the tensors the format names, in its dtypes and
-the expected shape, finite, or raises `ProtocolError` (the body server refuses the request).
+the expected shape, finite, or raises `ProtocolError` (the body server refuses the request). The
+checks of the values read them, which waits for the device they are on; a receiver of many requests
+(the batching body server) can leave them out of `unpack` and read `values_ok` once for a batch.
 """
 
 from __future__ import annotations
@@ -60,14 +62,40 @@ class WireFormat:
                                 "use --wire-dtype bfloat16")
         return {name: packed}
 
-    def unpack(self, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int | None, ...]]) -> dict[str, torch.Tensor]:
+    def unpack(self, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int | None, ...]],
+               check_values: bool = True) -> dict[str, torch.Tensor]:
         """The float32 tensors named in `shapes`, carried in `tensors` and checked: exactly the tensors the
-        format names, in its dtypes, of the expected shape (None: any length, at least 1) and finite;
-        `ProtocolError` otherwise."""
+        format names, in its dtypes, of the expected shape (None: any length, at least 1) and, unless
+        `check_values` is False (the caller then checks `values_ok`), finite; `ProtocolError` otherwise."""
         expected = set().union(*(self.names(name) for name in shapes))
         if set(tensors) != expected:
             raise ProtocolError(f"expected the tensors {sorted(expected)} ({self.dtype} on the wire), got {sorted(tensors)}")
-        return {name: self._unpack(tensors, name, shape) for name, shape in shapes.items()}
+        unpacked = {name: self._unpack(tensors, name, shape) for name, shape in shapes.items()}
+        if check_values:
+            self.check_values(tensors)
+        return unpacked
+
+    def values_ok(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Whether every value check of `unpack` passes, as a boolean tensor on the tensors' device (not
+        read yet: reading it waits for that device)."""
+        return torch.stack([ok for ok, _ in self._value_checks(tensors)]).all()
+
+    def check_values(self, tensors: dict[str, torch.Tensor]) -> None:
+        """`ProtocolError` naming the first value check of `unpack` that fails."""
+        for ok, fault in self._value_checks(tensors):
+            if not bool(ok):
+                raise ProtocolError(fault)
+
+    def _value_checks(self, tensors: dict[str, torch.Tensor]):
+        """(a boolean tensor, what it means when False) for each check of the values (finite; an int8
+        scale non-negative; an int8 level in the symmetric range)."""
+        for name, tensor in sorted(tensors.items()):
+            if name.endswith(_SCALE):
+                yield (torch.isfinite(tensor) & (tensor >= 0)).all(), f"{name} holds negative or non-finite values"
+            elif self.dtype == "int8":
+                yield (tensor != -128).all(), f"{name} holds -128, outside the symmetric int8 range"
+            else:
+                yield torch.isfinite(tensor).all(), f"{name} holds non-finite values"
 
     def _unpack(self, tensors: dict[str, torch.Tensor], name: str, shape: tuple[int | None, ...]) -> torch.Tensor:
         tensor = tensors[name]
@@ -78,15 +106,9 @@ class WireFormat:
             expected = tuple("B" if s is None else s for s in shape)
             raise ProtocolError(f"{name} of shape {tuple(tensor.shape)}, expected {expected} with B >= 1")
         if self.dtype != "int8":
-            if not bool(torch.isfinite(tensor).all()):
-                raise ProtocolError(f"{name} holds non-finite values")
             return tensor.float()
         scale = tensors[name + _SCALE]
         if scale.dtype != torch.float32 or tuple(scale.shape) != (*tensor.shape[:-1], 1):
             raise ProtocolError(f"{name}{_SCALE} of dtype {scale.dtype} and shape {tuple(scale.shape)}, expected "
                                 f"float32 of shape {(*tensor.shape[:-1], 1)}")
-        if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
-            raise ProtocolError(f"{name}{_SCALE} holds negative or non-finite values")
-        if bool((tensor == -128).any()):
-            raise ProtocolError(f"{name} holds -128, outside the symmetric int8 range")
         return tensor.float() * scale
