@@ -12,6 +12,7 @@ from sfprompt.channel import BodyChannelServer, ChannelLink
 from sfprompt.codec import Message, ProtocolError
 from sfprompt.config import ConfigError
 from sfprompt.meter import Meter
+from sfprompt.model import SplitViT
 from sfprompt.server import BodyServer
 from sfprompt.transport import SessionLink
 
@@ -199,15 +200,33 @@ def test_a_malformed_request_is_refused_alone_and_a_late_client_gets_its_exact_a
     assert server.pending == 0
 
 
+def test_under_fp16_a_non_finite_gradient_is_refused_before_it_could_spoil_the_batchs_scale():
+    vit, _ = tiny_split()
+    model = SplitViT(vit, 3, 0, 0, precision="fp16")  # the scale is read from the batch's gradient
+    server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=30.0)
+    sessions = {client: Session(server, client) for client in range(2)}
+
+    def work(client):
+        rows = sessions[client].request("forward", "tokens", tokens_of(model, client, 2))
+        grad = grad_of(rows, client)
+        if client == 0:
+            grad[0, 0, 0] = float("nan")
+        return sessions[client].request("backward", "grad", grad)
+
+    answers = concurrently(server, work, sessions)
+    assert isinstance(answers[0], ProtocolError) and "non-finite" in str(answers[0])
+    assert torch.isfinite(answers[1]).all()
+
+
 def test_a_forgotten_client_in_a_batch_gets_an_error_and_leaves_nothing_held():
     _, model = tiny_split()
     server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=0.0)
     session = Session(server, 0)
     forward = server._forward
 
-    def forget_during(batch):  # the runtime drops the client while its batch is in the body
+    def forget_during(batch, checks):  # the runtime drops the client while its batch is in the body
         server.forget("0")
-        forward(batch)
+        forward(batch, checks)
 
     server._forward = forget_during
     with pytest.raises(ProtocolError, match="session ended"):

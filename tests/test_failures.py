@@ -11,7 +11,7 @@ import sfprompt.runner as runner_module
 from sfprompt import checkpoint
 from sfprompt.channel import BodyChannelServer, ChannelLink
 from sfprompt.client import Client, ClientFailure
-from sfprompt.codec import Message, decode, encode
+from sfprompt.codec import Message, ProtocolError, decode, encode
 from sfprompt.meter import Meter
 from sfprompt.federation import prepare
 from sfprompt.runner import RoundFailed, run
@@ -69,6 +69,19 @@ def test_forget_frees_a_failed_clients_pending_forward_and_body_copy(imagefolder
     before = {k: v.clone() for k, v in fed.model.body.state_dict().items()}
     server.end_round()  # nothing of the failed client's copy is averaged in
     assert all(torch.equal(before[k], v) for k, v in fed.model.body.state_dict().items())
+
+
+def test_a_non_finite_gradient_is_refused_before_it_steps_a_trained_body(imagefolder, tmp_path):
+    fed = prepare(tiny_config(imagefolder, tmp_path, method="sfl", train_body=True))
+    server = BodyServer(fed.model, Meter(), torch.device("cpu"), body_optimizer=lambda body: torch.optim.SGD(body.parameters(), 0.1))
+    meta = {"client": "7", "session": server.admit("7")}
+    tokens = torch.randn(2, fed.model.layout.length, fed.model.layout.width)
+    rows = server.handle(Message("forward", {"tokens": tokens}, {**meta, "seq": 1})).tensors["rows"]
+    body = server._copies["7"][0]
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    with pytest.raises(ProtocolError, match="non-finite"):
+        server.handle(Message("backward", {"grad": torch.full_like(rows, float("nan"))}, {**meta, "seq": 2}))
+    assert all(torch.equal(before[k], v) for k, v in body.state_dict().items())
 
 
 def test_a_client_past_the_timeout_is_dropped(imagefolder, tmp_path, monkeypatch):

@@ -10,9 +10,12 @@ Every request is checked before it touches the body: the client must hold a sess
 message must be of a known kind with exactly the tensors the wire format names (`wire.WireFormat`:
 its dtypes, shared rows once or not), finite, and of the expected shape with at most `max_batch`
 samples; replies travel in the same format. Anything else raises `ProtocolError`, which
-a network channel returns to that client alone; the server keeps serving the others. The values are
-checked when the request's batch is about to run, with one read for the whole batch (reading a
-value waits for the device: one wait a batch, not one a request).
+a network channel returns to that client alone; the server keeps serving the others. The checks of
+the values (finite, in range) are computed where the tensors are and read once a batch, after the
+body's work for it is queued: a host that waits for the device before queuing leaves a GPU idle
+while it queues. A request that fails them is refused before any reply, and its values reach no
+other client's answer (each sample goes through the body alone, below). When the work itself would
+use them (a trained body's step, fp16's gradient scale), they are read before it.
 
 Batching (`batch_window_s`): requests from concurrent clients (a network channel calls from many
 threads) run through the body as one batch, and each client gets its own rows back. A batch gathers
@@ -84,6 +87,38 @@ class _Pending:
 
     def __init__(self, graph: _Graph, samples: slice) -> None:
         self.graph, self.samples, self.since = graph, samples, time.monotonic()
+
+
+class _ValueChecks:
+    """A batch's value checks (`WireFormat.values_ok`), copied to the host ahead of the body's work for
+    the batch, so that reading them once that work is queued waits for the copy, not for the work."""
+
+    def __init__(self, batch: list[_Request], device: torch.device) -> None:
+        self.batch, self._read = batch, False
+        flags = [request.values_ok for request in batch]
+        flags = torch.stack(flags if len({flag.device for flag in flags}) == 1 else [f.to(device) for f in flags])
+        self._copied: torch.cuda.Event | None = None
+        if flags.is_cuda:
+            self._host = torch.empty(len(batch), dtype=torch.bool, pin_memory=True)
+            self._host.copy_(flags, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host = flags
+
+    def refuse_invalid(self) -> None:
+        """Give each member whose values fail its `ProtocolError` (the first call reads; later ones do nothing)."""
+        if self._read:
+            return
+        self._read = True
+        if self._copied is not None:
+            self._copied.synchronize()
+        for request, ok in zip(self.batch, self._host.tolist()):
+            if not ok:
+                try:
+                    request.split.wire.check_values(request.carried)
+                except ProtocolError as fault:
+                    request.error = fault
 
 
 class _Request:
@@ -277,32 +312,23 @@ class BodyServer:
         return client
 
     def _run(self, batch: list[_Request]) -> None:
-        """Run a batch of requests of one kind through the body (less those whose values fail their
-        checks: each is refused alone), then answer each."""
+        """Run a batch of requests of one kind through the body, then answer each (a member whose values
+        fail their checks is refused alone)."""
         try:
-            valid = self._with_valid_values(batch)
+            checks = _ValueChecks(batch, self.device)
+            if self.body_optimizer is not None or self.body.precision == "fp16":
+                checks.refuse_invalid()  # the work would use them: a trained body's step, fp16's gradient scale
+            valid = [request for request in batch if request.error is None]
             if valid and valid[0].kind == "forward":
-                self._forward(valid)
+                self._forward(valid, checks)
             elif valid:
-                self._backward(valid)
+                self._backward(valid, checks)
         except Exception as err:  # the body failed (out of memory, say): every member of this batch is told
             for request in batch:
                 request.error = request.error or err
         finally:
             for request in batch:
                 request.done.set()
-
-    def _with_valid_values(self, batch: list[_Request]) -> list[_Request]:
-        """The members whose values pass `WireFormat.check_values`, read once for the batch; the others
-        get its `ProtocolError`."""
-        oks = torch.stack([request.values_ok.to(self.device) for request in batch]).tolist()
-        for request, ok in zip(batch, oks):
-            if not ok:
-                try:
-                    request.split.wire.check_values(request.carried)
-                except ProtocolError as fault:
-                    request.error = fault
-        return [request for request in batch if request.error is None]
 
     def _still_admitted(self, request: _Request) -> bool:
         """Whether the request's session outlived its trip through the body (not forgotten, round not ended)."""
@@ -311,32 +337,33 @@ class BodyServer:
         request.error = ProtocolError(f"client {request.client}'s session ended while its request ran")
         return False
 
-    def _forward(self, batch: list[_Request]) -> None:
+    def _forward(self, batch: list[_Request], checks: _ValueChecks) -> None:
         for members in _grouped(batch, lambda r: r.split.client_blocks):  # heads ending elsewhere: other blocks
-            self._forward_through(members[0].split, members)
+            self._forward_through(members[0].split, members, checks)
 
-    def _forward_through(self, split: SplitViT, batch: list[_Request]) -> None:
+    def _forward_through(self, split: SplitViT, batch: list[_Request], checks: _ValueChecks) -> None:
         tokens = torch.cat([request.tensor for request in batch]).to(self.device).requires_grad_(True)
         body = self._body_for(batch[0])
         with torch.enable_grad():
             rows = self._counted(("forward", split.client_blocks), lambda: body(tokens)[:, self.layout.tail_rows],
                                  len(tokens))  # (B, R, D)
         self.passes["forward"] += 1
+        checks.refuse_invalid()
         graph, start = _Graph(tokens, rows, split), 0
         with self._lock:
             for request in batch:
                 samples = slice(start, start + len(request.tensor))
                 start = samples.stop
-                if self._still_admitted(request):
+                if request.error is None and self._still_admitted(request):
                     self._pending[request.client] = _Pending(graph, samples)
                     graph.owing += 1
                     request.reply = Message("body_output", split.wire.pack("rows", rows[samples]))
 
-    def _backward(self, batch: list[_Request]) -> None:
+    def _backward(self, batch: list[_Request], checks: _ValueChecks) -> None:
         for members in _grouped(batch, lambda r: id(r.pending.graph)):
-            self._backward_through(members[0].pending.graph, members)
+            self._backward_through(members[0].pending.graph, members, checks)
 
-    def _backward_through(self, graph: _Graph, members: list[_Request]) -> None:
+    def _backward_through(self, graph: _Graph, members: list[_Request], checks: _ValueChecks) -> None:
         """Backpropagate the members' gradients through the graph their forwards ran in (the other
         rows' gradient zero; the graph is kept for members still to come)."""
         grad = torch.zeros_like(graph.rows)
@@ -366,9 +393,10 @@ class BodyServer:
             entry[2] += len(members[0].tensor)
         token_grad = graph.tokens.grad
         graph.tokens.grad = None
+        checks.refuse_invalid()
         with self._lock:
             for request in members:
-                if self._still_admitted(request):
+                if request.error is None and self._still_admitted(request):
                     grad = token_grad[request.pending.samples]
                     request.reply = Message("input_grad", graph.split.pack_input_grad(grad / scale if scale != 1 else grad))
 
