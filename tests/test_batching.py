@@ -186,7 +186,7 @@ def test_a_malformed_request_is_refused_alone_and_a_late_client_gets_its_exact_a
     def work(client):
         tokens = tokens_of(model, client, SIZES[client])
         if client == 0:
-            tokens[0, 0, 0] = float("nan")  # refused before it reaches the batch
+            tokens[0, 0, 0] = float("nan")  # refused before any reply, alone
         rows = sessions[client].request("forward", "tokens", tokens)
         if client == 2:
             time.sleep(1.0)  # slow: its backward comes after the others' batch ran

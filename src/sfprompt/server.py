@@ -5,7 +5,7 @@ the body output that the tail reads; the matching `backward` carrying their grad
 with the gradient of the tokens the client needs (only the prompt rows when the head holds no
 blocks, since nothing else on the client is trained).
 
-Every request is checked before it touches the body: the client must hold a session for this round
+Every request is checked before it is answered: the client must hold a session for this round
 (`admit`), with a sequence number above its last (a replayed or reordered request is refused), the
 message must be of a known kind with exactly the tensors the wire format names (`wire.WireFormat`:
 its dtypes, shared rows once or not), finite, and of the expected shape with at most `max_batch`
@@ -29,8 +29,9 @@ LayerNorm per token), so a client's rows and its input gradient depend only on i
 backward uses the graph of the batch its forward ran in, with zero gradient for the other members'
 rows; it waits for them no longer than a pause of the window, so a slow or failed client delays no
 one beyond that, and the graph is freed when every member has sent its backward or expired (a
-backward from the graph's last member frees it as it runs; `passes` counts the body's passes). FLOPs are counted per client as if run alone (`_counted`). Off (None) by default:
-then requests run one at a time, and a run gives the same numbers bit for bit whatever the timing.
+backward from the graph's last member frees it as it runs; `passes` counts the body's passes).
+FLOPs are counted per client as if run alone (`_counted`). Off (None) by default: then requests run
+one at a time, and a run gives the same numbers bit for bit whatever the timing.
 
 Clients may end their heads at different blocks (heterogeneous budgets: `splits`): a session is
 admitted with its client's split point, the body runs the blocks after it for that client, and its
