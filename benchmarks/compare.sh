@@ -3,12 +3,16 @@
 # the setting of benchmarks/compare.toml (Fashion-MNIST with the real pre-trained ViT-S/14 from ../shared, 10
 # clients, 5 a round), IID and Dirichlet(0.5), same data, partition and seed for every method, each method with
 # its tuned options from TUNED (default benchmarks/tuned.toml, written by benchmarks/tune.py) when that exists,
+# then those of the TOML files in OPTIONS (they add to and override TUNED's: say, the rounds each method runs),
 # with every seed in SEEDS (the mean and spread over them); then writes BENCHMARKS.md. JOBS (default 2) runs that
 # many partitions at once, each with OMP_NUM_THREADS (default: the cores shared out among them). METHODS names the
 # methods, SIZE appends options to every run and DOC names the document written (a test runs it at a tiny size).
 #
 #   bash benchmarks/compare.sh        # 48 runs, about 2.7 hours on two CPU cores
 #   SHARED=/path/to/shared OUT=results/compare ROUNDS=5 SEEDS="0 1 2" JOBS=1 bash benchmarks/compare.sh
+#   # the 10- and 20-round equal-cost columns (about 6.5 hours; benchmarks/equal-cost.toml says why):
+#   ROUNDS=20 OPTIONS=benchmarks/equal-cost.toml OUT=results/compare-long DOC=docs/benchmarks/comparison-long.md \
+#     bash benchmarks/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/lib.sh
@@ -24,7 +28,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores > JOBS ? cores / JOBS : 1 ))
 common=(--config benchmarks/compare.toml --data-dir "$SHARED/data"
         --weights "$SHARED/models/vit_small_patch14_dinov2.imgfocus.safetensors"
         --rounds "$ROUNDS" --seeds "$(echo $SEEDS | tr ' ' ,)" --target-accuracy 0.7 --no-progress)
-if [ -f "$TUNED" ]; then common+=(--method-options "$TUNED"); else echo "no $TUNED: every method runs with the defaults" >&2; fi
+method_options=()
+if [ -f "$TUNED" ]; then method_options+=("$TUNED"); else echo "no $TUNED: every method runs with the defaults" >&2; fi
+read -r -a more_options <<< "${OPTIONS:-}"
+method_options+=("${more_options[@]}")
+if [ ${#method_options[@]} -gt 0 ]; then common+=(--method-options "${method_options[@]}"); fi
 methods=${METHODS:-fl,fl-prompt,sl,sfl,sfl-train-body,sfprompt,sfprompt-no-local-loss,sfprompt-no-pruning}
 read -r -a size <<< "${SIZE:-}"
 
@@ -41,5 +49,5 @@ while read -r name options; do
 done <<< "iid
 dirichlet-0.5 --alpha 0.5"
 wait_for_all
-label="ROUNDS=$ROUNDS SEEDS=\"$SEEDS\"${METHODS:+ METHODS=$METHODS}"
+label="ROUNDS=$ROUNDS SEEDS=\"$SEEDS\"${METHODS:+ METHODS=$METHODS}${OPTIONS:+ OPTIONS=$OPTIONS}"
 python benchmarks/write_benchmarks.py "$OUT" "bash benchmarks/compare.sh ($label)" "${DOC:-BENCHMARKS.md}"

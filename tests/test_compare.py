@@ -94,6 +94,11 @@ def test_method_options_are_checked_before_anything_runs(tmp_path):
             load_method_options(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_method_options(tmp_path / "missing.toml")
+    rounds = tmp_path / "rounds.toml"
+    path.write_text('[fl]\nlr = 0.1\nrounds = 3\n\n[sl]\nlr = 0.2\n')
+    rounds.write_text("[fl]\nrounds = 5\n\n[sfprompt]\nrounds = 20\n")  # a later file adds and overrides
+    assert load_method_options(path, rounds) == {"fl": {"lr": 0.1, "rounds": 5}, "sl": {"lr": 0.2},
+                                                 "sfprompt": {"rounds": 20}}
     base = Config(out=str(tmp_path / "cmp"))
     with pytest.raises(ConfigError, match="fl: unknown option 'learning_rate'"):
         variant_config(base, "fl", {"fl": {"learning_rate": 0.1}})

@@ -58,12 +58,16 @@ def test_the_ablation_benchmark_reruns_and_writes_its_table(tmp_path):
 @pytest.mark.slow
 @needs_shared
 def test_the_comparison_benchmark_runs_both_partitions_at_once_and_writes_its_document(tmp_path):
-    document = tmp_path / "BENCHMARKS.md"
+    document, rounds = tmp_path / "BENCHMARKS.md", tmp_path / "rounds.toml"
+    rounds.write_text("[fl]\nrounds = 2\n")  # OPTIONS add to the tuned options: fl runs a round more than SIZE
     done = run_benchmark("compare.sh", tmp_path, METHODS="fl,sfprompt", SEEDS="0 1", JOBS="2", OMP_NUM_THREADS="1",
-                         DOC=str(document))
+                         OPTIONS=str(rounds), DOC=str(document))
     assert done.returncode == 0, done.stderr[-3000:]
     text = document.read_text()
-    assert text.startswith('# Benchmarks\n\nCommand: `bash benchmarks/compare.sh (ROUNDS=5 SEEDS="0 1" METHODS=fl,sfprompt)`')
+    assert text.startswith('# Benchmarks\n\nCommand: `bash benchmarks/compare.sh (ROUNDS=5 SEEDS="0 1" METHODS=fl,sfprompt '
+                           f'OPTIONS={rounds})`')
+    config = json.loads((tmp_path / "runs" / "iid" / "seed-0" / "fl" / "config.json").read_text())
+    assert config["rounds"] == 2 and config["lr"] == 0.001  # OPTIONS' rounds over tuned.toml's learning rate
     assert ", 1 thread a run, " in text and "seeds 0, 1." in text
     for partition in ("iid", "dirichlet-0.5"):
         for seed in (0, 1):

@@ -67,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", metavar="LIST",
                          help="run the whole comparison once per seed (comma-separated, each into --out/seed-S) and "
                               "report the mean and spread (default: --seed alone)")
-    compare.add_argument("--method-options", metavar="FILE",
-                         help="TOML file of options per method or variant, e.g. each one's tuned learning rates "
-                              "(`[fl]` then `backbone_lr = 3e-5`; a variant also takes its method's); written by "
-                              "benchmarks/tune.py")
+    compare.add_argument("--method-options", metavar="FILE", nargs="+",
+                         help="TOML files of options per method or variant, e.g. each one's tuned learning rates "
+                              "(`[fl]` then `backbone_lr = 3e-5`; a variant also takes its method's), as "
+                              "benchmarks/tune.py writes them; a later file adds to or overrides an earlier one")
     _add_config_flags(compare)
     cost = commands.add_parser("cost", help="per-client, per-round compute and communication of every method for "
                                "an architecture (random weights; --out FILE.json to save)")
@@ -201,7 +201,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> None:
         if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
             raise ConfigError(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
         names = compare.parse_methods(args.methods)
-        options = compare.load_method_options(args.method_options) if args.method_options else None
+        options = compare.load_method_options(*args.method_options) if args.method_options else None
         seeds = compare.parse_seeds(args.seeds) if args.seeds else None
         rows = compare.compare(config, names, args.target_accuracy,
                                lambda c: runner.run_or_reuse(c, progress=not args.no_progress), options, seeds)

@@ -43,23 +43,27 @@ def parse_methods(text: str) -> list[str]:
     return names
 
 
-def load_method_options(path: str | Path) -> dict[str, dict[str, Any]]:
-    """--method-options: a TOML table per method or variant of the options it runs with (each method's tuned
-    learning rates, as benchmarks/tune.py writes them), e.g. `[fl]` / `optimizer = "sgd"` / `backbone_lr = 0.003`."""
-    path = Path(path)
-    try:
-        tables = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--method-options: {path} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"--method-options: {path} is not valid TOML: {err}") from None
-    for name, table in tables.items():
-        if name not in METHODS and name not in VARIANTS or not isinstance(table, dict):
-            raise ConfigError(f"--method-options: {path} holds {name!r}; each entry must be a [table] named by a "
-                              f"method or variant ({', '.join([*METHODS, *VARIANTS])})")
-        if {"method", "out", "seed"} & {key.replace("-", "_") for key in table}:
-            raise ConfigError(f"--method-options: [{name}] may not set method, out or seed (the comparison sets them)")
-    return tables
+def load_method_options(*paths: str | Path) -> dict[str, dict[str, Any]]:
+    """--method-options: TOML files of a table per method or variant of the options it runs with (each
+    method's tuned learning rates, as benchmarks/tune.py writes them), e.g. `[fl]` / `optimizer = "sgd"` /
+    `backbone_lr = 0.003`. A later file adds to an earlier one's tables, or overrides an option in them (say,
+    the rounds each method runs, over the tuned learning rates)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for path in map(Path, paths):
+        try:
+            tables = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"--method-options: {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"--method-options: {path} is not valid TOML: {err}") from None
+        for name, table in tables.items():
+            if name not in METHODS and name not in VARIANTS or not isinstance(table, dict):
+                raise ConfigError(f"--method-options: {path} holds {name!r}; each entry must be a [table] named by a "
+                                  f"method or variant ({', '.join([*METHODS, *VARIANTS])})")
+            if {"method", "out", "seed"} & {key.replace("-", "_") for key in table}:
+                raise ConfigError(f"--method-options: [{name}] may not set method, out or seed (the comparison sets them)")
+            merged.setdefault(name, {}).update(table)
+    return merged
 
 
 def variant_config(base: Config, name: str, options: dict[str, dict[str, Any]] | None = None) -> Config:
