@@ -2,7 +2,9 @@
 SFPrompt's goals met or missed), followed by the reports other benchmarks keep in docs/benchmarks when they have
 been run: the tuning of benchmarks/tune.py, the ablations of benchmarks/core.sh, pruning.sh's choice of samples,
 heterogeneous.sh's split points, wire.sh's wire formats, and the runtime reports of benchmarks/runtime.py,
-body_load.py, body_batching.py, precision.sh, clientapp.py, scale.py and flower_scale.py.
+body_load.py, body_batching.py, precision.sh, clientapp.py, scale.py and flower_scale.py. A DOC of another name
+holds only its comparison (a second one, as the 20-round docs/benchmarks/comparison-long.md): its plots beside it,
+named after it, and its notes from DOC-STEM-notes.md beside it.
 
     python benchmarks/write_benchmarks.py results/compare "bash benchmarks/compare.sh" [DOC]  # BENCHMARKS.md
     python benchmarks/write_benchmarks.py --update-reports [DOC [ABLATIONS]]   # replace those sections only
@@ -90,19 +92,26 @@ def main() -> None:
     root, command = Path(sys.argv[1]), sys.argv[2]
     document = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("BENCHMARKS.md")
     with contextlib.redirect_stdout(io.StringIO()) as text:
-        comparison(root, command, document.parent)
-        reports(ABLATIONS)
+        comparison(root, command, document)
+        if is_main(document):
+            reports(ABLATIONS)
     document.write_text(text.getvalue())
 
 
-def comparison(root: Path, command: str, home: Path) -> None:
-    """compare.sh's section: command, machine, setting, then each partition's table and plots (copied to
-    docs/benchmarks under `home`, the document's folder, and linked from there)."""
-    figures = Path("docs/benchmarks")
+def is_main(document: Path) -> bool:
+    """BENCHMARKS.md holds the reports of every benchmark; another document only its comparison."""
+    return document.name == "BENCHMARKS.md"
+
+
+def comparison(root: Path, command: str, document: Path) -> None:
+    """compare.sh's section: command, machine, setting, then each partition's table and plots (copied beside the
+    `document` and linked from it: under docs/benchmarks for BENCHMARKS.md, else named after the document)."""
+    home = document.parent
+    figures, prefix = (Path("docs/benchmarks"), "") if is_main(document) else (Path(), f"{document.stem}-")
     (home / figures).mkdir(parents=True, exist_ok=True)
     summary = json.loads(next(root.rglob("summary.json")).read_text())
     seeds = sorted({int(folder.name.removeprefix("seed-")) for folder in root.glob("*/seed-*")}) or [summary["config"]["seed"]]
-    print("# Benchmarks\n")
+    print("# Benchmarks\n" if is_main(document) else f"# Benchmarks: {document.stem}\n")
     print(f"Command: `{command}`  ")
     print(f"Machine: {machine()}, {summary['versions']['platform']}; "
           f"timm {summary['versions']['timm']}, sfprompt {summary['versions']['sfprompt']}  ")
@@ -115,16 +124,17 @@ def comparison(root: Path, command: str, home: Path) -> None:
         print(f"## {partition.name}\n")
         print((partition / "comparison.md").read_text())
         for plot in ("accuracy_per_round", "accuracy_vs_bytes", "accuracy_vs_client_flops", "client_flops"):
-            target = figures / f"{partition.name}-{plot}.png"
+            target = figures / f"{prefix}{partition.name}-{plot}.png"
             shutil.copyfile(partition / f"{plot}.png", home / target)
             print(f"![{partition.name}: {plot.replace('_', ' ')}]({target.as_posix()})")
         print()
-    goals(root)
+    goals(root, Path("docs/benchmarks/comparison-notes.md") if is_main(document)
+          else document.with_name(f"{document.stem}-notes.md"))
 
 
-def goals(root: Path) -> None:
+def goals(root: Path, notes: Path) -> None:
     """SFPrompt's goals on this setting (issue 11), checked against each partition's table: how far each is met or
-    missed, then why (docs/benchmarks/comparison-notes.md, written by hand from these tables, when it exists)."""
+    missed, then why (the `notes`, written by hand from these tables, when they exist)."""
     lines = []
     for partition in sorted(p for p in root.iterdir() if (p / "comparison.csv").is_file()):
         with open(partition / "comparison.csv", newline="") as handle:
@@ -140,7 +150,6 @@ def goals(root: Path) -> None:
           "first reaches the target accuracy at most half SplitFed's and a tenth of fl's.\n")
     print("| partition | goal | sfprompt | bound | met |\n|---|---|---|---|---|")
     print("\n".join(lines) + "\n")
-    notes = Path("docs/benchmarks/comparison-notes.md")
     if notes.is_file():
         print(notes.read_text())
 

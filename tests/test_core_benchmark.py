@@ -82,6 +82,17 @@ def test_the_comparison_benchmark_runs_both_partitions_at_once_and_writes_its_do
         sfprompt, fl = (float(row.split(" | ")[1].split(" ± ")[0]) for row in rows[::-1])
         assert goal.endswith("| yes |" if sfprompt >= fl else f"| no: {(fl - sfprompt) * 100:.1f} points short |")
         assert f"| {partition} | MB to 0.70 ≤ 0.1 × fl's | " in text  # compare.sh's target, from comparison.csv
+    assert "\n## Runtime\n" in text  # BENCHMARKS.md holds the other benchmarks' reports too
+    second, notes = tmp_path / "docs" / "long.md", tmp_path / "docs" / "long-notes.md"
+    notes.write_text("Why, written by hand.\n")
+    again = run_python_benchmark("write_benchmarks.py", str(tmp_path / "runs"), "bash benchmarks/compare.sh (long)",
+                                 str(second))
+    assert again.returncode == 0, again.stderr[-3000:]
+    text = second.read_text()  # only its comparison: plots beside it, named after it, and its own notes
+    assert text.startswith("# Benchmarks: long\n\nCommand: `bash benchmarks/compare.sh (long)`")
+    assert "(long-iid-accuracy_vs_bytes.png)" in text and (tmp_path / "docs" / "long-iid-accuracy_vs_bytes.png").is_file()
+    assert "\n## Goals\n" in text and "Why, written by hand." in text
+    assert "\n## Runtime\n" not in text and "\n## Tuning\n" not in text
 
 
 @pytest.mark.slow
