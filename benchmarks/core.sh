@@ -12,7 +12,7 @@
 # Rows iid-bf16 and iid-fp16 (the server body's precision) are not in the default ROWS: a CPU without
 # bf16 arithmetic emulates it, many times slower; `bash benchmarks/precision.sh` runs them on a GPU.
 # Rows iid-client-blocks-2 and iid-mixed-budgets (split points) are `bash benchmarks/heterogeneous.sh`'s, rows
-# iid-shared-once and iid-wire-* (the wire format) `bash benchmarks/wire.sh`'s, rows iid-prune-* and
+# iid-shared-once, iid-wire-* and dirichlet-0.5-wire-int8 (the wire format) `bash benchmarks/wire.sh`'s, rows iid-prune-* and
 # dirichlet-0.5-prune-* (which samples pruning keeps) `bash benchmarks/pruning.sh`'s.
 #
 # A finished run is not redone and an interrupted one continues after its last complete round, so the
@@ -55,6 +55,7 @@ options() {  # the options of one row: the defaults, changed in one thing
     iid-wire-bfloat16) echo "--rounds 5 --shared-rows once --wire-dtype bfloat16" ;;
     iid-wire-float16) echo "--rounds 5 --shared-rows once --wire-dtype float16" ;;
     iid-wire-int8) echo "--rounds 5 --shared-rows once --wire-dtype int8" ;;
+    dirichlet-0.5-wire-int8) echo "--rounds 10 --alpha 0.5 --shared-rows once --wire-dtype int8" ;;  # under skew
     iid-bf16) echo "--rounds 5 --precision bf16" ;;
     iid-fp16) echo "--rounds 5 --precision fp16" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;

@@ -161,11 +161,13 @@ def test_the_flower_scale_benchmark_compares_both_runtimes(tmp_path):
 @pytest.mark.slow
 @needs_shared
 def test_the_wire_benchmark_runs_each_format_and_writes_its_report(tmp_path):
-    _, rows = run_report("wire.sh", tmp_path, "iid iid-wire-int8")
+    _, rows = run_report("wire.sh", tmp_path, "iid iid-wire-int8 dirichlet-0.5-wire-int8")
     up = 6  # MB up: int8 with the shared rows once sends less than a third of float32's
     assert float(rows["iid-wire-int8"][up]) < float(rows["iid"][up]) / 3
     config = saved_config(tmp_path, "iid-wire-int8")
     assert (config["wire_dtype"], config["shared_rows"]) == ("int8", "once")
+    config = saved_config(tmp_path, "dirichlet-0.5-wire-int8")
+    assert (config["wire_dtype"], config["shared_rows"], config["alpha"]) == ("int8", "once", 0.5)
 
 
 @pytest.mark.slow
