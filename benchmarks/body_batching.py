@@ -109,12 +109,12 @@ def _timed(step, samples_per_step: int, steps: int, device: torch.device, warm_u
     return samples_per_step * steps / (time.perf_counter() - started)
 
 
-def measure(what, device: torch.device, values: int = 1):
-    """What `what` returns (`values` values), or 'out of memory' in place of each."""
+def measure(what, device: torch.device, failed="out of memory"):
+    """What `what` returns, or `failed` (standing for each value it returns) when the device runs out of memory."""
     try:
         return what()
     except torch.OutOfMemoryError:
-        return "out of memory" if values == 1 else ("out of memory",) * values
+        return failed
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -152,7 +152,7 @@ def main() -> None:
             central = measure(lambda: centralised(model, clients * args.batch_size, args.steps, device), device)
             alone = measure(lambda: served(model, clients, args.batch_size, args.steps, None, device)[0], device)
             batched, passes = measure(lambda: served(model, clients, args.batch_size, args.steps, args.window_s, device),
-                                      device, values=2)
+                                      device, failed=("out of memory",) * 2)
             cells = [_rate(v) for v in (alone, batched, central)]
             ratios = [_ratio(batched, central), _ratio(batched, alone)]
             lines.append(f"| {precision} | {clients} | " + " | ".join(cells + ratios) + f" | {_rate(passes, '.1f')} |")
