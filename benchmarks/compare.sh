@@ -6,7 +6,8 @@
 # then those of the TOML files in OPTIONS (they add to and override TUNED's: say, the rounds each method runs),
 # with every seed in SEEDS (the mean and spread over them); then writes BENCHMARKS.md. JOBS (default 2) runs that
 # many partitions at once, each with OMP_NUM_THREADS (default: the cores shared out among them). METHODS names the
-# methods, SIZE appends options to every run and DOC names the document written (a test runs it at a tiny size).
+# methods, SIZE appends options to every run and DOC names the document written (one not named BENCHMARKS.md
+# holds only this comparison: benchmarks/write_benchmarks.py); a test runs it at a tiny size.
 #
 #   bash benchmarks/compare.sh        # 48 runs, about 2.7 hours on two CPU cores
 #   SHARED=/path/to/shared OUT=results/compare ROUNDS=5 SEEDS="0 1 2" JOBS=1 bash benchmarks/compare.sh

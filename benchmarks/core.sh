@@ -12,8 +12,8 @@
 # Rows iid-bf16 and iid-fp16 (the server body's precision) are not in the default ROWS: a CPU without
 # bf16 arithmetic emulates it, many times slower; `bash benchmarks/precision.sh` runs them on a GPU.
 # Rows iid-client-blocks-2 and iid-mixed-budgets (split points) are `bash benchmarks/heterogeneous.sh`'s, rows
-# iid-shared-once, iid-wire-* and dirichlet-0.5-wire-int8 (the wire format) `bash benchmarks/wire.sh`'s, rows iid-prune-* and
-# dirichlet-0.5-prune-* (which samples pruning keeps) `bash benchmarks/pruning.sh`'s.
+# iid-shared-once, iid-wire-* and dirichlet-0.5-wire-int8 (the wire format) `bash benchmarks/wire.sh`'s, rows
+# iid-prune-* and dirichlet-0.5-prune-* (which samples pruning keeps) `bash benchmarks/pruning.sh`'s.
 #
 # A finished run is not redone and an interrupted one continues after its last complete round, so the
 # benchmark can be stopped and restarted at any time. JOBS runs that many at once (default 1). SIZE

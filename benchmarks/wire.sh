@@ -7,7 +7,8 @@
 # runs core.sh has done (same OUT, default results/core) are reused. Writes docs/benchmarks/wire.md (REPORT
 # names another file), which BENCHMARKS.md includes.
 #
-#   bash benchmarks/wire.sh      # about 5 hours on two CPU cores beyond core.sh's iid and dirichlet-0.5 rows (JOBS=2 halves it)
+#   bash benchmarks/wire.sh   # about 5 hours on two CPU cores beyond core.sh's iid and dirichlet-0.5 rows
+#                             # (JOBS=2 halves it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/lib.sh
