@@ -32,13 +32,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine() -> str:
+def machine(threads: int | None = None) -> str:
     """What ran a benchmark: the GPU, or the CPU, its cores, the threads a run uses (OMP_NUM_THREADS: the same
-    seed gives slightly different numbers with another count) and torch's version."""
+    seed gives slightly different numbers with another count; this process's unless the runs recorded theirs)
+    and torch's version."""
     import torch
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads() if threads is None else threads
     return f"{name}, {os.cpu_count()} CPU cores, {threads} thread{'s' * (threads != 1)} a run, torch {torch.__version__}"
 
 
@@ -109,17 +110,22 @@ def comparison(root: Path, command: str, document: Path) -> None:
     home = document.parent
     figures, prefix = (Path("docs/benchmarks"), "") if is_main(document) else (Path(), f"{document.stem}-")
     (home / figures).mkdir(parents=True, exist_ok=True)
-    summary = json.loads(next(root.rglob("summary.json")).read_text())
+    summaries = [json.loads(path.read_text()) for path in sorted(root.rglob("summary.json"))]
+    summary = summaries[0]
     seeds = sorted({int(folder.name.removeprefix("seed-")) for folder in root.glob("*/seed-*")}) or [summary["config"]["seed"]]
+    rounds = sorted({run["config"]["rounds"] for run in summaries})
+    threads = {run.get("threads") for run in summaries}
     print("# Benchmarks\n" if is_main(document) else f"# Benchmarks: {document.stem}\n")
     print(f"Command: `{command}`  ")
-    print(f"Machine: {machine()}, {summary['versions']['platform']}; "
+    print(f"Machine: {machine(threads.pop() if len(threads) == 1 else None)}, {summary['versions']['platform']}; "
           f"timm {summary['versions']['timm']}, sfprompt {summary['versions']['sfprompt']}  ")
     config = summary["config"]
     print(f"Setting: {config['dataset']} ({config['train_samples']} train / {config['test_samples']} test samples), "
           f"{config['model']} at {config['image_size']} px from `{Path(config['weights']).name}`, "
-          f"{config['clients']} clients, {config['clients_per_round']} a round, {config['rounds']} rounds, "
-          f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}.\n")
+          f"{config['clients']} clients, {config['clients_per_round']} a round, "
+          + (f"{rounds[0]} rounds, " if len(rounds) == 1 else
+             f"{rounds[0]} to {rounds[-1]} rounds (each method's in its row), ")
+          + f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}.\n")
     for partition in sorted(p for p in root.iterdir() if (p / "comparison.md").is_file()):
         print(f"## {partition.name}\n")
         print((partition / "comparison.md").read_text())

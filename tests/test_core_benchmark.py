@@ -68,7 +68,7 @@ def test_the_comparison_benchmark_runs_both_partitions_at_once_and_writes_its_do
                            f'OPTIONS={rounds})`')
     config = json.loads((tmp_path / "runs" / "iid" / "seed-0" / "fl" / "config.json").read_text())
     assert config["rounds"] == 2 and config["lr"] == 0.001  # OPTIONS' rounds over tuned.toml's learning rate
-    assert ", 1 thread a run, " in text and "seeds 0, 1." in text
+    assert ", 1 thread a run, " in text and "1 to 2 rounds (each method's in its row), seeds 0, 1." in text
     for partition in ("iid", "dirichlet-0.5"):
         for seed in (0, 1):
             assert (tmp_path / "runs" / partition / f"seed-{seed}" / "sfprompt" / "summary.json").is_file()
