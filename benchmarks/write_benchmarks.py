@@ -112,8 +112,7 @@ def comparison(root: Path, command: str, document: Path) -> None:
     (home / figures).mkdir(parents=True, exist_ok=True)
     summaries = [json.loads(path.read_text()) for path in sorted(root.rglob("summary.json"))]
     summary = summaries[0]
-    seeds = sorted({int(folder.name.removeprefix("seed-")) for folder in root.glob("*/seed-*")}) or [summary["config"]["seed"]]
-    rounds = sorted({run["config"]["rounds"] for run in summaries})
+    seeds, rounds = (sorted({run["config"][key] for run in summaries}) for key in ("seed", "rounds"))
     threads = {run.get("threads") for run in summaries}
     print("# Benchmarks\n" if is_main(document) else f"# Benchmarks: {document.stem}\n")
     print(f"Command: `{command}`  ")
