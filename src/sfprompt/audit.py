@@ -213,7 +213,7 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.json").write_text(json.dumps(result, indent=2) + "\n")
     _picture(out / "audit.png", originals, reconstructions, scores)
-    log(summary_line(result) + f"; results in {out.resolve() / 'audit.json'}")
+    log(summary_line(result) + f"; results in {out / 'audit.json'}")
     return result
 
 

@@ -110,7 +110,7 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     summary = summarise(config, history, time.perf_counter() - started)
     _write_json(out / "summary.json", summary)
     log(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
-        f"results in {out.resolve()}")
+        f"results in {out}")  # as given, so a log kept beside them names no machine's folders
     return summary
 
 
