@@ -11,7 +11,7 @@
 #
 #   bash benchmarks/compare.sh        # 48 runs, about 2.7 hours on two CPU cores
 #   SHARED=/path/to/shared OUT=results/compare ROUNDS=5 SEEDS="0 1 2" JOBS=1 bash benchmarks/compare.sh
-#   # the 10- and 20-round equal-cost columns (about 6.5 hours; benchmarks/equal-cost.toml says why):
+#   # the 10- and 20-round equal-cost columns (about 6 hours on two CPU cores; benchmarks/equal-cost.toml says why):
 #   ROUNDS=20 OPTIONS=benchmarks/equal-cost.toml OUT=results/compare-long DOC=docs/benchmarks/comparison-long.md \
 #     bash benchmarks/compare.sh
 set -euo pipefail
