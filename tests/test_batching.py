@@ -105,6 +105,23 @@ def test_concurrent_clients_run_as_one_batch_and_get_their_own_answers_and_flops
     assert server.pending == 0
 
 
+def test_concurrent_probe_requests_run_as_one_batch_without_a_graph_and_get_their_own_rows():
+    _, model = tiny_split(prompts=0)
+    alone = BodyServer(model, Meter(), torch.device("cpu"))
+    expected = {client: Session(alone, client).request("features", "tokens", tokens_of(model, client, samples))
+                for client, samples in enumerate(SIZES)}
+    meter = Meter()
+    server = BodyServer(model, meter, torch.device("cpu"), batch_window_s=30.0)
+    calls = counting_body_calls(server)
+    sessions = {client: Session(server, client) for client in range(len(SIZES))}
+    answers = concurrently(server, lambda c: sessions[c].request("features", "tokens", tokens_of(model, c, SIZES[c])),
+                           sessions)
+    assert calls == [sum(SIZES)] and server.passes == {"features": 1} and server.pending == 0
+    for client in sessions:
+        torch.testing.assert_close(answers[client], expected[client], atol=1e-5, rtol=1e-4)
+    assert set(meter.take()["flops_by_phase"]) == {"server/probe"}
+
+
 def test_clients_arriving_one_after_another_within_the_window_of_each_other_make_one_batch():
     """The window is a pause: a batch whose clients come 50 ms apart is not cut after 200 ms (a deadline
     from the first arrival cut it in two, and each phase then paid two passes through the body)."""

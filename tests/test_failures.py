@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sfprompt.runner as runner_module
+from sfprompt.methods import Method
 from sfprompt import checkpoint
 from sfprompt.channel import BodyChannelServer, ChannelLink
 from sfprompt.client import Client, ClientFailure
@@ -48,7 +48,8 @@ def test_a_client_that_raises_in_any_phase_is_dropped_and_the_rest_are_averaged(
     else:
         monkeypatch.setattr(Client, "_loader", failing_loader)
     averaged, forgotten = [], []
-    monkeypatch.setattr(runner_module, "fedavg", lambda states, weights: averaged.append(weights) or dict(states[0]))
+    monkeypatch.setattr(Method, "aggregate", lambda self, current, states, weights, settings:
+                        averaged.append(weights) or dict(states[0]))
     forget = BodyServer.forget
     monkeypatch.setattr(BodyServer, "forget", lambda self, c: forgotten.append((c, self.pending)) or forget(self, c))
     quiet(config)

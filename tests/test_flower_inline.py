@@ -75,7 +75,7 @@ def records(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["sfprompt", "sl", "fl"])
+@pytest.mark.parametrize("method", ["sfprompt", "sl", "fl", "linear-probe"])
 def test_the_flower_apps_give_the_in_process_result(imagefolder, tmp_path, method):
     config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, method=method)
     run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
@@ -197,7 +197,7 @@ def test_a_node_draws_its_own_private_seed_once_unless_its_node_config_names_one
 
 def test_a_node_refuses_a_run_key_that_is_not_a_name():
     with pytest.raises(ValueError, match="not 32 hex digits"):
-        client_app.NodeState(node(0)).local_head("../../etc", 2)
+        client_app.NodeState(node(0)).client_state("../../etc", 2)
 
 
 def _inflated(record):

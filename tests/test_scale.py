@@ -16,7 +16,7 @@ def test_an_idle_client_holds_nothing_and_a_checkpoint_keeps_only_clients_with_s
     config = tiny_config(imagefolder, tmp_path, clients=12, clients_per_round=2, rounds=2)
     assert not any(client.has_state for client in prepare(config).clients)
     run(config, progress=False, log=lambda _: None)
-    saved = checkpoint.load(tmp_path / "run").local_heads
+    saved = checkpoint.load(tmp_path / "run").clients
     sampled = {c for record in checkpoint.load(tmp_path / "run").history for c in record["clients"]}
     assert set(saved) == sampled and len(sampled) < 12
 

@@ -254,3 +254,24 @@ def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
     likelihood = torch.where(shown, torch.tensor(keep_probability), torch.tensor(other)).clamp_min(1e-12).log()
     return {"label_free": prior.argmax(dim=1), "gradient": gradient,
             "gradient_with_prior": (prior + likelihood).argmax(dim=1)}
+
+
+def statistics_label_attacks(upload: torch.nn.Module, rows: torch.Tensor, sample: torch.Tensor,
+                             samples: int) -> dict[str, torch.Tensor]:
+    """Each sample's label as the server infers it from a linear-probe client (one guess per distinct `sample`
+    id, ascending), which sends no gradient:
+
+    - label_free: the global model's prediction from the body output rows it computed itself;
+    - statistics: the classifier fitted on the client's own uploaded statistics (its class means, over its
+      `samples` samples), which the server holds unless secure aggregation sums them with other clients' first.
+    """
+    from .probe import STATISTICS, fit_classifier
+
+    with torch.no_grad():
+        features = upload.tail.features(rows)
+        weight, bias = fit_classifier({name: getattr(upload, name) for name in STATISTICS}, samples)
+        scores = {"label_free": upload.tail.head(features).log_softmax(dim=1),
+                  "statistics": (features @ weight.T + bias).log_softmax(dim=1)}
+    ids, inverse = sample.unique(return_inverse=True)
+    per_sample = lambda s: torch.zeros(len(ids), s.shape[1]).index_add_(0, inverse, s)  # noqa: E731
+    return {name: per_sample(value).argmax(dim=1) for name, value in scores.items()}

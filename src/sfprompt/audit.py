@@ -42,7 +42,7 @@ from .client import Client
 from .codec import Message, encode
 from .config import Config, ConfigError
 from .data import Transformed, stratified_subset
-from .defence import Defence, activation_epsilon
+from .defence import Defence, activation_epsilon, releases
 from .federation import Federation, client_seed, prepare
 from .inprocess import client_round
 from .meter import DOWN, UP, PeakMemory
@@ -94,7 +94,7 @@ class _WitnessedClient(Client):
 
     def _loader(self, data, ctx, shuffle=True):
         for batch in super()._loader(data, ctx, shuffle):
-            if ctx.phase == "split":
+            if ctx.phase in ("split", "probe"):  # what is sent: split training's batches, or the probe's
                 self.batches.append([t.detach().cpu() for t in batch])
             yield batch
 
@@ -105,26 +105,26 @@ class Witnessed:
 
     tokens: torch.Tensor  # (S, L, D): every forward's activations, one row per send
     rows: torch.Tensor  # (S, R, D): the body output the server returned for each send
-    grads: torch.Tensor  # (S, R, D): the backward gradient received for each send
+    grads: torch.Tensor  # (S, R, D): the backward gradient received for each send (empty: linear-probe sends none)
     positions: torch.Tensor  # (S,): which of the victim's samples each send was (never shown to the attacks)
     labels: torch.Tensor  # (S,)
     images: dict[int, torch.Tensor]  # position -> the model input it came from
     upload: Message
 
 
-def witness(fed: Federation, global_params: torch.nn.Module, victim: int, local_head: dict | None) -> Witnessed:
+def witness(fed: Federation, global_params: torch.nn.Module, victim: int, kept: dict | None) -> Witnessed:
     """Run the victim's round for real and record what the server receives."""
     original = fed.clients[victim]
     client = _WitnessedClient(victim, original.data.dataset, np.asarray(original.data.indices), original.model,
                               fed.settings, fed.meter, fed.device, original.private_seed, fed.config.seed)
     client.batches = []
-    if local_head is not None:
-        client.local_head.load_state_dict(local_head)
+    if kept is not None:  # what it kept from the run, but its probe statistics: the audit attacks the send behind them
+        client.load_state_dict({name: t for name, t in kept.items() if not name.startswith("probe.")})
     server = BodyServer(fed.model, fed.meter, fed.device)
     link = _Wiretap(server, fed.meter, fed.device)
     upload = client_round(link, client, fed.method, global_params, client_seed(fed.config.seed, 1, victim))
     fed.meter.take()
-    forwards = [(request, reply) for request, reply in link.exchanges if request.kind == "forward"]
+    forwards = [(request, reply) for request, reply in link.exchanges if request.kind in ("forward", "features")]
     backwards = [request for request, _ in link.exchanges if request.kind == "backward"]
     images = {}
     for batch in client.batches:
@@ -136,7 +136,7 @@ def witness(fed: Federation, global_params: torch.nn.Module, victim: int, local_
     rows = [model.wire.unpack(reply.tensors, {"rows": (len(t), *model.tail_shape)})["rows"]
             for t, (_, reply) in zip(tokens, forwards)]
     grads = [model.wire.unpack(request.tensors, {"grad": tuple(r.shape)})["grad"] for r, request in zip(rows, backwards)]
-    return Witnessed(cat(tokens), cat(rows), cat(grads), cat([b[2] for b in client.batches]),
+    return Witnessed(cat(tokens), cat(rows), cat(grads) if grads else torch.empty(0), cat([b[2] for b in client.batches]),
                      cat([b[1] for b in client.batches]), images, upload)
 
 
@@ -147,10 +147,10 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     started = time.perf_counter()
     options.check(config)
     fed = prepare(config)
-    global_params, local_head = _trained(fed, from_dir, options.victim)
+    global_params, kept = _trained(fed, from_dir, options.victim)
     log(f"audit of {config.method} ({fed.description}): client {options.victim}'s messages, "
         f"{'params of ' + str(from_dir) if from_dir else 'initial params'}")
-    seen = witness(fed, global_params, options.victim, local_head)
+    seen = witness(fed, global_params, options.victim, kept)
     fed.model.to(torch.device("cpu"))
 
     mean, std = fed.normalisation["mean"], fed.normalisation["std"]
@@ -183,10 +183,10 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     scores, reconstruction = _scored(reconstructions, originals, candidates)
     reconstruction |= {name: {"skipped": why} for name, why in skipped.items()}
 
-    label_accuracy, samples_sent = _label_accuracy(upload.tail, seen, fed.model.num_classes, defence)
+    label_accuracy, samples_sent = _label_accuracy(upload, seen, fed.model.num_classes, defence)
 
-    releases = config.split_epochs * config.rounds
-    epsilon = activation_epsilon(defence.noise_multiplier, releases, config.dp_delta)
+    per_sample = releases(config)
+    epsilon = activation_epsilon(defence.noise_multiplier, per_sample, config.dp_delta)
     result = {
         "config": config.to_dict(),
         "audit": asdict(options),
@@ -200,7 +200,7 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
         "aux_images": len(aux),
         "pixels": f"{channels} x {aux.shape[2]} x {aux.shape[3]} in [0, 1]",
         "activation_privacy": {
-            "noise_std": defence.noise_std, "releases_per_sample": releases, "delta": config.dp_delta,
+            "noise_std": defence.noise_std, "releases_per_sample": per_sample, "delta": config.dp_delta,
             "epsilon": epsilon if math.isfinite(epsilon) else None,  # None: no noise, no guarantee
         },
         "label_privacy": {"epsilon": defence.label_epsilon,
@@ -219,14 +219,14 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
 
 def _trained(fed: Federation, from_dir: Path | None, victim: int) -> tuple[torch.nn.Module, dict | None]:
     """The global parameters the victim's round starts from (a finished run's, from `from_dir`, else the initial
-    ones) and the victim's private local classifier in that run, if it checkpointed one."""
+    ones) and what the victim kept privately in that run (`Client.state_dict`), if it checkpointed it."""
     global_params = fed.method.new_params(fed.model).to(fed.device)
     if from_dir is None:
         return global_params, None
     saved = load_file(str(from_dir / "global.safetensors"))
     global_params.load_state_dict({k: v for k, v in saved.items() if not k.startswith("body.")})
-    local_head = checkpoint.load(from_dir).local_heads.get(victim) if (from_dir / checkpoint.FILE).is_file() else None
-    return global_params, local_head
+    kept = checkpoint.load(from_dir).clients.get(victim) if (from_dir / checkpoint.FILE).is_file() else None
+    return global_params, kept
 
 
 def _auxiliary(fed: Federation, options: AuditOptions, to_pixels: Callable,
@@ -269,15 +269,19 @@ def _scored(reconstructions: dict[str, torch.Tensor], originals: torch.Tensor,
     return scores, {name: _summary(s) for name, s in scores.items()} | {"best": _summary(best)}
 
 
-def _label_accuracy(tail: torch.nn.Module, seen: Witnessed, num_classes: int,
+def _label_accuracy(upload: torch.nn.Module, seen: Witnessed, num_classes: int,
                     defence: Defence) -> tuple[dict[str, float], int]:
     """How often each label attack names the true label of a sample the victim sent, the best attack's advantage
-    over guessing without the messages, and how many samples it sent."""
-    guesses = attacks.label_attacks(tail, seen.rows, seen.grads, seen.positions, num_classes,
-                                    defence.keep_probability(num_classes))
+    over guessing without the messages, and how many samples it sent. Without gradients (linear-probe), the
+    attack reads the victim's uploaded statistics instead."""
+    if len(seen.grads):
+        guesses = attacks.label_attacks(upload.tail, seen.rows, seen.grads, seen.positions, num_classes,
+                                        defence.keep_probability(num_classes))
+    else:
+        guesses = attacks.statistics_label_attacks(upload, seen.rows, seen.positions, seen.upload.meta["num_examples"])
     truth = torch.stack([seen.labels[seen.positions == p][0] for p in seen.positions.unique()])
     accuracy = {name: float((guess == truth).float().mean()) for name, guess in guesses.items()}
-    accuracy["best_attack"] = max(accuracy["gradient"], accuracy["gradient_with_prior"])
+    accuracy["best_attack"] = max(value for name, value in accuracy.items() if name != "label_free")
     accuracy["advantage"] = accuracy["best_attack"] - accuracy["label_free"]
     return accuracy, len(truth)
 

@@ -1,7 +1,7 @@
 """Resumable run state: everything a run needs to continue bit-identically, in one atomic file.
 
 After every round the runner writes `checkpoint.safetensors` into the run folder: the global params,
-every client's private local classifier, the body when the server trains it, the random-number
+what every client keeps privately (its local classifier, its linear-probe statistics), the body when the server trains it, the random-number
 generator states and the metrics so far (JSON in the header). It is written to a temporary file,
 flushed to disk and renamed over the previous one, so a crash mid-write leaves the previous round's
 checkpoint intact; safetensors checks that the tensors fill the file exactly, so a truncated or
@@ -38,14 +38,14 @@ class RunState:
     sampler: dict  # numpy's bit-generator state of the client sampler
     torch_rng: torch.Tensor
     params: dict[str, torch.Tensor]
-    local_heads: dict[int, dict[str, torch.Tensor]]
+    clients: dict[int, dict[str, torch.Tensor]]  # client id -> its `Client.state_dict()`
     body: dict[str, torch.Tensor] | None
 
 
 def save(folder: Path, state: RunState) -> None:
     tensors = {"rng.torch": state.torch_rng, **_prefixed("params.", state.params)}
-    for cid, head in state.local_heads.items():
-        tensors |= _prefixed(f"local_head.{cid}.", head)
+    for cid, kept in state.clients.items():
+        tensors |= _prefixed(f"client.{cid}.", kept)
     if state.body is not None:
         tensors |= _prefixed("body.", state.body)
     meta = {"round": state.round, "config": state.config, "history": state.history, "sampler": state.sampler}
@@ -81,14 +81,15 @@ def load(folder: Path) -> RunState:
         raise CheckpointError(f"{path} is damaged or truncated and cannot be resumed from ({err})") from None
     if len(history) != round_:
         raise CheckpointError(f"{path} is inconsistent: round {round_} but {len(history)} metrics records")
-    heads: dict[int, dict[str, torch.Tensor]] = {}
+    clients: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        if key.startswith("local_head."):
-            cid, name = key[len("local_head."):].split(".", 1)
-            heads.setdefault(int(cid), {})[name] = value
+        for prefix, kept in (("client.", ""), ("local_head.", "local_head.")):  # local_head.K.*: before the probe
+            if key.startswith(prefix):
+                cid, name = key[len(prefix):].split(".", 1)
+                clients.setdefault(int(cid), {})[kept + name] = value
     body = _unprefixed("body.", tensors)
     return RunState(round_, config, history, sampler, tensors["rng.torch"], _unprefixed("params.", tensors),
-                    heads, body or None)
+                    clients, body or None)
 
 
 def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(run)
     compare = commands.add_parser("compare", help="run several methods on the same partition and seed, then "
                                   "write comparison.csv, comparison.md and plots to --out")
-    compare.add_argument("--methods", default="fl,fl-prompt,sl,sfl,sfprompt",
+    compare.add_argument("--methods", default="fl,fl-prompt,sl,sfl,sfprompt,linear-probe",
                          help="comma-separated methods or variants (sfprompt-no-local-loss, sfprompt-no-pruning, sfl-train-body) "
                               "(default: %(default)s)")
     compare.add_argument("--target-accuracy", type=float,
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--probe-samples", type=int,
                       help="samples run through the model by each method, then scaled (default: enough for a "
                            "full --batch-size batch in every phase, so peak memory is the run's)")
-    cost.add_argument("--methods", default="fl,fl-prompt,sl,sfl,sfprompt", help="(default: %(default)s)")
+    cost.add_argument("--methods", default="fl,fl-prompt,sl,sfl,sfprompt,linear-probe", help="(default: %(default)s)")
     _add_config_flags(cost)
     predict = commands.add_parser("predict", help="apply a finished run's model to an image folder or the run's "
                                   "own test (or train) split; write the top-1 class and probabilities to CSV")

@@ -8,7 +8,6 @@ choice (`methods/`); how each phase trains, counts and talks to the server is de
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import time
@@ -26,6 +25,7 @@ from .config import ConfigError
 from .meter import CLIENT, Meter, PeakMemory
 from .optim import build_optimizer
 from .model import ClientParams, SplitViT
+from .probe import RunningStatistics
 from .pruning import BANDS, el2n, keep_band, size_band
 from .transport import Link, encode_held
 
@@ -146,6 +146,7 @@ class Client:
         self.device = device
         self.private_seed = private_seed
         self.seed = seed
+        self.probe: dict[str, torch.Tensor] | None = None  # linear-probe's statistics of its features, once sent
 
     @functools.cached_property
     def local_head(self) -> LocalHead:
@@ -157,8 +158,27 @@ class Client:
 
     @property
     def has_state(self) -> bool:
-        """Whether the client holds anything a checkpoint must keep (its local classifier, once made)."""
-        return "local_head" in self.__dict__
+        """Whether the client holds anything a checkpoint must keep (its local classifier, once made; its
+        probe statistics, once computed)."""
+        return "local_head" in self.__dict__ or self.probe is not None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the client keeps between rounds, privately: its local classifier (`local_head.*`) and its
+        linear-probe statistics (`probe.*`), each once it exists."""
+        state = {f"local_head.{name}": t for name, t in self.local_head.state_dict().items()} \
+            if "local_head" in self.__dict__ else {}
+        return state | {f"probe.{name}": t for name, t in (self.probe or {}).items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` returned (a state saved before the probe existed holds the local
+        classifier alone, its keys without the prefix)."""
+        if state and not any(key.startswith(("local_head.", "probe.")) for key in state):
+            state = {f"local_head.{name}": t for name, t in state.items()}
+        head = {key.removeprefix("local_head."): t for key, t in state.items() if key.startswith("local_head.")}
+        if head:
+            self.local_head.load_state_dict(head)
+        probe = {key.removeprefix("probe."): t.to(self.device) for key, t in state.items() if key.startswith("probe.")}
+        self.probe = probe or None
 
     @functools.cached_property
     def label_draws(self) -> torch.Tensor:
@@ -175,10 +195,10 @@ class Client:
         """This client's part of a round, as the method composes it; returns its upload, encoded.
 
         Any error, or passing `timeout_s` (checked before every mini-batch), raises `ClientFailure`
-        naming the phase; the private local classifier then keeps its state from before the round.
+        naming the phase; what the client keeps (`state_dict`) is then as it was before the round.
         """
         memory = PeakMemory()  # everything this client holds during the round, the messages included
-        memory.hold(*method.client_holds(self.model), self.local_head, *global_state.tensors.values())
+        memory.hold(*method.client_holds(self.model), *self.state_dict().values(), *global_state.tensors.values())
         memory.buffer(global_state.wire_bytes)  # the broadcast as it arrived, beside what it decoded to
         params = method.new_params(self.model).to(self.device)
         params.load_state_dict(global_state.tensors)
@@ -186,11 +206,12 @@ class Client:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         private = torch.Generator().manual_seed(derive_seed(self.private_seed, seed))
         ctx = RoundContext(params, link, torch.Generator().manual_seed(seed), private, memory, deadline)
-        local_head = copy.deepcopy(self.local_head.state_dict())
+        kept = {name: t.clone() for name, t in self.state_dict().items()}
         try:
             report = method.client_round(self, ctx)
         except Exception as err:
-            self.local_head.load_state_dict(local_head)
+            self.__dict__.pop("local_head", None)  # made anew from its seed if it did not exist before
+            self.load_state_dict(kept)
             raise ClientFailure(self.cid, ctx.phase, f"{type(err).__name__}: {err}") from err
         update = Message("update", dict(params.state_dict()), {"client": self.cid, "num_examples": self.num_examples,
                                                                 **report})
@@ -202,12 +223,17 @@ class Client:
     def local_update(self, ctx: RoundContext) -> float | None:
         ctx.phase = "local"
         s, params = self.settings, ctx.params
-        classifier = params.tail if s.local_classifier == "shared" else self.local_head
+        classifier = params.tail if s.local_classifier == "shared" else self._held_local_head(ctx)
         groups = [{"params": list(classifier.parameters()), "lr": s.lr}]
         if self.model.client_blocks > 0:  # without client blocks the local loss cannot reach the prompts
             groups.append({"params": [params.prompts], "lr": s.prompt_lr})
         return self._train(ctx, self.data, s.local_epochs, "local", lambda images: self._local_logits(images, params),
                            build_optimizer(groups, s))
+
+    def _held_local_head(self, ctx: RoundContext) -> LocalHead:
+        """The private local classifier, counted in the client's memory from its first use in a round."""
+        ctx.memory.hold(self.local_head)
+        return self.local_head
 
     def _local_logits(self, images: torch.Tensor, params: ClientParams) -> torch.Tensor:
         tokens = self.model.head(images, params.prompts)  # (B, prefix+P+N, D)
@@ -225,6 +251,8 @@ class Client:
         scores, all_labels = [], []
         for images, labels in self._loader(self.data, ctx, shuffle=False):
             if s.prune_keep != "random":
+                if s.local_classifier == "separate":
+                    self._held_local_head(ctx)
                 with self.meter.work(CLIENT, "prune", ctx.memory):
                     scores.append(el2n(self._local_logits(images, ctx.params), labels))
             all_labels.append(labels)
@@ -239,6 +267,26 @@ class Client:
             raise ConfigError("--prune-keep by-size needs the federation's mean samples per client: with a node's "
                               "own data folder, set --train-samples to the federation's total")
         return size_band(self.num_examples, self.settings.mean_samples)
+
+    # linear-probe: every sample through the frozen body once (the first round the client is sampled), kept as
+    # the statistics of the tail's features (`probe`); no gradient crosses the link.
+    @torch.no_grad()
+    def probe_statistics(self, ctx: RoundContext) -> dict[str, torch.Tensor]:
+        if self.probe is not None:
+            return self.probe
+        ctx.phase = "probe"
+        with self.meter.work(CLIENT, "probe", ctx.memory):
+            running = RunningStatistics(self.model.num_classes, self.model.layout.width, self.device)
+        for images, labels, _ in self._loader(_Positioned(self.data), ctx, shuffle=False):
+            with self.meter.work(CLIENT, "probe", ctx.memory):
+                tokens = self.model.send(images, ctx.params.prompts, ctx.private)  # (B, L, D)
+            reply = ctx.link.request(Message("features", self.model.pack_tokens(tokens)), "probe", ctx.memory)
+            rows = self.model.wire.unpack(_expect(reply, "body_output"), {"rows": (len(images), *self.model.tail_shape)})
+            with self.meter.work(CLIENT, "probe", ctx.memory):
+                running.add(ctx.params.tail.features(rows["rows"]), labels)  # the frozen final norm and pooling
+        with self.meter.work(CLIENT, "probe", ctx.memory):
+            self.probe = running.averages()
+        return self.probe
 
     # Split training on the chosen samples: activations and gradients cross the link each batch.
     def split_train(self, ctx: RoundContext, chosen: list[int]) -> float | None:

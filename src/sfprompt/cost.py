@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .client import Client, TrainSettings
-from .config import Config
+from .config import PROMPT_FREE, Config
 from .inprocess import client_round
 from .meter import Meter
 from .methods import METHODS
@@ -49,7 +49,7 @@ def _round(config: Config, vit: torch.nn.Module, method_name: str, samples: int,
            settings: TrainSettings) -> tuple[dict, Counter]:
     """One real client round on `samples` random images with balanced labels: its costs as a
     training run measures them, and the samples each phase processed."""
-    model = SplitViT.from_config(vit, config)
+    model = SplitViT.from_config(vit, config, 0 if method_name in PROMPT_FREE else config.prompt_tokens)
     generator = torch.Generator().manual_seed(config.seed)
     size = vit.patch_embed.img_size
     images = torch.randn(samples, 3, *size, generator=generator)

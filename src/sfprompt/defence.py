@@ -105,8 +105,15 @@ def activation_epsilon(noise_multiplier: float, releases: int, delta: float) -> 
     return float(epsilon)
 
 
-def privacy_notice(config, releases: int) -> str:
+def releases(config) -> int:
+    """The most times a run sends one sample's activations: once for linear-probe (the first round its
+    client is sampled), otherwise every split epoch of every round (a client sampled every round)."""
+    return 1 if config.method == "linear-probe" else config.split_epochs * config.rounds
+
+
+def privacy_notice(config) -> str:
     """What the server can learn under `config`, said plainly in every run's log (figures: PRIVACY.md)."""
+    sends = releases(config)
     if config.method in ("fl", "fl-prompt"):
         return ("privacy: clients send whole-model or prompt updates, never activations; gradient inversion of "
                 "updates is not audited here")
@@ -114,9 +121,14 @@ def privacy_notice(config, releases: int) -> str:
               if config.client_blocks == 0 and config.clip_norm is None and not config.pool_tokens
               else "the server can still reconstruct recognisable images from the activations")
     if config.noise_multiplier > 0:
-        epsilon = activation_epsilon(config.noise_multiplier, releases, config.dp_delta)
-        images = (f"activations are local ({epsilon:.3g}, {config.dp_delta:g})-DP per sample over {releases} sends; "
+        epsilon = activation_epsilon(config.noise_multiplier, sends, config.dp_delta)
+        images = (f"activations are local ({epsilon:.3g}, {config.dp_delta:g})-DP per sample over {sends} "
+                  f"send{'s' * (sends != 1)}; "
                   "how much that hides in practice is measured, not implied")
-    labels = ("the backward gradients give the server every label" if config.label_epsilon is None else
-              f"labels behind the gradients are randomized response with epsilon {config.label_epsilon:g}")
+    if config.method == "linear-probe":
+        labels = "no message depends on a sample's label, but each client's statistics show its label counts"
+    elif config.label_epsilon is None:
+        labels = "the backward gradients give the server every label"
+    else:
+        labels = f"labels behind the gradients are randomized response with epsilon {config.label_epsilon:g}"
     return f"privacy: {images}; {labels}. Measured in PRIVACY.md; `sfprompt audit` with these options measures this run"

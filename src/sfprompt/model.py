@@ -264,9 +264,9 @@ class SplitViT:
         return split
 
     @classmethod
-    def from_config(cls, vit: nn.Module, config) -> "SplitViT":
-        """The split and defence a run's `Config` asks for."""
-        return cls(vit, config.prompt_tokens, config.client_blocks, config.seed, config.pool_tokens,
+    def from_config(cls, vit: nn.Module, config, prompt_tokens: int | None = None) -> "SplitViT":
+        """The split and defence a run's `Config` asks for (`prompt_tokens`: another method's count than its own)."""
+        return cls(vit, config.prompts if prompt_tokens is None else prompt_tokens, config.client_blocks, config.seed, config.pool_tokens,
                    Defence.from_config(config), config.precision, WireFormat.from_config(config))
 
     def send(self, images: torch.Tensor, prompts: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

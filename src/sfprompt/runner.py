@@ -1,6 +1,6 @@
 """The round loop, the same for every method and every runtime, and the results it writes.
 
-Sampling, aggregation (FedAvg), evaluation, metrics, checkpoints and resuming live here once; a
+Sampling, aggregation (the method's: FedAvg but for linear-probe), evaluation, metrics, checkpoints and resuming live here once; a
 method (`methods/`) chooses its trainable state and its clients' phases, and a runtime
 (`inprocess.InProcessRuntime`, `flower.server_app.FlowerRuntime`) runs the clients' work.
 """
@@ -22,7 +22,6 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
-from .aggregate import fedavg
 from .codec import Message
 from .config import Config, ConfigError
 from .defence import privacy_notice
@@ -89,7 +88,7 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     _write_json(out / "config.json", config.to_dict())
     log(f"sfprompt {__version__}, method {method.name}: {fed.description}")
     log("config: " + json.dumps(config.to_dict()))
-    log(privacy_notice(config, config.split_epochs * config.rounds))
+    log(privacy_notice(config))
     if resume:
         log(f"resuming {out} after round {len(history)}")
 
@@ -138,7 +137,8 @@ def _round(fed: Federation, executor: Runtime, round_: int, sampled: list[int], 
     executor.end_round()
     weights = [u.meta["num_examples"] for u in updates]
     if not method.sequential:
-        global_params.load_state_dict(fedavg([u.tensors for u in updates], weights))
+        global_params.load_state_dict(method.aggregate(global_params.state_dict(), [u.tensors for u in updates], weights,
+                                                       fed.settings))
     accuracy, loss = evaluate(method, fed.model, global_params, fed.test, config.batch_size, fed.device, config.seed)
     return {
         "round": round_,
@@ -163,7 +163,7 @@ def _persist(fed: Federation, out: Path, history: list[dict], global_params: tor
     save_checkpoint(out / "global.safetensors", global_params, config, round_, fed.data.classes, body)
     checkpoint.save(out, checkpoint.RunState(
         round_, config.to_dict(), history, sampler.bit_generator.state, torch.get_rng_state(),
-        global_params.state_dict(), {c.cid: c.local_head.state_dict() for c in fed.clients if c.has_state},
+        global_params.state_dict(), {c.cid: c.state_dict() for c in fed.clients if c.has_state},
         body.state_dict() if body is not None else None))
 
 
@@ -214,8 +214,8 @@ def _restore(fed: Federation, global_params: torch.nn.Module, sampler: np.random
     if state.round > fed.config.rounds:
         raise ConfigError(f"{out} already completed {state.round} rounds; pass --rounds {state.round} or more")
     global_params.load_state_dict(state.params)
-    for cid, head in state.local_heads.items():
-        fed.clients[cid].local_head.load_state_dict(head)
+    for cid, kept in state.clients.items():
+        fed.clients[cid].load_state_dict(kept)
     if state.body is not None:
         fed.model.body.load_state_dict(state.body)
     sampler.bit_generator.state = state.sampler

@@ -3,7 +3,8 @@
 It speaks only in `Message`s: a `forward` carrying the head's tokens is answered with the rows of
 the body output that the tail reads; the matching `backward` carrying their gradient is answered
 with the gradient of the tokens the client needs (only the prompt rows when the head holds no
-blocks, since nothing else on the client is trained).
+blocks, since nothing else on the client is trained). A `features` request is a forward that no
+backward follows (linear-probe): answered alike, it runs without a graph and leaves nothing pending.
 
 Every request is checked before it is answered: the client must hold a session for this round
 (`admit`), with a sequence number above its last (a replayed or reordered request is refused), the
@@ -71,6 +72,7 @@ def body_optimizer(settings) -> Callable[[nn.Module], torch.optim.Optimizer]:
     return lambda body: build_optimizer([{"params": list(body.parameters()), "lr": settings.backbone_lr}], settings)
 
 
+KINDS = ("forward", "backward", "features")  # the requests a body server answers
 FP16_GRAD_PEAK = 2.0**8  # under --precision fp16 a gradient is scaled so its largest entry is about this
 
 
@@ -174,7 +176,7 @@ class BodyServer:
         # The server's state; held for the whole request when not batching (one request at a time).
         self._lock = threading.RLock()
         self._compute = threading.Lock()  # batching: one batch in the body at a time
-        self._queued: dict[str, list[_Request]] = {"forward": [], "backward": []}  # batching: waiting requests
+        self._queued: dict[str, list[_Request]] = {kind: [] for kind in KINDS}  # batching: waiting requests
         self._arrived = threading.Condition(self._lock)  # batching: a request was queued
         # client id -> [its body copy, its optimiser, samples trained] for this round (--train-body).
         self._copies: dict[str, list] = {}
@@ -283,15 +285,15 @@ class BodyServer:
 
     def _check(self, message: Message) -> _Request:
         client = self._check_session(message.meta)
-        if message.kind not in ("forward", "backward"):
+        if message.kind not in KINDS:
             raise ProtocolError(f"unknown message kind {message.kind!r}")
         session = self._sessions[client]
         split: SplitViT = session[2]
-        if message.kind == "forward":
+        if message.kind != "backward":
             tokens = split.unpack_tokens(message.tensors, check_values=False)
             if len(tokens) > self.max_batch:
-                raise ProtocolError(f"a forward of {len(tokens)} samples; at most {self.max_batch} are served")
-            return _Request(client, session, "forward", tokens, message.tensors)
+                raise ProtocolError(f"a {message.kind} of {len(tokens)} samples; at most {self.max_batch} are served")
+            return _Request(client, session, message.kind, tokens, message.tensors)
         pending = self._pending.pop(client, None)
         if pending is None:
             raise ProtocolError(f"backward from client {client} without a pending forward")
@@ -320,10 +322,10 @@ class BodyServer:
             if self.body_optimizer is not None or self.body.precision == "fp16":
                 checks.refuse_invalid()  # the work would use them: a trained body's step, fp16's gradient scale
             valid = [request for request in batch if request.error is None]
-            if valid and valid[0].kind == "forward":
-                self._forward(valid, checks)
-            elif valid:
+            if valid and valid[0].kind == "backward":
                 self._backward(valid, checks)
+            elif valid:
+                self._forward(valid, checks)
         except Exception as err:  # the body failed (out of memory, say): every member of this batch is told
             for request in batch:
                 request.error = request.error or err
@@ -343,21 +345,24 @@ class BodyServer:
             self._forward_through(members[0].split, members, checks)
 
     def _forward_through(self, split: SplitViT, batch: list[_Request], checks: _ValueChecks) -> None:
-        tokens = torch.cat([request.tensor for request in batch]).to(self.device).requires_grad_(True)
+        """Run a batch of forwards (kept for their backwards) or of features requests (no graph kept)."""
+        kind = batch[0].kind
+        tokens = torch.cat([request.tensor for request in batch]).to(self.device).requires_grad_(kind == "forward")
         body = self._body_for(batch[0])
-        with torch.enable_grad():
-            rows = self._counted(("forward", split.client_blocks), lambda: body(tokens)[:, self.layout.tail_rows],
+        with torch.set_grad_enabled(kind == "forward"):
+            rows = self._counted((kind, split.client_blocks), lambda: body(tokens)[:, self.layout.tail_rows],
                                  len(tokens))  # (B, R, D)
-        self.passes["forward"] += 1
+        self.passes[kind] += 1
         checks.refuse_invalid()
-        graph, start = _Graph(tokens, rows, split), 0
+        graph, start = _Graph(tokens, rows, split) if kind == "forward" else None, 0
         with self._lock:
             for request in batch:
                 samples = slice(start, start + len(request.tensor))
                 start = samples.stop
                 if request.error is None and self._still_admitted(request):
-                    self._pending[request.client] = _Pending(graph, samples)
-                    graph.owing += 1
+                    if graph is not None:
+                        self._pending[request.client] = _Pending(graph, samples)
+                        graph.owing += 1
                     request.reply = Message("body_output", split.wire.pack("rows", rows[samples]))
 
     def _backward(self, batch: list[_Request], checks: _ValueChecks) -> None:
@@ -418,7 +423,8 @@ class BodyServer:
             per_sample = total / samples
         else:
             result = work()
-        self.meter.add_flops(SERVER, "split", round(per_sample * (samples if answered is None else answered)))
+        phase = "probe" if kind[0] == "features" else "split"  # the client phase the request came from
+        self.meter.add_flops(SERVER, phase, round(per_sample * (samples if answered is None else answered)))
         return result
 
     def _grad_scale(self, grad: torch.Tensor) -> float:

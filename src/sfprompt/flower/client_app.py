@@ -4,7 +4,8 @@ A SuperNode holds only what its client uses: its own samples (node config `data-
 images per class; without one, the seeded partition of the run's dataset, as in simulation) and, in
 the split methods, only the head's and tail's weights (`federation.prepare_client`). The server sends
 the run's resolved config, so the node builds the same frozen model and initial params. What the node
-keeps (its private seed, and its private local classifier after each round) lives on its own disk
+keeps (its private seed, and after each round its client's private state: the local classifier, the
+linear probe's statistics) lives on its own disk
 (`NodeState`), so a new `flwr run` that resumes a run finds it. Split-training batches go to the body
 server over the body channel; the upload and this client's measurements go back as a Flower reply.
 """
@@ -39,9 +40,9 @@ STATE_DIR = Path("~/.cache/sfprompt/supernode")  # a node's default state-dir: S
 class NodeState:
     """What a SuperNode keeps on its own disk, in its node config's `state-dir` (default
     ~/.cache/sfprompt/supernode/partition-K): its private seed, and for each run (a key the ServerApp
-    keeps with the run, so a resumed run finds it) its private local classifier after each round it
-    trained in. Flower gives every `flwr run` a fresh Context, so nothing that must outlive one run
-    may live there."""
+    keeps with the run, so a resumed run finds it) its client's private state (`Client.state_dict`) after
+    each round it trained in. Flower gives every `flwr run` a fresh Context, so nothing that must outlive
+    one run may live there."""
 
     def __init__(self, context: Context) -> None:
         partition, _ = node_partition(context)
@@ -61,30 +62,31 @@ class NodeState:
             write_atomically(path, str(secrets.randbits(63)).encode(), mode=0o600)
         return int(path.read_text())
 
-    def local_head(self, run_key: str, round_: int) -> tuple[int, dict | None]:
-        """(round, state) of the local classifier as it stood before `round_`: the latest saved in an
+    def client_state(self, run_key: str, round_: int) -> tuple[int, dict | None]:
+        """(round, state) of the client's private state as it stood before `round_`: the latest saved in an
         earlier round of this run ((0, None) if none; later rounds were a crashed attempt)."""
-        saved = [r for r in self._rounds(run_key) if r < round_]
+        saved = {r: path for r, path in self._rounds(run_key).items() if r < round_}
         if not saved:
             return 0, None
-        return max(saved), load_file(self._file(run_key, max(saved)))
+        return max(saved), load_file(saved[max(saved)])
 
-    def save_local_head(self, run_key: str, round_: int, state: dict, start: int) -> None:
-        """Keep the classifier after `round_` (atomically) and forget rounds before `start`, the one this
+    def save_client_state(self, run_key: str, round_: int, state: dict, start: int) -> None:
+        """Keep the client's state after `round_` (atomically) and forget rounds before `start`, the one this
         round began from (which a retried round needs)."""
         path = self._file(run_key, round_)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, save({k: v.contiguous() for k, v in state.items()}))
-        for old in self._rounds(run_key):
+        for old, old_path in self._rounds(run_key).items():
             if old < start:
-                self._file(run_key, old).unlink(missing_ok=True)
+                old_path.unlink(missing_ok=True)
 
-    def _rounds(self, run_key: str) -> list[int]:
-        files = self._folder(run_key).glob("local-head-round-*.safetensors")
-        return [int(p.stem.removeprefix("local-head-round-")) for p in files]
+    def _rounds(self, run_key: str) -> dict[int, Path]:
+        """round -> the file of the state saved after it (a node of an earlier version named it local-head-*)."""
+        return {int(path.stem.removeprefix(prefix)): path for prefix in ("local-head-round-", "client-state-round-")
+                for path in self._folder(run_key).glob(f"{prefix}*.safetensors")}
 
     def _file(self, run_key: str, round_: int) -> Path:
-        return self._folder(run_key) / f"local-head-round-{round_}.safetensors"
+        return self._folder(run_key) / f"client-state-round-{round_}.safetensors"
 
     def _folder(self, run_key: str) -> Path:
         if not re.fullmatch(r"[0-9a-f]{32}", run_key):  # the server names a folder here: only a plain name
@@ -154,9 +156,9 @@ def train(msg: Message, context: Context) -> Message:
     meter, state = Meter(), NodeState(context)
     client = side.client(partition, meter, state.private_seed())
     run_key, round_ = str(task["run-key"]), int(task["round"])
-    start, local_head = state.local_head(run_key, round_)
-    if local_head is not None:
-        client.local_head.load_state_dict(local_head)
+    start, kept = state.client_state(run_key, round_)
+    if kept is not None:
+        client.load_state_dict(kept)
     root = task["body-root-certificate"] or None
     try:
         with ChannelLink(task["body-address"], task["body-token"], meter, side.device,
@@ -168,6 +170,6 @@ def train(msg: Message, context: Context) -> Message:
     except ClientFailure as failure:  # the server drops this client from the round, and says why
         reply = ConfigRecord({"failure": json.dumps(failure.record()), "meter": json.dumps(meter.counts())})
         return Message(RecordDict({"sfprompt": reply}), reply_to=msg)
-    state.save_local_head(run_key, round_, client.local_head.state_dict(), start)
+    state.save_client_state(run_key, round_, client.state_dict(), start)
     reply = ConfigRecord({"upload": upload, "meter": json.dumps(meter.counts())})
     return Message(RecordDict({"sfprompt": reply}), reply_to=msg)

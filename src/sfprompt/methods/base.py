@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..aggregate import fedavg
 from ..client import Client, RoundContext
 from ..model import SplitViT
 
@@ -30,6 +31,12 @@ class Method:
                generator: torch.Generator | None = None) -> torch.Tensor:
         """The global model's predictions (`generator`: the defence's randomness, if any)."""
         return model.logits(images, params, generator)
+
+    def aggregate(self, current: dict[str, torch.Tensor], uploads: list[dict[str, torch.Tensor]], weights: list[int],
+                  settings) -> dict[str, torch.Tensor]:
+        """The next global state from this round's valid uploads, weighted by their sample counts: FedAvg
+        (`settings`: the run's `TrainSettings`)."""
+        return fedavg(uploads, weights)
 
     def client_round(self, client: Client, ctx: RoundContext) -> dict:
         """One client's work in a round; returns what it reports beside its upload."""

@@ -1,0 +1,207 @@
+"""The federated linear probe: its statistics average exactly, its fit is linear discriminant analysis, and
+a run sends each sample through the body once, never a label-dependent message, and resumes without
+sending again."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sfprompt.aggregate import fedavg
+from sfprompt.client import Client
+from sfprompt.codec import Message, decode
+from sfprompt.federation import prepare
+from sfprompt.probe import ABSENT, STATISTICS, accumulate, feature_statistics, fit_classifier, oas_shrunk
+from sfprompt.runner import run
+from sfprompt.server import BodyServer
+from sfprompt.meter import Meter
+from sfprompt.transport import InProcessLink
+
+from test_runner import tiny_config
+
+
+def gaussian_classes(samples: int, width: int = 6, classes: int = 3, draw: int = 0):
+    """Classes with their own means and one shared covariance (LDA's model; the same for every `draw` of samples)."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(classes, width, generator=g) * 2
+    mixing = torch.randn(width, width, generator=g) / width**0.5 + torch.eye(width)
+    g.manual_seed(1 + draw)
+    labels = torch.randint(0, classes, (samples,), generator=g)
+    features = means[labels] + torch.randn(samples, width, generator=g) @ mixing.T
+    return features, labels, means, mixing @ mixing.T
+
+
+def test_clients_statistics_averaged_by_fedavg_are_those_of_all_their_samples():
+    features, labels, _, _ = gaussian_classes(300)
+    # a skewed split: client 0 holds class 0 alone, the others the rest in uneven parts
+    order = torch.argsort(labels, stable=True)
+    parts = [order[:70], order[70:130], order[130:]]
+    each = [feature_statistics(features[p], labels[p], 3) for p in parts]
+    averaged = fedavg(each, [len(p) for p in parts])
+    whole = feature_statistics(features, labels, 3)
+    assert all(torch.allclose(averaged[k], whole[k], atol=1e-5) for k in STATISTICS)
+    assert torch.allclose(averaged["class_frequency"], torch.bincount(labels, minlength=3) / 300.0)
+
+
+def test_the_fit_recovers_the_bayes_classifier_of_shared_covariance_gaussians():
+    features, labels, means, covariance = gaussian_classes(200_000)
+    weight, bias = fit_classifier(feature_statistics(features, labels, 3), 200_000)
+    precision = torch.linalg.inv(covariance)
+    true_weight = means @ precision
+    # logits are defined up to a shift common to the classes: compare differences to class 0
+    assert torch.allclose(weight - weight[0], true_weight - true_weight[0], atol=0.15)  # entries of about 10
+    test_features, _, _, _ = gaussian_classes(5000, draw=1)
+    predictions = (test_features @ weight.T + bias).argmax(1)
+    bayes = (test_features @ true_weight.T - 0.5 * (true_weight * means).sum(1)).argmax(1)
+    assert (predictions == bayes).float().mean() > 0.995
+
+
+def test_oas_shrinks_a_singular_covariance_into_an_invertible_one_and_leaves_a_well_estimated_one():
+    torch.manual_seed(0)
+    few = torch.randn(5, 40, dtype=torch.float64)
+    singular = few.T @ few / 5  # rank 5 of 40
+    shrunk = oas_shrunk(singular, 5)
+    assert torch.linalg.eigvalsh(shrunk).min() > 0 and torch.allclose(torch.trace(shrunk), torch.trace(singular))
+    many = torch.randn(100_000, 4, dtype=torch.float64) * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    estimated = many.T @ many / 100_000  # far from a multiple of the identity, and well estimated
+    assert torch.allclose(oas_shrunk(estimated, 100_000), estimated, atol=1e-3)
+    isotropic = torch.randn(100_000, 4, dtype=torch.float64)
+    estimated = isotropic.T @ isotropic / 100_000  # the identity: shrinking towards it is right
+    target = torch.trace(estimated) / 4 * torch.eye(4, dtype=torch.float64)
+    assert (oas_shrunk(estimated, 100_000) - target).norm() < 0.5 * (estimated - target).norm()
+
+
+def test_a_class_no_client_has_shown_is_never_predicted():
+    features, labels, _, _ = gaussian_classes(300)
+    statistics = feature_statistics(features[labels != 2], labels[labels != 2], 3)
+    weight, bias = fit_classifier(statistics, int((labels != 2).sum()))
+    assert bias[2] == ABSENT and torch.all(weight[2] == 0)
+    assert not ((features @ weight.T + bias).argmax(1) == 2).any()
+
+
+def test_rounds_accumulate_into_the_fit_of_every_sample_reported():
+    features, labels, _, _ = gaussian_classes(400)
+    parts = [torch.arange(0, 100), torch.arange(100, 250), torch.arange(250, 400)]
+    state = {name: torch.zeros_like(value) for name, value in feature_statistics(features, labels, 3).items()}
+    state |= {"samples": torch.zeros((), dtype=torch.float64), "tail.head.weight": torch.zeros(3, 6),
+              "tail.head.bias": torch.zeros(3)}
+    upload = lambda p: {**state, **feature_statistics(features[p], labels[p], 3)}  # noqa: E731
+    state = accumulate(state, [upload(parts[0]), upload(parts[1])], [100, 150])
+    state = accumulate(state, [upload(parts[2])], [150])
+    weight, bias = fit_classifier(feature_statistics(features, labels, 3), 400)
+    assert float(state["samples"]) == 400
+    assert torch.allclose(state["tail.head.weight"], weight, atol=1e-4) and torch.allclose(state["tail.head.bias"], bias, atol=1e-4)
+
+
+def records(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_probe_run_sends_each_sample_through_the_body_once(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path, method="linear-probe", clients=3, clients_per_round=2, rounds=4)
+    run(config, progress=False, log=lambda _: None)
+    history = records(tmp_path / "run")
+    fed = prepare(config)
+    first_sampled = {}
+    for record in history:
+        for cid in record["clients"]:
+            first_sampled.setdefault(cid, record["round"])
+    batches = lambda n: -(-n // config.batch_size)  # noqa: E731
+    for record in history:
+        new = [cid for cid, r in first_sampled.items() if r == record["round"]]
+        sent = sum(batches(fed.clients[cid].num_examples) for cid in new)
+        assert record["messages_by_phase"].get("up/probe", 0) == sent
+        assert record["messages_by_phase"].get("down/probe", 0) == sent
+        assert "up/split" not in record["bytes_by_phase"] and "down/split" not in record["bytes_by_phase"]
+        assert (record["server_flops"] > 0) == bool(new)
+    assert all(record["train_loss"] is None for record in history)
+
+
+def test_the_probe_of_every_client_at_once_is_the_central_fit_on_the_same_samples(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path, method="linear-probe", clients=3, clients_per_round=3, rounds=1)
+    run(config, progress=False, log=lambda _: None)
+    fed = prepare(config)
+    model, tail = fed.model, fed.method.new_params(fed.model).tail
+    with torch.no_grad():
+        images = torch.stack([image for image, _ in fed.train])
+        labels = torch.tensor([label for _, label in fed.train])
+        features = tail.features(model.body(model.head(images, model.initial_params.prompts[:, :0]))[:, model.layout.tail_rows])
+    weight, bias = fit_classifier(feature_statistics(features, labels, model.num_classes), len(labels))
+    saved = load_file(tmp_path / "run" / "global.safetensors")
+    # equal to float32 rounding of the statistics, which the solve amplifies (weights of hundreds here)
+    for name, expected in (("tail.head.weight", weight), ("tail.head.bias", bias)):
+        assert torch.allclose(saved[name], expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    assert float(saved["samples"]) == len(labels)
+
+
+class _Tap(InProcessLink):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.sent: list[bytes] = []
+
+    def deliver(self, payload, direction, phase, memory=None):
+        if phase == "probe" and direction == "up":
+            self.sent.append(payload)
+        return super().deliver(payload, direction, phase, memory)
+
+
+def _probe_messages(fed, labels_of):
+    """Every features message client 0 sends, with its labels replaced by `labels_of(labels)`."""
+    from sfprompt.inprocess import client_round
+
+    client = fed.clients[0]
+    client.data.dataset = _Relabelled(client.data.dataset, labels_of)
+    link = _Tap(BodyServer(fed.model, Meter(), fed.device), Meter(), fed.device)
+    client_round(link, client, fed.method, fed.method.new_params(fed.model), seed=1)
+    return link.sent
+
+
+class _Relabelled(torch.utils.data.Dataset):
+    def __init__(self, data, labels_of):
+        self.data, self.labels_of = data, labels_of
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        image, label = self.data[index]
+        return image, self.labels_of(label)
+
+
+def test_no_probe_message_depends_on_the_labels(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path, method="linear-probe", clients=2, clients_per_round=2)
+    true = _probe_messages(prepare(config), lambda label: label)
+    permuted = _probe_messages(prepare(config), lambda label: (label + 1) % 3)
+    assert true and len(true) == len(permuted)
+    for a, b in zip(true, permuted):  # the same bytes but the session's random secret in the header
+        a, b = decode(a), decode(b)
+        assert a.kind == b.kind == "features" and a.tensors.keys() == b.tensors.keys()
+        assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def test_a_resumed_probe_run_sends_nothing_again_and_ends_as_an_uninterrupted_one(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path, method="linear-probe", clients=3, clients_per_round=2, rounds=3)
+    run(config.replace(out=str(tmp_path / "whole")), progress=False, log=lambda _: None)
+    run(config.replace(out=str(tmp_path / "cut"), rounds=2), progress=False, log=lambda _: None)
+    run(config.replace(out=str(tmp_path / "cut")), progress=False, log=lambda _: None, resume=True)
+    whole, cut = records(tmp_path / "whole"), records(tmp_path / "cut")
+    assert [r["bytes_by_phase"] for r in whole] == [r["bytes_by_phase"] for r in cut]
+    assert [r["accuracy"] for r in whole] == [r["accuracy"] for r in cut]
+    a, b = load_file(tmp_path / "whole" / "global.safetensors"), load_file(tmp_path / "cut" / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_features_request_leaves_nothing_pending_and_is_answered_like_a_forward(imagefolder, tmp_path):
+    fed = prepare(tiny_config(imagefolder, tmp_path, method="linear-probe"))
+    server = BodyServer(fed.model, Meter(), fed.device)
+    tokens = fed.model.send(torch.randn(3, 3, 32, 32), fed.model.initial_params.prompts, None)
+    replies = {}
+    for kind in ("features", "forward"):
+        session = server.admit(kind)
+        replies[kind] = server.handle(Message(kind, fed.model.pack_tokens(tokens), {"client": kind, "session": session,
+                                                                                     "seq": 1}))
+    assert server.pending == 1  # the forward's, awaiting its backward
+    assert torch.equal(replies["features"].tensors["rows"], replies["forward"].tensors["rows"])
+    assert server.passes == {"features": 1, "forward": 1}
