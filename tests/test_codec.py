@@ -46,7 +46,7 @@ def test_the_size_limit_follows_what_the_model_sends():
 
     model = SplitViT(create_vit("vit_base_patch16_224", 10, 32, "none"), 10, 0, 0)
     state = dict(METHODS["fl"]().new_params(model).state_dict())
-    limit = model.max_message_bytes(batch_size=32, whole_model=True)
+    limit = model.max_message_bytes(batch_size=32, state_bytes=METHODS["fl"]().state_bytes(model))
     link = InProcessLink(BodyServer(model, Meter(), torch.device("cpu")), Meter(), torch.device("cpu"), limit)
     assert len(encode(Message("global", state))) > MAX_PAYLOAD_BYTES
     assert link.send(Message("global", state), DOWN, "broadcast").tensors.keys() == state.keys()

@@ -75,9 +75,10 @@ def records(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["sfprompt", "sl", "fl", "linear-probe"])
-def test_the_flower_apps_give_the_in_process_result(imagefolder, tmp_path, method):
-    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, method=method)
+@pytest.mark.parametrize("method, changes", [("sfprompt", {}), ("sl", {}), ("fl", {}), ("linear-probe", {}),
+                                             ("sfprompt", {"probe_rounds": 1})])
+def test_the_flower_apps_give_the_in_process_result(imagefolder, tmp_path, method, changes):
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, method=method, **changes)
     run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
     run_inline(config.replace(out=str(tmp_path / "flower")), InlineGrid(3))
     local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")

@@ -4,7 +4,6 @@ sending again."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -205,3 +204,80 @@ def test_a_features_request_leaves_nothing_pending_and_is_answered_like_a_forwar
     assert server.pending == 1  # the forward's, awaiting its backward
     assert torch.equal(replies["features"].tensors["rows"], replies["forward"].tensors["rows"])
     assert server.passes == {"features": 1, "forward": 1}
+
+
+def test_probe_rounds_open_a_prompt_method_and_its_rounds_start_from_the_fitted_tail(imagefolder, tmp_path, monkeypatch):
+    config = tiny_config(imagefolder, tmp_path, method="sfprompt", clients=3, clients_per_round=2, rounds=3,
+                         probe_rounds=1)
+    received = []
+    original = Client.run_round
+
+    def spy(self, method, state, *args):
+        received.append((method.name, dict(state.tensors)))
+        return original(self, method, state, *args)
+
+    monkeypatch.setattr(Client, "run_round", spy)
+    run(config, progress=False, log=lambda _: None)
+    history = records(tmp_path / "run")
+    assert [r["stage"] for r in history] == ["linear-probe", "sfprompt", "sfprompt"]
+    assert "up/probe" in history[0]["bytes_by_phase"] and "up/split" not in history[0]["bytes_by_phase"]
+    assert "up/probe" not in history[1]["bytes_by_phase"] and "up/split" in history[1]["bytes_by_phase"]
+    probe_state, first_own = received[0][1], received[2]
+    assert first_own[0] == "sfprompt" and "class_sums" not in first_own[1]
+    assert torch.equal(first_own[1]["prompts"], probe_state["prompts"])  # the initial prompts, as the probe took them
+    fed = prepare(config)
+    with torch.no_grad():  # the tail round 2 starts from is the probe's fit on round 1's clients
+        images = torch.stack([image for cid in history[0]["clients"] for image, _ in fed.clients[cid].data])
+        labels = torch.tensor([label for cid in history[0]["clients"] for _, label in fed.clients[cid].data])
+        tail = fed.model.new_params().tail
+        rows = fed.model.body(fed.model.head(images, fed.model.initial_params.prompts))[:, fed.model.layout.tail_rows]
+        weight, _ = fit_classifier(feature_statistics(tail.features(rows), labels, 3), len(labels))
+    assert torch.allclose(first_own[1]["tail.head.weight"], weight, rtol=1e-3, atol=1e-3 * float(weight.abs().max()))
+
+
+def test_a_run_resumed_across_its_probe_rounds_ends_as_an_uninterrupted_one(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path, method="sfl", clients=3, clients_per_round=2, rounds=3, probe_rounds=1)
+    run(config.replace(out=str(tmp_path / "whole")), progress=False, log=lambda _: None)
+    run(config.replace(out=str(tmp_path / "cut"), rounds=2), progress=False, log=lambda _: None)
+    run(config.replace(out=str(tmp_path / "cut")), progress=False, log=lambda _: None, resume=True)
+    assert [r["accuracy"] for r in records(tmp_path / "whole")] == [r["accuracy"] for r in records(tmp_path / "cut")]
+    a, b = load_file(tmp_path / "whole" / "global.safetensors"), load_file(tmp_path / "cut" / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_stopped_in_its_probe_rounds_predicts_with_the_probe(imagefolder, tmp_path, monkeypatch):
+    from sfprompt.predict import load_run
+    from sfprompt.runner import RoundFailed
+
+    config = tiny_config(imagefolder, tmp_path, method="sfprompt", rounds=2, probe_rounds=1)
+    monkeypatch.setattr(Client, "split_train", lambda *args: 1 / 0)  # round 2 fails: the run stops after the probe
+    with pytest.raises(RoundFailed):
+        run(config, progress=False, log=lambda _: None)
+    model = load_run(tmp_path / "run")
+    assert model.method.name == "linear-probe" and model.round == 1
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_a_run_saved_before_probe_rounds_existed_resumes_without_them(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path, rounds=1)
+    run(config, progress=False, log=lambda _: None)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["probe_rounds"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    from sfprompt.config import Config
+
+    assert Config.from_saved(saved).probe_rounds == 0
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"method": "fl", "probe_rounds": 1}, "split method with a frozen body"),
+    ({"method": "sfl", "train_body": True, "probe_rounds": 1}, "train-body"),
+    ({"method": "linear-probe", "probe_rounds": 1}, "linear-probe is nothing else"),
+    ({"probe_rounds": 2, "rounds": 2}, "leaves none"),
+    ({"method": "linear-probe", "label_epsilon": 1.0}, "sends none"),
+])
+def test_probe_options_that_cannot_work_are_refused(changes, message):
+    from sfprompt.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        Config(**changes)

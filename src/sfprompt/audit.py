@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm.auto import tqdm
 
@@ -219,12 +219,19 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
 
 def _trained(fed: Federation, from_dir: Path | None, victim: int) -> tuple[torch.nn.Module, dict | None]:
     """The global parameters the victim's round starts from (a finished run's, from `from_dir`, else the initial
-    ones) and what the victim kept privately in that run (`Client.state_dict`), if it checkpointed it."""
+    ones) and what the victim kept privately in that run (`Client.state_dict`), if it checkpointed it. The
+    attacked round is one of the method's own, after any probe rounds it opens with (their sends are the
+    probe's: `--method linear-probe` audits those)."""
     global_params = fed.method.new_params(fed.model).to(fed.device)
     if from_dir is None:
         return global_params, None
-    saved = load_file(str(from_dir / "global.safetensors"))
-    global_params.load_state_dict({k: v for k, v in saved.items() if not k.startswith("body.")})
+    with safe_open(str(from_dir / "global.safetensors"), "pt") as file:
+        saved = {name: file.get_tensor(name) for name in file.keys() if not name.startswith("body.")}
+        round_ = int((file.metadata() or {}).get("round", fed.config.rounds))
+    stage = fed.method.stage(round_, fed.config)  # a run stopped within its probe rounds saved the probe's state
+    stage_params = stage.new_params(fed.model).to(fed.device)
+    stage_params.load_state_dict(saved)
+    global_params = fed.method.carry(fed.model, stage_params) if stage is not fed.method else stage_params
     kept = checkpoint.load(from_dir).clients.get(victim) if (from_dir / checkpoint.FILE).is_file() else None
     return global_params, kept
 
@@ -358,6 +365,6 @@ def run_from(folder: Path, device: str | None) -> Config:
     if not (saved.is_file() and (folder / "global.safetensors").is_file()):
         raise ConfigError(f"--from {folder}: no config.json and global.safetensors there (is it a finished run?)")
     values = json.loads(saved.read_text())
-    return Config.from_dict({**values, "out": str(folder), **({"device": device} if device else {})})
+    return Config.from_saved({**values, "out": str(folder), **({"device": device} if device else {})})
 
 

@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import Config, ConfigError
+from .config import RECIPES, Config, ConfigError, recipe_options, toml_options
 from .data import DATASETS
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", choices=RECIPES, help="start from a named set of options (`paper`: the SFPrompt "
+                        "paper's recipe, as first implemented here); --config and flags override it")
     parser.add_argument("--config", help="TOML file of options (flags override it)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     for f in dataclasses.fields(Config):
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """TOML file first, then the flags given on the command line (only those given)."""
+    """The recipe first, then the TOML file, then the flags given on the command line (only those given)."""
     names = {f.name for f in dataclasses.fields(Config)}
     flags = {name: value for name, value in vars(args).items() if name in names}
     if args.command == "export-clients" and "clients" in flags:  # no rounds: sampling must not refuse few clients
@@ -123,7 +125,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise ConfigError(f"--from audits a finished run with its saved options; only --device may be given, "
                               f"not {', '.join('--' + name.replace('_', '-') for name in others)}")
         return run_from(Path(args.from_dir), flags.get("device"))
-    return Config.from_toml(args.config, **flags) if args.config else Config.from_dict(flags)
+    recipe = recipe_options(args.recipe) if getattr(args, "recipe", None) else {}
+    return Config.from_dict({**recipe, **(toml_options(args.config) if args.config else {}), **flags})
 
 
 def _resumed_config(folder: Path, flags: dict[str, Any], config_file: str | None) -> Config:
@@ -142,7 +145,7 @@ def _resumed_config(folder: Path, flags: dict[str, Any], config_file: str | None
         values = json.loads(saved.read_text())
     except ValueError as err:
         raise ConfigError(f"--resume {folder}: config.json is not valid JSON ({err})") from None
-    return Config.from_dict({**values, **flags, "out": str(folder)})
+    return Config.from_saved({**values, **flags, "out": str(folder)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

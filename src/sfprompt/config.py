@@ -104,6 +104,11 @@ class Config:
         "updated", "score with the local model after this round's self-update (updated), or before it, with the "
         "prompts and tail as received (received)", choices=PRUNE_SCORES,
     )
+    probe_rounds: int = _opt(
+        0, "rounds that open the run as a linear probe (sfprompt, sfl, sl): the sampled clients send their samples' "
+        "features once, with the initial prompts, and the server fits the tail in closed form, which the method's "
+        "own rounds then start from"
+    )
     split_epochs: int = _opt(
         2, "epochs of split training on the kept samples (sfl, sl, fl-prompt, fl: training epochs on all local data)"
     )
@@ -143,7 +148,7 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("prompt_tokens", "client_blocks", "local_epochs", "split_epochs", "seed"):
+        for name in ("prompt_tokens", "client_blocks", "local_epochs", "split_epochs", "seed", "probe_rounds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be 0 or more, got {getattr(self, name)}")
         if self.split_epochs < 1:
@@ -186,6 +191,13 @@ class Config:
                               "use bf16 with --train-body")
         self._check_privacy()
         self._check_budgets()
+        if self.probe_rounds and (self.method not in ("sfprompt", "sfl", "sl") or self.train_body):
+            raise ConfigError("--probe-rounds opens a run of a split method with a frozen body (sfprompt, sfl, sl) "
+                              f"with a linear probe; --method {self.method}{' --train-body' if self.train_body else ''} "
+                              "has no such start (linear-probe is nothing else)")
+        if self.probe_rounds >= self.rounds:
+            raise ConfigError(f"--probe-rounds ({self.probe_rounds}) leaves none of the --rounds ({self.rounds}) to "
+                              f"the method itself")
         for name in ("method", "optimizer", "local_classifier", "precision", "prune_keep", "prune_scores", "wire_dtype",
                      "shared_rows"):
             choices = _FIELDS[name].metadata["choices"]
@@ -254,6 +266,12 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> "Config":
+        """The config a run saved (its config.json, a model file's metadata), an option added to sfprompt since
+        read as the value that reproduces what the run did (`BEFORE`), not as today's default."""
+        return cls.from_dict(saved_options(values))
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
         """Build from plain values (a TOML table, flags); keys may use '-' or '_'."""
         known = {f.name: f for f in dataclasses.fields(cls)}
@@ -267,17 +285,39 @@ class Config:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "Config":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-        return cls.from_dict({**values, **overrides})
+        return cls.from_dict({**toml_options(path), **overrides})
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+RECIPES = ("paper",)  # named sets of options (src/sfprompt/recipes/NAME.toml): `--recipe NAME`
+
+
+def toml_options(path: str | Path) -> dict[str, Any]:
+    """The options a TOML file sets (checked when a `Config` is made of them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def recipe_options(name: str) -> dict[str, Any]:
+    """The options of recipe `name` (`--recipe`)."""
+    if name not in RECIPES:
+        raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {name!r}")
+    return toml_options(Path(__file__).parent / "recipes" / f"{name}.toml")
+
+# What a run did before an option existed, where that differs from the option's default today: a run saved
+# without the option is read (resumed, reused, predicted with) with this value.
+BEFORE: dict[str, Any] = {"probe_rounds": 0}
+
+
+def saved_options(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's options, each option it lacks as the run had it (`BEFORE`, else today's default)."""
+    known = {name.replace("-", "_") for name in values}
+    return {**{name: value for name, value in BEFORE.items() if name not in known}, **values}
 
 
 def _flag(name: str) -> str:

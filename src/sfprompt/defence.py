@@ -107,8 +107,11 @@ def activation_epsilon(noise_multiplier: float, releases: int, delta: float) -> 
 
 def releases(config) -> int:
     """The most times a run sends one sample's activations: once for linear-probe (the first round its
-    client is sampled), otherwise every split epoch of every round (a client sampled every round)."""
-    return 1 if config.method == "linear-probe" else config.split_epochs * config.rounds
+    client is sampled), otherwise every split epoch of every round (a client sampled every round), and
+    once more when probe rounds open the run."""
+    if config.method == "linear-probe":
+        return 1
+    return config.split_epochs * (config.rounds - config.probe_rounds) + (1 if config.probe_rounds else 0)
 
 
 def privacy_notice(config) -> str:

@@ -47,7 +47,7 @@ class Federation:
     @property
     def max_message_bytes(self) -> int:
         """The largest payload this run legitimately sends; every link and channel refuses larger."""
-        return self.model.max_message_bytes(self.config.batch_size, self.method.sends_whole_model)
+        return max_message_bytes(self.model, self.method, self.config)
 
 
 def prepare(config: Config) -> Federation:
@@ -95,7 +95,7 @@ class ClientSide:
 
     @property
     def max_message_bytes(self) -> int:
-        return self.model.max_message_bytes(self.config.batch_size, self.method.sends_whole_model)
+        return max_message_bytes(self.model, self.method, self.config)
 
     def client(self, cid: int, meter: Meter, private_seed: int) -> Client:
         """A fresh `Client` on this side's samples, counting into `meter`."""
@@ -142,6 +142,13 @@ def prepare_client(config: Config, cid: int, classes: Sequence[str], folder: str
         mean_samples = len(train_idx) / config.clients
     return ClientSide(config, device, model, method, TrainSettings.from_config(config, mean_samples=mean_samples),
                       Transformed(raw, transform), indices)
+
+
+def max_message_bytes(model: SplitViT, method: Method, config: Config) -> int:
+    """The largest payload a run of `method` legitimately sends: a batch of activations, or the global state of
+    any of its stages (the probe's statistics in the rounds it opens with)."""
+    stages = (method.stage(1, config), method)
+    return model.max_message_bytes(config.batch_size, max(stage.state_bytes(model) for stage in stages))
 
 
 def train_partition(config: Config, splits: DataSplits) -> tuple[np.ndarray, list[np.ndarray]]:

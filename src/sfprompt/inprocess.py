@@ -45,7 +45,7 @@ class InProcessRuntime:
         for cid in tqdm(cids, desc=f"round {round_}/{fed.config.rounds}", unit="client",
                         leave=False, disable=not self.progress, file=sys.stderr):
             try:
-                updates.append(client_round(self.link, fed.clients[cid], fed.method, global_params,
+                updates.append(client_round(self.link, fed.clients[cid], fed.method.stage(round_, fed.config), global_params,
                                             client_seed(fed.config.seed, round_, cid), fed.config.client_timeout_s))
             except ClientFailure as failure:
                 self.server.forget(str(cid))

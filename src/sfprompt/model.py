@@ -233,6 +233,7 @@ class SplitViT:
         self.initial_params = ClientParams(_init_prompts(vit, prompt_tokens, generator), Tail(vit))
         _reset_classifier(self.initial_params.tail.head, generator)
         self.initial_params.requires_grad_(True)
+        self.params_bytes = _tensor_bytes(self.initial_params.state_dict())  # the prompts and tail
 
     def _split_at(self, client_blocks: int) -> None:
         """Set what depends on the split point: the head, the body, and which rows the client needs."""
@@ -315,11 +316,12 @@ class SplitViT:
         rows = self.layout.tail_rows
         return len(range(self.layout.length)[rows]), self.layout.width
 
-    def max_message_bytes(self, batch_size: int, whole_model: bool = False) -> int:
-        """The largest payload a run legitimately sends, so the codec refuses anything larger: the
-        trainable params (the broadcast and each upload; the whole model for `whole_model`, as `fl`
-        sends it) or one batch of activations (B, L, D) or gradients, with room for the header."""
-        params = self.model_bytes if whole_model else _tensor_bytes(self.initial_params.state_dict())
+    def max_message_bytes(self, batch_size: int, state_bytes: int | None = None) -> int:
+        """The largest payload a run legitimately sends, so the codec refuses anything larger: the global
+        state (the broadcast and each upload: `state_bytes` as the method's `state_bytes` counts it, by
+        default the prompts and tail) or one batch of activations (B, L, D) or gradients, with room for
+        the header."""
+        params = self.params_bytes if state_bytes is None else state_bytes
         activations = batch_size * self.layout.length * self.layout.width * 4  # float32, the widest wire format
         return max(params, activations) + MAX_HEADER_BYTES
 

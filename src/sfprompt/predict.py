@@ -63,7 +63,7 @@ def load_run(folder: str | Path, device: str = "cpu") -> RunModel:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-        config = Config.from_dict({**json.loads(meta["config"]), "device": device})
+        config = Config.from_saved({**json.loads(meta["config"]), "device": device})
     except (KeyError, ValueError, OSError) as err:
         raise ConfigError(f"{path} is not an sfprompt run's model file ({type(err).__name__}: {err})") from None
     classifier = tensors.get("tail.head.weight", tensors.get("vit.head.weight"))
@@ -71,13 +71,15 @@ def load_run(folder: str | Path, device: str = "cpu") -> RunModel:
     classes = json.loads(meta.get("classes", "null")) or [str(k) for k in range(num_classes)]
     torch.manual_seed(config.seed)
     vit = create_vit(config.model, num_classes, config.image_size, resolve_weights(config))
-    split, method = SplitViT.from_config(vit, config), METHODS[config.method]()
+    round_ = int(meta.get("round", 0))
+    split = SplitViT.from_config(vit, config)
+    method = METHODS[config.method]().stage(max(round_, 1), config)  # a run stopped in its probe rounds: the probe
     params = method.new_params(split)
     params.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("body.")})
     body = {k.removeprefix("body."): v for k, v in tensors.items() if k.startswith("body.")}
     if body:
         split.body.load_state_dict(body)
-    model = RunModel(config, method, split, params, classes, int(meta.get("round", 0)))
+    model = RunModel(config, method, split, params, classes, round_)
     return model.to(resolve_device(device)).eval().requires_grad_(False)
 
 

@@ -98,25 +98,21 @@ def oas_shrunk(covariance: torch.Tensor, samples: float) -> torch.Tensor:
 
 
 class ProbeParams(nn.Module):
-    """linear-probe's global state: the tail (frozen final norm and pooling, then the fitted classifier)
-    and the statistics it was fitted on, with how many samples they average over. No prompts: a probe
-    reads the pre-trained model's own tokens."""
+    """A probe's global state: the prompts the features are taken with (frozen; none for linear-probe, which
+    reads the pre-trained model's own tokens; the initial ones when a probe round opens a prompt method's
+    run), the tail (frozen final norm and pooling, then the fitted classifier), and the statistics it was
+    fitted on, with how many samples they average over."""
 
-    def __init__(self, tail: nn.Module, num_classes: int, width: int) -> None:
+    def __init__(self, prompts: torch.Tensor, tail: nn.Module, num_classes: int, width: int) -> None:
         super().__init__()
         if not isinstance(tail.head, nn.Linear):
             raise ValueError("a linear probe fits a linear classifier: the model's head must be nn.Linear")
+        self.register_buffer("prompts", prompts.detach().clone())  # (1, P, D)
         self.tail = tail
         self.register_buffer("class_frequency", torch.zeros(num_classes))
         self.register_buffer("class_sums", torch.zeros(num_classes, width))
         self.register_buffer("second_moment", torch.zeros(width, width))
         self.register_buffer(SAMPLES, torch.zeros((), dtype=torch.float64))
-
-    @property
-    def prompts(self) -> torch.Tensor:
-        """None: an empty (1, 0, D) set, so the head inserts nothing."""
-        weight = self.tail.head.weight
-        return weight.new_zeros(1, 0, weight.shape[1])
 
     def report(self, statistics: dict[str, torch.Tensor]) -> None:
         """Put a client's own statistics where its upload carries them."""

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
 from .codec import Message
-from .config import Config, ConfigError
+from .config import Config, ConfigError, saved_options
 from .defence import privacy_notice
 from .federation import Federation, prepare
 from .inprocess import InProcessRuntime
@@ -79,10 +79,12 @@ def run_or_reuse(config: Config, progress: bool = True) -> dict:
 
 def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started: float, resume: bool) -> dict:
     config, method = fed.config, fed.method
-    global_params = method.new_params(fed.model).to(fed.device)
     sampler = np.random.default_rng(config.seed)
     out = Path(config.out)
-    history = _restore(fed, global_params, sampler, out) if resume else []
+    if resume:
+        global_params, history = _restore(fed, sampler, out)
+    else:
+        global_params, history = method.stage(1, config).new_params(fed.model).to(fed.device), []
 
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config.to_dict())
@@ -95,8 +97,11 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     _write_text(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
     with open(out / "metrics.jsonl", "a") as metrics_file:
         for round_ in range(len(history) + 1, config.rounds + 1):
+            stage = method.stage(round_, config)  # the method, or the probe rounds it opens with
+            if round_ > 1 and type(stage) is not type(method.stage(round_ - 1, config)):
+                global_params = stage.carry(fed.model, global_params)
             sampled = sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
-            record = _round(fed, executor, round_, sampled, global_params, log)
+            record = _round(fed, stage, executor, round_, sampled, global_params, log)
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -113,11 +118,12 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     return summary
 
 
-def _round(fed: Federation, executor: Runtime, round_: int, sampled: list[int], global_params: torch.nn.Module,
-           log: Callable[[str], None]) -> dict:
-    """One round: the sampled clients train, their valid uploads are aggregated into `global_params`
-    (in place), and the result is evaluated; returns the round's metrics record."""
-    config, method = fed.config, fed.method
+def _round(fed: Federation, method: Method, executor: Runtime, round_: int, sampled: list[int],
+           global_params: torch.nn.Module, log: Callable[[str], None]) -> dict:
+    """One round of `method` (the run's, or a stage it opens with): the sampled clients train, their valid
+    uploads are aggregated into `global_params` (in place), and the result is evaluated; returns the round's
+    metrics record."""
+    config = fed.config
     started = time.perf_counter()
     if method.sequential:  # each client starts from the previous one's (validated) result, no averaging
         updates, dropped = [], []
@@ -142,6 +148,7 @@ def _round(fed: Federation, executor: Runtime, round_: int, sampled: list[int], 
     accuracy, loss = evaluate(method, fed.model, global_params, fed.test, config.batch_size, fed.device, config.seed)
     return {
         "round": round_,
+        "stage": method.name,  # the run's method, or linear-probe in the rounds it opens with
         "accuracy": accuracy,
         "loss": loss,
         "train_loss": _mean([u.meta["train_loss"] for u in updates], weights),
@@ -198,13 +205,14 @@ RESUMABLE_CHANGES = ("rounds", "device", "out")
 
 
 def _as_run(saved: dict) -> dict:
-    """A run's saved options, with any option added to sfprompt after the run began read as its default (what the
-    run had)."""
-    return Config().to_dict() | saved
+    """A run's saved options, with any option added to sfprompt after the run began read as the run had it
+    (`config.saved_options`)."""
+    return Config().to_dict() | saved_options(saved)
 
 
-def _restore(fed: Federation, global_params: torch.nn.Module, sampler: np.random.Generator, out: Path) -> list[dict]:
-    """Load the last checkpoint in `out` into this run's state; returns the metrics so far."""
+def _restore(fed: Federation, sampler: np.random.Generator, out: Path) -> tuple[torch.nn.Module, list[dict]]:
+    """Load the last checkpoint in `out` into this run's state; returns the global params (of the stage its last
+    round ran) and the metrics so far."""
     state = checkpoint.load(out)
     saved, current = _as_run(state.config), fed.config.to_dict()
     changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
@@ -213,6 +221,7 @@ def _restore(fed: Federation, global_params: torch.nn.Module, sampler: np.random
                           f"a resumed run may only change {', '.join('--' + k for k in RESUMABLE_CHANGES)}")
     if state.round > fed.config.rounds:
         raise ConfigError(f"{out} already completed {state.round} rounds; pass --rounds {state.round} or more")
+    global_params = fed.method.stage(state.round, fed.config).new_params(fed.model).to(fed.device)
     global_params.load_state_dict(state.params)
     for cid, kept in state.clients.items():
         fed.clients[cid].load_state_dict(kept)
@@ -220,7 +229,7 @@ def _restore(fed: Federation, global_params: torch.nn.Module, sampler: np.random
         fed.model.body.load_state_dict(state.body)
     sampler.bit_generator.state = state.sampler
     torch.set_rng_state(state.torch_rng)
-    return state.history
+    return global_params, state.history
 
 
 @torch.no_grad()

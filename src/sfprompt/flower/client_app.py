@@ -166,7 +166,8 @@ def train(msg: Message, context: Context) -> Message:
                          max_bytes=side.max_message_bytes) as channel:
             link = SessionLink(channel, client.cid, task["session"])
             global_params = decode(task["global"], side.device, side.max_message_bytes)
-            upload = client.run_round(side.method, global_params, link, int(task["seed"]), config.client_timeout_s)
+            method = side.method.stage(round_, config)  # the run's method, or the probe rounds it opens with
+            upload = client.run_round(method, global_params, link, int(task["seed"]), config.client_timeout_s)
     except ClientFailure as failure:  # the server drops this client from the round, and says why
         reply = ConfigRecord({"failure": json.dumps(failure.record()), "meter": json.dumps(meter.counts())})
         return Message(RecordDict({"sfprompt": reply}), reply_to=msg)

@@ -15,13 +15,17 @@ class Method:
     # Clients train one after another, each from the previous one's upload, with no averaging (sl);
     # otherwise clients start from the same global state and the server averages (FedAvg).
     sequential: bool = False
-    sends_whole_model: bool = False  # the broadcast and uploads are the whole model (message size limit)
     # Clients train through the body server (split methods); otherwise a client holds what it runs.
     split: bool = False
 
     def new_params(self, model: SplitViT) -> nn.Module:
         """The global trainable state: prompts and tail unless the method trains more."""
         return model.new_params()
+
+    def state_bytes(self, model: SplitViT) -> int:
+        """The bytes of the global state (the broadcast, and each upload) less the header: what a message may
+        carry beside a batch of activations. The prompts and tail unless the method exchanges more."""
+        return model.params_bytes
 
     def client_holds(self, model: SplitViT) -> tuple[nn.Module, ...]:
         """The frozen modules resident on a client (they count towards its memory)."""
@@ -31,6 +35,24 @@ class Method:
                generator: torch.Generator | None = None) -> torch.Tensor:
         """The global model's predictions (`generator`: the defence's randomness, if any)."""
         return model.logits(images, params, generator)
+
+    def stage(self, round_: int, config) -> "Method":
+        """The method that runs round `round_` of a run of `config`: this one, unless the run opens with probe
+        rounds (--probe-rounds), which the linear probe runs with this method's initial prompts."""
+        if round_ <= config.probe_rounds:
+            from .linear_probe import LinearProbe
+
+            return LinearProbe()
+        return self
+
+    def carry(self, model: SplitViT, params: nn.Module) -> nn.Module:
+        """This method's global state, taken from another stage's (`params`): every tensor the two share by name
+        and shape (the prompts, the tail), the rest as `new_params` makes it."""
+        fresh = self.new_params(model).to(next(iter(params.state_dict().values())).device)
+        held = params.state_dict()
+        fresh.load_state_dict({name: held[name] if name in held and held[name].shape == value.shape else value
+                               for name, value in fresh.state_dict().items()})
+        return fresh
 
     def aggregate(self, current: dict[str, torch.Tensor], uploads: list[dict[str, torch.Tensor]], weights: list[int],
                   settings) -> dict[str, torch.Tensor]:

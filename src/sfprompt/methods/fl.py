@@ -5,7 +5,9 @@ from .base import Method
 
 class FedFull(Method):
     name = "fl"
-    sends_whole_model = True
+
+    def state_bytes(self, model):
+        return model.model_bytes
 
     def new_params(self, model):
         return model.new_full_params()

@@ -1,6 +1,7 @@
 """The federated linear probe: every client sends its images through the frozen body once, the first round
 it is sampled, and reports statistics of the features (`probe`); the server fits the classifier on them in
-closed form. No prompts, no gradient and no label-dependent message per sample."""
+closed form. No gradient and no label-dependent message per sample. As a method it has no prompts; as the
+rounds that open a prompt method's run (`--probe-rounds`), it takes the features with the initial prompts."""
 
 from ..probe import ProbeParams, accumulate
 from .base import Method
@@ -11,7 +12,12 @@ class LinearProbe(Method):
     split = True
 
     def new_params(self, model):
-        return ProbeParams(model.new_params().tail, model.num_classes, model.layout.width)
+        initial = model.new_params()
+        return ProbeParams(initial.prompts, initial.tail, model.num_classes, model.layout.width)
+
+    def state_bytes(self, model):
+        classes, width = model.num_classes, model.layout.width
+        return model.params_bytes + 4 * (classes + classes * width + width * width) + 8  # the statistics, the count
 
     def aggregate(self, current, uploads, weights, settings):
         return accumulate(current, uploads, weights)

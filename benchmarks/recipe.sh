@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# SFPrompt's recipe against the linear probe of the same frozen body, on the default job (mnist-5k, 4,000 / 1,000,
+# 5 rounds) and on core.sh's Fashion-MNIST setting (5,000 / 2,000; 5 rounds IID, 10 under Dirichlet(0.5)), both
+# partitions, 10 clients and 5 a round, each row with every seed in SEEDS; then docs/benchmarks/recipe.md.
+#
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh            # about 5 hours on two CPU cores
+#   ROWS="paper probe-warm" SETTINGS=default-iid SEEDS=0 bash benchmarks/recipe.sh
+#   TUNE=1 bash benchmarks/recipe.sh    # the learning-rate grid of the probe-warm recipe on validation samples
+#
+# Rows: the paper's recipe (no probe round, Adam at 0.01 for prompts and tail: --recipe paper), the probe warm start
+# (a first round that fits the tail in closed form on the initial prompts' features, then the method's rounds at
+# 0.001), the federated linear probe, and SplitFed with the same warm start. With TUNE=1 it runs instead the grid of
+# learning rates (tail and prompts alike) for the warm start on the default job, seed 0, each run evaluated on
+# 500 validation samples held out of the clients' data (the test set unread), into OUT/tune.
+#
+# A finished run is not redone and an interrupted one continues after its last complete round. SIZE appends options
+# to every run and DOC names the document written (a test runs it at a tiny size).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benchmarks/lib.sh
+SHARED=${SHARED:-../shared}
+OUT=${OUT:-results/recipe}
+SEEDS=${SEEDS:-0 1 2}
+SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
+ROWS=${ROWS:-linear-probe paper probe-warm sfl-probe-warm}
+read -r -a size <<< "${SIZE:-}"
+
+setting() {  # the data, partition and rounds of a setting
+  local fashion="--dataset fashion-mnist --data-dir $SHARED/data --weights $SHARED/models/vit_small_patch14_dinov2.imgfocus.safetensors --train-samples 5000 --test-samples 2000"
+  case "$1" in
+    default-iid) echo "--rounds 5" ;;
+    default-dirichlet-0.5) echo "--rounds 5 --alpha 0.5" ;;
+    fashion-iid) echo "$fashion --rounds 5" ;;
+    fashion-dirichlet-0.5) echo "$fashion --rounds 10 --alpha 0.5" ;;
+    *) echo "unknown setting $1" >&2; exit 2 ;;
+  esac
+}
+
+options() {  # the options of one row
+  case "$1" in
+    linear-probe) echo "--method linear-probe" ;;
+    paper) echo "--recipe paper" ;;
+    probe-warm) echo "--probe-rounds 1 --lr 0.001 --prompt-lr 0.001" ;;
+    sfl-probe-warm) echo "--method sfl --probe-rounds 1 --lr 0.001 --prompt-lr 0.001" ;;
+    *) echo "unknown row $1" >&2; exit 2 ;;
+  esac
+}
+
+if [ -n "${TUNE:-}" ]; then
+  for lr in 0.0003 0.001 0.003 0.01; do
+    wait_for_lane "${JOBS:-1}"
+    run_once "$OUT/tune/lr-$lr" "$OUT/tune/lr-$lr.log" --probe-rounds 1 --lr "$lr" --prompt-lr "$lr" \
+      --validation-samples 500 --no-progress "${size[@]}" &
+  done
+  wait_for_all
+  python benchmarks/table.py "$OUT"/tune/lr-* 2>/dev/null || true
+  exit 0
+fi
+
+for setting in $SETTINGS; do
+  setting "$setting" > /dev/null
+  for row in $ROWS; do
+    options "$row" > /dev/null  # an unknown row stops the benchmark before anything runs
+    for seed in $SEEDS; do
+      wait_for_lane "${JOBS:-1}"
+      # shellcheck disable=SC2046
+      run_once "$OUT/$setting/$row/seed-$seed" "$OUT/$setting/$row/seed-$seed.log" $(setting "$setting") \
+        $(options "$row") --seed "$seed" --no-progress "${size[@]}" &
+    done
+  done
+done
+wait_for_all
+DOC=${DOC:-docs/benchmarks/recipe.md}
+{
+  echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds."
+  for setting in $SETTINGS; do
+    echo; echo "### $setting"; echo
+    rows=(); for row in $ROWS; do rows+=("$OUT/$setting/$row"); done
+    python benchmarks/table.py "${rows[@]}"
+  done
+} > "$DOC"
+cat "$DOC"
