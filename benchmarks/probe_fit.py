@@ -137,8 +137,8 @@ def fedavg_logistic(z, y, classes, iterations):
     return fit
 
 
-def measure(dataset: str, seed: int) -> dict:
-    config = Config(**SETTINGS[dataset], seed=seed, clients=CLIENTS, clients_per_round=PER_ROUND)
+def measure(dataset: str, seed: int, size: dict) -> dict:
+    config = Config(**{**SETTINGS[dataset], **size}, seed=seed, clients=CLIENTS, clients_per_round=PER_ROUND)
     z, y, zt, yt, _ = features(config)
     classes = int(max(y.max(), yt.max())) + 1
     row = {"central": {
@@ -188,8 +188,13 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default=str(ROOT / "results" / "probe-fit"))
     parser.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks" / "probe-fit.md"))
+    parser.add_argument("--train-samples", type=int, help="fewer training samples than the setting's (tests)")
+    parser.add_argument("--test-samples", type=int, help="fewer test samples than the setting's (tests)")
+    parser.add_argument("--image-size", type=int, help="another image size than the setting's 56 px (tests)")
     args = parser.parse_args()
-    results = {dataset: {seed: measure(dataset, seed) for seed in args.seeds} for dataset in args.datasets}
+    size = {name: getattr(args, name) for name in ("train_samples", "test_samples", "image_size")
+            if getattr(args, name) is not None}
+    results = {dataset: {seed: measure(dataset, seed, size) for seed in args.seeds} for dataset in args.datasets}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,56 @@
+"""The table of `bash benchmarks/central.sh`: for each setting (dataset and image size), each method's test
+accuracy after its last epoch, mean ± standard deviation over its seeds, and its gain over the linear probe of
+the same frozen body (mean of the per-seed differences, with the seeds where the probe exists).
+
+    python benchmarks/central_table.py results/central > docs/benchmarks/central.md
+"""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from table import spread
+
+ROWS = {"probe": "linear probe (closed form)", "prompts-10": "prompt tuning, 10 prompts",
+        "prompts-50": "prompt tuning, 50 prompts", "full": "full fine-tuning"}
+
+
+def finals(row: Path) -> dict[str, float]:
+    """seed -> the final accuracy of each finished run of a row."""
+    return {run.name: json.loads((run / "summary.json").read_text())["final_accuracy"]
+            for run in sorted(row.glob("seed-*")) if (run / "summary.json").is_file()}
+
+
+def curve(row: Path) -> str:
+    runs = [run for run in sorted(row.glob("seed-*")) if (run / "summary.json").is_file()]
+    accuracies = [[json.loads(line)["accuracy"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+                  for run in runs]
+    return " ".join(f"{statistics.fmean(epoch):.3f}" for epoch in zip(*accuracies))
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        sys.exit("usage: central_table.py RESULTS_DIR (benchmarks/central.sh's OUT)")
+    root = Path(sys.argv[1])
+    print("Command: `bash benchmarks/central.sh` (and `SIZES=112` for the 112 px settings): one client holding every "
+          "training image, ViT-S/14 from ../shared (the offline demo's backbone for mnist-5k). Test accuracy after "
+          "the last epoch, mean ± standard deviation over the seeds; the gain over the probe is the mean of the "
+          "per-seed differences.\n")
+    print("| setting | method | seeds | epochs | final accuracy | over the probe | mean accuracy per epoch |")
+    print("|---|---|---|---|---|---|---|")
+    for setting in sorted(p for p in root.iterdir() if p.is_dir()):
+        probe = finals(setting / "probe")
+        for name, label in ROWS.items():
+            got = finals(setting / name)
+            if not got:
+                continue
+            paired = [got[seed] - probe[seed] for seed in got if seed in probe]
+            gain = "" if name == "probe" or not paired else f"{100 * statistics.fmean(paired):+.1f} points"
+            epochs = len(curve(setting / name).split())
+            print(f"| {setting.name} | {label} | {len(got)} | {epochs} | {spread(list(got.values()), 3)} | {gain} "
+                  f"| {curve(setting / name)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The probe's benchmarks at a tiny size: the recipe comparison, the central comparison of the probe with
+prompt tuning and full fine-tuning, and the study of how to fit a federated probe, each re-run from its
+committed command, writing its document."""
+
+import json
+
+import pytest
+
+from conftest import needs_shared, run_benchmark, run_python_benchmark
+
+TINY = "--train-samples 40 --test-samples 20 --image-size 28"
+
+
+@pytest.mark.slow
+@needs_shared
+def test_the_recipe_benchmark_runs_each_row_and_writes_its_report(tmp_path):
+    doc = tmp_path / "recipe.md"
+    done = run_benchmark("recipe.sh", tmp_path, SEEDS="0", SETTINGS="fashion-iid", DOC=str(doc),
+                         ROWS="linear-probe paper probe-warm", SIZE=f"{TINY} --clients 2 --clients-per-round 2 --rounds 2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = doc.read_text()
+    assert text.startswith("Command: `bash benchmarks/recipe.sh`") and "### fashion-iid" in text
+    assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "seed" not in line
+            and not line.startswith("|---")] == ["| linear-probe", "| paper", "| probe-warm"]
+    stages = [json.loads(line)["stage"] for line in
+              (tmp_path / "runs" / "fashion-iid" / "probe-warm" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    assert stages == ["linear-probe", "sfprompt"]
+    paper = json.loads((tmp_path / "runs" / "fashion-iid" / "paper" / "seed-0" / "config.json").read_text())
+    assert (paper["probe_rounds"], paper["lr"], paper["prompt_lr"]) == (0, 0.01, 0.01)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_the_central_benchmark_trains_each_method_on_one_client_and_tables_the_gain_over_the_probe(tmp_path):
+    doc = tmp_path / "central.md"
+    done = run_benchmark("central.sh", tmp_path, SEEDS="0 1", DATASETS="fashion-mnist", SIZES="28", DOC=str(doc),
+                         ROWS="probe prompts-10", SIZE="--train-samples 40 --test-samples 20 --rounds 1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = doc.read_text()
+    assert text.startswith("Command: `bash benchmarks/central.sh`")
+    rows = [line for line in text.splitlines() if line.startswith("| fashion-mnist-28px")]
+    assert len(rows) == 2 and "points" in rows[1] and "±" in rows[0]
+    config = json.loads((tmp_path / "runs" / "fashion-mnist-28px" / "prompts-10" / "seed-0" / "config.json").read_text())
+    assert (config["method"], config["clients"], config["split_epochs"]) == ("fl-prompt", 1, 1)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_the_probe_fit_study_writes_every_fit_for_both_partitions(tmp_path):
+    done = run_python_benchmark("probe_fit.py", "--datasets", "fashion-mnist", "--seeds", "0", "--train-samples",
+                                "200", "--test-samples", "40", "--image-size", "28", "--out", str(tmp_path),
+                                "--doc", str(tmp_path / "probe-fit.md"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())["fashion-mnist"]["0"]
+    assert set(results) == {"central", "iid", "dirichlet-0.5"}
+    assert all(len(curve) == 5 for curve in results["iid"].values())
+    assert "closed form, accumulated (linear-probe)" in (tmp_path / "probe-fit.md").read_text()
