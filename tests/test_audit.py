@@ -42,6 +42,21 @@ def test_the_attacks_recover_undefended_images_and_labels(gray, tmp_path):
     assert (tmp_path / "audit" / "audit.png").stat().st_size > 1000
 
 
+def test_a_probe_sends_its_images_once_and_its_statistics_give_the_labels_away(gray, tmp_path):
+    result = run_audit(audit_config(gray, tmp_path, method="linear-probe"), QUICK, progress=False, log=lambda _: None)
+    labels = result["labels"]
+    assert result["reconstruction"]["affine"]["psnr"] >= 30 and result["sends_per_image"] == 1
+    assert result["activation_privacy"]["releases_per_sample"] == 1
+    assert set(labels) >= {"label_free", "statistics", "class_means", "best_attack"} and "gradient" not in labels
+    assert labels["best_attack"] >= 0.9 > labels["label_free"]  # its own class means name its own samples
+
+
+def test_an_audit_with_very_few_auxiliary_images_runs(gray, tmp_path):
+    options = AuditOptions(images=2, aux_samples=3, gallery=2, steps=2, inversion_epochs=1)
+    result = run_audit(audit_config(gray, tmp_path), options, progress=False, log=lambda _: None)
+    assert result["aux_images"] == 3 and "affine" in result["reconstruction"]
+
+
 def test_a_compact_wire_format_is_no_defence(gray, tmp_path):
     """The server decodes int8 activations with their shared rows sent once, and attacks what it decoded."""
     result = run_audit(audit_config(gray, tmp_path, wire_dtype="int8", shared_rows="once"), QUICK, progress=False,

@@ -40,6 +40,8 @@ def test_a_client_keeps_the_deepest_head_its_budget_affords():
     (dict(client_budgets="1", client_blocks=1), "leave --client-blocks at 0"),
     (dict(client_budgets="1", method="fl"), "split methods"),
     (dict(client_budgets="1", method="sfl", train_body=True), "not --train-body"),
+    (dict(client_budgets="1", pool_tokens=2), "change the function"),
+    (dict(client_budgets="1", clip_norm=1.0), "change the function"),
 ])
 def test_bad_budgets_are_refused_naming_the_option(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -103,3 +105,16 @@ def test_cost_refuses_budgets_and_says_how_to_plan_each_split(capsys):
 
     assert main(["cost", "--model", "test_vit", "--image-size", "32", "--client-budgets", "1,2"]) == 2
     assert "pass --client-blocks K for each split" in capsys.readouterr().err
+
+
+def test_the_head_cost_probe_draws_the_defence_randomness_as_clients_do(monkeypatch):
+    """On a GPU, the probe's generator once lived on the model's device while the defence draws on the CPU."""
+    from sfprompt.defence import Defence
+
+    _, model = tiny_split(defence=Defence(shuffle=True, clip_norm=1.0, noise_multiplier=1.0))
+    devices = []
+    protect = Defence.protect
+    monkeypatch.setattr(Defence, "protect", lambda self, tokens, private, patches, generator:
+                        devices.append(generator.device.type) or protect(self, tokens, private, patches, generator))
+    head_gflop(model)
+    assert devices and set(devices) == {"cpu"}

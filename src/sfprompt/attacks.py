@@ -54,8 +54,10 @@ class Simulator:
 
     @torch.no_grad()
     def is_affine(self, aux: torch.Tensor) -> bool:
-        """Whether the clean sending path is affine in the pixels, tried on mixtures of auxiliary images."""
-        first, second = aux[:8], aux[8:16]
+        """Whether the clean sending path is affine in the pixels, tried on mixtures of auxiliary images (up to
+        8 pairs: each image with the next, however few there are)."""
+        pairs = min(8, max(len(aux) // 2, 1))
+        first, second = aux[:pairs], aux[pairs:2 * pairs] if len(aux) > 1 else aux.flip(-1)
         mixed = self.features(self.clean(0.3 * first + 0.7 * second))
         expected = 0.3 * self.features(self.clean(first)) + 0.7 * self.features(self.clean(second))
         return bool((mixed - expected).norm() <= 1e-3 * expected.norm())
@@ -262,16 +264,23 @@ def statistics_label_attacks(upload: torch.nn.Module, rows: torch.Tensor, sample
     id, ascending), which sends no gradient:
 
     - label_free: the global model's prediction from the body output rows it computed itself;
-    - statistics: the classifier fitted on the client's own uploaded statistics (its class means, over its
-      `samples` samples), which the server holds unless secure aggregation sums them with other clients' first.
+    - statistics: the classifier fitted on the client's own uploaded statistics (over its `samples`
+      samples), which the server holds unless secure aggregation sums them with other clients' first;
+    - class_means: the nearest of the client's own class means (its class sums over its frequencies),
+      which needs no covariance (better where a client holds few samples of many features).
     """
     from .probe import STATISTICS, fit_classifier
 
     with torch.no_grad():
         features = upload.tail.features(rows)
-        weight, bias = fit_classifier({name: getattr(upload, name) for name in STATISTICS}, samples)
+        statistics = {name: getattr(upload, name) for name in STATISTICS}
+        weight, bias = fit_classifier(statistics, samples)
+        present = statistics["class_frequency"] > 0
+        means = statistics["class_sums"] / statistics["class_frequency"].clamp_min(1e-12)[:, None]
+        distances = torch.cdist(features.double(), means.double()).float()
         scores = {"label_free": upload.tail.head(features).log_softmax(dim=1),
-                  "statistics": (features @ weight.T + bias).log_softmax(dim=1)}
+                  "statistics": (features @ weight.T + bias).log_softmax(dim=1),
+                  "class_means": torch.where(present, -distances, torch.tensor(float("-inf")))}
     ids, inverse = sample.unique(return_inverse=True)
     per_sample = lambda s: torch.zeros(len(ids), s.shape[1]).index_add_(0, inverse, s)  # noqa: E731
     return {name: per_sample(value).argmax(dim=1) for name, value in scores.items()}

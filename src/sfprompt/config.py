@@ -237,6 +237,10 @@ class Config:
         if self.method in ("fl", "fl-prompt") or self.train_body:
             raise ConfigError("--client-budgets sets where a client's head ends and the server's body begins: it "
                               "applies to the split methods with a frozen body (sfprompt, sfl, sl; not --train-body)")
+        if self.pool_tokens or self.clip_norm is not None:
+            raise ConfigError("--client-budgets averages prompts and tails trained at different split points, which "
+                              "holds only where the split does not change the function the model computes; pooling "
+                              "(--pool-tokens) and clipping (--clip-norm) act where the head ends, so they change it")
 
     @property
     def budgets(self) -> tuple[float, ...] | None:

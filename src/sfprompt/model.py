@@ -251,8 +251,9 @@ class SplitViT:
 
     def at(self, client_blocks: int) -> "SplitViT":
         """The same model split after `client_blocks` blocks instead (a client of another budget): it
-        shares every frozen weight and the initial params, and computes the same function, so prompts
-        and tails trained at different split points average (FedAvg) as they are. One view per split
+        shares every frozen weight and the initial params, and computes the same function unless pooling or
+        clipping acts where the head ends (`Config` refuses those with budgets), so prompts and tails trained
+        at different split points average (FedAvg) as they are. One view per split
         point, made on first use and shared by every caller (clients, the body server)."""
         split = self._splits.get(client_blocks)
         if split is None:

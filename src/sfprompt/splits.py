@@ -7,8 +7,10 @@ counts it (the same count on every device). Each client keeps the deepest head i
 stronger client runs more blocks itself, and sends activations that are no longer an affine map of
 its pixels (PRIVACY.md measures what that hides).
 
-The split point does not change the function the model computes (head and body are frozen, and the
-prompts enter before the first block), so prompts and tails trained at different split points are
+Without the defences that act where the head ends (pooling, clipping and the noise on top of it, which
+`Config` refuses beside budgets), the split point does not change the function the model computes (head
+and body are frozen, and the prompts enter before the first block; a shuffle of the patch tokens is undone
+by attention's indifference to their order), so prompts and tails trained at different split points are
 averaged as they are, and the global model is evaluated at any one of them. What differs per client
 is its compute and memory, the gradient rows it gets back (every row once prompts pass through its
 blocks, only the prompts' without), and its local loss, which reads its head's output.
@@ -45,7 +47,8 @@ def _probe(model: SplitViT, client_blocks: int) -> int:
     prompts = model.initial_params.prompts.detach().clone().requires_grad_(True)
     images = torch.zeros(1, 3, *model.image_size, device=prompts.device)
     with counting_flops() as flops:
-        tokens = split.send(images, prompts, torch.Generator(device=prompts.device).manual_seed(0))
+        # the defence draws its randomness on the CPU and moves it (as a client's private generator does)
+        tokens = split.send(images, prompts, torch.Generator().manual_seed(0))
         rows = tokens[:, split.grad_rows]
         rows.backward(torch.ones_like(rows))
     return flops.get_total_flops()
