@@ -116,6 +116,10 @@ def test_a_probe_run_sends_each_sample_through_the_body_once(imagefolder, tmp_pa
         assert "up/split" not in record["bytes_by_phase"] and "down/split" not in record["bytes_by_phase"]
         assert (record["server_flops"] > 0) == bool(new)
     assert all(record["train_loss"] is None for record in history)
+    # the statistics stay on the server: a broadcast is the prompts (none) and the tail
+    tail_bytes = sum(t.numel() * t.element_size() for t in fed.model.new_params().tail.state_dict().values())
+    assert all(0 < record["bytes_by_phase"]["down/broadcast"] < len(record["clients"]) * (tail_bytes + 2000)
+               for record in history)
 
 
 def test_the_probe_of_every_client_at_once_is_the_central_fit_on_the_same_samples(imagefolder, tmp_path):

@@ -201,7 +201,11 @@ class Client:
         memory.hold(*method.client_holds(self.model), *self.state_dict().values(), *global_state.tensors.values())
         memory.buffer(global_state.wire_bytes)  # the broadcast as it arrived, beside what it decoded to
         params = method.new_params(self.model).to(self.device)
-        params.load_state_dict(global_state.tensors)
+        expected = set(params.state_dict()) - set(method.server_only)
+        if set(global_state.tensors) != expected:
+            raise ClientFailure(self.cid, "start", f"the broadcast holds {sorted(global_state.tensors)[:4]}, not the "
+                                f"{len(expected)} tensors of {method.name}'s global state")
+        params.load_state_dict(global_state.tensors, strict=False)  # the server's own entries start fresh
         memory.hold(params)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         private = torch.Generator().manual_seed(derive_seed(self.private_seed, seed))

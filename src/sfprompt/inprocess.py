@@ -24,7 +24,7 @@ def client_round(link: InProcessLink, client: Client, method: Method, global_par
                  timeout_s: float | None = None) -> Message:
     """One client's round in this process, every message through the codec: the global params down,
     the client's phases in a session of its own, its upload up (returned as the server decodes it)."""
-    received = link.send(Message("global", dict(global_params.state_dict())), DOWN, "broadcast")
+    received = link.send(Message("global", method.broadcast(global_params.state_dict())), DOWN, "broadcast")
     session = SessionLink(link, client.cid, link.server.admit(str(client.cid), client_blocks=client.model.client_blocks))
     return link.deliver(client.run_round(method, received, session, seed, timeout_s), UP, "upload")
 

@@ -56,7 +56,8 @@ class FlowerRuntime:
 
     def train(self, round_: int, cids: list[int], global_params) -> tuple[list[Payload], list[dict]]:
         fed = self.fed
-        broadcast = encode(Payload("global", dict(global_params.state_dict())))
+        method = fed.method.stage(round_, fed.config)  # the run's method, or the probe rounds it opens with
+        broadcast = encode(Payload("global", method.broadcast(global_params.state_dict())))
         messages = []
         for cid in cids:
             fed.meter.count_message(DOWN, "broadcast", broadcast)

@@ -17,6 +17,8 @@ class Method:
     sequential: bool = False
     # Clients train through the body server (split methods); otherwise a client holds what it runs.
     split: bool = False
+    # Entries of the global state that stay on the server: not broadcast (clients start them fresh).
+    server_only: tuple[str, ...] = ()
 
     def new_params(self, model: SplitViT) -> nn.Module:
         """The global trainable state: prompts and tail unless the method trains more."""
@@ -53,6 +55,10 @@ class Method:
         fresh.load_state_dict({name: held[name] if name in held and held[name].shape == value.shape else value
                                for name, value in fresh.state_dict().items()})
         return fresh
+
+    def broadcast(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the server sends each sampled client of the global state: all of it but `server_only`."""
+        return {name: value for name, value in state.items() if name not in self.server_only}
 
     def aggregate(self, current: dict[str, torch.Tensor], uploads: list[dict[str, torch.Tensor]], weights: list[int],
                   settings) -> dict[str, torch.Tensor]:

@@ -3,13 +3,14 @@ it is sampled, and reports statistics of the features (`probe`); the server fits
 closed form. No gradient and no label-dependent message per sample. As a method it has no prompts; as the
 rounds that open a prompt method's run (`--probe-rounds`), it takes the features with the initial prompts."""
 
-from ..probe import ProbeParams, accumulate
+from ..probe import SAMPLES, STATISTICS, ProbeParams, accumulate
 from .base import Method
 
 
 class LinearProbe(Method):
     name = "linear-probe"
     split = True
+    server_only = (*STATISTICS, SAMPLES)  # the statistics so far: the server's to fit with, no client's business
 
     def new_params(self, model):
         initial = model.new_params()
