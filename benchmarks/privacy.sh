@@ -42,6 +42,7 @@ rows=(
     "pool-2-dp-epsilon-8|--client-blocks 0 --pool-tokens 2 --clip-norm 5 --noise-multiplier 4"
     "label-epsilon-1|--client-blocks 0 --pool-tokens 0 --label-epsilon 1"
     "label-epsilon-3|--client-blocks 0 --pool-tokens 0 --label-epsilon 3"
+    "linear-probe|--method linear-probe --client-blocks 0 --pool-tokens 0"
 )
 
 # train NAME SEED OPTIONS...: one run (its log beside it), unless it finished before; an interrupted one continues.

@@ -21,8 +21,8 @@ OPTIONS = ("client_blocks", "pool_tokens", "shuffle_tokens", "clip_norm", "noise
 
 
 def options(config: dict) -> str:
-    """The privacy options a row was run with, as flags."""
-    flags = []
+    """The privacy options a row was run with, as flags (and its method, when it is not SFPrompt)."""
+    flags = [] if config["method"] == "sfprompt" else [f"--method {config['method']}"]
     for name in OPTIONS:
         value = config[name]
         if value in (None, False, 0, 0.0):

@@ -3,15 +3,16 @@
 # 5 rounds) and on core.sh's Fashion-MNIST setting (5,000 / 2,000; 5 rounds IID, 10 under Dirichlet(0.5)), both
 # partitions, 10 clients and 5 a round, each row with every seed in SEEDS; then docs/benchmarks/recipe.md.
 #
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh            # about 5 hours on two CPU cores
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh            # about 4 hours on two CPU cores
 #   ROWS="paper probe-warm" SETTINGS=default-iid SEEDS=0 bash benchmarks/recipe.sh
-#   TUNE=1 bash benchmarks/recipe.sh    # the learning-rate grid of the probe-warm recipe on validation samples
+#   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh     # the learning rates of the warm start (1 hour)
 #
-# Rows: the paper's recipe (no probe round, Adam at 0.01 for prompts and tail: --recipe paper), the probe warm start
-# (a first round that fits the tail in closed form on the initial prompts' features, then the method's rounds at
-# 0.001), the federated linear probe, and SplitFed with the same warm start. With TUNE=1 it runs instead the grid of
+# Rows: the federated linear probe, the paper's recipe (no probe round, Adam at 0.01 for prompts and tail: --recipe
+# paper), and the probe warm start (a first round that fits the tail in closed form on the initial prompts'
+# features, then SFPrompt's rounds at the learning rate TUNE chose). With TUNE=1 it runs instead the grid of
 # learning rates (tail and prompts alike) for the warm start on the default job, seed 0, each run evaluated on
-# 500 validation samples held out of the clients' data (the test set unread), into OUT/tune.
+# 500 validation samples held out of the clients' data (the test set unread), into OUT/tune, and writes
+# docs/benchmarks/recipe-tuning.md (TUNE_DOC names another file).
 #
 # A finished run is not redone and an interrupted one continues after its last complete round. SIZE appends options
 # to every run and DOC names the document written (a test runs it at a tiny size).
@@ -22,7 +23,8 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
-ROWS=${ROWS:-linear-probe paper probe-warm sfl-probe-warm}
+ROWS=${ROWS:-linear-probe paper probe-warm}
+WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md)
 read -r -a size <<< "${SIZE:-}"
 
 setting() {  # the data, partition and rounds of a setting
@@ -40,20 +42,30 @@ options() {  # the options of one row
   case "$1" in
     linear-probe) echo "--method linear-probe" ;;
     paper) echo "--recipe paper" ;;
-    probe-warm) echo "--probe-rounds 1 --lr 0.001 --prompt-lr 0.001" ;;
-    sfl-probe-warm) echo "--method sfl --probe-rounds 1 --lr 0.001 --prompt-lr 0.001" ;;
+    probe-warm) echo "--probe-rounds 1 --lr $WARM_LR --prompt-lr $WARM_LR" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
 
 if [ -n "${TUNE:-}" ]; then
-  for lr in 0.0003 0.001 0.003 0.01; do
+  grid=(0.0001 0.0003 0.001 0.003 0.01)
+  for lr in "${grid[@]}"; do
     wait_for_lane "${JOBS:-1}"
-    run_once "$OUT/tune/lr-$lr" "$OUT/tune/lr-$lr.log" --probe-rounds 1 --lr "$lr" --prompt-lr "$lr" \
+    run_once "$OUT/tune/lr-$lr/seed-0" "$OUT/tune/lr-$lr/seed-0.log" --probe-rounds 1 --lr "$lr" --prompt-lr "$lr" \
       --validation-samples 500 --no-progress "${size[@]}" &
   done
   wait_for_all
-  python benchmarks/table.py "$OUT"/tune/lr-* 2>/dev/null || true
+  TUNE_DOC=${TUNE_DOC:-docs/benchmarks/recipe-tuning.md}
+  {
+    echo "Command: \`TUNE=1 bash benchmarks/recipe.sh\`; $(python benchmarks/write_benchmarks.py --machine). The probe warm start"
+    echo "(--probe-rounds 1) on the default job, seed 0, with the tail's and the prompts' learning rate alike, each run"
+    echo "evaluated on 500 validation samples held out of the clients' data (the test set unread): the rows' \"final acc.\""
+    echo "is what chooses. Each row is one seed: read the differences against the validation set's resolution."
+    echo
+    tune_rows=(); for lr in "${grid[@]}"; do tune_rows+=("$OUT/tune/lr-$lr"); done
+    python benchmarks/table.py "${tune_rows[@]}"
+  } > "$TUNE_DOC"
+  cat "$TUNE_DOC"
   exit 0
 fi
 
