@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sfprompt.federation import prepare, private_seed
+from sfprompt.federation import prepare
+from sfprompt.seeds import private_seed
 from sfprompt.flower.settings import as_run_config
 from sfprompt.runner import run
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from sfprompt.client import Client
 from sfprompt.codec import decode, encode
 from sfprompt.config import ConfigError
-from sfprompt.federation import prepare, private_seed
+from sfprompt.federation import prepare
+from sfprompt.seeds import private_seed
 from sfprompt.flower import client_app
 from sfprompt.flower.server_app import FlowerRuntime, find_partitions
 from sfprompt.flower.settings import FlowerOptions, from_run_config
@@ -194,6 +195,38 @@ def test_a_node_draws_its_own_private_seed_once_unless_its_node_config_names_one
     assert client_app.NodeState(node(0, **{"state-dir": str(tmp_path / "elsewhere")})).private_seed() != seeds[0]
     assert oct((tmp_path / "supernodes" / "partition-0" / "private-seed").stat().st_mode)[-3:] == "600"
     assert client_app.NodeState(node(2, **{"private-seed": 42})).private_seed() == 42
+
+
+def test_two_runs_with_one_seed_never_add_the_same_noise_to_the_same_send(imagefolder, tmp_path, monkeypatch):
+    """A learning-rate sweep with one --seed on nodes that drew their own secrets: the noise on each send is
+    fresh per run (the same draw again would let the server cancel it by differencing), while a node's
+    randomized labels, its noise in a resumed run, and a node whose config names `private-seed` repeat."""
+    sent = {}
+    request = client_app.ChannelLink.request
+
+    def tap(self, message, phase, memory=None):
+        if message.kind == "forward":
+            sent.setdefault(run_name, []).append(message.tensors["tokens"].clone())
+        return request(self, message, phase, memory)
+
+    monkeypatch.setattr(client_app.ChannelLink, "request", tap)
+    config = tiny_config(imagefolder, tmp_path, clients=2, clients_per_round=2, rounds=1, clip_norm=5.0,
+                         noise_multiplier=1.0)
+
+    class OwnSecrets(InlineGrid):  # nodes that draw their own secrets, as deployed ones do
+        def __init__(self):
+            super().__init__(2)
+            for context in self.contexts.values():
+                del context.node_config["private-seed"]
+
+    for run_name in ("first", "second"):
+        run_inline(config.replace(out=str(tmp_path / run_name)), OwnSecrets())
+    difference = sent["first"][0] - sent["second"][0]
+    assert difference[:, config.prompt_tokens + 1:].abs().max() > 0.5  # noise of std 5 on the patch rows
+    seeds = [client_app.NodeState(node(0)).noise_seed(key) for key in ("a" * 32, "b" * 32, "a" * 32)]
+    assert seeds[0] != seeds[1] and seeds[0] == seeds[2]
+    assert client_app.NodeState(node(0)).private_seed() == client_app.NodeState(node(0)).private_seed()
+    assert client_app.NodeState(node(0, **{"private-seed": 7})).noise_seed("a" * 32) == 7
 
 
 def test_a_node_refuses_a_run_key_that_is_not_a_name():

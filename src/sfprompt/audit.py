@@ -43,9 +43,10 @@ from .codec import Message, encode
 from .config import Config, ConfigError
 from .data import Transformed, stratified_subset
 from .defence import Defence, activation_epsilon, releases
-from .federation import Federation, client_seed, prepare
+from .federation import Federation, prepare
 from .inprocess import client_round
 from .meter import DOWN, UP, PeakMemory
+from .seeds import client_seed
 from .server import BodyServer
 from .transport import InProcessLink, encode_held
 

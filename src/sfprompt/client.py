@@ -27,6 +27,7 @@ from .optim import build_optimizer
 from .model import ClientParams, SplitViT
 from .probe import RunningStatistics
 from .pruning import BANDS, el2n, keep_band, size_band
+from .seeds import LOCAL_HEAD, derive_seed
 from .transport import Link, encode_held
 
 @dataclass
@@ -123,8 +124,10 @@ class LocalHead(nn.Module):
 
 class Client:
     """One client: its data, its private local classifier (its start drawn from the run's `seed` and the
-    client id alone), and `private_seed`, the secret behind its defence's randomness (noise, shuffles,
-    randomized labels), which never leaves it."""
+    client id alone), and two secrets that never leave it: `private_seed`, behind its randomized labels
+    (one draw per sample for good, so that no run shows a sample's label twice), and `noise_seed` (by
+    default the same), behind each round's noise and shuffles (a deployed node draws it anew for every
+    run, so that two runs never add the same noise to the same send)."""
 
     def __init__(
         self,
@@ -137,6 +140,7 @@ class Client:
         device: torch.device,
         private_seed: int = 0,
         seed: int = 0,
+        noise_seed: int | None = None,
     ) -> None:
         self.cid = cid
         self.data = Subset(data, np.asarray(indices))
@@ -145,6 +149,7 @@ class Client:
         self.meter = meter
         self.device = device
         self.private_seed = private_seed
+        self.noise_seed = private_seed if noise_seed is None else noise_seed
         self.seed = seed
         self.probe: dict[str, torch.Tensor] | None = None  # linear-probe's statistics of its features, once sent
 
@@ -208,7 +213,7 @@ class Client:
         params.load_state_dict(global_state.tensors, strict=False)  # the server's own entries start fresh
         memory.hold(params)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        private = torch.Generator().manual_seed(derive_seed(self.private_seed, seed))
+        private = torch.Generator().manual_seed(derive_seed(self.noise_seed, seed))
         ctx = RoundContext(params, link, torch.Generator().manual_seed(seed), private, memory, deadline)
         kept = {name: t.clone() for name, t in self.state_dict().items()}
         try:
@@ -379,14 +384,6 @@ class _Positioned(Dataset):
 
     def __getitem__(self, position: int):
         return (*self.data[position], position)
-
-
-LOCAL_HEAD = 0x10CA1  # salt of a client's local classifier's initial weights (from the run seed and client id)
-
-
-def derive_seed(*parts: int) -> int:
-    """An independent seed for each combination of `parts` (run seed, round, client, ...)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 def _expect(reply: Message, kind: str) -> dict[str, torch.Tensor]:

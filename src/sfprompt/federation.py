@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .client import Client, TrainSettings, derive_seed
+from .client import Client, TrainSettings
 from .config import Config, ConfigError
 from .data import (ClientFolder, DataSplits, Transformed, load_splits, model_transform, partition, stratified_subset,
                    write_client_folder)
 from .meter import Meter
 from .methods import METHODS, Method
 from .model import SplitViT, create_head_vit, create_vit, data_config
+from .seeds import VALIDATION, derive_seed, private_seed
 from .splits import client_models
 
 
@@ -97,10 +98,10 @@ class ClientSide:
     def max_message_bytes(self) -> int:
         return max_message_bytes(self.model, self.method, self.config)
 
-    def client(self, cid: int, meter: Meter, private_seed: int) -> Client:
-        """A fresh `Client` on this side's samples, counting into `meter`."""
+    def client(self, cid: int, meter: Meter, private_seed: int, noise_seed: int | None = None) -> Client:
+        """A fresh `Client` on this side's samples, counting into `meter` (its secrets: `Client`)."""
         return Client(cid, self.data, self.indices, self.model, self.settings, meter, self.device, private_seed,
-                      self.config.seed)
+                      self.config.seed, noise_seed)
 
 
 def prepare_client(config: Config, cid: int, classes: Sequence[str], folder: str | None = None,
@@ -230,14 +231,3 @@ def subset_indices(labels: np.ndarray, size: int | None, seed: int, option: str)
     return stratified_subset(labels, size, seed)
 
 
-client_seed = derive_seed  # an independent seed for each (run seed, round, client)
-
-# Salt of a simulated client's private seed. A deployed client draws its own secret instead
-# (`flower.client_app`); in simulation it is derived from --seed so that runs repeat exactly.
-PRIVATE = 0x5EC12E7
-VALIDATION = 0x7A11D  # salt of the validation draw, independent of the partition's
-
-
-def private_seed(seed: int, cid: int) -> int:
-    """The private seed of simulated client `cid` (its defence's randomness)."""
-    return derive_seed(seed, cid, PRIVATE)

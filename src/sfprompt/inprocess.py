@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from .client import Client, ClientFailure
 from .codec import Message
-from .federation import Federation, client_seed
+from .federation import Federation
+from .seeds import client_seed
 from .meter import DOWN, UP
 from .methods import Method
 from .server import BodyServer, body_optimizer

@@ -23,12 +23,11 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .client import derive_seed
+from .seeds import BUDGETS, derive_seed
 from .config import Config, ConfigError
 from .meter import counting_flops
 from .model import SplitViT
 
-BUDGETS = 0xB0D6E7  # salt of the draw of each simulated client's budget from --client-budgets
 
 
 def head_gflop(model: SplitViT) -> list[float]:

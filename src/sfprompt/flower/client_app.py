@@ -50,15 +50,29 @@ class NodeState:
         self.node_config = context.node_config
 
     def private_seed(self) -> int:
-        """The secret behind this node's defence randomness (noise, shuffles, randomized labels): its node
-        config's `private-seed` when set (a reproducible experiment), otherwise drawn once from the
-        operating system's entropy and kept in the state dir (readable by its owner only), so that
-        randomized labels are the same draw in every round and run. The server never sees it."""
+        """The secret behind this node's randomized labels: its node config's `private-seed` when set (a
+        reproducible experiment), otherwise drawn once from the operating system's entropy and kept in the
+        state dir (readable by its owner only), so that a sample shows the same randomized label in every
+        round and run. The server never sees it."""
         if "private-seed" in self.node_config:
             return int(self.node_config["private-seed"])
-        path = self.root / "private-seed"
+        return self._secret(self.root / "private-seed")
+
+    def noise_seed(self, run_key: str) -> int:
+        """The secret behind this node's noise and shuffles in the run `run_key`: drawn from the operating
+        system's entropy for each run and kept in the run's folder, so that two runs (a learning-rate sweep
+        with one --seed, say) never add the same noise to the same send, while a restarted node resumes the
+        run with the same draws; its node config's `private-seed` instead when set (a reproducible
+        experiment: the run then repeats, noise included)."""
+        if "private-seed" in self.node_config:
+            return int(self.node_config["private-seed"])
+        return self._secret(self._folder(run_key) / "noise-seed")
+
+    @staticmethod
+    def _secret(path: Path) -> int:
+        """A secret kept in `path` (readable by its owner only), drawn from the operating system's entropy once."""
         if not path.is_file():
-            self.root.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(path, str(secrets.randbits(63)).encode(), mode=0o600)
         return int(path.read_text())
 
@@ -154,8 +168,8 @@ def train(msg: Message, context: Context) -> Message:
     side = client_side(json.dumps(config.to_dict()), partition, task["classes"], str(folder) if folder else None,
                        int(task["client-blocks"]))
     meter, state = Meter(), NodeState(context)
-    client = side.client(partition, meter, state.private_seed())
     run_key, round_ = str(task["run-key"]), int(task["round"])
+    client = side.client(partition, meter, state.private_seed(), state.noise_seed(run_key))
     start, kept = state.client_state(run_key, round_)
     if kept is not None:
         client.load_state_dict(kept)

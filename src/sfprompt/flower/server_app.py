@@ -24,7 +24,8 @@ from ..codec import Message as Payload
 from ..codec import CodecError, decode, encode
 from ..config import ConfigError
 from ..meter import DOWN, UP
-from ..federation import Federation, client_seed
+from ..federation import Federation
+from ..seeds import client_seed
 from ..runner import run
 from ..server import BodyServer, body_optimizer
 from ..splits import affordable_split, head_gflop
