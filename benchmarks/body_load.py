@@ -76,7 +76,7 @@ def drive(address: str, clients: int, batches: int, model: SplitViT) -> dict:
                     grad = link.request(Message("backward", {"grad": torch.ones_like(rows)}), "split").tensors["grad"]
                     with torch.no_grad():
                         expected = model.body(tokens)[:, model.layout.tail_rows]
-                    if not torch.allclose(rows, expected, atol=1e-5) or grad.shape != tokens[:, model.grad_rows].shape:
+                    if not torch.allclose(rows, expected, atol=1e-5) or grad.shape != tokens[:, model.messages.grad_rows].shape:
                         errors.append(f"client {k} batch {b}: a reply that is not its own")
                     answered[k] += 1
         except Exception as err:  # collected, reported, and failed on below

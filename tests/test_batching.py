@@ -217,6 +217,28 @@ def test_a_malformed_request_is_refused_alone_and_a_late_client_gets_its_exact_a
     assert server.pending == 0
 
 
+def test_a_reply_its_wire_format_cannot_carry_fails_that_member_alone_and_leaves_nothing_stale():
+    """float16 on the wire overflows above 65504: the member whose rows do gets its error; the batch's
+    others are answered, and no forward is left waiting for a backward that cannot come."""
+    from sfprompt.wire import WireFormat
+
+    _, model = tiny_split(wire=WireFormat("float16"))
+    server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=30.0)
+    sessions = {client: Session(server, client) for client in range(3)}
+    body = server.body.forward  # rows beyond float16's range for inputs marked by a large value
+    server.body.forward = lambda tokens: body(tokens) * torch.where(tokens.amax(dim=(1, 2), keepdim=True) > 1e4, 1e6, 1.0)
+
+    def work(client):
+        tokens = tokens_of(model, client, 2)
+        tokens[:, 0, 0] = 2e4 if client == 1 else 0.0
+        return sessions[client].request("forward", "tokens", tokens.half())
+
+    answers = concurrently(server, work, sessions)
+    assert isinstance(answers[1], ProtocolError) and "float16" in str(answers[1])
+    assert all(torch.isfinite(answers[c].float()).all() for c in (0, 2))
+    assert server.pending == 2 and "1" not in server._pending  # the others await their backward; client 1 nothing
+
+
 def test_under_fp16_a_non_finite_gradient_is_refused_before_it_could_spoil_the_batchs_scale():
     vit, _ = tiny_split()
     model = SplitViT(vit, 3, 0, 0, precision="fp16")  # the scale is read from the batch's gradient

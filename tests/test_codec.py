@@ -46,11 +46,11 @@ def test_the_size_limit_follows_what_the_model_sends():
 
     model = SplitViT(create_vit("vit_base_patch16_224", 10, 32, "none"), 10, 0, 0)
     state = dict(METHODS["fl"]().new_params(model).state_dict())
-    limit = model.max_message_bytes(batch_size=32, state_bytes=METHODS["fl"]().state_bytes(model))
+    limit = model.messages.max_bytes(batch_size=32, state_bytes=METHODS["fl"]().state_bytes(model))
     link = InProcessLink(BodyServer(model, Meter(), torch.device("cpu")), Meter(), torch.device("cpu"), limit)
     assert len(encode(Message("global", state))) > MAX_PAYLOAD_BYTES
     assert link.send(Message("global", state), DOWN, "broadcast").tensors.keys() == state.keys()
     state["smuggled"] = torch.zeros(2 * 1024 * 1024)  # 8 MB more than the model
     with pytest.raises(CodecError, match="exceeds"):
         link.send(Message("global", state), DOWN, "broadcast")
-    assert model.max_message_bytes(batch_size=32) < limit  # a split method sends prompts, tail, activations
+    assert model.messages.max_bytes(32, model.params_bytes) < limit  # a split method sends prompts, tail, activations

@@ -43,10 +43,12 @@ def split_gradients(split, params, images, labels):
     server = BodyServer(split, meter, torch.device("cpu"))
     link = SessionLink(InProcessLink(server, meter, torch.device("cpu")), 0, server.admit("0"))
     tokens = split.send(images, params.prompts, torch.Generator().manual_seed(0))  # the head, and any defence
-    reply = link.request(Message("forward", split.pack_tokens(tokens)), "split")
-    rows = split.wire.unpack(reply.tensors, {"rows": (len(images), *split.tail_shape)})["rows"].requires_grad_(True)
+    messages = split.messages
+    reply = link.request(Message("forward", messages.pack_tokens(tokens)), "split")
+    rows = messages.unpack_rows(reply.tensors, len(images)).requires_grad_(True)
     F.cross_entropy(params.tail(rows), labels).backward()
-    split.backward_input(tokens, link.request(Message("backward", split.wire.pack("grad", rows.grad)), "split").tensors)
+    reply = link.request(Message("backward", messages.pack_grad(rows.grad)), "split")
+    messages.sent_rows(tokens).backward(messages.unpack_input_grad(reply.tensors, tokens))
     return {name: p.grad.clone() for name, p in params.named_parameters()}, meter.take()
 
 

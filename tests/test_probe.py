@@ -203,7 +203,7 @@ def test_a_features_request_leaves_nothing_pending_and_is_answered_like_a_forwar
     replies = {}
     for kind in ("features", "forward"):
         session = server.admit(kind)
-        replies[kind] = server.handle(Message(kind, fed.model.pack_tokens(tokens), {"client": kind, "session": session,
+        replies[kind] = server.handle(Message(kind, fed.model.messages.pack_tokens(tokens), {"client": kind, "session": session,
                                                                                      "seq": 1}))
     assert server.pending == 1  # the forward's, awaiting its backward
     assert torch.equal(replies["features"].tensors["rows"], replies["forward"].tensors["rows"])

@@ -115,9 +115,10 @@ def test_shared_rows_once_gives_the_same_gradients_for_fewer_bytes(name):
 
 def test_shared_rows_once_changes_nothing_with_client_blocks():
     split = tiny_split(client_blocks=1, wire=WireFormat(shared_once=True))[1]
-    assert not split.shares_rows
+    assert not split.messages.shares_rows
     tokens = tensor(2, split.layout.length, split.layout.width)
-    assert set(split.pack_tokens(tokens)) == {"tokens"} and torch.equal(split.unpack_tokens(split.pack_tokens(tokens)), tokens)
+    messages = split.messages
+    assert set(messages.pack_tokens(tokens)) == {"tokens"} and torch.equal(messages.unpack_tokens(messages.pack_tokens(tokens)), tokens)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
@@ -140,7 +141,7 @@ def test_the_server_refuses_another_format():
                                    WireFormat("float32", True).pack("tokens", tokens)], start=1):
         with pytest.raises(ProtocolError):
             server.handle(Message("forward", tensors, meta | {"seq": seq}))
-    rows = server.handle(Message("forward", split.pack_tokens(tokens), meta | {"seq": 9})).tensors["rows"]
+    rows = server.handle(Message("forward", split.messages.pack_tokens(tokens), meta | {"seq": 9})).tensors["rows"]
     assert rows.dtype == torch.bfloat16
     with pytest.raises(ProtocolError, match="dtype"):
         server.handle(Message("backward", {"grad": rows.float()}, meta | {"seq": 10}))

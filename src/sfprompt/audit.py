@@ -133,10 +133,10 @@ def witness(fed: Federation, global_params: torch.nn.Module, victim: int, kept: 
             images[position] = image
     cat = lambda parts: torch.cat([p.detach().cpu() for p in parts])  # noqa: E731
     model = original.model  # what the server decodes, in the victim's wire format
-    tokens = [model.unpack_tokens(request.tensors) for request, _ in forwards]
-    rows = [model.wire.unpack(reply.tensors, {"rows": (len(t), *model.tail_shape)})["rows"]
-            for t, (_, reply) in zip(tokens, forwards)]
-    grads = [model.wire.unpack(request.tensors, {"grad": tuple(r.shape)})["grad"] for r, request in zip(rows, backwards)]
+    messages = model.messages
+    tokens = [messages.unpack_tokens(request.tensors) for request, _ in forwards]
+    rows = [messages.unpack_rows(reply.tensors, len(t)) for t, (_, reply) in zip(tokens, forwards)]
+    grads = [messages.unpack_grad(request.tensors, tuple(r.shape)) for r, request in zip(rows, backwards)]
     return Witnessed(cat(tokens), cat(rows), cat(grads) if grads else torch.empty(0), cat([b[2] for b in client.batches]),
                      cat([b[1] for b in client.batches]), images, upload)
 

@@ -289,17 +289,16 @@ class Client:
         for images, labels, _ in self._loader(_Positioned(self.data), ctx, shuffle=False):
             with self.meter.work(CLIENT, "probe", ctx.memory):
                 tokens = self.model.send(images, ctx.params.prompts, ctx.private)  # (B, L, D)
-            reply = ctx.link.request(Message("features", self.model.pack_tokens(tokens)), "probe", ctx.memory)
-            rows = self.model.wire.unpack(_expect(reply, "body_output"), {"rows": (len(images), *self.model.tail_shape)})
+            rows = self._body_rows(ctx, "features", tokens)
             with self.meter.work(CLIENT, "probe", ctx.memory):
-                running.add(ctx.params.tail.features(rows["rows"]), labels)  # the frozen final norm and pooling
+                running.add(ctx.params.tail.features(rows), labels)  # the frozen final norm and pooling
         with self.meter.work(CLIENT, "probe", ctx.memory):
             self.probe = running.averages()
         return self.probe
 
     # Split training on the chosen samples: activations and gradients cross the link each batch.
     def split_train(self, ctx: RoundContext, chosen: list[int]) -> float | None:
-        params, link, memory = ctx.params, ctx.link, ctx.memory
+        params, memory = ctx.params, ctx.memory
         ctx.phase = "split"
         s = self.settings
         optimizer = build_optimizer(params.param_groups(s.lr, s.prompt_lr, s.backbone_lr), s)  # prompts and tail
@@ -308,28 +307,54 @@ class Client:
             for images, labels, positions in self._loader(Subset(_Positioned(self.data), chosen), ctx):
                 with self.meter.work(CLIENT, "split", memory):
                     tokens = self.model.send(images, params.prompts, ctx.private)  # (B, L, D)
-                reply = link.request(Message("forward", self.model.pack_tokens(tokens)), "split", memory)
-                shape = (len(images), *self.model.tail_shape)
-                rows = self.model.wire.unpack(_expect(reply, "body_output"), {"rows": shape})["rows"]
-                memory.hold(rows)
+                rows = self._body_rows(ctx, "forward", tokens)
                 shown = self._shown_labels(labels, positions, memory)
                 with self.meter.work(CLIENT, "split", memory):
-                    # What the server gets: the gradient of the loss at the labels the defence shows (randomized
-                    # response; the true labels without it). The tail always learns from the true labels.
-                    if shown is not labels:
-                        shown_rows = rows.detach().requires_grad_(True)
-                        F.cross_entropy(params.tail(shown_rows), shown).backward()
-                    rows = rows.requires_grad_(True)  # (B, R, D)
-                    loss = F.cross_entropy(params.tail(rows), labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad = rows.grad if shown is labels else shown_rows.grad
-                reply = link.request(Message("backward", self.model.wire.pack("grad", grad)), "split", memory)
+                    loss, grad = self._tail_step(params.tail, rows, labels, shown, optimizer)
+                reply = self._send_grad(ctx, grad)
                 with self.meter.work(CLIENT, "split", memory):
-                    memory.hold(self.model.backward_input(tokens, _expect(reply, "input_grad")))  # prompts (head blocks)
+                    memory.hold(self._backward_into_head(tokens, reply))  # the prompts (and head blocks)
                     optimizer.step()
                 losses.append(loss.item())
         return _mean(losses)
+
+    @staticmethod
+    def _tail_step(tail: nn.Module, rows: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor,
+                   optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss on the body's rows (B, R, D) and the gradient sent for them, the tail's own gradient in
+        place (not stepped yet). What the server gets is the gradient of the loss at the labels the defence
+        shows (randomized response; the true labels without it); the tail always learns from the true ones."""
+        if shown is not labels:
+            shown_rows = rows.detach().requires_grad_(True)
+            F.cross_entropy(tail(shown_rows), shown).backward()
+        rows = rows.requires_grad_(True)
+        loss = F.cross_entropy(tail(rows), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss, rows.grad if shown is labels else shown_rows.grad
+
+    def _backward_into_head(self, tokens: torch.Tensor, reply: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Backpropagate the gradient of the sent rows that an `input_grad` reply carries (checked) into the
+        head that made `tokens`; returns it."""
+        messages = self.model.messages
+        input_grad = messages.unpack_input_grad(reply, tokens)
+        messages.sent_rows(tokens).backward(input_grad)
+        return input_grad
+
+    # The protocol's exchanges with the body server, packed and checked as `protocol.SplitMessages` says.
+    def _body_rows(self, ctx: RoundContext, kind: str, tokens: torch.Tensor) -> torch.Tensor:
+        """The body output rows the tail reads for a batch's tokens (B, L, D): a `forward`, which a backward
+        follows, or a probe's `features` request, which none does."""
+        messages = self.model.messages
+        reply = ctx.link.request(Message(kind, messages.pack_tokens(tokens)), ctx.phase, ctx.memory)
+        rows = messages.unpack_rows(_expect(reply, "body_output"), len(tokens))
+        ctx.memory.hold(rows)
+        return rows
+
+    def _send_grad(self, ctx: RoundContext, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Send the gradient of the rows the tail read (a `backward`); the tensors of the `input_grad` reply."""
+        reply = ctx.link.request(Message("backward", self.model.messages.pack_grad(grad)), ctx.phase, ctx.memory)
+        return _expect(reply, "input_grad")
 
     def _shown_labels(self, labels: torch.Tensor, positions: torch.Tensor, memory: PeakMemory) -> torch.Tensor:
         """The labels behind the gradients sent: `labels` itself, or randomized response (--label-epsilon)."""

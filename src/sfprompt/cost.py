@@ -56,7 +56,7 @@ def _round(config: Config, vit: torch.nn.Module, method_name: str, samples: int,
     data = [(images[i], i % num_classes) for i in range(samples)]
     method, meter, device = METHODS[method_name](), Meter(), torch.device("cpu")
     link = InProcessLink(BodyServer(model, meter, device), meter, device,
-                         model.max_message_bytes(settings.batch_size, method.state_bytes(model)))
+                         model.messages.max_bytes(settings.batch_size, method.state_bytes(model)))
     client = _CountingClient(0, data, np.arange(samples), model, settings, meter, device)
     client.samples = Counter()
     client_round(link, client, method, method.new_params(model), config.seed)

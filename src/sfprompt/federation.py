@@ -149,7 +149,7 @@ def max_message_bytes(model: SplitViT, method: Method, config: Config) -> int:
     """The largest payload a run of `method` legitimately sends: a batch of activations, or the global state of
     any of its stages (the probe's statistics in the rounds it opens with)."""
     stages = (method.stage(1, config), method)
-    return model.max_message_bytes(config.batch_size, max(stage.state_bytes(model) for stage in stages))
+    return model.messages.max_bytes(config.batch_size, max(stage.state_bytes(model) for stage in stages))
 
 
 def train_partition(config: Config, splits: DataSplits) -> tuple[np.ndarray, list[np.ndarray]]:

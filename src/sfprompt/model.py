@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from .codec import MAX_HEADER_BYTES
 from .config import PRECISIONS, ConfigError
 from .defence import Defence
+from .protocol import SplitMessages
 from .wire import WireFormat
 
 
@@ -194,7 +194,8 @@ class SplitViT:
 
     `send` is what a client puts on the wire for a batch of images: the head's tokens, protected by
     the configured `Defence` (shuffled, clipped and noised with the client's private randomness);
-    `wire` is how they and their gradients travel (`wire.WireFormat`: number format, shared rows once).
+    `messages` is how they, the body's output and the gradients travel at this split point
+    (`protocol.SplitMessages`, in the run's `wire.WireFormat`).
     """
 
     def __init__(self, vit: nn.Module, prompt_tokens: int, client_blocks: int, seed: int,
@@ -236,18 +237,15 @@ class SplitViT:
         self.params_bytes = _tensor_bytes(self.initial_params.state_dict())  # the prompts and tail
 
     def _split_at(self, client_blocks: int) -> None:
-        """Set what depends on the split point: the head, the body, and which rows the client needs."""
+        """Set what depends on the split point: the head, the body, the rows a defence protects and what
+        the messages carry."""
         self.head = PromptedHead(self._vit, client_blocks, self.pool_grid)
         self.body = Body(self._vit, client_blocks, self.precision)
         self.client_blocks = client_blocks
-        # The token rows whose gradient the client needs back: only the prompts' when the head holds
-        # no blocks (nothing else on the client trains), every row when prompts pass through blocks.
-        self.grad_rows = self.layout.prompt_rows if client_blocks == 0 else slice(None)
         # The rows that depend on the input: without client blocks the prefix and prompt rows are the
         # same for every image, so only the patch rows carry (and need protecting) anything of it.
         self.private_rows = self.layout.patch_rows if client_blocks == 0 else slice(0, self.layout.length)
-        # Those same-for-every-image rows travel once a batch when the wire format says so.
-        self.shares_rows = self.wire.shared_once and client_blocks == 0 and self.layout.patch_rows.start > 0
+        self.messages = SplitMessages(self.layout, client_blocks, self.wire)  # what the split's messages carry
 
     def at(self, client_blocks: int) -> "SplitViT":
         """The same model split after `client_blocks` blocks instead (a client of another budget): it
@@ -274,57 +272,6 @@ class SplitViT:
     def send(self, images: torch.Tensor, prompts: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The activations a client sends for `images`: (B, L, D), protected by the defence."""
         return self.defence.protect(self.head(images, prompts), self.private_rows, self.layout.patch_rows, generator)
-
-    def pack_tokens(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What a forward carries for the tokens `send` made (B, L, D): every row of every sample, or, when
-        rows are shared, each sample's image rows and one copy of the rows every image shares."""
-        if not self.shares_rows:
-            return self.wire.pack("tokens", tokens)
-        shared = slice(0, self.layout.patch_rows.start)
-        return {**self.wire.pack("tokens", tokens[:, self.layout.patch_rows]), **self.wire.pack("shared", tokens[0, shared])}
-
-    def unpack_tokens(self, tensors: dict[str, torch.Tensor], check_values: bool = True) -> torch.Tensor:
-        """The (B, L, D) float32 tokens a forward carries, checked (`ProtocolError`; `WireFormat.unpack` says
-        what `check_values` leaves out): the server's side of `pack_tokens`."""
-        width = self.layout.width
-        if not self.shares_rows:
-            return self.wire.unpack(tensors, {"tokens": (None, self.layout.length, width)}, check_values)["tokens"]
-        shared_rows = self.layout.patch_rows.start
-        got = self.wire.unpack(tensors, {"tokens": (None, self.layout.patches, width), "shared": (shared_rows, width)},
-                               check_values)
-        images = got["tokens"]
-        return torch.cat([got["shared"].expand(len(images), shared_rows, width), images], dim=1)
-
-    def pack_input_grad(self, token_grad: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The server's answer to one client's backward from the gradient of its tokens (B, L, D): the rows
-        its head needs, summed over the batch when they are shared rows (one broadcast's gradient)."""
-        rows = token_grad[:, self.grad_rows]
-        return self.wire.pack("grad", rows.sum(dim=0) if self.shares_rows else rows)
-
-    def backward_input(self, tokens: torch.Tensor, reply: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Backpropagate the gradient a backward's reply carries into the head that made `tokens` (the
-        prompts, and the head's blocks); returns the checked gradient (float32)."""
-        rows = tokens[:, self.grad_rows]
-        if self.shares_rows:  # every sample's prompt rows are one broadcast: its gradient is the batch's sum
-            rows = rows[0]
-        grad = self.wire.unpack(reply, {"grad": tuple(rows.shape)})["grad"]
-        rows.backward(grad)
-        return grad
-
-    @property
-    def tail_shape(self) -> tuple[int, int]:
-        """(rows, width) of one sample's body output that travels back to the client."""
-        rows = self.layout.tail_rows
-        return len(range(self.layout.length)[rows]), self.layout.width
-
-    def max_message_bytes(self, batch_size: int, state_bytes: int | None = None) -> int:
-        """The largest payload a run legitimately sends, so the codec refuses anything larger: the global
-        state (the broadcast and each upload: `state_bytes` as the method's `state_bytes` counts it, by
-        default the prompts and tail) or one batch of activations (B, L, D) or gradients, with room for
-        the header."""
-        params = self.params_bytes if state_bytes is None else state_bytes
-        activations = batch_size * self.layout.length * self.layout.width * 4  # float32, the widest wire format
-        return max(params, activations) + MAX_HEADER_BYTES
 
     def new_params(self) -> ClientParams:
         return copy.deepcopy(self.initial_params)

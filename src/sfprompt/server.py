@@ -119,7 +119,7 @@ class _ValueChecks:
         for request, ok in zip(self.batch, self._host.tolist()):
             if not ok:
                 try:
-                    request.split.wire.check_values(request.carried)
+                    request.split.messages.wire.check_values(request.carried)
                 except ProtocolError as fault:
                     request.error = fault
 
@@ -132,7 +132,7 @@ class _Request:
         self.client, self.session, self.kind, self.tensor, self.pending = client, session, kind, tensor, pending
         self.split: SplitViT = session[2]  # where this client's head ends, fixed when it was admitted
         self.carried = carried  # the tensors as they came: their values are checked with the batch
-        self.values_ok = self.split.wire.values_ok(carried)  # not read yet
+        self.values_ok = self.split.messages.wire.values_ok(carried)  # not read yet
         self.reply: Message | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -290,15 +290,15 @@ class BodyServer:
         session = self._sessions[client]
         split: SplitViT = session[2]
         if message.kind != "backward":
-            tokens = split.unpack_tokens(message.tensors, check_values=False)
+            tokens = split.messages.unpack_tokens(message.tensors, check_values=False)
             if len(tokens) > self.max_batch:
                 raise ProtocolError(f"a {message.kind} of {len(tokens)} samples; at most {self.max_batch} are served")
             return _Request(client, session, message.kind, tokens, message.tensors)
         pending = self._pending.pop(client, None)
         if pending is None:
             raise ProtocolError(f"backward from client {client} without a pending forward")
-        grad = split.wire.unpack(message.tensors, {"grad": tuple(pending.graph.rows[pending.samples].shape)},
-                                 check_values=False)["grad"]
+        grad = split.messages.unpack_grad(message.tensors, tuple(pending.graph.rows[pending.samples].shape),
+                                          check_values=False)
         return _Request(client, session, "backward", grad, message.tensors, pending)
 
     def _check_session(self, meta: dict) -> str:
@@ -359,19 +359,31 @@ class BodyServer:
             for request in batch:
                 samples = slice(start, start + len(request.tensor))
                 start = samples.stop
-                if request.error is None and self._still_admitted(request):
-                    if graph is not None:
-                        self._pending[request.client] = _Pending(graph, samples)
-                        graph.owing += 1
-                    request.reply = Message("body_output", split.wire.pack("rows", rows[samples]))
+                if self._answer(request, lambda: Message("body_output", split.messages.pack_rows(rows[samples]))) \
+                        and graph is not None:  # a forward awaits its backward
+                    self._pending[request.client] = _Pending(graph, samples)
+                    graph.owing += 1
+
+    def _answer(self, request: _Request, reply: Callable[[], Message]) -> bool:
+        """Give a request that passed its checks and whose session outlived its trip through the body the
+        reply `reply()` makes; a reply its wire format cannot carry (float16's range) is that member's
+        error alone, not its batch's. Whether it was answered."""
+        if request.error is not None or not self._still_admitted(request):
+            return False
+        try:
+            request.reply = reply()
+        except ProtocolError as fault:
+            request.error = fault
+            return False
+        return True
 
     def _backward(self, batch: list[_Request], checks: _ValueChecks) -> None:
         for members in _grouped(batch, lambda r: id(r.pending.graph)):
             self._backward_through(members[0].pending.graph, members, checks)
 
     def _backward_through(self, graph: _Graph, members: list[_Request], checks: _ValueChecks) -> None:
-        """Backpropagate the members' gradients through the graph their forwards ran in (the other
-        rows' gradient zero; the graph is kept for members still to come)."""
+        """Backpropagate the members' gradients through the graph their forwards ran in (the other rows'
+        gradient zero; the graph is kept for members still to come), step a trained body, answer each."""
         grad = torch.zeros_like(graph.rows)
         for request in members:
             grad[request.pending.samples] = request.tensor.to(self.device)
@@ -380,31 +392,39 @@ class BodyServer:
             graph.owing -= len(members)
             keep = graph.owing > 0 or scale != 1  # for members still to come, or fp16's retry
         self.passes["backward"] += 1
+        token_grad = self._token_grad(graph, grad, scale, keep, sum(len(request.tensor) for request in members))
+        self._step_body_copy(members)
+        checks.refuse_invalid()
+        with self._lock:
+            for request in members:
+                rows = token_grad[request.pending.samples]
+                self._answer(request, lambda: Message("input_grad", graph.split.messages.pack_input_grad(rows)))
+
+    def _token_grad(self, graph: _Graph, grad: torch.Tensor, scale: float, keep: bool, answered: int) -> torch.Tensor:
+        """The gradient of the graph's input tokens for the gradient `grad` of its rows, counted for the
+        `answered` samples; under fp16 computed at `scale` (a scaled gradient that overflowed is computed
+        again at a smaller one, uncounted) and returned unscaled."""
 
         def backward() -> None:
             graph.tokens.grad = None
             graph.rows.backward(grad * scale if scale != 1 else grad, retain_graph=keep)
 
-        self._counted(("backward", graph.split.client_blocks), backward, len(graph.tokens),
-                      sum(len(request.tensor) for request in members))
-        for _ in range(2):  # fp16 only: if the scaled gradient overflowed, again with a smaller scale (uncounted)
+        self._counted(("backward", graph.split.client_blocks), backward, len(graph.tokens), answered)
+        for _ in range(2):
             if scale == 1 or bool(torch.isfinite(graph.tokens.grad).all()):
                 break
             scale /= 2.0**8
             backward()
-        if len(members) == 1 and members[0].client in self._copies:  # the server's own step (--train-body)
-            entry = self._copies[members[0].client]
-            entry[1].step()
-            entry[1].zero_grad(set_to_none=True)
+        token_grad, graph.tokens.grad = graph.tokens.grad, None
+        return token_grad / scale if scale != 1 else token_grad
+
+    def _step_body_copy(self, members: list[_Request]) -> None:
+        """The server's own step of a client's body copy (--train-body: one client a batch)."""
+        if len(members) == 1 and members[0].client in self._copies:
+            _, optimizer, _ = entry = self._copies[members[0].client]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             entry[2] += len(members[0].tensor)
-        token_grad = graph.tokens.grad
-        graph.tokens.grad = None
-        checks.refuse_invalid()
-        with self._lock:
-            for request in members:
-                if request.error is None and self._still_admitted(request):
-                    grad = token_grad[request.pending.samples]
-                    request.reply = Message("input_grad", graph.split.pack_input_grad(grad / scale if scale != 1 else grad))
 
     def _counted(self, kind: tuple, work: Callable[[], torch.Tensor | None], samples: int,
                  answered: int | None = None) -> torch.Tensor | None:

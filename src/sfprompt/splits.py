@@ -48,7 +48,7 @@ def _probe(model: SplitViT, client_blocks: int) -> int:
     with counting_flops() as flops:
         # the defence draws its randomness on the CPU and moves it (as a client's private generator does)
         tokens = split.send(images, prompts, torch.Generator().manual_seed(0))
-        rows = tokens[:, split.grad_rows]
+        rows = tokens[:, split.messages.grad_rows]
         rows.backward(torch.ones_like(rows))
     return flops.get_total_flops()
 
