@@ -87,6 +87,23 @@ def test_activation_epsilon_follows_the_noise_and_the_number_of_sends():
     direct, _ = get_privacy_spent(orders=orders, rdp=compute_rdp(q=1.0, noise_multiplier=3.0, steps=5, orders=orders),
                                   delta=1e-5)
     assert activation_epsilon(6.0, 5, 1e-5) <= direct + 1e-9
+    # pinned: the sensitivity 2C halves the noise multiplier Opacus sees (with C instead: 3.38 would read 1.63)
+    assert activation_epsilon(4.0, 10, 1e-5) == pytest.approx(8.0794, abs=1e-4)
+    assert activation_epsilon(6.0, 5, 1e-5) == pytest.approx(3.3841, abs=1e-4)
+
+
+def test_the_log_states_each_guarantee_only_where_it_holds_end_to_end():
+    from sfprompt.defence import privacy_notice
+
+    def notice(**options):
+        return privacy_notice(Config(clip_norm=5.0, noise_multiplier=1.0, **options))
+
+    assert "here nothing does" in notice(keep_ratio=1.0)
+    assert "pruning chooses which samples are sent" in notice()
+    assert "prompts, uploaded, train on the clean images" in notice(client_blocks=1, keep_ratio=1.0)
+    assert "tail, uploaded, trains on clean head features" in notice(local_classifier="shared", keep_ratio=1.0)
+    labels = privacy_notice(Config(label_epsilon=1.0))
+    assert "1-label-DP" in labels and "no guarantee covers the labels" in labels
 
 
 @pytest.mark.parametrize("options, message", [

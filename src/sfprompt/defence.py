@@ -10,8 +10,8 @@ generator, see `Client`), to exactly what leaves it:
 - the labels behind a `backward` (`randomized_response`): the gradient sent for the prompts is that
   of the loss at a label kept with probability e^eps / (e^eps + K - 1) and otherwise replaced by
   another class, drawn once per sample so repeated rounds reveal nothing new (label-DP with epsilon
-  `label_epsilon`); the tail, which never leaves the client until it is averaged, still learns from
-  the true labels.
+  `label_epsilon`). The tail still learns from the true labels, and each client uploads it: the
+  guarantee covers the gradients, not the upload (`privacy_notice` says where each one holds).
 
 Pooling the patch tokens (`--pool-tokens`) is part of the model split (`model.PromptedHead`) since
 it changes the sequence the body runs on. What each defence hides is not assumed here: `sfprompt
@@ -85,6 +85,18 @@ class Defence:
         return torch.where(keep, labels, (labels + shift) % num_classes)
 
 
+def _image_leaks(config) -> str:
+    """What else leaves a client that depends on its clean images, beside the noised activations."""
+    leaks = []
+    if config.client_blocks > 0 or config.client_budgets is not None:
+        leaks.append("with client blocks the prompts, uploaded, train on the clean images")
+    if config.method == "sfprompt" and config.local_epochs > 0 and config.local_classifier == "shared":
+        leaks.append("the tail, uploaded, trains on clean head features in the local phase")
+    if config.method == "sfprompt" and config.keep_ratio < 1 and config.prune_keep != "random":
+        leaks.append("pruning chooses which samples are sent from the clean images")
+    return "; ".join(leaks) if leaks else "here nothing does, the uploads being computed from the noised sends"
+
+
 def activation_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
     """Epsilon of local (epsilon, delta)-DP for one sample's activations released `releases` times,
     each clipped to norm C with Gaussian noise of std `noise_multiplier` x C.
@@ -125,13 +137,14 @@ def privacy_notice(config) -> str:
               else "the server can still reconstruct recognisable images from the activations")
     if config.noise_multiplier > 0:
         epsilon = activation_epsilon(config.noise_multiplier, sends, config.dp_delta)
-        images = (f"activations are local ({epsilon:.3g}, {config.dp_delta:g})-DP per sample over {sends} "
-                  f"send{'s' * (sends != 1)}; "
-                  "how much that hides in practice is measured, not implied")
+        images = (f"the activations sent are local ({epsilon:.3g}, {config.dp_delta:g})-DP per sample over {sends} "
+                  f"send{'s' * (sends != 1)}, which covers the images only as far as nothing else leaves the "
+                  f"client from them: {_image_leaks(config)}; how much that hides in practice is measured, not implied")
     if config.method == "linear-probe":
         labels = "no message depends on a sample's label, but each client's statistics show its label counts"
     elif config.label_epsilon is None:
         labels = "the backward gradients give the server every label"
     else:
-        labels = f"labels behind the gradients are randomized response with epsilon {config.label_epsilon:g}"
+        labels = (f"the gradients sent are {config.label_epsilon:g}-label-DP (randomized response), but no guarantee "
+                  "covers the labels: the tail each client uploads is trained on the true ones")
     return f"privacy: {images}; {labels}. Measured in PRIVACY.md; `sfprompt audit` with these options measures this run"
