@@ -4,7 +4,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from sfprompt.config import Config
+from sfprompt.config import METHOD_DEFAULTS, Config, default_text
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -16,7 +16,9 @@ def test_every_option_is_documented_with_its_default():
         rows = [(names, default) for names, default in table.items() if f"`{flag}`" in names or f"`{flag} " in names]
         assert rows, f"{flag} is missing from the README's option table"
         default = rows[0][1].strip("`")
-        if f.default is None:
+        if f.name in METHOD_DEFAULTS:  # the method's: "0.01", or "0.01; sfprompt: 0.0003"
+            assert default == default_text(f.name), f"{flag}: README says {default}, code says {default_text(f.name)}"
+        elif f.default is None:
             assert default in ("all", "IID", "none"), flag
         elif isinstance(f.default, bool):
             assert default == ("on" if f.default else "off"), flag

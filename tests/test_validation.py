@@ -77,3 +77,16 @@ def test_the_mean_samples_per_client_count_only_the_clients_samples(imagefolder,
     classes = ["class_0", "class_1", "class_2"]
     assert prepare_client(config(imagefolder), 0, classes, str(folder)).settings.mean_samples is None  # a node alone
     assert prepare_client(config(imagefolder, train_samples=30), 0, classes, str(folder)).settings.mean_samples == 10
+
+
+def test_an_option_left_unset_takes_its_methods_default_and_follows_a_change_of_method(monkeypatch):
+    from sfprompt import config as config_module
+    from sfprompt.compare import variant_config
+
+    monkeypatch.setitem(config_module.METHOD_DEFAULTS, "lr", {"*": 0.01, "sfprompt": 0.0003})
+    sfprompt = Config()
+    assert sfprompt.lr == 0.0003 and sfprompt.to_dict()["lr"] == 0.0003  # saved as the run used it
+    assert sfprompt.given()["lr"] is None and Config(lr=0.05).given()["lr"] == 0.05
+    assert sfprompt.replace(method="sfl").lr == 0.01 and Config(lr=0.05).replace(method="sfl").lr == 0.05
+    assert variant_config(sfprompt, "fl-prompt", {}).lr == 0.01  # compare: each method its own default
+    assert Config.from_dict(sfprompt.to_dict()).given()["lr"] == 0.0003  # a saved run's value is given

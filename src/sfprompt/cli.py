@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import RECIPES, Config, ConfigError, recipe_options, toml_options
+from .config import RECIPES, Config, ConfigError, default_text, recipe_options, toml_options
 from .data import DATASETS
 
 
@@ -23,7 +23,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        shown = "off" if f.default is False else "on" if f.default is True else f.default
+        shown = "off" if f.default is False else "on" if f.default is True else default_text(f.name)
         common: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {shown})", "default": argparse.SUPPRESS}
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)

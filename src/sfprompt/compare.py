@@ -72,7 +72,7 @@ def variant_config(base: Config, name: str, options: dict[str, dict[str, Any]] |
     method, overrides = VARIANTS.get(name, (name, {}))
     options = options or {}
     tuned = {**options.get(method, {}), **(options.get(name, {}) if name != method else {})}
-    values = {**base.to_dict(), **tuned, "method": method, "out": str(Path(base.out) / name), **overrides}
+    values = {**base.given(), **tuned, "method": method, "out": str(Path(base.out) / name), **overrides}
     try:
         return Config.from_dict(values)
     except ConfigError as err:

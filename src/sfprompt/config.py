@@ -104,8 +104,8 @@ class Config:
         "updated", "score with the local model after this round's self-update (updated), or before it, with the "
         "prompts and tail as received (received)", choices=PRUNE_SCORES,
     )
-    probe_rounds: int = _opt(
-        0, "rounds that open the run as a linear probe (sfprompt, sfl, sl): the sampled clients send their samples' "
+    probe_rounds: Optional[int] = _opt(
+        None, "rounds that open the run as a linear probe (sfprompt, sfl, sl): the sampled clients send their samples' "
         "features once, with the initial prompts, and the server fits the tail in closed form, which the method's "
         "own rounds then start from"
     )
@@ -133,8 +133,8 @@ class Config:
     # optimisation
     batch_size: int = _opt(32, "mini-batch size of every client phase")
     optimizer: str = _opt("adam", "client optimiser", choices=OPTIMIZERS)
-    lr: float = _opt(0.01, "learning rate of the tail (and local classifier)")
-    prompt_lr: float = _opt(0.01, "learning rate of the prompts")
+    lr: Optional[float] = _opt(None, "learning rate of the tail (and local classifier)")
+    prompt_lr: Optional[float] = _opt(None, "learning rate of the prompts")
     backbone_lr: float = _opt(1e-4, "learning rate of the backbone weights when they train (fl; sfl --train-body)")
     momentum: float = _opt(0.9, "SGD momentum (ignored by Adam)")
     weight_decay: float = _opt(0.0, "weight decay")
@@ -144,6 +144,12 @@ class Config:
     out: str = _opt("runs/latest", "output folder for metrics, summary and checkpoint")
 
     def __post_init__(self) -> None:
+        derived = []
+        for name, defaults in METHOD_DEFAULTS.items():  # an option left unset takes its method's default
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, defaults.get(self.method, defaults["*"]))
+                derived.append(name)
+        object.__setattr__(self, "_derived", tuple(derived))
         positive = ("image_size", "clients", "clients_per_round", "rounds", "batch_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -264,10 +270,18 @@ class Config:
                 or self.label_epsilon is not None)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every option as the run uses it (saved with every result, so that it repeats whatever the defaults
+        become)."""
         return dataclasses.asdict(self)
 
+    def given(self) -> dict[str, Any]:
+        """`to_dict`, with the options that took their method's default unset (None): what another method's
+        run of the same options takes (`sfprompt compare`)."""
+        return {name: None if name in self._derived else value for name, value in self.to_dict().items()}
+
     def replace(self, **changes: Any) -> "Config":
-        return dataclasses.replace(self, **changes)
+        """This config changed; an option that took its method's default takes the new method's."""
+        return dataclasses.replace(self, **{name: None for name in self._derived if name not in changes}, **changes)
 
     @classmethod
     def from_saved(cls, values: dict[str, Any]) -> "Config":
@@ -293,6 +307,22 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# Defaults that depend on the method: a method's own where it has one, else "*"'s. An option left unset takes
+# it (`Config` then holds the value taken, and `given` leaves it unset).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "probe_rounds": {"*": 0},
+    "lr": {"*": 0.01},
+    "prompt_lr": {"*": 0.01},
+}
+
+
+def default_text(name: str) -> str:
+    """An option's default as the CLI and the README state it ("0.01", or "0.01; sfprompt: 0.0003")."""
+    if name not in METHOD_DEFAULTS:
+        return str(_FIELDS[name].default)
+    defaults = METHOD_DEFAULTS[name]
+    return "; ".join([f"{defaults['*']:g}"] + [f"{method}: {value:g}" for method, value in defaults.items() if method != "*"])
 RECIPES = ("paper",)  # named sets of options (src/sfprompt/recipes/NAME.toml): `--recipe NAME`
 
 

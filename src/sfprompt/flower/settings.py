@@ -75,9 +75,10 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerOption
 
 def as_run_config(config: Config) -> dict[str, Any]:
     """A `Config` as Flower run-config keys, the inverse of `from_run_config`'s first half (no `clients`:
-    under Flower that is the number of SuperNodes; "" for an unset optional option)."""
+    under Flower that is the number of SuperNodes; "" for an unset optional option, and for one that took
+    its method's default, so that another method set in the run config takes its own)."""
     return {key.replace("_", "-"): "" if value is None else value
-            for key, value in config.to_dict().items() if key != "clients"}
+            for key, value in config.given().items() if key != "clients"}
 
 
 def run_config_defaults() -> dict[str, Any]:
