@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     from safetensors.torch import save_file
 
-    from sfprompt.config import Config
+    from sfprompt.config import Config, recipe_options
     from sfprompt.data import write_client_folder
     from sfprompt.federation import prepare
     from sfprompt.model import create_vit
@@ -87,7 +87,7 @@ def main() -> None:
             if not weights.is_file():
                 save_file({k: v.contiguous() for k, v in create_vit(model, 1000, size, "none").state_dict().items()},
                           str(weights))
-        config = Config(dataset="fashion-mnist", data_dir=str(args.shared / "data"), model=model, image_size=size,
+        config = Config(**recipe_options("paper"), dataset="fashion-mnist", data_dir=str(args.shared / "data"), model=model, image_size=size,
                         weights=str(weights), train_samples=args.train_samples, clients=10, out=str(args.out / "run"))
         fed = prepare(config)
         folder = args.out / f"client-0-of-{args.train_samples}"

@@ -9,7 +9,7 @@
 # methods, SIZE appends options to every run and DOC names the document written (one not named BENCHMARKS.md
 # holds only this comparison: benchmarks/write_benchmarks.py); a test runs it at a tiny size.
 #
-#   bash benchmarks/compare.sh        # 54 runs, about 2.8 hours on two CPU cores
+#   bash benchmarks/compare.sh        # 60 runs, about 3 hours on two CPU cores
 #   SHARED=/path/to/shared OUT=results/compare ROUNDS=5 SEEDS="0 1 2" JOBS=1 bash benchmarks/compare.sh
 #   # the 10- and 20-round equal-cost columns (about 6 hours on two CPU cores; benchmarks/equal-cost.toml says why):
 #   ROUNDS=20 OPTIONS=benchmarks/equal-cost.toml OUT=results/compare-long DOC=docs/benchmarks/comparison-long.md \
@@ -26,7 +26,7 @@ JOBS=${JOBS:-2}
 cores=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores > JOBS ? cores / JOBS : 1 ))}  # the same seed gives slightly
 # different numbers with another thread count: BENCHMARKS.md's machine line names it
-common=(--config benchmarks/compare.toml --data-dir "$SHARED/data"
+common=(--recipe paper --config benchmarks/compare.toml --data-dir "$SHARED/data"
         --weights "$SHARED/models/vit_small_patch14_dinov2.imgfocus.safetensors"
         --rounds "$ROUNDS" --seeds "$(echo $SEEDS | tr ' ' ,)" --target-accuracy 0.7 --no-progress)
 method_options=()
@@ -34,7 +34,7 @@ if [ -f "$TUNED" ]; then method_options+=("$TUNED"); else echo "no $TUNED: every
 read -r -a more_options <<< "${OPTIONS:-}"
 method_options+=("${more_options[@]}")
 if [ ${#method_options[@]} -gt 0 ]; then common+=(--method-options "${method_options[@]}"); fi
-methods=${METHODS:-fl,fl-prompt,sl,sfl,sfl-train-body,sfprompt,sfprompt-no-local-loss,sfprompt-no-pruning,linear-probe}
+methods=${METHODS:-fl,fl-prompt,sl,sfl,sfl-train-body,sfprompt,sfprompt-no-local-loss,sfprompt-no-pruning,sfprompt-probe-warm,linear-probe}
 read -r -a size <<< "${SIZE:-}"
 
 mkdir -p "$OUT"

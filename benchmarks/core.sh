@@ -28,7 +28,7 @@ OUT=${OUT:-results/core}
 SEEDS=${SEEDS:-0 1 2}
 ROWS=${ROWS:-iid iid-shared-local-classifier iid-global-pruning iid-split-epochs-1 iid-sgd dirichlet-0.5}
 read -r -a size <<< "${SIZE:-}"
-common=(--dataset fashion-mnist --data-dir "$SHARED/data"
+common=(--recipe paper --dataset fashion-mnist --data-dir "$SHARED/data"
         --weights "$SHARED/models/vit_small_patch14_dinov2.imgfocus.safetensors"
         --image-size 56 --clients 10 --clients-per-round 5 --train-samples 5000 --test-samples 2000
         --no-progress)

@@ -87,10 +87,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
-    from sfprompt.config import Config
+    from sfprompt.config import Config, recipe_options
     from write_benchmarks import command_line, in_fresh_process, publish
 
-    base = Config(dataset="fashion-mnist", data_dir=str(args.shared / "data"), image_size=28,
+    base = Config(**recipe_options("paper"), dataset="fashion-mnist", data_dir=str(args.shared / "data"), image_size=28,
                   weights=str(args.shared / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"),
                   train_samples=args.train_samples, test_samples=args.test_samples, clients=args.nodes,
                   clients_per_round=args.per_round, rounds=args.rounds, device="cpu")

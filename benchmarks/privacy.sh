@@ -24,7 +24,7 @@ ROWS=${ROWS:-}
 DOC=${DOC:-PRIVACY.md}
 read -r -a size <<< "${SIZE:-}"
 read -r -a audit_size <<< "${AUDIT_SIZE:-}"
-common=(--dataset fashion-mnist --data-dir "$SHARED/data"
+common=(--recipe paper --dataset fashion-mnist --data-dir "$SHARED/data"
         --weights "$SHARED/models/vit_small_patch14_dinov2.imgfocus.safetensors"
         --image-size 56 --clients 10 --clients-per-round 5 --train-samples 5000 --test-samples 2000
         --rounds 5 --no-progress "${size[@]}")

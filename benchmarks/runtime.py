@@ -27,7 +27,7 @@ import torch
 
 from sfprompt.channel import BodyChannelServer, ChannelLink
 from sfprompt.codec import Message
-from sfprompt.config import Config
+from sfprompt.config import Config, recipe_options
 from sfprompt.meter import Meter
 from sfprompt.model import SplitViT, create_vit
 from sfprompt.server import BodyServer
@@ -141,7 +141,7 @@ def round_wall_time(shared: Path, out: Path, train_samples: int, test_samples: i
     from sfprompt.runner import run
 
     torch.set_num_threads(2)
-    config = Config(dataset="fashion-mnist", data_dir=str(shared / "data"),
+    config = Config(**recipe_options("paper"), dataset="fashion-mnist", data_dir=str(shared / "data"),
                     weights=str(shared / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"),
                     train_samples=train_samples, test_samples=test_samples, clients=10, clients_per_round=10, rounds=1, device="cpu")
     result = {}

@@ -42,13 +42,13 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=None, help="default: the whole training set")
     parser.add_argument("--markdown", type=Path, default=Path("docs/benchmarks/scale.md"))
     args = parser.parse_args()
-    from sfprompt.config import Config
+    from sfprompt.config import Config, recipe_options
     from write_benchmarks import command_line, in_fresh_process, publish
 
     rows = []
     for alpha in (None, 0.5):
         for clients in args.clients:
-            config = Config(dataset="fashion-mnist", data_dir=str(args.shared / "data"), image_size=28,
+            config = Config(**recipe_options("paper"), dataset="fashion-mnist", data_dir=str(args.shared / "data"), image_size=28,
                             weights=str(args.shared / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"),
                             train_samples=args.train_samples, clients=clients, clients_per_round=min(10, clients),
                             alpha=alpha, device="cpu")

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from sfprompt.compare import as_flags, variant_config
-from sfprompt.config import Config
+from sfprompt.config import Config, recipe_options
 from sfprompt.runner import run_or_reuse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def main() -> None:
     if "sfl-train-body" in methods and "sfl" not in methods:
         parser.error("sfl-train-body is tuned on sfl's best: tune sfl with it")
     shared = Path(args.shared)
-    base = Config.from_toml(args.config, data_dir=str(shared / "data"),
+    base = Config.from_toml(args.config, **recipe_options("paper"), data_dir=str(shared / "data"),
                             weights=str(shared / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"),
                             validation_samples=args.validation_samples, seed=args.seed, out=args.out)
     results = sweep(base, methods, progress=not args.no_progress)

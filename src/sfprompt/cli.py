@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="run several methods on the same partition and seed, then "
                                   "write comparison.csv, comparison.md and plots to --out")
     compare.add_argument("--methods", default="fl,fl-prompt,sl,sfl,sfprompt,linear-probe",
-                         help="comma-separated methods or variants (sfprompt-no-local-loss, sfprompt-no-pruning, sfl-train-body) "
+                         help="comma-separated methods or variants (sfprompt-no-local-loss, sfprompt-no-pruning, sfprompt-probe-warm, "
+                              "sfl-train-body) "
                               "(default: %(default)s)")
     compare.add_argument("--target-accuracy", type=float,
                          help="also report the bytes and client FLOPs each method spent to first reach it")

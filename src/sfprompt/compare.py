@@ -21,6 +21,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sfprompt-no-local-loss": ("sfprompt", {"local_epochs": 0}),
     "sfprompt-no-pruning": ("sfprompt", {"keep_ratio": 1.0}),
     "sfl-train-body": ("sfl", {"train_body": True}),  # the original SplitFed: the server trains the body
+    # SFPrompt opening with a probe round, then fine-tuning at the learning rates recipe.sh's grid chose
+    "sfprompt-probe-warm": ("sfprompt", {"probe_rounds": 1, "lr": 3e-4, "prompt_lr": 3e-4}),
 }
 
 COLUMNS = [
