@@ -63,3 +63,73 @@ def test_a_client_sends_only_activations_of_kept_samples_gradients_prompts_and_t
     expected = set(prepare(config).model.new_params().state_dict())
     assert expected == {"prompts"} | {k for k in expected if k.startswith("tail.")}
     assert all(set(update.tensors) == expected for update in updates)
+
+
+def _sent_by_client_0(config, relabel):
+    """Every request client 0 puts on the network in one round of `config` (its kind and tensors), with each of
+    its labels replaced by `relabel(label)` (the images unchanged)."""
+    from sfprompt.inprocess import client_round
+    from sfprompt.meter import Meter
+    from sfprompt.server import BodyServer
+
+    fed = prepare(config)
+    client = fed.clients[0]
+    data = client.data.dataset
+
+    class Relabelled(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, index):
+            image, label = data[index]
+            return image, relabel(label)
+
+    client.data.dataset = Relabelled()
+    sent = []
+
+    class Tap(InProcessLink):
+        def deliver(self, payload, direction, phase, memory=None):
+            if direction == UP and phase != "upload":
+                sent.append(decode(payload))
+            return super().deliver(payload, direction, phase, memory)
+
+    link = Tap(BodyServer(fed.model, Meter(), fed.device), Meter(), fed.device)
+    client_round(link, client, fed.method, fed.method.new_params(fed.model), seed=1)
+    return [(m.kind, m.tensors) for m in sent]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(ka == kb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+                                    for (ka, ta), (kb, tb) in zip(a, b))
+
+
+def test_permuting_the_labels_leaves_every_probe_message_unchanged(imagefolder, tmp_path):
+    config = tiny_config(imagefolder, tmp_path, method="linear-probe", rounds=1, clients=2, clients_per_round=2)
+    true, permuted = (_sent_by_client_0(config, relabel) for relabel in (lambda y: y, lambda y: (y + 1) % 3))
+    assert true and {kind for kind, _ in true} == {"features"} and _same(true, permuted)
+
+
+@pytest.mark.parametrize("method, changes", [("sfl", {}), ("sfprompt", {"keep_ratio": 1.0, "local_epochs": 0})])
+def test_in_split_training_the_labels_reach_every_backward_and_the_prompt_rows_of_later_forwards(
+        imagefolder, tmp_path, method, changes):
+    """Without client blocks a forward's image rows never depend on a label, but the prompts step on gradients of
+    the labels, so the prompt rows of every forward after the first carry them, as every backward does."""
+    config = tiny_config(imagefolder, tmp_path, method=method, rounds=1, clients=2, clients_per_round=2, **changes)
+    true, permuted = (_sent_by_client_0(config, relabel) for relabel in (lambda y: y, lambda y: (y + 1) % 3))
+    forwards = lambda sent: [tensors["tokens"] for kind, tensors in sent if kind == "forward"]  # noqa: E731
+    backwards = lambda sent: [tensors["grad"] for kind, tensors in sent if kind == "backward"]  # noqa: E731
+    layout = prepare(config).model.layout
+    (first, *later), (first_p, *later_p) = forwards(true), forwards(permuted)
+    assert later and torch.equal(first, first_p)
+    assert all(torch.equal(a[:, layout.patch_rows], b[:, layout.patch_rows]) for a, b in zip(later, later_p))
+    assert all(not torch.equal(a[:, layout.prompt_rows], b[:, layout.prompt_rows]) for a, b in zip(later, later_p))
+    assert all(not torch.equal(a, b) for a, b in zip(backwards(true), backwards(permuted)))
+
+
+def test_pruning_chooses_the_samples_sent_by_their_labels(imagefolder, tmp_path):
+    """SFPrompt's pruning ranks samples by a loss on their labels: which images are sent depends on the labels."""
+    config = tiny_config(imagefolder, tmp_path, rounds=1, clients=2, clients_per_round=2, keep_ratio=0.5,
+                         prune_per_class=False, local_epochs=1)
+    true, permuted = (_sent_by_client_0(config, relabel) for relabel in (lambda y: y, lambda y: (y + 1) % 3))
+    forwards = lambda sent: [m for m in sent if m[0] == "forward"]  # noqa: E731
+    assert not _same(forwards(true), forwards(permuted))
