@@ -306,6 +306,35 @@ def test_body_batching_reaches_the_body_server_and_keeps_the_result(imagefolder,
     assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
 
 
+class ConcurrentGrid(InlineGrid):
+    """An inline grid whose SuperNodes work at once, each on its own thread, as deployed ones do."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        messages = list(messages)
+        with ThreadPoolExecutor(max_workers=max(len(messages), 1)) as pool:
+            return list(pool.map(lambda message: next(InlineGrid.send_and_receive(self, [message])), messages))
+
+
+def test_body_batching_batches_concurrent_clients_and_keeps_the_result(imagefolder, tmp_path):
+    """Clients that work at once share the body's passes (a batch holds several of them), and the run ends as the
+    in-process one does, to float tolerance. (Nodes built at once in one process once drew each other's random
+    weights from the global generator: their builds are now one at a time.)"""
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1, method="sfl")
+    run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
+    runtimes, grid = [], ConcurrentGrid(3)
+    nodes, folder_sizes, _ = find_partitions(grid, wait_s=5)
+    options = FlowerOptions(body_batching=True, body_batch_window_s=1.0)
+    run(config.replace(out=str(tmp_path / "flower")), progress=False, log=lambda _: None,
+        runtime=lambda fed: runtimes.append(FlowerRuntime(fed, grid, nodes, options, folder_sizes)) or runtimes[-1])
+    requests = records(tmp_path / "flower")[0]["messages_by_phase"]["up/split"] // 2  # forwards, as many backwards
+    passes = runtimes[0].body.passes
+    assert passes["forward"] < requests and passes["backward"] < requests  # batches of several clients
+    local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
+    assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
+
+
 def test_body_batching_is_refused_with_a_trained_body():
     with pytest.raises(ConfigError, match="trained body"):
         from_run_config({"method": "sfl", "train-body": True, "body-batching": True})

@@ -7,6 +7,7 @@ Flower ClientApp) holds the same frozen model, the same initial params and the s
 from __future__ import annotations
 
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -54,9 +55,10 @@ class Federation:
 def prepare(config: Config) -> Federation:
     """Data, model, partition and clients of a run, deterministically from `config`."""
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    splits = load_splits(config.dataset, config.data_dir, config.download)
-    vit = create_vit(config.model, splits.num_classes, config.image_size, resolve_weights(config))
+    with SEEDED_BUILD:  # random weights come from the global generator: one seeded build at a time
+        torch.manual_seed(config.seed)
+        splits = load_splits(config.dataset, config.data_dir, config.download)
+        vit = create_vit(config.model, splits.num_classes, config.image_size, resolve_weights(config))
     model = SplitViT.from_config(vit, config).to(device)
     norm = normalisation(vit)
     transform = model_transform(config.image_size, **norm)
@@ -116,13 +118,14 @@ def prepare_client(config: Config, cid: int, classes: Sequence[str], folder: str
     after `client_blocks` blocks when given (the split the server chose for this client's budget),
     otherwise after --client-blocks."""
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
     method, weights = METHODS[config.method](), resolve_weights(config)
     blocks = config.client_blocks if client_blocks is None else client_blocks
-    if method.split and weights not in ("hub", "none"):
-        vit = create_head_vit(config.model, len(classes), config.image_size, weights, blocks)
-    else:
-        vit = create_vit(config.model, len(classes), config.image_size, weights)
+    with SEEDED_BUILD:  # random weights come from the global generator: one seeded build at a time
+        torch.manual_seed(config.seed)
+        if method.split and weights not in ("hub", "none"):
+            vit = create_head_vit(config.model, len(classes), config.image_size, weights, blocks)
+        else:
+            vit = create_vit(config.model, len(classes), config.image_size, weights)
     model = SplitViT.from_config(vit, config).at(blocks)
     if method.split:
         model.drop_body()
@@ -143,6 +146,11 @@ def prepare_client(config: Config, cid: int, classes: Sequence[str], folder: str
         mean_samples = len(train_idx) / config.clients
     return ClientSide(config, device, model, method, TrainSettings.from_config(config, mean_samples=mean_samples),
                       Transformed(raw, transform), indices)
+
+
+# Models with random weights draw them from PyTorch's global generator, seeded by the run: clients built in one
+# process at once (threads serving several nodes) must not interleave their draws.
+SEEDED_BUILD = threading.Lock()
 
 
 def max_message_bytes(model: SplitViT, method: Method, config: Config) -> int:
