@@ -51,7 +51,9 @@ def test_compare_writes_table_and_plots_from_the_runs_own_numbers(imagefolder, t
     assert float(rows["sfprompt"]["bytes_up_vs_fl"]) < 1  # prompts, tail and pruned activations vs the model
     table = (out / "comparison.md").read_text()
     assert "| sfprompt |" in table
-    assert "fl: --optimizer sgd, --backbone-lr 0.003" in table and "sfprompt-no-pruning: --keep-ratio 1.0, --lr 0.002." in table
+    # fl's own recipe (no probe round, 0.01) differs from SFPrompt's default one too, and is listed as such
+    assert "fl: --probe-rounds 0, --optimizer sgd, --lr 0.01, --prompt-lr 0.01, --backbone-lr 0.003" in table
+    assert "sfprompt-no-pruning: --keep-ratio 1.0, --lr 0.002." in table
 
 
 def history_row(method: str, costs: list[float], accuracies: list[float]) -> dict:

@@ -4,7 +4,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from sfprompt.config import METHOD_DEFAULTS, Config, default_text
+from sfprompt.config import DERIVED_DEFAULTS, Config, default_text
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -16,7 +16,7 @@ def test_every_option_is_documented_with_its_default():
         rows = [(names, default) for names, default in table.items() if f"`{flag}`" in names or f"`{flag} " in names]
         assert rows, f"{flag} is missing from the README's option table"
         default = rows[0][1].strip("`")
-        if f.name in METHOD_DEFAULTS:  # the method's: "0.01", or "0.01; sfprompt: 0.0003"
+        if f.name in DERIVED_DEFAULTS:  # it follows the recipe: "1 for sfprompt (0 in a one-round run), else 0"
             assert default == default_text(f.name), f"{flag}: README says {default}, code says {default_text(f.name)}"
         elif f.default is None:
             assert default in ("all", "IID", "none"), flag

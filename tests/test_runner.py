@@ -11,9 +11,11 @@ from sfprompt.runner import run
 
 
 def tiny_config(imagefolder, tmp_path, **changes):
+    # No probe round unless a test asks for one (the default recipe's is tested in test_probe), so that every round
+    # of a method is its own.
     options = dict(dataset="imagefolder", data_dir=str(imagefolder), model="test_vit", weights="none",
                    image_size=32, prompt_tokens=2, clients=3, clients_per_round=2, rounds=2, batch_size=8,
-                   out=str(tmp_path / "run"))
+                   probe_rounds=0, out=str(tmp_path / "run"))
     return Config(**(options | changes))
 
 

@@ -79,14 +79,17 @@ def test_the_mean_samples_per_client_count_only_the_clients_samples(imagefolder,
     assert prepare_client(config(imagefolder, train_samples=30), 0, classes, str(folder)).settings.mean_samples == 10
 
 
-def test_an_option_left_unset_takes_its_methods_default_and_follows_a_change_of_method(monkeypatch):
-    from sfprompt import config as config_module
+def test_an_option_left_unset_follows_the_recipe_and_a_change_of_method():
     from sfprompt.compare import variant_config
 
-    monkeypatch.setitem(config_module.METHOD_DEFAULTS, "lr", {"*": 0.01, "sfprompt": 0.0003})
     sfprompt = Config()
-    assert sfprompt.lr == 0.0003 and sfprompt.to_dict()["lr"] == 0.0003  # saved as the run used it
-    assert sfprompt.given()["lr"] is None and Config(lr=0.05).given()["lr"] == 0.05
-    assert sfprompt.replace(method="sfl").lr == 0.01 and Config(lr=0.05).replace(method="sfl").lr == 0.05
-    assert variant_config(sfprompt, "fl-prompt", {}).lr == 0.01  # compare: each method its own default
-    assert Config.from_dict(sfprompt.to_dict()).given()["lr"] == 0.0003  # a saved run's value is given
+    assert (sfprompt.probe_rounds, sfprompt.lr, sfprompt.prompt_lr) == (1, 3e-4, 3e-4)  # the probe warm start
+    assert sfprompt.to_dict()["lr"] == 3e-4 and sfprompt.given()["lr"] is None  # saved as taken, left unset in given
+    assert (Config(rounds=1).probe_rounds, Config(rounds=1).lr) == (0, 0.01)  # one round: no room for a probe
+    assert (Config(probe_rounds=0).lr, Config(method="sfl").probe_rounds, Config(method="sfl").lr) == (0.01, 0, 0.01)
+    assert Config(method="sfl", probe_rounds=1).lr == 3e-4 and Config(lr=0.05).lr == 0.05
+    assert (sfprompt.replace(method="fl").probe_rounds, sfprompt.replace(method="fl").lr) == (0, 0.01)
+    assert Config(lr=0.05).replace(method="sfl").lr == 0.05
+    assert (variant_config(sfprompt, "fl-prompt", {}).lr, variant_config(sfprompt, "fl", {}).probe_rounds) == (0.01, 0)
+    assert Config.from_dict(sfprompt.to_dict()).given()["lr"] == 3e-4  # a saved run's values are given
+    assert Config.from_saved({"method": "sfprompt", "lr": 0.01, "prompt_lr": 0.01}).probe_rounds == 0  # saved before

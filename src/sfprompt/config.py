@@ -145,9 +145,9 @@ class Config:
 
     def __post_init__(self) -> None:
         derived = []
-        for name, defaults in METHOD_DEFAULTS.items():  # an option left unset takes its method's default
+        for name, default in DERIVED_DEFAULTS.items():  # an option left unset takes the recipe's value, in order
             if getattr(self, name) is None:
-                object.__setattr__(self, name, defaults.get(self.method, defaults["*"]))
+                object.__setattr__(self, name, default.value(self))
                 derived.append(name)
         object.__setattr__(self, "_derived", tuple(derived))
         positive = ("image_size", "clients", "clients_per_round", "rounds", "batch_size")
@@ -308,21 +308,34 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
-# Defaults that depend on the method: a method's own where it has one, else "*"'s. An option left unset takes
-# it (`Config` then holds the value taken, and `given` leaves it unset).
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "probe_rounds": {"*": 0},
-    "lr": {"*": 0.01},
-    "prompt_lr": {"*": 0.01},
+@dataclass(frozen=True)
+class DerivedDefault:
+    """The default of an option that depends on others (the method, the rounds, the probe rounds): `rule` gives
+    it from the config being made, `text` says it (the CLI's help and the README's option table)."""
+
+    rule: Any  # Config -> value
+    text: str
+
+    def value(self, config: "Config") -> Any:
+        return self.rule(config)
+
+
+WARM_LR = 3e-4  # fine-tuning from a fitted tail: recipe.sh's grid on validation samples (docs/benchmarks/recipe-tuning.md)
+# Defaults that follow the recipe a run takes: SFPrompt opens with a probe round when it has more than one round,
+# and fine-tunes from the fitted tail at WARM_LR; without probe rounds, every method trains at 0.01 (the paper's,
+# and what benchmarks/tune.py chose for the baselines). An option left unset takes its default, in this order;
+# `Config` then holds the value taken, and `given` leaves it unset (so another method takes its own).
+DERIVED_DEFAULTS: dict[str, DerivedDefault] = {
+    "probe_rounds": DerivedDefault(lambda c: 1 if c.method == "sfprompt" and c.rounds > 1 else 0,
+                                   "1 for sfprompt (0 in a one-round run), else 0"),
+    "lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01, "0.0003 after probe rounds, else 0.01"),
+    "prompt_lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01, "0.0003 after probe rounds, else 0.01"),
 }
 
 
 def default_text(name: str) -> str:
-    """An option's default as the CLI and the README state it ("0.01", or "0.01; sfprompt: 0.0003")."""
-    if name not in METHOD_DEFAULTS:
-        return str(_FIELDS[name].default)
-    defaults = METHOD_DEFAULTS[name]
-    return "; ".join([f"{defaults['*']:g}"] + [f"{method}: {value:g}" for method, value in defaults.items() if method != "*"])
+    """An option's default as the CLI and the README state it."""
+    return DERIVED_DEFAULTS[name].text if name in DERIVED_DEFAULTS else str(_FIELDS[name].default)
 RECIPES = ("paper",)  # named sets of options (src/sfprompt/recipes/NAME.toml): `--recipe NAME`
 
 
