@@ -218,6 +218,9 @@ class Client:
         kept = {name: t.clone() for name, t in self.state_dict().items()}
         try:
             report = method.client_round(self, ctx)
+            if method.split:  # the body server need not wait for this client's requests any longer
+                ctx.phase = "close"
+                _expect(link.request(Message("done"), "close", memory), "closed")
         except Exception as err:
             self.__dict__.pop("local_head", None)  # made anew from its seed if it did not exist before
             self.load_state_dict(kept)

@@ -72,7 +72,7 @@ def body_optimizer(settings) -> Callable[[nn.Module], torch.optim.Optimizer]:
     return lambda body: build_optimizer([{"params": list(body.parameters()), "lr": settings.backbone_lr}], settings)
 
 
-KINDS = ("forward", "backward", "features")  # the requests a body server answers
+KINDS = ("forward", "backward", "features")  # the requests that reach the body ("done" closes a session)
 FP16_GRAD_PEAK = 2.0**8  # under --precision fp16 a gradient is scaled so its largest entry is about this
 
 
@@ -228,6 +228,8 @@ class BodyServer:
         return self._copies[client][0]
 
     def handle(self, message: Message) -> Message:
+        if message.kind == "done":
+            return self._close(message)
         if self.batch_window_s is None:
             with self._lock:
                 self._expire()
@@ -300,6 +302,19 @@ class BodyServer:
         grad = split.messages.unpack_grad(message.tensors, tuple(pending.graph.rows[pending.samples].shape),
                                           check_values=False)
         return _Request(client, session, "backward", grad, message.tensors, pending)
+
+    def _close(self, message: Message) -> Message:
+        """A client whose work with the body is over for the round (`done`, no tensors): its session ends, so a
+        gathering batch stops counting it among the clients that could still send (and waits for it no
+        longer); a forward it left without a backward is dropped."""
+        with self._arrived:
+            client = self._check_session(message.meta)
+            if message.tensors:
+                raise ProtocolError(f"a done message carries no tensors, got {sorted(message.tensors)}")
+            self._pending.pop(client, None)
+            self._sessions.pop(client, None)
+            self._arrived.notify_all()
+        return Message("closed")
 
     def _check_session(self, meta: dict) -> str:
         client, session, seq = meta.get("client"), meta.get("session"), meta.get("seq")
@@ -432,7 +447,7 @@ class BodyServer:
         default), as if they had run alone. The body's FLOPs are exactly linear in its samples, so the
         first batch of each kind is counted operation by operation and later ones from its count per
         sample: the counter costs about 0.1 ms of Python a body operation, more than the body's own
-        work on a GPU (measured: README, Distributed)."""
+        work on a GPU (measured: docs/flower.md)."""
         per_sample = self._flops_per_sample.get(kind)
         if per_sample is None:
             with counting_flops() as flops:
