@@ -142,6 +142,28 @@ def test_clients_arriving_one_after_another_within_the_window_of_each_other_make
     assert server.pending == 0
 
 
+def test_a_client_that_closed_its_session_is_not_waited_for():
+    """A client done with the body for the round says so (`done`); a batch then stops counting it among the
+    clients that could still send. Before, a batch waited out its window for clients that had uploaded, so every
+    late batch of a round paid the window."""
+    _, model = tiny_split()
+    server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=30.0)
+    early, late = Session(server, 0), Session(server, 1)
+    rows = early.request("forward", "tokens", tokens_of(model, 0, 2))
+    early.request("backward", "grad", grad_of(rows, 0))
+    early.seq += 1
+    with pytest.raises(ProtocolError, match="carries no tensors"):
+        server.handle(Message("done", {"x": torch.zeros(1)}, {"client": "0", "session": early.session, "seq": early.seq}))
+    early.seq += 1
+    assert server.handle(Message("done", {}, {"client": "0", "session": early.session, "seq": early.seq})).kind == "closed"
+    started = time.monotonic()
+    rows = late.request("forward", "tokens", tokens_of(model, 1, 3))  # alone now: runs at once, not after 30 s
+    late.request("backward", "grad", grad_of(rows, 1))
+    assert time.monotonic() - started < 10 and server.pending == 0
+    with pytest.raises(ProtocolError, match="no session"):
+        early.request("forward", "tokens", tokens_of(model, 0, 2))
+
+
 def test_clients_with_heads_of_different_depths_are_batched_by_split_point_and_answered_as_alone():
     _, model = tiny_split(client_blocks=0)
     splits = {0: 0, 1: 2, 2: 2, 3: 0}
