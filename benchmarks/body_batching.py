@@ -12,10 +12,10 @@ configuration that runs out of device memory is reported as such.
 
     python benchmarks/body_batching.py                      # ViT-S/14 at 56 px on this machine's CPU
     python benchmarks/body_batching.py --model vit_base_patch16_224 --image-size 224 \
-        --precision fp32 bf16 fp16 --device cuda            # the GPU figures in BENCHMARKS.md
+        --precision fp32 bf16 fp16 --device cuda            # the GPU figures in docs/benchmarks/index.md
 
 It prints a Markdown report and writes it to docs/benchmarks/batching-<device type>.md, which
-BENCHMARKS.md includes.
+docs/benchmarks/index.md includes.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the server process's memory before and after.
 
     python benchmarks/body_load.py [--clients 32] [--batches 300]      # about 4 minutes on two cores
 
-It prints a Markdown report and writes it to docs/benchmarks/load.md, which BENCHMARKS.md includes.
+It prints a Markdown report and writes it to docs/benchmarks/load.md, which docs/benchmarks/index.md includes.
 """
 
 from __future__ import annotations

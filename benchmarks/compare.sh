@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The method comparison behind BENCHMARKS.md: every method, SplitFed with a trained body and both SFPrompt ablations on
+# The method comparison behind docs/benchmarks/index.md: every method, SplitFed with a trained body and both SFPrompt ablations on
 # the setting of benchmarks/compare.toml (Fashion-MNIST with the real pre-trained ViT-S/14 from ../shared, 10
 # clients, 5 a round), IID and Dirichlet(0.5), same data, partition and seed for every method, each method with
 # its tuned options from TUNED (default benchmarks/tuned.toml, written by benchmarks/tune.py) when that exists,
 # then those of the TOML files in OPTIONS (they add to and override TUNED's: say, the rounds each method runs),
-# with every seed in SEEDS (the mean and spread over them); then writes BENCHMARKS.md. JOBS (default 2) runs that
+# with every seed in SEEDS (the mean and spread over them); then writes docs/benchmarks/index.md. JOBS (default 2) runs that
 # many partitions at once, each with OMP_NUM_THREADS (default: the cores shared out among them). METHODS names the
-# methods, SIZE appends options to every run and DOC names the document written (one not named BENCHMARKS.md
+# methods, SIZE appends options to every run and DOC names the document written (one not named index.md
 # holds only this comparison: benchmarks/write_benchmarks.py); a test runs it at a tiny size.
 #
 #   bash benchmarks/compare.sh        # 60 runs, about 3 hours on two CPU cores
@@ -25,7 +25,7 @@ TUNED=${TUNED:-benchmarks/tuned.toml}
 JOBS=${JOBS:-2}
 cores=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores > JOBS ? cores / JOBS : 1 ))}  # the same seed gives slightly
-# different numbers with another thread count: BENCHMARKS.md's machine line names it
+# different numbers with another thread count: docs/benchmarks/index.md's machine line names it
 common=(--recipe paper --config benchmarks/compare.toml --data-dir "$SHARED/data"
         --weights "$SHARED/models/vit_small_patch14_dinov2.imgfocus.safetensors"
         --rounds "$ROUNDS" --seeds "$(echo $SEEDS | tr ' ' ,)" --target-accuracy 0.7 --no-progress)
@@ -51,4 +51,4 @@ done <<< "iid
 dirichlet-0.5 --alpha 0.5"
 wait_for_all
 label="ROUNDS=$ROUNDS SEEDS=\"$SEEDS\"${METHODS:+ METHODS=$METHODS}${OPTIONS:+ OPTIONS=$OPTIONS}"
-python benchmarks/write_benchmarks.py "$OUT" "bash benchmarks/compare.sh ($label)" "${DOC:-BENCHMARKS.md}"
+python benchmarks/write_benchmarks.py "$OUT" "bash benchmarks/compare.sh ($label)" "${DOC:-docs/benchmarks/index.md}"

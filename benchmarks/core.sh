@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The measurements behind README.md's "Measured" and BENCHMARKS.md's "Ablations": SFPrompt on Fashion-MNIST
+# The measurements behind docs/results.md and docs/benchmarks/index.md's "Ablations": SFPrompt on Fashion-MNIST
 # with the real pre-trained ViT-S/14 from ../shared (5,000 train / 2,000 test samples, 10 clients, 5 a
 # round), IID for 5 rounds and Dirichlet(0.5) for 10, then the ablations behind the defaults (local
 # classifier, per-class pruning, split epochs, optimiser), each with every seed in SEEDS; then the table of
-# means and spreads (docs/benchmarks/ablations.md) and BENCHMARKS.md's "Ablations" section.
+# means and spreads (docs/benchmarks/ablations.md) and docs/benchmarks/index.md's "Ablations" section.
 #
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/core.sh   # about 1.5 hours on two CPU cores (5-8 minutes an
 #                                                       # IID run, 10-15 a Dirichlet one)
@@ -81,5 +81,5 @@ TABLE=${TABLE:-docs/benchmarks/ablations.md}
 HEADER=${HEADER-$(command_header core)}
 { if [ -n "$HEADER" ]; then echo "$HEADER"; echo; fi; python benchmarks/table.py "${rows[@]}"; } > "$TABLE"
 cat "$TABLE"
-DOC=${DOC-BENCHMARKS.md}
+DOC=${DOC-docs/benchmarks/index.md}
 if [ -n "$DOC" ]; then python benchmarks/write_benchmarks.py --update-reports "$DOC" "$TABLE"; fi

@@ -8,7 +8,7 @@ difference is the Flower runtime's overhead per round), the peak resident memory
 tree (the Flower simulation runs Ray's server and workers as child processes; sampled every 0.2 s),
 and whether each round's accuracy and bytes equal the in-process run's (bytes to within the last digits
 of the losses written in message headers, as tests/test_flower.py checks). Prints a Markdown report and
-writes docs/benchmarks/flower-scale.md, which BENCHMARKS.md includes.
+writes docs/benchmarks/flower-scale.md, which docs/benchmarks/index.md includes.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 # 0.05, 0.5 or 1.0 GFLOP per training sample and keeps the deepest head it affords: 0, 2 or 5 blocks
 # (iid-mixed-budgets). Every seed in SEEDS (default 0 1 2); runs core.sh has done (same OUT, default
 # results/core) are reused. Writes docs/benchmarks/heterogeneous.md (REPORT names another file), which
-# BENCHMARKS.md includes.
+# docs/benchmarks/index.md includes.
 #
 #   bash benchmarks/heterogeneous.sh      # about an hour on two CPU cores beyond core.sh's iid row
 set -euo pipefail

@@ -3,7 +3,7 @@
 # ViT-S/14 at 56 px, 5,000 / 2,000 samples, 10 clients, 5 a round, 5 rounds) with the body in fp32,
 # bf16 and fp16 mixed precision, every seed in SEEDS (default 0 1 2), all on one device, JOBS runs
 # at once (default 9). Meant for a GPU: a CPU without bf16 arithmetic emulates it, many times slower.
-# Writes docs/benchmarks/precision.md (REPORT names another file), which BENCHMARKS.md includes.
+# Writes docs/benchmarks/precision.md (REPORT names another file), which docs/benchmarks/index.md includes.
 #
 #   bash benchmarks/precision.sh
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PRIVACY.md's table: every defence (and today's undefended protocol) trained on the Fashion-MNIST
+# docs/privacy.md's table: every defence (and today's undefended protocol) trained on the Fashion-MNIST
 # benchmark setting with the real pre-trained ViT-S/14 from ../shared (56 px, 5,000 / 2,000 samples,
 # 10 clients, 5 a round, IID, 5 rounds), then attacked by `sfprompt audit --from` its finished run
 # of seed 0 (an attacker who knows the defence); then seeds 1 and 2 of every row, for the accuracy's
@@ -21,7 +21,7 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/privacy}
 SEEDS=${SEEDS:-0 1 2}
 ROWS=${ROWS:-}
-DOC=${DOC:-PRIVACY.md}
+DOC=${DOC:-docs/privacy.md}
 read -r -a size <<< "${SIZE:-}"
 read -r -a audit_size <<< "${AUDIT_SIZE:-}"
 common=(--recipe paper --dataset fashion-mnist --data-dir "$SHARED/data"

@@ -1,12 +1,12 @@
-"""Write PRIVACY.md's measured table from the runs and audits of benchmarks/privacy.sh.
+"""Write docs/privacy.md's measured table from the runs and audits of benchmarks/privacy.sh.
 
-    python benchmarks/privacy_table.py results/privacy PRIVACY.md none shuffle ...
+    python benchmarks/privacy_table.py results/privacy docs/privacy.md none shuffle ...
 
 The names are the table's rows in order; each is a folder of OUT holding `seed-K/` runs
 (summary.json) and, in `seed-0/`, the audit of that run (audit.json, audit.png); `OUT/fl` is the
 `fl` run whose client FLOPs are the reference.
 The table replaces what lies between the `<!-- privacy-table -->` markers of the document, and the
-audit pictures are copied to docs/privacy/ beside the document.
+audit pictures are copied to privacy/ beside the document.
 """
 
 import json
@@ -43,7 +43,7 @@ def line(row: Path, fl_flops: float, document: Path) -> str:
     audit = json.loads((row / "seed-0" / "audit.json").read_text())
     best, mean, labels = audit["reconstruction"]["best"], audit["reconstruction"]["class_mean"], audit["labels"]
     epsilon = audit["activation_privacy"]["epsilon"]
-    picture = Path("docs", "privacy", f"{row.name}.png")  # relative to the document
+    picture = Path("privacy", f"{row.name}.png")  # relative to the document
     (document.parent / picture).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(row / "seed-0" / "audit.png", document.parent / picture)
     return (f"| {row.name} | `{options(audit['config'])}` | {best['reidentified']:.0%} | {best['psnr']:.1f} "

@@ -7,7 +7,7 @@
 # core.sh's dirichlet-0.5 row against a band chosen by each client's size (Sorscher et al. 2022), a
 # random half and every sample kept (dirichlet-0.5-keep-all), 10 rounds. Every seed in SEEDS (default
 # 0 1 2); runs core.sh has done (same OUT, default results/core) are reused. Writes
-# docs/benchmarks/pruning.md (REPORT names another file), which BENCHMARKS.md includes.
+# docs/benchmarks/pruning.md (REPORT names another file), which docs/benchmarks/index.md includes.
 #
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/pruning.sh   # about 3 hours on two CPU cores
 set -euo pipefail

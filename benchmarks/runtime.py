@@ -1,4 +1,4 @@
-"""What the distributed runtime costs, measured on this machine (the runtime section of BENCHMARKS.md).
+"""What the distributed runtime costs, measured on this machine (the runtime section of docs/benchmarks/index.md).
 
 1. Per-batch overhead of the body channel: one split-training exchange (forward + backward request)
    in-process against the same exchange over gRPC to a body server in another process, and against
@@ -11,7 +11,7 @@
     python benchmarks/runtime.py [--shared ../shared] [--out runs/runtime]     # about 5 minutes
     python benchmarks/runtime.py --cases vit-s-56 --repeats 2 --train-samples 100 --test-samples 40  # a test's size
 
-It prints a Markdown report and writes it to docs/benchmarks/runtime.md, which BENCHMARKS.md includes.
+It prints a Markdown report and writes it to docs/benchmarks/runtime.md, which docs/benchmarks/index.md includes.
 """
 
 from __future__ import annotations

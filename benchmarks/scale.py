@@ -7,7 +7,7 @@ everything else fixed, each count in a fresh process.
 
 The memory per client is the growth over the smallest count divided by the clients added: what an
 idle client holds beyond the shared model and data. Prints a Markdown report and writes
-docs/benchmarks/scale.md, which BENCHMARKS.md includes.
+docs/benchmarks/scale.md, which docs/benchmarks/index.md includes.
 """
 
 from __future__ import annotations

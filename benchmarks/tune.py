@@ -2,7 +2,7 @@
 setting (benchmarks/compare.toml), every run evaluated on validation samples held out of the clients' training
 data (`--validation-samples`; the test set is never read). Writes each method's best, by final validation
 accuracy, to benchmarks/tuned.toml (which compare.sh passes to `sfprompt compare --method-options`) and every
-point to docs/benchmarks/tuning.md (which BENCHMARKS.md includes).
+point to docs/benchmarks/tuning.md (which docs/benchmarks/index.md includes).
 
     python benchmarks/tune.py                       # 31 runs, 2.8 hours of one-thread runs (fl's 12: 72 minutes)
     python benchmarks/tune.py --methods fl,sfprompt --shared /path/to/shared

@@ -5,7 +5,7 @@
 # bfloat16, float16 and int8 with a scale per token (iid-wire-*); then int8 under Dirichlet(0.5), 10 rounds
 # (dirichlet-0.5-wire-int8, against core.sh's dirichlet-0.5). Every seed in SEEDS (default 0 1 2);
 # runs core.sh has done (same OUT, default results/core) are reused. Writes docs/benchmarks/wire.md (REPORT
-# names another file), which BENCHMARKS.md includes.
+# names another file), which docs/benchmarks/index.md includes.
 #
 #   bash benchmarks/wire.sh   # about 5 hours on two CPU cores beyond core.sh's iid and dirichlet-0.5 rows
 #                             # (JOBS=2 halves it)

@@ -1,12 +1,12 @@
-"""Write BENCHMARKS.md from the outputs of benchmarks/compare.sh (tables, plots, command, machine,
+"""Write docs/benchmarks/index.md from the outputs of benchmarks/compare.sh (tables, plots, command, machine,
 SFPrompt's goals met or missed), followed by the reports other benchmarks keep in docs/benchmarks when they have
 been run: the tuning of benchmarks/tune.py, the ablations of benchmarks/core.sh, pruning.sh's choice of samples,
 heterogeneous.sh's split points, wire.sh's wire formats, and the runtime reports of benchmarks/runtime.py,
 body_load.py, body_batching.py, precision.sh, clientapp.py, scale.py and flower_scale.py. A DOC of another name
-holds only its comparison (a second one, as the 20-round docs/benchmarks/comparison-long.md): its plots beside it,
+than index.md holds only its comparison (a second one, as the 20-round docs/benchmarks/comparison-long.md): its plots beside it,
 named after it, and its notes from DOC-STEM-notes.md beside it.
 
-    python benchmarks/write_benchmarks.py results/compare "bash benchmarks/compare.sh" [DOC]  # BENCHMARKS.md
+    python benchmarks/write_benchmarks.py results/compare "bash benchmarks/compare.sh" [DOC]  # docs/benchmarks/index.md
     python benchmarks/write_benchmarks.py --update-reports [DOC [ABLATIONS]]   # replace those sections only
     python benchmarks/write_benchmarks.py --machine   # the line naming the machine, for a report
 """
@@ -20,6 +20,8 @@ import platform
 import shutil
 import sys
 from pathlib import Path
+
+MAIN = Path("docs/benchmarks/index.md")  # the benchmarks' page: the comparison, then every report
 
 
 def cpu_name() -> str:
@@ -69,7 +71,7 @@ def in_fresh_process(script: str, spec: dict) -> dict:
 
 
 def publish(lines: list[str], path: Path) -> None:
-    """Print a runtime report and keep it where BENCHMARKS.md picks it up (`runtime_reports`)."""
+    """Print a runtime report and keep it where docs/benchmarks/index.md picks it up (`runtime_reports`)."""
     text = "\n".join(lines) + "\n"
     print(text)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,7 @@ def main() -> None:
         print(machine())
         return
     if sys.argv[1:2] == ["--update-reports"]:
-        path = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("BENCHMARKS.md")
+        path = Path(sys.argv[2]) if len(sys.argv) > 2 else MAIN
         ablations = Path(sys.argv[3]) if len(sys.argv) > 3 else ABLATIONS
         methods = path.read_text()
         for title in [title for title, _, _ in report_sections(ablations)] + ["Runtime"]:
@@ -91,7 +93,7 @@ def main() -> None:
         path.write_text(methods + sections.getvalue())
         return
     root, command = Path(sys.argv[1]), sys.argv[2]
-    document = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("BENCHMARKS.md")
+    document = Path(sys.argv[3]) if len(sys.argv) > 3 else MAIN
     with contextlib.redirect_stdout(io.StringIO()) as text:
         comparison(root, command, document)
         if is_main(document):
@@ -100,16 +102,16 @@ def main() -> None:
 
 
 def is_main(document: Path) -> bool:
-    """BENCHMARKS.md holds the reports of every benchmark; another document only its comparison."""
-    return document.name == "BENCHMARKS.md"
+    """The benchmarks' index page holds the reports of every benchmark; another document only its comparison."""
+    return document.name == MAIN.name
 
 
 def comparison(root: Path, command: str, document: Path) -> None:
     """compare.sh's section: command, machine, setting, then each partition's table and plots (copied beside the
-    `document` and linked from it: under docs/benchmarks for BENCHMARKS.md, else named after the document)."""
+    `document` and linked from it: named after the partition for the index page, else after the document too)."""
     home = document.parent
-    figures, prefix = (Path("docs/benchmarks"), "") if is_main(document) else (Path(), f"{document.stem}-")
-    (home / figures).mkdir(parents=True, exist_ok=True)
+    prefix = "" if is_main(document) else f"{document.stem}-"
+    home.mkdir(parents=True, exist_ok=True)
     summaries = [json.loads(path.read_text()) for path in sorted(root.rglob("summary.json"))]
     summary = summaries[0]
     seeds, rounds = (sorted({run["config"][key] for run in summaries}) for key in ("seed", "rounds"))
@@ -129,12 +131,11 @@ def comparison(root: Path, command: str, document: Path) -> None:
         print(f"## {partition.name}\n")
         print((partition / "comparison.md").read_text())
         for plot in ("accuracy_per_round", "accuracy_vs_bytes", "accuracy_vs_client_flops", "client_flops"):
-            target = figures / f"{prefix}{partition.name}-{plot}.png"
+            target = f"{prefix}{partition.name}-{plot}.png"
             shutil.copyfile(partition / f"{plot}.png", home / target)
-            print(f"![{partition.name}: {plot.replace('_', ' ')}]({target.as_posix()})")
+            print(f"![{partition.name}: {plot.replace('_', ' ')}]({target})")
         print()
-    goals(root, Path("docs/benchmarks/comparison-notes.md") if is_main(document)
-          else document.with_name(f"{document.stem}-notes.md"))
+    goals(root, document.with_name("comparison-notes.md" if is_main(document) else f"{document.stem}-notes.md"))
 
 
 def goals(root: Path, notes: Path) -> None:
@@ -222,11 +223,11 @@ def report_sections(ablations: Path) -> list[tuple[str, Path, str]]:
          "where the paper is silent); mean ± standard deviation over the seeds listed, costs the mean over them."),
         ("Heterogeneous clients", Path("docs/benchmarks/heterogeneous.md"),
          "A split point per client, chosen by its compute budget (`bash benchmarks/heterogeneous.sh`; "
-         "README: clients of different strength), against federations where every head ends at the same "
+         "the method: clients of different strength), against federations where every head ends at the same "
          "block; mean ± standard deviation over the seeds listed, costs the mean over them."),
         ("Wire format", Path("docs/benchmarks/wire.md"),
          "What split training's activations and gradients cost on the wire, and what their number format keeps "
-         "(`bash benchmarks/wire.sh`; README: the wire format); mean ± standard deviation over the seeds listed, "
+         "(`bash benchmarks/wire.sh`; the method: the wire format); mean ± standard deviation over the seeds listed, "
          "costs the mean over them."),
     ]
 

@@ -29,7 +29,7 @@ needs_shared = pytest.mark.skipif(
 )
 
 
-# Options that shrink any run to seconds, and an audit of it (the README's commands and the benchmarks, at CI size).
+# Options that shrink any run to seconds, and an audit of it (the documented commands and the benchmarks, at CI size).
 TINY_RUN = ["--train-samples", "40", "--test-samples", "20", "--clients", "2", "--clients-per-round", "2", "--rounds", "1",
             "--image-size", "28"]
 TINY_AUDIT = ["--images", "4", "--aux-samples", "30", "--gallery", "4", "--steps", "2", "--inversion-epochs", "1"]

@@ -114,7 +114,7 @@ def test_audit_from_a_finished_run_and_clear_refusals(gray, tmp_path, capsys):
 @pytest.mark.slow
 @needs_shared
 def test_the_attacks_break_the_undefended_protocol_on_the_real_checkpoint(tmp_path):
-    """The real pre-trained ViT-S/14 on Fashion-MNIST at 56 px, as in PRIVACY.md, at a smaller size."""
+    """The real pre-trained ViT-S/14 on Fashion-MNIST at 56 px, as in docs/privacy.md, at a smaller size."""
     config = Config(dataset="fashion-mnist", data_dir=str(SHARED_DATA), weights=str(SHARED_WEIGHTS), image_size=56,
                     clients=4, clients_per_round=2, rounds=1, train_samples=1000, test_samples=200, out=str(tmp_path))
     options = AuditOptions(images=20, aux_samples=600, gallery=20, steps=100, inversion_epochs=5)
@@ -126,8 +126,8 @@ def test_the_attacks_break_the_undefended_protocol_on_the_real_checkpoint(tmp_pa
 @pytest.mark.slow
 @needs_shared
 def test_the_privacy_benchmark_reruns_and_writes_its_table(tmp_path):
-    """`bash benchmarks/privacy.sh`, PRIVACY.md's command, end to end at a tiny size: runs, audits, table."""
-    document = tmp_path / "PRIVACY.md"
+    """`bash benchmarks/privacy.sh`, docs/privacy.md's command, end to end at a tiny size: runs, audits, table."""
+    document = tmp_path / "privacy.md"
     document.write_text("before\n<!-- privacy-table -->\nstale\n<!-- /privacy-table -->\nafter\n")
     done = run_benchmark("privacy.sh", tmp_path, DOC=str(document), ROWS="none shuffle", SEEDS="0 1")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -135,7 +135,7 @@ def test_the_privacy_benchmark_reruns_and_writes_its_table(tmp_path):
     assert text.startswith("before\n<!-- privacy-table -->\n| configuration |") and "stale" not in text
     rows = [line for line in text.splitlines() if line.startswith("| none |") or line.startswith("| shuffle |")]
     assert len(rows) == 2 and "(2 seeds)" in rows[0] and "`--shuffle-tokens`" in rows[1]
-    assert (tmp_path / "docs" / "privacy" / "shuffle.png").is_file()
+    assert (tmp_path / "privacy" / "shuffle.png").is_file()
 
 
 def test_a_mixed_federation_is_audited_at_the_victims_own_split_point(gray, tmp_path):

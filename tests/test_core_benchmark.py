@@ -1,4 +1,4 @@
-"""`bash benchmarks/core.sh`, the README's "Measured" and BENCHMARKS.md's ablations, end to end at a
+"""`bash benchmarks/core.sh`, docs/results.md and the benchmarks page's ablations, end to end at a
 tiny size: runs for every seed, a finished run not redone, an interrupted one continued from its
 checkpoint, the table of means and spreads, the document; and compare.sh, precision.sh, heterogeneous.sh,
 wire.sh, pruning.sh, clientapp.py, scale.py, runtime.py and flower_scale.py at a small size."""
@@ -32,7 +32,7 @@ def saved_config(tmp_path, row: str) -> dict:
 @pytest.mark.slow
 @needs_shared
 def test_the_ablation_benchmark_reruns_and_writes_its_table(tmp_path):
-    document = tmp_path / "BENCHMARKS.md"
+    document = tmp_path / "index.md"
     document.write_text("# Benchmarks\n\n## iid\n\nthe comparison\n\n## Ablations\n\nstale\n")
     variables = dict(DOC=str(document), TABLE=str(tmp_path / "ablations.md"), ROWS="iid iid-sgd", SEEDS="0 1")
     done = run_benchmark("core.sh", tmp_path, **variables)
@@ -58,7 +58,7 @@ def test_the_ablation_benchmark_reruns_and_writes_its_table(tmp_path):
 @pytest.mark.slow
 @needs_shared
 def test_the_comparison_benchmark_runs_both_partitions_at_once_and_writes_its_document(tmp_path):
-    document, rounds = tmp_path / "BENCHMARKS.md", tmp_path / "rounds.toml"
+    document, rounds = tmp_path / "docs" / "benchmarks" / "index.md", tmp_path / "rounds.toml"
     rounds.write_text("[fl]\nrounds = 2\n")  # OPTIONS add to the tuned options: fl runs a round more than SIZE
     done = run_benchmark("compare.sh", tmp_path, METHODS="fl,sfprompt", SEEDS="0 1", JOBS="2", OMP_NUM_THREADS="1",
                          OPTIONS=str(rounds), DOC=str(document))
@@ -76,13 +76,13 @@ def test_the_comparison_benchmark_runs_both_partitions_at_once_and_writes_its_do
         rows = [line for line in section.splitlines() if line.startswith(("| fl ", "| sfprompt "))]
         assert len(rows) == 2 and all("±" in row for row in rows)  # the mean over both seeds, with its spread
         assert rows[0] in (tmp_path / "runs" / partition / "comparison.md").read_text()
-        assert f"(docs/benchmarks/{partition}-accuracy_vs_bytes.png)" in section
+        assert f"({partition}-accuracy_vs_bytes.png)" in section
         assert (tmp_path / "docs" / "benchmarks" / f"{partition}-accuracy_vs_bytes.png").is_file()  # beside DOC
         goal = next(line for line in text.splitlines() if line.startswith(f"| {partition} | final accuracy ≥ fl's | "))
         sfprompt, fl = (float(row.split(" | ")[1].split(" ± ")[0]) for row in rows[::-1])
         assert goal.endswith("| yes |" if sfprompt >= fl else f"| no: {(fl - sfprompt) * 100:.1f} points short |")
         assert f"| {partition} | MB to 0.70 ≤ 0.1 × fl's | " in text  # compare.sh's target, from comparison.csv
-    assert "\n## Runtime\n" in text  # BENCHMARKS.md holds the other benchmarks' reports too
+    assert "\n## Runtime\n" in text  # the index page holds the other benchmarks' reports too
     second, notes = tmp_path / "docs" / "long.md", tmp_path / "docs" / "long-notes.md"
     notes.write_text("Why, written by hand.\n")
     again = run_python_benchmark("write_benchmarks.py", str(tmp_path / "runs"), "bash benchmarks/compare.sh (long)",
@@ -139,7 +139,7 @@ def test_the_runtime_benchmark_times_the_transports_and_one_round_in_both_runtim
     assert text.startswith("Command: `python benchmarks/runtime.py --repeats 2 --cases vit-s-56 --train-samples 100 "
                            "--test-samples 40`")
     exchange = next(line.split(" | ") for line in text.splitlines() if line.startswith("| ViT-S/14"))
-    assert exchange[1] == "1.92 MB"  # bytes do not depend on the machine: BENCHMARKS.md's figure
+    assert exchange[1] == "1.92 MB"  # bytes do not depend on the machine: the benchmarks page's figure
     rounds = {line.split(" | ")[0]: line.split(" | ")[3:] for line in text.splitlines()
               if line.startswith(("| in-process", "| flower"))}
     assert rounds["| flower"] == rounds["| in-process"]  # accuracy and bytes the same under Flower

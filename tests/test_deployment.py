@@ -1,4 +1,4 @@
-"""The deployment guide as written (README "A real deployment, step by step"), on loopback: certificates
+"""The deployment guide as written (docs/flower.md, "A real deployment, step by step"), on loopback: certificates
 made here, a SuperLink and two SuperNodes as separate processes with TLS, each SuperNode holding only
 its own folder of images, and `flwr run .` against that federation with the body channel on TLS too.
 The run equals the in-process run of the same configuration on the same samples, bytes included."""

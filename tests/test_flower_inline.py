@@ -274,7 +274,7 @@ def test_a_malformed_reply_drops_its_client_not_the_server_app(imagefolder, tmp_
 
 def test_the_uncounted_control_fields_are_as_small_as_the_readme_says(imagefolder, tmp_path):
     """Bytes are counted for the codec's payloads; under Flower the control fields beside them (task:
-    config, class names, partition, seeds, session, token, ...; reply: the measurements) are not. README: about
+    config, class names, partition, seeds, session, token, ...; reply: the measurements) are not. docs/flower.md: about
     1.3 KB down and 0.3 KB up per client and round, plus the root certificate with TLS."""
     grid = InlineGrid(3)
     fed = prepare(tiny_config(imagefolder, tmp_path, clients=3))

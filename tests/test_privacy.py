@@ -1,5 +1,5 @@
-"""What a client sends in a full SFPrompt round: exactly the README's list (Failures, bad input and privacy:
-what is guaranteed), never an input or a label."""
+"""What a client sends in a full SFPrompt round: exactly the list in docs/guarantees.md ("What
+leaves a client"), never an input or a label."""
 
 import pytest
 import torch

@@ -1,8 +1,8 @@
-"""Every command in README.md's code blocks runs, at a size CI can afford, so that a change cannot
-silently break a documented command again (the README's `sfprompt cost` once failed on its own
-message-size limit). Each command is run as written, with options appended that shrink the data,
-the rounds and the probe (later flags override earlier ones); a command this test does not know
-fails it, so a new command in the README needs a rule here."""
+"""Every command in the code blocks of README.md and of the documentation site's pages runs, at a size CI can
+afford, so that a change cannot silently break a documented command again (the README's `sfprompt cost` once
+failed on its own message-size limit). Each command is run as written, with options appended that shrink the
+data, the rounds and the probe (later flags override earlier ones); a command this test does not know fails
+it, so a new command in the docs needs a rule here."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from sfprompt.cli import main
 from conftest import SHARED_DATA, SHARED_WEIGHTS, TINY_AUDIT, TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 TINY = [*TINY_RUN, "--no-progress"]
 TINY_COST = ["--batch-size", "2", "--probe-samples", "2"]
 # Commands not run here as typed, and why (each is run elsewhere or needs what CI does not have).
@@ -27,21 +27,23 @@ NOT_RUN = {
     "pip install": "installation: CI itself runs the quick start's install",
     "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "an environment variable",
     "pytest": "the test suite itself",
+    "bash benchmarks/": "a benchmark: each runs at a tiny size in its own test (tests/test_*benchmark*.py, test_audit.py)",
     "flwr run": "a federation: the simulation's apps run in tests/test_flower.py, and the deployment guide's "
                 "`flwr run . prod` against a SuperLink and SuperNodes on loopback in tests/test_deployment.py",
 }
 
 
 def readme_commands() -> list[str]:
-    """Each command of the README's bash blocks: continuation lines joined, `a && b` as two commands,
+    """Each command of the documents' bash blocks, once: continuation lines joined, `a && b` as two commands,
     comments dropped."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+    blocks = [block for document in DOCUMENTS for block in re.findall(r"```bash\n(.*?)```", document.read_text(), flags=re.S)]
+    for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             for command in re.sub(r"\s+#.*$", "", line).split(" && "):
                 if command.strip() and not command.strip().startswith("#"):
                     commands.append(re.sub(r"\s+", " ", command.strip()))
-    return commands
+    return list(dict.fromkeys(commands))
 
 
 def test_the_readme_has_the_commands_this_test_knows():
@@ -75,5 +77,5 @@ def test_readme_command_runs(command, tmp_path, monkeypatch):
         assert main(["run", *TINY, "--out", "runs/latest"]) == 0  # the finished run the command reads
         argv += TINY_AUDIT if subcommand == "audit" else ["--no-progress"]
     else:
-        argv += TINY + (TINY_AUDIT if subcommand == "audit" else [])
+        argv += TINY + (TINY_AUDIT if subcommand == "audit" else []) + (["--seeds", "0"] if "--seeds" in argv else [])
     assert main(argv) == 0, command

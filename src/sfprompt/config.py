@@ -116,9 +116,9 @@ class Config:
         False, "the server trains the body too (method sfl only: the original SplitFed, one body copy per client "
         "averaged each round, learning rate --backbone-lr)"
     )
-    # privacy: what a client does to its messages (what each hides is measured: PRIVACY.md, `sfprompt audit`)
+    # privacy: what a client does to its messages (what each hides is measured: docs/privacy.md, `sfprompt audit`)
     pool_tokens: int = _opt(0, "average-pool the patch tokens to a G x G grid before sending them (0: send every one)")
-    shuffle_tokens: bool = _opt(False, "send each sample's patch tokens in a random order (broken: see PRIVACY.md)")
+    shuffle_tokens: bool = _opt(False, "send each sample's patch tokens in a random order (broken: see docs/privacy.md)")
     clip_norm: Optional[float] = _opt(
         None, "clip each sample's data-dependent activations to this L2 norm before sending (omit for no clipping)"
     )
@@ -225,7 +225,7 @@ class Config:
             raise ConfigError(f"--label-epsilon must be 0 or more (omit it for true labels), got {self.label_epsilon}")
         if self.method == "linear-probe" and self.label_epsilon is not None:
             raise ConfigError("--label-epsilon randomizes the labels behind the gradients a client sends; linear-probe "
-                              "sends none (its labels reach the server only through its statistics: PRIVACY.md)")
+                              "sends none (its labels reach the server only through its statistics: docs/privacy.md)")
         if self.method in ("fl", "fl-prompt") and self.defends:
             raise ConfigError(f"--method {self.method} sends no activations or gradients; the privacy options "
                               "(--pool-tokens, --shuffle-tokens, --clip-norm, --noise-multiplier, --label-epsilon) "
@@ -311,7 +311,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 @dataclass(frozen=True)
 class DerivedDefault:
     """The default of an option that depends on others (the method, the rounds, the probe rounds): `rule` gives
-    it from the config being made, `text` says it (the CLI's help and the README's option table)."""
+    it from the config being made, `text` says it (the CLI's help and docs/options.md)."""
 
     rule: Any  # Config -> value
     text: str
@@ -334,7 +334,7 @@ DERIVED_DEFAULTS: dict[str, DerivedDefault] = {
 
 
 def default_text(name: str) -> str:
-    """An option's default as the CLI and the README state it."""
+    """An option's default as the CLI and docs/options.md state it."""
     return DERIVED_DEFAULTS[name].text if name in DERIVED_DEFAULTS else str(_FIELDS[name].default)
 RECIPES = ("paper",)  # named sets of options (src/sfprompt/recipes/NAME.toml): `--recipe NAME`
 

@@ -15,7 +15,7 @@ generator, see `Client`), to exactly what leaves it:
 
 Pooling the patch tokens (`--pool-tokens`) is part of the model split (`model.PromptedHead`) since
 it changes the sequence the body runs on. What each defence hides is not assumed here: `sfprompt
-audit` attacks it with an attacker who knows it, and PRIVACY.md holds the measurements.
+audit` attacks it with an attacker who knows it, and docs/privacy.md holds the measurements.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def releases(config) -> int:
 
 
 def privacy_notice(config) -> str:
-    """What the server can learn under `config`, said plainly in every run's log (figures: PRIVACY.md)."""
+    """What the server can learn under `config`, said plainly in every run's log (figures: docs/privacy.md)."""
     sends = releases(config)
     if config.method in ("fl", "fl-prompt"):
         return ("privacy: clients send whole-model or prompt updates, never activations; gradient inversion of "
@@ -147,4 +147,4 @@ def privacy_notice(config) -> str:
     else:
         labels = (f"the gradients sent are {config.label_epsilon:g}-label-DP (randomized response), but no guarantee "
                   "covers the labels: the tail each client uploads is trained on the true ones")
-    return f"privacy: {images}; {labels}. Measured in PRIVACY.md; `sfprompt audit` with these options measures this run"
+    return f"privacy: {images}; {labels}. Measured in docs/privacy.md; `sfprompt audit` with these options measures this run"

@@ -23,7 +23,7 @@ Fashion-MNIST, which is within a point of the central logistic regression in bot
 The statistics accumulate over the rounds, each round's clients weighted by their samples (a client
 sampled twice counts twice, as FedAvg counts it), so once every client has reported the fit is the
 central one. What they show the server (each client's label counts and class means, unless secure
-aggregation sums them first) is said in PRIVACY.md.
+aggregation sums them first) is said in docs/privacy.md.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A client's budget is the compute it can spend on its head per training sample: o
 forward and the backward into its prompts (and through its blocks), in GFLOP, as `head_gflop`
 counts it (the same count on every device). Each client keeps the deepest head it can afford, so a
 stronger client runs more blocks itself, and sends activations that are no longer an affine map of
-its pixels (PRIVACY.md measures what that hides).
+its pixels (docs/privacy.md measures what that hides).
 
 Without the defences that act where the head ends (pooling, clipping and the noise on top of it, which
 `Config` refuses beside budgets), the split point does not change the function the model computes (head
