@@ -2,8 +2,9 @@
 # Where prompts could matter, before any federation: one client holding every training image (--clients 1), so
 # nothing but the method differs. For each dataset (the default job's mnist-5k, and core.sh's Fashion-MNIST: 5,000
 # train / 2,000 test) and image size (56 px: a 4 x 4 grid of patches; 112 px: 8 x 8), the linear probe of the
-# frozen body (linear-probe), shallow prompt tuning as SFPrompt trains it (fl-prompt: prompts and tail through the
-# frozen model, 10 prompts and 50), and full fine-tuning (fl, with its tuned learning rates), each with every seed
+# frozen body (linear-probe, its features in float32 as the body computes them), shallow prompt tuning as SFPrompt
+# trains it (fl-prompt: prompts and tail through the frozen model, 10 prompts and 50), and full fine-tuning (fl,
+# with its tuned learning rates), each with every seed
 # in SEEDS; then docs/benchmarks/central.md. Every epoch is a round (evaluated after each), so a fresh Adam starts
 # each epoch, as each round of a federation starts one.
 #
@@ -44,7 +45,7 @@ epochs() {  # ROW PIXELS: epochs of a row at an image size (fewer at 112 px, whe
 
 options() {  # ROW: the method's options (fl with benchmarks/tuned.toml's learning rates)
   case "$1" in
-    probe) echo "--method linear-probe" ;;
+    probe) echo "--method linear-probe --wire-dtype float32" ;;  # the features as the body computes them
     prompts-10) echo "--method fl-prompt --prompt-tokens 10" ;;
     prompts-50) echo "--method fl-prompt --prompt-tokens 50" ;;
     full) echo "--method fl --backbone-lr 3e-5 --lr 1e-3" ;;

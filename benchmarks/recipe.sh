@@ -4,12 +4,15 @@
 # partitions, 10 clients and 5 a round, each row with every seed in SEEDS; then docs/benchmarks/recipe.md.
 #
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh            # about 4 hours on two CPU cores
-#   ROWS="paper probe-warm" SETTINGS=default-iid SEEDS=0 bash benchmarks/recipe.sh
+#   ROWS="paper default" SETTINGS=default-iid SEEDS=0 bash benchmarks/recipe.sh
 #   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh     # the learning rates of the warm start (1 hour)
 #
-# Rows: the federated linear probe, the paper's recipe (no probe round, Adam at 0.01 for prompts and tail: --recipe
-# paper), and the probe warm start (a first round that fits the tail in closed form on the initial prompts'
-# features, then SFPrompt's rounds at the learning rate TUNE chose). With TUNE=1 it runs instead the grid of
+# Rows: the federated linear probe (`--method linear-probe`), the paper's recipe (no probe round, Adam at 0.01 for
+# prompts and tail, the paper's float32 wire format: --recipe paper), and SFPrompt's default (`sfprompt run` with
+# no options: a first round that fits the tail in closed form on the initial prompts' features, then SFPrompt's
+# rounds at the learning rate TUNE chose, int8 on the wire with the shared rows once); the -float32 rows are the
+# probe and the default in the paper's wire format (--wire-dtype float32 --shared-rows per-sample), as the default
+# recipe was first measured. With TUNE=1 it runs instead the grid of
 # learning rates (tail and prompts alike) for the warm start on the default job, seed 0, each run evaluated on
 # 500 validation samples held out of the clients' data (the test set unread), into OUT/tune, and writes
 # docs/benchmarks/recipe-tuning.md (TUNE_DOC names another file).
@@ -23,8 +26,9 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
-ROWS=${ROWS:-linear-probe paper probe-warm}
-WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md)
+ROWS=${ROWS:-linear-probe paper default linear-probe-float32 default-float32}
+WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md): the default
+FLOAT32="--wire-dtype float32 --shared-rows per-sample"  # the paper's wire format
 read -r -a size <<< "${SIZE:-}"
 
 setting() {  # the data, partition and rounds of a setting
@@ -42,7 +46,9 @@ options() {  # the options of one row
   case "$1" in
     linear-probe) echo "--method linear-probe" ;;
     paper) echo "--recipe paper" ;;
-    probe-warm) echo "--probe-rounds 1 --lr $WARM_LR --prompt-lr $WARM_LR" ;;
+    default) echo "--method sfprompt" ;;  # the defaults: a probe round, then SFPrompt at WARM_LR
+    linear-probe-float32) echo "--method linear-probe $FLOAT32" ;;
+    default-float32) echo "--method sfprompt $FLOAT32" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
@@ -51,7 +57,8 @@ if [ -n "${TUNE:-}" ]; then
   grid=(0.0001 0.0003 0.001 0.003 0.01)
   for lr in "${grid[@]}"; do
     wait_for_lane "${JOBS:-1}"
-    run_once "$OUT/tune/lr-$lr/seed-0" "$OUT/tune/lr-$lr/seed-0.log" --probe-rounds 1 --lr "$lr" --prompt-lr "$lr" \
+    # shellcheck disable=SC2086
+    run_once "$OUT/tune/lr-$lr/seed-0" "$OUT/tune/lr-$lr/seed-0.log" --probe-rounds 1 --lr "$lr" --prompt-lr "$lr" $FLOAT32 \
       --validation-samples 500 --no-progress "${size[@]}" &
   done
   wait_for_all

@@ -20,7 +20,8 @@ UPLOAD_META = {"client", "num_examples", "train_loss", "local_loss", "kept"}
 @pytest.mark.parametrize("client_blocks", [0, 1])
 def test_a_client_sends_only_activations_of_kept_samples_gradients_prompts_and_tail(imagefolder, tmp_path, monkeypatch,
                                                                                      client_blocks):
-    config = tiny_config(imagefolder, tmp_path, rounds=1, clients=3, clients_per_round=3, client_blocks=client_blocks)
+    config = tiny_config(imagefolder, tmp_path, rounds=1, clients=3, clients_per_round=3, client_blocks=client_blocks,
+                         wire_dtype="float32", shared_rows="per-sample")  # the paper's format: one tensor a request
     sent, seen_images, seen_labels = [], [], []
     deliver, loader = InProcessLink.deliver, Client._loader
 
@@ -40,7 +41,7 @@ def test_a_client_sends_only_activations_of_kept_samples_gradients_prompts_and_t
     run(config, progress=False, log=lambda _: None)
 
     kinds = [m.kind for m in sent]
-    assert set(kinds) == {"forward", "backward", "update"} and kinds.count("update") == 3
+    assert set(kinds) == {"forward", "backward", "done", "update"} and kinds.count("update") == kinds.count("done") == 3
     forwards = [m for m in sent if m.kind == "forward"]
     updates = [m for m in sent if m.kind == "update"]
     for message in sent:
@@ -106,7 +107,7 @@ def _same(a, b):
 def test_permuting_the_labels_leaves_every_probe_message_unchanged(imagefolder, tmp_path):
     config = tiny_config(imagefolder, tmp_path, method="linear-probe", rounds=1, clients=2, clients_per_round=2)
     true, permuted = (_sent_by_client_0(config, relabel) for relabel in (lambda y: y, lambda y: (y + 1) % 3))
-    assert true and {kind for kind, _ in true} == {"features"} and _same(true, permuted)
+    assert true and {kind for kind, _ in true} == {"features", "done"} and _same(true, permuted)
 
 
 @pytest.mark.parametrize("method, changes", [("sfl", {}), ("sfprompt", {"keep_ratio": 1.0, "local_epochs": 0})])
@@ -114,7 +115,8 @@ def test_in_split_training_the_labels_reach_every_backward_and_the_prompt_rows_o
         imagefolder, tmp_path, method, changes):
     """Without client blocks a forward's image rows never depend on a label, but the prompts step on gradients of
     the labels, so the prompt rows of every forward after the first carry them, as every backward does."""
-    config = tiny_config(imagefolder, tmp_path, method=method, rounds=1, clients=2, clients_per_round=2, **changes)
+    config = tiny_config(imagefolder, tmp_path, method=method, rounds=1, clients=2, clients_per_round=2,
+                         wire_dtype="float32", shared_rows="per-sample", **changes)  # every row of every sample sent
     true, permuted = (_sent_by_client_0(config, relabel) for relabel in (lambda y: y, lambda y: (y + 1) % 3))
     forwards = lambda sent: [tensors["tokens"] for kind, tensors in sent if kind == "forward"]  # noqa: E731
     backwards = lambda sent: [tensors["grad"] for kind, tensors in sent if kind == "backward"]  # noqa: E731

@@ -123,7 +123,8 @@ def test_a_probe_run_sends_each_sample_through_the_body_once(imagefolder, tmp_pa
 
 
 def test_the_probe_of_every_client_at_once_is_the_central_fit_on_the_same_samples(imagefolder, tmp_path):
-    config = tiny_config(imagefolder, tmp_path, method="linear-probe", clients=3, clients_per_round=3, rounds=1)
+    config = tiny_config(imagefolder, tmp_path, method="linear-probe", clients=3, clients_per_round=3, rounds=1,
+                         wire_dtype="float32")  # the features as the body computes them (int8 rounds them)
     run(config, progress=False, log=lambda _: None)
     fed = prepare(config)
     model, tail = fed.model, fed.method.new_params(fed.model).tail
@@ -212,7 +213,7 @@ def test_a_features_request_leaves_nothing_pending_and_is_answered_like_a_forwar
 
 def test_probe_rounds_open_a_prompt_method_and_its_rounds_start_from_the_fitted_tail(imagefolder, tmp_path, monkeypatch):
     config = tiny_config(imagefolder, tmp_path, method="sfprompt", clients=3, clients_per_round=2, rounds=3,
-                         probe_rounds=1)
+                         probe_rounds=1, wire_dtype="float32")  # compared with a central fit on unrounded features
     received = []
     original = Client.run_round
 

@@ -156,7 +156,8 @@ def test_options_are_validated():
 
 def test_a_run_in_a_compact_format_trains_for_fewer_bytes(imagefolder, tmp_path):
     quiet = dict(progress=False, log=lambda _: None)
-    exact = run(tiny_config(imagefolder, tmp_path, rounds=1, out=str(tmp_path / "a")), **quiet)
+    exact = run(tiny_config(imagefolder, tmp_path, rounds=1, wire_dtype="float32", shared_rows="per-sample",
+                            out=str(tmp_path / "a")), **quiet)  # the paper's format
     compact = run(tiny_config(imagefolder, tmp_path, rounds=1, wire_dtype="int8", shared_rows="once",
                               out=str(tmp_path / "b")), **quiet)
     assert compact["config"]["wire_dtype"] == "int8" and compact["config"]["shared_rows"] == "once"
