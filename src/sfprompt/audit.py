@@ -46,6 +46,7 @@ from .defence import Defence, activation_epsilon, releases
 from .federation import Federation, prepare
 from .inprocess import client_round
 from .meter import DOWN, UP, PeakMemory
+from .runs import own_folder
 from .seeds import client_seed
 from .server import BodyServer
 from .transport import InProcessLink, encode_held
@@ -147,6 +148,7 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
     started = time.perf_counter()
     options.check(config)
+    config = own_folder(config, "audit")
     fed = prepare(config)
     global_params, kept = _trained(fed, from_dir, options.victim)
     log(f"audit of {config.method} ({fed.description}): client {options.victim}'s messages, "

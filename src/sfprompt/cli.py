@@ -169,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(err, 2)
     from . import runner  # heavy imports only once the arguments are known to be good
 
+    config = _with_own_folder(args, config)
+
     try:
         _dispatch(args, config)
     except ConfigError as err:  # also a damaged checkpoint given to --resume
@@ -176,6 +178,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except runner.RoundFailed as err:
         return _error(err, 1)
     return 0
+
+
+def _with_own_folder(args: argparse.Namespace, config: Config) -> Config:
+    """Without --out, a run, comparison, audit or export writes to a new folder of its own under runs/, and
+    runs/latest points at it (sfprompt.runs)."""
+    if args.command not in FOLDER_KINDS or getattr(args, "resume", None) or getattr(args, "from_dir", None):
+        return config
+    from .runs import own_folder
+
+    return own_folder(config, FOLDER_KINDS[args.command])
+
+
+FOLDER_KINDS = {"run": None, "compare": "compare", "audit": "audit", "export-clients": "clients"}  # folder names
 
 
 def _error(err: Exception, status: int) -> int:

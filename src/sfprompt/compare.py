@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import METHODS, Config, ConfigError
+from .runs import own_folder
 
 # Ablations of SFPrompt and the full SplitFed, selectable in --methods beside the method names.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -96,6 +97,7 @@ def compare(base: Config, names: list[str], target: float | None, run: Callable[
     """Run each method (same data, partition and seed: only the method and its --method-options differ) and
     tabulate. With several `seeds`, each seed's comparison goes to --out/seed-S (its table there too) and the rows
     returned are the mean over seeds, with the spread of the accuracies."""
+    base = own_folder(base, "compare")
     if not seeds or seeds == [base.seed]:
         return _compare_one(base, names, target, run, options)
     per_seed = []

@@ -145,7 +145,8 @@ class Config:
     # run
     seed: int = _opt(0, "seed of every random choice (partition, sampling, init, shuffling)")
     device: str = _opt("auto", "'auto', 'cpu' or 'cuda[:N]'")
-    out: str = _opt("runs/latest", "output folder for metrics, summary and checkpoint")
+    out: str = _opt("", "output folder for metrics, summary and checkpoint (default: a new folder runs/METHOD-TIME, "
+                     "and runs/latest a link to it: nothing is overwritten unless --out names a folder)")
 
     def __post_init__(self) -> None:
         derived = []

@@ -30,6 +30,7 @@ from .inprocess import InProcessRuntime
 from .methods import Method
 from .model import SplitViT
 from .predict import logits_of
+from .runs import own_folder
 
 
 class Runtime(Protocol):
@@ -58,7 +59,7 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
     """
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
     started = time.perf_counter()
-    fed = prepare(config)
+    fed = prepare(own_folder(config))
     executor = runtime(fed) if runtime else InProcessRuntime(fed, progress)
     try:
         return _run(fed, executor, log, started, resume)
@@ -70,6 +71,7 @@ def run_or_reuse(config: Config, progress: bool = True) -> dict:
     """`run`, for benchmarks that run many configs and may be stopped at any time: a run already finished in
     `config.out` with this very config is not redone, one interrupted after a checkpoint continues, and a
     folder holding anything else is run afresh."""
+    config = own_folder(config)
     out = Path(config.out)
     same = (out / "config.json").is_file() and _as_run(json.loads((out / "config.json").read_text())) == config.to_dict()
     if same and (out / "summary.json").is_file():
