@@ -73,6 +73,8 @@ def test_readme_command_runs(command, tmp_path, monkeypatch):
     if subcommand == "cost":
         big = "vit_large" in command  # at ViT-L/16, only fl (its 1.2 GB broadcast) and sfprompt: memory and time
         argv += TINY_COST + (["--methods", "fl,sfprompt"] if big else [])
+    elif subcommand == "plot":
+        assert main(["run", *TINY]) == 0  # the run it draws: runs/latest points at it
     elif "--from" in argv:
         assert main(["run", *TINY]) == 0  # the finished run the command reads: runs/latest points at it
         argv += TINY_AUDIT if subcommand == "audit" else ["--no-progress"]

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(--dataset, --train-samples, --clients, --alpha, --seed) as its own image folder, "
                                  "--out/client-K: a SuperNode's data-folder")
     _add_config_flags(export)
+    plot = commands.add_parser("plot", help="draw runs' accuracy against rounds, bytes and client FLOPs, side by side")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run folders (finished or still going)")
+    plot.add_argument("--out", metavar="DIR", help="where the pictures go (default: the run's folder for one run, "
+                      "else a new folder runs/plot-DATE-TIME)")
     commands.add_parser("datasets", help="list the dataset names --dataset accepts")
     return parser
 
@@ -154,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "datasets":
         print("\n".join(DATASETS))
         return 0
+    if args.command == "plot":
+        return _plot(args)
     if args.command == "predict":
         from .predict import predict
 
@@ -177,6 +183,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(err, 2)
     except runner.RoundFailed as err:
         return _error(err, 1)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .compare import plot_runs
+    from .runs import new_folder
+
+    folders = [Path(run) for run in args.runs]
+    out = Path(args.out) if args.out else folders[0] if len(folders) == 1 else new_folder("plot")
+    try:
+        pictures = plot_runs(folders, out)
+    except ConfigError as err:
+        return _error(err, 2)
+    print("wrote " + ", ".join(str(picture) for picture in pictures))
     return 0
 
 

@@ -141,7 +141,9 @@ def mean_row(rows: list[dict], target: float | None) -> dict:
 
 
 def tabulate(name: str, out: Path, target: float | None) -> dict:
-    summary = json.loads((out / "summary.json").read_text())
+    """The row of the run in `out`: its summary, and its accuracy after each round against what it had spent (a
+    run still going, or killed, has no summary yet: its rounds so far)."""
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     row = {key: summary[key] for key in COLUMNS if key in summary} | {"method": name}
     row.update(bytes_to_target=None, client_flops_to_target=None, round_to_target=None)
@@ -263,6 +265,24 @@ def as_flags(options: dict[str, Any]) -> str:
     return ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in options.items())
 
 
+def plot_runs(folders: list[Path], out: Path) -> list[Path]:
+    """`sfprompt plot`: the runs in `folders` (finished or not) drawn side by side, as a comparison draws its
+    methods, each named by its folder; returns the pictures written to `out`."""
+    missing = [str(folder) for folder in folders if not (folder / "metrics.jsonl").is_file()]
+    if missing:
+        raise ConfigError(f"not a run folder (no metrics.jsonl): {', '.join(missing)}")
+    rows = [tabulate(folder.resolve().name, folder, None) for folder in folders]
+    empty = [row["method"] for row in rows if not row["history"]]
+    if empty:
+        raise ConfigError(f"no round finished yet in {', '.join(empty)}")
+    out.mkdir(parents=True, exist_ok=True)
+    plot(rows, out)
+    return [out / f"{name}.png" for name in PICTURES]
+
+
+PICTURES = ("accuracy_per_round", "accuracy_vs_bytes", "accuracy_vs_client_flops", "client_flops")
+
+
 def plot(rows: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -290,7 +310,7 @@ def plot(rows: list[dict], out: Path) -> None:
         fig.savefig(out / f"accuracy_vs_{cost}.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar([r["method"] for r in rows], [r["client_flops"] / 1e9 for r in rows])
+    ax.bar([r["method"] for r in rows], [r["history"][-1]["client_flops"] / 1e9 for r in rows])
     ax.set(yscale="log", ylabel="client GFLOP (all clients, all rounds)", title="Client compute")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()

@@ -27,6 +27,7 @@ PROMPT_FREE = ("linear-probe",)  # methods whose model inserts no prompts: the p
 OPTIMIZERS = ("sgd", "adam")
 LOCAL_CLASSIFIERS = ("separate", "shared")
 PRECISIONS = ("fp32", "bf16", "fp16")
+TRACKERS = ("none", "tensorboard")  # tracking.open_tracker's
 PRUNE_KEEPS = ("hardest", "easiest", "middle", "random", "by-size")
 PRUNE_SCORES = ("updated", "received")
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # wire.WireFormat's
@@ -145,6 +146,8 @@ class Config:
     # run
     seed: int = _opt(0, "seed of every random choice (partition, sampling, init, shuffling)")
     device: str = _opt("auto", "'auto', 'cpu' or 'cuda[:N]'")
+    tracker: str = _opt("none", "also show the config and each round's measurements in an experiment tracker: none or "
+                        "tensorboard (event files in the run folder's tensorboard/)", choices=TRACKERS)
     out: str = _opt("", "output folder for metrics, summary and checkpoint (default: a new folder runs/METHOD-TIME, "
                      "and runs/latest a link to it: nothing is overwritten unless --out names a folder)")
 
@@ -210,7 +213,7 @@ class Config:
             raise ConfigError(f"--probe-rounds ({self.probe_rounds}) leaves none of the --rounds ({self.rounds}) to "
                               f"the method itself")
         for name in ("method", "optimizer", "local_classifier", "precision", "prune_keep", "prune_scores", "wire_dtype",
-                     "shared_rows"):
+                     "shared_rows", "tracker"):
             choices = _FIELDS[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")

@@ -7,6 +7,7 @@ method (`methods/`) chooses its trainable state and its clients' phases, and a r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import platform
@@ -31,6 +32,7 @@ from .methods import Method
 from .model import SplitViT
 from .predict import logits_of
 from .runs import own_folder
+from .tracking import open_tracker
 
 
 class Runtime(Protocol):
@@ -97,7 +99,8 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
         log(f"resuming {out} after round {len(history)}")
 
     _write_text(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
-    with open(out / "metrics.jsonl", "a") as metrics_file:
+    tracker = open_tracker(config, out, history)
+    with open(out / "metrics.jsonl", "a") as metrics_file, contextlib.closing(tracker):
         for round_ in range(len(history) + 1, config.rounds + 1):
             stage = method.stage(round_, config)  # the method, or the probe rounds it opens with
             if round_ > 1 and type(stage) is not type(method.stage(round_ - 1, config)):
@@ -108,6 +111,7 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             _persist(fed, out, history, global_params, sampler)
+            tracker.round(record)
             log(f"round {round_}/{config.rounds}: accuracy {record['accuracy']:.4f}  loss {record['loss']:.4f}  "
                 f"up {record['bytes_up'] / 1e6:.1f} MB  down {record['bytes_down'] / 1e6:.1f} MB  "
                 f"client {record['client_flops'] / 1e9:.1f} GFLOP  server {record['server_flops'] / 1e9:.1f} GFLOP  "

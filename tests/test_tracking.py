@@ -1,0 +1,50 @@
+"""--tracker tensorboard shows what the run's own files record, and `sfprompt plot` draws runs side by side."""
+
+import json
+
+from sfprompt.cli import main
+
+from conftest import TINY_RUN
+
+TINY = [*TINY_RUN, "--no-progress", "--rounds", "2"]
+
+
+def scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}, events
+
+
+def test_tensorboard_shows_the_config_and_every_round_as_the_metrics_record_them(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--tracker", "tensorboard", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shown, events = scalars(out)
+    assert [step for step, _ in shown["accuracy/test"]] == [1, 2]
+    assert [round(value, 6) for _, value in shown["accuracy/test"]] == [round(r["accuracy"], 6) for r in records]
+    spent = records[0]["bytes_up"] + records[1]["bytes_up"]
+    assert abs(shown["cost/MB_up_cumulative"][-1][1] - spent / 1e6) < 1e-3
+    assert '"tracker": "tensorboard"' in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+def test_a_resumed_run_shows_each_round_once(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--rounds", "1", "--tracker", "tensorboard", "--out", str(out)]) == 0
+    assert main(["run", "--resume", str(out), "--rounds", "2", "--no-progress"]) == 0
+    shown, _ = scalars(out)
+    assert [step for step, _ in shown["accuracy/test"]] == [1, 2]
+
+
+def test_plot_draws_runs_side_by_side_and_refuses_what_is_not_a_run(tmp_path, capsys):
+    for method in ("sfprompt", "linear-probe"):
+        assert main(["run", *TINY, "--method", method, "--out", str(tmp_path / method)]) == 0
+    pictures = tmp_path / "pictures"
+    assert main(["plot", str(tmp_path / "sfprompt"), str(tmp_path / "linear-probe"), "--out", str(pictures)]) == 0
+    assert sorted(p.name for p in pictures.iterdir()) == ["accuracy_per_round.png", "accuracy_vs_bytes.png",
+                                                         "accuracy_vs_client_flops.png", "client_flops.png"]
+    assert main(["plot", str(tmp_path / "sfprompt")]) == 0  # one run: its own folder
+    assert (tmp_path / "sfprompt" / "accuracy_vs_bytes.png").is_file()
+    assert main(["plot", str(tmp_path / "pictures")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
