@@ -125,3 +125,21 @@ def test_unknown_config_key_is_named(tmp_path):
     toml.write_text("rounds = 'two'\n")
     with pytest.raises(ConfigError, match="expects int"):
         Config.from_toml(toml)
+
+
+def test_eval_every_skips_the_rounds_between_and_changes_nothing_else(imagefolder, tmp_path):
+    """--eval-every 2 over 3 rounds evaluates after rounds 2 and 3 only (the last always), with the accuracies and
+    the final params of a run evaluated every round: evaluating draws no randomness the training uses."""
+    every = run(tiny_config(imagefolder, tmp_path, rounds=3, out=str(tmp_path / "every")), progress=False,
+                log=lambda _: None)
+    sparse = run(tiny_config(imagefolder, tmp_path, rounds=3, eval_every=2, out=str(tmp_path / "sparse")),
+                 progress=False, log=lambda _: None)
+    records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("every", "sparse")}
+    assert [r["accuracy"] is None for r in records["sparse"]] == [True, False, False]
+    assert [r["accuracy"] for r in records["sparse"][1:]] == [r["accuracy"] for r in records["every"][1:]]
+    assert sparse["final_accuracy"] == every["final_accuracy"] and sparse["bytes_up"] == every["bytes_up"]
+    saved = [load_file(tmp_path / name / "global.safetensors") for name in ("every", "sparse")]
+    assert all(torch.equal(saved[0][key], saved[1][key]) for key in saved[0])
+    with pytest.raises(ConfigError, match="--eval-every must be at least 1"):
+        Config(eval_every=0)

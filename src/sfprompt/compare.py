@@ -152,6 +152,8 @@ def tabulate(name: str, out: Path, target: float | None) -> dict:
     for record in history:
         sent += record["bytes_up"] + record["bytes_down"]
         flops += record["client_flops"]
+        if record["accuracy"] is None:  # a round not evaluated (--eval-every): its costs count towards the next
+            continue
         row["history"].append({"round": record["round"], "accuracy": record["accuracy"], "bytes": sent,
                                "client_flops": flops})
     reached = next((h for h in row["history"] if target is not None and h["accuracy"] >= target), None)

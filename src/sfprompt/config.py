@@ -82,6 +82,8 @@ class Config:
     clients: int = _opt(10, "number of clients the training set is split across")
     clients_per_round: int = _opt(5, "clients sampled each round")
     rounds: int = _opt(5, "federated rounds")
+    eval_every: int = _opt(1, "evaluate the global model on the test set every N rounds and after the last (the "
+                           "rounds between record no accuracy); 1: every round")
     alpha: Optional[float] = _opt(None, "Dirichlet label-skew concentration (omit for IID clients)")
     min_clients: int = _opt(1, "fewest clients that must finish a round; fewer stops the run (resumable)")
     client_timeout_s: Optional[float] = _opt(
@@ -158,7 +160,7 @@ class Config:
                 object.__setattr__(self, name, default.value(self))
                 derived.append(name)
         object.__setattr__(self, "_derived", tuple(derived))
-        positive = ("image_size", "clients", "clients_per_round", "rounds", "batch_size")
+        positive = ("image_size", "clients", "clients_per_round", "rounds", "eval_every", "batch_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")

@@ -112,7 +112,9 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
             metrics_file.flush()
             _persist(fed, out, history, global_params, sampler)
             tracker.round(record)
-            log(f"round {round_}/{config.rounds}: accuracy {record['accuracy']:.4f}  loss {record['loss']:.4f}  "
+            evaluated = ("not evaluated" if record["accuracy"] is None
+                         else f"accuracy {record['accuracy']:.4f}  loss {record['loss']:.4f}")
+            log(f"round {round_}/{config.rounds}: {evaluated}  "
                 f"up {record['bytes_up'] / 1e6:.1f} MB  down {record['bytes_down'] / 1e6:.1f} MB  "
                 f"client {record['client_flops'] / 1e9:.1f} GFLOP  server {record['server_flops'] / 1e9:.1f} GFLOP  "
                 f"({record['seconds']:.0f} s)")
@@ -151,7 +153,9 @@ def _round(fed: Federation, method: Method, executor: Runtime, round_: int, samp
     if not method.sequential:
         global_params.load_state_dict(method.aggregate(global_params.state_dict(), [u.tensors for u in updates], weights,
                                                        fed.settings))
-    accuracy, loss = evaluate(method, fed.model, global_params, fed.test, config.batch_size, fed.device, config.seed)
+    accuracy = loss = None  # not evaluated this round (--eval-every)
+    if round_ % config.eval_every == 0 or round_ == config.rounds:
+        accuracy, loss = evaluate(method, fed.model, global_params, fed.test, config.batch_size, fed.device, config.seed)
     return {
         "round": round_,
         "stage": method.name,  # the run's method, or linear-probe in the rounds it opens with
@@ -257,11 +261,13 @@ def summarise(config: Config, history: list[dict], wall_seconds: float) -> dict:
     def total(key: str) -> int:
         return sum(record[key] for record in history)
 
+    evaluated = [record for record in history if record["accuracy"] is not None]
+
     return {
         "method": config.method,
         "config": config.to_dict(),
-        "final_accuracy": history[-1]["accuracy"],
-        "best_accuracy": max(record["accuracy"] for record in history),
+        "final_accuracy": evaluated[-1]["accuracy"],  # the last round is always evaluated
+        "best_accuracy": max(record["accuracy"] for record in evaluated),
         "rounds": len(history),
         "bytes_up": total("bytes_up"),
         "bytes_down": total("bytes_down"),
