@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(--dataset, --train-samples, --clients, --alpha, --seed) as its own image folder, "
                                  "--out/client-K: a SuperNode's data-folder")
     _add_config_flags(export)
+    partition = commands.add_parser("partition", help="show how the run's training set is split across its clients "
+                                    "(--partition, --alpha, --clients, --seed): counts per class as CSV and a picture")
+    _add_config_flags(partition)
     plot = commands.add_parser("plot", help="draw runs' accuracy against rounds, bytes and client FLOPs, side by side")
     plot.add_argument("runs", nargs="+", metavar="RUN", help="run folders (finished or still going)")
     plot.add_argument("--out", metavar="DIR", help="where the pictures go (default: the run's folder for one run, "
@@ -210,7 +213,8 @@ def _with_own_folder(args: argparse.Namespace, config: Config) -> Config:
     return own_folder(config, FOLDER_KINDS[args.command])
 
 
-FOLDER_KINDS = {"run": None, "compare": "compare", "audit": "audit", "export-clients": "clients"}  # folder names
+FOLDER_KINDS = {"run": None, "compare": "compare", "audit": "audit", "export-clients": "clients",
+                "partition": "partition"}  # folder names
 
 
 def _error(err: Exception, status: int) -> int:
@@ -228,6 +232,14 @@ def _dispatch(args: argparse.Namespace, config: Config) -> None:
 
         folders = export_clients(config, Path(config.out), progress=not args.no_progress)
         print(f"wrote {len(folders)} client folders to {Path(config.out).resolve()} (client-0 ... client-{len(folders) - 1})")
+    elif args.command == "partition":
+        from .partitions import show
+
+        counts, out = show(config)
+        sizes = counts.sum(1)
+        print(f"{len(counts)} clients, {sizes.min()} to {sizes.max()} samples, {(counts > 0).sum(1).min()} to "
+              f"{(counts > 0).sum(1).max()} classes each; counts in {out / 'partition.csv'}, picture in "
+              f"{out / 'partition.png'}")
     elif args.command == "audit":
         from .audit import AuditOptions, run_audit
 

@@ -28,10 +28,20 @@ OPTIMIZERS = ("sgd", "adam")
 LOCAL_CLASSIFIERS = ("separate", "shared")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TRACKERS = ("none", "tensorboard")  # tracking.open_tracker's
+PARTITIONS = ("auto", "pathological", "shard", "linear")  # partitions.split's schemes ("pathological:K", "shard:S")
 PRUNE_KEEPS = ("hardest", "easiest", "middle", "random", "by-size")
 PRUNE_SCORES = ("updated", "received")
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # wire.WireFormat's
 SHARED_ROWS = ("per-sample", "once")
+
+
+def parse_partition(scheme: str) -> tuple[str, int | None]:
+    """('pathological', 2) from --partition pathological:2: a scheme of PARTITIONS, with its count where it takes one."""
+    name, _, count = scheme.partition(":")
+    takes_count = name in ("pathological", "shard")
+    if name not in PARTITIONS or bool(count) != takes_count or (count and not (count.isdigit() and int(count) > 0)):
+        raise ConfigError(f"--partition must be auto, pathological:K, shard:S or linear (K, S positive), got {scheme!r}")
+    return name, int(count) if count else None
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,9 @@ class Config:
     eval_every: int = _opt(1, "evaluate the global model on the test set every N rounds and after the last (the "
                            "rounds between record no accuracy); 1: every round")
     alpha: Optional[float] = _opt(None, "Dirichlet label-skew concentration (omit for IID clients)")
+    partition: str = _opt("auto", "how the training set is split across clients: auto (IID, or Dirichlet with --alpha), "
+                          "or flwr-datasets' pathological:K (K classes a client), shard:S (S label-sorted shards a "
+                          "client) or linear (size skew)")
     min_clients: int = _opt(1, "fewest clients that must finish a round; fewer stops the run (resumable)")
     client_timeout_s: Optional[float] = _opt(
         None, "seconds a client may take for its round before it is dropped from it (omit for no limit)"
@@ -182,6 +195,8 @@ class Config:
             raise ConfigError(f"--client-timeout-s must be positive (omit it for no limit), got {self.client_timeout_s}")
         if self.alpha is not None and not self.alpha > 0:
             raise ConfigError(f"--alpha must be positive (omit it for IID clients), got {self.alpha}")
+        if parse_partition(self.partition)[0] != "auto" and self.alpha is not None:
+            raise ConfigError(f"--alpha is the Dirichlet of --partition auto; --partition {self.partition} has its own skew")
         for name in ("train_samples", "test_samples", "validation_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:

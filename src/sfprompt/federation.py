@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from . import partitions
 from .client import Client, TrainSettings
 from .config import Config, ConfigError
-from .data import (ClientFolder, DataSplits, Transformed, load_splits, model_transform, partition, stratified_subset,
+from .data import (ClientFolder, DataSplits, Transformed, load_splits, model_transform, stratified_subset,
                    write_client_folder)
 from .meter import Meter
 from .methods import METHODS, Method
@@ -76,7 +77,7 @@ def prepare(config: Config) -> Federation:
                for k, (part, split) in enumerate(zip(parts, models))]
     evaluated = "test samples" if config.validation_samples is None else "validation samples (the test set unread)"
     description = (f"{len(train)} train / {len(test)} {evaluated}, {splits.num_classes} classes, "
-                   f"{config.clients} clients ({'IID' if config.alpha is None else f'Dirichlet {config.alpha}'}), "
+                   f"{config.clients} clients ({_split_name(config)}), "
                    f"{config.model} at {config.image_size}px on {device}" + (f"; {heads}" if heads else ""))
     return Federation(config, device, model, METHODS[config.method](), settings, clients, test, meter, description,
                       train, splits.train_labels[train_idx], splits, transform, norm)
@@ -160,11 +161,18 @@ def max_message_bytes(model: SplitViT, method: Method, config: Config) -> int:
     return model.messages.max_bytes(config.batch_size, max(stage.state_bytes(model) for stage in stages))
 
 
+def _split_name(config: Config) -> str:
+    if config.partition != "auto":
+        return config.partition
+    return "IID" if config.alpha is None else f"Dirichlet {config.alpha}"
+
+
 def train_partition(config: Config, splits: DataSplits) -> tuple[np.ndarray, list[np.ndarray]]:
     """The run's training samples (indices into the train split) and each client's positions in them:
     the same seeded draw in every process that prepares the run."""
     train_idx = training_pool(config, splits)[0]
-    return train_idx, partition(splits.train_labels[train_idx], config.clients, config.alpha, config.seed)
+    return train_idx, partitions.split(splits.train_labels[train_idx], config.clients, config.partition, config.alpha,
+                                       config.seed)
 
 
 def training_pool(config: Config, splits: DataSplits) -> tuple[np.ndarray, np.ndarray]:
