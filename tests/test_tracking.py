@@ -39,7 +39,7 @@ def test_a_resumed_run_shows_each_round_once(tmp_path):
 
 def test_plot_draws_runs_side_by_side_and_refuses_what_is_not_a_run(tmp_path, capsys):
     for method in ("sfprompt", "linear-probe"):
-        assert main(["run", *TINY, "--method", method, "--out", str(tmp_path / method)]) == 0
+        assert main(["run", *TINY, "--rounds", "1", "--method", method, "--out", str(tmp_path / method)]) == 0
     pictures = tmp_path / "pictures"
     assert main(["plot", str(tmp_path / "sfprompt"), str(tmp_path / "linear-probe"), "--out", str(pictures)]) == 0
     assert sorted(p.name for p in pictures.iterdir()) == ["accuracy_per_round.png", "accuracy_vs_bytes.png",
