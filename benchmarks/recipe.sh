@@ -18,7 +18,8 @@
 # docs/benchmarks/recipe-tuning.md (TUNE_DOC names another file).
 #
 # A finished run is not redone and an interrupted one continues after its last complete round. SIZE appends options
-# to every run and DOC names the document written (a test runs it at a tiny size).
+# to every run and DOC names the document written (a test runs it at a tiny size); TABLE_ONLY=1 runs nothing and
+# writes the document from the runs there are (a row with none is left out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/lib.sh
@@ -78,6 +79,7 @@ fi
 
 for setting in $SETTINGS; do
   setting "$setting" > /dev/null
+  if [ -n "${TABLE_ONLY:-}" ]; then continue; fi
   for row in $ROWS; do
     options "$row" > /dev/null  # an unknown row stops the benchmark before anything runs
     for seed in $SEEDS; do
@@ -94,7 +96,7 @@ DOC=${DOC:-docs/benchmarks/recipe.md}
   echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds."
   for setting in $SETTINGS; do
     echo; echo "### $setting"; echo
-    rows=(); for row in $ROWS; do rows+=("$OUT/$setting/$row"); done
+    rows=(); for row in $ROWS; do if [ -d "$OUT/$setting/$row" ]; then rows+=("$OUT/$setting/$row"); fi; done
     python benchmarks/table.py "${rows[@]}"
   done
 } > "$DOC"

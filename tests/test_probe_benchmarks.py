@@ -31,6 +31,11 @@ def test_the_recipe_benchmark_runs_each_row_and_writes_its_report(tmp_path):
                         for row in ("default", "default-float32"))
     assert (default["wire_dtype"], default["shared_rows"], default["lr"]) == ("int8", "once", 0.0003)
     assert (float32["wire_dtype"], float32["shared_rows"], float32["probe_rounds"]) == ("float32", "per-sample", 1)
+    again = run_benchmark("recipe.sh", tmp_path, SEEDS="0 1", SETTINGS="fashion-iid", DOC=str(doc), TABLE_ONLY="1",
+                          ROWS="paper linear-probe-float32 default")  # runs nothing: seed 1 and the -float32 row are not there
+    assert again.returncode == 0 and " ..." not in again.stdout, again.stderr[-3000:]
+    assert [line.split(" | ")[0] for line in doc.read_text().splitlines() if line.startswith("| ") and "seed" not in line
+            and not line.startswith("|---")] == ["| paper", "| default"]
 
 
 @pytest.mark.slow
