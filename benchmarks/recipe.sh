@@ -10,9 +10,9 @@
 # Rows: the federated linear probe (`--method linear-probe`), the paper's recipe (no probe round, Adam at 0.01 for
 # prompts and tail, the paper's float32 wire format: --recipe paper), and SFPrompt's default (`sfprompt run` with
 # no options: a first round that fits the tail in closed form on the initial prompts' features, then SFPrompt's
-# rounds at the learning rate TUNE chose, int8 on the wire with the shared rows once); the -float32 rows are the
+# rounds at the learning rate TUNE chose, float32 on the wire with the shared rows once); the -float32 rows are the
 # probe and the default in the paper's wire format (--wire-dtype float32 --shared-rows per-sample), as the default
-# recipe was first measured. With TUNE=1 it runs instead the grid of
+# recipe was first measured, and the -int8 rows the same in int8 (--wire-dtype int8, the shared rows once). With TUNE=1 it runs instead the grid of
 # learning rates (tail and prompts alike) for the warm start on the default job, seed 0, each run evaluated on
 # 500 validation samples held out of the clients' data (the test set unread), into OUT/tune, and writes
 # docs/benchmarks/recipe-tuning.md (TUNE_DOC names another file).
@@ -27,7 +27,7 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
-ROWS=${ROWS:-linear-probe paper default linear-probe-float32 default-float32}
+ROWS=${ROWS:-linear-probe paper default linear-probe-float32 default-float32 linear-probe-int8 default-int8}
 WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md): the default
 FLOAT32="--wire-dtype float32 --shared-rows per-sample"  # the paper's wire format
 read -r -a size <<< "${SIZE:-}"
@@ -50,6 +50,8 @@ options() {  # the options of one row
     default) echo "--method sfprompt" ;;  # the defaults: a probe round, then SFPrompt at WARM_LR
     linear-probe-float32) echo "--method linear-probe $FLOAT32" ;;
     default-float32) echo "--method sfprompt $FLOAT32" ;;
+    linear-probe-int8) echo "--method linear-probe --wire-dtype int8" ;;
+    default-int8) echo "--method sfprompt --wire-dtype int8" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }

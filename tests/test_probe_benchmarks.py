@@ -29,7 +29,7 @@ def test_the_recipe_benchmark_runs_each_row_and_writes_its_report(tmp_path):
     assert (paper["probe_rounds"], paper["lr"], paper["prompt_lr"], paper["wire_dtype"]) == (0, 0.01, 0.01, "float32")
     default, float32 = (json.loads((tmp_path / "runs" / "fashion-iid" / row / "seed-0" / "config.json").read_text())
                         for row in ("default", "default-float32"))
-    assert (default["wire_dtype"], default["shared_rows"], default["lr"]) == ("int8", "once", 0.0003)
+    assert (default["wire_dtype"], default["shared_rows"], default["lr"]) == ("float32", "once", 0.0003)
     assert (float32["wire_dtype"], float32["shared_rows"], float32["probe_rounds"]) == ("float32", "per-sample", 1)
     again = run_benchmark("recipe.sh", tmp_path, SEEDS="0 1", SETTINGS="fashion-iid", DOC=str(doc), TABLE_ONLY="1",
                           ROWS="paper linear-probe-float32 default")  # runs nothing: seed 1 and the -float32 row are not there
@@ -64,3 +64,15 @@ def test_the_probe_fit_study_writes_every_fit_for_both_partitions(tmp_path):
     assert set(results) == {"central", "iid", "dirichlet-0.5"}
     assert all(len(curve) == 5 for curve in results["iid"].values())
     assert "closed form, accumulated (linear-probe)" in (tmp_path / "probe-fit.md").read_text()
+
+
+def test_the_wire_probe_benchmark_fits_the_probe_in_every_format(tmp_path):
+    """`python benchmarks/wire_probe.py` at a tiny size (a random ViT): every format up and down, a row each."""
+    doc = tmp_path / "wire-probe.md"
+    done = run_python_benchmark("wire_probe.py", "--out", str(tmp_path / "out"), "--doc", str(doc), "--options",
+                                "--model test_vit --weights none --train-samples 60 --test-samples 20 --image-size 32")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert len(rows) == 14 and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert {(r["up"], r["down"]) for r in rows} >= {("float32", "int8"), ("int8", "float32"), ("float32", "float32")}
+    assert doc.read_text().startswith("Command: `python benchmarks/wire_probe.py`")
