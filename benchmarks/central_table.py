@@ -10,7 +10,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from table import spread
+from table import mean_of, spread
 
 ROWS = {"probe": "linear probe (closed form)", "prompts-10": "prompt tuning, 10 prompts",
         "prompts-50": "prompt tuning, 50 prompts", "full": "full fine-tuning"}
@@ -26,7 +26,7 @@ def curve(row: Path) -> str:
     runs = [run for run in sorted(row.glob("seed-*")) if (run / "summary.json").is_file()]
     accuracies = [[json.loads(line)["accuracy"] for line in (run / "metrics.jsonl").read_text().splitlines()]
                   for run in runs]
-    return " ".join(f"{statistics.fmean(epoch):.3f}" for epoch in zip(*accuracies))
+    return " ".join(mean_of(epoch, 3) for epoch in zip(*accuracies))
 
 
 def main() -> None:

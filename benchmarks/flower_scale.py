@@ -112,7 +112,7 @@ def main() -> None:
     for runtime, result in results.items():
         records = result["records"]
         mean_round = sum(r["seconds"] for r in records) / len(records)
-        accuracy = " ".join(f"{r['accuracy']:.4f}" for r in records)
+        accuracy = " ".join("—" if r["accuracy"] is None else f"{r['accuracy']:.4f}" for r in records)
         lines.append(f"| {runtime} | {result['wall_s']:.0f} | {mean_round:.1f} | {mean_round - local_round:+.1f} s "
                      f"| {result['peak_mib']:,.0f} MiB | {accuracy} "
                      f"| {sum(r['bytes_up'] for r in records) / 1e6:.1f} | {sum(r['bytes_down'] for r in records) / 1e6:.1f} "

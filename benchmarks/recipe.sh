@@ -99,7 +99,7 @@ DOC=${DOC:-docs/benchmarks/recipe.md}
   for setting in $SETTINGS; do
     echo; echo "### $setting"; echo
     rows=(); for row in $ROWS; do if [ -d "$OUT/$setting/$row" ]; then rows+=("$OUT/$setting/$row"); fi; done
-    python benchmarks/table.py "${rows[@]}"
+    if [ ${#rows[@]} -gt 0 ]; then python benchmarks/table.py "${rows[@]}"; else echo "(no runs)"; fi
   done
 } > "$DOC"
 cat "$DOC"

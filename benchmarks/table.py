@@ -16,6 +16,12 @@ def spread(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f}" if len(values) < 2 else f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def mean_of(accuracies, digits: int) -> str:
+    """A round's mean accuracy over the seeds, or — for a round not evaluated (--eval-every)."""
+    evaluated = [a for a in accuracies if a is not None]
+    return f"{statistics.fmean(evaluated):.{digits}f}" if evaluated else "—"
+
+
 def row(config: Path) -> str | None:
     runs = sorted(p for p in config.glob("seed-*") if (p / "summary.json").is_file())
     if not runs:
@@ -23,7 +29,7 @@ def row(config: Path) -> str | None:
     summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
     curves = [[json.loads(line)["accuracy"] for line in (run / "metrics.jsonl").read_text().splitlines()]
               for run in runs]
-    mean_curve = " ".join(f"{statistics.fmean(accs):.2f}" for accs in zip(*curves))
+    mean_curve = " ".join(mean_of(accs, 2) for accs in zip(*curves))
     first = summaries[0]  # costs: the same for every seed but for the data each client happens to hold
     seeds = ",".join(run.name.removeprefix("seed-") for run in runs)
     return (f"| {config.name} | {seeds} | {first['rounds']} "

@@ -39,14 +39,15 @@ def body_rows(fed, data, prompts: torch.Tensor, up: str, batch: int = 250) -> tu
     """The rows the body returns for every image of `data` (as the tail reads them), its tokens sent in `up`."""
     model, rows, labels = fed.model, [], []
     for images, targets in torch.utils.data.DataLoader(data, batch_size=batch):
-        rows.append(model.body(rounded(model.head(images, prompts), up))[:, model.layout.tail_rows])
+        tokens = rounded(model.head(images.to(fed.device), prompts), up)
+        rows.append(model.body(tokens)[:, model.layout.tail_rows].cpu())
         labels.append(targets)
     return torch.cat(rows), torch.cat(labels)
 
 
 def accuracy(fed, train: tuple, test: tuple, down: str) -> float:
     """The closed-form probe's test accuracy on body rows returned in `down`."""
-    tail = fed.method.new_params(fed.model).tail
+    tail = fed.method.new_params(fed.model).tail.cpu()
     with torch.no_grad():
         (z, y), (zt, yt) = ((tail.features(rounded(rows, down)), labels) for rows, labels in (train, test))
     weight, bias = fit_classifier(feature_statistics(z, y, fed.model.num_classes), len(z))

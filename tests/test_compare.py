@@ -158,3 +158,19 @@ def test_a_cost_to_the_target_says_how_many_seeds_reached_it():
         parse_seeds("1,1")
     with pytest.raises(ConfigError, match="integers"):
         parse_seeds("0,x")
+
+
+def test_equal_cost_and_means_follow_the_rounds_evaluated():
+    """With --eval-every a history holds only the evaluated rounds: the budgets are those of SFPrompt's rounds 5,
+    10 and 20 by number, and a mean over seeds keeps the rounds' numbers."""
+    from sfprompt.compare import at_equal_cost, mean_row
+
+    history = [{"round": r, "accuracy": r / 100, "bytes": 10 * r, "client_flops": r} for r in (5, 10, 15, 20)]
+    rows = [{"method": "sfprompt", "history": history}, {"method": "sfl", "history": [
+        {"round": r, "accuracy": r / 50, "bytes": 20 * r, "client_flops": r} for r in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)]}]
+    tables = at_equal_cost(rows, "bytes")
+    assert [(n, budget) for n, budget, _ in tables] == [(5, 50), (10, 100), (20, 200)]
+    assert tables[0][2]["sfl"]["round"] == 2 and tables[2][2]["sfl"]["round"] == 10
+    seeds = [{"method": "sfprompt", "options": {}, "history": history, "round_to_target": None,
+              **{key: 0.5 for key in ("final_accuracy", "best_accuracy")}} for _ in range(2)]
+    assert [h["round"] for h in mean_row(seeds, None)["history"]] == [5, 10, 15, 20]

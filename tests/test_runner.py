@@ -143,3 +143,24 @@ def test_eval_every_skips_the_rounds_between_and_changes_nothing_else(imagefolde
     assert all(torch.equal(saved[0][key], saved[1][key]) for key in saved[0])
     with pytest.raises(ConfigError, match="--eval-every must be at least 1"):
         Config(eval_every=0)
+
+
+def test_a_run_resumed_to_end_at_a_round_eval_every_skipped_is_evaluated_there(imagefolder, tmp_path, monkeypatch):
+    import sfprompt.runner as runner
+
+    config = tiny_config(imagefolder, tmp_path, rounds=3, eval_every=2)
+    original = runner._round
+
+    def failing(fed, method, executor, round_, *args):
+        if round_ == 2:
+            raise runner.RoundFailed("killed")
+        return original(fed, method, executor, round_, *args)
+
+    monkeypatch.setattr(runner, "_round", failing)
+    with pytest.raises(runner.RoundFailed):
+        run(config, progress=False, log=lambda _: None)
+    monkeypatch.setattr(runner, "_round", original)
+    summary = run(config.replace(rounds=1), progress=False, log=lambda _: None, resume=True)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["accuracy"] is not None
+    assert summary["final_accuracy"] == records[0]["accuracy"]

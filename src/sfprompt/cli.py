@@ -121,7 +121,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """The recipe first, then the TOML file, then the flags given on the command line (only those given)."""
     names = {f.name for f in dataclasses.fields(Config)}
     flags = {name: value for name, value in vars(args).items() if name in names}
-    if args.command == "export-clients" and "clients" in flags:  # no rounds: sampling must not refuse few clients
+    if args.command in ("export-clients", "partition") and "clients" in flags:  # no rounds: sampling must not refuse few clients
         flags.setdefault("clients_per_round", min(flags["clients"], Config.clients_per_round))
     if getattr(args, "resume", None):
         return _resumed_config(Path(args.resume), flags, args.config)
@@ -214,7 +214,7 @@ def _with_own_folder(args: argparse.Namespace, config: Config) -> Config:
 
 
 FOLDER_KINDS = {"run": None, "compare": "compare", "audit": "audit", "export-clients": "clients",
-                "partition": "partition"}  # folder names
+                "partition": "partition"}  # folder names (a run's: its method; only a run moves runs/latest)
 
 
 def _error(err: Exception, status: int) -> int:

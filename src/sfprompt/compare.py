@@ -135,8 +135,10 @@ def mean_row(rows: list[dict], target: float | None) -> dict:
         row[f"{key}_std"] = statistics.stdev(r[key] for r in rows)
     row["reached"] = sum(r["round_to_target"] is not None for r in rows) if target is not None else None
     rounds = min(len(r["history"]) for r in rows)
-    row["history"] = [{"round": k + 1} | {key: statistics.fmean(r["history"][k][key] for r in rows)
-                                          for key in ("accuracy", "bytes", "client_flops")} for k in range(rounds)]
+    row["history"] = [{"round": rows[0]["history"][k]["round"]}  # the evaluated rounds (--eval-every)
+                      | {key: statistics.fmean(r["history"][k][key] for r in rows) for key in ("accuracy", "bytes",
+                                                                                             "client_flops")}
+                      for k in range(rounds)]
     return row
 
 
@@ -172,8 +174,9 @@ def at_equal_cost(rows: list[dict], cost: str, reference: str = "sfprompt",
     if ref is None:
         return []
     tables = []
-    for n in (n for n in rounds if n <= len(ref["history"])):
-        budget = ref["history"][n - 1][cost]
+    reached = {h["round"]: h for h in ref["history"]}  # the rounds it was evaluated after (--eval-every)
+    for n in (n for n in rounds if n in reached):
+        budget = reached[n][cost]
         cells = {}
         for row in rows:
             within = [h for h in row["history"] if h[cost] <= budget]

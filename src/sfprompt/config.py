@@ -39,7 +39,8 @@ def parse_partition(scheme: str) -> tuple[str, int | None]:
     """('pathological', 2) from --partition pathological:2: a scheme of PARTITIONS, with its count where it takes one."""
     name, _, count = scheme.partition(":")
     takes_count = name in ("pathological", "shard")
-    if name not in PARTITIONS or bool(count) != takes_count or (count and not (count.isdigit() and int(count) > 0)):
+    valid_count = count.isascii() and count.isdigit() and int(count) > 0 if count else not takes_count
+    if name not in PARTITIONS or bool(count) != takes_count or not valid_count:
         raise ConfigError(f"--partition must be auto, pathological:K, shard:S or linear (K, S positive), got {scheme!r}")
     return name, int(count) if count else None
 
@@ -163,7 +164,7 @@ class Config:
     device: str = _opt("auto", "'auto', 'cpu' or 'cuda[:N]'")
     tracker: str = _opt("none", "also show the config and each round's measurements in an experiment tracker: none or "
                         "tensorboard (event files in the run folder's tensorboard/)", choices=TRACKERS)
-    out: str = _opt("", "output folder for metrics, summary and checkpoint (default: a new folder runs/METHOD-TIME, "
+    out: str = _opt("", "output folder for metrics, summary and checkpoint (a run's new folder is runs/METHOD-TIME, "
                      "and runs/latest a link to it: nothing is overwritten unless --out names a folder)")
 
     def __post_init__(self) -> None:
@@ -360,7 +361,13 @@ DERIVED_DEFAULTS: dict[str, DerivedDefault] = {
 
 def default_text(name: str) -> str:
     """An option's default as the CLI and docs/options.md state it."""
-    return DERIVED_DEFAULTS[name].text if name in DERIVED_DEFAULTS else str(_FIELDS[name].default)
+    if name in DERIVED_DEFAULTS:
+        return DERIVED_DEFAULTS[name].text
+    if name == "out":
+        return "a new folder under runs/"
+    return str(_FIELDS[name].default)
+
+
 RECIPES = ("paper",)  # named sets of options (src/sfprompt/recipes/NAME.toml): `--recipe NAME`
 
 
@@ -383,7 +390,7 @@ def recipe_options(name: str) -> dict[str, Any]:
 
 # What a run did before an option existed, where that differs from the option's default today: a run saved
 # without the option is read (resumed, reused, predicted with) with this value.
-BEFORE: dict[str, Any] = {"probe_rounds": 0}
+BEFORE: dict[str, Any] = {"probe_rounds": 0, "shared_rows": "per-sample"}
 
 
 def saved_options(values: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,7 @@ which works at 10,000 clients, where flwr-datasets' Dirichlet gives up): flwr-da
 optional extra, and a picture of any split's labels.
 
 `--partition` names the scheme: `auto` (IID, or Dirichlet(--alpha)), `pathological:K` (each client holds K
-classes: flwr-datasets' PathologicalPartitioner, every class used), `shard:S` (the labels sorted into shards, S
+classes: flwr-datasets' PathologicalPartitioner, every class used where clients x K reach the classes), `shard:S` (the labels sorted into shards, S
 a client: its ShardPartitioner, McMahan et al.'s split) or `linear` (IID labels, client k holding a share of the
 samples proportional to k + 1: its LinearPartitioner, size skew).
 """
@@ -37,7 +37,7 @@ def split(labels: np.ndarray, clients: int, scheme: str, alpha: float | None, se
     chosen.dataset = datasets.Dataset.from_dict({"label": labels.astype(np.int64), "position": np.arange(len(labels))})
     try:
         parts = [np.sort(np.asarray(chosen.load_partition(k)["position"], dtype=np.int64)) for k in range(clients)]
-    except ValueError as err:  # flwr-datasets' own refusals (too few samples for the shards asked for, ...)
+    except (ValueError, ZeroDivisionError) as err:  # flwr-datasets' own refusals (too few samples for the shards, ...)
         raise ConfigError(f"--partition {scheme} over {clients} clients and {len(labels)} samples: {err}") from None
     empty = [k for k, part in enumerate(parts) if len(part) == 0]
     if empty:

@@ -61,7 +61,7 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
     """
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
     started = time.perf_counter()
-    fed = prepare(own_folder(config))
+    fed = prepare(own_folder(config, resume=resume))
     executor = runtime(fed) if runtime else InProcessRuntime(fed, progress)
     try:
         return _run(fed, executor, log, started, resume)
@@ -73,9 +73,11 @@ def run_or_reuse(config: Config, progress: bool = True) -> dict:
     """`run`, for benchmarks that run many configs and may be stopped at any time: a run already finished in
     `config.out` with this very config is not redone, one interrupted after a checkpoint continues, and a
     folder holding anything else is run afresh."""
-    config = own_folder(config)
+    if not config.out:
+        raise ValueError("run_or_reuse needs the run's folder (config.out): it reuses what is there")
     out = Path(config.out)
-    same = (out / "config.json").is_file() and _as_run(json.loads((out / "config.json").read_text())) == config.to_dict()
+    same = (out / "config.json").is_file() and _comparable(_as_run(json.loads((out / "config.json").read_text()))) \
+        == _comparable(config.to_dict())
     if same and (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     return run(config, progress=progress, resume=same and (out / "checkpoint.safetensors").is_file())
@@ -119,6 +121,11 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
                 f"client {record['client_flops'] / 1e9:.1f} GFLOP  server {record['server_flops'] / 1e9:.1f} GFLOP  "
                 f"({record['seconds']:.0f} s)")
 
+    if history[-1]["accuracy"] is None:  # resumed to end at a round --eval-every skipped: evaluate it now
+        stage = method.stage(len(history), config)
+        history[-1]["accuracy"], history[-1]["loss"] = evaluate(stage, fed.model, global_params, fed.test,
+                                                                config.batch_size, fed.device, config.seed)
+        _write_text(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
     summary = summarise(config, history, time.perf_counter() - started)
     _write_json(out / "summary.json", summary)
     log(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
@@ -210,8 +217,13 @@ class RoundFailed(RuntimeError):
     """Too few clients finished a round to aggregate it (see --min-clients)."""
 
 
-# What may differ between a run and its resumption: how long it runs, where, and on which device.
-RESUMABLE_CHANGES = ("rounds", "device", "out")
+# What may differ between a run and its resumption: how long it runs, where, on which device, and what shows it.
+RESUMABLE_CHANGES = ("rounds", "device", "out", "tracker")
+
+
+def _comparable(options: dict) -> dict:
+    """A run's options less those that do not change its numbers (a tracker only shows them)."""
+    return {key: value for key, value in options.items() if key != "tracker"}
 
 
 def _as_run(saved: dict) -> dict:
@@ -266,7 +278,7 @@ def summarise(config: Config, history: list[dict], wall_seconds: float) -> dict:
     return {
         "method": config.method,
         "config": config.to_dict(),
-        "final_accuracy": evaluated[-1]["accuracy"],  # the last round is always evaluated
+        "final_accuracy": evaluated[-1]["accuracy"],  # the last round is always evaluated (`_run`)
         "best_accuracy": max(record["accuracy"] for record in evaluated),
         "rounds": len(history),
         "bytes_up": total("bytes_up"),

@@ -1,11 +1,12 @@
-"""Run folders: a run, comparison, audit or export whose `--out` is not given gets a folder of its own under
-`runs/`, named by what it is and when it started (`runs/sfprompt-20261204-153012`), and `runs/latest` is a
-link to the newest. So nothing is overwritten unless `--out` names a folder, every result stays findable, and
-`--from runs/latest` still reads the run just made."""
+"""Run folders: a run, comparison, audit, export or partition picture whose `--out` is not given gets a folder of
+its own under `runs/`, named by what it is and when it started (`runs/sfprompt-20261204-153012`), and
+`runs/latest` is a link to the newest run (only a run's: `--from runs/latest` reads it). So nothing is
+overwritten unless `--out` names a folder, and every result stays findable."""
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -48,11 +49,20 @@ def latest(root: Path = ROOT) -> Path | None:
     return path.resolve() if path.is_dir() else None
 
 
-def own_folder(config, kind: str | None = None):
-    """`config` itself when it names its folder (`out`); else `config` writing to a new folder under runs/ named
-    by `kind` (default: the method), with runs/latest pointing at it."""
+def own_folder(config, kind: str | None = None, resume: bool = False):
+    """`config` itself when it names its folder (`out`); else, to resume, `config` in the run runs/latest points
+    at; else `config` writing to a new folder under runs/ named by `kind`, or for a run (no `kind`) by its method,
+    with runs/latest then pointing at it."""
+    from .config import ConfigError
+
     if config.out:
         return config
+    if resume:
+        if (folder := latest()) is None:
+            raise ConfigError("nothing to resume: no output folder given, and runs/latest names no run")
+        return config.replace(out=str(folder))
     folder = new_folder(kind or config.method)
-    point_latest(folder)
+    if kind is None and not point_latest(folder):
+        print(f"sfprompt: {ROOT / LATEST} is a folder, not a link, so it still holds the run it held; this run is in "
+              f"{folder}", file=sys.stderr)
     return config.replace(out=str(folder))

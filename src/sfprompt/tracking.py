@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import Config
+from .config import Config, ConfigError
 
 # What each round's record adds to a tracker: the scalar, and how it is shown (cumulative costs beside the
 # per-round ones, so that accuracy can be read against what was spent).
@@ -21,7 +21,10 @@ class TensorBoard:
     """TensorBoard's event files under `out/tensorboard`, through PyTorch's writer (no server, nothing sent)."""
 
     def __init__(self, config: Config, out: Path, history: list[dict]) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # PyTorch's writer needs the tensorboard package
+            raise ConfigError("--tracker tensorboard needs TensorBoard: pip install -e '.[track]'") from None
 
         # purge_step: a resumed run drops what a killed one logged after its last checkpoint, so no round shows twice
         self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=len(history) + 1 if history else None)

@@ -216,11 +216,7 @@ def find_partitions(grid: Grid, wait_s: float) -> tuple[dict[int, int], dict[int
 def _run_folder(config: Config, options: FlowerOptions) -> str:
     """`out`, or where the SuperLink runs: a new folder under runs/ (runs/latest then points at it), or, to resume,
     the one runs/latest points at."""
-    if options.resume and not config.out:
-        if (folder := runs.latest()) is None:
-            raise ConfigError("resume=true with no out: runs/latest names no run to resume; give out='FOLDER'")
-        return str(folder)
-    return runs.own_folder(config).out
+    return runs.own_folder(config, resume=options.resume).out
 
 
 def make_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
