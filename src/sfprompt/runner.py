@@ -126,6 +126,7 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
         history[-1]["accuracy"], history[-1]["loss"] = evaluate(stage, fed.model, global_params, fed.test,
                                                                 config.batch_size, fed.device, config.seed)
         _write_text(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
+        _persist(fed, out, history, global_params, sampler)  # the checkpoint's metrics hold it too
     summary = summarise(config, history, time.perf_counter() - started)
     _write_json(out / "summary.json", summary)
     log(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
