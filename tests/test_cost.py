@@ -21,7 +21,7 @@ CONFIG = Config(model="test_vit", image_size=32, prompt_tokens=2, keep_ratio=0.5
 def measured_round(method_name: str, samples: int) -> dict:
     """A real client round on `samples` samples in batches of 4, counted as a training run counts it."""
     vit = create_vit(CONFIG.model, 10, CONFIG.image_size, "none")
-    model = SplitViT(vit, CONFIG.replace(method=method_name).prompts, CONFIG.client_blocks, CONFIG.seed)
+    model = SplitViT.from_config(vit, CONFIG.replace(method=method_name))  # its wire format too (the shared rows once)
     data = [(torch.randn(3, 32, 32), i % 10) for i in range(samples)]  # per-class pruning keeps 10 of 12
     settings = TrainSettings.from_config(CONFIG)
     method, meter = METHODS[method_name](), Meter()
