@@ -63,7 +63,8 @@ def test_forget_frees_a_failed_clients_pending_forward_and_body_copy(imagefolder
     fed = prepare(tiny_config(imagefolder, tmp_path, method="sfl", train_body=True))
     server = BodyServer(fed.model, Meter(), torch.device("cpu"), body_optimizer=lambda body: torch.optim.SGD(body.parameters(), 0.1))
     tokens = torch.randn(2, fed.model.layout.length, fed.model.layout.width)
-    server.handle(Message("forward", {"tokens": tokens}, {"client": "7", "session": server.admit("7"), "seq": 1}))
+    meta = {"client": "7", "session": server.admit("7"), "seq": 1}
+    server.handle(Message("forward", fed.model.messages.pack_tokens(tokens), meta))  # the run's wire format
     assert server.pending == 1 and "7" in server._copies
     server.forget("7")
     assert server.pending == 0 and "7" not in server._copies
@@ -77,7 +78,7 @@ def test_a_non_finite_gradient_is_refused_before_it_steps_a_trained_body(imagefo
     server = BodyServer(fed.model, Meter(), torch.device("cpu"), body_optimizer=lambda body: torch.optim.SGD(body.parameters(), 0.1))
     meta = {"client": "7", "session": server.admit("7")}
     tokens = torch.randn(2, fed.model.layout.length, fed.model.layout.width)
-    rows = server.handle(Message("forward", {"tokens": tokens}, {**meta, "seq": 1})).tensors["rows"]
+    rows = server.handle(Message("forward", fed.model.messages.pack_tokens(tokens), {**meta, "seq": 1})).tensors["rows"]
     body = server._copies["7"][0]
     before = {k: v.clone() for k, v in body.state_dict().items()}
     with pytest.raises(ProtocolError, match="non-finite"):
