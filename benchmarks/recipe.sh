@@ -95,7 +95,9 @@ done
 wait_for_all
 DOC=${DOC:-docs/benchmarks/recipe.md}
 {
-  echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds."
+  echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds. Rows: linear-probe is"
+  echo "\`--method linear-probe\`, default \`sfprompt run\` with no options, paper \`--recipe paper\`; the -float32 rows"
+  echo "are those two in the paper's wire format (every row with every sample), the -int8 rows with \`--wire-dtype int8\`."
   for setting in $SETTINGS; do
     echo; echo "### $setting"; echo
     rows=(); for row in $ROWS; do if [ -d "$OUT/$setting/$row" ]; then rows+=("$OUT/$setting/$row"); fi; done
