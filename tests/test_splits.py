@@ -71,7 +71,8 @@ def test_a_mixed_federation_trains_the_same_model_as_a_uniform_one(imagefolder, 
     """SplitFed computes the same prompt and tail gradients wherever the head ends (frozen blocks), so a
     federation of clients with different split points ends where one with no client blocks does; it
     spends more client FLOPs, fewer server FLOPs, and receives every row's gradient, not only the prompts'."""
-    base = tiny_config(imagefolder, tmp_path, method="sfl", clients=4, clients_per_round=4, rounds=2)
+    base = tiny_config(imagefolder, tmp_path, method="sfl", clients=4, clients_per_round=4, rounds=2,
+                       shared_rows="per-sample")  # every row of every sample, at every split point: equal bytes up
     fed = prepare(base)
     mixed = base.replace(client_budgets=budgets_for(fed.model, 0, 1, 3), out=str(tmp_path / "mixed"))
     assert {c.model.client_blocks for c in prepare(mixed).clients} == {0, 1}  # the seeded draw, here
