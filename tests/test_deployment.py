@@ -59,6 +59,19 @@ def wait_for(path: Path, processes: list[subprocess.Popen], seconds: float, stat
         time.sleep(1)
 
 
+def listening(port: int, timeout_s: float) -> None:
+    """Return once something accepts connections on `port` on loopback."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_the_deployment_guide_on_loopback_gives_the_in_process_run(imagefolder, tmp_path, weights_file):
     config = tiny_config(imagefolder, tmp_path, weights=str(weights_file), clients=2, clients_per_round=2, rounds=2)
@@ -92,8 +105,9 @@ def test_the_deployment_guide_on_loopback_gives_the_in_process_run(imagefolder, 
             processes.append(start(f"supernode-{k}", "flower-supernode", "--superlink", f"127.0.0.1:{port}",
                                    "--root-certificates", str(tls / "ca.crt"), "--port", str(free_port()),
                                    "--node-config", node_config))
+        listening(port, 60)  # the SuperLink takes a few seconds to listen; `flwr run` does not retry
         # 4. the connection, 5. the run, with the body channel on TLS
-        (tmp_path / "flwr-home").mkdir()
+        (tmp_path / "flwr-home").mkdir(exist_ok=True)  # the SuperLink may have made it already
         (tmp_path / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\n'
             f'root-certificates = "{tls / "ca.crt"}"\n')
