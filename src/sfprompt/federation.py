@@ -77,7 +77,7 @@ def prepare(config: Config) -> Federation:
                for k, (part, split) in enumerate(zip(parts, models))]
     evaluated = "test samples" if config.validation_samples is None else "validation samples (the test set unread)"
     description = (f"{len(train)} train / {len(test)} {evaluated}, {splits.num_classes} classes, "
-                   f"{config.clients} clients ({_split_name(config)}), "
+                   f"{config.clients} clients ({partitions.describe(config)}), "
                    f"{config.model} at {config.image_size}px on {device}" + (f"; {heads}" if heads else ""))
     return Federation(config, device, model, METHODS[config.method](), settings, clients, test, meter, description,
                       train, splits.train_labels[train_idx], splits, transform, norm)
@@ -159,12 +159,6 @@ def max_message_bytes(model: SplitViT, method: Method, config: Config) -> int:
     any of its stages (the probe's statistics in the rounds it opens with)."""
     stages = (method.stage(1, config), method)
     return model.messages.max_bytes(config.batch_size, max(stage.state_bytes(model) for stage in stages))
-
-
-def _split_name(config: Config) -> str:
-    if config.partition != "auto":
-        return config.partition
-    return "IID" if config.alpha is None else f"Dirichlet {config.alpha}"
 
 
 def train_partition(config: Config, splits: DataSplits) -> tuple[np.ndarray, list[np.ndarray]]:

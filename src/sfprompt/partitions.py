@@ -45,6 +45,13 @@ def split(labels: np.ndarray, clients: int, scheme: str, alpha: float | None, se
     return parts
 
 
+def describe(config) -> str:
+    """The split a run's options ask for, as its log and pictures name it."""
+    if config.partition != "auto":
+        return config.partition
+    return "IID" if config.alpha is None else f"Dirichlet({config.alpha})"
+
+
 def label_counts(labels: np.ndarray, parts: list[np.ndarray], classes: int) -> np.ndarray:
     """(clients, classes): how many samples of each class each client holds."""
     return np.stack([np.bincount(labels[part], minlength=classes) for part in parts])
@@ -87,7 +94,7 @@ def show(config) -> tuple[np.ndarray, Path]:
     header = "client," + ",".join(splits.classes)
     np.savetxt(out / "partition.csv", np.column_stack([np.arange(len(parts)), counts]), fmt="%d", delimiter=",",
                header=header, comments="")
-    name = config.partition if config.partition != "auto" else "IID" if config.alpha is None else f"Dirichlet({config.alpha})"
-    draw(counts, splits.classes, f"{config.dataset}, {len(train_idx)} samples over {len(parts)} clients: {name}",
+    draw(counts, splits.classes, f"{config.dataset}, {len(train_idx)} samples over {len(parts)} clients: "
+         f"{describe(config)}",
          out / "partition.png")
     return counts, out

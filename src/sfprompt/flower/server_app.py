@@ -23,7 +23,7 @@ from ..channel import BodyChannelServer
 from ..codec import Message as Payload
 from ..codec import CodecError, decode, encode
 from .. import runs
-from ..config import Config, ConfigError
+from ..config import ConfigError
 from ..meter import DOWN, UP
 from ..federation import Federation
 from ..seeds import client_seed
@@ -213,12 +213,6 @@ def find_partitions(grid: Grid, wait_s: float) -> tuple[dict[int, int], dict[int
         time.sleep(1.0)
 
 
-def _run_folder(config: Config, options: FlowerOptions) -> str:
-    """`out`, or where the SuperLink runs: a new folder under runs/ (runs/latest then points at it), or, to resume,
-    the one runs/latest points at."""
-    return runs.own_folder(config, resume=options.resume).out
-
-
 def make_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
     """A ServerApp whose run config starts from `defaults` (tests and embedding); `app` has none."""
     server_app = ServerApp()
@@ -228,7 +222,8 @@ def make_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         config, options = from_run_config({**(defaults or {}), **context.run_config})
         nodes, folder_sizes, budgets = find_partitions(grid, options.wait_for_nodes_s)
         per_round = min(config.clients_per_round, len(nodes))
-        config = config.replace(clients=len(nodes), clients_per_round=per_round, out=_run_folder(config, options))
+        # `out`, or where the SuperLink runs a new folder under runs/ (or, to resume, the run runs/latest points at)
+        config = runs.own_folder(config.replace(clients=len(nodes), clients_per_round=per_round), resume=options.resume)
         log(INFO, "%d SuperNodes, one partition each; %d sampled per round", len(nodes), per_round)
         if folder_sizes:
             log(INFO, "SuperNodes with their own data (partition: images): %s; a node's FedAvg weight is at most "
