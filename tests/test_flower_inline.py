@@ -77,7 +77,8 @@ def records(folder):
 
 
 @pytest.mark.parametrize("method, changes", [("sfprompt", {}), ("sl", {}), ("fl", {}), ("linear-probe", {}),
-                                             ("sfprompt", {"probe_rounds": 1})])
+                                             ("sfprompt", {"probe_rounds": 1}),
+                                             ("sfprompt", {"prompt_updates": "forward-only", "directions": 2})])
 def test_the_flower_apps_give_the_in_process_result(imagefolder, tmp_path, method, changes):
     config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, method=method, **changes)
     run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
@@ -331,6 +332,24 @@ def test_body_batching_batches_concurrent_clients_and_keeps_the_result(imagefold
     requests = records(tmp_path / "flower")[0]["messages_by_phase"]["up/split"] // 2  # forwards, as many backwards
     passes = runtimes[0].body.passes
     assert passes["forward"] < requests and passes["backward"] < requests  # batches of several clients
+    local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
+    assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
+
+
+def test_body_batching_batches_forward_only_evaluates_and_runs_no_backward(imagefolder, tmp_path):
+    """Forward-only's evaluates (a batch and its prompt sets) from clients that work at once share the body's
+    passes, no backward ever runs, and the run ends as the in-process one does."""
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1, method="sfl",
+                         prompt_updates="forward-only", directions=2)
+    run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
+    runtimes, grid = [], ConcurrentGrid(3)
+    nodes, folder_sizes, _ = find_partitions(grid, wait_s=5)
+    options = FlowerOptions(body_batching=True, body_batch_window_s=1.0)
+    run(config.replace(out=str(tmp_path / "flower")), progress=False, log=lambda _: None,
+        runtime=lambda fed: runtimes.append(FlowerRuntime(fed, grid, nodes, options, folder_sizes)) or runtimes[-1])
+    requests = records(tmp_path / "flower")[0]["messages_by_phase"]["up/split"]  # evaluates, nothing else
+    passes = runtimes[0].body.passes
+    assert 0 < passes["evaluate"] < requests and passes["backward"] == passes["forward"] == 0
     local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
     assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
 

@@ -9,11 +9,14 @@ import struct
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from sfprompt.codec import CodecError, Message, ProtocolError, decode, encode
 from sfprompt.meter import Meter
+from sfprompt.model import SplitViT
 from sfprompt.server import BodyServer
+from sfprompt.wire import WireFormat
 
 from conftest import tiny_split
 
@@ -110,3 +113,46 @@ def test_the_decoder_refuses_oversized_payloads_before_reading_them():
         assert "exceeds the 100-byte limit" in str(err)
     else:
         raise AssertionError("an oversized payload was decoded")
+
+
+def test_no_evaluate_crashes_or_leaves_anything_held():
+    """Forward-only's `evaluate` (image rows once, up to 3 prompt sets' shared rows): valid, mutated and crafted
+    ones (no set, too many, wrong rows, wrong dtype or values, a tensor missing or smuggled) are answered or
+    refused with `CodecError` / `ProtocolError`, and none leaves anything pending."""
+    _, model = tiny_split(wire=WireFormat(shared_once=True))
+    model = SplitViT(model._vit, model.layout.prompts, 0, 0, wire=WireFormat(shared_once=True), prompt_sets=3)
+    server = BodyServer(model, Meter(), torch.device("cpu"), max_batch=64)
+    rng = np.random.default_rng(1)
+    patches, shared_rows, width = model.layout.patches, model.layout.patch_rows.start, model.layout.width
+    good = {"client": "a", "session": SESSION}
+    valid = [Message("evaluate", {"tokens": torch.randn(2, patches, width), "shared": torch.randn(s, shared_rows, width)},
+                     {**good, "seq": s}) for s in (1, 2, 3)]
+    bad_shared = [torch.randn(0, shared_rows, width), torch.randn(4, shared_rows, width), torch.randn(2, shared_rows + 1, width),
+                  torch.randn(shared_rows, width), torch.full((2, shared_rows, width), float("inf")),
+                  torch.randn(2, shared_rows, width).half(), torch.randn(40, shared_rows, width)]
+    crafted_ = [Message("evaluate", {"tokens": torch.randn(2, patches, width), "shared": shared}, {**good, "seq": 10 + i})
+                for i, shared in enumerate(bad_shared)]
+    crafted_ += [Message("evaluate", {"tokens": torch.randn(2, patches, width)}, {**good, "seq": 30}),
+                 Message("evaluate", {**valid[0].tensors, "grad": torch.zeros(1)}, {**good, "seq": 31}),
+                 Message("evaluate", {"tokens": torch.randn(2, patches + 1, width), "shared": torch.randn(1, shared_rows, width)},
+                         {**good, "seq": 32})]
+    server.admit("a", SESSION)
+    for message in valid:
+        server.handle(decode(encode(message)))
+    for message in crafted_:
+        with pytest.raises((CodecError, ProtocolError)):
+            server.handle(decode(encode(message)))
+    payloads = [encode(m) for m in valid + crafted_]
+    payloads += [mutations(payloads[i % 3], rng) for i in range(600)]
+    outcomes = {"accepted": 0, "refused": 0}
+    for i, payload in enumerate(payloads):
+        if i % 200 == 0:
+            server.end_round()
+            server.admit("a", SESSION)
+        try:
+            server.handle(decode(payload))
+            outcomes["accepted"] += 1
+        except (CodecError, ProtocolError):
+            outcomes["refused"] += 1
+        assert server.pending == 0 and server.passes["backward"] == 0
+    assert outcomes["accepted"] >= 3 and outcomes["refused"] > len(crafted_)

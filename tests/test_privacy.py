@@ -128,6 +128,20 @@ def test_in_split_training_the_labels_reach_every_backward_and_the_prompt_rows_o
     assert all(not torch.equal(a, b) for a, b in zip(backwards(true), backwards(permuted)))
 
 
+def test_forward_only_sends_no_gradient_but_its_prompt_steps_carry_the_labels(imagefolder, tmp_path):
+    """With --prompt-updates forward-only no message is a gradient and the image rows never depend on a label;
+    the prompts still step by loss differences the labels shape, so every prompt set after the first batch's
+    carries them (what the audit is to measure)."""
+    config = tiny_config(imagefolder, tmp_path, method="sfl", rounds=1, clients=2, clients_per_round=2,
+                         prompt_updates="forward-only", directions=2)
+    true, permuted = (_sent_by_client_0(config, relabel) for relabel in (lambda y: y, lambda y: (y + 1) % 3))
+    assert {kind for kind, _ in true} == {"evaluate", "done"}
+    (first, *later), (first_p, *later_p) = ([tensors for kind, tensors in sent if kind == "evaluate"] for sent in (true, permuted))
+    assert later and all(torch.equal(first[k], first_p[k]) for k in first)
+    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(later, later_p))
+    assert all(not torch.equal(a["shared"], b["shared"]) for a, b in zip(later, later_p))
+
+
 def test_pruning_chooses_the_samples_sent_by_their_labels(imagefolder, tmp_path):
     """SFPrompt's pruning ranks samples by a loss on their labels: which images are sent depends on the labels."""
     config = tiny_config(imagefolder, tmp_path, rounds=1, clients=2, clients_per_round=2, keep_ratio=0.5,

@@ -33,6 +33,8 @@ PRUNE_KEEPS = ("hardest", "easiest", "middle", "random", "by-size")
 PRUNE_SCORES = ("updated", "received")
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # wire.WireFormat's
 SHARED_ROWS = ("per-sample", "once")
+PROMPT_UPDATES = ("backprop", "forward-only")
+ESTIMATORS = ("antithetic", "one-sided")  # zeroth_order's
 
 
 def parse_partition(scheme: str) -> tuple[str, int | None]:
@@ -137,6 +139,17 @@ class Config:
         False, "the server trains the body too (method sfl only: the original SplitFed, one body copy per client "
         "averaged each round, learning rate --backbone-lr)"
     )
+    prompt_updates: str = _opt(
+        "backprop", "how split training moves the prompts: backprop (the server sends back their gradient, which every "
+        "label shapes) or forward-only (zeroth-order: the body evaluates perturbed prompt sets, the client steps the "
+        "prompts by its own loss differences, and no gradient crosses the network)", choices=PROMPT_UPDATES,
+    )
+    directions: int = _opt(4, "forward-only: random directions each mini-batch's prompt step is estimated along")
+    perturbation: float = _opt(1e-3, "forward-only: the size of each prompt perturbation (a step along a direction)")
+    estimator: str = _opt(
+        "antithetic", "forward-only: antithetic (the loss at +/- each perturbation: 2 prompt sets a direction) or "
+        "one-sided (the loss at + and at the prompts as they are: 1 set a direction)", choices=ESTIMATORS,
+    )
     # privacy: what a client does to its messages (what each hides is measured: docs/privacy.md, `sfprompt audit`)
     pool_tokens: int = _opt(0, "average-pool the patch tokens to a G x G grid before sending them (0: send every one)")
     shuffle_tokens: bool = _opt(False, "send each sample's patch tokens in a random order (broken: see docs/privacy.md)")
@@ -223,6 +236,7 @@ class Config:
                               "use bf16 with --train-body")
         self._check_privacy()
         self._check_budgets()
+        self._check_forward_only()
         if self.probe_rounds and (self.method not in ("sfprompt", "sfl", "sl") or self.train_body):
             raise ConfigError("--probe-rounds opens a run of a split method with a frozen body (sfprompt, sfl, sl) "
                               f"with a linear probe; --method {self.method}{' --train-body' if self.train_body else ''} "
@@ -231,7 +245,7 @@ class Config:
             raise ConfigError(f"--probe-rounds ({self.probe_rounds}) leaves none of the --rounds ({self.rounds}) to "
                               f"the method itself")
         for name in ("method", "optimizer", "local_classifier", "precision", "prune_keep", "prune_scores", "wire_dtype",
-                     "shared_rows", "tracker"):
+                     "shared_rows", "tracker", "prompt_updates", "estimator"):
             choices = _FIELDS[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -256,6 +270,38 @@ class Config:
             raise ConfigError(f"--method {self.method} sends no activations or gradients; the privacy options "
                               "(--pool-tokens, --shuffle-tokens, --clip-norm, --noise-multiplier, --label-epsilon) "
                               "apply to the split methods")
+
+    def _check_forward_only(self) -> None:
+        if self.directions < 1:
+            raise ConfigError(f"--directions must be at least 1, got {self.directions}")
+        if not (math.isfinite(self.perturbation) and self.perturbation > 0):
+            raise ConfigError(f"--perturbation must be positive, got {self.perturbation}")
+        if self.prompt_updates != "forward-only":
+            return
+        if self.method not in ("sfprompt", "sfl", "sl") or self.train_body:
+            raise ConfigError("--prompt-updates forward-only moves the prompts of a split method with a frozen body "
+                              f"(sfprompt, sfl, sl), not of --method {self.method}{' --train-body' if self.train_body else ''}")
+        if self.prompts == 0:
+            raise ConfigError("--prompt-updates forward-only needs prompts to move (--prompt-tokens 0 leaves none)")
+        if self.client_blocks or self.client_budgets is not None:
+            raise ConfigError("--prompt-updates forward-only sends a batch's image rows once and each prompt set's own "
+                              "rows beside them, which needs the head to hold no blocks (with blocks every token "
+                              "depends on the prompts, so each set would be a whole forward): leave --client-blocks "
+                              "and --client-budgets unset")
+        if self.shared_rows != "once":
+            raise ConfigError("--prompt-updates forward-only sends each prompt set as the rows every image shares, once "
+                              "a batch: it needs --shared-rows once")
+        if self.label_epsilon is not None:
+            raise ConfigError("--label-epsilon randomizes the labels behind the gradients a client sends; with "
+                              "--prompt-updates forward-only it sends none")
+
+    @property
+    def prompt_sets(self) -> int:
+        """How many prompt sets one request asks the body to evaluate: 1 (backprop), or the prompts as they are
+        and the perturbed sets of forward-only's estimator."""
+        if self.prompt_updates != "forward-only":
+            return 1
+        return 1 + self.directions * (2 if self.estimator == "antithetic" else 1)
 
     def _check_budgets(self) -> None:
         if self.client_budgets is None:

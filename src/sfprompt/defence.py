@@ -142,6 +142,10 @@ def privacy_notice(config) -> str:
                   f"client from them: {_image_leaks(config)}; how much that hides in practice is measured, not implied")
     if config.method == "linear-probe":
         labels = "no message depends on a sample's label, but each client's statistics show its label counts"
+    elif config.prompt_updates == "forward-only":
+        labels = ("no gradient is sent (forward-only), but each prompt step moves along a direction the server saw, by "
+                  "amounts the batch's labels shape, and each client uploads a tail trained on its true labels: what "
+                  "they reveal is not measured yet")
     elif config.label_epsilon is None:
         labels = "the backward gradients give the server every label"
     else:

@@ -2,7 +2,9 @@
 
 A `forward` (or a probe's `features` request) carries the tokens the head sent; its reply, a
 `body_output`, the rows of the body's output the tail reads; a `backward` carries their gradient;
-its reply, an `input_grad`, the gradient of the token rows the client's head needs. Every tensor
+its reply, an `input_grad`, the gradient of the token rows the client's head needs. Forward-only
+prompt updates send an `evaluate` instead: a batch's image rows once and several prompt sets' shared
+rows beside them; its `body_output` holds the tail's rows for every set, and no backward follows. Every tensor
 travels in the run's `wire.WireFormat` (number format, rows shared once a batch), and unpacking is
 checking: exactly the tensors the format names, of the expected shapes and dtypes, finite, or
 `ProtocolError`. The client and the body server pack and unpack with the same `SplitMessages`, so the
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codec import MAX_HEADER_BYTES
+from .codec import MAX_HEADER_BYTES, ProtocolError
 from .wire import WireFormat
 
 
@@ -26,6 +28,7 @@ class SplitMessages:
     layout: object  # model.TokenLayout: where the prefix, prompt and patch rows sit
     client_blocks: int
     wire: WireFormat
+    prompt_sets: int = 1  # the most prompt sets an `evaluate` may carry (Config.prompt_sets)
 
     @property
     def grad_rows(self) -> slice:
@@ -63,6 +66,28 @@ class SplitMessages:
                                check_values)
         images = got["tokens"]
         return torch.cat([got["shared"].expand(len(images), shared_rows, width), images], dim=1)
+
+    def pack_prompt_sets(self, tokens: torch.Tensor, shared_sets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What an `evaluate` carries: the image rows of the tokens a head sent (B, L, D), once, and the rows every
+        image shares under each prompt set (S, prefix + P, D)."""
+        if not self.shares_rows:
+            raise ProtocolError("prompt sets travel as the rows every image shares: they need a head with no blocks "
+                                "and the shared rows sent once")
+        return {**self.wire.pack("tokens", tokens[:, self.layout.patch_rows]), **self.wire.pack("shared", shared_sets)}
+
+    def unpack_prompt_sets(self, tensors: dict[str, torch.Tensor], check_values: bool = True) -> torch.Tensor:
+        """The server's side of `pack_prompt_sets`, checked: every set's (B, L, D) tokens, set after set
+        (S x B, L, D), with at most `prompt_sets` sets."""
+        if not self.shares_rows:
+            raise ProtocolError("this run sends no prompt sets (an evaluate needs a head with no blocks and the "
+                                "shared rows sent once)")
+        width, shared_rows = self.layout.width, self.layout.patch_rows.start
+        got = self.wire.unpack(tensors, {"tokens": (None, self.layout.patches, width),
+                                         "shared": (None, shared_rows, width)}, check_values)
+        images, shared = got["tokens"], got["shared"]
+        if len(shared) > self.prompt_sets:
+            raise ProtocolError(f"an evaluate of {len(shared)} prompt sets; this run's carry at most {self.prompt_sets}")
+        return torch.cat([torch.cat([rows.expand(len(images), shared_rows, width), images], dim=1) for rows in shared])
 
     def pack_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The body output rows the tail reads (B, R, D), as a `body_output` carries them."""
@@ -102,4 +127,7 @@ class SplitMessages:
         state (`state_bytes`: the broadcast and each upload) or one batch of activations (B, L, D) or
         gradients, with room for the header."""
         activations = batch_size * self.layout.length * self.layout.width * 4  # float32, the widest wire format
+        if self.prompt_sets > 1:  # an evaluate: the image rows and every set's shared rows up, every set's rows down
+            row_bytes = self.layout.width * 4
+            activations += self.prompt_sets * (batch_size * self.tail_shape[0] + self.layout.patch_rows.start) * row_bytes
         return max(state_bytes, activations) + MAX_HEADER_BYTES

@@ -4,7 +4,9 @@ It speaks only in `Message`s: a `forward` carrying the head's tokens is answered
 the body output that the tail reads; the matching `backward` carrying their gradient is answered
 with the gradient of the tokens the client needs (only the prompt rows when the head holds no
 blocks, since nothing else on the client is trained). A `features` request is a forward that no
-backward follows (linear-probe): answered alike, it runs without a graph and leaves nothing pending.
+backward follows (linear-probe): answered alike, it runs without a graph and leaves nothing pending;
+an `evaluate` (forward-only prompt updates) is one for several prompt sets at once: the batch's image
+rows with each set's shared rows, answered with the tail's rows for every set.
 
 Every request is checked before it is answered: the client must hold a session for this round
 (`admit`), with a sequence number above its last (a replayed or reordered request is refused), the
@@ -72,7 +74,7 @@ def body_optimizer(settings) -> Callable[[nn.Module], torch.optim.Optimizer]:
     return lambda body: build_optimizer([{"params": list(body.parameters()), "lr": settings.backbone_lr}], settings)
 
 
-KINDS = ("forward", "backward", "features")  # the requests that reach the body ("done" closes a session)
+KINDS = ("forward", "backward", "features", "evaluate")  # the requests that reach the body ("done" closes a session)
 FP16_GRAD_PEAK = 2.0**8  # under --precision fp16 a gradient is scaled so its largest entry is about this
 
 
@@ -292,7 +294,8 @@ class BodyServer:
         session = self._sessions[client]
         split: SplitViT = session[2]
         if message.kind != "backward":
-            tokens = split.messages.unpack_tokens(message.tensors, check_values=False)
+            unpack = split.messages.unpack_prompt_sets if message.kind == "evaluate" else split.messages.unpack_tokens
+            tokens = unpack(message.tensors, check_values=False)
             if len(tokens) > self.max_batch:
                 raise ProtocolError(f"a {message.kind} of {len(tokens)} samples; at most {self.max_batch} are served")
             return _Request(client, session, message.kind, tokens, message.tensors)
@@ -360,7 +363,7 @@ class BodyServer:
             self._forward_through(members[0].split, members, checks)
 
     def _forward_through(self, split: SplitViT, batch: list[_Request], checks: _ValueChecks) -> None:
-        """Run a batch of forwards (kept for their backwards) or of features requests (no graph kept)."""
+        """Run a batch of forwards (kept for their backwards) or of features or evaluate requests (no graph kept)."""
         kind = batch[0].kind
         tokens = torch.cat([request.tensor for request in batch]).to(self.device).requires_grad_(kind == "forward")
         body = self._body_for(batch[0])

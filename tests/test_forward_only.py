@@ -1,0 +1,115 @@
+"""--prompt-updates forward-only: the zeroth-order estimate, the `evaluate` request the body server answers
+without ever running a backward, the options that cannot combine with it, and a run that trains with it."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sfprompt import zeroth_order
+from sfprompt.codec import Message, ProtocolError
+from sfprompt.config import Config, ConfigError
+from sfprompt.federation import prepare
+from sfprompt.meter import Meter
+from sfprompt.model import SplitViT, create_vit
+from sfprompt.runner import run
+from sfprompt.server import BodyServer
+from sfprompt.wire import WireFormat
+
+from test_runner import tiny_config
+
+
+@pytest.mark.parametrize("estimator, tolerance", [("antithetic", 0.02), ("one-sided", 0.05)])
+def test_the_estimate_recovers_the_gradient_of_a_smooth_loss(estimator, tolerance):
+    """On a quadratic loss the estimate's mean over many directions is the gradient (antithetic: exactly
+    in expectation; one-sided: up to the perturbation's curvature term)."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 6, generator=generator), torch.randn(2, 6, generator=generator)
+    loss = lambda p: ((p @ a - b) ** 2).sum()  # noqa: E731
+    prompts = torch.randn(2, 6, generator=generator)
+    true = 2 * (prompts @ a - b) @ a.T
+    directions = torch.randn(200_000, 2, 6, generator=generator, dtype=torch.float64).float()
+    sets = zeroth_order.prompt_sets(prompts, directions, 1e-3, estimator)
+    assert sets.shape == (1 + directions.shape[0] * (2 if estimator == "antithetic" else 1), 2, 6)
+    assert torch.equal(sets[0], prompts)
+    estimate = zeroth_order.gradient(torch.stack([loss(p) for p in sets]), directions, 1e-3, estimator)
+    assert float((estimate - true).norm() / true.norm()) < tolerance
+
+
+def split_with_sets(prompt_sets: int, shared_once: bool = True) -> SplitViT:
+    torch.manual_seed(0)
+    vit = create_vit("test_vit", num_classes=4, image_size=32, weights="none")
+    return SplitViT(vit, 3, 0, 0, wire=WireFormat(shared_once=shared_once), prompt_sets=prompt_sets)
+
+
+def test_an_evaluate_gives_each_prompt_sets_rows_as_its_own_forward_would_and_keeps_nothing():
+    split = split_with_sets(3)
+    server = BodyServer(split, Meter(), torch.device("cpu"))
+    meta = {"client": "0", "session": server.admit("0")}
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    prompts = split.new_params().prompts.detach()[0]
+    sets = zeroth_order.prompt_sets(prompts, torch.randn(1, *prompts.shape), 0.1, "antithetic")  # 3 sets
+    with torch.no_grad():
+        tokens = split.send(images, prompts[None], None)
+        reply = server.handle(Message("evaluate", split.messages.pack_prompt_sets(tokens, split.shared_rows(images, sets)),
+                                      meta | {"seq": 1}))
+        rows = split.messages.unpack_rows(reply.tensors, 3 * len(images)).view(3, len(images), -1, split.layout.width)
+        for got, p in zip(rows, sets):
+            alone = split.body(split.send(images, p[None], None))[:, split.layout.tail_rows]
+            assert torch.allclose(got, alone, atol=1e-5)
+    assert server.pending == 0 and server.passes["backward"] == 0
+    with pytest.raises(ProtocolError):  # nothing awaits a gradient
+        server.handle(Message("backward", {"grad": rows[0]}, meta | {"seq": 2}))
+
+
+def test_the_server_refuses_more_prompt_sets_than_the_run_carries_and_sets_in_the_per_sample_format():
+    split = split_with_sets(3)
+    server = BodyServer(split, Meter(), torch.device("cpu"))
+    meta = {"client": "0", "session": server.admit("0")}
+    images = torch.randn(2, 3, 32, 32)
+    prompts = split.new_params().prompts.detach()[0]
+    tokens = split.send(images, prompts[None], None)
+    four = split.shared_rows(images, prompts.expand(4, *prompts.shape))
+    with pytest.raises(ProtocolError, match="4 prompt sets"):
+        server.handle(Message("evaluate", split.messages.pack_prompt_sets(tokens, four), meta | {"seq": 1}))
+    per_sample = split_with_sets(3, shared_once=False)
+    with pytest.raises(ProtocolError, match="shared rows"):
+        per_sample.messages.pack_prompt_sets(tokens, four[:3])
+    server = BodyServer(per_sample, Meter(), torch.device("cpu"))
+    meta = {"client": "0", "session": server.admit("0")}
+    with pytest.raises(ProtocolError, match="no prompt sets"):
+        server.handle(Message("evaluate", split.messages.pack_prompt_sets(tokens, four[:3]), meta | {"seq": 1}))
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(method="fl-prompt"), "split method"), (dict(method="sfl", train_body=True), "--train-body"),
+    (dict(prompt_tokens=0), "needs prompts"), (dict(client_blocks=1), "no blocks"),
+    (dict(shared_rows="per-sample"), "--shared-rows once"), (dict(label_epsilon=1.0), "sends none"),
+    (dict(directions=0), "--directions"), (dict(perturbation=0.0), "--perturbation"),
+    (dict(estimator="two-point"), "--estimator must be one of"),
+])
+def test_options_that_cannot_go_with_forward_only_are_refused(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        Config(**({"prompt_updates": "forward-only"} | changes))
+
+
+def test_prompt_sets_follow_the_estimator():
+    assert Config().prompt_sets == 1
+    assert Config(prompt_updates="forward-only", directions=3).prompt_sets == 7
+    assert Config(prompt_updates="forward-only", directions=3, estimator="one-sided").prompt_sets == 4
+
+
+@pytest.mark.parametrize("method", ["sfprompt", "sfl"])
+def test_a_forward_only_run_moves_the_prompts_with_one_request_a_batch(imagefolder, tmp_path, method):
+    quiet = dict(progress=False, log=lambda _: None)
+    config = tiny_config(imagefolder, tmp_path, method=method, rounds=1, prompt_updates="forward-only", directions=2,
+                         perturbation=1e-2, keep_ratio=1.0)
+    run(config, **quiet)
+    run(tiny_config(imagefolder, tmp_path, method=method, rounds=1, keep_ratio=1.0, out=str(tmp_path / "backprop")), **quiet)
+    trained = load_file(str(tmp_path / "run" / "global.safetensors"))["prompts"]
+    assert not torch.equal(trained, prepare(config).model.new_params().prompts.detach())  # moved, no gradient sent
+    forward_only, backprop = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                              for name in ("run", "backprop"))
+    # one request and one reply a batch, where backprop sends a forward and a backward
+    assert forward_only[0]["messages_by_phase"]["up/split"] * 2 == backprop[0]["messages_by_phase"]["up/split"]
