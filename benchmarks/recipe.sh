@@ -6,6 +6,7 @@
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh            # about 4 hours on two CPU cores
 #   ROWS="paper default" SETTINGS=default-iid SEEDS=0 bash benchmarks/recipe.sh
 #   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh     # the learning rates of the warm start (1 hour)
+#   TUNE=headline JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh  # the prompts' rate with 50 prompts (1.5 hours)
 #
 # Rows: the federated linear probe (`--method linear-probe`), the paper's recipe (no probe round, Adam at 0.01 for
 # prompts and tail, the paper's float32 wire format: --recipe paper), and SFPrompt's default (`sfprompt run` with
@@ -52,9 +53,33 @@ options() {  # the options of one row
     default-float32) echo "--method sfprompt $FLOAT32" ;;
     linear-probe-int8) echo "--method linear-probe --wire-dtype int8" ;;
     default-int8) echo "--method sfprompt --wire-dtype int8" ;;
+    default-prompts-50) echo "--method sfprompt --prompt-tokens 50" ;;  # central.sh's best setting for prompts
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
+
+if [ "${TUNE:-}" = headline ]; then  # the prompts' own learning rate on the headline setting (50 prompts), the tail at WARM_LR
+  grid=(0.001 0.003 0.01)
+  for lr in "${grid[@]}"; do
+    wait_for_lane "${JOBS:-1}"
+    # shellcheck disable=SC2086
+    run_once "$OUT/tune-headline/prompt-lr-$lr/seed-0" "$OUT/tune-headline/prompt-lr-$lr/seed-0.log" --prompt-tokens 50 \
+      --probe-rounds 1 --lr "$WARM_LR" --prompt-lr "$lr" --validation-samples 500 --no-progress "${size[@]}" &
+  done
+  wait_for_all
+  TUNE_DOC=${TUNE_DOC:-docs/benchmarks/recipe-tuning-headline.md}
+  {
+    echo "Command: \`TUNE=headline bash benchmarks/recipe.sh\`; $(python benchmarks/write_benchmarks.py --machine). The"
+    echo "headline setting (the default job with 50 prompts), seed 0: the default recipe's probe round and tail learning rate"
+    echo "($WARM_LR), the prompts' learning rate as in each row; each run evaluated on 500 validation samples held out of"
+    echo "the clients' data (the test set unread). One seed a row."
+    echo
+    tune_rows=(); for lr in "${grid[@]}"; do tune_rows+=("$OUT/tune-headline/prompt-lr-$lr"); done
+    python benchmarks/table.py "${tune_rows[@]}"
+  } > "$TUNE_DOC"
+  cat "$TUNE_DOC"
+  exit 0
+fi
 
 if [ -n "${TUNE:-}" ]; then
   grid=(0.0001 0.0003 0.001 0.003 0.01)

@@ -17,6 +17,7 @@ from sfprompt.runner import run
 from sfprompt.server import BodyServer
 from sfprompt.wire import WireFormat
 
+from conftest import run_python_benchmark
 from test_runner import tiny_config
 
 
@@ -113,3 +114,14 @@ def test_a_forward_only_run_moves_the_prompts_with_one_request_a_batch(imagefold
                               for name in ("run", "backprop"))
     # one request and one reply a batch, where backprop sends a forward and a backward
     assert forward_only[0]["messages_by_phase"]["up/split"] * 2 == backprop[0]["messages_by_phase"]["up/split"]
+
+
+def test_the_estimate_quality_benchmark_tables_every_estimator_size_and_direction_count(tmp_path):
+    done = run_python_benchmark("zo_quality.py", "--options", "--model test_vit --weights none --image-size 32 "
+                                "--train-samples 60 --test-samples 20", "--out", str(tmp_path), "--doc",
+                                str(tmp_path / "zo.md"), "--batches", "1", "--directions", "1", "2", "--perturbations", "0.01")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {(r["estimator"], r["directions"]) for r in rows} == {(e, k) for e in ("antithetic", "one-sided") for k in (1, 2)}
+    assert all(-1 <= r["cosine"] <= 1 and r["exact_cosine"] > 0 for r in rows)
+    assert (tmp_path / "zo.md").read_text().count("\n| ") == 1 + len(rows)  # the header and a line a row
