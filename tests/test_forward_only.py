@@ -53,7 +53,7 @@ def test_an_evaluate_gives_each_prompt_sets_rows_as_its_own_forward_would_and_ke
     sets = zeroth_order.prompt_sets(prompts, torch.randn(1, *prompts.shape), 0.1, "antithetic")  # 3 sets
     with torch.no_grad():
         tokens = split.send(images, prompts[None], None)
-        reply = server.handle(Message("evaluate", split.messages.pack_prompt_sets(tokens, split.shared_rows(images, sets)),
+        reply = server.handle(Message("evaluate", split.messages.pack_prompt_sets(tokens, split.shared_rows(tokens, sets)),
                                       meta | {"seq": 1}))
         rows = split.messages.unpack_rows(reply.tensors, 3 * len(images)).view(3, len(images), -1, split.layout.width)
         for got, p in zip(rows, sets):
@@ -71,7 +71,7 @@ def test_the_server_refuses_more_prompt_sets_than_the_run_carries_and_sets_in_th
     images = torch.randn(2, 3, 32, 32)
     prompts = split.new_params().prompts.detach()[0]
     tokens = split.send(images, prompts[None], None)
-    four = split.shared_rows(images, prompts.expand(4, *prompts.shape))
+    four = split.shared_rows(tokens, prompts.expand(4, *prompts.shape))
     with pytest.raises(ProtocolError, match="4 prompt sets"):
         server.handle(Message("evaluate", split.messages.pack_prompt_sets(tokens, four), meta | {"seq": 1}))
     per_sample = split_with_sets(3, shared_once=False)

@@ -344,7 +344,7 @@ class Client:
                     directions = torch.randn((s.directions, *prompts.shape[1:]), generator=ctx.private).to(prompts.device)
                     sets = zeroth_order.prompt_sets(prompts[0], directions, s.perturbation, s.estimator)  # (S, P, D)
                     tokens = self.model.send(images, prompts, ctx.private)  # (B, L, D): the image rows, protected
-                    request = Message("evaluate", messages.pack_prompt_sets(tokens, self.model.shared_rows(images, sets)))
+                    request = Message("evaluate", messages.pack_prompt_sets(tokens, self.model.shared_rows(tokens, sets)))
                 reply = ctx.link.request(request, ctx.phase, memory)
                 rows = messages.unpack_rows(_expect(reply, "body_output"), len(sets) * len(tokens))
                 memory.hold(rows)

@@ -24,6 +24,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sfl-train-body": ("sfl", {"train_body": True}),  # the original SplitFed: the server trains the body
     # SFPrompt opening with a probe round, then fine-tuning at the learning rates recipe.sh's grid chose
     "sfprompt-probe-warm": ("sfprompt", {"probe_rounds": 1, "lr": 3e-4, "prompt_lr": 3e-4}),
+    # no gradient crosses the network: the prompts step on zeroth-order estimates (docs/method.md)
+    "sfprompt-forward-only": ("sfprompt", {"prompt_updates": "forward-only"}),
+    "sfl-forward-only": ("sfl", {"prompt_updates": "forward-only"}),
 }
 
 COLUMNS = [

@@ -25,6 +25,7 @@ from .client import Client, TrainSettings
 from .config import PROMPT_FREE, Config
 from .inprocess import client_round
 from .meter import Meter
+from .compare import VARIANTS
 from .methods import METHODS
 from .model import SplitViT, create_vit
 from .server import BodyServer
@@ -67,21 +68,22 @@ def _round(config: Config, vit: torch.nn.Module, method_name: str, samples: int,
 def estimate(config: Config, samples_per_client: int, num_classes: int, methods: list[str],
              probe_samples: int | None = None) -> dict[str, dict]:
     """Each method's costs per client and round, from `probe_samples` run for real (default: `probe_size`)."""
-    # Counting: samples per phase do not depend on the batch size, so one batch per epoch (seconds, not minutes).
-    settings = TrainSettings.from_config(config, batch_size=samples_per_client, mean_samples=samples_per_client)
-    # Two epochs of each phase at most: the second one's batches meet the optimiser's state, as a run's do.
-    probe_settings = TrainSettings.from_config(
-        config, local_epochs=min(config.local_epochs, 2), split_epochs=min(config.split_epochs, 2),
-        mean_samples=samples_per_client)
     torch.manual_seed(config.seed)
     vit = create_vit(config.model, num_classes, config.image_size, "none")
     counting_vit = create_vit(COUNTING_MODEL, num_classes, COUNTING_SIZE, "none")
-    counting_config = config.replace(model=COUNTING_MODEL, image_size=COUNTING_SIZE, pool_tokens=0, client_blocks=0)
     results = {}
     for name in methods:
-        _, full = _round(counting_config, counting_vit, name, samples_per_client, num_classes, settings)
-        probe = min(probe_samples or probe_size(config, pruned="prune" in full), samples_per_client)
-        measured, probed = _round(config, vit, name, probe, num_classes, probe_settings)
+        method, overrides = VARIANTS.get(name, (name, {}))  # a variant: the method with other options
+        variant = config.replace(method=method, **overrides) if overrides else config
+        # Counting: samples per phase do not depend on the batch size, so one batch per epoch (seconds, not minutes).
+        counting = TrainSettings.from_config(variant, batch_size=samples_per_client, mean_samples=samples_per_client)
+        # Two epochs of each phase at most: the second one's batches meet the optimiser's state, as a run's do.
+        probing = TrainSettings.from_config(variant, local_epochs=min(variant.local_epochs, 2),
+                                            split_epochs=min(variant.split_epochs, 2), mean_samples=samples_per_client)
+        counting_config = variant.replace(model=COUNTING_MODEL, image_size=COUNTING_SIZE, pool_tokens=0, client_blocks=0)
+        _, full = _round(counting_config, counting_vit, method, samples_per_client, num_classes, counting)
+        probe = min(probe_samples or probe_size(variant, pruned="prune" in full), samples_per_client)
+        measured, probed = _round(variant, vit, method, probe, num_classes, probing)
         results[name] = _scaled(measured, {phase: full[phase] / probed[phase] for phase in probed})
     return results
 

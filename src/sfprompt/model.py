@@ -274,11 +274,14 @@ class SplitViT:
         """The activations a client sends for `images`: (B, L, D), protected by the defence."""
         return self.defence.protect(self.head(images, prompts), self.private_rows, self.layout.patch_rows, generator)
 
-    def shared_rows(self, images: torch.Tensor, prompt_sets: torch.Tensor) -> torch.Tensor:
-        """The rows every image shares (prefix and prompts, as the head emits them) under each of the prompt sets
-        (S, P, D): (S, prefix + P, D). Taken from the head's output for one image, since without client blocks
-        they do not depend on it."""
-        return torch.cat([self.head(images[:1], prompts[None])[:, :self.layout.patch_rows.start] for prompts in prompt_sets])
+    def shared_rows(self, tokens: torch.Tensor, prompt_sets: torch.Tensor) -> torch.Tensor:
+        """The rows every image shares under each of the prompt sets (S, P, D), (S, prefix + P, D), beside the
+        tokens the head sent for a batch (B, L, D): without client blocks the head puts the prompts, as they
+        are, after the prefix rows, which no image changes."""
+        if self.client_blocks:
+            raise ConfigError("with client blocks every row depends on the prompts and the image: no rows are shared")
+        prefix = tokens[0, :self.layout.prefix].expand(len(prompt_sets), -1, -1)
+        return torch.cat([prefix, prompt_sets], dim=1)
 
     def new_params(self) -> ClientParams:
         return copy.deepcopy(self.initial_params)
