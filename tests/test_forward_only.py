@@ -125,3 +125,20 @@ def test_the_estimate_quality_benchmark_tables_every_estimator_size_and_directio
     assert {(r["estimator"], r["directions"]) for r in rows} == {(e, k) for e in ("antithetic", "one-sided") for k in (1, 2)}
     assert all(-1 <= r["cosine"] <= 1 and r["exact_cosine"] > 0 for r in rows)
     assert (tmp_path / "zo.md").read_text().count("\n| ") == 1 + len(rows)  # the header and a line a row
+
+
+def test_the_servers_sample_limit_counts_an_evaluates_images():
+    """max_batch bounds a request's images: an evaluate of 3 sets of 4 images passes a limit of 4, 5 images do not."""
+    split = split_with_sets(3)
+    server = BodyServer(split, Meter(), torch.device("cpu"), max_batch=4)
+    meta = {"client": "0", "session": server.admit("0")}
+    prompts = split.new_params().prompts.detach()
+    for seq, images in enumerate((4, 5), start=1):
+        tokens = split.send(torch.randn(images, 3, 32, 32), prompts, None)
+        message = Message("evaluate", split.messages.pack_prompt_sets(tokens, split.shared_rows(tokens, prompts.expand(3, -1, -1))),
+                          meta | {"seq": seq})
+        if images == 4:
+            assert len(server.handle(message).tensors["rows"]) == 12
+        else:
+            with pytest.raises(ProtocolError, match="at most 12"):
+                server.handle(message)
