@@ -28,7 +28,7 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
-ROWS=${ROWS:-linear-probe paper default linear-probe-float32 default-float32 linear-probe-int8 default-int8}
+ROWS=${ROWS:-linear-probe paper default linear-probe-float32 default-float32 linear-probe-int8 default-int8 default-prompts-50}
 WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md): the default
 FLOAT32="--wire-dtype float32 --shared-rows per-sample"  # the paper's wire format
 read -r -a size <<< "${SIZE:-}"
@@ -122,7 +122,8 @@ DOC=${DOC:-docs/benchmarks/recipe.md}
 {
   echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds. Rows: linear-probe is"
   echo "\`--method linear-probe\`, default \`sfprompt run\` with no options, paper \`--recipe paper\`; the -float32 rows"
-  echo "are those two in the paper's wire format (every row with every sample), the -int8 rows with \`--wire-dtype int8\`."
+  echo "are those two in the paper's wire format (every row with every sample), the -int8 rows with \`--wire-dtype int8\`,"
+  echo "default-prompts-50 the default with 50 prompts (the headline setting's, docs/benchmarks/central.md)."
   for setting in $SETTINGS; do
     echo; echo "### $setting"; echo
     rows=(); for row in $ROWS; do if [ -d "$OUT/$setting/$row" ]; then rows+=("$OUT/$setting/$row"); fi; done
