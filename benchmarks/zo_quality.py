@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from sfprompt import zeroth_order
+from sfprompt.config import ESTIMATORS
 from sfprompt.federation import prepare
 from sfprompt.probe import feature_statistics, fit_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
-ESTIMATORS = ("antithetic", "one-sided")
 
 
 @torch.no_grad()

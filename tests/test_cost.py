@@ -50,7 +50,8 @@ def test_scaled_probe_equals_a_real_round(method):
     # while the real round sends fewer, fuller batches when pruning leaves a partial probe batch.
     messages = sum(real["messages_by_phase"].values())
     if "forward-only" in method:  # its prompt sets travel once a batch: the real round's 6 batches send them once
-        one_batch_of_sets = 9 * (1 + CONFIG.prompt_tokens) * 64 * 4  # more than 5 (scaled by samples) do: 9 sets of 3 rows
+        forward_only = CONFIG.replace(prompt_updates="forward-only")  # more than 5 (scaled by samples) do
+        one_batch_of_sets = forward_only.prompt_sets * (1 + CONFIG.prompt_tokens) * 64 * 4  # the CLS and the prompts
         assert 0 < real["bytes_up"] - estimated["bytes_up"] < one_batch_of_sets + 200 * messages
     else:
         assert abs(estimated["bytes_up"] - real["bytes_up"]) < 200 * messages

@@ -84,11 +84,12 @@ def test_the_server_refuses_more_prompt_sets_than_the_run_carries_and_sets_in_th
 
 
 @pytest.mark.parametrize("changes, match", [
-    (dict(method="fl-prompt"), "split method"), (dict(method="sfl", train_body=True), "--train-body"),
+    (dict(method="fl-prompt"), "split method"), (dict(method="sfl", train_body=True), "frozen body"),
     (dict(prompt_tokens=0), "needs prompts"), (dict(client_blocks=1), "no blocks"),
     (dict(shared_rows="per-sample"), "--shared-rows once"), (dict(label_epsilon=1.0), "sends none"),
     (dict(directions=0), "--directions"), (dict(perturbation=0.0), "--perturbation"),
-    (dict(estimator="two-point"), "--estimator must be one of"),
+    (dict(estimator="two-point"), "--estimator must be one of"), (dict(precision="bf16"), "rounds"),
+    (dict(wire_dtype="int8"), "rounds"),
 ])
 def test_options_that_cannot_go_with_forward_only_are_refused(changes, match):
     with pytest.raises(ConfigError, match=match):
@@ -128,17 +129,25 @@ def test_the_estimate_quality_benchmark_tables_every_estimator_size_and_directio
 
 
 def test_the_servers_sample_limit_counts_an_evaluates_images():
-    """max_batch bounds a request's images: an evaluate of 3 sets of 4 images passes a limit of 4, 5 images do not."""
+    """max_batch bounds a request's images, however many sets it carries: 3 sets of 4 images pass a limit of 4,
+    1 set of 5 images does not."""
     split = split_with_sets(3)
     server = BodyServer(split, Meter(), torch.device("cpu"), max_batch=4)
     meta = {"client": "0", "session": server.admit("0")}
     prompts = split.new_params().prompts.detach()
-    for seq, images in enumerate((4, 5), start=1):
+    for seq, (images, sets) in enumerate(((4, 3), (5, 1)), start=1):
         tokens = split.send(torch.randn(images, 3, 32, 32), prompts, None)
-        message = Message("evaluate", split.messages.pack_prompt_sets(tokens, split.shared_rows(tokens, prompts.expand(3, -1, -1))),
-                          meta | {"seq": seq})
+        shared = split.shared_rows(tokens, prompts.expand(sets, -1, -1))
+        message = Message("evaluate", split.messages.pack_prompt_sets(tokens, shared), meta | {"seq": seq})
         if images == 4:
             assert len(server.handle(message).tensors["rows"]) == 12
         else:
-            with pytest.raises(ProtocolError, match="at most 12"):
+            with pytest.raises(ProtocolError, match="5 images; at most 4"):
                 server.handle(message)
+
+
+def test_the_audit_refuses_a_forward_only_run_saying_why():
+    from sfprompt.audit import AuditOptions
+
+    with pytest.raises(ConfigError, match="evaluates"):
+        AuditOptions().check(Config(prompt_updates="forward-only"))

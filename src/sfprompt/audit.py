@@ -73,6 +73,9 @@ class AuditOptions:
         if config.method in ("fl", "fl-prompt"):
             raise ConfigError(f"--method {config.method} sends no activations or gradients, only whole-model or "
                               "prompt uploads; the audit attacks the split methods (sfprompt, sfl, sl)")
+        if config.prompt_updates == "forward-only":
+            raise ConfigError("the audit's attacks read forwards and backwards; a --prompt-updates forward-only run "
+                              "sends evaluates, which it does not attack yet (what they reveal is not measured)")
 
 
 class _Wiretap(InProcessLink):

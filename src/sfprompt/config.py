@@ -34,7 +34,7 @@ PRUNE_SCORES = ("updated", "received")
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # wire.WireFormat's
 SHARED_ROWS = ("per-sample", "once")
 PROMPT_UPDATES = ("backprop", "forward-only")
-ESTIMATORS = ("antithetic", "one-sided")  # zeroth_order's
+ESTIMATORS = ("antithetic", "one-sided")  # zeroth_order.gradient's
 
 
 def parse_partition(scheme: str) -> tuple[str, int | None]:
@@ -294,6 +294,10 @@ class Config:
         if self.label_epsilon is not None:
             raise ConfigError("--label-epsilon randomizes the labels behind the gradients a client sends; with "
                               "--prompt-updates forward-only it sends none")
+        if self.precision != "fp32" or self.wire_dtype != "float32":
+            raise ConfigError("--prompt-updates forward-only steps the prompts by loss differences of the order of "
+                              "--perturbation, which a body or wire format that rounds (bf16, fp16, int8) may drown; "
+                              "it is not measured with them: use --precision fp32 --wire-dtype float32")
 
     @property
     def prompt_sets(self) -> int:

@@ -56,7 +56,7 @@ def _round(config: Config, vit: torch.nn.Module, method_name: str, samples: int,
     images = torch.randn(samples, 3, *size, generator=generator)
     data = [(images[i], i % num_classes) for i in range(samples)]
     method, meter, device = METHODS[method_name](), Meter(), torch.device("cpu")
-    body = BodyServer(model, meter, device, max_batch=max(4096, samples))  # counting: one batch of every sample
+    body = BodyServer(model, meter, device, max_batch=max(4096, samples))  # counting: one batch of every image
     link = InProcessLink(body, meter, device,
                          model.messages.max_bytes(settings.batch_size, method.state_bytes(model)))
     client = _CountingClient(0, data, np.arange(samples), model, settings, meter, device)

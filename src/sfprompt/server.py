@@ -171,7 +171,7 @@ class BodyServer:
         # client crashed) is dropped after pending_timeout_s.
         self._pending: dict[str, _Pending] = {}
         self.pending_timeout_s = pending_timeout_s
-        self.max_batch = max_batch  # samples in one request (an evaluate: images); where a batch stops waiting for more
+        self.max_batch = max_batch  # images in one request; a gathering batch stops at this many body samples
         self.batch_window_s = batch_window_s
         # client id -> [its session secret for this round, the last sequence number it used, its split]
         self._sessions: dict[str, list] = {}
@@ -297,9 +297,9 @@ class BodyServer:
             evaluate = message.kind == "evaluate"  # its samples are its images under each prompt set
             tokens = (split.messages.unpack_prompt_sets if evaluate else split.messages.unpack_tokens)(
                 message.tensors, check_values=False)
-            limit = self.max_batch * (split.messages.prompt_sets if evaluate else 1)
-            if len(tokens) > limit:
-                raise ProtocolError(f"a {message.kind} of {len(tokens)} samples; at most {limit} are served")
+            images = len(message.tensors["tokens"]) if evaluate else len(tokens)
+            if images > self.max_batch:
+                raise ProtocolError(f"a {message.kind} of {images} images; at most {self.max_batch} are served")
             return _Request(client, session, message.kind, tokens, message.tensors)
         pending = self._pending.pop(client, None)
         if pending is None:

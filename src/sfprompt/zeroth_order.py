@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-ESTIMATORS = ("antithetic", "one-sided")
-
 
 def prompt_sets(prompts: torch.Tensor, directions: torch.Tensor, perturbation: float, estimator: str) -> torch.Tensor:
     """The prompt sets (S, P, D) of one estimate, for prompts (P, D) and directions (K, P, D): the prompts as
