@@ -17,7 +17,7 @@ from sfprompt.runner import run
 from sfprompt.server import BodyServer
 from sfprompt.wire import WireFormat
 
-from conftest import run_python_benchmark
+from conftest import run_benchmark, run_python_benchmark
 from test_runner import tiny_config
 
 
@@ -151,3 +151,19 @@ def test_the_audit_refuses_a_forward_only_run_saying_why():
 
     with pytest.raises(ConfigError, match="evaluates"):
         AuditOptions().check(Config(prompt_updates="forward-only"))
+
+
+def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path):
+    doc = tmp_path / "forward-only.md"
+    done = run_benchmark("forward_only.sh", tmp_path, SEEDS="0", SETTINGS="iid", ROWS="backprop forward-only-2", DOC=str(doc))
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = doc.read_text()
+    assert text.startswith("Command: `bash benchmarks/forward_only.sh`") and "### iid" in text
+    assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "seed" not in line
+            and not line.startswith("|---")] == ["| backprop", "| forward-only-2"]
+    runs = tmp_path / "runs" / "iid"
+    config = json.loads((runs / "forward-only-2" / "seed-0" / "config.json").read_text())
+    assert (config["prompt_updates"], config["directions"], config["prompt_tokens"]) == ("forward-only", 2, 50)
+    sent = [json.loads((runs / row / "seed-0" / "metrics.jsonl").read_text().splitlines()[-1])["messages_by_phase"]["up/split"]
+            for row in ("backprop", "forward-only-2")]
+    assert sent[1] * 2 == sent[0]  # one evaluate a batch where backprop sends a forward and a backward
