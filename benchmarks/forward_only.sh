@@ -6,7 +6,8 @@
 # forward-only-K (--prompt-updates forward-only --directions K, the antithetic estimator at 1e-3, the defaults
 # benchmarks/zo_quality.py chose), the same recipe otherwise.
 #
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 10 hours on two CPU cores
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 15 hours on two CPU cores (estimated: a
+#                                                                 # K = 16 run makes 33 body passes a batch, most of it)
 #   ROWS="backprop forward-only-4" SETTINGS=iid SEEDS=0 bash benchmarks/forward_only.sh
 #
 # A finished run is not redone and an interrupted one continues after its last complete round. SIZE appends
