@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from .client import Client, TrainSettings
+from .compare import VARIANTS
 from .config import PROMPT_FREE, Config
 from .inprocess import client_round
 from .meter import Meter
-from .compare import VARIANTS
 from .methods import METHODS
 from .model import SplitViT, create_vit
 from .server import BodyServer
