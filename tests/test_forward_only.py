@@ -16,6 +16,7 @@ from sfprompt.model import SplitViT, create_vit
 from sfprompt.runner import run
 from sfprompt.server import BodyServer
 from sfprompt.wire import WireFormat
+from sfprompt.zeroth_order import Perturbations
 
 from conftest import run_benchmark, run_python_benchmark
 from test_runner import tiny_config
@@ -38,49 +39,63 @@ def test_the_estimate_recovers_the_gradient_of_a_smooth_loss(estimator, toleranc
     assert float((estimate - true).norm() / true.norm()) < tolerance
 
 
-def split_with_sets(prompt_sets: int, shared_once: bool = True) -> SplitViT:
+ONE_DIRECTION = Perturbations(directions=1, size=0.1, estimator="antithetic")  # 3 prompt sets
+
+
+def split_with(perturbations: Perturbations | None = ONE_DIRECTION, shared_once: bool = True) -> SplitViT:
     torch.manual_seed(0)
     vit = create_vit("test_vit", num_classes=4, image_size=32, weights="none")
-    return SplitViT(vit, 3, 0, 0, wire=WireFormat(shared_once=shared_once), prompt_sets=prompt_sets)
+    return SplitViT(vit, 3, 0, 0, wire=WireFormat(shared_once=shared_once), perturbations=perturbations)
+
+
+def evaluate(split: SplitViT, images: torch.Tensor, seed: int, meta: dict) -> tuple[Message, torch.Tensor]:
+    """An evaluate of `images` under the split's initial prompts, as a client sends it, and its prompt sets."""
+    prompts = split.new_params().prompts.detach()
+    directions = split.perturbations.draw(seed, prompts.shape[1:])
+    tokens = split.send(images, prompts, None)
+    message = Message("evaluate", split.messages.pack_tokens(tokens), meta | split.messages.evaluate_meta(seed, directions))
+    return message, split.perturbations.sets_of(prompts[0], directions)
 
 
 def test_an_evaluate_gives_each_prompt_sets_rows_as_its_own_forward_would_and_keeps_nothing():
-    split = split_with_sets(3)
+    split = split_with()
     server = BodyServer(split, Meter(), torch.device("cpu"))
-    meta = {"client": "0", "session": server.admit("0")}
+    meta = {"client": "0", "session": server.admit("0"), "seq": 1}
     images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    prompts = split.new_params().prompts.detach()[0]
-    sets = zeroth_order.prompt_sets(prompts, torch.randn(1, *prompts.shape), 0.1, "antithetic")  # 3 sets
+    message, sets = evaluate(split, images, seed=7, meta=meta)
+    assert set(message.tensors) == {"tokens", "shared"}  # a forward's tensors: the directions travel as a seed
     with torch.no_grad():
-        tokens = split.send(images, prompts[None], None)
-        reply = server.handle(Message("evaluate", split.messages.pack_prompt_sets(tokens, split.shared_rows(tokens, sets)),
-                                      meta | {"seq": 1}))
+        reply = server.handle(message)
         rows = split.messages.unpack_rows(reply.tensors, 3 * len(images)).view(3, len(images), -1, split.layout.width)
         for got, p in zip(rows, sets):
             alone = split.body(split.send(images, p[None], None))[:, split.layout.tail_rows]
             assert torch.allclose(got, alone, atol=1e-5)
+    assert not torch.equal(rows[1], rows[2])  # the perturbed sets differ
     assert server.pending == 0 and server.passes["backward"] == 0
     with pytest.raises(ProtocolError):  # nothing awaits a gradient
         server.handle(Message("backward", {"grad": rows[0]}, meta | {"seq": 2}))
 
 
-def test_the_server_refuses_more_prompt_sets_than_the_run_carries_and_sets_in_the_per_sample_format():
-    split = split_with_sets(3)
+@pytest.mark.parametrize("change, match", [
+    ({"directions-seed": -1}, "integer seed"), ({"directions-seed": 2**31}, "integer seed"),
+    ({"directions-seed": "7"}, "integer seed"), ({"directions-seed": True}, "integer seed"),
+    ({"directions-sum": 0.5}, "same torch"),
+])
+def test_the_server_refuses_an_evaluate_whose_seed_is_bad_or_names_other_directions(change, match):
+    split = split_with()
     server = BodyServer(split, Meter(), torch.device("cpu"))
-    meta = {"client": "0", "session": server.admit("0")}
-    images = torch.randn(2, 3, 32, 32)
-    prompts = split.new_params().prompts.detach()[0]
-    tokens = split.send(images, prompts[None], None)
-    four = split.shared_rows(tokens, prompts.expand(4, *prompts.shape))
-    with pytest.raises(ProtocolError, match="4 prompt sets"):
-        server.handle(Message("evaluate", split.messages.pack_prompt_sets(tokens, four), meta | {"seq": 1}))
-    per_sample = split_with_sets(3, shared_once=False)
-    with pytest.raises(ProtocolError, match="shared rows"):
-        per_sample.messages.pack_prompt_sets(tokens, four[:3])
-    server = BodyServer(per_sample, Meter(), torch.device("cpu"))
-    meta = {"client": "0", "session": server.admit("0")}
-    with pytest.raises(ProtocolError, match="no prompt sets"):
-        server.handle(Message("evaluate", split.messages.pack_prompt_sets(tokens, four[:3]), meta | {"seq": 1}))
+    message, _ = evaluate(split, torch.randn(2, 3, 32, 32), seed=7, meta={"client": "0", "session": server.admit("0"), "seq": 1})
+    with pytest.raises(ProtocolError, match=match):
+        server.handle(Message("evaluate", message.tensors, message.meta | change))
+
+
+def test_a_run_without_forward_only_refuses_evaluates():
+    for split in (split_with(None), split_with(shared_once=False)):
+        server = BodyServer(split, Meter(), torch.device("cpu"))
+        message, _ = evaluate(split_with(), torch.randn(2, 3, 32, 32), seed=7,
+                              meta={"client": "0", "session": server.admit("0"), "seq": 1})
+        with pytest.raises(ProtocolError, match="sends no evaluates"):
+            server.handle(message)
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -97,9 +112,9 @@ def test_options_that_cannot_go_with_forward_only_are_refused(changes, match):
 
 
 def test_prompt_sets_follow_the_estimator():
-    assert Config().prompt_sets == 1
-    assert Config(prompt_updates="forward-only", directions=3).prompt_sets == 7
-    assert Config(prompt_updates="forward-only", directions=3, estimator="one-sided").prompt_sets == 4
+    assert Config().perturbations is None
+    assert Config(prompt_updates="forward-only", directions=3).perturbations.sets == 7
+    assert Config(prompt_updates="forward-only", directions=3, estimator="one-sided").perturbations.sets == 4
 
 
 @pytest.mark.parametrize("method", ["sfprompt", "sfl"])
@@ -129,16 +144,13 @@ def test_the_estimate_quality_benchmark_tables_every_estimator_size_and_directio
 
 
 def test_the_servers_sample_limit_counts_an_evaluates_images():
-    """max_batch bounds a request's images, however many sets it carries: 3 sets of 4 images pass a limit of 4,
-    1 set of 5 images does not."""
-    split = split_with_sets(3)
+    """max_batch bounds a request's images, not its images times its prompt sets: 3 sets of 4 images pass a limit of
+    4, 5 images do not."""
+    split = split_with()
     server = BodyServer(split, Meter(), torch.device("cpu"), max_batch=4)
-    meta = {"client": "0", "session": server.admit("0")}
-    prompts = split.new_params().prompts.detach()
-    for seq, (images, sets) in enumerate(((4, 3), (5, 1)), start=1):
-        tokens = split.send(torch.randn(images, 3, 32, 32), prompts, None)
-        shared = split.shared_rows(tokens, prompts.expand(sets, -1, -1))
-        message = Message("evaluate", split.messages.pack_prompt_sets(tokens, shared), meta | {"seq": seq})
+    session = server.admit("0")
+    for seq, images in enumerate((4, 5), start=1):
+        message, _ = evaluate(split, torch.randn(images, 3, 32, 32), seed=seq, meta={"client": "0", "session": session, "seq": seq})
         if images == 4:
             assert len(server.handle(message).tensors["rows"]) == 12
         else:

@@ -17,6 +17,7 @@ from sfprompt.meter import Meter
 from sfprompt.model import SplitViT
 from sfprompt.server import BodyServer
 from sfprompt.wire import WireFormat
+from sfprompt.zeroth_order import Perturbations
 
 from conftest import tiny_split
 
@@ -116,26 +117,31 @@ def test_the_decoder_refuses_oversized_payloads_before_reading_them():
 
 
 def test_no_evaluate_crashes_or_leaves_anything_held():
-    """Forward-only's `evaluate` (image rows once, up to 3 prompt sets' shared rows): valid, mutated and crafted
-    ones (no set, too many, wrong rows, wrong dtype or values, a tensor missing or smuggled) are answered or
-    refused with `CodecError` / `ProtocolError`, and none leaves anything pending."""
-    _, model = tiny_split(wire=WireFormat(shared_once=True))
-    model = SplitViT(model._vit, model.layout.prompts, 0, 0, wire=WireFormat(shared_once=True), prompt_sets=3)
+    """Forward-only's `evaluate` (a forward's tensors and the seed of its directions): valid, mutated and crafted ones
+    (a seed missing, negative, too large, not an integer; a checksum that is not the seed's; a tensor missing or
+    smuggled; wrong rows) are answered or refused with `CodecError` / `ProtocolError`, and none leaves anything
+    pending."""
+    _, tiny = tiny_split(wire=WireFormat(shared_once=True))
+    model = SplitViT(tiny._vit, tiny.layout.prompts, 0, 0, wire=WireFormat(shared_once=True),
+                     perturbations=Perturbations(1, 0.1, "antithetic"))
     server = BodyServer(model, Meter(), torch.device("cpu"), max_batch=64)
     rng = np.random.default_rng(1)
     patches, shared_rows, width = model.layout.patches, model.layout.patch_rows.start, model.layout.width
     good = {"client": "a", "session": SESSION}
-    valid = [Message("evaluate", {"tokens": torch.randn(2, patches, width), "shared": torch.randn(s, shared_rows, width)},
-                     {**good, "seq": s}) for s in (1, 2, 3)]
-    bad_shared = [torch.randn(0, shared_rows, width), torch.randn(4, shared_rows, width), torch.randn(2, shared_rows + 1, width),
-                  torch.randn(shared_rows, width), torch.full((2, shared_rows, width), float("inf")),
-                  torch.randn(2, shared_rows, width).half(), torch.randn(40, shared_rows, width)]
-    crafted_ = [Message("evaluate", {"tokens": torch.randn(2, patches, width), "shared": shared}, {**good, "seq": 10 + i})
-                for i, shared in enumerate(bad_shared)]
-    crafted_ += [Message("evaluate", {"tokens": torch.randn(2, patches, width)}, {**good, "seq": 30}),
-                 Message("evaluate", {**valid[0].tensors, "grad": torch.zeros(1)}, {**good, "seq": 31}),
-                 Message("evaluate", {"tokens": torch.randn(2, patches + 1, width), "shared": torch.randn(1, shared_rows, width)},
-                         {**good, "seq": 32})]
+    tensors = {"tokens": torch.randn(2, patches, width), "shared": torch.randn(shared_rows, width)}
+    seeded = lambda seed, prompts=tensors["shared"][model.layout.prompt_rows]: model.messages.evaluate_meta(  # noqa: E731
+        seed, model.perturbations.draw(seed, prompts.shape))
+    valid = [Message("evaluate", tensors, {**good, "seq": s, **seeded(s)}) for s in (1, 2, 3)]
+    crafted_ = [Message("evaluate", tensors, {**good, "seq": 10 + i, **meta}) for i, meta in enumerate([
+        {}, {"directions-seed": -1, "directions-sum": 0.0}, {"directions-seed": 2**40, "directions-sum": 0.0},
+        {"directions-seed": 1.5, "directions-sum": 0.0}, {"directions-seed": None}, {**seeded(5), "directions-sum": 1.0},
+        {"directions-seed": 5}])]
+    crafted_ += [Message("evaluate", {"tokens": tensors["tokens"]}, {**good, "seq": 30, **seeded(6)}),
+                 Message("evaluate", {**tensors, "grad": torch.zeros(1)}, {**good, "seq": 31, **seeded(6)}),
+                 Message("evaluate", {"tokens": torch.randn(2, patches + 1, width), "shared": tensors["shared"]},
+                         {**good, "seq": 32, **seeded(6)}),
+                 Message("evaluate", {"tokens": tensors["tokens"], "shared": torch.randn(2, shared_rows, width)},
+                         {**good, "seq": 33, **seeded(6)})]
     server.admit("a", SESSION)
     for message in valid:
         server.handle(decode(encode(message)))

@@ -92,10 +92,7 @@ class TrainSettings:
     backbone_lr: float
     momentum: float
     weight_decay: float
-    prompt_updates: str = "backprop"  # or "forward-only": zeroth-order prompt steps, no gradient message
-    directions: int = 4
-    perturbation: float = 1e-3
-    estimator: str = "antithetic"
+    prompt_updates: str = "backprop"  # or "forward-only": zeroth-order prompt steps (SplitViT.perturbations)
     mean_samples: float | None = None  # the federation's mean samples per client (--prune-keep by-size), if known
 
     @classmethod
@@ -329,31 +326,33 @@ class Client:
         return _mean(losses)
 
     def _forward_only_train(self, ctx: RoundContext, chosen: list[int]) -> float | None:
-        """Split training in which no gradient crosses the network. Each mini-batch is one `evaluate`: its image
-        rows once, and the rows every image shares under the prompts as they are and under perturbed copies
-        along `directions` random directions from the client's private generator (`zeroth_order`). The tail
-        steps first order on the rows of the prompts as they are; the prompts step by the estimate the
-        client's own loss differences give: the labels and the losses stay on the client."""
+        """Split training in which no gradient crosses the network. Each mini-batch is one `evaluate`: the tokens a
+        forward carries and the seed (from the client's private generator) of the random directions along
+        which the body server evaluates perturbed copies of the prompts (`zeroth_order`). The tail steps first
+        order on the rows of the prompts as they are; the prompts step by the estimate the client's own loss
+        differences give: the labels and the losses stay on the client."""
         params, memory, s = ctx.params, ctx.memory, self.settings
         optimizer = build_optimizer(params.param_groups(s.lr, s.prompt_lr, s.backbone_lr), s)
-        prompts, messages = params.prompts, self.model.messages
+        prompts, messages, perturbations = params.prompts, self.model.messages, self.model.perturbations
         losses = []
         for _ in range(s.split_epochs):
             for images, labels, _ in self._loader(Subset(_Positioned(self.data), chosen), ctx):
                 with self.meter.work(CLIENT, "split", memory), torch.no_grad():
-                    directions = torch.randn((s.directions, *prompts.shape[1:]), generator=ctx.private).to(prompts.device)
-                    sets = zeroth_order.prompt_sets(prompts[0], directions, s.perturbation, s.estimator)  # (S, P, D)
-                    tokens = self.model.send(images, prompts, ctx.private)  # (B, L, D): the image rows, protected
-                    request = Message("evaluate", messages.pack_prompt_sets(tokens, self.model.shared_rows(tokens, sets)))
-                reply = ctx.link.request(request, ctx.phase, memory)
-                rows = messages.unpack_rows(_expect(reply, "body_output"), len(sets) * len(tokens))
+                    seed = int(torch.randint(zeroth_order.SEED_LIMIT, (1,), generator=ctx.private))
+                    directions = perturbations.draw(seed, prompts.shape[1:])
+                    meta = messages.evaluate_meta(seed, directions)
+                    directions = directions.to(prompts.device)
+                    tokens = self.model.send(images, prompts, ctx.private)  # (B, L, D): as a forward sends them
+                reply = ctx.link.request(Message("evaluate", messages.pack_tokens(tokens), meta), ctx.phase, memory)
+                rows = messages.unpack_rows(_expect(reply, "body_output"), perturbations.sets * len(tokens))
                 memory.hold(rows)
-                rows = rows.view(len(sets), len(tokens), *rows.shape[1:])  # (S, B, R, D)
+                rows = rows.view(perturbations.sets, len(tokens), *rows.shape[1:])  # (S, B, R, D)
                 with self.meter.work(CLIENT, "split", memory):
                     loss, _ = self._tail_step(params.tail, rows[0], labels, labels, optimizer)  # the tail: first order
                     with torch.no_grad():
                         set_losses = torch.stack([loss.detach()] + [F.cross_entropy(params.tail(r), labels) for r in rows[1:]])
-                        prompts.grad = zeroth_order.gradient(set_losses, directions, s.perturbation, s.estimator)[None]
+                        prompts.grad = zeroth_order.gradient(set_losses, directions, perturbations.size,
+                                                             perturbations.estimator)[None]
                     optimizer.step()
                 losses.append(loss.item())
         return _mean(losses)

@@ -284,13 +284,13 @@ class Config:
         if self.prompts == 0:
             raise ConfigError("--prompt-updates forward-only needs prompts to move (--prompt-tokens 0 leaves none)")
         if self.client_blocks or self.client_budgets is not None:
-            raise ConfigError("--prompt-updates forward-only sends a batch's image rows once and each prompt set's own "
-                              "rows beside them, which needs the head to hold no blocks (with blocks every token "
-                              "depends on the prompts, so each set would be a whole forward): leave --client-blocks "
-                              "and --client-budgets unset")
+            raise ConfigError("--prompt-updates forward-only has the body server perturb the prompt rows of a forward's "
+                              "tokens, which needs the head to hold no blocks (with blocks every token depends on the "
+                              "prompts, so each set would be a whole forward): leave --client-blocks and "
+                              "--client-budgets unset")
         if self.shared_rows != "once":
-            raise ConfigError("--prompt-updates forward-only sends each prompt set as the rows every image shares, once "
-                              "a batch: it needs --shared-rows once")
+            raise ConfigError("--prompt-updates forward-only has the body server perturb the prompts in the rows every "
+                              "image shares, sent once a batch: it needs --shared-rows once")
         if self.label_epsilon is not None:
             raise ConfigError("--label-epsilon randomizes the labels behind the gradients a client sends; with "
                               "--prompt-updates forward-only it sends none")
@@ -300,12 +300,13 @@ class Config:
                               "it is not measured with them: use --precision fp32 --wire-dtype float32")
 
     @property
-    def prompt_sets(self) -> int:
-        """How many prompt sets one request asks the body to evaluate: 1 (backprop), or the prompts as they are
-        and the perturbed sets of forward-only's estimator."""
+    def perturbations(self):
+        """Forward-only's `zeroth_order.Perturbations`, which the client and the body server share; None with backprop."""
         if self.prompt_updates != "forward-only":
-            return 1
-        return 1 + self.directions * (2 if self.estimator == "antithetic" else 1)
+            return None
+        from .zeroth_order import Perturbations  # torch: only where a run is built
+
+        return Perturbations(self.directions, self.perturbation, self.estimator)
 
     def _check_budgets(self) -> None:
         if self.client_budgets is None:

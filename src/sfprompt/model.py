@@ -32,6 +32,7 @@ from .config import PRECISIONS, ConfigError
 from .defence import Defence
 from .protocol import SplitMessages
 from .wire import WireFormat
+from .zeroth_order import Perturbations
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ class SplitViT:
 
     def __init__(self, vit: nn.Module, prompt_tokens: int, client_blocks: int, seed: int,
                  pool_tokens: int = 0, defence: Defence = Defence(), precision: str = "fp32",
-                 wire: WireFormat = WireFormat(), prompt_sets: int = 1) -> None:
+                 wire: WireFormat = WireFormat(), perturbations: Perturbations | None = None) -> None:
         if getattr(vit, "dist_token", None) is not None:
             raise ConfigError("distilled ViTs (a distillation token and a second classifier, e.g. DeiT's *_distilled_*) "
                               "are not supported: use the model without distillation")
@@ -226,7 +227,7 @@ class SplitViT:
         self._vit = vit
         self.depth, self.image_size = depth, tuple(vit.patch_embed.img_size)
         self.pool_grid, self.precision, self.defence, self.wire = pool_tokens or None, precision, defence, wire
-        self.prompt_sets = prompt_sets  # the most prompt sets one evaluate carries (forward-only prompt updates)
+        self.perturbations = perturbations  # forward-only's, which the body server applies to an evaluate's prompts
         self._split_at(client_blocks)
         self._splits = {client_blocks: self}  # split point -> its view (`at`), shared by every view
         self.num_classes = vit.num_classes
@@ -246,7 +247,7 @@ class SplitViT:
         # The rows that depend on the input: without client blocks the prefix and prompt rows are the
         # same for every image, so only the patch rows carry (and need protecting) anything of it.
         self.private_rows = self.layout.patch_rows if client_blocks == 0 else slice(0, self.layout.length)
-        self.messages = SplitMessages(self.layout, client_blocks, self.wire, self.prompt_sets)  # what its messages carry
+        self.messages = SplitMessages(self.layout, client_blocks, self.wire, self.perturbations)  # what its messages carry
 
     def at(self, client_blocks: int) -> "SplitViT":
         """The same model split after `client_blocks` blocks instead (a client of another budget): it
@@ -268,20 +269,11 @@ class SplitViT:
     def from_config(cls, vit: nn.Module, config, prompt_tokens: int | None = None) -> "SplitViT":
         """The split and defence a run's `Config` asks for (`prompt_tokens`: another method's count than its own)."""
         return cls(vit, config.prompts if prompt_tokens is None else prompt_tokens, config.client_blocks, config.seed, config.pool_tokens,
-                   Defence.from_config(config), config.precision, WireFormat.from_config(config), config.prompt_sets)
+                   Defence.from_config(config), config.precision, WireFormat.from_config(config), config.perturbations)
 
     def send(self, images: torch.Tensor, prompts: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The activations a client sends for `images`: (B, L, D), protected by the defence."""
         return self.defence.protect(self.head(images, prompts), self.private_rows, self.layout.patch_rows, generator)
-
-    def shared_rows(self, tokens: torch.Tensor, prompt_sets: torch.Tensor) -> torch.Tensor:
-        """The rows every image shares under each of the prompt sets (S, P, D), (S, prefix + P, D), beside the
-        tokens the head sent for a batch (B, L, D): without client blocks the head puts the prompts, as they
-        are, after the prefix rows, which no image changes."""
-        if self.client_blocks:
-            raise ConfigError("with client blocks every row depends on the prompts and the image: no rows are shared")
-        prefix = tokens[0, :self.layout.prefix].expand(len(prompt_sets), -1, -1)
-        return torch.cat([prefix, prompt_sets], dim=1)
 
     def new_params(self) -> ClientParams:
         return copy.deepcopy(self.initial_params)

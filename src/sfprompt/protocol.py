@@ -3,8 +3,9 @@
 A `forward` (or a probe's `features` request) carries the tokens the head sent; its reply, a
 `body_output`, the rows of the body's output the tail reads; a `backward` carries their gradient;
 its reply, an `input_grad`, the gradient of the token rows the client's head needs. Forward-only
-prompt updates send an `evaluate` instead: a batch's image rows once and several prompt sets' shared
-rows beside them; its `body_output` holds the tail's rows for every set, and no backward follows. Every tensor
+prompt updates send an `evaluate` instead: a forward's tensors and, in its metadata, the seed of the
+directions along which the server perturbs the prompts it received; its `body_output` holds the
+tail's rows for the prompts as they are and every perturbed set, and no backward follows. Every tensor
 travels in the run's `wire.WireFormat` (number format, rows shared once a batch), and unpacking is
 checking: exactly the tensors the format names, of the expected shapes and dtypes, finite, or
 `ProtocolError`. The client and the body server pack and unpack with the same `SplitMessages`, so the
@@ -19,6 +20,7 @@ import torch
 
 from .codec import MAX_HEADER_BYTES, ProtocolError
 from .wire import WireFormat
+from .zeroth_order import SEED_LIMIT, Perturbations, checksum
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class SplitMessages:
     layout: object  # model.TokenLayout: where the prefix, prompt and patch rows sit
     client_blocks: int
     wire: WireFormat
-    prompt_sets: int = 1  # the most prompt sets an `evaluate` may carry (Config.prompt_sets)
+    perturbations: Perturbations | None = None  # forward-only's (an `evaluate`'s prompt sets); None: no evaluates
 
     @property
     def grad_rows(self) -> slice:
@@ -67,27 +69,28 @@ class SplitMessages:
         images = got["tokens"]
         return torch.cat([got["shared"].expand(len(images), shared_rows, width), images], dim=1)
 
-    def pack_prompt_sets(self, tokens: torch.Tensor, shared_sets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What an `evaluate` carries: the image rows of the tokens a head sent (B, L, D), once, and the rows every
-        image shares under each prompt set (S, prefix + P, D)."""
-        if not self.shares_rows:
-            raise ProtocolError("prompt sets travel as the rows every image shares: they need a head with no blocks "
-                                "and the shared rows sent once")
-        return {**self.wire.pack("tokens", tokens[:, self.layout.patch_rows]), **self.wire.pack("shared", shared_sets)}
+    def evaluate_meta(self, seed: int, directions: torch.Tensor) -> dict:
+        """What an `evaluate` carries beside a forward's tensors: the seed of its directions and their checksum."""
+        return {"directions-seed": seed, "directions-sum": checksum(directions)}
 
-    def unpack_prompt_sets(self, tensors: dict[str, torch.Tensor], check_values: bool = True) -> torch.Tensor:
-        """The server's side of `pack_prompt_sets`, checked: every set's (B, L, D) tokens, set after set
-        (S x B, L, D), with at most `prompt_sets` sets."""
-        if not self.shares_rows:
-            raise ProtocolError("this run sends no prompt sets (an evaluate needs a head with no blocks and the "
-                                "shared rows sent once)")
-        width, shared_rows = self.layout.width, self.layout.patch_rows.start
-        got = self.wire.unpack(tensors, {"tokens": (None, self.layout.patches, width),
-                                         "shared": (None, shared_rows, width)}, check_values)
-        images, shared = got["tokens"], got["shared"]
-        if len(shared) > self.prompt_sets:
-            raise ProtocolError(f"an evaluate of {len(shared)} prompt sets; this run's carry at most {self.prompt_sets}")
-        return torch.cat([torch.cat([rows.expand(len(images), shared_rows, width), images], dim=1) for rows in shared])
+    def unpack_evaluate(self, tensors: dict[str, torch.Tensor], meta: dict, check_values: bool = True) -> torch.Tensor:
+        """The server's side of an `evaluate`, checked: the tokens of every prompt set, set after set (S x B, L, D):
+        the prompts as they came, then perturbed along the directions the seed names, as `Perturbations` says."""
+        if self.perturbations is None or not self.shares_rows:
+            raise ProtocolError("this run sends no evaluates (forward-only prompt updates, a head with no blocks and "
+                                "the shared rows sent once)")
+        seed = meta.get("directions-seed")
+        if type(seed) is not int or not 0 <= seed < SEED_LIMIT:
+            raise ProtocolError(f"an evaluate names its directions by an integer seed in [0, 2^31), got {seed!r}")
+        tokens = self.unpack_tokens(tensors, check_values)
+        prompts = tokens[0, self.layout.prompt_rows]
+        directions = self.perturbations.draw(seed, prompts.shape)
+        if meta.get("directions-sum") != checksum(directions):
+            raise ProtocolError("the directions this server draws from the evaluate's seed are not the client's "
+                                "(another torch version draws others): run the same torch on both sides")
+        sets = self.perturbations.sets_of(prompts, directions.to(prompts.device))  # (S, P, D)
+        head, tail = tokens[:, :self.layout.prompt_rows.start], tokens[:, self.layout.patch_rows]
+        return torch.cat([torch.cat([head, p.expand(len(tokens), -1, -1), tail], dim=1) for p in sets])
 
     def pack_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The body output rows the tail reads (B, R, D), as a `body_output` carries them."""
@@ -127,7 +130,6 @@ class SplitMessages:
         state (`state_bytes`: the broadcast and each upload) or one batch of activations (B, L, D) or
         gradients, with room for the header."""
         activations = batch_size * self.layout.length * self.layout.width * 4  # float32, the widest wire format
-        if self.prompt_sets > 1:  # an evaluate: the image rows and every set's shared rows up, every set's rows down
-            row_bytes = self.layout.width * 4
-            activations += self.prompt_sets * (batch_size * self.tail_shape[0] + self.layout.patch_rows.start) * row_bytes
+        if self.perturbations is not None:  # an evaluate's reply: every set's rows
+            activations += self.perturbations.sets * batch_size * self.tail_shape[0] * self.layout.width * 4
         return max(state_bytes, activations) + MAX_HEADER_BYTES

@@ -5,8 +5,9 @@ the body output that the tail reads; the matching `backward` carrying their grad
 with the gradient of the tokens the client needs (only the prompt rows when the head holds no
 blocks, since nothing else on the client is trained). A `features` request is a forward that no
 backward follows (linear-probe): answered alike, it runs without a graph and leaves nothing pending;
-an `evaluate` (forward-only prompt updates) is one for several prompt sets at once: the batch's image
-rows with each set's shared rows, answered with the tail's rows for every set.
+an `evaluate` (forward-only prompt updates) is one for several prompt sets at once: the prompts it
+carries and their copies perturbed along the directions its seed names, answered with the tail's
+rows for every set.
 
 Every request is checked before it is answered: the client must hold a session for this round
 (`admit`), with a sequence number above its last (a replayed or reordered request is refused), the
@@ -295,8 +296,8 @@ class BodyServer:
         split: SplitViT = session[2]
         if message.kind != "backward":
             evaluate = message.kind == "evaluate"  # its samples are its images under each prompt set
-            tokens = (split.messages.unpack_prompt_sets if evaluate else split.messages.unpack_tokens)(
-                message.tensors, check_values=False)
+            tokens = (split.messages.unpack_evaluate(message.tensors, message.meta, check_values=False) if evaluate
+                      else split.messages.unpack_tokens(message.tensors, check_values=False))
             images = len(message.tensors["tokens"]) if evaluate else len(tokens)
             if images > self.max_batch:
                 raise ProtocolError(f"a {message.kind} of {images} images; at most {self.max_batch} are served")

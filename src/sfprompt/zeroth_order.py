@@ -10,7 +10,42 @@ loss at p itself. For standard normal z both are unbiased up to O(eps^2) (antith
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+
+SEED_LIMIT = 2**31  # a seed of directions travels as a JSON integer in a message's metadata
+
+
+@dataclass(frozen=True)
+class Perturbations:
+    """A run's forward-only settings (--directions, --perturbation, --estimator), which the client and the
+    body server share: an `evaluate` names its directions by a seed, and the server perturbs the prompts it
+    received along the same ones."""
+
+    directions: int
+    size: float
+    estimator: str
+
+    @property
+    def sets(self) -> int:
+        """The prompt sets of one estimate: the prompts as they are, and one (one-sided) or two a direction."""
+        return 1 + self.directions * (2 if self.estimator == "antithetic" else 1)
+
+    def draw(self, seed: int, shape: torch.Size) -> torch.Tensor:
+        """The directions (K, *shape) a seed names: standard normal, drawn on the CPU by torch's generator."""
+        return torch.randn((self.directions, *shape), generator=torch.Generator().manual_seed(seed))
+
+    def sets_of(self, prompts: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+        return prompt_sets(prompts, directions, self.size, self.estimator)
+
+
+def checksum(directions: torch.Tensor) -> float:
+    """What a client sends beside a seed so that a body server whose torch draws other directions from it (another
+    version) refuses the request rather than answer for directions the client never used."""
+    total = float(directions.double().sum())
+    return total if math.isfinite(total) else 0.0
 
 
 def prompt_sets(prompts: torch.Tensor, directions: torch.Tensor, perturbation: float, estimator: str) -> torch.Tensor:
