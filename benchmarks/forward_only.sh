@@ -38,28 +38,12 @@ options() {
   esac
 }
 
-for setting in $SETTINGS; do
-  setting "$setting" > /dev/null
-  for row in $ROWS; do
-    options "$row" > /dev/null  # an unknown row stops the benchmark before anything runs
-    for seed in $SEEDS; do
-      wait_for_lane "${JOBS:-1}"
-      # shellcheck disable=SC2046
-      run_once "$OUT/$setting/$row/seed-$seed" "$OUT/$setting/$row/seed-$seed.log" $(setting "$setting") \
-        $(options "$row") --seed "$seed" --no-progress "${size[@]}" &
-    done
-  done
-done
-wait_for_all
+run_grid
 DOC=${DOC:-docs/benchmarks/forward-only.md}
 {
   echo "$(command_header forward_only) Test accuracy, mean ± standard deviation over the seeds; bytes and FLOPs"
   echo "of the whole run. Rows: linear-probe, backprop (\`sfprompt run --prompt-tokens 50\`: the default recipe) and"
   echo "forward-only-K (the same with \`--prompt-updates forward-only --directions K\`)."
-  for setting in $SETTINGS; do
-    echo; echo "### $setting"; echo
-    rows=(); for row in $ROWS; do if [ -d "$OUT/$setting/$row" ]; then rows+=("$OUT/$setting/$row"); fi; done
-    if [ ${#rows[@]} -gt 0 ]; then python benchmarks/table.py "${rows[@]}"; else echo "(no runs)"; fi
-  done
+  grid_tables
 } > "$DOC"
 cat "$DOC"

@@ -26,6 +26,37 @@ wait_for_all() {
   wait_for_lane 1
 }
 
+# run_grid: every row of ROWS in every setting of SETTINGS with every seed of SEEDS, JOBS at a time, each run in
+# OUT/SETTING/ROW/seed-N with the options the calling script's `setting SETTING` and `options ROW` print (and its
+# `size` array appended); returns once all have finished. An unknown setting or row stops it before that one runs.
+run_grid() {
+  local setting row seed
+  for setting in $SETTINGS; do
+    setting "$setting" > /dev/null
+    for row in $ROWS; do
+      options "$row" > /dev/null
+      for seed in $SEEDS; do
+        wait_for_lane "${JOBS:-1}"
+        # shellcheck disable=SC2046
+        run_once "$OUT/$setting/$row/seed-$seed" "$OUT/$setting/$row/seed-$seed.log" $(setting "$setting") \
+          $(options "$row") --seed "$seed" --no-progress "${size[@]}" &
+      done
+    done
+  done
+  wait_for_all
+}
+
+# grid_tables: for each setting of SETTINGS, a "### SETTING" heading and benchmarks/table.py's table of the ROWS that
+# have runs under OUT/SETTING (or "(no runs)").
+grid_tables() {
+  local setting row rows
+  for setting in $SETTINGS; do
+    echo; echo "### $setting"; echo
+    rows=(); for row in $ROWS; do if [ -d "$OUT/$setting/$row" ]; then rows+=("$OUT/$setting/$row"); fi; done
+    if [ ${#rows[@]} -gt 0 ]; then python benchmarks/table.py "${rows[@]}"; else echo "(no runs)"; fi
+  done
+}
+
 # command_header NAME: the line a report of `bash benchmarks/NAME.sh` opens with, naming the machine that ran it.
 command_header() {
   echo "Command: \`bash benchmarks/$1.sh\`; $(python benchmarks/write_benchmarks.py --machine)."

@@ -104,30 +104,14 @@ if [ -n "${TUNE:-}" ]; then
   exit 0
 fi
 
-for setting in $SETTINGS; do
-  setting "$setting" > /dev/null
-  if [ -n "${TABLE_ONLY:-}" ]; then continue; fi
-  for row in $ROWS; do
-    options "$row" > /dev/null  # an unknown row stops the benchmark before anything runs
-    for seed in $SEEDS; do
-      wait_for_lane "${JOBS:-1}"
-      # shellcheck disable=SC2046
-      run_once "$OUT/$setting/$row/seed-$seed" "$OUT/$setting/$row/seed-$seed.log" $(setting "$setting") \
-        $(options "$row") --seed "$seed" --no-progress "${size[@]}" &
-    done
-  done
-done
-wait_for_all
+for setting in $SETTINGS; do setting "$setting" > /dev/null; done  # an unknown setting stops it, TABLE_ONLY too
+if [ -z "${TABLE_ONLY:-}" ]; then run_grid; fi
 DOC=${DOC:-docs/benchmarks/recipe.md}
 {
   echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds. Rows: linear-probe is"
   echo "\`--method linear-probe\`, default \`sfprompt run\` with no options, paper \`--recipe paper\`; the -float32 rows"
   echo "are those two in the paper's wire format (every row with every sample), the -int8 rows with \`--wire-dtype int8\`,"
   echo "default-prompts-50 the default with 50 prompts (the headline setting's, docs/benchmarks/central.md)."
-  for setting in $SETTINGS; do
-    echo; echo "### $setting"; echo
-    rows=(); for row in $ROWS; do if [ -d "$OUT/$setting/$row" ]; then rows+=("$OUT/$setting/$row"); fi; done
-    if [ ${#rows[@]} -gt 0 ]; then python benchmarks/table.py "${rows[@]}"; else echo "(no runs)"; fi
-  done
+  grid_tables
 } > "$DOC"
 cat "$DOC"

@@ -4,6 +4,7 @@ ClientApp's handler in this process (one Context per node, kept across rounds; a
 enough to inject every kind of client failure."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -318,22 +319,28 @@ class ConcurrentGrid(InlineGrid):
             return list(pool.map(lambda message: next(InlineGrid.send_and_receive(self, [message])), messages))
 
 
-def test_body_batching_batches_concurrent_clients_and_keeps_the_result(imagefolder, tmp_path):
-    """Clients that work at once share the body's passes (a batch holds several of them), and the run ends as the
-    in-process one does, to float tolerance. (Nodes built at once in one process once drew each other's random
-    weights from the global generator: their builds are now one at a time.)"""
-    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1, method="sfl")
+def batched_concurrently(config, tmp_path) -> tuple[int, Counter]:
+    """`config` run in-process and under Flower with three concurrent nodes and body batching (a 1 s window); checks
+    both end alike, to float tolerance. The Flower run's split requests and its body server's passes."""
     run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
     runtimes, grid = [], ConcurrentGrid(3)
     nodes, folder_sizes, _ = find_partitions(grid, wait_s=5)
     options = FlowerOptions(body_batching=True, body_batch_window_s=1.0)
     run(config.replace(out=str(tmp_path / "flower")), progress=False, log=lambda _: None,
         runtime=lambda fed: runtimes.append(FlowerRuntime(fed, grid, nodes, options, folder_sizes)) or runtimes[-1])
-    requests = records(tmp_path / "flower")[0]["messages_by_phase"]["up/split"] // 2  # forwards, as many backwards
-    passes = runtimes[0].body.passes
-    assert passes["forward"] < requests and passes["backward"] < requests  # batches of several clients
     local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
     assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
+    return records(tmp_path / "flower")[0]["messages_by_phase"]["up/split"], runtimes[0].body.passes
+
+
+def test_body_batching_batches_concurrent_clients_and_keeps_the_result(imagefolder, tmp_path):
+    """Clients that work at once share the body's passes (a batch holds several of them), and the run ends as the
+    in-process one does, to float tolerance. (Nodes built at once in one process once drew each other's random
+    weights from the global generator: their builds are now one at a time.)"""
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1, method="sfl")
+    requests, passes = batched_concurrently(config, tmp_path)
+    requests //= 2  # forwards, as many backwards
+    assert passes["forward"] < requests and passes["backward"] < requests  # batches of several clients
 
 
 def test_body_batching_batches_forward_only_evaluates_and_runs_no_backward(imagefolder, tmp_path):
@@ -341,17 +348,8 @@ def test_body_batching_batches_forward_only_evaluates_and_runs_no_backward(image
     passes, no backward ever runs, and the run ends as the in-process one does."""
     config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1, method="sfl",
                          prompt_updates="forward-only", directions=2)
-    run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
-    runtimes, grid = [], ConcurrentGrid(3)
-    nodes, folder_sizes, _ = find_partitions(grid, wait_s=5)
-    options = FlowerOptions(body_batching=True, body_batch_window_s=1.0)
-    run(config.replace(out=str(tmp_path / "flower")), progress=False, log=lambda _: None,
-        runtime=lambda fed: runtimes.append(FlowerRuntime(fed, grid, nodes, options, folder_sizes)) or runtimes[-1])
-    requests = records(tmp_path / "flower")[0]["messages_by_phase"]["up/split"]  # evaluates, nothing else
-    passes = runtimes[0].body.passes
+    requests, passes = batched_concurrently(config, tmp_path)  # evaluates, nothing else
     assert 0 < passes["evaluate"] < requests and passes["backward"] == passes["forward"] == 0
-    local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
-    assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
 
 
 def test_body_batching_is_refused_with_a_trained_body():
