@@ -73,16 +73,20 @@ class SplitMessages:
         """What an `evaluate` carries beside a forward's tensors: the seed of its directions and their checksum."""
         return {"directions-seed": seed, "directions-sum": checksum(directions)}
 
-    def unpack_evaluate(self, tensors: dict[str, torch.Tensor], meta: dict, check_values: bool = True) -> torch.Tensor:
-        """The server's side of an `evaluate`, checked: the tokens of every prompt set, set after set (S x B, L, D):
-        the prompts as they came, then perturbed along the directions the seed names, as `Perturbations` says."""
+    def check_evaluates(self) -> None:
+        """`ProtocolError` unless this run's clients send `evaluate`s (forward-only, the prompt rows shared)."""
         if self.perturbations is None or not self.shares_rows:
             raise ProtocolError("this run sends no evaluates (forward-only prompt updates, a head with no blocks and "
                                 "the shared rows sent once)")
+
+    def evaluated_tokens(self, tokens: torch.Tensor, meta: dict) -> torch.Tensor:
+        """The server's side of an `evaluate` whose tokens (B, L, D) are unpacked already: the tokens of every
+        prompt set, set after set (S x B, L, D), the prompts as they came, then perturbed along the directions
+        the seed in `meta` names, as `Perturbations` says; the seed and its checksum checked."""
+        self.check_evaluates()
         seed = meta.get("directions-seed")
         if type(seed) is not int or not 0 <= seed < SEED_LIMIT:
             raise ProtocolError(f"an evaluate names its directions by an integer seed in [0, 2^31), got {seed!r}")
-        tokens = self.unpack_tokens(tensors, check_values)
         prompts = tokens[0, self.layout.prompt_rows]
         directions = self.perturbations.draw(seed, prompts.shape)
         if meta.get("directions-sum") != checksum(directions):

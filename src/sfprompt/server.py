@@ -295,12 +295,13 @@ class BodyServer:
         session = self._sessions[client]
         split: SplitViT = session[2]
         if message.kind != "backward":
-            evaluate = message.kind == "evaluate"  # its samples are its images under each prompt set
-            tokens = (split.messages.unpack_evaluate(message.tensors, message.meta, check_values=False) if evaluate
-                      else split.messages.unpack_tokens(message.tensors, check_values=False))
-            images = len(message.tensors["tokens"]) if evaluate else len(tokens)
-            if images > self.max_batch:
-                raise ProtocolError(f"a {message.kind} of {images} images; at most {self.max_batch} are served")
+            if message.kind == "evaluate":
+                split.messages.check_evaluates()
+            tokens = split.messages.unpack_tokens(message.tensors, check_values=False)
+            if len(tokens) > self.max_batch:
+                raise ProtocolError(f"a {message.kind} of {len(tokens)} images; at most {self.max_batch} are served")
+            if message.kind == "evaluate":  # its samples are its images under each prompt set, made once they passed
+                tokens = split.messages.evaluated_tokens(tokens, message.meta)
             return _Request(client, session, message.kind, tokens, message.tensors)
         pending = self._pending.pop(client, None)
         if pending is None:
