@@ -301,61 +301,61 @@ class Client:
             self.probe = running.averages()
         return self.probe
 
-    # Split training on the chosen samples: activations and gradients cross the link each batch.
+    # Split training on the chosen samples: activations (and, with backprop, gradients) cross the link each batch.
     def split_train(self, ctx: RoundContext, chosen: list[int]) -> float | None:
-        params, memory = ctx.params, ctx.memory
         ctx.phase = "split"
         s = self.settings
-        if s.prompt_updates == "forward-only":
-            return self._forward_only_train(ctx, chosen)
-        optimizer = build_optimizer(params.param_groups(s.lr, s.prompt_lr, s.backbone_lr), s)  # prompts and tail
-        losses = []
-        for _ in range(self.settings.split_epochs):
-            for images, labels, positions in self._loader(Subset(_Positioned(self.data), chosen), ctx):
-                with self.meter.work(CLIENT, "split", memory):
-                    tokens = self.model.send(images, params.prompts, ctx.private)  # (B, L, D)
-                rows = self._body_rows(ctx, "forward", tokens)
-                shown = self._shown_labels(labels, positions, memory)
-                with self.meter.work(CLIENT, "split", memory):
-                    loss, grad = self._tail_step(params.tail, rows, labels, shown, optimizer)
-                reply = self._send_grad(ctx, grad)
-                with self.meter.work(CLIENT, "split", memory):
-                    memory.hold(self._backward_into_head(tokens, reply))  # the prompts (and head blocks)
-                    optimizer.step()
-                losses.append(loss.item())
-        return _mean(losses)
-
-    def _forward_only_train(self, ctx: RoundContext, chosen: list[int]) -> float | None:
-        """Split training in which no gradient crosses the network. Each mini-batch is one `evaluate`: the tokens a
-        forward carries and the seed (from the client's private generator) of the random directions along
-        which the body server evaluates perturbed copies of the prompts (`zeroth_order`). The tail steps first
-        order on the rows of the prompts as they are; the prompts step by the estimate the client's own loss
-        differences give: the labels and the losses stay on the client."""
-        params, memory, s = ctx.params, ctx.memory, self.settings
-        optimizer = build_optimizer(params.param_groups(s.lr, s.prompt_lr, s.backbone_lr), s)
-        prompts, messages, perturbations = params.prompts, self.model.messages, self.model.perturbations
+        optimizer = build_optimizer(ctx.params.param_groups(s.lr, s.prompt_lr, s.backbone_lr), s)  # prompts and tail
+        step = self._forward_only_step if s.prompt_updates == "forward-only" else self._backprop_step
         losses = []
         for _ in range(s.split_epochs):
-            for images, labels, _ in self._loader(Subset(_Positioned(self.data), chosen), ctx):
-                with self.meter.work(CLIENT, "split", memory), torch.no_grad():
-                    seed = int(torch.randint(zeroth_order.SEED_LIMIT, (1,), generator=ctx.private))
-                    directions = perturbations.draw(seed, prompts.shape[1:])
-                    meta = messages.evaluate_meta(seed, directions)
-                    directions = directions.to(prompts.device)
-                    tokens = self.model.send(images, prompts, ctx.private)  # (B, L, D): as a forward sends them
-                reply = ctx.link.request(Message("evaluate", messages.pack_tokens(tokens), meta), ctx.phase, memory)
-                rows = messages.unpack_rows(_expect(reply, "body_output"), perturbations.sets * len(tokens))
-                memory.hold(rows)
-                rows = rows.view(perturbations.sets, len(tokens), *rows.shape[1:])  # (S, B, R, D)
-                with self.meter.work(CLIENT, "split", memory):
-                    loss, _ = self._tail_step(params.tail, rows[0], labels, labels, optimizer)  # the tail: first order
-                    with torch.no_grad():
-                        set_losses = torch.stack([loss.detach()] + [F.cross_entropy(params.tail(r), labels) for r in rows[1:]])
-                        prompts.grad = zeroth_order.gradient(set_losses, directions, perturbations.size,
-                                                             perturbations.estimator)[None]
-                    optimizer.step()
-                losses.append(loss.item())
+            for images, labels, positions in self._loader(Subset(_Positioned(self.data), chosen), ctx):
+                losses.append(step(ctx, images, labels, positions, optimizer).item())
         return _mean(losses)
+
+    def _backprop_step(self, ctx: RoundContext, images: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
+                       optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """A forward, the tail's step on the rows it brings back, and a backward whose reply the prompts step on."""
+        params, memory = ctx.params, ctx.memory
+        with self.meter.work(CLIENT, "split", memory):
+            tokens = self.model.send(images, params.prompts, ctx.private)  # (B, L, D)
+        rows = self._body_rows(ctx, "forward", tokens)
+        shown = self._shown_labels(labels, positions, memory)
+        with self.meter.work(CLIENT, "split", memory):
+            loss, grad = self._tail_step(params.tail, rows, labels, shown, optimizer)
+        reply = self._send_grad(ctx, grad)
+        with self.meter.work(CLIENT, "split", memory):
+            memory.hold(self._backward_into_head(tokens, reply))  # the prompts (and head blocks)
+            optimizer.step()
+        return loss
+
+    def _forward_only_step(self, ctx: RoundContext, images: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
+                           optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """A step in which no gradient crosses the network: one `evaluate`, the tokens a forward carries and the seed
+        (from the client's private generator) of the random directions along which the body server evaluates
+        perturbed copies of the prompts (`zeroth_order`). The tail steps first order on the rows of the prompts
+        as they are; the prompts step by the estimate the client's own loss differences give: the labels and
+        the losses stay on the client."""
+        params, memory = ctx.params, ctx.memory
+        prompts, messages, perturbations = params.prompts, self.model.messages, self.model.perturbations
+        with self.meter.work(CLIENT, "split", memory), torch.no_grad():
+            seed = int(torch.randint(zeroth_order.SEED_LIMIT, (1,), generator=ctx.private))
+            directions = perturbations.draw(seed, prompts.shape[1:])
+            meta = messages.evaluate_meta(seed, directions)
+            directions = directions.to(prompts.device)
+            tokens = self.model.send(images, prompts, ctx.private)  # (B, L, D): as a forward sends them
+        reply = ctx.link.request(Message("evaluate", messages.pack_tokens(tokens), meta), ctx.phase, memory)
+        rows = messages.unpack_rows(_expect(reply, "body_output"), perturbations.sets * len(tokens))
+        memory.hold(rows)
+        rows = rows.view(perturbations.sets, len(tokens), *rows.shape[1:])  # (S, B, R, D)
+        with self.meter.work(CLIENT, "split", memory):
+            loss, _ = self._tail_step(params.tail, rows[0], labels, labels, optimizer)  # the tail: first order
+            with torch.no_grad():
+                set_losses = torch.stack([loss.detach()] + [F.cross_entropy(params.tail(r), labels) for r in rows[1:]])
+                prompts.grad = zeroth_order.gradient(set_losses, directions, perturbations.size,
+                                                     perturbations.estimator)[None]
+            optimizer.step()
+        return loss
 
     @staticmethod
     def _tail_step(tail: nn.Module, rows: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor,
