@@ -237,7 +237,7 @@ class Config:
         self._check_privacy()
         self._check_budgets()
         self._check_forward_only()
-        if self.probe_rounds and (self.method not in ("sfprompt", "sfl", "sl") or self.train_body):
+        if self.probe_rounds and not self.splits_with_frozen_body:
             raise ConfigError("--probe-rounds opens a run of a split method with a frozen body (sfprompt, sfl, sl) "
                               f"with a linear probe; --method {self.method}{' --train-body' if self.train_body else ''} "
                               "has no such start (linear-probe is nothing else)")
@@ -278,7 +278,7 @@ class Config:
             raise ConfigError(f"--perturbation must be positive, got {self.perturbation}")
         if self.prompt_updates != "forward-only":
             return
-        if self.method not in ("sfprompt", "sfl", "sl") or self.train_body:
+        if not self.splits_with_frozen_body:
             raise ConfigError("--prompt-updates forward-only moves the prompts of a split method with a frozen body "
                               f"(sfprompt, sfl, sl), not of --method {self.method}{' --train-body' if self.train_body else ''}")
         if self.prompts == 0:
@@ -298,6 +298,12 @@ class Config:
             raise ConfigError("--prompt-updates forward-only steps the prompts by loss differences of the order of "
                               "--perturbation, which a body or wire format that rounds (bf16, fp16, int8) may drown; "
                               "it is not measured with them: use --precision fp32 --wire-dtype float32")
+
+    @property
+    def splits_with_frozen_body(self) -> bool:
+        """Whether the method is a split one whose body the server keeps frozen (sfprompt, sfl, sl; not --train-body):
+        the methods a probe round can open and forward-only prompt updates can train."""
+        return self.method in ("sfprompt", "sfl", "sl") and not self.train_body
 
     @property
     def perturbations(self):
