@@ -8,13 +8,15 @@ from sfprompt.cli import main
 from sfprompt.client import Client, TrainSettings
 from sfprompt.compare import VARIANTS
 from sfprompt.config import Config
-from sfprompt.cost import estimate
+from sfprompt.cost import _round, estimate, fake_vit
 from sfprompt.inprocess import client_round
 from sfprompt.meter import Meter
 from sfprompt.methods import METHODS
 from sfprompt.model import SplitViT, create_vit
 from sfprompt.server import BodyServer
 from sfprompt.transport import InProcessLink
+
+from conftest import run_benchmark
 
 CONFIG = Config(model="test_vit", image_size=32, prompt_tokens=2, keep_ratio=0.5, batch_size=4)
 
@@ -65,3 +67,34 @@ def test_cost_command_writes_json(tmp_path, capsys):
     fl, sfp = saved["per_client_per_round"]["fl"], saved["per_client_per_round"]["sfprompt"]
     assert sfp["client_flops"] < fl["client_flops"] and sfp["bytes_down"] < fl["bytes_down"]
     assert "| sfprompt |" in capsys.readouterr().out
+
+
+def test_the_docs_cost_table_script_writes_each_format(tmp_path):
+    """benchmarks/cost.sh (docs/cost.md's table) at a tiny size, two of its formats: a JSON each, and the ratios."""
+    done = run_benchmark("cost.sh", tmp_path, MODELS="test_vit", OUT=str(tmp_path / "cost"), FORMATS="float32:per-sample int8:once",
+                         SIZE="--image-size 32 --samples-per-client 40 --batch-size 4")
+    assert done.returncode == 0, done.stderr
+    written = sorted(path.name for path in (tmp_path / "cost").glob("*.json"))
+    assert written == ["test_vit-float32-per-sample.json", "test_vit-int8-once.json"]
+    ratios = [float(line.split("|")[3].strip().rstrip("x")) for line in done.stdout.splitlines() if "| test_vit |" in line]
+    assert len(ratios) == 2 and ratios[0] > 2 * ratios[1]  # int8 with the rows once: well under the paper's format
+
+
+@pytest.mark.parametrize("options", [dict(client_blocks=1, clip_norm=1.0, noise_multiplier=1.0), dict(wire_dtype="int8"),
+                                     dict(wire_dtype="float16", precision="fp16"), dict(precision="bf16", pool_tokens=2),
+                                     dict(label_epsilon=2.0, shared_rows="per-sample"), dict(method="sfl", train_body=True)],
+                         ids=lambda options: ",".join(options))
+def test_a_round_on_fake_weights_counts_what_a_real_one_does(options):
+    """What `cost` runs (fake weights) against the same round on real ones: every FLOP, the peak memory and every
+    message's bytes equal, but for the upload's report of the round's losses (the fake round has none)."""
+    config = CONFIG.replace(**options)
+    settings = TrainSettings.from_config(config, mean_samples=12)
+    torch.manual_seed(0)
+    real, real_samples = _round(config, create_vit("test_vit", 10, 32, "none"), config.method, 12, 10, settings)
+    fake, fake_samples = _round(config, fake_vit("test_vit", 10, 32), config.method, 12, 10, settings)
+    assert real_samples == fake_samples
+    for key in ("flops_by_phase", "messages_by_phase", "client_peak_memory_bytes", "bytes_down"):
+        assert fake[key] == real[key], key
+    assert {k: v for k, v in fake["bytes_by_phase"].items() if k != "up/upload"} == \
+           {k: v for k, v in real["bytes_by_phase"].items() if k != "up/upload"}
+    assert abs(fake["bytes_by_phase"]["up/upload"] - real["bytes_by_phase"]["up/upload"]) <= 64

@@ -71,8 +71,7 @@ def test_readme_command_runs(command, tmp_path, monkeypatch):
     if any(arg.startswith("data/digits") for arg in argv):
         subprocess.run([sys.executable, str(ROOT / "examples" / "export_digits.py"), "data/digits"], check=True)
     if subcommand == "cost":
-        big = "vit_large" in command  # at ViT-L/16, only fl (its 1.2 GB broadcast) and sfprompt: memory and time
-        argv += TINY_COST + (["--methods", "fl,sfprompt"] if big else [])
+        argv += TINY_COST
     elif subcommand == "plot":
         assert main(["run", *TINY]) == 0  # the run it draws: runs/latest points at it
     elif "--from" in argv:

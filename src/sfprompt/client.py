@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import zeroth_order
 from .codec import Message, ProtocolError
 from .config import ConfigError
-from .meter import CLIENT, Meter, PeakMemory
+from .meter import CLIENT, Meter, PeakMemory, is_fake, scalar
 from .optim import build_optimizer
 from .model import ClientParams, SplitViT
 from .probe import RunningStatistics
@@ -272,6 +272,8 @@ class Client:
             all_labels.append(labels)
         labels = torch.cat(all_labels)
         ranked = torch.cat(scores) if scores else torch.rand(len(labels), generator=ctx.generator)
+        if is_fake(ranked):  # `sfprompt cost`: no scores to rank, but how many are kept depends on the labels alone
+            ranked = torch.rand(len(labels), generator=ctx.generator)
         return keep_band(ranked, s.keep_ratio, self._band(), labels if s.prune_per_class else None).tolist()
 
     def _band(self) -> float:
@@ -289,8 +291,7 @@ class Client:
         if self.probe is not None:
             return self.probe
         ctx.phase = "probe"
-        with self.meter.work(CLIENT, "probe", ctx.memory):
-            running = RunningStatistics(self.model.num_classes, self.model.layout.width, self.device)
+        running = RunningStatistics(self.model.num_classes)
         for images, labels, _ in self._loader(_Positioned(self.data), ctx, shuffle=False):
             with self.meter.work(CLIENT, "probe", ctx.memory):
                 tokens = self.model.send(images, ctx.params.prompts, ctx.private)  # (B, L, D)
@@ -310,7 +311,7 @@ class Client:
         losses = []
         for _ in range(s.split_epochs):
             for images, labels, positions in self._loader(Subset(_Positioned(self.data), chosen), ctx):
-                losses.append(step(ctx, images, labels, positions, optimizer).item())
+                losses.append(scalar(step(ctx, images, labels, positions, optimizer)))
         return _mean(losses)
 
     def _backprop_step(self, ctx: RoundContext, images: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
@@ -421,7 +422,7 @@ class Client:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                losses.append(loss.item())
+                losses.append(scalar(loss))
         return _mean(losses)
 
     def _loader(self, data: Dataset, ctx: RoundContext, shuffle: bool = True):

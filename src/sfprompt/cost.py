@@ -1,25 +1,30 @@
 """`sfprompt cost`: per-client, per-round compute and communication of every method, for planning.
 
 Nothing is estimated from shapes, and no phase logic is repeated here: each method's client round
-runs for real (randomly initialised weights of the chosen architecture, random images) on a probe
-just large enough for a full `--batch-size` batch in every phase, two epochs of each phase at most,
-through the same client code, codec and counters as a training run, which count each phase's FLOPs
-and bytes and the samples it processed. How many samples each phase processes on a client holding `samples_per_client` samples is counted
-the same way, by running the same round on that many samples through a tiny ViT (seconds), with the
-configured pruning (per class over a balanced label mix, as IID data gives). Each phase's costs are
-scaled by the ratio of the two counts; the broadcast and upload do not depend on the data and are
-taken as measured. Per-message headers (a few hundred bytes) are scaled with the samples too, a
-negligible error at real activation sizes. Client peak memory is measured as the probe runs: full
-batches, and a second epoch with the optimiser's state, as in a training run.
+runs through the same client code, codec and counters as a training run, on a probe just large enough
+for a full `--batch-size` batch in every phase, two epochs of each phase at most, with the chosen
+architecture's weights as fake tensors (`fake_vit`): every operation is dispatched, so the FLOP
+counter and the memory tracker count it, but none is computed, and each message is counted at the
+exact length its encoding would have (`codec.encoded_size`). So ViT-L/16 takes seconds and about a
+gigabyte where real rounds took half an hour and 20 GB. How many samples each phase processes on a
+client holding `samples_per_client` samples is counted the same way, by running the same round on
+that many samples through a tiny real ViT (seconds), with the configured pruning (per class over a
+balanced label mix, as IID data gives). Each phase's costs are scaled by the ratio of the two counts;
+the broadcast and upload do not depend on the data and are taken as measured. Per-message headers (a
+few hundred bytes) are scaled with the samples too, a negligible error at real activation sizes.
+Client peak memory is measured as the probe runs: full batches, and a second epoch with the
+optimiser's state, as in a training run.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .client import Client, TrainSettings
 from .compare import VARIANTS
@@ -48,8 +53,8 @@ class _CountingClient(Client):
 
 def _round(config: Config, vit: torch.nn.Module, method_name: str, samples: int, num_classes: int,
            settings: TrainSettings) -> tuple[dict, Counter]:
-    """One real client round on `samples` random images with balanced labels: its costs as a
-    training run measures them, and the samples each phase processed."""
+    """One client round through `vit` (real, or fake: `fake_vit`) on `samples` random images with balanced
+    labels: its costs as a training run measures them, and the samples each phase processed."""
     model = SplitViT.from_config(vit, config, 0 if method_name in PROMPT_FREE else config.prompt_tokens)
     generator = torch.Generator().manual_seed(config.seed)
     size = vit.patch_embed.img_size
@@ -67,9 +72,16 @@ def _round(config: Config, vit: torch.nn.Module, method_name: str, samples: int,
 
 def estimate(config: Config, samples_per_client: int, num_classes: int, methods: list[str],
              probe_samples: int | None = None) -> dict[str, dict]:
-    """Each method's costs per client and round, from `probe_samples` run for real (default: `probe_size`)."""
+    """Each method's costs per client and round, from `probe_samples` run on fake weights (default: `probe_size`)."""
+    with warnings.catch_warnings():  # torch's deepcopy of a parameter asks for its data pointer, which a fake one lacks
+        warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
+        return _estimate(config, samples_per_client, num_classes, methods, probe_samples)
+
+
+def _estimate(config: Config, samples_per_client: int, num_classes: int, methods: list[str],
+              probe_samples: int | None) -> dict[str, dict]:
     torch.manual_seed(config.seed)
-    vit = create_vit(config.model, num_classes, config.image_size, "none")
+    vit = fake_vit(config.model, num_classes, config.image_size)
     counting_vit = create_vit(COUNTING_MODEL, num_classes, COUNTING_SIZE, "none")
     results = {}
     for name in methods:
@@ -86,6 +98,15 @@ def estimate(config: Config, samples_per_client: int, num_classes: int, methods:
         measured, probed = _round(variant, vit, method, probe, num_classes, probing)
         results[name] = _scaled(measured, {phase: full[phase] / probed[phase] for phase in probed})
     return results
+
+
+def fake_vit(model: str, num_classes: int, image_size: int) -> torch.nn.Module:
+    """The architecture with fake weights (shapes and dtypes, no values, no memory): what it computes is
+    counted (FLOPs, the bytes of its messages, the memory its tensors would take) without being done."""
+    with torch.device("meta"):
+        vit = create_vit(model, num_classes, image_size, "none")
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the data, labels and generators stay real
+        return vit.to_empty(device="cpu")
 
 
 def probe_size(config: Config, pruned: bool) -> int:

@@ -18,6 +18,7 @@ from collections import defaultdict
 from typing import Iterable, Iterator
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -51,6 +52,18 @@ ATTENTION_FLOPS = {
 def counting_flops() -> FlopCounterMode:
     """A FLOP counter for the enclosed work, attention counted as its matrix products (above)."""
     return FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
+
+
+def is_fake(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` has a shape and a dtype but no values: `sfprompt cost` runs a round on a model of
+    fake tensors (PyTorch's FakeTensor), so that FLOPs, bytes and memory are counted without the work.
+    Code that reads a value then stands in for the read with one that changes no count."""
+    return isinstance(tensor, FakeTensor)
+
+
+def scalar(tensor: torch.Tensor) -> float:
+    """A one-element tensor's value (a loss, for the record); NaN for a fake tensor, which has none."""
+    return float("nan") if is_fake(tensor) else tensor.item()
 
 
 class PeakMemory(TorchDispatchMode):

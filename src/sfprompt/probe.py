@@ -42,16 +42,20 @@ ABSENT = -1e4  # the bias of a class no client has shown yet: never predicted
 class RunningStatistics:
     """A client's statistics, summed batch by batch (in float64), so that what it holds does not grow with
     its samples: `averages` are the class frequencies (C,), the per-class feature sums over the samples
-    (C, D), and the feature second moment (D, D), in float32."""
+    (C, D), and the feature second moment (D, D), in float32. The sums are made like the first batch's
+    features (their width, device and kind: fake ones under `sfprompt cost`)."""
 
-    def __init__(self, num_classes: int, width: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, num_classes: int) -> None:
         self.num_classes, self.samples = num_classes, 0
-        self.sums = {name: torch.zeros(shape, dtype=torch.float64, device=device) for name, shape in
-                     (("class_frequency", (num_classes,)), ("class_sums", (num_classes, width)),
-                      ("second_moment", (width, width)))}
+        self.sums: dict[str, torch.Tensor] = {}
 
     def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         z = features.detach().double()
+        if not self.sums:
+            width = z.shape[1]
+            self.sums = {name: z.new_zeros(shape) for name, shape in (
+                ("class_frequency", (self.num_classes,)), ("class_sums", (self.num_classes, width)),
+                ("second_moment", (width, width)))}
         onehot = F.one_hot(labels, self.num_classes).double()
         self.sums["class_frequency"] += onehot.sum(0)
         self.sums["class_sums"] += onehot.T @ z
@@ -59,12 +63,14 @@ class RunningStatistics:
         self.samples += len(z)
 
     def averages(self) -> dict[str, torch.Tensor]:
+        if not self.samples:
+            raise ValueError("no samples: statistics need at least one")
         return {name: (total / self.samples).float() for name, total in self.sums.items()}
 
 
 def feature_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
     """The statistics of samples with `features` (N, D) and `labels` (N,), as `RunningStatistics` averages them."""
-    running = RunningStatistics(num_classes, features.shape[1], features.device)
+    running = RunningStatistics(num_classes)
     running.add(features, labels)
     return running.averages()
 

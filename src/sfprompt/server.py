@@ -64,7 +64,7 @@ from torch import nn
 
 from .aggregate import fedavg
 from .codec import Message, ProtocolError
-from .meter import SERVER, Meter, counting_flops
+from .meter import SERVER, Meter, counting_flops, is_fake
 from .model import SplitViT
 from .optim import build_optimizer
 
@@ -471,8 +471,9 @@ class BodyServer:
 
     def _grad_scale(self, grad: torch.Tensor) -> float:
         """Under fp16, a power of two that lifts the gradient's largest entry to about FP16_GRAD_PEAK, so
-        that small gradients do not underflow in half precision (exactly undone on the way out)."""
-        if self.body.precision != "fp16":
+        that small gradients do not underflow in half precision (exactly undone on the way out). A fake
+        gradient (`sfprompt cost`) has no peak: unscaled, which changes no count."""
+        if self.body.precision != "fp16" or is_fake(grad):
             return 1.0
         peak = float(grad.abs().max())
         if peak == 0:

@@ -26,6 +26,7 @@ import torch
 
 from .codec import ProtocolError
 from .config import WIRE_DTYPES
+from .meter import is_fake
 
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _INT8_LEVELS = 127.0
@@ -57,7 +58,8 @@ class WireFormat:
             levels = torch.round(tensor / scale.clamp_min(torch.finfo(torch.float32).tiny))
             return {name: levels.clamp(-_INT8_LEVELS, _INT8_LEVELS).to(torch.int8), name + _SCALE: scale}
         packed = tensor.to(_FLOAT_DTYPES[self.dtype])
-        if self.dtype == "float16" and not bool(torch.isfinite(packed).all()) and bool(torch.isfinite(tensor).all()):
+        if self.dtype == "float16" and not is_fake(packed) and not bool(torch.isfinite(packed).all()) \
+                and bool(torch.isfinite(tensor).all()):
             raise ProtocolError(f"{name} exceeds float16's range (largest magnitude {float(tensor.abs().max()):.4g}); "
                                 "use --wire-dtype bfloat16")
         return {name: packed}
@@ -78,7 +80,8 @@ class WireFormat:
     def values_ok(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Whether every value check of `unpack` passes, as a boolean tensor on the tensors' device (not
         read yet: reading it waits for that device)."""
-        return torch.stack([ok for ok, _ in self._value_checks(tensors)]).all()
+        checks = [ok for ok, _ in self._value_checks(tensors)]
+        return torch.stack(checks).all() if checks else torch.tensor(True)
 
     def check_values(self, tensors: dict[str, torch.Tensor]) -> None:
         """`ProtocolError` naming the first value check of `unpack` that fails."""
@@ -90,6 +93,8 @@ class WireFormat:
         """(a boolean tensor, what it means when False) for each check of the values (finite; an int8
         scale non-negative; an int8 level in the symmetric range)."""
         for name, tensor in sorted(tensors.items()):
+            if is_fake(tensor):  # no values to check (`sfprompt cost`)
+                continue
             if name.endswith(_SCALE):
                 yield (torch.isfinite(tensor) & (tensor >= 0)).all(), f"{name} holds negative or non-finite values"
             elif self.dtype == "int8":
