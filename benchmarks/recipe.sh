@@ -6,7 +6,7 @@
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh            # about 4 hours on two CPU cores
 #   ROWS="paper default" SETTINGS=default-iid SEEDS=0 bash benchmarks/recipe.sh
 #   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh     # the learning rates of the warm start (1 hour)
-#   TUNE=headline JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh  # the prompts' rate with 50 prompts (1.5 hours)
+#   TUNE=headline JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh  # the prompts' rate and samples, 50 prompts (3 hours)
 #
 # Rows: the federated linear probe (`--method linear-probe`), the paper's recipe (no probe round, Adam at 0.01 for
 # prompts and tail, the paper's float32 wire format: --recipe paper), and SFPrompt's default (`sfprompt run` with
@@ -58,23 +58,37 @@ options() {  # the options of one row
   esac
 }
 
-if [ "${TUNE:-}" = headline ]; then  # the prompts' own learning rate on the headline setting (50 prompts), the tail at WARM_LR
-  grid=(0.001 0.003 0.01)
-  for lr in "${grid[@]}"; do
+headline_options() {  # the options of one TUNE=headline variant, beside the probe round and the tail at WARM_LR
+  case "$1" in
+    prompt-lr-0.0003) echo "--prompt-lr $WARM_LR" ;;  # the default recipe
+    prompt-lr-0.001) echo "--prompt-lr 0.001" ;;
+    prompt-lr-0.003) echo "--prompt-lr 0.003" ;;
+    prompt-lr-0.01) echo "--prompt-lr 0.01" ;;
+    keep-1.0) echo "--keep-ratio 1.0 --prompt-lr $WARM_LR" ;;  # every sample in split training: twice the prompt steps
+    keep-1.0-prompt-lr-0.001) echo "--keep-ratio 1.0 --prompt-lr 0.001" ;;
+    *) echo "unknown variant $1" >&2; exit 2 ;;
+  esac
+}
+
+if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the prompts' rate and how many samples they see
+  VARIANTS=${VARIANTS:-prompt-lr-0.0003 prompt-lr-0.001 prompt-lr-0.003 prompt-lr-0.01 keep-1.0 keep-1.0-prompt-lr-0.001}
+  for variant in $VARIANTS; do headline_options "$variant" > /dev/null; done
+  for variant in $VARIANTS; do
     wait_for_lane "${JOBS:-1}"
-    # shellcheck disable=SC2086
-    run_once "$OUT/tune-headline/prompt-lr-$lr/seed-0" "$OUT/tune-headline/prompt-lr-$lr/seed-0.log" --prompt-tokens 50 \
-      --probe-rounds 1 --lr "$WARM_LR" --prompt-lr "$lr" --validation-samples 500 --no-progress "${size[@]}" &
+    # shellcheck disable=SC2046
+    run_once "$OUT/tune-headline/$variant/seed-0" "$OUT/tune-headline/$variant/seed-0.log" --prompt-tokens 50 \
+      --probe-rounds 1 --lr "$WARM_LR" $(headline_options "$variant") --validation-samples 500 --no-progress "${size[@]}" &
   done
   wait_for_all
   TUNE_DOC=${TUNE_DOC:-docs/benchmarks/recipe-tuning-headline.md}
   {
     echo "Command: \`TUNE=headline bash benchmarks/recipe.sh\`; $(python benchmarks/write_benchmarks.py --machine). The"
     echo "headline setting (the default job with 50 prompts), seed 0: the default recipe's probe round and tail learning rate"
-    echo "($WARM_LR), the prompts' learning rate as in each row; each run evaluated on 500 validation samples held out of"
-    echo "the clients' data (the test set unread). One seed a row."
+    echo "($WARM_LR); prompt-lr-R rows train the prompts at R on the kept half (the default --keep-ratio 0.5), keep-1.0 rows"
+    echo "on every sample (--keep-ratio 1.0, at $WARM_LR or the rate named); each run evaluated on 500 validation samples"
+    echo "held out of the clients' data (the test set unread). One seed a row."
     echo
-    tune_rows=(); for lr in "${grid[@]}"; do tune_rows+=("$OUT/tune-headline/prompt-lr-$lr"); done
+    tune_rows=(); for variant in $VARIANTS; do if [ -d "$OUT/tune-headline/$variant" ]; then tune_rows+=("$OUT/tune-headline/$variant"); fi; done
     python benchmarks/table.py "${tune_rows[@]}"
   } > "$TUNE_DOC"
   cat "$TUNE_DOC"
