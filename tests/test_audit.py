@@ -77,11 +77,17 @@ def test_coarser_tokens_give_coarser_reconstructions(gray, tmp_path):
     assert pooled["reconstruction"]["affine"]["psnr"] < plain["reconstruction"]["affine"]["psnr"] - 10
 
 
-def test_clipping_makes_the_path_non_affine_and_the_other_attacks_still_run(gray, tmp_path):
+def test_the_closed_form_undoes_clipping(gray, tmp_path):
+    """Clipping scales each sample's rows by its own factor: the attacker solves for it beside the pixels."""
+    clipped = run_audit(audit_config(gray, tmp_path, clip_norm=1.0), QUICK, progress=False, log=lambda _: None)
+    assert clipped["reconstruction"]["affine"]["psnr"] >= 30 and clipped["reconstruction"]["best"]["reidentified"] == 1
+
+
+def test_noised_sends_are_attacked_by_every_attack(gray, tmp_path):
     config = audit_config(gray, tmp_path, clip_norm=1.0, noise_multiplier=0.1)
     result = run_audit(config, QUICK, progress=False, log=lambda _: None)
-    assert "skipped" in result["reconstruction"]["affine"]
-    assert {"optimisation", "learned", "best"} <= set(result["reconstruction"])
+    assert {"affine", "optimisation", "learned", "best"} <= set(result["reconstruction"])
+    assert "skipped" not in result["reconstruction"]["affine"]
     assert result["activation_privacy"]["epsilon"] > 0 and result["activation_privacy"]["noise_std"] == pytest.approx(0.1)
 
 

@@ -12,6 +12,7 @@ is grayscale); `Simulator` turns such pixels into the activations a client would
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable
 
@@ -38,6 +39,12 @@ class Simulator:
         self.deterministic = dataclasses.replace(defence, shuffle=False, noise_multiplier=0.0)
         self.rows = model.private_rows  # the rows that depend on the input
         self.unshuffler: Unshuffler | None = None
+
+    def unclipped(self) -> "Simulator":
+        """This sending path without the defence's clipping (which scales each sample's rows by its own factor)."""
+        path = copy.copy(self)
+        path.deterministic = dataclasses.replace(self.deterministic, clip_norm=None)
+        return path
 
     def inputs(self, pixels: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels (B, channels, H, W) -> the model's normalised RGB input."""
@@ -125,20 +132,25 @@ class Unshuffler:
 def affine_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, noise_var: float,
                   max_dims: int = 16384) -> tuple[torch.Tensor | None, str]:
     """The linear minimum-mean-square-error estimate of the pixels where the sending path is affine
-    in them (no client blocks, no clipping at work): x = mu + S A' (A S A' + s I)^-1 (y - A mu - b),
-    with A, b the path's matrix and offset, mu and S the mean and covariance of the auxiliary images
-    and s the noise left after averaging. Where A is injective and there is no noise it returns the
-    exact input. Returns (None, why) where it does not apply."""
+    in them (no client blocks): x = mu + S A' (A S A' + s I)^-1 (y - A mu - b), with A, b the path's
+    matrix and offset, mu and S the mean and covariance of the auxiliary images and s the noise left
+    after averaging. Where A is injective and there is no noise it returns the exact input.
+
+    Clipping makes the path affine up to a per-sample scale, c = min(1, C / |A x + b|): each sample's
+    y / c is estimated first, its 1 / c by maximum likelihood under the same Gaussian model (y / c is
+    A x + b, so the part of y outside what A x + b can reach fixes it), at least 1. Returns (None,
+    why) where it does not apply."""
     shape = aux.shape[1:]
     n = int(np.prod(shape))
+    path = sim.unclipped()
     with torch.no_grad():
-        if not sim.is_affine(aux):
-            return None, "the sending path is not affine in the pixels (client blocks or clipping at work)"
+        if not path.is_affine(aux):
+            return None, "the sending path is not affine in the pixels (client blocks at work)"
         m = observed.shape[1]
         if max(n, m) > max_dims:
             return None, f"{n} pixels and {m} sent numbers exceed the {max_dims} this solve handles"
-        offset = sim.features(sim.clean(torch.zeros(1, *shape)))[0].double()
-        columns = [sim.features(sim.clean(torch.eye(n)[i : i + 512].view(-1, *shape))).double() - offset
+        offset = path.features(path.clean(torch.zeros(1, *shape)))[0].double()
+        columns = [path.features(path.clean(torch.eye(n)[i : i + 512].view(-1, *shape))).double() - offset
                    for i in range(0, n, 512)]
     matrix = torch.cat(columns).T  # (m, n)
     pixels = aux.flatten(1).double()
@@ -146,12 +158,44 @@ def affine_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, noi
     covariance = torch.cov(pixels.T)
     covariance += 1e-3 * covariance.diagonal().mean() * torch.eye(n, dtype=torch.float64)  # fewer images than pixels
     projected = matrix @ covariance  # (m, n) = A S
-    system = projected @ matrix.T  # A S A'
-    jitter = 1e-9 * system.diagonal().mean()
-    system += (noise_var + jitter) * torch.eye(m, dtype=torch.float64)
-    gain = torch.linalg.solve(system, projected)  # (A S A' + s I)^-1 A S, (m, n)
-    estimate = mean + (observed.double() - offset - mean @ matrix.T) @ gain
+    values, vectors = torch.linalg.eigh(projected @ matrix.T)  # A S A' = U diag(values) U'
+    values = values.clamp_min(0) + 1e-9 * values.clamp_min(0).mean()
+    expected = offset + mean @ matrix.T  # A mu + b
+    scales = torch.ones(len(observed), dtype=torch.float64)
+    if sim.deterministic.clip_norm is not None:
+        with torch.no_grad():  # the auxiliary images' own scales: the prior on a sample's
+            norms = torch.cat([path.features(path.clean(aux[i : i + 256])).norm(dim=1) for i in range(0, len(aux), 256)])
+        prior = (norms.double() / sim.deterministic.clip_norm).clamp_min(1.0).log()
+        scales = _unclipping_scales(values, vectors, observed.double(), expected, noise_var, prior)
+    # x = mu + S A' (A S A' + t^2 s I)^-1 (t y - A mu - b), through the eigenbasis: one solve serves every t
+    residual = (scales[:, None] * observed.double() - expected) @ vectors  # (B, m)
+    weights = residual / (values + scales[:, None] ** 2 * noise_var)
+    estimate = mean + weights @ (vectors.T @ projected)
     return estimate.float().clamp(0, 1).view(-1, *shape), ""
+
+
+def _unclipping_scales(values: torch.Tensor, vectors: torch.Tensor, observed: torch.Tensor, expected: torch.Tensor,
+                       noise_var: float, prior: torch.Tensor, grid: int = 400) -> torch.Tensor:
+    """Each sample's 1 / c, the most probable t >= 1 given its observation y, where t y = A x + b + t n:
+    t y ~ N(A mu + b, A S A' + t^2 s I) (A S A' = U diag(values) U'; the scale's Jacobian t^m counted),
+    with log t a priori normal with the mean and variance of `prior`, the auxiliary images' log scales
+    (noise alone leaves the likelihood nearly flat in t). Searched on a geometric grid from 1 to 10^4, then
+    finely around the best point."""
+    m = observed.shape[1]
+    p, q = observed @ vectors, expected @ vectors  # (B, m), (m,)
+    centre, spread = prior.mean(), prior.var(unbiased=False).clamp_min(1e-4) if len(prior) > 1 else torch.tensor(1.0)
+
+    def best(scales: torch.Tensor) -> torch.Tensor:  # each sample's scale of least loss among its candidates (B, T)
+        losses = []
+        for t in scales.split(8, dim=1):  # (B, 8, m) at a time
+            variance = values + t[..., None] ** 2 * noise_var
+            losses.append(((t[..., None] * p[:, None] - q) ** 2 / variance).sum(-1) + variance.log().sum(-1)
+                          - 2 * m * t.log() + (t.log() - centre) ** 2 / spread)
+        return scales[torch.arange(len(scales)), torch.cat(losses, dim=1).argmin(1)]
+
+    step = 4 / (grid - 1)  # decades between grid points
+    coarse = best(torch.logspace(0, 4, grid, dtype=torch.float64).expand(len(observed), -1))
+    return best(10 ** (coarse.log10()[:, None] + torch.linspace(-step, step, 101, dtype=torch.float64)).clamp_min(0))
 
 
 def optimisation_attack(sim: Simulator, observed: torch.Tensor, start: torch.Tensor, steps: int,
