@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest runs two workers (pyproject.toml): one core each, their children too
+    os.environ["OMP_NUM_THREADS"] = "1"  # before numpy and torch size their thread pools
+
 import numpy as np
 import pytest
 import torch

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from sfprompt.audit import AuditOptions, run_audit
 from sfprompt.cli import main
@@ -163,3 +164,27 @@ def test_a_mixed_federation_is_audited_at_the_victims_own_split_point(gray, tmp_
         alone = run_audit(config.replace(client_blocks=splits[victim]), options, progress=False, log=lambda _: None)
         assert result["victim_client_blocks"] == alone["victim_client_blocks"] == splits[victim]
         assert result["reconstruction"] == alone["reconstruction"] and result["labels"] == alone["labels"]
+
+
+def test_each_samples_clipping_factor_is_recovered():
+    """The closed form's scale search on a known affine path: without noise every sample's 1/c to 1e-4 (clipped
+    or not, never below 1), with noise to a few percent."""
+    from sfprompt.attacks import _unclipping_scales
+
+    generator = torch.Generator().manual_seed(0)
+    m, n, samples = 60, 20, 200
+    matrix = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    offset = 3 * torch.randn(m, generator=generator, dtype=torch.float64)
+    aux = torch.rand(2000, n, generator=generator, dtype=torch.float64)
+    covariance = torch.cov(aux.T) + 1e-3 * torch.eye(n, dtype=torch.float64)
+    basis, singular, _ = torch.linalg.svd(matrix @ torch.linalg.cholesky(covariance), full_matrices=False)
+    clean = torch.rand(samples, n, generator=generator, dtype=torch.float64) @ matrix.T + offset
+    clip = float(clean.norm(dim=1).median())  # half the samples clipped, half not
+    truth = (clean.norm(dim=1) / clip).clamp_min(1)
+    prior = ((aux @ matrix.T + offset).norm(dim=1) / clip).clamp_min(1).log()
+    expected = aux.mean(0) @ matrix.T + offset
+    for noise_var, tolerance in ((0.0, 1e-4), (1e-2, 0.05)):
+        noise = noise_var**0.5 * torch.randn(samples, m, generator=generator, dtype=torch.float64)
+        found = _unclipping_scales(singular**2, basis, clean / truth[:, None] + noise, expected, noise_var,
+                                   float(1e-9 * singular.pow(2).mean()), prior)
+        assert found.min() >= 1 and ((found - truth) / truth).abs().max() < tolerance

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Callable
 
 import numpy as np
@@ -137,8 +138,9 @@ def affine_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, noi
     after averaging. Where A is injective and there is no noise it returns the exact input.
 
     Clipping makes the path affine up to a per-sample scale, c = min(1, C / |A x + b|): each sample's
-    y / c is estimated first, its 1 / c by maximum likelihood under the same Gaussian model (y / c is
-    A x + b, so the part of y outside what A x + b can reach fixes it), at least 1. Returns (None,
+    y / c is estimated first, its 1 / c (at least 1) as the most probable value under the same Gaussian
+    model (y / c is A x + b, so the part of y outside what A x + b can reach fixes it), with the auxiliary
+    images' own scales as prior. Returns (None,
     why) where it does not apply."""
     shape = aux.shape[1:]
     n = int(np.prod(shape))
@@ -162,7 +164,7 @@ def affine_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, noi
     factor = torch.linalg.cholesky(covariance)
     basis, singular, right = torch.linalg.svd(matrix @ factor, full_matrices=False)
     values = singular**2
-    jitter = 1e-9 * values.mean()  # beside the noise, so that a noise-free solve stays defined
+    jitter = float(1e-9 * values.mean())  # beside the noise, so that a noise-free solve stays defined
     expected = offset + mean @ matrix.T  # A mu + b
     scales = torch.ones(len(observed), dtype=torch.float64)
     if sim.deterministic.clip_norm is not None:
@@ -185,11 +187,12 @@ def _unclipping_scales(values: torch.Tensor, basis: torch.Tensor, observed: torc
     1 to 10^4, then finely around the best point."""
     m, k = observed.shape[1], len(values)
     p, q = observed @ basis, expected @ basis  # (B, k), (k,): the parts within U
-    # |t y - e|^2 beyond U, as t^2 a - 2 t b + c per sample
-    a = observed.pow(2).sum(1) - p.pow(2).sum(1)
-    b = observed @ expected - p @ q
-    c = expected.pow(2).sum() - q.pow(2).sum()
-    centre, spread = prior.mean(), prior.var(unbiased=False).clamp_min(1e-4) if len(prior) > 1 else torch.tensor(1.0)
+    # |t y - e|^2 beyond U, as t^2 a - 2 t b + c per sample, from the parts beyond U themselves (no cancellation)
+    y_beyond, e_beyond = observed - p @ basis.T, expected - q @ basis.T
+    a, b, c = y_beyond.pow(2).sum(1), y_beyond @ e_beyond, e_beyond.pow(2).sum()
+    # a spread of at least a factor of 2 either way: auxiliary images that are rarely clipped cannot pin t at 1
+    centre, spread = prior.mean(), (prior.var(unbiased=False) if len(prior) > 1 else torch.tensor(1.0)).clamp_min(0.48)
+    top = max(4.0, float(prior.max()) / math.log(10) + 1)  # decades: ten times the largest auxiliary scale, or 10^4
 
     def best(scales: torch.Tensor) -> torch.Tensor:  # each sample's scale of least loss among its candidates (B, T)
         losses = []
@@ -201,9 +204,13 @@ def _unclipping_scales(values: torch.Tensor, basis: torch.Tensor, observed: torc
                           + (m - k) * beyond.log() - 2 * m * t.log() + (t.log() - centre) ** 2 / spread)
         return scales[torch.arange(len(scales)), torch.cat(losses, dim=1).argmin(1)]
 
-    step = 4 / (grid - 1)  # decades between grid points
-    coarse = best(torch.logspace(0, 4, grid, dtype=torch.float64).expand(len(observed), -1))
-    return best(10 ** (coarse.log10()[:, None] + torch.linspace(-step, step, 101, dtype=torch.float64)).clamp_min(0))
+    step = top / (grid - 1)  # decades between grid points
+    scales = best(torch.logspace(0, top, grid, dtype=torch.float64).expand(len(observed), -1))
+    for _ in range(2):  # twice finer around the best point: a relative error of about 1e-5 where there is no noise
+        decades = scales.log10()[:, None] + torch.linspace(-step, step, 101, dtype=torch.float64)
+        scales = best(10 ** decades.clamp_min(0))  # t >= 1
+        step /= 50
+    return scales
 
 
 def optimisation_attack(sim: Simulator, observed: torch.Tensor, start: torch.Tensor, steps: int,

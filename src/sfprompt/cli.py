@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "benchmarks/tune.py writes them; a later file adds to or overrides an earlier one")
     _add_config_flags(compare)
     cost = commands.add_parser("cost", help="per-client, per-round compute and communication of every method for "
-                               "an architecture (random weights; --out FILE.json to save)")
+                               "an architecture (its rounds run on fake weights: seconds; --out FILE.json to save)")
     cost.add_argument("--samples-per-client", type=int, default=500, help="local samples (default: %(default)s)")
     cost.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default: %(default)s)")
     cost.add_argument("--probe-samples", type=int,

@@ -272,7 +272,8 @@ class Client:
             all_labels.append(labels)
         labels = torch.cat(all_labels)
         ranked = torch.cat(scores) if scores else torch.rand(len(labels), generator=ctx.generator)
-        if is_fake(ranked):  # `sfprompt cost`: no scores to rank, but how many are kept depends on the labels alone
+        if is_fake(ranked):  # `sfprompt cost`: no scores to rank; how many are kept depends on the labels alone (the
+            # draw moves the round's generator on, so later batches differ from a real round's, not their number)
             ranked = torch.rand(len(labels), generator=ctx.generator)
         return keep_band(ranked, s.keep_ratio, self._band(), labels if s.prune_per_class else None).tolist()
 

@@ -56,12 +56,14 @@ class ShapesOnly:
         return self.nbytes
 
 
-def encode(message: Message) -> bytes | ShapesOnly:
-    header = _header(message)
+Payload = bytes | ShapesOnly  # what crosses a link: an encoded message, or (fake tensors) its length
+
+
+def encode(message: Message) -> Payload:
     if any(is_fake(t) for t in message.tensors.values()):
         return ShapesOnly(message, encoded_size(message))
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in message.tensors.items()}
-    return st_save(tensors, metadata={_META_KEY: header})
+    return st_save(tensors, metadata={_META_KEY: _header(message)})
 
 
 def _header(message: Message) -> str:
@@ -91,7 +93,7 @@ def encoded_size(message: Message) -> int:
     return 8 + header + (-header) % 8 + offset
 
 
-def decode(payload: bytes | ShapesOnly, device: torch.device | str = "cpu", max_bytes: int = MAX_PAYLOAD_BYTES) -> Message:
+def decode(payload: Payload, device: torch.device | str = "cpu", max_bytes: int = MAX_PAYLOAD_BYTES) -> Message:
     """The message in `payload`, or `CodecError`. Nothing is executed, and nothing larger than the
     payload itself is allocated: safetensors checks every tensor's extent against the buffer."""
     if len(payload) > max_bytes:

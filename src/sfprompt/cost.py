@@ -1,6 +1,6 @@
 """`sfprompt cost`: per-client, per-round compute and communication of every method, for planning.
 
-Nothing is estimated from shapes, and no phase logic is repeated here: each method's client round
+No cost is modelled, and no phase logic is repeated here: each method's client round
 runs through the same client code, codec and counters as a training run, on a probe just large enough
 for a full `--batch-size` batch in every phase, two epochs of each phase at most, with the chosen
 architecture's weights as fake tensors (`fake_vit`): every operation is dispatched, so the FLOP
@@ -103,6 +103,9 @@ def _estimate(config: Config, samples_per_client: int, num_classes: int, methods
 def fake_vit(model: str, num_classes: int, image_size: int) -> torch.nn.Module:
     """The architecture with fake weights (shapes and dtypes, no values, no memory): what it computes is
     counted (FLOPs, the bytes of its messages, the memory its tensors would take) without being done."""
+    # The prompts and a client's private classifier stay real (their own code makes them; kilobytes): an in-place
+    # update of them by a fake operand is dropped, which changes no count (tests/test_cost.py holds every count
+    # equal to a real round's).
     with torch.device("meta"):
         vit = create_vit(model, num_classes, image_size, "none")
     with FakeTensorMode(allow_non_fake_inputs=True):  # the data, labels and generators stay real

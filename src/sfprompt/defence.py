@@ -132,8 +132,8 @@ def privacy_notice(config) -> str:
     if config.method in ("fl", "fl-prompt"):
         return ("privacy: clients send whole-model or prompt updates, never activations; gradient inversion of "
                 "updates is not audited here")
-    images = ("the activations are an affine map of the pixels: the server can reconstruct every image sent"
-              if config.client_blocks == 0 and config.clip_norm is None and not config.pool_tokens
+    images = ("the activations are an affine map of the pixels (clipped or not): the server can reconstruct every image sent"
+              if config.client_blocks == 0 and not config.pool_tokens
               else "the server can still reconstruct recognisable images from the activations")
     if config.noise_multiplier > 0:
         epsilon = activation_epsilon(config.noise_multiplier, sends, config.dp_delta)

@@ -1,6 +1,7 @@
 """Measurement: encoded bytes per direction and phase, FLOPs per side and phase, client peak memory.
 
-Nothing here estimates from shapes: bytes are the lengths of encoded messages, FLOPs are what
+No cost is modelled here: bytes are the lengths of encoded messages (a message of `sfprompt cost`'s fake
+tensors: the exact length its encoding would have, `codec.encoded_size`), FLOPs are what
 `torch.utils.flop_counter.FlopCounterMode` counts while the work runs (the body server scales its first
 count per sample: `server.BodyServer._counted`), and peak memory is the most
 tensor storage alive at once during a client's work, as `PeakMemory` sees it being allocated and
@@ -141,7 +142,7 @@ class Meter:
         self.messages: dict[tuple[str, str], int] = defaultdict(int)
         self.client_peak_memory = 0
 
-    def count_message(self, direction: str, phase: str, payload: bytes) -> None:
+    def count_message(self, direction: str, phase: str, payload: bytes) -> None:  # or a codec.ShapesOnly: its len()
         with self._lock:
             self.bytes[direction, phase] += len(payload)
             self.messages[direction, phase] += 1

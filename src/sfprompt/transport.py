@@ -12,12 +12,12 @@ from typing import Protocol
 
 import torch
 
-from .codec import MAX_PAYLOAD_BYTES, Message, decode, encode
+from .codec import MAX_PAYLOAD_BYTES, Message, Payload, decode, encode
 from .meter import DOWN, UP, Meter, PeakMemory
 from .server import BodyServer
 
 
-def encode_held(message: Message, memory: PeakMemory | None) -> bytes:
+def encode_held(message: Message, memory: PeakMemory | None) -> Payload:
     """`message` encoded by a client, its buffer counted in the client's memory beside the tensors."""
     payload = encode(message)
     if memory is not None:
@@ -25,7 +25,7 @@ def encode_held(message: Message, memory: PeakMemory | None) -> bytes:
     return payload
 
 
-def decode_held(payload: bytes, device: torch.device, max_bytes: int, memory: PeakMemory | None) -> Message:
+def decode_held(payload: Payload, device: torch.device, max_bytes: int, memory: PeakMemory | None) -> Message:
     """`payload` decoded by a client: for a moment it holds the buffer and the decoded tensors both."""
     message = decode(payload, device, max_bytes)
     if memory is not None:
@@ -42,7 +42,7 @@ class InProcessLink:
         """One message crossing the (simulated) network: encode, count, decode."""
         return self.deliver(encode(message), direction, phase)
 
-    def deliver(self, payload: bytes, direction: str, phase: str, memory: PeakMemory | None = None) -> Message:
+    def deliver(self, payload: Payload, direction: str, phase: str, memory: PeakMemory | None = None) -> Message:
         """An encoded message arriving: counted, then decoded (`memory`: a client's, when it is the receiver)."""
         self.meter.count_message(direction, phase, payload)
         return decode_held(payload, self.device, self.max_bytes, memory)
