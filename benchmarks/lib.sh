@@ -2,18 +2,28 @@
 
 # run_once RUN LOG OPTIONS...: `sfprompt run OPTIONS --out RUN`, its output in LOG, unless RUN holds a finished run;
 # one interrupted after a checkpoint continues from it, so that a benchmark can be stopped and restarted at any time.
+# With DEADLINE (seconds since the epoch) set, a run still going then is stopped (it continues next time from its
+# last complete round) and none starts after it, so that a benchmark fits a short lease of a machine.
 run_once() {
-  local run=$1 log=$2
+  local run=$1 log=$2 rc=0
   shift 2
   if [ -f "$run/summary.json" ]; then echo "$run: done before"; return; fi
+  local limit=()
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$(( DEADLINE - $(date +%s) ))
+    if [ "$left" -le 0 ]; then echo "$run: not started (DEADLINE passed)"; return; fi
+    limit=(timeout "$left")
+  fi
   mkdir -p "$(dirname "$run")"
   if [ -f "$run/checkpoint.safetensors" ]; then
     echo "$run: continuing after its last complete round"
-    sfprompt run --resume "$run" --no-progress >> "$log" 2>&1 || { echo "$run failed: see $log" >&2; return 1; }
-    return
+    "${limit[@]}" sfprompt run --resume "$run" --no-progress >> "$log" 2>&1 || rc=$?
+  else
+    echo "$run ..."
+    "${limit[@]}" sfprompt run "$@" --out "$run" > "$log" 2>&1 || rc=$?
   fi
-  echo "$run ..."
-  sfprompt run "$@" --out "$run" > "$log" 2>&1 || { echo "$run failed: see $log" >&2; return 1; }
+  if [ "$rc" = 124 ] && [ ${#limit[@]} -gt 0 ]; then echo "$run: stopped at DEADLINE; run again to continue"; return; fi
+  if [ "$rc" != 0 ]; then echo "$run failed: see $log" >&2; return 1; fi
 }
 
 # wait_for_lane JOBS: returns once fewer than JOBS background runs are running; stops the script if one failed.

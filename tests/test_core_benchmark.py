@@ -187,3 +187,25 @@ def test_the_heterogeneous_benchmark_runs_mixed_split_points_and_writes_its_repo
     text, _ = run_report("heterogeneous.sh", tmp_path, "iid iid-mixed-budgets")
     assert "- seed-0: split points (client blocks): " in text  # which clients got which head
     assert saved_config(tmp_path, "iid-mixed-budgets")["client_budgets"] == "0.05,0.5,1.0"
+
+
+@pytest.mark.slow
+@needs_shared
+def test_the_224_px_benchmark_advances_in_short_invocations_and_writes_its_report(tmp_path):
+    """benchmarks/scale224.sh (issue 34's GPU benchmark) at a tiny size on the CPU: an invocation whose DEADLINE has
+    passed starts nothing and writes no report; the next runs what is left (a forward-only row in float32 beside a
+    bf16 row), and the report follows."""
+    doc = tmp_path / "scale.md"
+    tiny = "--image-size 28 --train-samples 40 --test-samples 20 --clients 2 --clients-per-round 2 --rounds 1"
+    rows = dict(SEEDS="0", SETTINGS="iid", ROWS="linear-probe sfprompt-forward-only", DOC=str(doc), SIZE=tiny)
+    stopped = run_benchmark("scale224.sh", tmp_path, DEADLINE="1", **rows)
+    assert stopped.returncode == 0 and "not started (DEADLINE passed)" in stopped.stdout, stopped.stderr[-2000:]
+    assert "2 runs not finished" in stopped.stdout and not doc.exists()
+    done = run_benchmark("scale224.sh", tmp_path, **rows)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = doc.read_text()
+    assert text.startswith("Command: `bash benchmarks/scale224.sh`") and "| sfprompt-forward-only | 0 |" in text
+    configs = {row: json.loads((tmp_path / "runs" / "iid" / row / "seed-0" / "config.json").read_text())
+               for row in ("linear-probe", "sfprompt-forward-only")}
+    assert configs["linear-probe"]["precision"] == "bf16" and configs["sfprompt-forward-only"]["precision"] == "fp32"
+    assert configs["linear-probe"]["clients"] == 2  # SIZE's options come after the setting's, and win
