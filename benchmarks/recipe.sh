@@ -71,7 +71,7 @@ headline_options() {  # the options of one TUNE=headline variant, beside the pro
 }
 
 if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the prompts' rate and how many samples they see
-  VARIANTS=${VARIANTS:-prompt-lr-0.0003 prompt-lr-0.001 prompt-lr-0.003 prompt-lr-0.01 keep-1.0}
+  VARIANTS=${VARIANTS:-prompt-lr-0.0003 prompt-lr-0.001 prompt-lr-0.003 prompt-lr-0.01 keep-1.0 keep-1.0-prompt-lr-0.001}
   for variant in $VARIANTS; do headline_options "$variant" > /dev/null; done
   for variant in $VARIANTS; do
     wait_for_lane "${JOBS:-1}"
