@@ -140,8 +140,7 @@ def affine_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, noi
     Clipping makes the path affine up to a per-sample scale, c = min(1, C / |A x + b|): each sample's
     y / c is estimated first, its 1 / c (at least 1) as the most probable value under the same Gaussian
     model (y / c is A x + b, so the part of y outside what A x + b can reach fixes it), with the auxiliary
-    images' own scales as prior. Returns (None,
-    why) where it does not apply."""
+    images' own scales as prior. Returns (None, why) where it does not apply."""
     shape = aux.shape[1:]
     n = int(np.prod(shape))
     path = sim.unclipped()
@@ -182,9 +181,10 @@ def _unclipping_scales(values: torch.Tensor, basis: torch.Tensor, observed: torc
                        noise_var: float, jitter: float, prior: torch.Tensor, grid: int = 400) -> torch.Tensor:
     """Each sample's 1 / c, the most probable t >= 1 given its observation y, where t y = A x + b + t n:
     t y ~ N(e, A S A' + t^2 s I) with e = A mu + b and A S A' = U diag(values) U' (zero beyond U; the scale's
-    Jacobian t^m counted), with log t a priori normal with the mean and variance of `prior`, the auxiliary
-    images' log scales (noise alone leaves the likelihood nearly flat in t). Searched on a geometric grid from
-    1 to 10^4, then finely around the best point."""
+    Jacobian t^m counted), with log t a priori normal with the mean and variance (at least (log 2)^2) of
+    `prior`, the auxiliary images' log scales (noise alone leaves the likelihood nearly flat in t): a MAP
+    estimate, searched on a geometric grid from 1 to ten times the largest auxiliary scale (at least 10^4),
+    then twice more finely around the best point."""
     m, k = observed.shape[1], len(values)
     p, q = observed @ basis, expected @ basis  # (B, k), (k,): the parts within U
     # |t y - e|^2 beyond U, as t^2 a - 2 t b + c per sample, from the parts beyond U themselves (no cancellation)
