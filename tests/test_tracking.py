@@ -1,4 +1,5 @@
-"""--tracker tensorboard shows what the run's own files record, and `sfprompt plot` draws runs side by side."""
+"""--tracker tensorboard and --tracker wandb show what the run's own files record, and `sfprompt plot` draws runs side by
+side."""
 
 import json
 
@@ -48,3 +49,19 @@ def test_plot_draws_runs_side_by_side_and_refuses_what_is_not_a_run(tmp_path, ca
     assert (tmp_path / "sfprompt" / "accuracy_vs_bytes.png").is_file()
     assert main(["plot", str(tmp_path / "pictures")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_wandb_keeps_an_offline_run_in_the_run_folder_and_a_resumed_run_continues_it(tmp_path):
+    """--tracker wandb: nothing is sent (offline mode); the run's W&B log, in its folder, holds the config and every
+    round's scalars, and a resumed run logs to the same W&B run id."""
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--rounds", "1", "--tracker", "wandb", "--out", str(out)]) == 0
+    run_id = (out / "wandb" / "run-id").read_text().strip()
+    assert main(["run", "--resume", str(out), "--rounds", "2", "--no-progress"]) == 0
+    assert (out / "wandb" / "run-id").read_text().strip() == run_id
+    logs = sorted((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(logs) == 2  # one offline log per process, one W&B run: `wandb sync` joins them
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, resumed = (log.read_bytes() for log in logs)
+    assert b"accuracy/test" in first and b"cost/MB_up_cumulative" in first and b'"wandb"' in first
+    assert json.dumps(records[0]["accuracy"]).encode() in first and json.dumps(records[1]["accuracy"]).encode() in resumed

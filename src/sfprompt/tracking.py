@@ -1,11 +1,13 @@
 """Experiment tracking: a run's config and each round's measurements, also written where a tracker shows them
-(`--tracker tensorboard`: TensorBoard's event files in the run's folder, `tensorboard --logdir runs`). The run's
-own files stay the record; a tracker is a view of them, so it never changes a run's numbers.
+(`--tracker tensorboard`: TensorBoard's event files in the run's folder, `tensorboard --logdir runs`;
+`--tracker wandb`: a Weights & Biases run in offline mode in the run's folder, `wandb sync` to upload it). The
+run's own files stay the record; a tracker is a view of them, so it never changes a run's numbers.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 from .config import Config, ConfigError
@@ -15,6 +17,17 @@ from .config import Config, ConfigError
 SCALARS = {"accuracy": "accuracy/test", "loss": "loss/test", "train_loss": "loss/train", "local_loss": "loss/local"}
 COSTS = {"bytes_up": ("cost/MB_up", 1e6), "bytes_down": ("cost/MB_down", 1e6),
          "client_flops": ("cost/client_GFLOP", 1e9), "server_flops": ("cost/server_GFLOP", 1e9)}
+
+
+def scalars(record: dict, spent: dict[str, float]) -> dict[str, float]:
+    """What a round's record shows in a tracker, by tag; `spent` (the costs summed so far) is brought up to date."""
+    shown = {tag: record[key] for key, tag in SCALARS.items() if record.get(key) is not None}
+    for key, (tag, scale) in COSTS.items():
+        spent[key] += record[key]
+        shown[tag + "_per_round"] = record[key] / scale
+        shown[tag + "_cumulative"] = spent[key] / scale
+    shown["cost/client_peak_MiB"] = record["client_peak_memory_bytes"] / 2**20
+    return shown
 
 
 class TensorBoard:
@@ -32,19 +45,39 @@ class TensorBoard:
         self.spent = {key: sum(record[key] for record in history) for key in COSTS}
 
     def round(self, record: dict) -> None:
-        step = record["round"]
-        for key, tag in SCALARS.items():
-            if record.get(key) is not None:
-                self.writer.add_scalar(tag, record[key], step)
-        for key, (tag, scale) in COSTS.items():
-            self.spent[key] += record[key]
-            self.writer.add_scalar(tag + "_per_round", record[key] / scale, step)
-            self.writer.add_scalar(tag + "_cumulative", self.spent[key] / scale, step)
-        self.writer.add_scalar("cost/client_peak_MiB", record["client_peak_memory_bytes"] / 2**20, step)
+        for tag, value in scalars(record, self.spent).items():
+            self.writer.add_scalar(tag, value, record["round"])
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+
+class WandB:
+    """A Weights & Biases run in offline mode under `out/wandb` (nothing sent; `wandb sync` uploads it later), named
+    after the run's folder. A resumed run continues the same W&B run (its id is kept in `out/wandb/run-id`)."""
+
+    def __init__(self, config: Config, out: Path, history: list[dict]) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--tracker wandb needs Weights & Biases: pip install -e '.[track]'") from None
+
+        folder = out / "wandb"
+        folder.mkdir(parents=True, exist_ok=True)
+        saved = folder / "run-id"
+        run_id = saved.read_text().strip() if history and saved.is_file() else uuid.uuid4().hex[:12]
+        saved.write_text(run_id + "\n")
+        self.run = wandb.init(project="sfprompt", name=out.name, id=run_id, resume="allow", dir=str(out),
+                              config=config.to_dict(), mode="offline",
+                              settings=wandb.Settings(silent=True, console="off"))
+        self.spent = {key: sum(record[key] for record in history) for key in COSTS}
+
+    def round(self, record: dict) -> None:
+        self.run.log(scalars(record, self.spent), step=record["round"])
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class NoTracker:
@@ -55,6 +88,9 @@ class NoTracker:
         pass
 
 
-def open_tracker(config: Config, out: Path, history: list[dict]) -> TensorBoard | NoTracker:
+BY_NAME = {"tensorboard": TensorBoard, "wandb": WandB}
+
+
+def open_tracker(config: Config, out: Path, history: list[dict]) -> TensorBoard | WandB | NoTracker:
     """The tracker `config.tracker` names, for a run in `out` that has `history` already (a resumed one)."""
-    return TensorBoard(config, out, history) if config.tracker == "tensorboard" else NoTracker()
+    return BY_NAME[config.tracker](config, out, history) if config.tracker in BY_NAME else NoTracker()
