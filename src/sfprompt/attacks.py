@@ -51,6 +51,11 @@ class Simulator:
         """[0, 1] pixels (B, channels, H, W) -> the model's normalised RGB input."""
         return (pixels.expand(-1, 3, -1, -1) - self.mean) / self.std
 
+    @torch.no_grad()
+    def clean_all(self, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """`clean` of many images (the auxiliary set), `chunk` at a time, without a graph."""
+        return torch.cat([self.clean(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)])
+
     def clean(self, pixels: torch.Tensor) -> torch.Tensor:
         """The sent tokens (B, L, D) without the defence's randomness."""
         tokens = self.model.head(self.inputs(pixels), self.prompts)
@@ -116,8 +121,7 @@ class Unshuffler:
                 rank = int((values > 1e-5 * values[0]).sum())
                 if rank < offsets.shape[1]:  # the pixels of a patch cannot reach every direction of a token
                     return cls(offsets, rows, vectors[:rank].T)
-            clean = torch.cat([sim.clean(aux[i : i + 256]) for i in range(0, len(aux), 256)])
-            return cls(clean[:, rows].mean(0), rows)
+            return cls(sim.clean_all(aux)[:, rows].mean(0), rows)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         patches = tokens[:, self.patch_rows]  # (B, N, D)
@@ -167,8 +171,7 @@ def affine_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, noi
     expected = offset + mean @ matrix.T  # A mu + b
     scales = torch.ones(len(observed), dtype=torch.float64)
     if sim.deterministic.clip_norm is not None:
-        with torch.no_grad():  # the auxiliary images' own scales: the prior on a sample's
-            norms = torch.cat([path.features(path.clean(aux[i : i + 256])).norm(dim=1) for i in range(0, len(aux), 256)])
+        norms = path.features(path.clean_all(aux)).norm(dim=1)  # the auxiliary images' own scales: the prior
         prior = (norms.double() / sim.deterministic.clip_norm).clamp_min(1.0).log()
         scales = _unclipping_scales(values, basis, observed.double(), expected, noise_var, jitter, prior)
     # x = mu + S A' (A S A' + t^2 s I)^-1 (t y - A mu - b)
@@ -262,7 +265,7 @@ def learned_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, se
     (fresh randomness every epoch, `sends` sends averaged, as the victim's), then decodes the
     observed features. It needs none of the client's secrets."""
     with torch.no_grad():
-        clean = torch.cat([sim.clean(aux[i : i + 256]) for i in range(0, len(aux), 256)])
+        clean = sim.clean_all(aux)
         random = sim.model.defence.shuffle or sim.model.defence.noise_std > 0
         features = sim.observe(clean, sends, generator)
         net = InversionNet(features, tuple(aux.shape[1:]))

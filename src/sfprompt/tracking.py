@@ -19,15 +19,21 @@ COSTS = {"bytes_up": ("cost/MB_up", 1e6), "bytes_down": ("cost/MB_down", 1e6),
          "client_flops": ("cost/client_GFLOP", 1e9), "server_flops": ("cost/server_GFLOP", 1e9)}
 
 
-def scalars(record: dict, spent: dict[str, float]) -> dict[str, float]:
-    """What a round's record shows in a tracker, by tag; `spent` (the costs summed so far) is brought up to date."""
-    shown = {tag: record[key] for key, tag in SCALARS.items() if record.get(key) is not None}
-    for key, (tag, scale) in COSTS.items():
-        spent[key] += record[key]
-        shown[tag + "_per_round"] = record[key] / scale
-        shown[tag + "_cumulative"] = spent[key] / scale
-    shown["cost/client_peak_MiB"] = record["client_peak_memory_bytes"] / 2**20
-    return shown
+class Scalars:
+    """What each round's record shows in a tracker, by tag: its own values, and the costs summed over the rounds so
+    far (from `history`, a resumed run's rounds before this process)."""
+
+    def __init__(self, history: list[dict]) -> None:
+        self.spent = {key: sum(record[key] for record in history) for key in COSTS}
+
+    def __call__(self, record: dict) -> dict[str, float]:
+        shown = {tag: record[key] for key, tag in SCALARS.items() if record.get(key) is not None}
+        for key, (tag, scale) in COSTS.items():
+            self.spent[key] += record[key]
+            shown[tag + "_per_round"] = record[key] / scale
+            shown[tag + "_cumulative"] = self.spent[key] / scale
+        shown["cost/client_peak_MiB"] = record["client_peak_memory_bytes"] / 2**20
+        return shown
 
 
 class TensorBoard:
@@ -42,10 +48,10 @@ class TensorBoard:
         # purge_step: a resumed run drops what a killed one logged after its last checkpoint, so no round shows twice
         self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=len(history) + 1 if history else None)
         self.writer.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```", 0)
-        self.spent = {key: sum(record[key] for record in history) for key in COSTS}
+        self.scalars = Scalars(history)
 
     def round(self, record: dict) -> None:
-        for tag, value in scalars(record, self.spent).items():
+        for tag, value in self.scalars(record).items():
             self.writer.add_scalar(tag, value, record["round"])
         self.writer.flush()
 
@@ -71,10 +77,10 @@ class WandB:
         self.run = wandb.init(project="sfprompt", name=out.name, id=run_id, resume="allow", dir=str(out),
                               config=config.to_dict(), mode="offline",
                               settings=wandb.Settings(silent=True, console="off"))
-        self.spent = {key: sum(record[key] for record in history) for key in COSTS}
+        self.scalars = Scalars(history)
 
     def round(self, record: dict) -> None:
-        self.run.log(scalars(record, self.spent), step=record["round"])
+        self.run.log(self.scalars(record), step=record["round"])
 
     def close(self) -> None:
         self.run.finish()
