@@ -44,7 +44,8 @@ def tree_rss_mib(root: int) -> float:
 
 
 def child(spec: dict) -> None:
-    """One runtime's run in this fresh process; prints what it measured as JSON."""
+    """One runtime's run in this fresh process (`flower_options`: run-config keys of the Flower runtime); prints what
+    it measured as JSON."""
     from sfprompt.config import Config
     from sfprompt.runner import run
 
@@ -65,7 +66,8 @@ def child(spec: dict) -> None:
         from sfprompt.flower import client_app, server_app
         from sfprompt.flower.settings import as_run_config
 
-        run_simulation(server_app.make_app(as_run_config(config)), client_app.app, num_supernodes=config.clients,
+        run_config = as_run_config(config) | spec.get("flower_options", {})  # the Flower runtime's own keys, if any
+        run_simulation(server_app.make_app(run_config), client_app.app, num_supernodes=config.clients,
                        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": os.cpu_count()}})
     wall = time.perf_counter() - started
     done.set()

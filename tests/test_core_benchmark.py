@@ -209,3 +209,18 @@ def test_the_224_px_benchmark_advances_in_short_invocations_and_writes_its_repor
                for row in ("linear-probe", "sfprompt-forward-only")}
     assert configs["linear-probe"]["precision"] == "bf16" and configs["sfprompt-forward-only"]["precision"] == "fp32"
     assert configs["linear-probe"]["clients"] == 2  # SIZE's options come after the setting's, and win
+
+
+@pytest.mark.slow
+def test_the_secure_aggregation_benchmark_runs_both_ways_under_flower(tmp_path):
+    markdown = tmp_path / "secure-aggregation.md"
+    options = '{"rounds": 1, "probe_rounds": 0, "train_samples": 40, "test_samples": 20, "batch_size": 10}'
+    done = run_python_benchmark("secure_aggregation.py", "--nodes", "2", "--seeds", "0", "--options", options,
+                                "--out", str(tmp_path / "runs"), "--markdown", str(markdown))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in markdown.read_text().splitlines()
+            if line.startswith(("| FedAvg", "| SecAgg+"))}
+    assert rows.keys() == {"| FedAvg", "| SecAgg+"}
+    assert float(rows["| FedAvg"][4]) == 0 < float(rows["| SecAgg+"][4])  # the keys and shares: only SecAgg+ sends them
+    assert float(rows["| SecAgg+"][3]) > float(rows["| FedAvg"][3])  # a masked upload: 8 bytes a value
+    assert "Largest gap between the two in any round's accuracy" in markdown.read_text()

@@ -1,14 +1,17 @@
-"""The Flower ServerApp and ClientApp code paths without Ray: a grid that hands each message to the
-ClientApp's handler in this process (one Context per node, kept across rounds; a new grid is a new
-`flwr run`, with fresh Contexts, on the same node disks), with the body channel on loopback. Fast
-enough to inject every kind of client failure."""
+"""The Flower ServerApp and ClientApp code paths without Ray: a grid that hands each message, through Flower's
+protobuf encoding, to the ClientApp's handler in this process (SecAgg+'s messages to the ClientApp with its mods;
+one Context per node, kept across rounds; a new grid is a new `flwr run`, with fresh Contexts, on the same node
+disks), with the body channel on loopback. Fast enough to inject every kind of client failure."""
 
 import json
 from collections import Counter
 
+import numpy as np
+
 import pytest
 import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
@@ -20,6 +23,7 @@ from sfprompt.seeds import private_seed
 from sfprompt.flower import client_app
 from sfprompt.flower.server_app import FlowerRuntime, find_partitions
 from sfprompt.flower.settings import FlowerOptions, from_run_config
+from sfprompt.probe import STATISTICS
 from sfprompt.runner import run
 from sfprompt.splits import head_gflop
 
@@ -43,14 +47,25 @@ class InlineGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         for message in messages:
+            message = over_the_wire(message)
             node = message.metadata.dst_node_id
             if node in self.lost and message.metadata.message_type == MessageType.TRAIN:
                 continue  # as if the deadline passed
             handler = client_app.describe if message.metadata.message_type == MessageType.QUERY else client_app.train
+            if RECORD_KEY_CONFIGS in message.content.config_records:  # SecAgg+: through the ClientApp and its mods
+                handler = client_app.app
             try:
-                yield handler(message, self.contexts[node])
+                reply = handler(message, self.contexts[node])
             except Exception as err:  # what Flower does when a ClientApp raises
-                yield Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+                reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+            yield over_the_wire(reply)
+
+
+def over_the_wire(message):
+    """The message as its receiver gets it: through Flower's protobuf encoding (each node its own copy)."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    return message_from_proto(message_to_proto(message))
 
 
 @pytest.fixture(autouse=True)
@@ -413,3 +428,160 @@ def test_a_node_budget_that_is_not_a_number_or_too_small_stops_the_run_saying_wh
     grid.contexts[100].node_config["budget-gflop"] = budget
     with pytest.raises(ConfigError, match=message):
         run_inline(tiny_config(imagefolder, tmp_path, clients=3, rounds=1), grid)
+
+
+def secure_aggregation_bound(clipping_range, sizes, largest_value, max_weight=None):
+    """How far SecAgg+'s average of uploads from clients of `sizes` samples may lie from the plain one: Flower scales
+    each upload by its weight (its size over the largest), quantises it into 2**22 levels of +-clipping range
+    (stochastic rounding: an error under one level a client) and divides the sum by the summed weights, themselves
+    quantised (to half a level; `max_weight`: the largest size in the round, if not
+    in `sizes`); both averages are then rounded to float32 (half an ulp each)."""
+    levels, weights = 2**22, [size / (max_weight or max(sizes)) for size in sizes]
+    quantised = len(sizes) * (2 * clipping_range / levels) / sum(weights)
+    weighted = largest_value * len(sizes) / (levels * sum(weights))
+    return quantised + weighted + 2 * largest_value * 2.0**-24
+
+
+class TappedGrid(InlineGrid):
+    """An inline grid that keeps every reply the server receives."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replies = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        for reply in super().send_and_receive(messages, timeout=timeout):
+            self.replies.append(reply)
+            yield reply
+
+
+@pytest.mark.parametrize("method", ["sfprompt", "linear-probe"])
+def test_secure_aggregation_gives_the_plain_average_within_its_quantisation_and_hides_each_upload(imagefolder, tmp_path,
+                                                                                                   method):
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.quantization import dequantize
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    config = tiny_config(imagefolder, tmp_path, clients=4, clients_per_round=3, rounds=1, method=method)
+    plain, secure = TappedGrid(4), TappedGrid(4)
+    run_inline(config.replace(out=str(tmp_path / "plain")), plain)
+    run_inline(config.replace(out=str(tmp_path / "secure")), secure, FlowerOptions(secure_aggregation=True))
+
+    (before,), (after,) = records(tmp_path / "plain"), records(tmp_path / "secure")
+    assert after["clients"] == before["clients"] and not after["dropped"]
+    averaged, securely = load_file(tmp_path / "plain" / "global.safetensors"), load_file(tmp_path / "secure" / "global.safetensors")
+    # the probe's average is of its statistics (the classifier is fitted on them, amplifying the gap)
+    compared = [key for key in averaged if method != "linear-probe" or key in STATISTICS]
+    gaps = {key: float((averaged[key] - securely[key]).abs().max()) for key in compared}
+    sizes = [client.num_examples for client in prepare(config).clients if client.cid in after["clients"]]
+    bound = secure_aggregation_bound(FlowerOptions().secagg_clipping_range, sizes,
+                                     max(float(averaged[key].abs().max()) for key in compared))
+    assert 0 < max(gaps.values()) <= bound, (gaps, bound)  # quantised, yet within the bound
+    assert after["bytes_by_phase"]["up/secagg"] > 0 and after["bytes_by_phase"]["down/secagg"] > 0
+
+    # what the server received of each client's upload: the masked vector, which says nothing about the upload
+    uploads = {reply.metadata.src_node_id: decode(reply.content["sfprompt"]["upload"], torch.device("cpu"))
+               for reply in plain.replies if reply.metadata.message_type == MessageType.TRAIN}
+    masked = {reply.metadata.src_node_id: reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+              for reply in secure.replies if Key.MASKED_PARAMETERS in reply.content.config_records.get(RECORD_KEY_CONFIGS, {})}
+    assert masked.keys() == uploads.keys() and len(masked) == 3
+    assert not any(len(record) for reply in secure.replies if not reply.has_error()
+                   for record in reply.content.array_records.values())  # Flower's mod empties the plain upload
+    for node, vectors in masked.items():
+        arrays = [bytes_to_ndarray(b) for b in vectors][1:]  # the first holds the masked weight
+        seen = torch.from_numpy(np.concatenate([a.ravel() for a in dequantize(arrays, 8.0, 2**22)]))
+        upload = uploads[node].tensors
+        truth = torch.cat([upload[name].double().ravel() for name in sorted(upload)])
+        assert seen.shape == truth.shape
+        assert abs(float(torch.corrcoef(torch.stack([seen, truth]))[0, 1])) < 0.1  # uniform noise, not the upload
+
+
+class VanishingGrid(InlineGrid):
+    """An inline grid whose `vanishing` nodes answer SecAgg+'s first two stages (their keys are shared), then
+    never again: the server must recover their masks from the others' shares."""
+
+    def __init__(self, *args, vanishing=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vanishing = {100 + k for k in vanishing}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+        def stays(message):
+            record = message.content.config_records.get(RECORD_KEY_CONFIGS, {})
+            return not (message.metadata.dst_node_id in self.vanishing and record.get(Key.STAGE) in (
+                Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK))
+
+        yield from super().send_and_receive([m for m in messages if stays(m)], timeout=timeout)
+
+
+def test_under_secure_aggregation_a_failed_and_a_vanished_client_are_dropped_and_the_others_averaged(
+        imagefolder, tmp_path, monkeypatch):
+    loader = Client._loader
+
+    def failing(self, data, ctx, shuffle=True):
+        if self.cid == 1 and ctx.phase == "split":
+            raise RuntimeError("battery died")
+        return loader(self, data, ctx, shuffle)
+
+    monkeypatch.setattr(Client, "_loader", failing)
+    config = tiny_config(imagefolder, tmp_path, clients=4, clients_per_round=4, rounds=1, client_timeout_s=30.0)
+    run_inline(config.replace(out=str(tmp_path / "plain")), InlineGrid(4, lost=(3,)))
+    run_inline(config.replace(out=str(tmp_path / "secure")), VanishingGrid(4, vanishing=(3,)),
+               FlowerOptions(secure_aggregation=True))
+    (plain,), (secure,) = records(tmp_path / "plain"), records(tmp_path / "secure")
+    assert secure["dropped"] == [{"client": 1, "phase": "split", "reason": "RuntimeError: battery died"},
+                                 {"client": 3, "phase": "unknown",
+                                  "reason": "no upload in the secure aggregation's masking stage"}]
+    assert [d["client"] for d in plain["dropped"]] == [1, 3] and secure["kept_samples"] == plain["kept_samples"]
+    sizes = [client.num_examples for client in prepare(config).clients]
+    averaged, securely = load_file(tmp_path / "plain" / "global.safetensors"), load_file(tmp_path / "secure" / "global.safetensors")
+    bound = secure_aggregation_bound(FlowerOptions().secagg_clipping_range, [sizes[0], sizes[2]],
+                                     max(float(value.abs().max()) for value in averaged.values()), max_weight=max(sizes))
+    assert all(torch.allclose(averaged[k], securely[k], rtol=0, atol=bound) for k in averaged)
+
+
+def test_an_upload_that_secure_aggregation_would_clip_drops_its_client_saying_why(imagefolder, tmp_path):
+    from sfprompt.runner import RoundFailed
+
+    lines = []
+    grid = InlineGrid(3)
+    nodes, sizes, budgets = find_partitions(grid, wait_s=5)
+    with pytest.raises(RoundFailed, match="0 of 2 clients finished"):
+        run(tiny_config(imagefolder, tmp_path, rounds=1), progress=False, log=lines.append,
+            runtime=lambda fed: FlowerRuntime(fed, grid, nodes, FlowerOptions(secure_aggregation=True,
+                                                                              secagg_clipping_range=1e-4)))
+    dropped = [line for line in lines if "dropped client" in line]
+    assert len(dropped) == 2 and all("exceeds SecAgg+'s clipping range of +-0.0001: raise the run config's "
+                                     "secagg-clipping-range" in line for line in dropped)
+
+
+@pytest.mark.parametrize("changes, error", [({"method": "sl"}, "sl has none to average"),
+                                            ({"clients_per_round": 1}, "needs 2 to 1024 clients a round")])
+def test_secure_aggregation_refuses_what_flower_cannot_do(imagefolder, tmp_path, changes, error):
+    with pytest.raises(ConfigError, match=error):
+        run_inline(tiny_config(imagefolder, tmp_path, **changes), InlineGrid(3), FlowerOptions(secure_aggregation=True))
+    with pytest.raises(ConfigError, match="secagg-threshold is a share"):
+        from_run_config({"secure-aggregation": True, "secagg-threshold": 2.0})
+
+
+def test_under_secure_aggregation_a_malformed_report_drops_the_round_it_is_averaged_into(imagefolder, tmp_path,
+                                                                                         monkeypatch):
+    from sfprompt.flower import secure
+    from sfprompt.runner import RoundFailed
+
+    reply = secure.upload_reply
+
+    def lying(msg, tensors, num_examples, report):  # the client's report claims a sample more than it has
+        return reply(msg, tensors, num_examples, {**report, "meta": {**report["meta"], "num_examples": num_examples + 1}})
+
+    monkeypatch.setattr(client_app, "upload_reply", lying)
+    lines = []
+    grid = InlineGrid(3)
+    nodes, sizes, budgets = find_partitions(grid, wait_s=5)
+    with pytest.raises(RoundFailed, match="0 of 2 clients finished"):
+        run(tiny_config(imagefolder, tmp_path, rounds=1), progress=False, log=lines.append,
+            runtime=lambda fed: FlowerRuntime(fed, grid, nodes, FlowerOptions(secure_aggregation=True)))
+    dropped = [line for line in lines if "dropped client" in line]
+    assert len(dropped) == 2 and all("'s upload, whose reply is unusable (upload: report claims" in line
+                                     for line in dropped)

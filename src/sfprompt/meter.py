@@ -143,8 +143,12 @@ class Meter:
         self.client_peak_memory = 0
 
     def count_message(self, direction: str, phase: str, payload: bytes) -> None:  # or a codec.ShapesOnly: its len()
+        self.count_bytes(direction, phase, len(payload))
+
+    def count_bytes(self, direction: str, phase: str, size: int) -> None:
+        """Count one message of `size` bytes (one another encoding measured, such as Flower's SecAgg+ records)."""
         with self._lock:
-            self.bytes[direction, phase] += len(payload)
+            self.bytes[direction, phase] += size
             self.messages[direction, phase] += 1
 
     @contextlib.contextmanager

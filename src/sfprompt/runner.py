@@ -40,7 +40,9 @@ class Runtime(Protocol):
 
     `train` returns the uploads of the clients that finished, in the order given, and a record of
     each one dropped (`ClientFailure.record()`: client, phase, reason), with every byte and FLOP
-    counted on `federation.meter`; the body server forgets a dropped client. `end_round` lets the
+    counted on `federation.meter`; the body server forgets a dropped client. Under secure aggregation the
+    server never holds a single client's upload: `train` then returns one message, the uploads' average weighted
+    by their samples, whose meta says how many clients it `aggregates`. `end_round` lets the
     body server fold its round in; `close` releases what the runtime holds (sockets).
     """
 
@@ -152,8 +154,9 @@ def _round(fed: Federation, method: Method, executor: Runtime, round_: int, samp
         updates, dropped = _valid_updates(*executor.train(round_, sampled, global_params), global_params)
     for failure in dropped:
         log(f"round {round_}: dropped client {failure['client']} (phase {failure['phase']}): {failure['reason']}")
-    if len(updates) < config.min_clients:
-        raise RoundFailed(f"round {round_}: {len(updates)} of {len(sampled)} clients finished, fewer than "
+    finished = sum(u.meta.get("aggregates", 1) for u in updates)  # a securely aggregated upload sums several
+    if finished < config.min_clients:
+        raise RoundFailed(f"round {round_}: {finished} of {len(sampled)} clients finished, fewer than "
                           f"--min-clients {config.min_clients}; nothing was aggregated, and `sfprompt run "
                           f"--resume {config.out}` retries the round")
     executor.end_round()
@@ -169,8 +172,8 @@ def _round(fed: Federation, method: Method, executor: Runtime, round_: int, samp
         "stage": method.name,  # the run's method, or linear-probe in the rounds it opens with
         "accuracy": accuracy,
         "loss": loss,
-        "train_loss": _mean([u.meta["train_loss"] for u in updates], weights),
-        "local_loss": _mean([u.meta.get("local_loss") for u in updates], weights),  # None: no local phase
+        "train_loss": weighted_mean([u.meta["train_loss"] for u in updates], weights),
+        "local_loss": weighted_mean([u.meta.get("local_loss") for u in updates], weights),  # None: no local phase
         **fed.meter.take(),
         "clients": sampled,
         "dropped": dropped,
@@ -312,7 +315,7 @@ def versions() -> dict[str, str]:
             "torchvision": torchvision.__version__, "timm": timm.__version__, "platform": platform.platform()}
 
 
-def _mean(values: list[float | None], weights: list[int]) -> float | None:
+def weighted_mean(values: list[float | None], weights: list[int]) -> float | None:
     """Weighted mean of what clients reported; None when a phase did not run."""
     if any(v is None for v in values):
         return None

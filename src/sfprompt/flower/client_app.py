@@ -19,6 +19,7 @@ import re
 import secrets
 from pathlib import Path
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file, save
@@ -32,6 +33,7 @@ from ..data import count_images
 from ..federation import ClientSide, prepare_client
 from ..meter import Meter
 from ..transport import SessionLink
+from .secure import TASK, check_range, client_mod, upload_reply
 
 app = ClientApp()
 STATE_DIR = Path("~/.cache/sfprompt/supernode")  # a node's default state-dir: STATE_DIR/partition-K
@@ -155,9 +157,12 @@ def client_side(config_json: str, partition: int, classes_json: str, folder: str
                           client_blocks)
 
 
-@app.train()
+@app.train(mods=[client_mod])
 def train(msg: Message, context: Context) -> Message:
-    task = msg.content["sfprompt"]
+    """One round of this node's client: a plain round's task, or (secure aggregation) the task inside SecAgg+'s
+    masking stage, whose upload Flower's mod masks before it leaves the node."""
+    secure = TASK in msg.content.config_records
+    task = msg.content.config_records[TASK] if secure else msg.content["sfprompt"]
     partition, _ = node_partition(context)
     if int(task["partition"]) != partition:
         raise ValueError(f"asked to train partition {task['partition']}, but this SuperNode holds partition {partition}")
@@ -173,6 +178,7 @@ def train(msg: Message, context: Context) -> Message:
     start, kept = state.client_state(run_key, round_)
     if kept is not None:
         client.load_state_dict(kept)
+    method = side.method.stage(round_, config)  # the run's method, or the probe rounds it opens with
     root = task["body-root-certificate"] or None
     try:
         with ChannelLink(task["body-address"], task["body-token"], meter, side.device,
@@ -180,11 +186,19 @@ def train(msg: Message, context: Context) -> Message:
                          max_bytes=side.max_message_bytes) as channel:
             link = SessionLink(channel, client.cid, task["session"])
             global_params = decode(task["global"], side.device, side.max_message_bytes)
-            method = side.method.stage(round_, config)  # the run's method, or the probe rounds it opens with
             upload = client.run_round(method, global_params, link, int(task["seed"]), config.client_timeout_s)
+        if secure:  # what the server would have decoded (the wire format's rounding), for Flower to mask
+            update = decode(upload, side.device, side.max_message_bytes)
+            check_range(client.cid, update.tensors, update.meta["num_examples"], task)
     except ClientFailure as failure:  # the server drops this client from the round, and says why
-        reply = ConfigRecord({"failure": json.dumps(failure.record()), "meter": json.dumps(meter.counts())})
+        report = {"failure": failure.record(), "meter": meter.counts()}
+        if secure:  # no weight, and zeros of the upload's shapes: its masks cancel, it adds nothing
+            zeros = {name: torch.zeros_like(t) for name, t in method.new_params(side.model).state_dict().items()}
+            return upload_reply(msg, zeros, 0, report)
+        reply = ConfigRecord({"failure": json.dumps(report["failure"]), "meter": json.dumps(report["meter"])})
         return Message(RecordDict({"sfprompt": reply}), reply_to=msg)
     state.save_client_state(run_key, round_, client.state_dict(), start)
+    if secure:
+        return upload_reply(msg, update.tensors, update.meta["num_examples"], {"meta": update.meta, "meter": meter.counts()})
     reply = ConfigRecord({"upload": upload, "meter": json.dumps(meter.counts())})
     return Message(RecordDict({"sfprompt": reply}), reply_to=msg)

@@ -15,6 +15,7 @@ from pathlib import Path
 from logging import INFO
 from typing import Any, Mapping
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -27,9 +28,10 @@ from ..config import ConfigError
 from ..meter import DOWN, UP
 from ..federation import Federation
 from ..seeds import client_seed
-from ..runner import run
+from ..runner import run, weighted_mean
 from ..server import BodyServer, body_optimizer
 from ..splits import affordable_split, head_gflop
+from .secure import MAX_CLIENTS, secure_average
 from .settings import FlowerOptions, from_run_config
 
 
@@ -39,6 +41,8 @@ class FlowerRuntime:
     def __init__(self, fed: Federation, grid: Grid, nodes: dict[int, int], options: FlowerOptions,
                  folder_sizes: Mapping[int, int] | None = None, budgets: Mapping[int, float] | None = None) -> None:
         self.fed, self.grid, self.nodes, self.options = fed, grid, nodes, options
+        if options.secure_aggregation:
+            _check_secure_aggregation(fed)
         self.caps = {cid: self._cap(cid, (folder_sizes or {}).get(cid)) for cid in nodes}
         self.splits = self._splits(budgets or {})
         self._run_key: str | None = None
@@ -63,11 +67,14 @@ class FlowerRuntime:
         fed = self.fed
         method = fed.method.stage(round_, fed.config)  # the run's method, or the probe rounds it opens with
         broadcast = encode(Payload("global", method.broadcast(global_params.state_dict())))
-        messages = []
+        tasks = {}
         for cid in cids:
             fed.meter.count_message(DOWN, "broadcast", broadcast)
-            messages.append(Message(RecordDict({"sfprompt": self.task(cid, round_, broadcast)}),
-                                    dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN))
+            tasks[cid] = self.task(cid, round_, broadcast)
+        if self.options.secure_aggregation:
+            return self._train_securely(round_, tasks, global_params)
+        messages = [Message(RecordDict({"sfprompt": task}), dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN)
+                    for cid, task in tasks.items()]
         timeout = fed.config.client_timeout_s
         uploads, failures = {}, {}
         partition = {node: cid for cid, node in self.nodes.items()}
@@ -86,6 +93,63 @@ class FlowerRuntime:
                 dropped.append({"client": cid, "phase": failure["phase"], "reason": failure["reason"]})
                 self.body.forget(str(cid))
         return [uploads[self.nodes[cid]] for cid in cids if self.nodes[cid] in uploads], dropped
+
+    def _train_securely(self, round_: int, tasks: dict[int, ConfigRecord],
+                        global_params) -> tuple[list[Payload], list[dict]]:
+        """The round as Flower's SecAgg+ protocol (`secure`): one upload back, the average of the clients' uploads
+        weighted by their samples, which the server cannot take apart. A client that fails answers with no weight
+        and is dropped; one whose report is malformed or claims more samples than its cap is inside the average,
+        so the whole round is dropped (`--resume` retries it)."""
+        max_weight = float(max(self.caps[cid] for cid in tasks))  # the largest weight a client may claim
+        for task in tasks.values():
+            task["secagg-max-weight"], task["secagg-clipping-range"] = max_weight, self.options.secagg_clipping_range
+        average, reports = secure_average(self.grid, self.fed.meter, round_, {self.nodes[c]: t for c, t in tasks.items()},
+                                          max_weight, self.options.secagg_clipping_range,
+                                          self.options.secagg_threshold, self.fed.config.client_timeout_s)
+        metas, dropped = {}, []
+        for cid in tasks:
+            count, report = reports.get(self.nodes[cid], (0, None))
+            try:
+                if self.nodes[cid] not in reports:
+                    raise Dropped("unknown", "no upload in the secure aggregation's masking stage")
+                metas[cid] = self._report(report, count, self.caps[cid])
+            except Dropped as failure:
+                if count > 0:  # inside the average: it cannot be taken out
+                    for other in tasks:
+                        self.body.forget(str(other))
+                    return [], [{"client": c, "phase": "upload", "reason": f"the round's secure average includes client "
+                                 f"{cid}'s upload, whose reply is unusable ({failure})"} for c in tasks]
+                dropped.append({"client": cid, "phase": failure.phase, "reason": failure.reason})
+                self.body.forget(str(cid))
+        if not metas or average is None:
+            return [], dropped
+        state, names = global_params.state_dict(), sorted(global_params.state_dict())
+        if len(average) != len(names):
+            return [], dropped + [{"client": "secure aggregate", "phase": "upload",
+                                   "reason": f"the average holds {len(average)} arrays, not {len(names)}"}]
+        weights = [metas[cid]["num_examples"] for cid in metas]
+        meta = {"client": "secure aggregate", "aggregates": len(metas), "num_examples": sum(weights),
+                "kept": sum(m["kept"] for m in metas.values()),
+                **{key: weighted_mean([m.get(key) for m in metas.values()], weights) for key in ("train_loss", "local_loss")}}
+        tensors = {name: torch.from_numpy(array).to(state[name].device, state[name].dtype)
+                   for name, array in zip(names, average)}
+        return [Payload("update", tensors, meta)], dropped
+
+    def _report(self, text, count: int, cap: int) -> dict:
+        """A client's report beside its masked upload (JSON: its meter, and its upload's meta or its failure), checked
+        like a plain reply's (`_upload`); returns the meta."""
+        try:
+            report = json.loads(text)
+            self.fed.meter.merge(report["meter"])
+            if "failure" in report:
+                raise Dropped(str(report["failure"]["phase"]), str(report["failure"]["reason"]))
+            meta = dict(report["meta"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise Dropped("reply", f"report is malformed: {type(err).__name__}: {err}") from None
+        if meta.get("num_examples") != count or not (isinstance(count, int) and 0 < count <= cap):
+            raise Dropped("upload", f"report claims {meta.get('num_examples')!r} examples and the protocol {count!r}, "
+                          f"not one count of at most its cap of {cap}")
+        return meta
 
     def task(self, cid: int, round_: int, broadcast: bytes) -> ConfigRecord:
         """What a client gets for a round: the broadcast (counted as the in-process runtime counts it)
@@ -172,6 +236,17 @@ class FlowerRuntime:
         self.channel.stop()
 
 
+def _check_secure_aggregation(fed: Federation) -> None:
+    """Refuse what Flower's SecAgg+ cannot do, before any round: average a method whose clients train one after
+    another, mask a single client's upload, or sum more clients than its quantised sum holds."""
+    if fed.method.sequential:
+        raise ConfigError(f"secure-aggregation averages a round's uploads, but {fed.method.name} has none to average "
+                          "(its clients train one after another)")
+    if not 2 <= fed.config.clients_per_round <= MAX_CLIENTS:
+        raise ConfigError(f"secure-aggregation needs 2 to {MAX_CLIENTS} clients a round (a single upload cannot be "
+                          f"hidden; Flower's sum overflows beyond), got {fed.config.clients_per_round}")
+
+
 class Dropped(Exception):
     """A client's reply that drops it from the round: the phase it failed in and why."""
 
@@ -230,6 +305,9 @@ def make_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
                 "that%s", folder_sizes, f" and {options.max_examples}" if options.max_examples else "")
         if budgets:
             log(INFO, "SuperNodes with a compute budget (partition: GFLOP per sample): %s", budgets)
+        if options.secure_aggregation:
+            log(INFO, "secure aggregation (SecAgg+): the server learns each round's average of the uploads, not one "
+                "client's; the split-phase messages reach the body server as without it")
         run(config, progress=False, log=lambda line: log(INFO, "%s", line),
             runtime=lambda fed: FlowerRuntime(fed, grid, nodes, options, folder_sizes, budgets), resume=options.resume)
 

@@ -31,6 +31,9 @@ class FlowerOptions:
     wait_for_nodes_s: float = 300.0  # how long the ServerApp waits for every partition's SuperNode
     resume: bool = False  # continue the run in `out` after its last checkpointed round
     max_examples: int = 0  # the most examples a node with its own data may weigh in FedAvg (0: what it reported)
+    secure_aggregation: bool = False  # uploads averaged by Flower's SecAgg+: the server sees only their average
+    secagg_clipping_range: float = 64.0  # SecAgg+ clips each weighted upload value to +-this before quantising it
+    secagg_threshold: float = 0.5  # the share of a round's clients whose key shares recover a dropped one's masks
 
     def resolved_token(self) -> str:
         return self.body_token or secrets.token_urlsafe(32)
@@ -68,6 +71,10 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerOption
     config, options = Config.from_dict(config_values), FlowerOptions(**own_values)
     if options.body_batch_window_s < 0:
         raise ConfigError(f"body-batch-window-s must be 0 or more, got {options.body_batch_window_s}")
+    if not options.secagg_clipping_range > 0:
+        raise ConfigError(f"secagg-clipping-range must be positive, got {options.secagg_clipping_range}")
+    if not 0 < options.secagg_threshold <= 1:
+        raise ConfigError(f"secagg-threshold is a share of the round's clients, in (0, 1], got {options.secagg_threshold}")
     if options.body_batching and config.train_body:
         raise ConfigError("body-batching cannot batch a trained body (--train-body keeps a body copy per client)")
     return config, options
