@@ -36,7 +36,8 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("options", [{"method": "sfprompt"}, {"method": "sl"}, {"method": "sfl", "train_body": True},
-                                     {"method": "sfprompt", "prompt_updates": "forward-only", "directions": 2}])
+                                     {"method": "sfprompt", "prompt_updates": "forward-only", "directions": 2},
+                                     {"method": "sfprompt", "aggregator": "fedadam", "server_lr": 0.01}])
 def test_killed_and_extended_runs_end_where_an_uninterrupted_run_does(imagefolder, tmp_path, monkeypatch, options):
     base = tiny_config(imagefolder, tmp_path, rounds=4, **options)
     quiet(base.replace(out=str(tmp_path / "straight")))

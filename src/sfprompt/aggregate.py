@@ -1,10 +1,30 @@
-"""FedAvg: the server's aggregation, as pure tensor math."""
+"""The server's aggregation of a round's uploads: sfprompt's own FedAvg, or one of Flower's strategies.
+
+FedAvg stays the default and sfprompt's own (pure tensor math in float64, so that a run's numbers do not change
+with Flower's version). `--aggregator` picks one of Flower's strategies instead, run from our round loop in both
+runtimes: the uploads are handed to the strategy's `aggregate_train` as the replies it would get under Flower (one
+ArrayRecord and the sample count each), so the server optimizers (FedAvgM, FedAdam, FedYogi, FedAdagrad) and the
+robust rules (FedMedian, FedTrimmedAvg) are Flower's code, not ours. A strategy's state (moments, momentum, the
+rounds it has aggregated) is checkpointed with the run, so a resumed run continues it exactly.
+"""
 
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
+
+# name -> (Flower strategy class, its learning-rate argument, its momentum argument); None: it has none
+FLOWER_STRATEGIES = {
+    "fedavgm": ("FedAvgM", "server_learning_rate", "server_momentum"),
+    "fedadam": ("FedAdam", "eta", "beta_1"),
+    "fedyogi": ("FedYogi", "eta", "beta_1"),
+    "fedadagrad": ("FedAdagrad", "eta", None),
+    "fedmedian": ("FedMedian", None, None),
+    "fedtrimmedavg": ("FedTrimmedAvg", None, None),
+}
+ROBUST = ("fedmedian", "fedtrimmedavg")  # they need every client's upload, not only the average
 
 
 def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -24,3 +44,96 @@ def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float
         key: sum(state[key].double() * (w / total) for state, w in zip(states, weights)).to(states[0][key].dtype)
         for key in keys
     }
+
+
+class FedAvg:
+    """sfprompt's own FedAvg: the uploads averaged, weighted by their sample counts. It keeps no state."""
+
+    name = "fedavg"
+
+    def __call__(self, current: Mapping[str, torch.Tensor], uploads: Sequence[Mapping[str, torch.Tensor]],
+                 weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        return fedavg(uploads, weights)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        pass
+
+
+class FlowerStrategy(FedAvg):
+    """One of Flower's strategies (`FLOWER_STRATEGIES`) as the server's aggregation: each round it gets the global
+    state the clients started from (the server optimizers step from it) and the uploads with their sample counts."""
+
+    def __init__(self, name: str, server_lr: float | None = None, server_momentum: float | None = None) -> None:
+        try:
+            from flwr.serverapp import strategy as strategies
+        except ImportError:
+            raise ImportError(f"--aggregator {name} is Flower's: pip install 'sfprompt[flower]'") from None
+        class_name, lr_name, momentum_name = FLOWER_STRATEGIES[name]
+        options = {}
+        if server_lr is not None:
+            options[lr_name] = server_lr
+        if server_momentum is not None:
+            options[momentum_name] = server_momentum
+        self.name, self.strategy, self.rounds = name, getattr(strategies, class_name)(**options), 0
+
+    def __call__(self, current, uploads, weights):
+        from flwr.app import Array, ArrayRecord
+
+        names = list(uploads[0])
+        as_numpy = {name: _numpy(current[name]) for name in names}
+        if hasattr(self.strategy, "momentum_vector"):  # FedAvgM steps from the arrays it holds
+            self.strategy.current_arrays = ArrayRecord({name: Array(value) for name, value in as_numpy.items()})
+        elif hasattr(self.strategy, "m_t"):  # FedAdam, FedYogi, FedAdagrad: from the arrays last broadcast
+            self.strategy.current_arrays = as_numpy
+        self.rounds += 1
+        arrays, _ = self.strategy.aggregate_train(self.rounds, [_reply(k, upload, names, weight)
+                                                                for k, (upload, weight) in enumerate(zip(uploads, weights))])
+        return {name: torch.from_numpy(np.asarray(arrays[name].numpy())).to(current[name].device, current[name].dtype)
+                for name in names}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The strategy's state that a later round depends on (moments, momentum) and the rounds it aggregated."""
+        state = {"rounds": torch.tensor(self.rounds)}
+        for moment in ("m_t", "v_t"):
+            for name, value in (getattr(self.strategy, moment, None) or {}).items():
+                state[f"{moment}.{name}"] = torch.from_numpy(np.array(value))
+        for k, value in enumerate(getattr(self.strategy, "momentum_vector", None) or []):
+            state[f"momentum.{k}"] = torch.from_numpy(np.array(value))
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.rounds = int(state.get("rounds", 0))
+        for moment in ("m_t", "v_t"):
+            values = {key.split(".", 1)[1]: value.numpy() for key, value in state.items() if key.startswith(moment + ".")}
+            if hasattr(self.strategy, moment):
+                setattr(self.strategy, moment, values or None)
+        momentum = [value.numpy() for _, value in sorted((int(key.split(".")[1]), value) for key, value in state.items()
+                                                         if key.startswith("momentum."))]
+        if hasattr(self.strategy, "momentum_vector"):
+            self.strategy.momentum_vector = momentum or None
+
+
+def make_aggregator(name: str, server_lr: float | None = None, server_momentum: float | None = None) -> FedAvg:
+    """The aggregation `--aggregator` names, with its `--server-lr` and `--server-momentum` (None: Flower's defaults)."""
+    return FedAvg() if name == "fedavg" else FlowerStrategy(name, server_lr, server_momentum)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as Flower's arrays hold it (NumPy has no bfloat16: such a tensor goes as float32)."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def _reply(client: int, upload: Mapping[str, torch.Tensor], names: list[str], weight: float):
+    """An upload as the reply Flower's strategies aggregate: its arrays and its sample count, from node `client`."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.app.metadata import Metadata
+
+    content = RecordDict({"arrays": ArrayRecord({name: Array(_numpy(upload[name])) for name in names}),
+                          "metrics": MetricRecord({"num-examples": weight})})
+    return Message(content, metadata=Metadata(run_id=0, message_id="", src_node_id=client, dst_node_id=0,
+                                              reply_to_message_id="", group_id="", created_at=0.0, ttl=0.0,
+                                              message_type="train"))

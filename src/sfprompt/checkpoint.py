@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ class RunState:
     params: dict[str, torch.Tensor]
     clients: dict[int, dict[str, torch.Tensor]]  # client id -> its `Client.state_dict()`
     body: dict[str, torch.Tensor] | None
+    aggregator: dict[str, torch.Tensor] = field(default_factory=dict)  # `--aggregator`'s state, if any
 
 
 def save(folder: Path, state: RunState) -> None:
@@ -48,6 +49,7 @@ def save(folder: Path, state: RunState) -> None:
         tensors |= _prefixed(f"client.{cid}.", kept)
     if state.body is not None:
         tensors |= _prefixed("body.", state.body)
+    tensors |= _prefixed("aggregator.", state.aggregator)
     meta = {"round": state.round, "config": state.config, "history": state.history, "sampler": state.sampler}
     payload = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={_META: json.dumps(meta)})
     write_atomically(folder / FILE, payload)
@@ -89,7 +91,7 @@ def load(folder: Path) -> RunState:
                 clients.setdefault(int(cid), {})[kept + name] = value
     body = _unprefixed("body.", tensors)
     return RunState(round_, config, history, sampler, tensors["rng.torch"], _unprefixed("params.", tensors),
-                    clients, body or None)
+                    clients, body or None, _unprefixed("aggregator.", tensors))
 
 
 def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

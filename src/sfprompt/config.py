@@ -35,6 +35,7 @@ WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # wire.WireFormat's
 SHARED_ROWS = ("per-sample", "once")
 PROMPT_UPDATES = ("backprop", "forward-only")
 ESTIMATORS = ("antithetic", "one-sided")  # zeroth_order.gradient's
+AGGREGATORS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg")  # aggregate's
 
 
 def parse_partition(scheme: str) -> tuple[str, int | None]:
@@ -102,6 +103,14 @@ class Config:
                           "or flwr-datasets' pathological:K (K classes a client), shard:S (S label-sorted shards a "
                           "client) or linear (size skew)")
     min_clients: int = _opt(1, "fewest clients that must finish a round; fewer stops the run (resumable)")
+    aggregator: str = _opt(
+        "fedavg", "how the server combines a round's uploads: fedavg (sfprompt's own), or Flower's strategies fedavgm, "
+        "fedadam, fedyogi, fedadagrad (server optimizers) and fedmedian, fedtrimmedavg (robust)", choices=AGGREGATORS,
+    )
+    server_lr: Optional[float] = _opt(None, "the server optimizer's learning rate (FedAvgM's server_learning_rate, "
+                                      "FedOpt's eta; omit for Flower's default)")
+    server_momentum: Optional[float] = _opt(None, "the server optimizer's momentum (FedAvgM's server_momentum, "
+                                            "FedAdam's and FedYogi's beta_1; omit for Flower's default)")
     client_timeout_s: Optional[float] = _opt(
         None, "seconds a client may take for its round before it is dropped from it (omit for no limit)"
     )
@@ -206,6 +215,7 @@ class Config:
         if not 1 <= self.min_clients <= self.clients_per_round:
             raise ConfigError(f"--min-clients must be between 1 and --clients-per-round ({self.clients_per_round}), "
                               f"got {self.min_clients}")
+        self._check_aggregator()
         if self.client_timeout_s is not None and not self.client_timeout_s > 0:
             raise ConfigError(f"--client-timeout-s must be positive (omit it for no limit), got {self.client_timeout_s}")
         if self.alpha is not None and not self.alpha > 0:
@@ -245,9 +255,7 @@ class Config:
         if self.probe_rounds >= self.rounds:
             raise ConfigError(f"--probe-rounds ({self.probe_rounds}) leaves none of the --rounds ({self.rounds}) to "
                               f"the method itself")
-        for name in ("method", "optimizer", "local_classifier", "precision", "prune_keep", "prune_scores", "wire_dtype",
-                     "shared_rows", "tracker", "prompt_updates", "estimator"):
-            choices = _FIELDS[name].metadata["choices"]
+        for name, choices in ((name, f.metadata["choices"]) for name, f in _FIELDS.items() if "choices" in f.metadata):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
@@ -357,6 +365,23 @@ class Config:
         """Every option as the run uses it (saved with every result, so that it repeats whatever the defaults
         become)."""
         return dataclasses.asdict(self)
+
+    def _check_aggregator(self) -> None:
+        if self.aggregator != "fedavg" and self.method in ("sl", "linear-probe"):
+            raise ConfigError(f"--aggregator {self.aggregator} cannot apply to {self.method}: "
+                              + ("its clients train one after another, with nothing to aggregate" if self.method == "sl"
+                                 else "its statistics are summed, not averaged"))
+        from .aggregate import FLOWER_STRATEGIES  # which strategy takes which option
+
+        _, lr_name, momentum_name = FLOWER_STRATEGIES.get(self.aggregator, ("", None, None))
+        for flag, value, argument in (("server-lr", self.server_lr, lr_name), ("server-momentum", self.server_momentum,
+                                                                              momentum_name)):
+            if value is not None and argument is None:
+                raise ConfigError(f"--{flag} does not apply to --aggregator {self.aggregator}")
+        if self.server_lr is not None and not self.server_lr > 0:
+            raise ConfigError(f"--server-lr must be positive, got {self.server_lr}")
+        if self.server_momentum is not None and not 0 <= self.server_momentum < 1:
+            raise ConfigError(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
 
     def given(self) -> dict[str, Any]:
         """`to_dict`, with the options that took their method's default unset (None): what another method's

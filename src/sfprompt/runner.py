@@ -23,6 +23,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
+from .aggregate import FedAvg, make_aggregator
 from .codec import Message
 from .config import Config, ConfigError, saved_options
 from .defence import privacy_notice
@@ -89,8 +90,9 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     config, method = fed.config, fed.method
     sampler = np.random.default_rng(config.seed)
     out = Path(config.out)
+    aggregator = make_aggregator(config.aggregator, config.server_lr, config.server_momentum)
     if resume:
-        global_params, history = _restore(fed, sampler, out)
+        global_params, history = _restore(fed, sampler, out, aggregator)
     else:
         global_params, history = method.stage(1, config).new_params(fed.model).to(fed.device), []
 
@@ -110,11 +112,11 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
             if round_ > 1 and type(stage) is not type(method.stage(round_ - 1, config)):
                 global_params = stage.carry(fed.model, global_params)
             sampled = sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
-            record = _round(fed, stage, executor, round_, sampled, global_params, log)
+            record = _round(fed, stage, executor, round_, sampled, global_params, aggregator, log)
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-            _persist(fed, out, history, global_params, sampler)
+            _persist(fed, out, history, global_params, sampler, aggregator)
             tracker.round(record)
             evaluated = ("not evaluated" if record["accuracy"] is None
                          else f"accuracy {record['accuracy']:.4f}  loss {record['loss']:.4f}")
@@ -128,7 +130,7 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
         history[-1]["accuracy"], history[-1]["loss"] = evaluate(stage, fed.model, global_params, fed.test,
                                                                 config.batch_size, fed.device, config.seed)
         _write_text(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
-        _persist(fed, out, history, global_params, sampler)  # the checkpoint's metrics hold it too
+        _persist(fed, out, history, global_params, sampler, aggregator)  # the checkpoint's metrics hold it too
     summary = summarise(config, history, time.perf_counter() - started)
     _write_json(out / "summary.json", summary)
     log(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
@@ -137,10 +139,10 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
 
 
 def _round(fed: Federation, method: Method, executor: Runtime, round_: int, sampled: list[int],
-           global_params: torch.nn.Module, log: Callable[[str], None]) -> dict:
+           global_params: torch.nn.Module, aggregator: FedAvg, log: Callable[[str], None]) -> dict:
     """One round of `method` (the run's, or a stage it opens with): the sampled clients train, their valid
-    uploads are aggregated into `global_params` (in place), and the result is evaluated; returns the round's
-    metrics record."""
+    uploads are aggregated into `global_params` (in place, by `aggregator`), and the result is evaluated; returns
+    the round's metrics record."""
     config = fed.config
     started = time.perf_counter()
     if method.sequential:  # each client starts from the previous one's (validated) result, no averaging
@@ -163,7 +165,7 @@ def _round(fed: Federation, method: Method, executor: Runtime, round_: int, samp
     weights = [u.meta["num_examples"] for u in updates]
     if not method.sequential:
         global_params.load_state_dict(method.aggregate(global_params.state_dict(), [u.tensors for u in updates], weights,
-                                                       fed.settings))
+                                                       aggregator))
     accuracy = loss = None  # not evaluated this round (--eval-every)
     if round_ % config.eval_every == 0 or round_ == config.rounds:
         accuracy, loss = evaluate(method, fed.model, global_params, fed.test, config.batch_size, fed.device, config.seed)
@@ -183,7 +185,7 @@ def _round(fed: Federation, method: Method, executor: Runtime, round_: int, samp
 
 
 def _persist(fed: Federation, out: Path, history: list[dict], global_params: torch.nn.Module,
-             sampler: np.random.Generator) -> None:
+             sampler: np.random.Generator, aggregator: FedAvg) -> None:
     """After a round: the user's model file and the checkpoint `--resume` continues from (nothing lost
     on a crash)."""
     config, round_ = fed.config, len(history)
@@ -192,7 +194,7 @@ def _persist(fed: Federation, out: Path, history: list[dict], global_params: tor
     checkpoint.save(out, checkpoint.RunState(
         round_, config.to_dict(), history, sampler.bit_generator.state, torch.get_rng_state(),
         global_params.state_dict(), {c.cid: c.state_dict() for c in fed.clients if c.has_state},
-        body.state_dict() if body is not None else None))
+        body.state_dict() if body is not None else None, aggregator.state_dict()))
 
 
 def _valid_updates(updates: list[Message], dropped: list[dict], global_params: torch.nn.Module):
@@ -236,9 +238,10 @@ def _as_run(saved: dict) -> dict:
     return Config().to_dict() | saved_options(saved)
 
 
-def _restore(fed: Federation, sampler: np.random.Generator, out: Path) -> tuple[torch.nn.Module, list[dict]]:
-    """Load the last checkpoint in `out` into this run's state; returns the global params (of the stage its last
-    round ran) and the metrics so far."""
+def _restore(fed: Federation, sampler: np.random.Generator, out: Path,
+             aggregator: FedAvg) -> tuple[torch.nn.Module, list[dict]]:
+    """Load the last checkpoint in `out` into this run's state (the aggregator's too); returns the global params
+    (of the stage its last round ran) and the metrics so far."""
     state = checkpoint.load(out)
     saved, current = _as_run(state.config), fed.config.to_dict()
     changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
@@ -253,6 +256,7 @@ def _restore(fed: Federation, sampler: np.random.Generator, out: Path) -> tuple[
         fed.clients[cid].load_state_dict(kept)
     if state.body is not None:
         fed.model.body.load_state_dict(state.body)
+    aggregator.load_state_dict(state.aggregator)
     sampler.bit_generator.state = state.sampler
     torch.set_rng_state(state.torch_rng)
     return global_params, state.history

@@ -26,6 +26,7 @@ from ..codec import CodecError, decode, encode
 from .. import runs
 from ..config import ConfigError
 from ..meter import DOWN, UP
+from ..aggregate import ROBUST
 from ..federation import Federation
 from ..seeds import client_seed
 from ..runner import run, weighted_mean
@@ -238,10 +239,14 @@ class FlowerRuntime:
 
 def _check_secure_aggregation(fed: Federation) -> None:
     """Refuse what Flower's SecAgg+ cannot do, before any round: average a method whose clients train one after
-    another, mask a single client's upload, or sum more clients than its quantised sum holds."""
+    another, give a robust aggregator the uploads it ranks, mask a single client's upload, or sum more clients than
+    its quantised sum holds."""
     if fed.method.sequential:
         raise ConfigError(f"secure-aggregation averages a round's uploads, but {fed.method.name} has none to average "
                           "(its clients train one after another)")
+    if fed.config.aggregator in ROBUST:
+        raise ConfigError(f"--aggregator {fed.config.aggregator} needs each client's upload, which secure-aggregation "
+                          "hides: the server holds only their average")
     if not 2 <= fed.config.clients_per_round <= MAX_CLIENTS:
         raise ConfigError(f"secure-aggregation needs 2 to {MAX_CLIENTS} clients a round (a single upload cannot be "
                           f"hidden; Flower's sum overflows beyond), got {fed.config.clients_per_round}")

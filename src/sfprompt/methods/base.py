@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..aggregate import fedavg
+from ..aggregate import FedAvg
 from ..client import Client, RoundContext
 from ..model import SplitViT
 
@@ -61,10 +61,10 @@ class Method:
         return {name: value for name, value in state.items() if name not in self.server_only}
 
     def aggregate(self, current: dict[str, torch.Tensor], uploads: list[dict[str, torch.Tensor]], weights: list[int],
-                  settings) -> dict[str, torch.Tensor]:
-        """The next global state from this round's valid uploads, weighted by their sample counts: FedAvg
-        (`settings`: the run's `TrainSettings`)."""
-        return fedavg(uploads, weights)
+                  aggregator: FedAvg) -> dict[str, torch.Tensor]:
+        """The next global state from the current one and this round's valid uploads, weighted by their sample
+        counts: the run's `aggregator` (--aggregator: FedAvg unless it names one of Flower's strategies)."""
+        return aggregator(current, uploads, weights)
 
     def client_round(self, client: Client, ctx: RoundContext) -> dict:
         """One client's work in a round; returns what it reports beside its upload."""

@@ -20,7 +20,7 @@ class LinearProbe(Method):
         classes, width = model.num_classes, model.layout.width
         return model.params_bytes + 4 * (classes + classes * width + width * width) + 8  # the statistics, the count
 
-    def aggregate(self, current, uploads, weights, settings):
+    def aggregate(self, current, uploads, weights, aggregator):  # summed statistics: no other aggregator applies
         return accumulate(current, uploads, weights)
 
     def client_round(self, client, ctx) -> dict:
