@@ -5,8 +5,8 @@ seed run both ways, each run in a fresh process.
 
 Reports each round's accuracy both ways, the final accuracy's mean and spread over the seeds, the largest gap
 in any round's accuracy, the bytes a round sends up and down (the masked uploads, and the keys, shares and
-ciphertexts of the protocol), and the wall time. Prints a Markdown report and writes
-docs/benchmarks/secure-aggregation.md, which docs/flower.md and docs/privacy.md link to.
+ciphertexts of the protocol), and the runs' wall time. A run already finished in --out is reused, not redone.
+Prints a Markdown report and writes docs/benchmarks/secure-aggregation.md, which docs/flower.md and docs/privacy.md link to.
 """
 
 from __future__ import annotations
@@ -18,6 +18,23 @@ import sys
 from pathlib import Path
 
 from flower_scale import child  # noqa: F401  (the --child entry point runs a case in its own process)
+
+
+def finished(config, options: dict) -> dict | None:
+    """A run this benchmark already finished with `config`, plain or secure as `options` say (a secure run's rounds
+    count SecAgg+'s bytes): its records and its own wall time (set-up excluded), so that an interrupted benchmark, or
+    one given more seeds, runs only what is missing."""
+    from sfprompt.config import Config, saved_options
+
+    out = Path(config.out)
+    if not (out / "summary.json").is_file():
+        return None
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    secure = all("up/secagg" in record["bytes_by_phase"] for record in records)
+    if Config().to_dict() | saved_options(summary["config"]) != config.to_dict() or secure != bool(options):
+        return None
+    return {"records": records, "wall_s": summary["wall_seconds"]}
 
 
 def main() -> None:
@@ -42,8 +59,10 @@ def main() -> None:
         for mode, options in (("plain", {}), ("secure", {"secure-aggregation": True})):
             config = Config(**changes, clients=args.nodes, clients_per_round=min(per_round, args.nodes), seed=seed,
                             out=str((args.out / f"{mode}-{seed}").resolve()))
-            runs[mode, seed] = in_fresh_process(__file__, {"runtime": "flower", "config": config.to_dict(),
-                                                           "flower_options": options})
+            runs[mode, seed] = finished(config, options)
+            if runs[mode, seed] is None:
+                in_fresh_process(__file__, {"runtime": "flower", "config": config.to_dict(), "flower_options": options})
+                runs[mode, seed] = finished(config, options)
             print(mode, seed, [r["accuracy"] for r in runs[mode, seed]["records"]], file=sys.stderr)
     seeds = sorted({seed for _, seed in runs})
     command = "python benchmarks/secure_aggregation.py" + (f" --nodes {args.nodes}" if args.nodes != 10 else "") + (
@@ -57,7 +76,7 @@ def main() -> None:
              f"+-{FlowerOptions().secagg_clipping_range:g} and quantised into 2^22 levels).", "",
              "| aggregation | accuracy per round (seed " + ", ".join(map(str, seeds)) + ") | final accuracy, mean ± sd "
              "| MB up a round: uploads | MB up: SecAgg+ keys and shares | MB down: SecAgg+ | MB up and down a round, all "
-             "| wall s, mean |", "|---|---|---|---|---|---|---|---|"]
+             "| wall s a run, mean (set-up excluded) |", "|---|---|---|---|---|---|---|---|"]
     for mode in ("plain", "secure"):
         records = [runs[mode, seed]["records"] for seed in seeds]
         finals = [rounds[-1]["accuracy"] for rounds in records]

@@ -224,3 +224,8 @@ def test_the_secure_aggregation_benchmark_runs_both_ways_under_flower(tmp_path):
     assert float(rows["| FedAvg"][4]) == 0 < float(rows["| SecAgg+"][4])  # the keys and shares: only SecAgg+ sends them
     assert float(rows["| SecAgg+"][3]) > float(rows["| FedAvg"][3])  # a masked upload: 8 bytes a value
     assert "Largest gap between the two in any round's accuracy" in markdown.read_text()
+    report = markdown.read_text()
+    again = run_python_benchmark("secure_aggregation.py", "--nodes", "2", "--seeds", "0", "--options", options,
+                                 "--out", str(tmp_path / "runs"), "--markdown", str(markdown))
+    assert again.returncode == 0 and markdown.read_text().split("\n", 1)[1] == report.split("\n", 1)[1]  # reused
+    assert "Simulation" not in again.stderr  # no Flower run started again

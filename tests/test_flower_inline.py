@@ -15,7 +15,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-from sfprompt.client import Client
+from sfprompt.client import Client, ClientFailure
 from sfprompt.codec import decode, encode
 from sfprompt.config import ConfigError
 from sfprompt.federation import prepare
@@ -598,3 +598,19 @@ def test_a_server_optimizer_steps_from_the_secure_average(imagefolder, tmp_path)
     plain, secure = load_file(tmp_path / "plain" / "global.safetensors"), load_file(tmp_path / "secure" / "global.safetensors")
     # Adam divides each step by its root mean square: a quantisation-sized difference stays small, not bounded alike
     assert all(torch.allclose(plain[k], secure[k], atol=1e-3) for k in plain)
+
+
+def test_each_uploaded_tensor_is_scaled_by_its_public_size_so_a_large_bias_fits_beside_small_prompts():
+    from sfprompt.flower.secure import scaled_upload, upload_scales
+
+    broadcast = {"prompts": torch.full((1, 2, 4), 0.05), "tail.head.bias": torch.tensor([5000.0, -300.0])}
+    scales = upload_scales(broadcast, ["prompts", "second_moment", "tail.head.bias"])
+    assert scales == {"prompts": 1.0, "second_moment": 1.0, "tail.head.bias": 5000.0}
+    task = {"secagg-scales": json.dumps(scales), "secagg-max-weight": 100.0, "secagg-clipping-range": 8.0}
+    upload = {"prompts": torch.full((1, 2, 4), 0.06), "second_moment": torch.full((4, 4), 3.0),
+              "tail.head.bias": torch.tensor([6000.0, -250.0])}
+    scaled = scaled_upload(0, upload, 50, task)
+    assert torch.equal(scaled["tail.head.bias"], torch.tensor([1.2, -0.05], dtype=torch.float64))
+    assert torch.equal(scaled["prompts"], upload["prompts"].double())
+    with pytest.raises(ClientFailure, match=r"upload value of 2e\+05 \(in tail.head.bias, over its scale 5000\)"):
+        scaled_upload(0, {**upload, "tail.head.bias": torch.tensor([2e5, 0.0])}, 50, task)

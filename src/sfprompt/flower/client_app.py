@@ -33,7 +33,7 @@ from ..data import count_images
 from ..federation import ClientSide, prepare_client
 from ..meter import Meter
 from ..transport import SessionLink
-from .secure import TASK, check_range, client_mod, upload_reply
+from .secure import TASK, client_mod, scaled_upload, upload_reply
 
 app = ClientApp()
 STATE_DIR = Path("~/.cache/sfprompt/supernode")  # a node's default state-dir: STATE_DIR/partition-K
@@ -189,7 +189,7 @@ def train(msg: Message, context: Context) -> Message:
             upload = client.run_round(method, global_params, link, int(task["seed"]), config.client_timeout_s)
         if secure:  # what the server would have decoded (the wire format's rounding), for Flower to mask
             update = decode(upload, side.device, side.max_message_bytes)
-            check_range(client.cid, update.tensors, update.meta["num_examples"], task)
+            scaled = scaled_upload(client.cid, update.tensors, update.meta["num_examples"], task)
     except ClientFailure as failure:  # the server drops this client from the round, and says why
         report = {"failure": failure.record(), "meter": meter.counts()}
         if secure:  # no weight, and zeros of the upload's shapes: its masks cancel, it adds nothing
@@ -199,6 +199,6 @@ def train(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"sfprompt": reply}), reply_to=msg)
     state.save_client_state(run_key, round_, client.state_dict(), start)
     if secure:
-        return upload_reply(msg, update.tensors, update.meta["num_examples"], {"meta": update.meta, "meter": meter.counts()})
+        return upload_reply(msg, scaled, update.meta["num_examples"], {"meta": update.meta, "meter": meter.counts()})
     reply = ConfigRecord({"upload": upload, "meter": json.dumps(meter.counts())})
     return Message(RecordDict({"sfprompt": reply}), reply_to=msg)

@@ -125,14 +125,26 @@ def upload_reply(msg: Message, tensors: Mapping[str, torch.Tensor], num_examples
     return Message(compat.fitres_to_recorddict(result, keep_input=False), reply_to=msg)
 
 
-def check_range(cid: int, tensors: Mapping[str, torch.Tensor], num_examples: int, task) -> None:
-    """Raise `ClientFailure` when Flower would clip the upload: it multiplies every value by the client's weight
-    (its sample count over the round's `secagg-max-weight`) and clips it to +-`secagg-clipping-range`, which would
-    change the average without a word."""
+def upload_scales(broadcast: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, float]:
+    """What each tensor of the upload is divided by before Flower quantises it (and the average multiplied by after):
+    its largest value in the broadcast, at least 1 (1 for a tensor the broadcast does not hold). Flower clips every
+    value to one range, while a probe-fitted classifier's bias reaches thousands and the prompts stay below 0.1;
+    scaled, each tensor keeps its own precision. The scales come from the broadcast, so they tell nobody anything."""
+    return {name: max(1.0, float(broadcast[name].abs().max())) if name in broadcast and broadcast[name].numel() else 1.0
+            for name in names}
+
+
+def scaled_upload(cid: int, tensors: Mapping[str, torch.Tensor], num_examples: int, task) -> dict[str, torch.Tensor]:
+    """The upload divided by the round's public scales (`secagg-scales`), for Flower to mask. Raises `ClientFailure`
+    when Flower would clip it: it multiplies every value by the client's weight (its sample count over the round's
+    `secagg-max-weight`) and clips it to +-`secagg-clipping-range`, which would change the average without a word."""
+    scales = json.loads(task["secagg-scales"])
+    scaled = {name: tensor.double() / scales[name] for name, tensor in tensors.items()}
     ratio = num_examples / float(task["secagg-max-weight"])
     bound = float(task["secagg-clipping-range"])
-    largest, name = max((float(t.abs().max()), name) for name, t in tensors.items() if t.numel())
+    largest, name = max((float(t.abs().max()), name) for name, t in scaled.items() if t.numel())
     if largest * ratio > bound:
-        raise ClientFailure(cid, "upload", f"an upload value of {largest:.4g} (in {name}), weighted by {ratio:.3g}, "
-                            f"exceeds SecAgg+'s clipping range of +-{bound:g}: raise the run config's "
-                            "secagg-clipping-range")
+        raise ClientFailure(cid, "upload", f"an upload value of {largest * scales[name]:.4g} (in {name}, over its scale "
+                            f"{scales[name]:.4g}), weighted by {ratio:.3g}, exceeds SecAgg+'s clipping range of "
+                            f"+-{bound:g}: raise the run config's secagg-clipping-range")
+    return scaled

@@ -32,7 +32,7 @@ from ..seeds import client_seed
 from ..runner import run, weighted_mean
 from ..server import BodyServer, body_optimizer
 from ..splits import affordable_split, head_gflop
-from .secure import MAX_CLIENTS, secure_average
+from .secure import MAX_CLIENTS, secure_average, upload_scales
 from .settings import FlowerOptions, from_run_config
 
 
@@ -73,7 +73,7 @@ class FlowerRuntime:
             fed.meter.count_message(DOWN, "broadcast", broadcast)
             tasks[cid] = self.task(cid, round_, broadcast)
         if self.options.secure_aggregation:
-            return self._train_securely(round_, tasks, global_params)
+            return self._train_securely(round_, tasks, global_params, method.broadcast(global_params.state_dict()))
         messages = [Message(RecordDict({"sfprompt": task}), dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN)
                     for cid, task in tasks.items()]
         timeout = fed.config.client_timeout_s
@@ -95,15 +95,18 @@ class FlowerRuntime:
                 self.body.forget(str(cid))
         return [uploads[self.nodes[cid]] for cid in cids if self.nodes[cid] in uploads], dropped
 
-    def _train_securely(self, round_: int, tasks: dict[int, ConfigRecord],
-                        global_params) -> tuple[list[Payload], list[dict]]:
+    def _train_securely(self, round_: int, tasks: dict[int, ConfigRecord], global_params,
+                        broadcast: dict[str, torch.Tensor]) -> tuple[list[Payload], list[dict]]:
         """The round as Flower's SecAgg+ protocol (`secure`): one upload back, the average of the clients' uploads
         weighted by their samples, which the server cannot take apart. A client that fails answers with no weight
         and is dropped; one whose report is malformed or claims more samples than its cap is inside the average,
         so the whole round is dropped (`--resume` retries it)."""
         max_weight = float(max(self.caps[cid] for cid in tasks))  # the largest weight a client may claim
+        state, names = global_params.state_dict(), sorted(global_params.state_dict())
+        scales = upload_scales(broadcast, names)
         for task in tasks.values():
             task["secagg-max-weight"], task["secagg-clipping-range"] = max_weight, self.options.secagg_clipping_range
+            task["secagg-scales"] = json.dumps(scales)
         average, reports = secure_average(self.grid, self.fed.meter, round_, {self.nodes[c]: t for c, t in tasks.items()},
                                           max_weight, self.options.secagg_clipping_range,
                                           self.options.secagg_threshold, self.fed.config.client_timeout_s)
@@ -124,7 +127,6 @@ class FlowerRuntime:
                 self.body.forget(str(cid))
         if not metas or average is None:
             return [], dropped
-        state, names = global_params.state_dict(), sorted(global_params.state_dict())
         if len(average) != len(names):
             return [], dropped + [{"client": "secure aggregate", "phase": "upload",
                                    "reason": f"the average holds {len(average)} arrays, not {len(names)}"}]
@@ -132,7 +134,7 @@ class FlowerRuntime:
         meta = {"client": "secure aggregate", "aggregates": len(metas), "num_examples": sum(weights),
                 "kept": sum(m["kept"] for m in metas.values()),
                 **{key: weighted_mean([m.get(key) for m in metas.values()], weights) for key in ("train_loss", "local_loss")}}
-        tensors = {name: torch.from_numpy(array).to(state[name].device, state[name].dtype)
+        tensors = {name: (torch.from_numpy(array) * scales[name]).to(state[name].device, state[name].dtype)
                    for name, array in zip(names, average)}
         return [Payload("update", tensors, meta)], dropped
 
