@@ -164,3 +164,26 @@ def test_a_run_resumed_to_end_at_a_round_eval_every_skipped_is_evaluated_there(i
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["accuracy"] is not None
     assert summary["final_accuracy"] == records[0]["accuracy"]
+
+
+def test_client_holdout_keeps_a_seeded_share_of_each_client_out_of_training_and_measures_the_model_on_it(imagefolder,
+                                                                                                       tmp_path):
+    from sfprompt.federation import prepare
+
+    config = tiny_config(imagefolder, tmp_path, rounds=2, eval_every=2, alpha=0.5, client_holdout=0.25)
+    fed, plain = prepare(config), prepare(config.replace(client_holdout=0.0))
+    for client, whole, held in zip(fed.clients, plain.clients, fed.holdouts):
+        training = set(client.data.indices)
+        assert training.isdisjoint(held) and training | set(held) == set(whole.data.indices)
+        assert len(held) == min(round(0.25 * whole.num_examples), whole.num_examples - 1)
+    assert all(len(held) == 0 for held in plain.holdouts)
+    run(config, progress=False, log=lambda _: None)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["client_accuracy"] is None  # not an evaluated round
+    accuracies = records[1]["client_accuracy"]
+    assert len(accuracies) == config.clients and all(0 <= a <= 1 for a in accuracies if a is not None)
+    run(config.replace(client_holdout=0.0, out=str(tmp_path / "plain")), progress=False, log=lambda _: None)
+    plain_record = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "client_accuracy" not in plain_record  # off by default: the records published so far are unchanged
+    with pytest.raises(ConfigError, match=r"--client-holdout is a share of each client's samples, in \[0, 1\)"):
+        tiny_config(imagefolder, tmp_path, client_holdout=1.0)

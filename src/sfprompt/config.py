@@ -114,6 +114,11 @@ class Config:
     client_timeout_s: Optional[float] = _opt(
         None, "seconds a client may take for its round before it is dropped from it (omit for no limit)"
     )
+    client_holdout: float = _opt(
+        0.0, "hold out this seeded share of each client's samples from its training and report, each evaluated round, "
+        "the global model's accuracy on each client's own held-out samples (for skewed federations); 0: off, so that "
+        "published figures stay comparable",
+    )
     # SFPrompt phases
     local_epochs: int = _opt(1, "epochs of the client self-update with the local loss (0 disables it)")
     local_classifier: str = _opt(
@@ -216,6 +221,8 @@ class Config:
             raise ConfigError(f"--min-clients must be between 1 and --clients-per-round ({self.clients_per_round}), "
                               f"got {self.min_clients}")
         self._check_aggregator()
+        if not 0 <= self.client_holdout < 1:
+            raise ConfigError(f"--client-holdout is a share of each client's samples, in [0, 1), got {self.client_holdout}")
         if self.client_timeout_s is not None and not self.client_timeout_s > 0:
             raise ConfigError(f"--client-timeout-s must be positive (omit it for no limit), got {self.client_timeout_s}")
         if self.alpha is not None and not self.alpha > 0:

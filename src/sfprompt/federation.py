@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,7 +24,7 @@ from .data import (ClientFolder, DataSplits, Transformed, load_splits, model_tra
 from .meter import Meter
 from .methods import METHODS, Method
 from .model import SplitViT, create_head_vit, create_vit, data_config
-from .seeds import VALIDATION, derive_seed, private_seed
+from .seeds import HOLDOUT, VALIDATION, derive_seed, private_seed
 from .splits import client_models
 
 
@@ -46,6 +46,7 @@ class Federation:
     data: DataSplits  # the raw dataset (the audit's attacker draws its auxiliary images from its test split)
     transform: Callable  # raw image -> model input
     normalisation: dict  # the model's mean / std / interpolation
+    holdouts: list[np.ndarray] = field(default_factory=list)  # each client's held-out positions in `train` (--client-holdout)
 
     @property
     def max_message_bytes(self) -> int:
@@ -73,14 +74,15 @@ def prepare(config: Config) -> Federation:
     meter = Meter()
     settings = TrainSettings.from_config(config, mean_samples=len(train) / config.clients)
     models, heads = client_models(model, config)
-    clients = [Client(k, train, part, split, settings, meter, device, private_seed(config.seed, k), config.seed)
-               for k, (part, split) in enumerate(zip(parts, models))]
+    kept = [held_out(config, part, k) for k, part in enumerate(parts)]
+    clients = [Client(k, train, training, split, settings, meter, device, private_seed(config.seed, k), config.seed)
+               for k, ((training, _), split) in enumerate(zip(kept, models))]
     evaluated = "test samples" if config.validation_samples is None else "validation samples (the test set unread)"
     description = (f"{len(train)} train / {len(test)} {evaluated}, {splits.num_classes} classes, "
                    f"{config.clients} clients ({partitions.describe(config)}), "
                    f"{config.model} at {config.image_size}px on {device}" + (f"; {heads}" if heads else ""))
     return Federation(config, device, model, METHODS[config.method](), settings, clients, test, meter, description,
-                      train, splits.train_labels[train_idx], splits, transform, norm)
+                      train, splits.train_labels[train_idx], splits, transform, norm, [held for _, held in kept])
 
 
 @dataclass
@@ -145,6 +147,7 @@ def prepare_client(config: Config, cid: int, classes: Sequence[str], folder: str
         train_idx, parts = train_partition(config, splits)
         raw, indices = Subset(splits.train, train_idx.tolist()), parts[cid]
         mean_samples = len(train_idx) / config.clients
+    indices = held_out(config, indices, cid)[0]  # what the client trains on, as in simulation
     return ClientSide(config, device, model, method, TrainSettings.from_config(config, mean_samples=mean_samples),
                       Transformed(raw, transform), indices)
 
@@ -159,6 +162,16 @@ def max_message_bytes(model: SplitViT, method: Method, config: Config) -> int:
     any of its stages (the probe's statistics in the rounds it opens with)."""
     stages = (method.stage(1, config), method)
     return model.messages.max_bytes(config.batch_size, max(stage.state_bytes(model) for stage in stages))
+
+
+def held_out(config: Config, part: np.ndarray, cid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Client `cid`'s positions split into those it trains on and the seeded share --client-holdout keeps out (at
+    least one left to train on; none held out without the option), on which the global model is measured."""
+    part = np.asarray(part)
+    count = min(int(round(len(part) * config.client_holdout)), len(part) - 1) if config.client_holdout else 0
+    chosen = np.zeros(len(part), dtype=bool)
+    chosen[np.random.default_rng(derive_seed(config.seed, cid, HOLDOUT)).permutation(len(part))[:max(count, 0)]] = True
+    return part[~chosen], part[chosen]
 
 
 def train_partition(config: Config, splits: DataSplits) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
@@ -120,6 +121,10 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
             tracker.round(record)
             evaluated = ("not evaluated" if record["accuracy"] is None
                          else f"accuracy {record['accuracy']:.4f}  loss {record['loss']:.4f}")
+            if record.get("client_accuracy"):
+                measured = [a for a in record["client_accuracy"] if a is not None]
+                evaluated += f"  clients' held-out accuracy: mean {np.mean(measured):.4f}, worst {min(measured):.4f}"
+
             log(f"round {round_}/{config.rounds}: {evaluated}  "
                 f"up {record['bytes_up'] / 1e6:.1f} MB  down {record['bytes_down'] / 1e6:.1f} MB  "
                 f"client {record['client_flops'] / 1e9:.1f} GFLOP  server {record['server_flops'] / 1e9:.1f} GFLOP  "
@@ -129,6 +134,8 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
         stage = method.stage(len(history), config)
         history[-1]["accuracy"], history[-1]["loss"] = evaluate(stage, fed.model, global_params, fed.test,
                                                                 config.batch_size, fed.device, config.seed)
+        if config.client_holdout:
+            history[-1]["client_accuracy"] = held_out_accuracy(fed, stage, global_params)
         _write_text(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
         _persist(fed, out, history, global_params, sampler, aggregator)  # the checkpoint's metrics hold it too
     summary = summarise(config, history, time.perf_counter() - started)
@@ -166,9 +173,10 @@ def _round(fed: Federation, method: Method, executor: Runtime, round_: int, samp
     if not method.sequential:
         global_params.load_state_dict(method.aggregate(global_params.state_dict(), [u.tensors for u in updates], weights,
                                                        aggregator))
-    accuracy = loss = None  # not evaluated this round (--eval-every)
+    accuracy = loss = client_accuracy = None  # not evaluated this round (--eval-every)
     if round_ % config.eval_every == 0 or round_ == config.rounds:
         accuracy, loss = evaluate(method, fed.model, global_params, fed.test, config.batch_size, fed.device, config.seed)
+        client_accuracy = held_out_accuracy(fed, method, global_params)
     return {
         "round": round_,
         "stage": method.name,  # the run's method, or linear-probe in the rounds it opens with
@@ -180,6 +188,7 @@ def _round(fed: Federation, method: Method, executor: Runtime, round_: int, samp
         "clients": sampled,
         "dropped": dropped,
         "kept_samples": sum(u.meta["kept"] for u in updates),
+        **({"client_accuracy": client_accuracy} if config.client_holdout else {}),
         "seconds": time.perf_counter() - started,
     }
 
@@ -260,6 +269,15 @@ def _restore(fed: Federation, sampler: np.random.Generator, out: Path,
     sampler.bit_generator.state = state.sampler
     torch.set_rng_state(state.torch_rng)
     return global_params, state.history
+
+
+def held_out_accuracy(fed: Federation, method: Method, params: torch.nn.Module) -> list[float | None] | None:
+    """The global model's accuracy on each client's held-out samples (--client-holdout; None without it, and for a
+    client with none held out): a measurement of the simulation, like the test accuracy, not a protocol step."""
+    if not fed.config.client_holdout:
+        return None
+    return [evaluate(method, fed.model, params, Subset(fed.train, held.tolist()), fed.config.batch_size, fed.device,
+                     fed.config.seed)[0] if len(held) else None for held in fed.holdouts]
 
 
 @torch.no_grad()

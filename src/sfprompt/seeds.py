@@ -14,6 +14,7 @@ LOCAL_HEAD = 0x10CA1  # a client's local classifier's initial weights (from the 
 PRIVATE = 0x5EC12E7  # a simulated client's private seed (a deployed node draws its own instead)
 VALIDATION = 0x7A11D  # the validation draw, independent of the partition's
 BUDGETS = 0xB0D6E7  # each simulated client's budget, drawn from --client-budgets
+HOLDOUT = 0x401D007  # which of a client's samples --client-holdout keeps out of its training
 
 
 def derive_seed(*parts: int) -> int:

@@ -307,6 +307,9 @@ def make_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         # `out`, or where the SuperLink runs a new folder under runs/ (or, to resume, the run runs/latest points at)
         config = runs.own_folder(config.replace(clients=len(nodes), clients_per_round=per_round), resume=options.resume)
         log(INFO, "%d SuperNodes, one partition each; %d sampled per round", len(nodes), per_round)
+        if folder_sizes and config.client_holdout:
+            raise ConfigError("client-holdout measures each client's held-out samples on the server, which holds the "
+                              f"partitions it simulates but not the SuperNodes' own data folders ({sorted(folder_sizes)})")
         if folder_sizes:
             log(INFO, "SuperNodes with their own data (partition: images): %s; a node's FedAvg weight is at most "
                 "that%s", folder_sizes, f" and {options.max_examples}" if options.max_examples else "")
