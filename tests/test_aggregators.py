@@ -69,7 +69,23 @@ def test_a_run_with_a_server_optimizer_checkpoints_its_state_and_moves_otherwise
     ({"aggregator": "fedadam", "server_lr": 0.0}, "--server-lr must be positive"),
     ({"aggregator": "fedavgm", "server_momentum": 1.0}, r"--server-momentum must be in \[0, 1\)"),
     ({"aggregator": "krum"}, "krum"),
+    ({"aggregator": "fedprox"}, "--aggregator fedprox needs --proximal-mu above 0"),
+    ({"proximal_mu": 0.1}, "--proximal-mu is FedProx's"),
 ])
 def test_aggregator_options_that_cannot_apply_are_refused(changes, error):
     with pytest.raises(ConfigError, match=error):
         Config(**changes)
+
+
+def test_fedprox_pulls_each_client_towards_the_global_params_it_received(imagefolder, tmp_path):
+    from sfprompt.federation import prepare
+
+    config = tiny_config(imagefolder, tmp_path, rounds=1, clients_per_round=3)
+    fed = prepare(config)
+    start = fed.method.new_params(fed.model).state_dict()  # the broadcast of round 1
+    moved = {}
+    for name, changes in (("fedavg", {}), ("fedprox", {"aggregator": "fedprox", "proximal_mu": 100.0})):
+        run(config.replace(out=str(tmp_path / name), **changes), progress=False, log=lambda _: None)
+        trained = load_file(tmp_path / name / "global.safetensors")
+        moved[name] = sum(float((trained[k] - start[k]).norm()) for k in ("prompts", "tail.head.weight"))
+    assert 0 < moved["fedprox"] < 0.5 * moved["fedavg"]

@@ -96,7 +96,8 @@ def records(folder):
                                              ("sfprompt", {"probe_rounds": 1}),
                                              ("sfprompt", {"prompt_updates": "forward-only", "directions": 2}),
                                              ("sfprompt", {"aggregator": "fedadam", "server_lr": 0.01}),
-                                             ("sfprompt", {"client_holdout": 0.25})])
+                                             ("sfprompt", {"client_holdout": 0.25}),
+                                             ("sfprompt", {"aggregator": "fedprox", "proximal_mu": 1.0})])
 def test_the_flower_apps_give_the_in_process_result(imagefolder, tmp_path, method, changes):
     config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, method=method, **changes)
     run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)

@@ -3,8 +3,9 @@
 FedAvg stays the default and sfprompt's own (pure tensor math in float64, so that a run's numbers do not change
 with Flower's version). `--aggregator` picks one of Flower's strategies instead, run from our round loop in both
 runtimes: the uploads are handed to the strategy's `aggregate_train` as the replies it would get under Flower (one
-ArrayRecord and the sample count each), so the server optimizers (FedAvgM, FedAdam, FedYogi, FedAdagrad) and the
-robust rules (FedMedian, FedTrimmedAvg) are Flower's code, not ours. A strategy's state (moments, momentum, the
+ArrayRecord and the sample count each), so FedProx's averaging, the server optimizers (FedAvgM, FedAdam, FedYogi,
+FedAdagrad) and the robust rules (FedMedian, FedTrimmedAvg) are Flower's code, not ours (FedProx's proximal term is
+in the clients' training: `Client._step`). A strategy's state (moments, momentum, the
 rounds it has aggregated) is checkpointed with the run, so a resumed run continues it exactly.
 """
 
@@ -17,6 +18,7 @@ import torch
 
 # name -> (Flower strategy class, its learning-rate argument, its momentum argument); None: it has none
 FLOWER_STRATEGIES = {
+    "fedprox": ("FedProx", None, None),  # FedAvg on the server; the clients add the proximal term (--proximal-mu)
     "fedavgm": ("FedAvgM", "server_learning_rate", "server_momentum"),
     "fedadam": ("FedAdam", "eta", "beta_1"),
     "fedyogi": ("FedYogi", "eta", "beta_1"),

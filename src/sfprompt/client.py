@@ -47,6 +47,7 @@ class RoundContext:
     memory: PeakMemory
     deadline: float | None = None  # time.monotonic() by which the round must be done
     phase: str = "start"  # the phase running now, reported if the client fails
+    anchor: dict[str, torch.Tensor] | None = None  # the global params as received, for FedProx's proximal term
 
 
 class RoundPlan(Protocol):
@@ -94,6 +95,7 @@ class TrainSettings:
     weight_decay: float
     prompt_updates: str = "backprop"  # or "forward-only": zeroth-order prompt steps (SplitViT.perturbations)
     mean_samples: float | None = None  # the federation's mean samples per client (--prune-keep by-size), if known
+    proximal_mu: float = 0.0  # FedProx's proximal term (--proximal-mu); 0: none
 
     @classmethod
     def from_config(cls, config, **changes) -> "TrainSettings":
@@ -216,7 +218,11 @@ class Client:
         memory.hold(params)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         private = torch.Generator().manual_seed(derive_seed(self.noise_seed, seed))
-        ctx = RoundContext(params, link, torch.Generator().manual_seed(seed), private, memory, deadline)
+        anchor = None
+        if self.settings.proximal_mu:  # FedProx pulls the params it trains towards these
+            anchor = {name: value.detach().clone() for name, value in params.named_parameters()}
+            memory.hold(*anchor.values())
+        ctx = RoundContext(params, link, torch.Generator().manual_seed(seed), private, memory, deadline, anchor=anchor)
         kept = {name: t.clone() for name, t in self.state_dict().items()}
         try:
             report = method.client_round(self, ctx)
@@ -328,7 +334,7 @@ class Client:
         reply = self._send_grad(ctx, grad)
         with self.meter.work(CLIENT, "split", memory):
             memory.hold(self._backward_into_head(tokens, reply))  # the prompts (and head blocks)
-            optimizer.step()
+            self._step(ctx, optimizer)
         return loss
 
     def _forward_only_step(self, ctx: RoundContext, images: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
@@ -356,7 +362,7 @@ class Client:
                 set_losses = torch.stack([loss.detach()] + [F.cross_entropy(params.tail(r), labels) for r in rows[1:]])
                 prompts.grad = zeroth_order.gradient(set_losses, directions, perturbations.size,
                                                      perturbations.estimator)[None]
-            optimizer.step()
+            self._step(ctx, optimizer)
         return loss
 
     @staticmethod
@@ -422,9 +428,19 @@ class Client:
                     loss = F.cross_entropy(logits(images), labels)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    optimizer.step()
+                    self._step(ctx, optimizer)
                 losses.append(scalar(loss))
         return _mean(losses)
+
+    def _step(self, ctx: RoundContext, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer's step, after FedProx's proximal term (--proximal-mu: mu/2 ||w - w_received||^2 over the global
+        params this client trains) adds its gradient mu (w - w_received) to theirs."""
+        if ctx.anchor is not None:
+            with torch.no_grad():
+                for name, param in ctx.params.named_parameters():
+                    if param.grad is not None:
+                        param.grad.add_(param - ctx.anchor[name], alpha=self.settings.proximal_mu)
+        optimizer.step()
 
     def _loader(self, data: Dataset, ctx: RoundContext, shuffle: bool = True):
         """Mini-batches (images, labels[, positions]) on the device, shuffled by the round's generator,

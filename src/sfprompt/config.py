@@ -35,7 +35,8 @@ WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # wire.WireFormat's
 SHARED_ROWS = ("per-sample", "once")
 PROMPT_UPDATES = ("backprop", "forward-only")
 ESTIMATORS = ("antithetic", "one-sided")  # zeroth_order.gradient's
-AGGREGATORS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg")  # aggregate's
+AGGREGATORS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
+               "fedtrimmedavg")  # aggregate's
 
 
 def parse_partition(scheme: str) -> tuple[str, int | None]:
@@ -104,9 +105,12 @@ class Config:
                           "client) or linear (size skew)")
     min_clients: int = _opt(1, "fewest clients that must finish a round; fewer stops the run (resumable)")
     aggregator: str = _opt(
-        "fedavg", "how the server combines a round's uploads: fedavg (sfprompt's own), or Flower's strategies fedavgm, "
-        "fedadam, fedyogi, fedadagrad (server optimizers) and fedmedian, fedtrimmedavg (robust)", choices=AGGREGATORS,
+        "fedavg", "how the server combines a round's uploads: fedavg (sfprompt's own), or Flower's strategies fedprox "
+        "(FedAvg, with --proximal-mu in the clients' training), fedavgm, fedadam, fedyogi, fedadagrad (server "
+        "optimizers) and fedmedian, fedtrimmedavg (robust)", choices=AGGREGATORS,
     )
+    proximal_mu: float = _opt(0.0, "FedProx's proximal term mu/2 ||w - w_global||^2 in each client's training of the "
+                              "prompts and tail (--aggregator fedprox)")
     server_lr: Optional[float] = _opt(None, "the server optimizer's learning rate (FedAvgM's server_learning_rate, "
                                       "FedOpt's eta; omit for Flower's default)")
     server_momentum: Optional[float] = _opt(None, "the server optimizer's momentum (FedAvgM's server_momentum, "
@@ -385,6 +389,9 @@ class Config:
                                                                               momentum_name)):
             if value is not None and argument is None:
                 raise ConfigError(f"--{flag} does not apply to --aggregator {self.aggregator}")
+        if (self.aggregator == "fedprox") != (self.proximal_mu > 0):
+            raise ConfigError("--aggregator fedprox needs --proximal-mu above 0 (at 0 it is FedAvg), and --proximal-mu "
+                              f"is FedProx's: got --aggregator {self.aggregator} --proximal-mu {self.proximal_mu}")
         if self.server_lr is not None and not self.server_lr > 0:
             raise ConfigError(f"--server-lr must be positive, got {self.server_lr}")
         if self.server_momentum is not None and not 0 <= self.server_momentum < 1:
