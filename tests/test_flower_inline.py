@@ -492,7 +492,8 @@ def test_secure_aggregation_gives_the_plain_average_within_its_quantisation_and_
                    for record in reply.content.array_records.values())  # Flower's mod empties the plain upload
     for node, vectors in masked.items():
         arrays = [bytes_to_ndarray(b) for b in vectors][1:]  # the first holds the masked weight
-        seen = torch.from_numpy(np.concatenate([a.ravel() for a in dequantize(arrays, 8.0, 2**22)]))
+        seen = torch.from_numpy(np.concatenate([a.ravel() for a in dequantize(arrays, FlowerOptions().secagg_clipping_range,
+                                                                              2**22)]))
         upload = uploads[node].tensors
         truth = torch.cat([upload[name].double().ravel() for name in sorted(upload)])
         assert seen.shape == truth.shape
@@ -561,7 +562,7 @@ def test_an_upload_that_secure_aggregation_would_clip_drops_its_client_saying_wh
 
 
 @pytest.mark.parametrize("changes, error", [({"method": "sl"}, "sl has none to average"),
-                                            ({"clients_per_round": 1}, "needs 2 to 1024 clients a round"),
+                                            ({"clients_per_round": 1}, "needs 2 to 1023 clients a round"),
                                             ({"aggregator": "fedmedian"}, "fedmedian needs each client's upload")])
 def test_secure_aggregation_refuses_what_flower_cannot_do(imagefolder, tmp_path, changes, error):
     with pytest.raises(ConfigError, match=error):
@@ -577,19 +578,22 @@ def test_under_secure_aggregation_a_malformed_report_drops_the_round_it_is_avera
 
     reply = secure.upload_reply
 
-    def lying(msg, tensors, num_examples, report):  # the client's report claims a sample more than it has
-        return reply(msg, tensors, num_examples, {**report, "meta": {**report["meta"], "num_examples": num_examples + 1}})
+    def lying(msg, tensors, num_examples, report):  # client 0's report claims a sample more than it has
+        if report["meta"]["client"] == 0:
+            report = {**report, "meta": {**report["meta"], "num_examples": num_examples + 1}}
+        return reply(msg, tensors, num_examples, report)
 
     monkeypatch.setattr(client_app, "upload_reply", lying)
     lines = []
     grid = InlineGrid(3)
     nodes, sizes, budgets = find_partitions(grid, wait_s=5)
-    with pytest.raises(RoundFailed, match="0 of 2 clients finished"):
-        run(tiny_config(imagefolder, tmp_path, rounds=1), progress=False, log=lines.append,
+    with pytest.raises(RoundFailed, match="0 of 3 clients finished"):
+        run(tiny_config(imagefolder, tmp_path, clients_per_round=3, rounds=1), progress=False, log=lines.append,
             runtime=lambda fed: FlowerRuntime(fed, grid, nodes, FlowerOptions(secure_aggregation=True)))
     dropped = [line for line in lines if "dropped client" in line]
-    assert len(dropped) == 2 and all("'s upload, whose reply is unusable (upload: report claims" in line
-                                     for line in dropped)
+    assert len(dropped) == 3 and "client 0 (phase upload): report claims" in dropped[0]
+    assert all("the round's secure average includes client 0's upload, whose reply is unusable (upload: report "
+               "claims" in line for line in dropped[1:])
 
 
 def test_a_server_optimizer_steps_from_the_secure_average(imagefolder, tmp_path):
@@ -616,3 +620,46 @@ def test_each_uploaded_tensor_is_scaled_by_its_public_size_so_a_large_bias_fits_
     assert torch.equal(scaled["prompts"], upload["prompts"].double())
     with pytest.raises(ClientFailure, match=r"upload value of 2e\+05 \(in tail.head.bias, over its scale 5000\)"):
         scaled_upload(0, {**upload, "tail.head.bias": torch.tensor([2e5, 0.0])}, 50, task)
+
+
+def test_under_secure_aggregation_a_round_with_one_contributor_is_not_unmasked(imagefolder, tmp_path, monkeypatch):
+    loader = Client._loader
+
+    def failing(self, data, ctx, shuffle=True):  # every client but the first of the round fails
+        if self.cid != 0 and ctx.phase == "split":
+            raise RuntimeError("battery died")
+        return loader(self, data, ctx, shuffle)
+
+    monkeypatch.setattr(Client, "_loader", failing)
+    from sfprompt.runner import RoundFailed
+
+    lines = []
+    grid = InlineGrid(3)
+    nodes, sizes, budgets = find_partitions(grid, wait_s=5)
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1)
+    with pytest.raises(RoundFailed, match="0 of 3 clients finished"):
+        run(config, progress=False, log=lines.append,
+            runtime=lambda fed: FlowerRuntime(fed, grid, nodes, FlowerOptions(secure_aggregation=True)))
+    dropped = [line for line in lines if "dropped client" in line]
+    assert len(dropped) == 3 and "dropped client 0 (phase upload): fewer than 2 clients contributed, so the round " \
+        "was not unmasked" in dropped[0] and all("battery died" in line for line in dropped[1:])
+
+
+def test_a_plain_upload_cannot_claim_to_speak_for_other_clients(imagefolder, tmp_path, monkeypatch):
+    from sfprompt.codec import Message as Payload
+
+    train = client_app.train
+
+    def inflating(msg, context):  # a node's upload claims to aggregate 1000 clients
+        reply = train(msg, context)
+        record = reply.content["sfprompt"]
+        upload = decode(record["upload"], torch.device("cpu"))
+        record["upload"] = encode(Payload(upload.kind, upload.tensors, {**upload.meta, "aggregates": 1000}))
+        return reply
+
+    monkeypatch.setattr(client_app, "train", inflating)
+    from sfprompt.runner import RoundFailed
+
+    with pytest.raises(RoundFailed, match="2 of 3 clients finished, fewer than --min-clients 3"):
+        run_inline(tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, min_clients=3, rounds=1),
+                   InlineGrid(3, lost=(2,)))

@@ -187,3 +187,10 @@ def test_client_holdout_keeps_a_seeded_share_of_each_client_out_of_training_and_
     assert "client_accuracy" not in plain_record  # off by default: the records published so far are unchanged
     with pytest.raises(ConfigError, match=r"--client-holdout is a share of each client's samples, in \[0, 1\)"):
         tiny_config(imagefolder, tmp_path, client_holdout=1.0)
+
+
+def test_a_client_holdout_too_small_to_hold_a_sample_out_measures_no_client(imagefolder, tmp_path):
+    lines = []
+    run(tiny_config(imagefolder, tmp_path, rounds=1, client_holdout=0.001), progress=False, log=lines.append)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["client_accuracy"] == [None] * 3 and not any("held-out accuracy" in line for line in lines)

@@ -80,14 +80,18 @@ class FlowerStrategy(FedAvg):
         if server_momentum is not None:
             options[momentum_name] = server_momentum
         self.name, self.strategy, self.rounds = name, getattr(strategies, class_name)(**options), 0
+        self.names: list[str] = []  # the uploads' tensors, in the order the strategy last saw them
+        self._momentum: dict[str, np.ndarray] | None = None  # FedAvgM's restored momentum, until the next round
 
     def __call__(self, current, uploads, weights):
         from flwr.app import Array, ArrayRecord
 
-        names = list(uploads[0])
+        names = self.names = sorted(uploads[0])
         as_numpy = {name: _numpy(current[name]) for name in names}
-        if hasattr(self.strategy, "momentum_vector"):  # FedAvgM steps from the arrays it holds
+        if hasattr(self.strategy, "momentum_vector"):  # FedAvgM steps from the arrays it holds, in this order
             self.strategy.current_arrays = ArrayRecord({name: Array(value) for name, value in as_numpy.items()})
+            if self._momentum is not None:  # restored by name (`load_state_dict`)
+                self.strategy.momentum_vector, self._momentum = [self._momentum[name] for name in names], None
         elif hasattr(self.strategy, "m_t"):  # FedAdam, FedYogi, FedAdagrad: from the arrays last broadcast
             self.strategy.current_arrays = as_numpy
         self.rounds += 1
@@ -102,8 +106,9 @@ class FlowerStrategy(FedAvg):
         for moment in ("m_t", "v_t"):
             for name, value in (getattr(self.strategy, moment, None) or {}).items():
                 state[f"{moment}.{name}"] = torch.from_numpy(np.array(value))
-        for k, value in enumerate(getattr(self.strategy, "momentum_vector", None) or []):
-            state[f"momentum.{k}"] = torch.from_numpy(np.array(value))
+        momentum = self._momentum or dict(zip(self.names, getattr(self.strategy, "momentum_vector", None) or []))
+        for name, value in momentum.items():
+            state[f"momentum.{name}"] = torch.from_numpy(np.array(value))
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -112,10 +117,8 @@ class FlowerStrategy(FedAvg):
             values = {key.split(".", 1)[1]: value.numpy() for key, value in state.items() if key.startswith(moment + ".")}
             if hasattr(self.strategy, moment):
                 setattr(self.strategy, moment, values or None)
-        momentum = [value.numpy() for _, value in sorted((int(key.split(".")[1]), value) for key, value in state.items()
-                                                         if key.startswith("momentum."))]
-        if hasattr(self.strategy, "momentum_vector"):
-            self.strategy.momentum_vector = momentum or None
+        momentum = {key.split(".", 1)[1]: value.numpy() for key, value in state.items() if key.startswith("momentum.")}
+        self._momentum = momentum or None  # set on the strategy in the order of the next round's uploads
 
 
 def make_aggregator(name: str, server_lr: float | None = None, server_momentum: float | None = None) -> FedAvg:

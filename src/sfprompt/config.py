@@ -224,7 +224,6 @@ class Config:
         if not 1 <= self.min_clients <= self.clients_per_round:
             raise ConfigError(f"--min-clients must be between 1 and --clients-per-round ({self.clients_per_round}), "
                               f"got {self.min_clients}")
-        self._check_aggregator()
         if not 0 <= self.client_holdout < 1:
             raise ConfigError(f"--client-holdout is a share of each client's samples, in [0, 1), got {self.client_holdout}")
         if self.client_timeout_s is not None and not self.client_timeout_s > 0:
@@ -269,6 +268,7 @@ class Config:
         for name, choices in ((name, f.metadata["choices"]) for name, f in _FIELDS.items() if "choices" in f.metadata):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        self._check_aggregator()
 
     def _check_privacy(self) -> None:
         if self.pool_tokens < 0:

@@ -121,8 +121,8 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
             tracker.round(record)
             evaluated = ("not evaluated" if record["accuracy"] is None
                          else f"accuracy {record['accuracy']:.4f}  loss {record['loss']:.4f}")
-            if record.get("client_accuracy"):
-                measured = [a for a in record["client_accuracy"] if a is not None]
+            measured = [a for a in record.get("client_accuracy") or [] if a is not None]
+            if measured:  # a client too small to hold a sample out has none
                 evaluated += f"  clients' held-out accuracy: mean {np.mean(measured):.4f}, worst {min(measured):.4f}"
 
             log(f"round {round_}/{config.rounds}: {evaluated}  "

@@ -16,6 +16,7 @@ uploads only: the split-phase messages (activations and gradients) reach the bod
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -37,31 +38,54 @@ from ..meter import DOWN, UP, Meter
 
 TASK = "fitins.config"  # where a task sits in the protocol's third-stage message (a legacy FitIns's config)
 REPORT = "sfprompt"  # the key of a client's report (its upload's meta, its meter, a failure) in the FitRes metrics
-# Flower quantises each weighted value into 2**22 levels and sums them modulo 2**32: more clients than the
-# ratio would overflow the sum.
-MAX_CLIENTS = 2**32 // 2**22
+# Flower quantises each weighted value (and each weight) into 2**22 levels and sums them modulo 2**32: at 1,024
+# clients a round of full weights the summed weights wrap to 0.
+MAX_CLIENTS = 2**32 // 2**22 - 1
+
+
+@dataclass
+class SecureRound:
+    """What the server holds after one round of SecAgg+."""
+
+    average: list[np.ndarray] | None  # the uploads' weighted average, in name order; None: nothing was unmasked
+    reports: dict[int, tuple[int, object]]  # node -> (sample count, report as it came: JSON, unchecked) of each
+    # node whose masked upload arrived
+    errors: dict[int, str]  # node -> the error Flower replied with, for a node whose ClientApp failed outright
+    halted: str | None = None  # why the protocol stopped before unmasking, when this module stopped it
 
 
 def secure_average(grid, meter: Meter, round_: int, tasks: Mapping[int, ConfigRecord], max_weight: float,
-                   clipping_range: float, threshold: float, timeout: float | None) -> tuple[list[np.ndarray] | None,
-                                                                                           dict[int, tuple[int, object]]]:
+                   clipping_range: float, threshold: float, timeout: float | None) -> SecureRound:
     """Run one round's training and upload as Flower's SecAgg+ protocol on the nodes of `tasks` (node -> its task).
 
-    Returns the uploads' average weighted by their sample counts, as the arrays of the upload's tensors in
-    name order (None when no client contributed), and node -> (sample count, report) for every node that
-    answered the third stage (the report as it came: JSON, unchecked). Every byte the protocol exchanges is counted on `meter`: the masked upload as
-    `upload`, the keys, shares and their ciphertexts as `secagg`.
+    Every byte the protocol exchanges is counted on `meter`: the masked upload as `upload`, the keys, shares and
+    their ciphertexts as `secagg`.
     """
     strategy = _PinnedNodes(grid, tasks)
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                             config=ServerConfig(num_rounds=1), strategy=strategy)
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=threshold, max_weight=max_weight,
+    workflow = _GuardedSecAggPlus(num_shares=1.0, reconstruction_threshold=threshold, max_weight=max_weight,
                                   clipping_range=clipping_range, timeout=timeout)
-    with np.errstate(divide="ignore", invalid="ignore"):  # Flower divides by the summed weights, 0 when every
-        workflow(_MeasuredGrid(grid, meter), context)  # client that answered reported a failure (no average then)
-    return strategy.average, strategy.reports
+    measured = _MeasuredGrid(grid, meter)
+    workflow(measured, context)
+    return SecureRound(strategy.average, strategy.reports, measured.errors, strategy.halted)
+
+
+class _GuardedSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, stopped before unmasking when fewer than two clients contributed: a failed client
+    answers with no weight (`upload_reply`), so the protocol would otherwise complete, and the 'average' of one
+    upload is that upload."""
+
+    def unmask_stage(self, grid, context, state) -> bool:
+        strategy = context.strategy
+        strategy.reports = {proxy.node_id: (res.num_examples, res.metrics.get(REPORT)) for proxy, res in state.legacy_results}
+        if sum(count > 0 for count, _ in strategy.reports.values()) < 2:
+            strategy.halted = ("fewer than 2 clients contributed, so the round was not unmasked (its average would be "
+                               "one client's upload)")
+            return False
+        return super().unmask_stage(grid, context, state)
 
 
 class _PinnedNodes(FedAvg):
@@ -74,14 +98,14 @@ class _PinnedNodes(FedAvg):
         self.grid, self.tasks = grid, tasks
         self.average: list[np.ndarray] | None = None
         self.reports: dict[int, tuple[int, object]] = {}
+        self.halted: str | None = None
 
     def configure_fit(self, server_round, parameters, client_manager):
         return [(GridClientProxy(node, self.grid, 0), FitIns(Parameters([], "numpy.ndarray"), dict(task)))
                 for node, task in self.tasks.items()]
 
     def aggregate_fit(self, server_round, results, failures):
-        self.reports = {proxy.node_id: (res.num_examples, res.metrics.get(REPORT)) for proxy, res in results}
-        if any(count > 0 for count, _ in self.reports.values()):
+        if results:
             self.average = parameters_to_ndarrays(results[0][1].parameters)
         return None, {}
 
@@ -92,6 +116,7 @@ class _MeasuredGrid:
 
     def __init__(self, grid, meter: Meter) -> None:
         self.grid, self.meter = grid, meter
+        self.errors: dict[int, str] = {}  # node -> the error Flower replied with
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -99,7 +124,9 @@ class _MeasuredGrid:
             self.meter.count_bytes(DOWN, "secagg", len(message.content.config_records[RECORD_KEY_CONFIGS].deflate()))
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))  # the workflow reads them twice
         for reply in replies:
-            if not reply.has_error() and RECORD_KEY_CONFIGS in reply.content.config_records:
+            if reply.has_error():
+                self.errors[reply.metadata.src_node_id] = f"Flower error {reply.error.code}: {reply.error.reason}"
+            elif RECORD_KEY_CONFIGS in reply.content.config_records:
                 record = reply.content.config_records[RECORD_KEY_CONFIGS]
                 self.meter.count_bytes(UP, "upload" if Key.MASKED_PARAMETERS in record else "secagg",
                                        len(record.deflate()))

@@ -26,14 +26,13 @@ from ..codec import CodecError, decode, encode
 from .. import runs
 from ..config import ConfigError
 from ..meter import DOWN, UP
-from ..aggregate import ROBUST
 from ..federation import Federation
 from ..seeds import client_seed
 from ..runner import run, weighted_mean
 from ..server import BodyServer, body_optimizer
 from ..splits import affordable_split, head_gflop
-from .secure import MAX_CLIENTS, secure_average, upload_scales
-from .settings import FlowerOptions, from_run_config
+from .secure import secure_average, upload_scales
+from .settings import FlowerOptions, check_secure_aggregation, from_run_config
 
 
 class FlowerRuntime:
@@ -43,7 +42,7 @@ class FlowerRuntime:
                  folder_sizes: Mapping[int, int] | None = None, budgets: Mapping[int, float] | None = None) -> None:
         self.fed, self.grid, self.nodes, self.options = fed, grid, nodes, options
         if options.secure_aggregation:
-            _check_secure_aggregation(fed)
+            check_secure_aggregation(fed.config)  # with clients-per-round as capped by the SuperNodes
         self.caps = {cid: self._cap(cid, (folder_sizes or {}).get(cid)) for cid in nodes}
         self.splits = self._splits(budgets or {})
         self._run_key: str | None = None
@@ -99,43 +98,50 @@ class FlowerRuntime:
                         broadcast: dict[str, torch.Tensor]) -> tuple[list[Payload], list[dict]]:
         """The round as Flower's SecAgg+ protocol (`secure`): one upload back, the average of the clients' uploads
         weighted by their samples, which the server cannot take apart. A client that fails answers with no weight
-        and is dropped; one whose report is malformed or claims more samples than its cap is inside the average,
-        so the whole round is dropped (`--resume` retries it)."""
+        and is dropped. No average comes back when fewer than two clients contributed, or when a contributing
+        client's report is malformed or claims more samples than its cap (its upload is inside the average, which
+        cannot be taken apart): the round's contributors are then dropped too, saying why."""
         max_weight = float(max(self.caps[cid] for cid in tasks))  # the largest weight a client may claim
         state, names = global_params.state_dict(), sorted(global_params.state_dict())
         scales = upload_scales(broadcast, names)
         for task in tasks.values():
             task["secagg-max-weight"], task["secagg-clipping-range"] = max_weight, self.options.secagg_clipping_range
             task["secagg-scales"] = json.dumps(scales)
-        average, reports = secure_average(self.grid, self.fed.meter, round_, {self.nodes[c]: t for c, t in tasks.items()},
-                                          max_weight, self.options.secagg_clipping_range,
-                                          self.options.secagg_threshold, self.fed.config.client_timeout_s)
-        metas, dropped = {}, []
+        result = secure_average(self.grid, self.fed.meter, round_, {self.nodes[c]: t for c, t in tasks.items()},
+                                max_weight, self.options.secagg_clipping_range, self.options.secagg_threshold,
+                                self.fed.config.client_timeout_s)
+        metas, dropped, unusable = {}, [], None
         for cid in tasks:
-            count, report = reports.get(self.nodes[cid], (0, None))
+            node = self.nodes[cid]
             try:
-                if self.nodes[cid] not in reports:
-                    raise Dropped("unknown", "no upload in the secure aggregation's masking stage")
-                metas[cid] = self._report(report, count, self.caps[cid])
+                if node not in result.reports:
+                    raise Dropped("unknown", result.errors.get(node, "no upload in the secure aggregation's masking stage"))
+                count, report = result.reports[node]
+                try:
+                    metas[cid] = self._report(report, count, self.caps[cid])
+                except Dropped as failure:
+                    if count > 0:  # inside the average: it cannot be taken out
+                        unusable = unusable or f"the round's secure average includes client {cid}'s upload, whose " \
+                                               f"reply is unusable ({failure})"
+                    raise
             except Dropped as failure:
-                if count > 0:  # inside the average: it cannot be taken out
-                    for other in tasks:
-                        self.body.forget(str(other))
-                    return [], [{"client": c, "phase": "upload", "reason": f"the round's secure average includes client "
-                                 f"{cid}'s upload, whose reply is unusable ({failure})"} for c in tasks]
                 dropped.append({"client": cid, "phase": failure.phase, "reason": failure.reason})
                 self.body.forget(str(cid))
-        if not metas or average is None:
-            return [], dropped
-        if len(average) != len(names):
+        if unusable or result.average is None:
+            why = unusable or result.halted or "the secure aggregation stopped before unmasking (see Flower's log)"
+            for cid in metas:
+                dropped.append({"client": cid, "phase": "upload", "reason": why})
+                self.body.forget(str(cid))
+            return [], sorted(dropped, key=lambda failure: failure["client"])
+        if len(result.average) != len(names):
             return [], dropped + [{"client": "secure aggregate", "phase": "upload",
-                                   "reason": f"the average holds {len(average)} arrays, not {len(names)}"}]
+                                   "reason": f"the average holds {len(result.average)} arrays, not {len(names)}"}]
         weights = [metas[cid]["num_examples"] for cid in metas]
         meta = {"client": "secure aggregate", "aggregates": len(metas), "num_examples": sum(weights),
                 "kept": sum(m["kept"] for m in metas.values()),
                 **{key: weighted_mean([m.get(key) for m in metas.values()], weights) for key in ("train_loss", "local_loss")}}
         tensors = {name: (torch.from_numpy(array) * scales[name]).to(state[name].device, state[name].dtype)
-                   for name, array in zip(names, average)}
+                   for name, array in zip(names, result.average)}
         return [Payload("update", tensors, meta)], dropped
 
     def _report(self, text, count: int, cap: int) -> dict:
@@ -227,6 +233,7 @@ class FlowerRuntime:
             payload = decode(upload, self.fed.device, self.fed.max_message_bytes)
         except CodecError as err:
             raise Dropped("upload", f"CodecError: {err}") from None
+        payload.meta.pop("aggregates", None)  # only the secure runtime's own average speaks for several clients
         count = payload.meta.get("num_examples")
         if isinstance(count, int) and count > partition_size:
             raise Dropped("upload", f"upload claims {count} examples, more than its cap of {partition_size}")
@@ -237,21 +244,6 @@ class FlowerRuntime:
 
     def close(self) -> None:
         self.channel.stop()
-
-
-def _check_secure_aggregation(fed: Federation) -> None:
-    """Refuse what Flower's SecAgg+ cannot do, before any round: average a method whose clients train one after
-    another, give a robust aggregator the uploads it ranks, mask a single client's upload, or sum more clients than
-    its quantised sum holds."""
-    if fed.method.sequential:
-        raise ConfigError(f"secure-aggregation averages a round's uploads, but {fed.method.name} has none to average "
-                          "(its clients train one after another)")
-    if fed.config.aggregator in ROBUST:
-        raise ConfigError(f"--aggregator {fed.config.aggregator} needs each client's upload, which secure-aggregation "
-                          "hides: the server holds only their average")
-    if not 2 <= fed.config.clients_per_round <= MAX_CLIENTS:
-        raise ConfigError(f"secure-aggregation needs 2 to {MAX_CLIENTS} clients a round (a single upload cannot be "
-                          f"hidden; Flower's sum overflows beyond), got {fed.config.clients_per_round}")
 
 
 class Dropped(Exception):
@@ -303,13 +295,13 @@ def make_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         config, options = from_run_config({**(defaults or {}), **context.run_config})
         nodes, folder_sizes, budgets = find_partitions(grid, options.wait_for_nodes_s)
+        if folder_sizes and config.client_holdout:
+            raise ConfigError("client-holdout measures each client's held-out samples on the server, which holds the "
+                              f"partitions it simulates but not the SuperNodes' own data folders ({sorted(folder_sizes)})")
         per_round = min(config.clients_per_round, len(nodes))
         # `out`, or where the SuperLink runs a new folder under runs/ (or, to resume, the run runs/latest points at)
         config = runs.own_folder(config.replace(clients=len(nodes), clients_per_round=per_round), resume=options.resume)
         log(INFO, "%d SuperNodes, one partition each; %d sampled per round", len(nodes), per_round)
-        if folder_sizes and config.client_holdout:
-            raise ConfigError("client-holdout measures each client's held-out samples on the server, which holds the "
-                              f"partitions it simulates but not the SuperNodes' own data folders ({sorted(folder_sizes)})")
         if folder_sizes:
             log(INFO, "SuperNodes with their own data (partition: images): %s; a node's FedAvg weight is at most "
                 "that%s", folder_sizes, f" and {options.max_examples}" if options.max_examples else "")

@@ -77,7 +77,28 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerOption
         raise ConfigError(f"secagg-threshold is a share of the round's clients, in (0, 1], got {options.secagg_threshold}")
     if options.body_batching and config.train_body:
         raise ConfigError("body-batching cannot batch a trained body (--train-body keeps a body copy per client)")
+    if options.secure_aggregation:
+        check_secure_aggregation(config)
     return config, options
+
+
+def check_secure_aggregation(config: Config) -> None:
+    """Refuse what Flower's SecAgg+ cannot do, before any round: average a method whose clients train one after
+    another, give a robust aggregator the uploads it ranks, mask a single client's upload, or sum more clients than
+    its quantised sum holds."""
+    from ..aggregate import ROBUST
+    from ..methods import METHODS
+    from .secure import MAX_CLIENTS
+
+    if METHODS[config.method].sequential:
+        raise ConfigError(f"secure-aggregation averages a round's uploads, but {config.method} has none to average "
+                          "(its clients train one after another)")
+    if config.aggregator in ROBUST:
+        raise ConfigError(f"--aggregator {config.aggregator} needs each client's upload, which secure-aggregation "
+                          "hides: the server holds only their average")
+    if not 2 <= config.clients_per_round <= MAX_CLIENTS:
+        raise ConfigError(f"secure-aggregation needs 2 to {MAX_CLIENTS} clients a round (a single upload cannot be "
+                          f"hidden; Flower's sum overflows beyond), got {config.clients_per_round}")
 
 
 def as_run_config(config: Config) -> dict[str, Any]:
