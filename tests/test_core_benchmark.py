@@ -212,9 +212,10 @@ def test_the_224_px_benchmark_advances_in_short_invocations_and_writes_its_repor
 
 
 @pytest.mark.slow
-def test_the_secure_aggregation_benchmark_runs_both_ways_under_flower(tmp_path):
+def test_the_secure_aggregation_benchmark_runs_both_ways_under_flower(imagefolder, tmp_path):
     markdown = tmp_path / "secure-aggregation.md"
-    options = '{"rounds": 1, "probe_rounds": 0, "train_samples": 40, "test_samples": 20, "batch_size": 10}'
+    options = json.dumps({"rounds": 1, "probe_rounds": 0, "dataset": "imagefolder", "data_dir": str(imagefolder),
+                          "model": "test_vit", "weights": "none", "image_size": 32, "prompt_tokens": 2, "batch_size": 8})
     done = run_python_benchmark("secure_aggregation.py", "--nodes", "2", "--seeds", "0", "--options", options,
                                 "--out", str(tmp_path / "runs"), "--markdown", str(markdown))
     assert done.returncode == 0, done.stderr[-3000:]
