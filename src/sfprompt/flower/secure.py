@@ -156,7 +156,8 @@ def upload_scales(broadcast: Mapping[str, torch.Tensor], names: list[str]) -> di
     """What each tensor of the upload is divided by before Flower quantises it (and the average multiplied by after):
     its largest value in the broadcast, at least 1 (1 for a tensor the broadcast does not hold). Flower clips every
     value to one range, while a probe-fitted classifier's bias reaches thousands and the prompts stay below 0.1;
-    scaled, each tensor keeps its own precision. The scales come from the broadcast, so they tell nobody anything."""
+    scaled, the bias fits the range the prompts are quantised in (each value's step is about 3e-5 times its tensor's
+    scale). The scales come from the broadcast, so they tell nobody anything."""
     return {name: max(1.0, float(broadcast[name].abs().max())) if name in broadcast and broadcast[name].numel() else 1.0
             for name in names}
 
