@@ -25,6 +25,7 @@ def finished(config, options: dict) -> dict | None:
     count SecAgg+'s bytes): its records and its own wall time (set-up excluded), so that an interrupted benchmark, or
     one given more seeds, runs only what is missing."""
     from sfprompt.config import Config, saved_options
+    from sfprompt.runner import RESUMABLE_CHANGES
 
     out = Path(config.out)
     if not (out / "summary.json").is_file():
@@ -32,7 +33,9 @@ def finished(config, options: dict) -> dict | None:
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     secure = all("up/secagg" in record["bytes_by_phase"] for record in records)
-    if Config().to_dict() | saved_options(summary["config"]) != config.to_dict() or secure != bool(options):
+    saved = Config().to_dict() | saved_options(summary["config"])
+    if any(saved[key] != value for key, value in config.to_dict().items() if key not in RESUMABLE_CHANGES) or (
+            secure != bool(options)):  # where it ran, on which device and what showed it may differ
         return None
     return {"records": records, "wall_s": summary["wall_seconds"]}
 
@@ -42,7 +45,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=10, help="SuperNodes, one client each (the default job's 10)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--options", default="", help="JSON of Config changes to the default job (a smaller test)")
-    parser.add_argument("--out", type=Path, default=Path("runs/secure-aggregation"))
+    parser.add_argument("--out", type=Path, default=Path("results/secure-aggregation"))
     parser.add_argument("--markdown", type=Path, default=Path("docs/benchmarks/secure-aggregation.md"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
