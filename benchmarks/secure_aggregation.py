@@ -5,7 +5,7 @@ seed run both ways, each run in a fresh process.
 
 Reports each round's accuracy both ways, the final accuracy's mean and spread over the seeds, the largest gap
 in any round's accuracy, the bytes a round sends up and down (the masked uploads, and the keys, shares and
-ciphertexts of the protocol), and the runs' wall time. A run already finished in --out is reused, not redone.
+ciphertexts of the protocol). A run already finished in --out is reused, not redone.
 Prints a Markdown report and writes docs/benchmarks/secure-aggregation.md, which docs/flower.md and docs/privacy.md link to.
 """
 
@@ -22,10 +22,9 @@ from flower_scale import child  # noqa: F401  (the --child entry point runs a ca
 
 def finished(config, options: dict) -> dict | None:
     """A run this benchmark already finished with `config`, plain or secure as `options` say (a secure run's rounds
-    count SecAgg+'s bytes): its records and its own wall time (set-up excluded), so that an interrupted benchmark, or
-    one given more seeds, runs only what is missing."""
+    count SecAgg+'s bytes): its records, so that an interrupted benchmark, or one given more seeds, runs only what is
+    missing."""
     from sfprompt.config import Config, saved_options
-    from sfprompt.runner import RESUMABLE_CHANGES
 
     out = Path(config.out)
     if not (out / "summary.json").is_file():
@@ -34,10 +33,10 @@ def finished(config, options: dict) -> dict | None:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     secure = all("up/secagg" in record["bytes_by_phase"] for record in records)
     saved = Config().to_dict() | saved_options(summary["config"])
-    if any(saved[key] != value for key, value in config.to_dict().items() if key not in RESUMABLE_CHANGES) or (
+    if any(saved[key] != value for key, value in config.to_dict().items() if key not in ("out", "device", "tracker")) or (
             secure != bool(options)):  # where it ran, on which device and what showed it may differ
         return None
-    return {"records": records, "wall_s": summary["wall_seconds"]}
+    return {"records": records}
 
 
 def main() -> None:
@@ -79,7 +78,7 @@ def main() -> None:
              f"+-{FlowerOptions().secagg_clipping_range:g} and quantised into 2^22 levels).", "",
              "| aggregation | accuracy per round (seed " + ", ".join(map(str, seeds)) + ") | final accuracy, mean ± sd "
              "| MB up a round: uploads | MB up: SecAgg+ keys and shares | MB down: SecAgg+ | MB up and down a round, all "
-             "| wall s a run, mean (set-up excluded) |", "|---|---|---|---|---|---|---|---|"]
+             "|", "|---|---|---|---|---|---|---|"]
     for mode in ("plain", "secure"):
         records = [runs[mode, seed]["records"] for seed in seeds]
         finals = [rounds[-1]["accuracy"] for rounds in records]
@@ -91,13 +90,16 @@ def main() -> None:
 
         spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
         total = statistics.mean(r["bytes_up"] + r["bytes_down"] for r in flat) / 1e6
-        wall = statistics.mean(runs[mode, seed]["wall_s"] for seed in seeds)
         lines.append(f"| {'SecAgg+' if mode == 'secure' else 'FedAvg'} | {per_round} | {statistics.mean(finals):.4f} ± "
                      f"{spread:.4f} | {per_round_mb('up/upload')} | {per_round_mb('up/secagg')} | "
-                     f"{per_round_mb('down/secagg')} | {total:.1f} | {wall:.0f} |")
+                     f"{per_round_mb('down/secagg')} | {total:.1f} |")
     gaps = [abs(a["accuracy"] - b["accuracy"]) for seed in seeds
             for a, b in zip(runs["plain", seed]["records"], runs["secure", seed]["records"], strict=True)]
-    lines += ["", f"Largest gap between the two in any round's accuracy, over every seed: {max(gaps):.4f}."]
+    lines += ["", f"Largest gap between the two in any round's accuracy, over every seed: {max(gaps):.4f}. A run "
+              "already in the output folder with the same options is reused (options added to sfprompt after it ran "
+              "take their defaults, which change nothing), so the rows may come from several revisions of the code "
+              "and the machine line describes the last invocation; wall times are not compared, as the runs shared "
+              "the machine with other work."]
     publish(lines, args.markdown)
 
 

@@ -71,6 +71,9 @@ def test_a_run_with_a_server_optimizer_checkpoints_its_state_and_moves_otherwise
     ({"aggregator": "krum"}, "krum"),
     ({"aggregator": "fedprox"}, "--aggregator fedprox needs --proximal-mu above 0"),
     ({"proximal_mu": 0.1}, "--proximal-mu is FedProx's"),
+    ({"proximal_mu": -0.5}, "--proximal-mu must be a finite number, 0 or more"),
+    ({"aggregator": "fedprox", "proximal_mu": float("nan")}, "--proximal-mu must be a finite number"),
+    ({"method": "sfl", "train_body": True, "aggregator": "fedprox", "proximal_mu": 0.1}, "trains each client's body copy"),
 ])
 def test_aggregator_options_that_cannot_apply_are_refused(changes, error):
     with pytest.raises(ConfigError, match=error):
@@ -89,3 +92,22 @@ def test_fedprox_pulls_each_client_towards_the_global_params_it_received(imagefo
         trained = load_file(tmp_path / name / "global.safetensors")
         moved[name] = sum(float((trained[k] - start[k]).norm()) for k in ("prompts", "tail.head.weight"))
     assert 0 < moved["fedprox"] < 0.5 * moved["fedavg"]
+
+
+def test_fedprox_adds_mu_times_the_distance_to_the_received_params_to_each_step():
+    from sfprompt.client import Client, RoundContext
+
+    class Settings:
+        proximal_mu = 0.5
+
+    params = torch.nn.Linear(3, 2)
+    anchor = {name: value.detach().clone() for name, value in params.named_parameters()}
+    with torch.no_grad():
+        params.weight.add_(1.0)  # moved one unit away from the broadcast
+    optimizer = torch.optim.SGD(params.parameters(), lr=0.1)
+    params.weight.grad, params.bias.grad = torch.zeros(2, 3), torch.zeros(2)
+    client = Client.__new__(Client)
+    client.settings = Settings()
+    before = params.weight.detach().clone()
+    client._step(RoundContext(params, None, None, None, None, anchor=anchor), optimizer)
+    assert torch.allclose(params.weight, before - 0.1 * 0.5 * 1.0) and torch.equal(params.bias, anchor["bias"])

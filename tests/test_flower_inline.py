@@ -663,3 +663,17 @@ def test_a_plain_upload_cannot_claim_to_speak_for_other_clients(imagefolder, tmp
     with pytest.raises(RoundFailed, match="2 of 3 clients finished, fewer than --min-clients 3"):
         run_inline(tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, min_clients=3, rounds=1),
                    InlineGrid(3, lost=(2,)))
+
+
+def test_a_secure_round_that_loses_too_many_clients_before_unmasking_says_so(imagefolder, tmp_path):
+    from sfprompt.runner import RoundFailed
+
+    lines = []
+    grid = VanishingGrid(3, vanishing=(1, 2))
+    nodes, sizes, budgets = find_partitions(grid, wait_s=5)
+    with pytest.raises(RoundFailed, match="0 of 3 clients finished"):
+        run(tiny_config(imagefolder, tmp_path, clients_per_round=3, rounds=1, client_timeout_s=30.0), progress=False,
+            log=lines.append, runtime=lambda fed: FlowerRuntime(fed, grid, nodes, FlowerOptions(secure_aggregation=True)))
+    dropped = [line for line in lines if "dropped client" in line]
+    assert "dropped client 0 (phase upload): too few clients stayed in the protocol to unmask the round" in dropped[0]
+    assert all("no upload in the secure aggregation's masking stage" in line for line in dropped[1:])

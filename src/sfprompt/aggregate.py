@@ -68,7 +68,8 @@ class FlowerStrategy(FedAvg):
     """One of Flower's strategies (`FLOWER_STRATEGIES`) as the server's aggregation: each round it gets the global
     state the clients started from (the server optimizers step from it) and the uploads with their sample counts."""
 
-    def __init__(self, name: str, server_lr: float | None = None, server_momentum: float | None = None) -> None:
+    def __init__(self, name: str, server_lr: float | None = None, server_momentum: float | None = None,
+                 proximal_mu: float = 0.0) -> None:
         try:
             from flwr.serverapp import strategy as strategies
         except ImportError:
@@ -79,6 +80,8 @@ class FlowerStrategy(FedAvg):
             options[lr_name] = server_lr
         if server_momentum is not None:
             options[momentum_name] = server_momentum
+        if name == "fedprox":  # the strategy only reports it (the clients apply it), but Flower warns without it
+            options["proximal_mu"] = proximal_mu
         self.name, self.strategy, self.rounds = name, getattr(strategies, class_name)(**options), 0
         self.names: list[str] = []  # the uploads' tensors, in the order the strategy last saw them
         self._momentum: dict[str, np.ndarray] | None = None  # FedAvgM's restored momentum, until the next round
@@ -121,9 +124,11 @@ class FlowerStrategy(FedAvg):
         self._momentum = momentum or None  # set on the strategy in the order of the next round's uploads
 
 
-def make_aggregator(name: str, server_lr: float | None = None, server_momentum: float | None = None) -> FedAvg:
-    """The aggregation `--aggregator` names, with its `--server-lr` and `--server-momentum` (None: Flower's defaults)."""
-    return FedAvg() if name == "fedavg" else FlowerStrategy(name, server_lr, server_momentum)
+def make_aggregator(name: str, server_lr: float | None = None, server_momentum: float | None = None,
+                    proximal_mu: float = 0.0) -> FedAvg:
+    """The aggregation `--aggregator` names, with its `--server-lr` and `--server-momentum` (None: Flower's defaults)
+    and FedProx's `--proximal-mu`."""
+    return FedAvg() if name == "fedavg" else FlowerStrategy(name, server_lr, server_momentum, proximal_mu)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -220,7 +220,7 @@ class Client:
         private = torch.Generator().manual_seed(derive_seed(self.noise_seed, seed))
         anchor = None
         if self.settings.proximal_mu:  # FedProx pulls the params it trains towards these
-            anchor = {name: value.detach().clone() for name, value in params.named_parameters()}
+            anchor = {name: value.detach().clone() for name, value in params.named_parameters() if value.requires_grad}
             memory.hold(*anchor.values())
         ctx = RoundContext(params, link, torch.Generator().manual_seed(seed), private, memory, deadline, anchor=anchor)
         kept = {name: t.clone() for name, t in self.state_dict().items()}
@@ -438,7 +438,7 @@ class Client:
         if ctx.anchor is not None:
             with torch.no_grad():
                 for name, param in ctx.params.named_parameters():
-                    if param.grad is not None:
+                    if param.grad is not None and name in ctx.anchor:
                         param.grad.add_(param - ctx.anchor[name], alpha=self.settings.proximal_mu)
         optimizer.step()
 

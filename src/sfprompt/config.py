@@ -389,7 +389,12 @@ class Config:
                                                                               momentum_name)):
             if value is not None and argument is None:
                 raise ConfigError(f"--{flag} does not apply to --aggregator {self.aggregator}")
-        if (self.aggregator == "fedprox") != (self.proximal_mu > 0):
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ConfigError(f"--proximal-mu must be a finite number, 0 or more, got {self.proximal_mu}")
+        if self.proximal_mu and self.train_body:
+            raise ConfigError("--proximal-mu pulls what each client trains towards the broadcast, but --train-body "
+                              "trains each client's body copy on the server, where it would not apply")
+        if (self.aggregator == "fedprox") != (self.proximal_mu != 0):
             raise ConfigError("--aggregator fedprox needs --proximal-mu above 0 (at 0 it is FedAvg), and --proximal-mu "
                               f"is FedProx's: got --aggregator {self.aggregator} --proximal-mu {self.proximal_mu}")
         if self.server_lr is not None and not self.server_lr > 0:

@@ -91,7 +91,7 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     config, method = fed.config, fed.method
     sampler = np.random.default_rng(config.seed)
     out = Path(config.out)
-    aggregator = make_aggregator(config.aggregator, config.server_lr, config.server_momentum)
+    aggregator = make_aggregator(config.aggregator, config.server_lr, config.server_momentum, config.proximal_mu)
     if resume:
         global_params, history = _restore(fed, sampler, out, aggregator)
     else:

@@ -74,18 +74,21 @@ def secure_average(grid, meter: Meter, round_: int, tasks: Mapping[int, ConfigRe
 
 
 class _GuardedSecAggPlus(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow, stopped before unmasking when fewer than two clients contributed: a failed client
-    answers with no weight (`upload_reply`), so the protocol would otherwise complete, and the 'average' of one
-    upload is that upload."""
+    """Flower's SecAgg+ workflow, which keeps every masked upload's report as it arrives (whatever happens next) and
+    stops before unmasking when fewer than two clients contributed: a failed client answers with no weight
+    (`upload_reply`), so the protocol would otherwise complete, and the 'average' of one upload is that upload."""
 
-    def unmask_stage(self, grid, context, state) -> bool:
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:
+        going_on = super().collect_masked_vectors_stage(grid, context, state)
         strategy = context.strategy
         strategy.reports = {proxy.node_id: (res.num_examples, res.metrics.get(REPORT)) for proxy, res in state.legacy_results}
-        if sum(count > 0 for count, _ in strategy.reports.values()) < 2:
+        if not going_on:
+            strategy.halted = "too few clients stayed in the protocol to unmask the round (Flower's threshold)"
+        elif sum(count > 0 for count, _ in strategy.reports.values()) < 2:
             strategy.halted = ("fewer than 2 clients contributed, so the round was not unmasked (its average would be "
                                "one client's upload)")
-            return False
-        return super().unmask_stage(grid, context, state)
+            going_on = False
+        return going_on
 
 
 class _PinnedNodes(FedAvg):

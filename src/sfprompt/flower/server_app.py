@@ -128,7 +128,7 @@ class FlowerRuntime:
                 dropped.append({"client": cid, "phase": failure.phase, "reason": failure.reason})
                 self.body.forget(str(cid))
         if unusable or result.average is None:
-            why = unusable or result.halted or "the secure aggregation stopped before unmasking (see Flower's log)"
+            why = unusable or result.halted or "the secure aggregation failed while unmasking (see Flower's log)"
             for cid in metas:
                 dropped.append({"client": cid, "phase": "upload", "reason": why})
                 self.body.forget(str(cid))
