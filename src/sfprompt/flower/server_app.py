@@ -127,15 +127,14 @@ class FlowerRuntime:
             except Dropped as failure:
                 dropped.append({"client": cid, "phase": failure.phase, "reason": failure.reason})
                 self.body.forget(str(cid))
+        if result.average is not None and len(result.average) != len(names):
+            unusable = f"the round's secure average holds {len(result.average)} arrays, not the {len(names)} of the state"
         if unusable or result.average is None:
             why = unusable or result.halted or "the secure aggregation failed while unmasking (see Flower's log)"
             for cid in metas:
                 dropped.append({"client": cid, "phase": "upload", "reason": why})
                 self.body.forget(str(cid))
             return [], sorted(dropped, key=lambda failure: failure["client"])
-        if len(result.average) != len(names):
-            return [], dropped + [{"client": "secure aggregate", "phase": "upload",
-                                   "reason": f"the average holds {len(result.average)} arrays, not {len(names)}"}]
         weights = [metas[cid]["num_examples"] for cid in metas]
         meta = {"client": "secure aggregate", "aggregates": len(metas), "num_examples": sum(weights),
                 "kept": sum(m["kept"] for m in metas.values()),
