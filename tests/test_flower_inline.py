@@ -24,7 +24,7 @@ from sfprompt.flower import client_app
 from sfprompt.flower.server_app import FlowerRuntime, find_partitions
 from sfprompt.flower.settings import FlowerOptions, from_run_config
 from sfprompt.probe import STATISTICS
-from sfprompt.runner import run
+from sfprompt.runner import RoundFailed, run
 from sfprompt.splits import head_gflop
 
 from test_runner import tiny_config
@@ -82,10 +82,31 @@ def flower_task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def run_inline(config, grid, options=FlowerOptions()):
+def run_inline(config, grid, options=FlowerOptions(), log=lambda _: None):
     nodes, folder_sizes, budgets = find_partitions(grid, wait_s=5)
-    return run(config, progress=False, log=lambda _: None,
+    return run(config, progress=False, log=log,
                runtime=lambda fed: FlowerRuntime(fed, grid, nodes, options, folder_sizes, budgets))
+
+
+def dropped_from_a_failed_round(config, grid, options, failed):
+    """Run `config` inline, expecting its round to fail (`failed`: the RoundFailed message's pattern); the log's
+    lines about dropped clients."""
+    lines = []
+    with pytest.raises(RoundFailed, match=failed):
+        run_inline(config, grid, options, log=lines.append)
+    return [line for line in lines if "dropped client" in line]
+
+
+def fail_in_split(monkeypatch, fails):
+    """Every client whose id `fails` accepts raises in its split phase."""
+    loader = Client._loader
+
+    def failing(self, data, ctx, shuffle=True):
+        if fails(self.cid) and ctx.phase == "split":
+            raise RuntimeError("battery died")
+        return loader(self, data, ctx, shuffle)
+
+    monkeypatch.setattr(Client, "_loader", failing)
 
 
 def records(folder):
@@ -108,14 +129,7 @@ def test_the_flower_apps_give_the_in_process_result(imagefolder, tmp_path, metho
 
 
 def test_a_client_failing_in_its_phase_is_dropped_with_its_phase(imagefolder, tmp_path, monkeypatch):
-    loader = Client._loader
-
-    def failing(self, data, ctx, shuffle=True):
-        if self.cid == 1 and ctx.phase == "split":
-            raise RuntimeError("battery died")
-        return loader(self, data, ctx, shuffle)
-
-    monkeypatch.setattr(Client, "_loader", failing)
+    fail_in_split(monkeypatch, lambda cid: cid == 1)
     run_inline(tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1), InlineGrid(3))
     assert records(tmp_path / "run")[0]["dropped"] == [{"client": 1, "phase": "split", "reason": "RuntimeError: battery died"}]
 
@@ -522,14 +536,7 @@ class VanishingGrid(InlineGrid):
 
 def test_under_secure_aggregation_a_failed_and_a_vanished_client_are_dropped_and_the_others_averaged(
         imagefolder, tmp_path, monkeypatch):
-    loader = Client._loader
-
-    def failing(self, data, ctx, shuffle=True):
-        if self.cid == 1 and ctx.phase == "split":
-            raise RuntimeError("battery died")
-        return loader(self, data, ctx, shuffle)
-
-    monkeypatch.setattr(Client, "_loader", failing)
+    fail_in_split(monkeypatch, lambda cid: cid == 1)
     config = tiny_config(imagefolder, tmp_path, clients=4, clients_per_round=4, rounds=1, client_timeout_s=30.0)
     run_inline(config.replace(out=str(tmp_path / "plain")), InlineGrid(4, lost=(3,)))
     run_inline(config.replace(out=str(tmp_path / "secure")), VanishingGrid(4, vanishing=(3,)),
@@ -547,16 +554,9 @@ def test_under_secure_aggregation_a_failed_and_a_vanished_client_are_dropped_and
 
 
 def test_an_upload_that_secure_aggregation_would_clip_drops_its_client_saying_why(imagefolder, tmp_path):
-    from sfprompt.runner import RoundFailed
-
-    lines = []
-    grid = InlineGrid(3)
-    nodes, sizes, budgets = find_partitions(grid, wait_s=5)
-    with pytest.raises(RoundFailed, match="0 of 2 clients finished"):
-        run(tiny_config(imagefolder, tmp_path, rounds=1), progress=False, log=lines.append,
-            runtime=lambda fed: FlowerRuntime(fed, grid, nodes, FlowerOptions(secure_aggregation=True,
-                                                                              secagg_clipping_range=1e-4)))
-    dropped = [line for line in lines if "dropped client" in line]
+    dropped = dropped_from_a_failed_round(tiny_config(imagefolder, tmp_path, rounds=1), InlineGrid(3),
+                                          FlowerOptions(secure_aggregation=True, secagg_clipping_range=1e-4),
+                                          "0 of 2 clients finished")
     assert len(dropped) == 2 and all("exceeds SecAgg+'s clipping range of +-0.0001: raise the run config's "
                                      "secagg-clipping-range" in line for line in dropped)
 
@@ -574,7 +574,6 @@ def test_secure_aggregation_refuses_what_flower_cannot_do(imagefolder, tmp_path,
 def test_under_secure_aggregation_a_malformed_report_drops_the_round_it_is_averaged_into(imagefolder, tmp_path,
                                                                                          monkeypatch):
     from sfprompt.flower import secure
-    from sfprompt.runner import RoundFailed
 
     reply = secure.upload_reply
 
@@ -584,13 +583,8 @@ def test_under_secure_aggregation_a_malformed_report_drops_the_round_it_is_avera
         return reply(msg, tensors, num_examples, report)
 
     monkeypatch.setattr(client_app, "upload_reply", lying)
-    lines = []
-    grid = InlineGrid(3)
-    nodes, sizes, budgets = find_partitions(grid, wait_s=5)
-    with pytest.raises(RoundFailed, match="0 of 3 clients finished"):
-        run(tiny_config(imagefolder, tmp_path, clients_per_round=3, rounds=1), progress=False, log=lines.append,
-            runtime=lambda fed: FlowerRuntime(fed, grid, nodes, FlowerOptions(secure_aggregation=True)))
-    dropped = [line for line in lines if "dropped client" in line]
+    dropped = dropped_from_a_failed_round(tiny_config(imagefolder, tmp_path, clients_per_round=3, rounds=1),
+                                          InlineGrid(3), FlowerOptions(secure_aggregation=True), "0 of 3 clients finished")
     assert len(dropped) == 3 and "client 0 (phase upload): report claims" in dropped[0]
     assert all("the round's secure average includes client 0's upload, whose reply is unusable (upload: report "
                "claims" in line for line in dropped[1:])
@@ -623,24 +617,9 @@ def test_each_uploaded_tensor_is_scaled_by_its_public_size_so_a_large_bias_fits_
 
 
 def test_under_secure_aggregation_a_round_with_one_contributor_is_not_unmasked(imagefolder, tmp_path, monkeypatch):
-    loader = Client._loader
-
-    def failing(self, data, ctx, shuffle=True):  # every client but the first of the round fails
-        if self.cid != 0 and ctx.phase == "split":
-            raise RuntimeError("battery died")
-        return loader(self, data, ctx, shuffle)
-
-    monkeypatch.setattr(Client, "_loader", failing)
-    from sfprompt.runner import RoundFailed
-
-    lines = []
-    grid = InlineGrid(3)
-    nodes, sizes, budgets = find_partitions(grid, wait_s=5)
-    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1)
-    with pytest.raises(RoundFailed, match="0 of 3 clients finished"):
-        run(config, progress=False, log=lines.append,
-            runtime=lambda fed: FlowerRuntime(fed, grid, nodes, FlowerOptions(secure_aggregation=True)))
-    dropped = [line for line in lines if "dropped client" in line]
+    fail_in_split(monkeypatch, lambda cid: cid != 0)  # every client but the first of the round fails
+    dropped = dropped_from_a_failed_round(tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1),
+                                          InlineGrid(3), FlowerOptions(secure_aggregation=True), "0 of 3 clients finished")
     assert len(dropped) == 3 and "dropped client 0 (phase upload): fewer than 2 clients contributed, so the round " \
         "was not unmasked" in dropped[0] and all("battery died" in line for line in dropped[1:])
 
@@ -658,22 +637,14 @@ def test_a_plain_upload_cannot_claim_to_speak_for_other_clients(imagefolder, tmp
         return reply
 
     monkeypatch.setattr(client_app, "train", inflating)
-    from sfprompt.runner import RoundFailed
-
     with pytest.raises(RoundFailed, match="2 of 3 clients finished, fewer than --min-clients 3"):
         run_inline(tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, min_clients=3, rounds=1),
                    InlineGrid(3, lost=(2,)))
 
 
 def test_a_secure_round_that_loses_too_many_clients_before_unmasking_says_so(imagefolder, tmp_path):
-    from sfprompt.runner import RoundFailed
-
-    lines = []
-    grid = VanishingGrid(3, vanishing=(1, 2))
-    nodes, sizes, budgets = find_partitions(grid, wait_s=5)
-    with pytest.raises(RoundFailed, match="0 of 3 clients finished"):
-        run(tiny_config(imagefolder, tmp_path, clients_per_round=3, rounds=1, client_timeout_s=30.0), progress=False,
-            log=lines.append, runtime=lambda fed: FlowerRuntime(fed, grid, nodes, FlowerOptions(secure_aggregation=True)))
-    dropped = [line for line in lines if "dropped client" in line]
+    dropped = dropped_from_a_failed_round(
+        tiny_config(imagefolder, tmp_path, clients_per_round=3, rounds=1, client_timeout_s=30.0),
+        VanishingGrid(3, vanishing=(1, 2)), FlowerOptions(secure_aggregation=True), "0 of 3 clients finished")
     assert "dropped client 0 (phase upload): too few clients stayed in the protocol to unmask the round" in dropped[0]
     assert all("no upload in the secure aggregation's masking stage" in line for line in dropped[1:])

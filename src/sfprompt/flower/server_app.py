@@ -66,13 +66,14 @@ class FlowerRuntime:
     def train(self, round_: int, cids: list[int], global_params) -> tuple[list[Payload], list[dict]]:
         fed = self.fed
         method = fed.method.stage(round_, fed.config)  # the run's method, or the probe rounds it opens with
-        broadcast = encode(Payload("global", method.broadcast(global_params.state_dict())))
+        shared = method.broadcast(global_params.state_dict())
+        broadcast = encode(Payload("global", shared))
         tasks = {}
         for cid in cids:
             fed.meter.count_message(DOWN, "broadcast", broadcast)
             tasks[cid] = self.task(cid, round_, broadcast)
         if self.options.secure_aggregation:
-            return self._train_securely(round_, tasks, global_params, method.broadcast(global_params.state_dict()))
+            return self._train_securely(round_, tasks, global_params, shared)
         messages = [Message(RecordDict({"sfprompt": task}), dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN)
                     for cid, task in tasks.items()]
         timeout = fed.config.client_timeout_s
