@@ -1,0 +1,76 @@
+"""The forward-only label attack: the prompt trajectory gives each step's loss differences back, and they give
+labels back."""
+
+import pytest
+import torch
+
+from sfprompt.trajectory import PromptOptimizer, Step, infer_labels, step_coefficients, unexplained
+
+
+def trajectory(optimizer: torch.optim.Optimizer, prompts: torch.nn.Parameter, steps: int, directions: int):
+    """Prompts stepped by estimates sum_k a_k z_k of known coefficients, as a forward-only client steps them."""
+    generator = torch.Generator().manual_seed(1)
+    sent, drawn, truth = [prompts.detach().clone()], [], []
+    for t in range(steps):
+        z = torch.randn(directions, *prompts.shape, generator=generator)
+        a = torch.randn(directions, generator=generator) * 0.01 * (1 + t % 3)
+        prompts.grad = torch.einsum("k,kpd->pd", a, z)
+        optimizer.step()
+        sent.append(prompts.detach().clone())
+        drawn.append(z)
+        truth.append(a)
+    return sent, drawn, torch.stack(truth)
+
+
+def test_sgd_steps_give_the_coefficients_and_adam_steps_give_them_up_to_one_factor():
+    prompts = torch.nn.Parameter(torch.randn(10, 64, generator=torch.Generator().manual_seed(0)) * 0.1)
+    sent, drawn, truth = trajectory(torch.optim.SGD([prompts], lr=0.1, momentum=0.9), prompts, 8, 4)
+    read = step_coefficients(sent, drawn, PromptOptimizer("sgd", 0.1, momentum=0.9))
+    assert torch.allclose(read, truth, rtol=1e-4, atol=1e-8)
+    with pytest.raises(AssertionError):  # the momentum matters: read without it, the steps are wrong
+        assert torch.allclose(step_coefficients(sent, drawn, PromptOptimizer("sgd", 0.1)), truth, rtol=1e-2)
+
+    prompts = torch.nn.Parameter(torch.randn(10, 64, generator=torch.Generator().manual_seed(0)) * 0.1)
+    sent, drawn, truth = trajectory(torch.optim.Adam([prompts], lr=3e-4), prompts, 8, 4)
+    read = step_coefficients(sent, drawn, PromptOptimizer("adam", 3e-4)).double()
+    assert float(read[0].norm()) == pytest.approx(1.0)
+    factor = float((read * truth).sum() / (read * read).sum())
+    assert factor > 0
+    error = (factor * read - truth).norm(dim=1) / truth.norm(dim=1)
+    assert float(error[0]) < 0.05 and float(error[1:].max()) < 0.02  # the first from signs alone, the rest finer
+    assert PromptOptimizer("adam", 3e-4, weight_decay=0.1).why_not_invertible()
+
+
+def synthetic(steps: int, directions: int, confidence: float, noise: float = 1e-3, samples: int = 200, classes: int = 10):
+    """Steps of batches of 32 whose coefficients are the sums of random loss differences at the true labels (times
+    3), and a label-free guess whose true class gets `confidence` extra logit."""
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.randint(classes, (samples,), generator=generator)
+    made = []
+    for _ in range(steps):
+        ids = torch.randperm(samples, generator=generator)[:32]
+        differences = torch.randn(32, classes, directions, generator=generator, dtype=torch.float64)
+        sums = differences[torch.arange(32), truth[ids]].sum(0)
+        made.append(Step(ids, differences, 3 * (sums + noise * torch.randn(directions, generator=generator))))
+    logits = torch.randn(samples, classes, generator=generator)
+    logits[torch.arange(samples), truth] += confidence
+    return made, logits.log_softmax(dim=1), truth
+
+
+@pytest.mark.parametrize("steps, directions, confidence, solved", [(13, 4, 4.0, True), (26, 4, 4.0, True),
+                                                                    (50, 8, 2.5, True), (13, 4, 2.5, False)])
+def test_the_labels_that_explain_the_steps_correct_the_label_free_guess(steps, directions, confidence, solved):
+    """Few wrong guesses (a confident label-free guess, as the probe-fitted tail's), or more equations than labels:
+    every label, and Adam's unknown factor with them; a fifth of the guesses wrong and four times fewer equations
+    than labels: some. (With still more wrong, the greedy search can end below the guess it started from.)"""
+    made, prior, truth = synthetic(steps, directions, confidence)
+    guessed, factor = infer_labels(made, prior)
+    label_free = float((prior.argmax(dim=1) == truth).float().mean())
+    accuracy = float((guessed == truth).float().mean())
+    assert factor == pytest.approx(1 / 3, rel=1e-3)
+    if solved:
+        assert accuracy == 1.0 > label_free
+    else:
+        assert accuracy >= label_free + 0.05
+    assert unexplained(made, truth) < 1e-5 < unexplained(made, prior.argmax(dim=1))
+    assert torch.equal(infer_labels(made, prior, factor=1 / 3)[0], guessed) or not solved  # the factor, if known
