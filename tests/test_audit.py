@@ -52,6 +52,28 @@ def test_a_probe_sends_its_images_once_and_its_statistics_give_the_labels_away(g
     assert labels["best_attack"] >= 0.9 > labels["label_free"]  # its own class means name its own samples
 
 
+@pytest.mark.parametrize("optimizer, prompt_lr", [("adam", 3e-4), ("sgd", 0.1)])
+def test_a_forward_only_round_is_attacked_through_its_prompt_trajectory(gray, tmp_path, optimizer, prompt_lr):
+    """No gradient is sent, yet the prompts of successive evaluates give each step's loss differences back: at the
+    true labels the attack's model of the steps explains them (all but the client's float32 rounding). (The tiny
+    random model's classes differ too little in loss for its labels to follow: tests/test_trajectory.py checks
+    the inference, docs/privacy.md has the real checkpoint's.)"""
+    config = audit_config(gray, tmp_path, prompt_updates="forward-only", directions=8, perturbation=0.3,
+                          optimizer=optimizer, prompt_lr=prompt_lr)
+    labels = run_audit(config, QUICK, progress=False, log=lambda _: None)["labels"]
+    assert labels["steps_read"] == 5  # six evaluates (24 kept samples, 2 epochs, batches of 8): five steps seen
+    assert labels["unexplained_at_truth"] < 1e-3
+    assert {"trajectory", "trajectory_broadcast_tail"} <= set(labels) and "gradient" not in labels
+    assert set(labels["one_step"]) == {"label_free", "trajectory"}
+    # With --label-epsilon the steps are taken at the randomized labels (at epsilon 0, two thirds of them wrong
+    # here): the attack's model explains them at those.
+    randomized = run_audit(config.replace(label_epsilon=0.0), QUICK, progress=False, log=lambda _: None)["labels"]
+    assert randomized["unexplained_at_truth"] < 1e-3 and randomized["steps_read"] == 5
+    if optimizer == "adam":  # SGD's weight decay is read like its momentum; Adam's is not
+        skipped = run_audit(config.replace(weight_decay=0.1), QUICK, progress=False, log=lambda _: None)["labels"]
+        assert "weight decay" in skipped["trajectory_skipped"] and skipped["best_attack"] == skipped["label_free"]
+
+
 def test_an_audit_with_very_few_auxiliary_images_runs(gray, tmp_path):
     options = AuditOptions(images=2, aux_samples=3, gallery=2, steps=2, inversion_epochs=1)
     result = run_audit(audit_config(gray, tmp_path), options, progress=False, log=lambda _: None)

@@ -101,7 +101,7 @@ def test_a_run_without_forward_only_refuses_evaluates():
 @pytest.mark.parametrize("changes, match", [
     (dict(method="fl-prompt"), "split method"), (dict(method="sfl", train_body=True), "frozen body"),
     (dict(prompt_tokens=0), "needs prompts"), (dict(client_blocks=1), "no blocks"),
-    (dict(shared_rows="per-sample"), "--shared-rows once"), (dict(label_epsilon=1.0), "sends none"),
+    (dict(shared_rows="per-sample"), "--shared-rows once"),
     (dict(directions=0), "--directions"), (dict(perturbation=0.0), "--perturbation"),
     (dict(estimator="two-point"), "--estimator must be one of"), (dict(precision="bf16"), "rounds"),
     (dict(wire_dtype="int8"), "rounds"),
@@ -158,13 +158,6 @@ def test_the_servers_sample_limit_counts_an_evaluates_images():
                 server.handle(message)
 
 
-def test_the_audit_refuses_a_forward_only_run_saying_why():
-    from sfprompt.audit import AuditOptions
-
-    with pytest.raises(ConfigError, match="evaluates"):
-        AuditOptions().check(Config(prompt_updates="forward-only"))
-
-
 def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path):
     doc = tmp_path / "forward-only.md"
     done = run_benchmark("forward_only.sh", tmp_path, SEEDS="0", SETTINGS="iid", ROWS="backprop forward-only-2", DOC=str(doc))
@@ -179,3 +172,19 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
     sent = [json.loads((runs / row / "seed-0" / "metrics.jsonl").read_text().splitlines()[-1])["messages_by_phase"]["up/split"]
             for row in ("backprop", "forward-only-2")]
     assert sent[1] * 2 == sent[0]  # one evaluate a batch where backprop sends a forward and a backward
+
+
+def test_the_forward_only_audit_benchmark_attacks_each_row_and_writes_its_table(tmp_path):
+    doc = tmp_path / "forward-only-audit.md"
+    done = run_benchmark("forward_only_audit.sh", tmp_path, SEEDS="0", ROWS="forward-only-2-label-epsilon-1", DOC=str(doc))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert doc.read_text().startswith("Command: `bash benchmarks/forward_only_audit.sh`")
+    header, _, row = [line.split(" | ") for line in doc.read_text().splitlines() if line.startswith("|")]
+    row = dict(zip(header, row))
+    assert row["| row"] == "| forward-only-2-label-epsilon-1" and row["seeds"] == "1"
+    assert row["trajectory, each step's tail"] and row["one step: trajectory |"] and not row["gradient attack"]
+    audit = json.loads((tmp_path / "runs" / "forward-only-2-label-epsilon-1" / "seed-0" / "audit.json").read_text())
+    config = audit["config"]
+    assert (config["prompt_updates"], config["directions"], config["label_epsilon"], config["prompt_tokens"]) == (
+        "forward-only", 2, 1.0, 50)
+    assert audit["labels"]["steps_read"] >= 1

@@ -1,7 +1,8 @@
 """`sfprompt audit`: what an honest-but-curious server recovers from a client's real messages.
 
 One client (the victim) runs a real round of the configured method, with the run's global params
-(the initial ones, or a finished run's with `--from DIR`), through the real client code and the real
+(those its method's own rounds start from, after any probe rounds it opens with, which the audit plays
+first; or a finished run's with `--from DIR`), through the real client code and the real
 body server; every request the server receives and every reply is recorded, as is which of the
 client's samples each batch held (the ground truth, which the attacks never see). Then the attacks
 of `attacks.py` run on those messages, with auxiliary images from the dataset's test split (which no
@@ -15,7 +16,8 @@ client holds), and are scored against the originals:
 - the class-mean image of the auxiliary data (of the image's true class): what the server gets with
   no attack at all.
 - labels: the server's label-free prediction from the activations, and inference from the
-  `backward` gradients (see `attacks.label_attacks`).
+  `backward` gradients (see `attacks.label_attacks`), or, with forward-only prompt updates, from the
+  prompts' trajectory (see `trajectory`).
 
 The attacker is given which of the sends belong to the same image (so it averages repeated sends),
 which it would otherwise have to work out: the audit errs on the attacker's side.
@@ -23,6 +25,7 @@ which it would otherwise have to work out: the audit errs on the attacker's side
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -33,19 +36,21 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm.auto import tqdm
 
-from . import attacks, checkpoint
+from . import attacks, checkpoint, trajectory
 from .client import Client
 from .codec import Message, encode
 from .config import Config, ConfigError
 from .data import Transformed, stratified_subset
-from .defence import Defence, activation_epsilon, releases
+from .defence import activation_epsilon, releases
 from .federation import Federation, prepare
-from .inprocess import client_round
+from .inprocess import InProcessRuntime, client_round
 from .meter import DOWN, UP, PeakMemory
+from .runner import opening_rounds
 from .runs import own_folder
 from .seeds import client_seed
 from .server import BodyServer
@@ -73,9 +78,6 @@ class AuditOptions:
         if config.method in ("fl", "fl-prompt"):
             raise ConfigError(f"--method {config.method} sends no activations or gradients, only whole-model or "
                               "prompt uploads; the audit attacks the split methods (sfprompt, sfl, sl)")
-        if config.prompt_updates == "forward-only":
-            raise ConfigError("the audit's attacks read forwards and backwards; a --prompt-updates forward-only run "
-                              "sends evaluates, which it does not attack yet (what they reveal is not measured)")
 
 
 class _Wiretap(InProcessLink):
@@ -93,9 +95,22 @@ class _Wiretap(InProcessLink):
 
 
 class _WitnessedClient(Client):
-    """A client whose split-training batches are noted (positions, labels, images): the ground truth."""
+    """A client whose split-training batches are noted (positions, labels, images), and the tail each forward-only
+    step computed its losses with and the labels it took them at: the ground truth."""
 
     batches: list[list[torch.Tensor]]
+    tails: list[dict[str, torch.Tensor]]
+    shown: list[torch.Tensor]
+
+    def _forward_only_step(self, ctx, *args):
+        self.tails.append({name: t.detach().cpu().clone() for name, t in ctx.params.tail.state_dict().items()})
+        return super()._forward_only_step(ctx, *args)
+
+    def _shown_labels(self, labels, positions, memory):
+        shown = super()._shown_labels(labels, positions, memory)
+        if self.settings.prompt_updates == "forward-only":  # one a step, beside its tail
+            self.shown.append(shown.detach().cpu())
+        return shown
 
     def _loader(self, data, ctx, shuffle=True):
         for batch in super()._loader(data, ctx, shuffle):
@@ -105,12 +120,24 @@ class _WitnessedClient(Client):
 
 
 @dataclass
+class Evaluated:
+    """One `evaluate` as the server received it, with what it returned, and the tail the client's losses used."""
+
+    prompts: torch.Tensor  # (P, D): the prompts as they were sent
+    seed: int  # of the directions
+    rows: torch.Tensor  # (S, B, R, D): the rows of every prompt set
+    tail: dict[str, torch.Tensor]  # the ground truth (an upper bound on what the server knows)
+    shown: torch.Tensor  # (B,): the labels its losses were taken at (the true ones, or --label-epsilon's)
+
+
+@dataclass
 class Witnessed:
     """A victim's round as the server saw it, with the ground truth beside it."""
 
     tokens: torch.Tensor  # (S, L, D): every forward's activations, one row per send
     rows: torch.Tensor  # (S, R, D): the body output the server returned for each send
     grads: torch.Tensor  # (S, R, D): the backward gradient received for each send (empty: linear-probe sends none)
+    evaluates: list[Evaluated]  # forward-only's steps, in order (empty: the other methods send none)
     positions: torch.Tensor  # (S,): which of the victim's samples each send was (never shown to the attacks)
     labels: torch.Tensor  # (S,)
     images: dict[int, torch.Tensor]  # position -> the model input it came from
@@ -122,14 +149,15 @@ def witness(fed: Federation, global_params: torch.nn.Module, victim: int, kept: 
     original = fed.clients[victim]
     client = _WitnessedClient(victim, original.data.dataset, np.asarray(original.data.indices), original.model,
                               fed.settings, fed.meter, fed.device, original.private_seed, fed.config.seed)
-    client.batches = []
+    client.batches, client.tails, client.shown = [], [], []
     if kept is not None:  # what it kept from the run, but its probe statistics: the audit attacks the send behind them
         client.load_state_dict({name: t for name, t in kept.items() if not name.startswith("probe.")})
     server = BodyServer(fed.model, fed.meter, fed.device)
     link = _Wiretap(server, fed.meter, fed.device)
     upload = client_round(link, client, fed.method, global_params, client_seed(fed.config.seed, 1, victim))
     fed.meter.take()
-    forwards = [(request, reply) for request, reply in link.exchanges if request.kind in ("forward", "features")]
+    forwards = [(request, reply) for request, reply in link.exchanges
+                if request.kind in ("forward", "features", "evaluate")]
     backwards = [request for request, _ in link.exchanges if request.kind == "backward"]
     images = {}
     for batch in client.batches:
@@ -139,10 +167,16 @@ def witness(fed: Federation, global_params: torch.nn.Module, victim: int, kept: 
     model = original.model  # what the server decodes, in the victim's wire format
     messages = model.messages
     tokens = [messages.unpack_tokens(request.tensors) for request, _ in forwards]
-    rows = [messages.unpack_rows(reply.tensors, len(t)) for t, (_, reply) in zip(tokens, forwards)]
-    grads = [messages.unpack_grad(request.tensors, tuple(r.shape)) for r, request in zip(rows, backwards)]
-    return Witnessed(cat(tokens), cat(rows), cat(grads) if grads else torch.empty(0), cat([b[2] for b in client.batches]),
-                     cat([b[1] for b in client.batches]), images, upload)
+    sets = messages.perturbations.sets if messages.perturbations is not None else 1
+    rows = [messages.unpack_rows(reply.tensors, len(t) * (sets if request.kind == "evaluate" else 1))
+            .view(-1, len(t), *messages.tail_shape) for t, (request, reply) in zip(tokens, forwards)]  # (sets, B, R, D)
+    grads = [messages.unpack_grad(request.tensors, tuple(r.shape[1:])) for r, request in zip(rows, backwards)]
+    evaluated = [(t, r, request.meta["directions-seed"])
+                 for t, r, (request, _) in zip(tokens, rows, forwards) if request.kind == "evaluate"]
+    evaluates = [Evaluated(t[0, messages.layout.prompt_rows], seed, r, tail, shown)
+                 for (t, r, seed), tail, shown in zip(evaluated, client.tails, client.shown, strict=True)]
+    return Witnessed(cat(tokens), cat([r[0] for r in rows]), cat(grads) if grads else torch.empty(0),
+                     evaluates, cat([b[2] for b in client.batches]), cat([b[1] for b in client.batches]), images, upload)
 
 
 def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = None, progress: bool = True,
@@ -153,9 +187,11 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     options.check(config)
     config = own_folder(config, "audit")
     fed = prepare(config)
-    global_params, kept = _trained(fed, from_dir, options.victim)
-    log(f"audit of {config.method} ({fed.description}): client {options.victim}'s messages, "
-        f"{'params of ' + str(from_dir) if from_dir else 'initial params'}")
+    opening = config.probe_rounds
+    params = (f"params of {from_dir}" if from_dir else
+              f"params after its {opening} probe round{'s' * (opening > 1)}" if opening else "initial params")
+    log(f"audit of {config.method} ({fed.description}): client {options.victim}'s messages, {params}")
+    global_params, kept = _trained(fed, from_dir, options.victim, log)
     seen = witness(fed, global_params, options.victim, kept)
     fed.model.to(torch.device("cpu"))
 
@@ -189,14 +225,14 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     scores, reconstruction = _scored(reconstructions, originals, candidates)
     reconstruction |= {name: {"skipped": why} for name, why in skipped.items()}
 
-    label_accuracy, samples_sent = _label_accuracy(upload, seen, fed.model.num_classes, defence)
+    label_accuracy, samples_sent = _label_accuracy(fed, options.victim, global_params.cpu(), upload, seen)
 
     per_sample = releases(config)
     epsilon = activation_epsilon(defence.noise_multiplier, per_sample, config.dp_delta)
     result = {
         "config": config.to_dict(),
         "audit": asdict(options),
-        "params": str(from_dir) if from_dir else "initial",
+        "params": str(from_dir) if from_dir else params,
         "victim_client_blocks": fed.clients[options.victim].model.client_blocks,  # its split point
         "images_attacked": len(chosen),
         "sends_per_image": sends,
@@ -223,14 +259,14 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     return result
 
 
-def _trained(fed: Federation, from_dir: Path | None, victim: int) -> tuple[torch.nn.Module, dict | None]:
-    """The global parameters the victim's round starts from (a finished run's, from `from_dir`, else the initial
-    ones) and what the victim kept privately in that run (`Client.state_dict`), if it checkpointed it. The
-    attacked round is one of the method's own, after any probe rounds it opens with (their sends are the
-    probe's: `--method linear-probe` audits those)."""
-    global_params = fed.method.new_params(fed.model).to(fed.device)
+def _trained(fed: Federation, from_dir: Path | None, victim: int,
+             log: Callable[[str], None]) -> tuple[torch.nn.Module, dict | None]:
+    """The global parameters the victim's round starts from (a finished run's, from `from_dir`, else those its
+    method's own rounds start from: after the probe rounds it opens with, played here) and what the victim kept
+    privately in that run (`Client.state_dict`), if it checkpointed it. The attacked round is one of the method's
+    own (the probe rounds' sends are the probe's: `--method linear-probe` audits those)."""
     if from_dir is None:
-        return global_params, None
+        return opening_rounds(fed, InProcessRuntime(fed, progress=False), log), None
     with safe_open(str(from_dir / "global.safetensors"), "pt") as file:
         saved = {name: file.get_tensor(name) for name in file.keys() if not name.startswith("body.")}
         round_ = int((file.metadata() or {}).get("round", fed.config.rounds))
@@ -282,21 +318,85 @@ def _scored(reconstructions: dict[str, torch.Tensor], originals: torch.Tensor,
     return scores, {name: _summary(s) for name, s in scores.items()} | {"best": _summary(best)}
 
 
-def _label_accuracy(upload: torch.nn.Module, seen: Witnessed, num_classes: int,
-                    defence: Defence) -> tuple[dict[str, float], int]:
+def _label_accuracy(fed: Federation, victim: int, broadcast: torch.nn.Module, upload: torch.nn.Module,
+                    seen: Witnessed) -> tuple[dict[str, float], int]:
     """How often each label attack names the true label of a sample the victim sent, the best attack's advantage
-    over guessing without the messages, and how many samples it sent. Without gradients (linear-probe), the
-    attack reads the victim's uploaded statistics instead."""
-    if len(seen.grads):
+    over guessing without the messages, and how many samples it sent. Without gradients, the attack reads the
+    forward-only prompt trajectory, or a linear-probe client's uploaded statistics."""
+    num_classes, defence, figures = fed.model.num_classes, fed.model.defence, {}
+    truth = torch.stack([seen.labels[seen.positions == p][0] for p in seen.positions.unique()])
+    if seen.evaluates:
+        guesses, figures = _trajectory_labels(fed, victim, broadcast, upload, seen, truth)
+    elif len(seen.grads):
         guesses = attacks.label_attacks(upload.tail, seen.rows, seen.grads, seen.positions, num_classes,
                                         defence.keep_probability(num_classes))
     else:
         guesses = attacks.statistics_label_attacks(upload, seen.rows, seen.positions, seen.upload.meta["num_examples"])
-    truth = torch.stack([seen.labels[seen.positions == p][0] for p in seen.positions.unique()])
     accuracy = {name: float((guess == truth).float().mean()) for name, guess in guesses.items()}
-    accuracy["best_attack"] = max(value for name, value in accuracy.items() if name != "label_free")
+    accuracy["best_attack"] = max((value for name, value in accuracy.items() if name != "label_free"),
+                                  default=accuracy["label_free"])  # no attack applies: the guess without one
     accuracy["advantage"] = accuracy["best_attack"] - accuracy["label_free"]
-    return accuracy, len(truth)
+    return accuracy | figures, len(truth)
+
+
+def _trajectory_labels(fed: Federation, victim: int, broadcast: torch.nn.Module, upload: torch.nn.Module,
+                       seen: Witnessed, truth: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+    """Forward-only's label attacks (`trajectory`): the label-free guess; the labels that explain the coefficients
+    read from the prompt trajectory, with the losses of the tail each step used (`trajectory`: an upper bound) and
+    of the tail the server broadcast (`trajectory_broadcast_tail`); and, step by step, what one step alone adds to
+    the label-free guess of its batch. Under --label-epsilon the steps explain the randomized labels, so the attack
+    infers those (their prior: the label-free guess through randomized response) and then, as a Bayesian attacker
+    who knows the rate, each true label from its randomized one and the label-free guess."""
+    config, model, classes = fed.config, fed.clients[victim].model, fed.model.num_classes
+    ids, inverse = seen.positions.unique(return_inverse=True)
+    with torch.no_grad():
+        prior = torch.zeros(len(ids), classes).index_add_(0, inverse, upload.tail(seen.rows).log_softmax(dim=1))
+    guesses = {"label_free": prior.argmax(dim=1)}
+    optimizer = trajectory.PromptOptimizer(config.optimizer, config.prompt_lr, config.momentum, config.weight_decay,
+                                           config.proximal_mu)
+    why_not = optimizer.why_not_invertible()
+    if why_not or len(seen.evaluates) < 2:
+        return guesses, {"trajectory_skipped": why_not or "fewer than two steps: no step's result is seen"}
+    perturbations, evaluates = model.perturbations, seen.evaluates
+    directions = [perturbations.draw(e.seed, e.prompts.shape) for e in evaluates]
+    coefficients = trajectory.step_coefficients([e.prompts for e in evaluates], directions, optimizer)
+    unit = perturbations.directions * perturbations.size * (2 if perturbations.estimator == "antithetic" else 1)
+    batches = inverse.split([e.rows.shape[1] for e in evaluates])  # each step's samples, as ids
+
+    def steps(tail_of) -> list[trajectory.Step]:  # the steps whose result the next evaluate shows
+        return [trajectory.Step(ids_, trajectory.loss_differences(tail_of(e), e.rows, classes, perturbations.estimator),
+                                c * unit * len(ids_))
+                for e, ids_, c in zip(evaluates, batches, coefficients)]
+
+    def stepped_tail(e: Evaluated) -> torch.nn.Module:
+        tail = copy.deepcopy(upload.tail)
+        tail.load_state_dict(e.tail)
+        return tail
+
+    keep = fed.model.defence.keep_probability(classes)
+    posterior = prior.log_softmax(dim=1)
+    other = math.log((1 - keep) / max(classes - 1, 1)) if keep < 1 else -math.inf
+    shown_prior = torch.logaddexp(posterior + math.log(keep), torch.log1p(-posterior.exp().clamp_max(1)) + other)
+
+    def true_labels(shown: torch.Tensor) -> torch.Tensor:  # the randomized labels' evidence beside the guess
+        if keep == 1:
+            return shown
+        likelihood = torch.where(F.one_hot(shown, classes).bool(), torch.tensor(keep), torch.tensor(math.exp(other)))
+        return (posterior + likelihood.log()).argmax(dim=1)
+
+    known = 1.0 if optimizer.kind == "sgd" else None  # SGD's steps give the coefficients, Adam's up to a factor
+    exact = steps(stepped_tail)
+    shown, factor = trajectory.infer_labels(exact, shown_prior, known)
+    guesses["trajectory"] = true_labels(shown)
+    guesses["trajectory_broadcast_tail"] = true_labels(
+        trajectory.infer_labels(steps(lambda _: broadcast.tail), shown_prior, known)[0])
+    one_step = [(true_labels(trajectory.infer_labels([s], shown_prior, factor)[0])[s.samples] == truth[s.samples])
+                .double().mean() for s in exact]
+    label_free = [(prior.argmax(dim=1)[s.samples] == truth[s.samples]).double().mean() for s in exact]
+    shown_truth = torch.zeros_like(truth).index_put_((inverse,), torch.cat([e.shown for e in evaluates]))
+    return guesses, {"steps_read": len(exact), "unexplained_at_truth": trajectory.unexplained(exact, shown_truth, known),
+                     "one_step": {"label_free": float(torch.stack(label_free).mean()),
+                                  "trajectory": float(torch.stack(one_step).mean())}}
 
 
 def summary_line(result: dict) -> str:

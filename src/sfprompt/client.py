@@ -343,7 +343,9 @@ class Client:
         (from the client's private generator) of the random directions along which the body server evaluates
         perturbed copies of the prompts (`zeroth_order`). The tail steps first order on the rows of the prompts
         as they are; the prompts step by the estimate the client's own loss differences give: the labels and
-        the losses stay on the client."""
+        the losses stay on the client. The server can read the loss differences back from the prompts' steps
+        (`trajectory`), so with --label-epsilon they are taken at the randomized-response labels, as backprop's
+        gradients are: the prompts then depend on the true labels only through those."""
         params, memory = ctx.params, ctx.memory
         prompts, messages, perturbations = params.prompts, self.model.messages, self.model.perturbations
         with self.meter.work(CLIENT, "split", memory), torch.no_grad():
@@ -356,10 +358,12 @@ class Client:
         rows = messages.unpack_rows(_expect(reply, "body_output"), perturbations.sets * len(tokens))
         memory.hold(rows)
         rows = rows.view(perturbations.sets, len(tokens), *rows.shape[1:])  # (S, B, R, D)
+        shown = self._shown_labels(labels, positions, memory)  # the labels the prompts' steps are taken at
         with self.meter.work(CLIENT, "split", memory):
             loss, _ = self._tail_step(params.tail, rows[0], labels, labels, optimizer)  # the tail: first order
             with torch.no_grad():
-                set_losses = torch.stack([loss.detach()] + [F.cross_entropy(params.tail(r), labels) for r in rows[1:]])
+                base = loss.detach() if shown is labels else F.cross_entropy(params.tail(rows[0]), shown)
+                set_losses = torch.stack([base] + [F.cross_entropy(params.tail(r), shown) for r in rows[1:]])
                 prompts.grad = zeroth_order.gradient(set_losses, directions, perturbations.size,
                                                      perturbations.estimator)[None]
             self._step(ctx, optimizer)

@@ -179,8 +179,8 @@ class Config:
     )
     dp_delta: float = _opt(1e-5, "delta of the (epsilon, delta) reported for --noise-multiplier")
     label_epsilon: Optional[float] = _opt(
-        None, "label-DP epsilon: the prompts' gradients are computed at randomized-response labels, drawn once "
-        "per sample (omit to send gradients of the true labels)"
+        None, "label-DP epsilon: the prompts' gradients (with forward-only, their loss differences) are computed at "
+        "randomized-response labels, drawn once per sample (omit to use the true labels)"
     )
     # optimisation
     batch_size: int = _opt(32, "mini-batch size of every client phase")
@@ -311,9 +311,6 @@ class Config:
         if self.shared_rows != "once":
             raise ConfigError("--prompt-updates forward-only has the body server perturb the prompts in the rows every "
                               "image shares, sent once a batch: it needs --shared-rows once")
-        if self.label_epsilon is not None:
-            raise ConfigError("--label-epsilon randomizes the labels behind the gradients a client sends; with "
-                              "--prompt-updates forward-only it sends none")
         if self.precision != "fp32" or self.wire_dtype != "float32":
             raise ConfigError("--prompt-updates forward-only steps the prompts by loss differences of the order of "
                               "--perturbation, which a body or wire format that rounds (bf16, fp16, int8) may drown; "

@@ -143,9 +143,12 @@ def privacy_notice(config) -> str:
     if config.method == "linear-probe":
         labels = "no message depends on a sample's label, but each client's statistics show its label counts"
     elif config.prompt_updates == "forward-only":
-        labels = ("no gradient is sent (forward-only), but each prompt step moves along a direction the server saw, by "
-                  "amounts the batch's labels shape, and each client uploads a tail trained on its true labels: what "
-                  "they reveal is not measured yet")
+        steps = ("taken at randomized-response labels (--label-epsilon), so they depend on the true ones only through "
+                 "those and the tail trained on them" if config.label_epsilon is not None else
+                 "taken at the true labels: from them the audit's attack names almost every label the server's own "
+                 "guess gets wrong")
+        labels = ("no gradient is sent (forward-only), but the server reads each prompt step's loss differences back "
+                  f"from the prompts it receives, {steps}; each client uploads a tail trained on its true labels")
     elif config.label_epsilon is None:
         labels = "the backward gradients give the server every label"
     else:

@@ -145,6 +145,22 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     return summary
 
 
+def opening_rounds(fed: Federation, executor: Runtime, log: Callable[[str], None]) -> torch.nn.Module:
+    """The global params the method's own rounds start from: after the probe rounds it opens with (none: its initial
+    ones), played as `run` plays them (the same clients sampled, the same seeds)."""
+    config, method = fed.config, fed.method
+    global_params = method.stage(1, config).new_params(fed.model).to(fed.device)
+    sampler = np.random.default_rng(config.seed)
+    aggregator = make_aggregator(config.aggregator, config.server_lr, config.server_momentum, config.proximal_mu)
+    round_ = 1
+    while (stage := method.stage(round_, config)) is not method:
+        sampled = sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
+        record = _round(fed, stage, executor, round_, sampled, global_params, aggregator, log)
+        log(f"round {round_} ({stage.name}): accuracy {record['accuracy']:.4f}")
+        round_ += 1
+    return global_params if round_ == 1 else method.carry(fed.model, global_params)
+
+
 def _round(fed: Federation, method: Method, executor: Runtime, round_: int, sampled: list[int],
            global_params: torch.nn.Module, aggregator: FedAvg, log: Callable[[str], None]) -> dict:
     """One round of `method` (the run's, or a stage it opens with): the sampled clients train, their valid

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# What forward-only prompt updates still tell a curious server about the labels, on the headline setting (the
+# default job with 50 prompts: mnist-5k, ViT-S/14 at 56 px, 10 clients, 5 a round, IID), against backprop's
+# gradients, and with randomized-response labels (--label-epsilon): for each row and seed, `sfprompt audit`, which
+# plays the probe round that opens the default recipe and attacks client 0's first round of prompt updates after
+# it (the probe-fitted tail, the initial prompts); then docs/benchmarks/forward-only-audit.md. The audit's image
+# attacks run at a reduced size (AUDIT_SIZE): forward-only sends the same activations as backprop, attacked in
+# docs/privacy.md.
+#
+#   bash benchmarks/forward_only_audit.sh          # about 1.5 hours on two CPU cores
+#   ROWS="forward-only-4" SEEDS=0 bash benchmarks/forward_only_audit.sh
+#
+# A finished audit is not redone. SIZE appends options to every audit and DOC names the document written (a test
+# runs it at a tiny size).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benchmarks/lib.sh
+OUT=${OUT:-results/forward-only-audit}
+SEEDS=${SEEDS:-0 1 2}
+ROWS=${ROWS:-backprop forward-only-1 forward-only-4 forward-only-16 forward-only-4-label-epsilon-1 forward-only-4-label-epsilon-3}
+DOC=${DOC:-docs/benchmarks/forward-only-audit.md}
+read -r -a size <<< "${SIZE:-}"
+read -r -a audit_size <<< "${AUDIT_SIZE:---images 20 --aux-samples 1000 --gallery 20 --steps 100 --inversion-epochs 10}"
+
+# A row: backprop or forward-only-K (K directions), either with -label-epsilon-E (--label-epsilon E) after it.
+options() {
+  local row=${1%-label-epsilon-*} labels=""
+  [ "$row" = "$1" ] || labels="--label-epsilon ${1##*-label-epsilon-}"
+  case "$row" in
+    backprop) echo "--prompt-updates backprop $labels" ;;
+    forward-only-*) echo "--prompt-updates forward-only --directions ${row#forward-only-} $labels" ;;
+    *) echo "unknown row $1" >&2; exit 2 ;;
+  esac
+}
+
+for row in $ROWS; do options "$row" > /dev/null; done
+for seed in $SEEDS; do
+  for row in $ROWS; do
+    audit="$OUT/$row/seed-$seed"
+    if [ -f "$audit/audit.json" ]; then echo "$audit: done before"; continue; fi
+    echo "$audit ..."
+    mkdir -p "$OUT/$row"
+    # shellcheck disable=SC2046  # the options are words
+    sfprompt audit --prompt-tokens 50 $(options "$row") --seed "$seed" --no-progress "${size[@]}" "${audit_size[@]}" \
+      --out "$audit" > "$audit.log" 2>&1 || { echo "$audit failed: see $audit.log" >&2; exit 1; }
+  done
+done
+{
+  echo "$(command_header forward_only_audit) The headline setting (\`--prompt-tokens 50\`), client 0's first round of"
+  echo "prompt updates after the probe round, attacked by \`sfprompt audit\`; each figure the share of the labels of"
+  echo "the samples it sent that an attack names, mean ± standard deviation over the seeds (each its own partition,"
+  echo "prompts and client 0)."
+  echo
+  python benchmarks/forward_only_audit_table.py "$OUT" $ROWS
+} > "$DOC"
+cat "$DOC"
