@@ -16,29 +16,38 @@ COLUMNS = {  # audit.json's labels -> the column
     "trajectory": "trajectory, each step's tail",
     "trajectory_broadcast_tail": "trajectory, broadcast tail",
     "advantage": "best attack - label-free",
-    "corrected": "label-free errors corrected",  # (best attack - label-free) / (1 - label-free)
 }
+
+
+def corrected(audits: list[dict], attack: str) -> str:
+    """How many of the label-free guess's wrong labels `attack` names right, pooled over the seeds (a seed whose
+    guess is nearly always right has too few for a share of its own)."""
+    if not all(attack in audit for audit in audits):
+        return ""
+    wrong = sum(round((1 - audit["label_free"]) * audit["samples"]) for audit in audits)
+    right = sum(round((audit[attack] - audit["label_free"]) * audit["samples"]) for audit in audits)
+    return f"{right} of {wrong}" + (f" ({right / wrong:.0%})" if wrong else "")
 
 
 def main(out: Path, rows: list[str]) -> None:
     print("| row | seeds | samples sent | steps read | " + " | ".join(COLUMNS.values())
+          + " | guess's errors corrected, best attack | the same, broadcast tail"
           + " | one step: label-free | one step: trajectory |")
-    print("|---" * (len(COLUMNS) + 6) + "|")
+    print("|---" * (len(COLUMNS) + 8) + "|")
     for name in rows:
         audits = [json.loads(p.read_text())["labels"] for p in sorted((out / name).glob("seed-*/audit.json"))]
         if not audits:
             continue
-        for audit in audits:  # what share of the guess's errors the messages put right (none when it made none)
-            wrong = 1 - audit["label_free"]
-            audit["corrected"] = (audit["best_attack"] - audit["label_free"]) / wrong if wrong > 0 else None
+
         def cell(get, digits: int = 3) -> str:  # the seeds' mean and spread, blank where no audit has the figure
             values = [value for audit in audits if (value := get(audit)) is not None]
             return spread(values, digits) if values else ""
 
         cells = [cell(lambda a, key=key: a.get(key)) for key in COLUMNS]
-        steps = [cell(lambda a, key=key: a.get("one_step", {}).get(key)) for key in ("label_free", "trajectory")]
+        cells += [corrected(audits, "best_attack"), corrected(audits, "trajectory_broadcast_tail")]
+        cells += [cell(lambda a, key=key: a.get("one_step", {}).get(key)) for key in ("label_free", "trajectory")]
         print(f"| {name} | {len(audits)} | {cell(lambda a: a['samples'], 0)} | {cell(lambda a: a.get('steps_read'), 0)} | "
-              + " | ".join(cells + steps) + " |")
+              + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,33 @@ def test_a_forward_only_round_is_attacked_through_its_prompt_trajectory(gray, tm
         assert "weight decay" in skipped["trajectory_skipped"] and skipped["best_attack"] == skipped["label_free"]
 
 
+def test_an_audit_starts_where_a_runs_own_rounds_start_after_its_probe_round(gray, tmp_path):
+    """Without --from, the audit attacks a round after the probe round the default recipe opens with, played as a run
+    plays it (not a round from a random tail that no run makes); a probe round --eval-every skips is fine."""
+    from safetensors.torch import load_file
+
+    from sfprompt.audit import _trained
+    from sfprompt.federation import prepare
+
+    config = audit_config(gray, tmp_path, rounds=2, eval_every=2)
+    assert config.probe_rounds == 1
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_the_probe_round(line: str) -> None:
+        if line.startswith("round 1/2"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(config.replace(out=str(tmp_path / "run")), progress=False, log=stop_after_the_probe_round)
+    fed = prepare(config.replace(out=str(tmp_path / "audit")))
+    played = _trained(fed, None, 0, lambda _: None)[0].state_dict()  # what the audit's victim starts from
+    saved = load_file(str(tmp_path / "run" / "global.safetensors"))
+    assert torch.equal(played["tail.head.weight"], saved["tail.head.weight"])
+    assert not torch.equal(played["tail.head.weight"], fed.method.new_params(fed.model).state_dict()["tail.head.weight"])
+
+
 def test_an_audit_with_very_few_auxiliary_images_runs(gray, tmp_path):
     options = AuditOptions(images=2, aux_samples=3, gallery=2, steps=2, inversion_epochs=1)
     result = run_audit(audit_config(gray, tmp_path), options, progress=False, log=lambda _: None)

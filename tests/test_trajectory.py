@@ -7,14 +7,18 @@ import torch
 from sfprompt.trajectory import PromptOptimizer, Step, infer_labels, step_coefficients, unexplained
 
 
-def trajectory(optimizer: torch.optim.Optimizer, prompts: torch.nn.Parameter, steps: int, directions: int):
-    """Prompts stepped by estimates sum_k a_k z_k of known coefficients, as a forward-only client steps them."""
+def trajectory(optimizer: torch.optim.Optimizer, prompts: torch.nn.Parameter, steps: int, directions: int,
+               proximal_mu: float = 0.0, anchor: torch.Tensor | None = None):
+    """Prompts stepped by estimates sum_k a_k z_k of known coefficients, as a forward-only client steps them (with
+    FedProx's term mu (p - anchor) added, as `Client._step` adds it)."""
     generator = torch.Generator().manual_seed(1)
     sent, drawn, truth = [prompts.detach().clone()], [], []
     for t in range(steps):
         z = torch.randn(directions, *prompts.shape, generator=generator)
         a = torch.randn(directions, generator=generator) * 0.01 * (1 + t % 3)
         prompts.grad = torch.einsum("k,kpd->pd", a, z)
+        if proximal_mu:
+            prompts.grad += proximal_mu * (prompts.detach() - anchor)
         optimizer.step()
         sent.append(prompts.detach().clone())
         drawn.append(z)
@@ -29,6 +33,13 @@ def test_sgd_steps_give_the_coefficients_and_adam_steps_give_them_up_to_one_fact
     assert torch.allclose(read, truth, rtol=1e-4, atol=1e-8)
     with pytest.raises(AssertionError):  # the momentum matters: read without it, the steps are wrong
         assert torch.allclose(step_coefficients(sent, drawn, PromptOptimizer("sgd", 0.1)), truth, rtol=1e-2)
+
+    anchor = torch.zeros(10, 64)  # the broadcast prompts FedProx pulls towards, not the first ones sent
+    prompts = torch.nn.Parameter(torch.randn(10, 64, generator=torch.Generator().manual_seed(0)) * 0.1)
+    sent, drawn, truth = trajectory(torch.optim.SGD([prompts], lr=0.1, momentum=0.9, weight_decay=0.01), prompts, 8, 4,
+                                    proximal_mu=0.5, anchor=anchor)
+    read = step_coefficients(sent, drawn, PromptOptimizer("sgd", 0.1, 0.9, 0.01, 0.5), anchor=anchor)
+    assert torch.allclose(read, truth, rtol=1e-4, atol=1e-8)
 
     prompts = torch.nn.Parameter(torch.randn(10, 64, generator=torch.Generator().manual_seed(0)) * 0.1)
     sent, drawn, truth = trajectory(torch.optim.Adam([prompts], lr=3e-4), prompts, 8, 4)

@@ -344,9 +344,11 @@ def _trajectory_labels(fed: Federation, victim: int, broadcast: torch.nn.Module,
     """Forward-only's label attacks (`trajectory`): the label-free guess; the labels that explain the coefficients
     read from the prompt trajectory, with the losses of the tail each step used (`trajectory`: an upper bound) and
     of the tail the server broadcast (`trajectory_broadcast_tail`); and, step by step, what one step alone adds to
-    the label-free guess of its batch. Under --label-epsilon the steps explain the randomized labels, so the attack
-    infers those (their prior: the label-free guess through randomized response) and then, as a Bayesian attacker
-    who knows the rate, each true label from its randomized one and the label-free guess."""
+    the label-free guess of its batch (under Adam with the factor all steps gave). Under --label-epsilon the steps
+    explain the randomized labels, so the attack infers those (their prior: the label-free guess through randomized
+    response) and then, as a Bayesian attacker who knows the rate, each true label from its randomized one and the
+    label-free guess. `unexplained_at_truth` checks the attack's model of the steps: its residual at the labels the
+    client's losses were taken at (the true ones, or the randomized ones)."""
     config, model, classes = fed.config, fed.clients[victim].model, fed.model.num_classes
     ids, inverse = seen.positions.unique(return_inverse=True)
     with torch.no_grad():
@@ -359,9 +361,14 @@ def _trajectory_labels(fed: Federation, victim: int, broadcast: torch.nn.Module,
         return guesses, {"trajectory_skipped": why_not or "fewer than two steps: no step's result is seen"}
     perturbations, evaluates = model.perturbations, seen.evaluates
     directions = [perturbations.draw(e.seed, e.prompts.shape) for e in evaluates]
-    coefficients = trajectory.step_coefficients([e.prompts for e in evaluates], directions, optimizer)
+    coefficients = trajectory.step_coefficients([e.prompts for e in evaluates], directions, optimizer,
+                                                anchor=broadcast.prompts.detach().reshape(evaluates[0].prompts.shape))
     unit = perturbations.directions * perturbations.size * (2 if perturbations.estimator == "antithetic" else 1)
-    batches = inverse.split([e.rows.shape[1] for e in evaluates])  # each step's samples, as ids
+    sizes = [e.rows.shape[1] for e in evaluates]
+    if sum(sizes) != len(seen.positions):
+        raise AssertionError(f"the victim's split batches ({len(seen.positions)} samples) are not its evaluates' "
+                             f"({sum(sizes)}): the audit would pair steps with the wrong samples")
+    batches = inverse.split(sizes)  # each step's samples, as ids
 
     def steps(tail_of) -> list[trajectory.Step]:  # the steps whose result the next evaluate shows
         return [trajectory.Step(ids_, trajectory.loss_differences(tail_of(e), e.rows, classes, perturbations.estimator),
@@ -376,7 +383,7 @@ def _trajectory_labels(fed: Federation, victim: int, broadcast: torch.nn.Module,
     keep = fed.model.defence.keep_probability(classes)
     posterior = prior.log_softmax(dim=1)
     other = math.log((1 - keep) / max(classes - 1, 1)) if keep < 1 else -math.inf
-    shown_prior = torch.logaddexp(posterior + math.log(keep), torch.log1p(-posterior.exp().clamp_max(1)) + other)
+    shown_prior = torch.logaddexp(posterior + math.log(keep), torch.log(-torch.expm1(posterior)) + other)
 
     def true_labels(shown: torch.Tensor) -> torch.Tensor:  # the randomized labels' evidence beside the guess
         if keep == 1:

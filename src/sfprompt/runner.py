@@ -110,10 +110,9 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     with open(out / "metrics.jsonl", "a") as metrics_file, contextlib.closing(tracker):
         for round_ in range(len(history) + 1, config.rounds + 1):
             stage = method.stage(round_, config)  # the method, or the probe rounds it opens with
-            if round_ > 1 and type(stage) is not type(method.stage(round_ - 1, config)):
+            if _stage_changes(method, round_, config):
                 global_params = stage.carry(fed.model, global_params)
-            sampled = sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
-            record = _round(fed, stage, executor, round_, sampled, global_params, aggregator, log)
+            record = _round(fed, stage, executor, round_, _sampled(sampler, config), global_params, aggregator, log)
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -147,18 +146,29 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
 
 def opening_rounds(fed: Federation, executor: Runtime, log: Callable[[str], None]) -> torch.nn.Module:
     """The global params the method's own rounds start from: after the probe rounds it opens with (none: its initial
-    ones), played as `run` plays them (the same clients sampled, the same seeds)."""
+    ones), played as `run` plays them (the same clients sampled, the same seeds, the same carry)."""
     config, method = fed.config, fed.method
     global_params = method.stage(1, config).new_params(fed.model).to(fed.device)
     sampler = np.random.default_rng(config.seed)
     aggregator = make_aggregator(config.aggregator, config.server_lr, config.server_momentum, config.proximal_mu)
-    round_ = 1
-    while (stage := method.stage(round_, config)) is not method:
-        sampled = sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
-        record = _round(fed, stage, executor, round_, sampled, global_params, aggregator, log)
-        log(f"round {round_} ({stage.name}): accuracy {record['accuracy']:.4f}")
-        round_ += 1
-    return global_params if round_ == 1 else method.carry(fed.model, global_params)
+    first_own = next((r for r in range(2, config.rounds + 1) if _stage_changes(method, r, config)), 1)
+    for round_ in range(1, first_own):  # the probe rounds
+        stage = method.stage(round_, config)
+        record = _round(fed, stage, executor, round_, _sampled(sampler, config), global_params, aggregator, log)
+        log(f"round {round_} ({stage.name}) played" + ("" if record["accuracy"] is None
+                                                        else f": accuracy {record['accuracy']:.4f}"))
+    return global_params if first_own == 1 else method.stage(first_own, config).carry(fed.model, global_params)
+
+
+def _stage_changes(method: Method, round_: int, config: Config) -> bool:
+    """Whether `round_` opens a stage other than the previous round's (the method's own rounds after its probe
+    rounds), so that the global params are carried into the new stage's."""
+    return round_ > 1 and type(method.stage(round_, config)) is not type(method.stage(round_ - 1, config))
+
+
+def _sampled(sampler: np.random.Generator, config: Config) -> list[int]:
+    """A round's clients, drawn as every run draws them."""
+    return sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
 
 
 def _round(fed: Federation, method: Method, executor: Runtime, round_: int, sampled: list[int],

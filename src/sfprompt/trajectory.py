@@ -12,8 +12,8 @@ L(p - eps z_k)) / (2 eps K) (antithetic; one-sided: against L(p)): numbers the l
    their size relative to the earlier ones).
 2. `infer_labels` finds the labels whose loss differences on the rows the server returned (it computed
    every set's rows) explain the recovered coefficients best, starting from the label-free guess and
-   weighing it as a prior (iterated conditional modes, the noise level and the unknown factor refitted
-   each sweep).
+   weighing it as a prior (one label change at a time; each step's noise level unknown, so a step the right
+   labels explain exactly counts for much; Adam's factor the one those steps agree on).
 
 The losses need the tail the client used at each step: the audit gives the attacker either that one (an
 upper bound: a server could only track it by replaying the tail's steps under its guesses) or the tail it
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which optim.build_optimizer keeps
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which optim.build_optimizer keeps (its eps, 1e-8, is
+# negligible beside the gradients: the attack leaves it out, which is what makes Adam's moves scale-free)
 
 
 @dataclass(frozen=True)
@@ -49,25 +50,27 @@ class PromptOptimizer:
         return None
 
 
-def step_coefficients(prompts: list[torch.Tensor], directions: list[torch.Tensor],
-                      optimizer: PromptOptimizer) -> torch.Tensor:
+def step_coefficients(prompts: list[torch.Tensor], directions: list[torch.Tensor], optimizer: PromptOptimizer,
+                      anchor: torch.Tensor | None = None) -> torch.Tensor:
     """The coefficients (T, K) of the gradient estimates behind T steps, from the T + 1 prompts (P, D) sent before
     and after them and each step's directions (K, P, D): exact for SGD; for Adam, all divided by one unknown
-    positive factor (the first step's coefficients have norm 1)."""
+    positive factor (the first step's coefficients have norm 1). `anchor`: the prompts FedProx's proximal term pulls
+    towards (the broadcast ones; default the first sent)."""
     if optimizer.why_not_invertible():
         raise ValueError(optimizer.why_not_invertible())
     moves = [(before - after).double().flatten() / optimizer.lr for before, after in zip(prompts, prompts[1:])]
     bases = [d.double().flatten(1) for d in directions[: len(moves)]]  # (K, N)
     if optimizer.kind == "sgd":
-        return _sgd_coefficients(moves, bases, [p.double().flatten() for p in prompts], optimizer)
+        anchor = (prompts[0] if anchor is None else anchor).double().flatten()
+        return _sgd_coefficients(moves, bases, [p.double().flatten() for p in prompts], anchor, optimizer)
     return _adam_coefficients(moves, bases)
 
 
-def _sgd_coefficients(moves, bases, prompts, optimizer: PromptOptimizer) -> torch.Tensor:
-    """torch's SGD: buffer_t = momentum buffer_(t-1) + g_t + wd p_t + mu (p_t - p_0), p_(t+1) = p_t - lr buffer_t."""
+def _sgd_coefficients(moves, bases, prompts, anchor, optimizer: PromptOptimizer) -> torch.Tensor:
+    """torch's SGD: buffer_t = momentum buffer_(t-1) + g_t + wd p_t + mu (p_t - anchor), p_(t+1) = p_t - lr buffer_t."""
     coefficients, previous = [], torch.zeros_like(moves[0])
     for move, basis, p in zip(moves, bases, prompts):
-        known = optimizer.weight_decay * p + optimizer.proximal_mu * (p - prompts[0])
+        known = optimizer.weight_decay * p + optimizer.proximal_mu * (p - anchor)
         gradient = move - optimizer.momentum * previous - known
         coefficients.append(torch.linalg.lstsq(basis.T, gradient[:, None]).solution[:, 0])
         previous = move
@@ -101,7 +104,7 @@ def _direction_from_signs(signs: torch.Tensor, basis: torch.Tensor) -> torch.Ten
     a = (basis @ signs)
     a = (a / a.norm()).clone().requires_grad_(True)
 
-    def loss():
+    def loss():  # a hinge made smooth, on margins in units of the estimate's spread (50: sharp, still smooth)
         z = a @ basis
         return F.softplus(-50 * signs * z / z.pow(2).mean().sqrt()).mean()
 
@@ -179,6 +182,7 @@ def infer_labels(steps: list[Step], prior: torch.Tensor, factor: float | None = 
     for _ in range(max_changes if max_changes is not None else 10 * len(prior)):
         sums = [s.differences[r, labels[s.samples]].sum(0) for s, r in zip(steps, rows)]  # (K,) each
         chosen = factor if factor is not None else _best_factor(sums, targets, half)
+        # below the float32 rounding of the client's losses (about 1e-7 of them), so it only keeps log finite
         floor = 1e-12 * float(torch.stack([(chosen * o).pow(2).sum() for o in targets]).mean()) + 1e-300
         cost = torch.zeros(prior.shape, dtype=torch.float64)  # the objective's change of each label change
         for s, r, x, o in zip(steps, rows, sums, targets):
@@ -196,7 +200,9 @@ def infer_labels(steps: list[Step], prior: torch.Tensor, factor: float | None = 
 
 
 def _best_factor(sums: list[torch.Tensor], targets: list[torch.Tensor], half: float) -> float:
-    """Of each step's least-squares factor and all steps' together, the one of least sum K/2 log |residual|^2."""
+    """Of each step's least-squares factor and all steps' together, the positive one of least sum K/2 log
+    |residual|^2 (Adam's factor is positive; if no candidate is, the labels explain nothing yet and the joint
+    least-squares one is returned as it is)."""
     candidates = [float((x * o).sum() / (o * o).sum().clamp_min(1e-300)) for x, o in zip(sums, targets)]
     candidates.append(float(sum((x * o).sum() for x, o in zip(sums, targets))
                             / sum((o * o).sum() for o in targets).clamp_min(1e-300)))
