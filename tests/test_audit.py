@@ -237,3 +237,21 @@ def test_each_samples_clipping_factor_is_recovered():
         found = _unclipping_scales(singular**2, basis, clean / truth[:, None] + noise, expected, noise_var,
                                    float(1e-9 * singular.pow(2).mean()), prior)
         assert found.min() >= 1 and ((found - truth) / truth).abs().max() < tolerance
+
+
+def test_with_randomized_labels_forward_only_prompts_step_on_them_and_the_tail_on_the_true_ones(gray, tmp_path):
+    """--label-epsilon changes the labels a forward-only client's prompt steps are taken at, never its tail's: the
+    first step moves the prompts differently, and leaves the tail as it leaves it without randomized labels."""
+    from sfprompt.audit import _trained, witness
+    from sfprompt.federation import prepare
+
+    seen = {}
+    for epsilon in (None, 0.0):
+        config = audit_config(gray, tmp_path, prompt_updates="forward-only", directions=2, perturbation=0.3,
+                              label_epsilon=epsilon, out=str(tmp_path / f"witness-{epsilon}"))
+        fed = prepare(config)
+        seen[epsilon] = witness(fed, _trained(fed, None, 0, lambda _: None)[0], 0, None).evaluates
+    true, randomized = seen[None], seen[0.0]
+    assert torch.equal(true[0].prompts, randomized[0].prompts) and not torch.equal(true[1].prompts, randomized[1].prompts)
+    assert all(torch.equal(true[1].tail[name], randomized[1].tail[name]) for name in true[1].tail)
+    assert not torch.equal(true[0].shown, randomized[0].shown)  # at epsilon 0 most shown labels are wrong
