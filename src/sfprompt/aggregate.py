@@ -131,6 +131,11 @@ def make_aggregator(name: str, server_lr: float | None = None, server_momentum: 
     return FedAvg() if name == "fedavg" else FlowerStrategy(name, server_lr, server_momentum, proximal_mu)
 
 
+def configured_aggregator(config) -> FedAvg:
+    """The aggregation a run's `Config` asks for (`make_aggregator` with its options)."""
+    return make_aggregator(config.aggregator, config.server_lr, config.server_momentum, config.proximal_mu)
+
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     """A tensor as Flower's arrays hold it (NumPy has no bfloat16: such a tensor goes as float32)."""
     tensor = tensor.detach().cpu()

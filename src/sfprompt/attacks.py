@@ -313,11 +313,18 @@ def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
     per_sample = lambda scores: torch.zeros(len(ids), num_classes).index_add_(0, inverse, scores)  # noqa: E731
     gradient = per_sample(similarity).argmax(dim=1)
     prior = per_sample(log_probs)
-    shown = F.one_hot(gradient, num_classes).bool()
-    other = (1 - keep_probability) / max(num_classes - 1, 1)
-    likelihood = torch.where(shown, torch.tensor(keep_probability), torch.tensor(other)).clamp_min(1e-12).log()
     return {"label_free": prior.argmax(dim=1), "gradient": gradient,
-            "gradient_with_prior": (prior + likelihood).argmax(dim=1)}
+            "gradient_with_prior": with_randomized_label(prior, gradient, keep_probability)}
+
+
+def with_randomized_label(prior: torch.Tensor, shown: torch.Tensor, keep_probability: float) -> torch.Tensor:
+    """Each sample's most probable true label given its label-free log-scores `prior` (n, C) and the label `shown`
+    (n,) that randomized response kept with `keep_probability` (else drew uniformly among the others): what a
+    Bayesian attacker who knows the rate infers."""
+    classes = prior.shape[1]
+    other = (1 - keep_probability) / max(classes - 1, 1)
+    likelihood = torch.where(F.one_hot(shown, classes).bool(), torch.tensor(keep_probability), torch.tensor(other))
+    return (prior + likelihood.clamp_min(1e-12).log()).argmax(dim=1)
 
 
 def statistics_label_attacks(upload: torch.nn.Module, rows: torch.Tensor, sample: torch.Tensor,

@@ -36,7 +36,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm.auto import tqdm
@@ -386,10 +385,7 @@ def _trajectory_labels(fed: Federation, victim: int, broadcast: torch.nn.Module,
     shown_prior = torch.logaddexp(posterior + math.log(keep), torch.log(-torch.expm1(posterior)) + other)
 
     def true_labels(shown: torch.Tensor) -> torch.Tensor:  # the randomized labels' evidence beside the guess
-        if keep == 1:
-            return shown
-        likelihood = torch.where(F.one_hot(shown, classes).bool(), torch.tensor(keep), torch.tensor(math.exp(other)))
-        return (posterior + likelihood.log()).argmax(dim=1)
+        return shown if keep == 1 else attacks.with_randomized_label(posterior, shown, keep)
 
     known = 1.0 if optimizer.kind == "sgd" else None  # SGD's steps give the coefficients, Adam's up to a factor
     exact = steps(stepped_tail)

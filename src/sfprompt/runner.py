@@ -24,7 +24,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
-from .aggregate import FedAvg, make_aggregator
+from .aggregate import FedAvg, configured_aggregator
 from .codec import Message
 from .config import Config, ConfigError, saved_options
 from .defence import privacy_notice
@@ -91,7 +91,7 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     config, method = fed.config, fed.method
     sampler = np.random.default_rng(config.seed)
     out = Path(config.out)
-    aggregator = make_aggregator(config.aggregator, config.server_lr, config.server_momentum, config.proximal_mu)
+    aggregator = configured_aggregator(config)
     if resume:
         global_params, history = _restore(fed, sampler, out, aggregator)
     else:
@@ -150,7 +150,7 @@ def opening_rounds(fed: Federation, executor: Runtime, log: Callable[[str], None
     config, method = fed.config, fed.method
     global_params = method.stage(1, config).new_params(fed.model).to(fed.device)
     sampler = np.random.default_rng(config.seed)
-    aggregator = make_aggregator(config.aggregator, config.server_lr, config.server_momentum, config.proximal_mu)
+    aggregator = configured_aggregator(config)
     first_own = next((r for r in range(2, config.rounds + 1) if _stage_changes(method, r, config)), 1)
     for round_ in range(1, first_own):  # the probe rounds
         stage = method.stage(round_, config)
