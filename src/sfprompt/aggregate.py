@@ -87,21 +87,20 @@ class FlowerStrategy(FedAvg):
         self._momentum: dict[str, np.ndarray] | None = None  # FedAvgM's restored momentum, until the next round
 
     def __call__(self, current, uploads, weights):
-        from flwr.app import Array, ArrayRecord
+        from .flower.records import as_numpy, from_arrays, to_arrays
 
         names = self.names = sorted(uploads[0])
-        as_numpy = {name: _numpy(current[name]) for name in names}
         if hasattr(self.strategy, "momentum_vector"):  # FedAvgM steps from the arrays it holds, in this order
-            self.strategy.current_arrays = ArrayRecord({name: Array(value) for name, value in as_numpy.items()})
+            self.strategy.current_arrays = to_arrays({name: current[name] for name in names})
             if self._momentum is not None:  # restored by name (`load_state_dict`)
                 self.strategy.momentum_vector, self._momentum = [self._momentum[name] for name in names], None
         elif hasattr(self.strategy, "m_t"):  # FedAdam, FedYogi, FedAdagrad: from the arrays last broadcast
-            self.strategy.current_arrays = as_numpy
+            self.strategy.current_arrays = {name: as_numpy(current[name]) for name in names}
         self.rounds += 1
         arrays, _ = self.strategy.aggregate_train(self.rounds, [_reply(k, upload, names, weight)
                                                                 for k, (upload, weight) in enumerate(zip(uploads, weights))])
-        return {name: torch.from_numpy(np.asarray(arrays[name].numpy())).to(current[name].device, current[name].dtype)
-                for name in names}
+        averaged = from_arrays(arrays)
+        return {name: averaged[name].to(current[name].device, current[name].dtype) for name in names}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The strategy's state that a later round depends on (moments, momentum) and the rounds it aggregated."""
@@ -136,18 +135,14 @@ def configured_aggregator(config) -> FedAvg:
     return make_aggregator(config.aggregator, config.server_lr, config.server_momentum, config.proximal_mu)
 
 
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A tensor as Flower's arrays hold it (NumPy has no bfloat16: such a tensor goes as float32)."""
-    tensor = tensor.detach().cpu()
-    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
-
-
 def _reply(client: int, upload: Mapping[str, torch.Tensor], names: list[str], weight: float):
     """An upload as the reply Flower's strategies aggregate: its arrays and its sample count, from node `client`."""
-    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.app import Message, MetricRecord, RecordDict
     from flwr.app.metadata import Metadata
 
-    content = RecordDict({"arrays": ArrayRecord({name: Array(_numpy(upload[name])) for name in names}),
+    from .flower.records import to_arrays
+
+    content = RecordDict({"arrays": to_arrays({name: upload[name] for name in names}),
                           "metrics": MetricRecord({"num-examples": weight})})
     return Message(content, metadata=Metadata(run_id=0, message_id="", src_node_id=client, dst_node_id=0,
                                               reply_to_message_id="", group_id="", created_at=0.0, ttl=0.0,

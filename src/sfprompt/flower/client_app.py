@@ -27,13 +27,15 @@ from safetensors.torch import load_file, save
 from ..channel import ChannelLink
 from ..checkpoint import write_atomically
 from ..client import ClientFailure
-from ..codec import decode
+from ..codec import Message as Payload
+from ..codec import decode, encoded_size
 from ..config import Config
 from ..data import count_images
 from ..federation import ClientSide, prepare_client
 from ..meter import Meter
 from ..transport import SessionLink
-from .secure import TASK, client_mod, scaled_upload, upload_reply
+from .records import from_arrays, to_arrays
+from .secure import TASK, broadcast_of, client_mod, scaled_upload, upload_reply
 
 app = ClientApp()
 STATE_DIR = Path("~/.cache/sfprompt/supernode")  # a node's default state-dir: STATE_DIR/partition-K
@@ -185,10 +187,10 @@ def train(msg: Message, context: Context) -> Message:
                          root_certificate=root, timeout_s=float(task["body-timeout-s"]),
                          max_bytes=side.max_message_bytes) as channel:
             link = SessionLink(channel, client.cid, task["session"])
-            global_params = decode(task["global"], side.device, side.max_message_bytes)
-            upload = client.run_round(method, global_params, link, int(task["seed"]), config.client_timeout_s)
-        if secure:  # what the server would have decoded (the wire format's rounding), for Flower to mask
-            update = decode(upload, side.device, side.max_message_bytes)
+            upload = client.run_round(method, broadcast(msg, secure, method, side), link, int(task["seed"]),
+                                      config.client_timeout_s)
+        update = decode(upload, side.device, side.max_message_bytes)  # what the server reads of it
+        if secure:  # for Flower to mask
             scaled = scaled_upload(client.cid, update.tensors, update.meta["num_examples"], task)
     except ClientFailure as failure:  # the server drops this client from the round, and says why
         report = {"failure": failure.record(), "meter": meter.counts()}
@@ -200,5 +202,20 @@ def train(msg: Message, context: Context) -> Message:
     state.save_client_state(run_key, round_, client.state_dict(), start)
     if secure:
         return upload_reply(msg, scaled, update.meta["num_examples"], {"meta": update.meta, "meter": meter.counts()})
-    reply = ConfigRecord({"upload": upload, "meter": json.dumps(meter.counts())})
-    return Message(RecordDict({"sfprompt": reply}), reply_to=msg)
+    reply = ConfigRecord({"meta": json.dumps(update.meta), "meter": json.dumps(meter.counts())})
+    return Message(RecordDict({"upload": to_arrays(update.tensors), "sfprompt": reply}), reply_to=msg)
+
+
+def broadcast(msg: Message, secure: bool, method, side: ClientSide) -> Payload:
+    """The round's broadcast of the global state: the train message's ArrayRecord (`global`), or under secure
+    aggregation its legacy FitIns's parameters (in the order of the state's names). Its `wire_bytes`, what the
+    client holds of it as it arrived, are the codec's encoding's, as in-process."""
+    if secure:
+        names = sorted(set(method.new_params(side.model).state_dict()) - set(method.server_only))
+        tensors = broadcast_of(msg, names)
+    else:
+        tensors = from_arrays(msg.content.array_records["global"])
+    received = Payload("global", tensors)
+    if (size := encoded_size(received)) > side.max_message_bytes:
+        raise ValueError(f"the broadcast of {size} bytes exceeds the run's {side.max_message_bytes}-byte limit")
+    return Payload("global", {name: t.to(side.device) for name, t in tensors.items()}, wire_bytes=size)

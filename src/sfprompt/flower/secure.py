@@ -35,6 +35,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 
 from ..client import ClientFailure
 from ..meter import DOWN, UP, Meter
+from .records import as_numpy
 
 TASK = "fitins.config"  # where a task sits in the protocol's third-stage message (a legacy FitIns's config)
 REPORT = "sfprompt"  # the key of a client's report (its upload's meta, its meter, a failure) in the FitRes metrics
@@ -54,14 +55,15 @@ class SecureRound:
     halted: str | None = None  # why the protocol stopped before unmasking, when this module stopped it
 
 
-def secure_average(grid, meter: Meter, round_: int, tasks: Mapping[int, ConfigRecord], max_weight: float,
-                   clipping_range: float, threshold: float, timeout: float | None) -> SecureRound:
-    """Run one round's training and upload as Flower's SecAgg+ protocol on the nodes of `tasks` (node -> its task).
+def secure_average(grid, meter: Meter, round_: int, tasks: Mapping[int, ConfigRecord], broadcast: list[torch.Tensor],
+                   max_weight: float, clipping_range: float, threshold: float, timeout: float | None) -> SecureRound:
+    """Run one round's training and upload as Flower's SecAgg+ protocol on the nodes of `tasks` (node -> its task),
+    each sent `broadcast` (the global state's tensors in name order) as its FitIns's parameters.
 
     Every byte the protocol exchanges is counted on `meter`: the masked upload as `upload`, the keys, shares and
     their ciphertexts as `secagg`.
     """
-    strategy = _PinnedNodes(grid, tasks)
+    strategy = _PinnedNodes(grid, tasks, ndarrays_to_parameters([as_numpy(tensor) for tensor in broadcast]))
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                             config=ServerConfig(num_rounds=1), strategy=strategy)
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_})
@@ -93,18 +95,19 @@ class _GuardedSecAggPlus(SecAggPlusWorkflow):
 
 class _PinnedNodes(FedAvg):
     """The legacy strategy the workflow asks for the round's clients and hands the unmasked average to: the nodes
-    and tasks the runner chose (sampling stays the runner's), and the average kept as it comes (every result's
-    parameters are the same unmasked average; FedAvg over them would only add rounding)."""
+    and tasks the runner chose (sampling stays the runner's), with the broadcast as their parameters, and the
+    average kept as it comes (every result's parameters are the same unmasked average; FedAvg over them would only add
+    rounding)."""
 
-    def __init__(self, grid, tasks: Mapping[int, ConfigRecord]) -> None:
+    def __init__(self, grid, tasks: Mapping[int, ConfigRecord], broadcast: Parameters) -> None:
         super().__init__()
-        self.grid, self.tasks = grid, tasks
+        self.grid, self.tasks, self.broadcast = grid, tasks, broadcast
         self.average: list[np.ndarray] | None = None
         self.reports: dict[int, tuple[int, object]] = {}
         self.halted: str | None = None
 
     def configure_fit(self, server_round, parameters, client_manager):
-        return [(GridClientProxy(node, self.grid, 0), FitIns(Parameters([], "numpy.ndarray"), dict(task)))
+        return [(GridClientProxy(node, self.grid, 0), FitIns(self.broadcast, dict(task)))
                 for node, task in self.tasks.items()]
 
     def aggregate_fit(self, server_round, results, failures):
@@ -137,6 +140,15 @@ class _MeasuredGrid:
 
     def __getattr__(self, name):
         return getattr(self.grid, name)
+
+
+def broadcast_of(msg: Message, names: list[str]) -> dict[str, torch.Tensor]:
+    """The broadcast in the protocol's third-stage message (its FitIns's parameters: the tensors of `names`, the
+    global state's, in that order)."""
+    arrays = parameters_to_ndarrays(compat.recorddict_to_fitins(msg.content, keep_input=True).parameters)
+    if len(arrays) != len(names):
+        raise ValueError(f"the broadcast holds {len(arrays)} arrays, not the {len(names)} of the global state")
+    return {name: torch.from_numpy(np.array(array)) for name, array in zip(names, arrays)}
 
 
 def client_mod(msg: Message, context: Context, call_next) -> Message:

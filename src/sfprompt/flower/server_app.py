@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..channel import BodyChannelServer
 from ..codec import Message as Payload
-from ..codec import CodecError, decode, encode
+from ..codec import encoded_size
 from .. import runs
 from ..config import ConfigError
 from ..meter import DOWN, UP
@@ -31,6 +31,7 @@ from ..seeds import client_seed
 from ..runner import run, weighted_mean
 from ..server import BodyServer, body_optimizer
 from ..splits import affordable_split, head_gflop
+from .records import from_arrays, to_arrays
 from .secure import secure_average, upload_scales
 from .settings import FlowerOptions, check_secure_aggregation, from_run_config
 
@@ -67,15 +68,16 @@ class FlowerRuntime:
         fed = self.fed
         method = fed.method.stage(round_, fed.config)  # the run's method, or the probe rounds it opens with
         shared = method.broadcast(global_params.state_dict())
-        broadcast = encode(Payload("global", shared))
+        size = encoded_size(Payload("global", shared))  # counted as the in-process runtime counts the broadcast
         tasks = {}
         for cid in cids:
-            fed.meter.count_message(DOWN, "broadcast", broadcast)
-            tasks[cid] = self.task(cid, round_, broadcast)
+            fed.meter.count_bytes(DOWN, "broadcast", size)
+            tasks[cid] = self.task(cid, round_)
         if self.options.secure_aggregation:
             return self._train_securely(round_, tasks, global_params, shared)
-        messages = [Message(RecordDict({"sfprompt": task}), dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN)
-                    for cid, task in tasks.items()]
+        arrays = to_arrays(shared)
+        messages = [Message(RecordDict({"global": arrays, "sfprompt": task}), dst_node_id=self.nodes[cid],
+                            message_type=MessageType.TRAIN) for cid, task in tasks.items()]
         timeout = fed.config.client_timeout_s
         uploads, failures = {}, {}
         partition = {node: cid for cid, node in self.nodes.items()}
@@ -109,7 +111,7 @@ class FlowerRuntime:
             task["secagg-max-weight"], task["secagg-clipping-range"] = max_weight, self.options.secagg_clipping_range
             task["secagg-scales"] = json.dumps(scales)
         result = secure_average(self.grid, self.fed.meter, round_, {self.nodes[c]: t for c, t in tasks.items()},
-                                max_weight, self.options.secagg_clipping_range, self.options.secagg_threshold,
+                                [broadcast[name] for name in sorted(broadcast)], max_weight, self.options.secagg_clipping_range, self.options.secagg_threshold,
                                 self.fed.config.client_timeout_s)
         metas, dropped, unusable = {}, [], None
         for cid in tasks:
@@ -160,13 +162,13 @@ class FlowerRuntime:
                           f"not one count of at most its cap of {cap}")
         return meta
 
-    def task(self, cid: int, round_: int, broadcast: bytes) -> ConfigRecord:
-        """What a client gets for a round: the broadcast (counted as the in-process runtime counts it)
-        and the control fields beside it (the run's config and class names, its partition, seeds,
-        split point, session, body address, token and certificate; about 1.3 KB, more with a certificate), which
-        are not counted."""
+    def task(self, cid: int, round_: int) -> ConfigRecord:
+        """What a client gets for a round beside the broadcast (an ArrayRecord, counted as the in-process runtime
+        counts it): the control fields (the run's config and class names, its partition, seeds, split point,
+        session, body address, token and certificate; about 1.3 KB, more with a certificate), which are not
+        counted."""
         return ConfigRecord({
-            "global": broadcast, "config": json.dumps(self.fed.config.to_dict()), "partition": cid, "round": round_,
+            "config": json.dumps(self.fed.config.to_dict()), "partition": cid, "round": round_,
             "classes": json.dumps(self.fed.data.classes),
             "seed": client_seed(self.fed.config.seed, round_, cid), "client-blocks": self.splits[cid],
             "session": self.body.admit(str(cid), client_blocks=self.splits[cid]),
@@ -223,16 +225,20 @@ class FlowerRuntime:
             if "failure" in record:
                 failure = json.loads(record["failure"])
                 raise Dropped(str(failure["phase"]), str(failure["reason"]))
-            upload = record["upload"]
-            if not isinstance(upload, bytes):
-                raise TypeError(f"upload is {type(upload).__name__}, not bytes")
+            meta, arrays = json.loads(record["meta"]), reply.content.array_records["upload"]
+            if not isinstance(meta, dict):
+                raise TypeError(f"meta is {type(meta).__name__}, not an object")
         except (KeyError, TypeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
             raise Dropped("reply", f"malformed reply: {type(err).__name__}: {err}") from None
-        self.fed.meter.count_message(UP, "upload", upload)
         try:
-            payload = decode(upload, self.fed.device, self.fed.max_message_bytes)
-        except CodecError as err:
-            raise Dropped("upload", f"CodecError: {err}") from None
+            payload = Payload("update", from_arrays(arrays), meta)
+            size = encoded_size(payload)  # the upload as the codec encodes it: the bytes both runtimes count
+        except (TypeError, ValueError) as err:  # CodecError is a ValueError
+            raise Dropped("upload", f"unreadable upload: {type(err).__name__}: {err}") from None
+        if size > self.fed.max_message_bytes:
+            raise Dropped("upload", f"upload of {size} bytes exceeds the run's {self.fed.max_message_bytes}-byte limit")
+        self.fed.meter.count_bytes(UP, "upload", size)
+        payload.tensors = {name: tensor.to(self.fed.device) for name, tensor in payload.tensors.items()}
         payload.meta.pop("aggregates", None)  # only the secure runtime's own average speaks for several clients
         count = payload.meta.get("num_examples")
         if isinstance(count, int) and count > partition_size:
