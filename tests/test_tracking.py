@@ -1,4 +1,4 @@
-"""--tracker tensorboard and --tracker wandb show what the run's own files record, and `sfprompt plot` draws runs side by
+"""--tracker tensorboard, wandb and mlflow show what the run's own files record, and `sfprompt plot` draws runs side by
 side."""
 
 import json
@@ -65,3 +65,23 @@ def test_wandb_keeps_an_offline_run_in_the_run_folder_and_a_resumed_run_continue
     first, resumed = (log.read_bytes() for log in logs)
     assert b"accuracy/test" in first and b"cost/MB_up_cumulative" in first and b'"wandb"' in first
     assert json.dumps(records[0]["accuracy"]).encode() in first and json.dumps(records[1]["accuracy"]).encode() in resumed
+
+
+def test_mlflow_keeps_a_run_in_the_run_folder_and_a_resumed_run_continues_it(tmp_path):
+    """--tracker mlflow: the config as the run's parameters, every round's scalars by step, in a SQLite store inside
+    the run folder; a resumed run logs its later rounds to the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--rounds", "1", "--tracker", "mlflow", "--out", str(out)]) == 0
+    assert main(["run", "--resume", str(out), "--rounds", "2", "--no-progress"]) == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "sfprompt"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == (out / "mlflow" / "run-id").read_text().strip() and run.info.status == "FINISHED"
+    assert json.loads(run.data.params["tracker"]) == "mlflow" and json.loads(run.data.params["rounds"]) == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shown = client.get_metric_history(run.info.run_id, "accuracy/test")
+    assert [(m.step, round(m.value, 6)) for m in shown] == [(r["round"], round(r["accuracy"], 6)) for r in records]
+    spent = client.get_metric_history(run.info.run_id, "cost/MB_up_cumulative")[-1].value
+    assert abs(spent - sum(r["bytes_up"] for r in records) / 1e6) < 1e-3

@@ -27,7 +27,7 @@ PROMPT_FREE = ("linear-probe",)  # methods whose model inserts no prompts: the p
 OPTIMIZERS = ("sgd", "adam")
 LOCAL_CLASSIFIERS = ("separate", "shared")
 PRECISIONS = ("fp32", "bf16", "fp16")
-TRACKERS = ("none", "tensorboard", "wandb")  # tracking.open_tracker's
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # tracking.open_tracker's
 PARTITIONS = ("auto", "pathological", "shard", "linear")  # partitions.split's schemes ("pathological:K", "shard:S")
 PRUNE_KEEPS = ("hardest", "easiest", "middle", "random", "by-size")
 PRUNE_SCORES = ("updated", "received")
@@ -194,8 +194,9 @@ class Config:
     seed: int = _opt(0, "seed of every random choice (partition, sampling, init, shuffling)")
     device: str = _opt("auto", "'auto', 'cpu' or 'cuda[:N]'")
     tracker: str = _opt("none", "also show the config and each round's measurements in an experiment tracker: none, "
-                        "tensorboard (event files in the run folder's tensorboard/) or wandb (an offline Weights & "
-                        "Biases run in the run folder's wandb/)", choices=TRACKERS)
+                        "tensorboard (event files in the run folder's tensorboard/), wandb (an offline Weights & "
+                        "Biases run in the run folder's wandb/) or mlflow (an MLflow run in a SQLite store in the run "
+                        "folder's mlflow/)", choices=TRACKERS)
     out: str = _opt("", "output folder for metrics, summary and checkpoint (a run's new folder is runs/METHOD-TIME, "
                      "and runs/latest a link to it: nothing is overwritten unless --out names a folder)")
 

@@ -1,12 +1,14 @@
 """Experiment tracking: a run's config and each round's measurements, also written where a tracker shows them
 (`--tracker tensorboard`: TensorBoard's event files in the run's folder, `tensorboard --logdir runs`;
-`--tracker wandb`: a Weights & Biases run in offline mode in the run's folder, `wandb sync` to upload it). The
+`--tracker wandb`: a Weights & Biases run in offline mode in the run's folder, `wandb sync` to upload it;
+`--tracker mlflow`: an MLflow run in a SQLite store in the run's folder, `mlflow ui` to view it). The
 run's own files stay the record; a tracker is a view of them, so it never changes a run's numbers.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -86,6 +88,47 @@ class WandB:
         self.run.finish()
 
 
+class MLflow:
+    """An MLflow run in a SQLite store inside the run's folder (`out/mlflow/mlflow.db`, artifacts beside it; `mlflow ui
+    --backend-store-uri sqlite:///RUN/mlflow/mlflow.db` shows it): nothing leaves the machine, and nothing global is
+    set (the client names its store). The config goes in as the run's parameters and as `config.json`. A resumed run
+    continues the same MLflow run (its id is kept in `out/mlflow/run-id`)."""
+
+    def __init__(self, config: Config, out: Path, history: list[dict]) -> None:
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise ConfigError("--tracker mlflow needs MLflow: pip install -e '.[track]'") from None
+
+        self.scalars = Scalars(history)
+        folder = (out / "mlflow").resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+        saved = folder / "run-id"
+        if history and saved.is_file():
+            self.run_id = saved.read_text().strip()
+            return
+        experiment = self.client.get_experiment_by_name("sfprompt")
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+            "sfprompt", artifact_location=(folder / "artifacts").as_uri())
+        self.run_id = self.client.create_run(experiment_id, run_name=out.name).info.run_id
+        saved.write_text(self.run_id + "\n")
+        options = config.to_dict()
+        self.client.log_batch(self.run_id, params=[Param(key, json.dumps(value)) for key, value in options.items()])
+        self.client.log_text(self.run_id, json.dumps(options, indent=2), "config.json")
+
+    def round(self, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(tag, value, now, record["round"])
+                                                    for tag, value in self.scalars(record).items()])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
 class NoTracker:
     def round(self, record: dict) -> None:
         pass
@@ -94,9 +137,9 @@ class NoTracker:
         pass
 
 
-BY_NAME = {"tensorboard": TensorBoard, "wandb": WandB}
+BY_NAME = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
 
 
-def open_tracker(config: Config, out: Path, history: list[dict]) -> TensorBoard | WandB | NoTracker:
+def open_tracker(config: Config, out: Path, history: list[dict]) -> TensorBoard | WandB | MLflow | NoTracker:
     """The tracker `config.tracker` names, for a run in `out` that has `history` already (a resumed one)."""
     return BY_NAME[config.tracker](config, out, history) if config.tracker in BY_NAME else NoTracker()
