@@ -28,6 +28,7 @@ NOT_RUN = {
     "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "an environment variable",
     "pytest": "the test suite itself",
     "bash benchmarks/": "a benchmark: each runs at a tiny size in its own test (tests/test_*benchmark*.py, test_audit.py)",
+    "sfprompt run --tracker ": "a tracker: each is run at this size, and what it shows checked, in tests/test_tracking.py",
     "flwr run": "a federation: the simulation's apps run in tests/test_flower.py, and the deployment guide's "
                 "`flwr run . prod` against a SuperLink and SuperNodes on loopback in tests/test_deployment.py",
 }
