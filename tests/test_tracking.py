@@ -28,6 +28,8 @@ def test_tensorboard_shows_the_config_and_every_round_as_the_metrics_record_them
     spent = records[0]["bytes_up"] + records[1]["bytes_up"]
     assert abs(shown["cost/MB_up_cumulative"][-1][1] - spent / 1e6) < 1e-3
     assert '"tracker": "tensorboard"' in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "plots/accuracy_vs_bytes" in events.Tags()["images"]  # the run's pictures, drawn into its folder too
+    assert (out / "accuracy_vs_bytes.png").is_file()
 
 
 def test_a_resumed_run_shows_each_round_once(tmp_path):
@@ -65,6 +67,7 @@ def test_wandb_keeps_an_offline_run_in_the_run_folder_and_a_resumed_run_continue
     first, resumed = (log.read_bytes() for log in logs)
     assert b"accuracy/test" in first and b"cost/MB_up_cumulative" in first and b'"wandb"' in first
     assert json.dumps(records[0]["accuracy"]).encode() in first and json.dumps(records[1]["accuracy"]).encode() in resumed
+    assert b"plots/accuracy_vs_bytes" in resumed  # the run's pictures, once it has ended
 
 
 def test_mlflow_keeps_a_run_in_the_run_folder_and_a_resumed_run_continues_it(tmp_path):
@@ -85,3 +88,4 @@ def test_mlflow_keeps_a_run_in_the_run_folder_and_a_resumed_run_continues_it(tmp
     assert [(m.step, round(m.value, 6)) for m in shown] == [(r["round"], round(r["accuracy"], 6)) for r in records]
     spent = client.get_metric_history(run.info.run_id, "cost/MB_up_cumulative")[-1].value
     assert abs(spent - sum(r["bytes_up"] for r in records) / 1e6) < 1e-3
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/accuracy_vs_bytes.png"}

@@ -107,7 +107,19 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
 
     _write_text(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
     tracker = open_tracker(config, out, history)
-    with open(out / "metrics.jsonl", "a") as metrics_file, contextlib.closing(tracker):
+    with contextlib.closing(tracker):
+        summary = _rounds(fed, executor, log, started, out, history, global_params, sampler, aggregator, tracker)
+        tracker.ended(out)
+    return summary
+
+
+def _rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], started: float, out: Path,
+            history: list[dict], global_params: torch.nn.Module, sampler: np.random.Generator, aggregator,
+            tracker) -> dict:
+    """The run's rounds after `history` (each recorded, checkpointed and shown in `tracker` as it ends), then its
+    summary."""
+    config, method = fed.config, fed.method
+    with open(out / "metrics.jsonl", "a") as metrics_file:
         for round_ in range(len(history) + 1, config.rounds + 1):
             stage = method.stage(round_, config)  # the method, or the probe rounds it opens with
             if _stage_changes(method, round_, config):

@@ -2,7 +2,8 @@
 (`--tracker tensorboard`: TensorBoard's event files in the run's folder, `tensorboard --logdir runs`;
 `--tracker wandb`: a Weights & Biases run in offline mode in the run's folder, `wandb sync` to upload it;
 `--tracker mlflow`: an MLflow run in a SQLite store in the run's folder, `mlflow ui` to view it). The
-run's own files stay the record; a tracker is a view of them, so it never changes a run's numbers.
+run's own files stay the record; a tracker is a view of them, so it never changes a run's numbers. Once a run has
+ended, a tracker also shows its pictures (those of `sfprompt plot`, drawn into the run's folder).
 """
 
 from __future__ import annotations
@@ -38,7 +39,20 @@ class Scalars:
         return shown
 
 
-class TensorBoard:
+class Tracker:
+    """What every tracker does once a run has ended: draws the run's pictures (`sfprompt plot`, into its folder) and
+    shows them beside its numbers."""
+
+    def ended(self, out: Path) -> None:
+        from .compare import plot_runs
+
+        self.pictures(plot_runs([out], out))
+
+    def pictures(self, paths: list[Path]) -> None:
+        raise NotImplementedError
+
+
+class TensorBoard(Tracker):
     """TensorBoard's event files under `out/tensorboard`, through PyTorch's writer (no server, nothing sent)."""
 
     def __init__(self, config: Config, out: Path, history: list[dict]) -> None:
@@ -57,11 +71,17 @@ class TensorBoard:
             self.writer.add_scalar(tag, value, record["round"])
         self.writer.flush()
 
+    def pictures(self, paths: list[Path]) -> None:
+        from matplotlib.image import imread
+
+        for path in paths:
+            self.writer.add_image(f"plots/{path.stem}", imread(path)[..., :3], dataformats="HWC")
+
     def close(self) -> None:
         self.writer.close()
 
 
-class WandB:
+class WandB(Tracker):
     """A Weights & Biases run in offline mode under `out/wandb` (nothing sent; `wandb sync` uploads it later), named
     after the run's folder. A resumed run continues the same W&B run (its id is kept in `out/wandb/run-id`)."""
 
@@ -84,11 +104,16 @@ class WandB:
     def round(self, record: dict) -> None:
         self.run.log(self.scalars(record), step=record["round"])
 
+    def pictures(self, paths: list[Path]) -> None:
+        import wandb
+
+        self.run.log({f"plots/{path.stem}": wandb.Image(str(path)) for path in paths})
+
     def close(self) -> None:
         self.run.finish()
 
 
-class MLflow:
+class MLflow(Tracker):
     """An MLflow run in a SQLite store inside the run's folder (`out/mlflow/mlflow.db`, artifacts beside it; `mlflow ui
     --backend-store-uri sqlite:///RUN/mlflow/mlflow.db` shows it): nothing leaves the machine, and nothing global is
     set (the client names its store). The config goes in as the run's parameters and as `config.json`. A resumed run
@@ -125,12 +150,19 @@ class MLflow:
         self.client.log_batch(self.run_id, metrics=[Metric(tag, value, now, record["round"])
                                                     for tag, value in self.scalars(record).items()])
 
+    def pictures(self, paths: list[Path]) -> None:
+        for path in paths:
+            self.client.log_artifact(self.run_id, str(path), "plots")
+
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
 
 
 class NoTracker:
     def round(self, record: dict) -> None:
+        pass
+
+    def ended(self, out: Path) -> None:
         pass
 
     def close(self) -> None:
