@@ -89,3 +89,18 @@ def test_mlflow_keeps_a_run_in_the_run_folder_and_a_resumed_run_continues_it(tmp
     spent = client.get_metric_history(run.info.run_id, "cost/MB_up_cumulative")[-1].value
     assert abs(spent - sum(r["bytes_up"] for r in records) / 1e6) < 1e-3
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/accuracy_vs_bytes.png"}
+
+
+def test_a_run_that_fails_is_marked_failed_in_mlflow(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from sfprompt import runner
+
+    def fails(*args, **kwargs):
+        raise runner.RoundFailed("every client dropped")
+
+    monkeypatch.setattr(runner, "_round", fails)
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--tracker", "mlflow", "--out", str(out)]) == 1
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
+    assert client.get_run((out / "mlflow" / "run-id").read_text().strip()).info.status == "FAILED"

@@ -7,7 +7,6 @@ method (`methods/`) chooses its trainable state and its clients' phases, and a r
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import platform
@@ -107,9 +106,16 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
 
     _write_text(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
     tracker = open_tracker(config, out, history)
-    with contextlib.closing(tracker):
+    try:
         summary = _rounds(fed, executor, log, started, out, history, global_params, sampler, aggregator, tracker)
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    try:
         tracker.ended(out)
+    except Exception as err:  # a tracker is a view of the run, which stands without it
+        log(f"the tracker could not show the run's pictures: {type(err).__name__}: {err}")
+    tracker.close()
     return summary
 
 

@@ -51,6 +51,10 @@ class Tracker:
     def pictures(self, paths: list[Path]) -> None:
         raise NotImplementedError
 
+    def close(self, failed: bool = False) -> None:
+        """Ends the tracker's run, marked failed when the run stopped with an error."""
+        raise NotImplementedError
+
 
 class TensorBoard(Tracker):
     """TensorBoard's event files under `out/tensorboard`, through PyTorch's writer (no server, nothing sent)."""
@@ -77,7 +81,7 @@ class TensorBoard(Tracker):
         for path in paths:
             self.writer.add_image(f"plots/{path.stem}", imread(path)[..., :3], dataformats="HWC")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -109,8 +113,8 @@ class WandB(Tracker):
 
         self.run.log({f"plots/{path.stem}": wandb.Image(str(path)) for path in paths})
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class MLflow(Tracker):
@@ -154,8 +158,8 @@ class MLflow(Tracker):
         for path in paths:
             self.client.log_artifact(self.run_id, str(path), "plots")
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 class NoTracker:
@@ -165,7 +169,7 @@ class NoTracker:
     def ended(self, out: Path) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 
