@@ -9,7 +9,7 @@
    on Fashion-MNIST with the real ViT-S/14 from ../shared.
 
     python benchmarks/runtime.py [--shared ../shared] [--out runs/runtime]     # about 5 minutes
-    python benchmarks/runtime.py --cases vit-s-56 --repeats 2 --train-samples 100 --test-samples 40  # a test's size
+    python benchmarks/runtime.py --cases vit-s-56 --repeats 2 --train-samples 20 --test-samples 10  # a test's size
 
 It prints a Markdown report and writes it to docs/benchmarks/runtime.md, which docs/benchmarks/index.md includes.
 """

@@ -132,12 +132,12 @@ def test_the_precision_benchmark_runs_each_precision_and_writes_its_report(tmp_p
 def test_the_runtime_benchmark_times_the_transports_and_one_round_in_both_runtimes(tmp_path):
     markdown = tmp_path / "runtime.md"
     done = run_python_benchmark("runtime.py", "--shared", str(SHARED), "--cases", "vit-s-56", "--repeats", "2",
-                                "--train-samples", "100", "--test-samples", "40", "--out", str(tmp_path / "runs"),
+                                "--train-samples", "20", "--test-samples", "10", "--out", str(tmp_path / "runs"),
                                 "--markdown", str(markdown))
     assert done.returncode == 0, done.stderr[-3000:]
     text = markdown.read_text()
-    assert text.startswith("Command: `python benchmarks/runtime.py --repeats 2 --cases vit-s-56 --train-samples 100 "
-                           "--test-samples 40`")
+    assert text.startswith("Command: `python benchmarks/runtime.py --repeats 2 --cases vit-s-56 --train-samples 20 "
+                           "--test-samples 10`")
     exchange = next(line.split(" | ") for line in text.splitlines() if line.startswith("| ViT-S/14"))
     assert exchange[1] == "1.92 MB"  # bytes do not depend on the machine: the benchmarks page's figure
     rounds = {line.split(" | ")[0]: line.split(" | ")[3:] for line in text.splitlines()
