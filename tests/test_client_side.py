@@ -95,7 +95,7 @@ def test_a_folder_node_weighs_at_most_what_it_reported_or_the_configured_cap(ima
     def inflating(msg, context):
         reply = train(msg, context)
         if context.node_config["partition-id"] == 1:
-            _inflated(reply.content["sfprompt"])
+            _inflated(reply)
         return reply
 
     monkeypatch.setattr(client_app, "train", inflating)

@@ -57,6 +57,14 @@ def test_scaled_probe_equals_a_real_round(method):
         assert estimated["bytes_down"] == real["bytes_down"]
 
 
+def test_upload_noise_changes_no_cost_and_the_probe_is_still_costed():
+    """--upload-epsilon noises an upload without changing its size; `cost` also costs the methods (the linear probe)
+    whose uploads the mod could not noise."""
+    noised = CONFIG.replace(probe_rounds=0, upload_clip=1.0, upload_epsilon=1.0)
+    plain = estimate(CONFIG.replace(probe_rounds=0), 12, 10, ["sfprompt", "linear-probe"])
+    assert estimate(noised, 12, 10, ["sfprompt", "linear-probe"]) == plain
+
+
 def test_cost_command_writes_json(tmp_path, capsys):
     out = tmp_path / "cost.json"
     argv = ["cost", "--model", "test_vit", "--image-size", "32", "--samples-per-client", "40", "--probe-samples",

@@ -1,5 +1,6 @@
 """The privacy defences do what they say to the messages, train through the split, and run in both runtimes."""
 
+import json
 import math
 
 import pytest
@@ -7,10 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from sfprompt.config import Config, ConfigError
-from sfprompt.defence import Defence, activation_epsilon
+from sfprompt.defence import Defence, local_epsilon
 from sfprompt.model import SplitViT, create_vit
 from sfprompt.runner import run
 
+from conftest import run_benchmark
 from test_flower_inline import InlineGrid, flower_task_identity, node_disks, records, run_inline  # noqa: F401 (fixtures)
 from test_runner import tiny_config
 
@@ -77,19 +79,49 @@ def test_randomized_response_keeps_the_stated_share_and_a_sample_always_shows_on
     assert Defence().randomized_response(labels, draws, classes) is labels
 
 
-def test_activation_epsilon_follows_the_noise_and_the_number_of_sends():
+def test_local_epsilon_follows_the_noise_and_the_number_of_sends():
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    assert activation_epsilon(4.0, 10, 1e-5) < activation_epsilon(2.0, 10, 1e-5) < activation_epsilon(2.0, 40, 1e-5)
-    assert activation_epsilon(0.0, 10, 1e-5) == math.inf
+    assert local_epsilon(4.0, 10, 1e-5) < local_epsilon(2.0, 10, 1e-5) < local_epsilon(2.0, 40, 1e-5)
+    assert local_epsilon(0.0, 10, 1e-5) == math.inf
     orders = [1.5, 2, 4, 8, 16, 32, 64]
     # any two inputs are neighbours: sensitivity 2C, so noise multiplier 6 acts as 3 for Opacus's add/remove
     direct, _ = get_privacy_spent(orders=orders, rdp=compute_rdp(q=1.0, noise_multiplier=3.0, steps=5, orders=orders),
                                   delta=1e-5)
-    assert activation_epsilon(6.0, 5, 1e-5) <= direct + 1e-9
+    assert local_epsilon(6.0, 5, 1e-5) <= direct + 1e-9
     # pinned: the sensitivity 2C halves the noise multiplier Opacus sees (with C instead: 3.38 would read 1.63)
-    assert activation_epsilon(4.0, 10, 1e-5) == pytest.approx(8.0794, abs=1e-4)
-    assert activation_epsilon(6.0, 5, 1e-5) == pytest.approx(3.3841, abs=1e-4)
+    assert local_epsilon(4.0, 10, 1e-5) == pytest.approx(8.0794, abs=1e-4)
+    assert local_epsilon(6.0, 5, 1e-5) == pytest.approx(3.3841, abs=1e-4)
+
+
+def test_an_upload_leaves_as_flowers_local_dp_mod_makes_it_with_the_clients_own_noise():
+    import numpy as np
+
+    from sfprompt.defence import private_upload, upload_noise_multiplier
+
+    broadcast = {"prompts": torch.zeros(2, 8), "tail.weight": torch.ones(4, 100)}
+    upload = {"prompts": torch.full((2, 8), 3.0), "tail.weight": torch.ones(4, 100) + 4.0}  # a change of norm 80.4
+
+    def change(tensors):
+        return torch.cat([(tensors[k] - broadcast[k]).ravel() for k in sorted(broadcast)])
+
+    before = np.random.get_state()[1].copy()
+    almost_exact = private_upload(broadcast, upload, 2.0, 1e6, 1e-5, [1, 2, 3, 4])
+    assert (np.random.get_state()[1] == before).all()  # NumPy's global generator as it was
+    clipped = change(upload) * 2.0 / float(change(upload).norm())
+    assert torch.allclose(change(almost_exact), clipped, atol=1e-4)  # clipped to the norm, in the change's direction
+    noisy = private_upload(broadcast, upload, 2.0, 1.0, 1e-5, [1, 2, 3, 4])
+    noise = change(noisy) - clipped
+    assert float(noise.std()) == pytest.approx(upload_noise_multiplier(1.0, 1e-5) * 2.0, rel=0.1)  # 9.7: sens. 2C
+    assert torch.equal(noisy["prompts"], private_upload(broadcast, upload, 2.0, 1.0, 1e-5, [1, 2, 3, 4])["prompts"])
+    assert not torch.equal(noisy["prompts"], private_upload(broadcast, upload, 2.0, 1.0, 1e-5, [1, 2, 3, 5])["prompts"])
+    assert noisy.keys() == upload.keys() and all(t.dtype == torch.float32 for t in noisy.values())
+    scalar = private_upload({"t": torch.tensor(0.0)}, {"t": torch.tensor(100.0)}, 2.0, 1e6, 1e-5, [1])["t"]
+    assert scalar.shape == () and float(scalar) == pytest.approx(2.0, abs=1e-3)  # a 0-d tensor is clipped too
+    with pytest.raises(ValueError, match="cannot clip a change of norm 0"):
+        private_upload(broadcast, broadcast, 2.0, 1.0, 1e-5, [1])
+    with pytest.raises(ValueError, match="not the broadcast's"):
+        private_upload(broadcast, {"prompts": upload["prompts"], "tail.bias": torch.ones(4)}, 2.0, 1.0, 1e-5, [1])
 
 
 def test_the_log_states_each_guarantee_only_where_it_holds_end_to_end():
@@ -114,6 +146,12 @@ def test_the_log_states_each_guarantee_only_where_it_holds_end_to_end():
     ({"dp_delta": 1.0}, "--dp-delta"),
     ({"label_epsilon": -0.5}, "--label-epsilon"),
     ({"method": "fl", "pool_tokens": 1}, "sends no activations"),
+    ({"upload_epsilon": 1.0, "probe_rounds": 0}, "go together"),
+    ({"upload_clip": 1.0, "probe_rounds": 0}, "go together"),
+    ({"upload_clip": math.inf, "upload_epsilon": 1.0, "probe_rounds": 0}, "--upload-clip must be a positive"),
+    ({"upload_clip": 1.0, "upload_epsilon": 0.0, "probe_rounds": 0}, "--upload-epsilon must be a positive"),
+    ({"upload_clip": 1.0, "upload_epsilon": 1.0}, "set --probe-rounds 0"),  # the default recipe opens with a probe
+    ({"upload_clip": 1.0, "upload_epsilon": 1.0, "method": "linear-probe"}, "use another method"),
 ])
 def test_bad_privacy_options_are_refused(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -125,7 +163,8 @@ def test_pooling_beyond_the_patch_grid_is_refused():
         split_with(pool_tokens=5)
 
 
-DEFENDED = dict(pool_tokens=1, shuffle_tokens=True, clip_norm=5.0, noise_multiplier=0.1, label_epsilon=2.0)
+DEFENDED = dict(pool_tokens=1, shuffle_tokens=True, clip_norm=5.0, noise_multiplier=0.1, label_epsilon=2.0,
+                upload_clip=1.0, upload_epsilon=1000.0)
 
 
 def test_defences_run_in_process_and_under_flower(imagefolder, tmp_path, flower_task_identity, node_disks):
@@ -137,7 +176,8 @@ def test_defences_run_in_process_and_under_flower(imagefolder, tmp_path, flower_
     lines = []
     run(config.replace(out=str(tmp_path / "local")), progress=False, log=lines.append)
     run_inline(config.replace(out=str(tmp_path / "flower")), InlineGrid(3))
-    assert any("-DP per sample over 4 sends" in line for line in lines)  # the log states the guarantee
+    assert any("-DP per sample over 4 sends" in line for line in lines)  # the log states the guarantees
+    assert any("noised by Flower's LocalDpMod (std 0.00969 on every value" in line for line in lines)
     for folder in ("local", "flower"):
         rounds = records(tmp_path / folder)
         assert [r["dropped"] for r in rounds] == [[], []]
@@ -146,3 +186,17 @@ def test_defences_run_in_process_and_under_flower(imagefolder, tmp_path, flower_
     local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
     assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
     assert [r["accuracy"] for r in records(tmp_path / "local")] == [r["accuracy"] for r in records(tmp_path / "flower")]
+
+
+def test_the_upload_dp_benchmark_runs_each_row_and_writes_its_report(tmp_path):
+    doc = tmp_path / "upload-dp.md"
+    done = run_benchmark("upload_dp.sh", tmp_path, SEEDS="0", ROWS="epsilon-10", CLIP="2", DOC=str(doc))
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = doc.read_text()
+    assert text.startswith("Command: `bash benchmarks/upload_dp.sh`") and "`--upload-clip 2 --upload-epsilon E`" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| epsilon")]
+    assert [row[0] for row in rows] == ["| epsilon-10", "| epsilon-10"]  # its accuracy, then what is proven of it
+    assert rows[1][1:] == ["1.94", "11.1", "31.4 |"]  # noise std 0.969 x the clip; Opacus' bound, 1 and 5 uploads
+    config = json.loads((tmp_path / "runs" / "iid" / "epsilon-10" / "seed-0" / "config.json").read_text())
+    assert (config["upload_clip"], config["upload_epsilon"], config["probe_rounds"]) == (2.0, 10.0, 0)
+

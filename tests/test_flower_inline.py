@@ -284,6 +284,21 @@ def _unreadable(reply, array, pickled=False):  # an array NumPy reads only with 
                                                               stype="numpy.ndarray", data=buffer.getvalue())})
 
 
+def _npy(array):
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _raw(reply, data):  # an array whose bytes are `data`, whatever they hold
+    from flwr.app import Array, ArrayRecord
+
+    reply.content["upload"] = ArrayRecord({"prompts": Array(dtype="float32", shape=(64,), stype="numpy.ndarray",
+                                                              data=data)})
+
+
 def _in_config(reply, key, value):
     reply.content["sfprompt"][key] = value
 
@@ -301,6 +316,9 @@ MALFORMED_REPLIES = {
     "upload needs pickle": (lambda reply: _unreadable(reply, np.array([{"a": 1}]), pickled=True), "upload",
                             "unreadable upload: ValueError"),
     "upload of strings": (lambda reply: _unreadable(reply, np.array(["a"])), "upload", "unreadable upload: TypeError"),
+    "upload empty": (lambda reply: _raw(reply, b""), "upload", "not a NumPy .npy buffer"),
+    "upload a zip": (lambda reply: _raw(reply, b"PK\x03\x04" + b"\x00" * 40), "upload", "not a NumPy .npy buffer"),
+    "upload truncated": (lambda reply: _raw(reply, _npy(np.zeros(64, np.float32))[:90]), "upload", "unreadable upload"),
     "inflated sample count": (_inflated, "upload", "more than its cap"),
 }
 
@@ -326,14 +344,14 @@ def test_a_malformed_reply_drops_its_client_not_the_server_app(imagefolder, tmp_
 def test_the_uncounted_control_fields_are_as_small_as_the_readme_says(imagefolder, tmp_path):
     """Bytes are counted for the codec's payloads; under Flower the control fields beside them (task:
     config, class names, partition, seeds, session, token, ...; reply: the measurements) are not. docs/flower.md: about
-    1.5 KB down and 0.3 KB up per client and round, plus the root certificate with TLS."""
+    1.7 KB down and 0.3 KB up per client and round, plus the root certificate with TLS."""
     grid = InlineGrid(3)
     fed = prepare(tiny_config(imagefolder, tmp_path, clients=3))
     runtime = FlowerRuntime(fed, grid, *find_partitions(grid, wait_s=5)[:1], FlowerOptions())
     try:
         task = runtime.task(0, 1)
         down = sum(len(key) + len(str(value).encode()) for key, value in task.items())
-        assert 1024 < down < 1700
+        assert 1024 < down < 1900
         for direction, phase in (("up", "split"), ("down", "split"), ("up", "upload"), ("down", "broadcast")):
             fed.meter.count_message(direction, phase, b"x" * 10**7)
         for phase in ("local", "prune", "split"):
@@ -580,7 +598,8 @@ def test_an_upload_that_secure_aggregation_would_clip_drops_its_client_saying_wh
 
 @pytest.mark.parametrize("changes, error", [({"method": "sl"}, "sl has none to average"),
                                             ({"clients_per_round": 1}, "needs 2 to 1023 clients a round"),
-                                            ({"aggregator": "fedmedian"}, "fedmedian needs each client's upload")])
+                                            ({"aggregator": "fedmedian"}, "fedmedian needs each client's upload"),
+                                            ({"upload_clip": 1.0, "upload_epsilon": 0.5}, "raise it to 116 or more")])
 def test_secure_aggregation_refuses_what_flower_cannot_do(imagefolder, tmp_path, changes, error):
     with pytest.raises(ConfigError, match=error):
         run_inline(tiny_config(imagefolder, tmp_path, **changes), InlineGrid(3), FlowerOptions(secure_aggregation=True))
@@ -605,6 +624,19 @@ def test_under_secure_aggregation_a_malformed_report_drops_the_round_it_is_avera
     assert len(dropped) == 3 and "client 0 (phase upload): report claims" in dropped[0]
     assert all("the round's secure average includes client 0's upload, whose reply is unusable (upload: report "
                "claims" in line for line in dropped[1:])
+
+
+def test_noised_uploads_are_masked_and_averaged_as_in_process(imagefolder, tmp_path):
+    """--upload-epsilon under SecAgg+: each client noises its upload (noise of std 9.7 a value here), then Flower masks
+    it; the server's average is the in-process run's average of the same noised uploads, within the quantisation."""
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1, upload_clip=1.0,
+                         upload_epsilon=1.0)
+    run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
+    run_inline(config.replace(out=str(tmp_path / "secure")), InlineGrid(3), FlowerOptions(secure_aggregation=True))
+    assert records(tmp_path / "secure")[0]["dropped"] == []
+    local, secure = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "secure" / "global.safetensors")
+    assert all(torch.allclose(local[k], secure[k], atol=1e-3) for k in local)
+    assert max(float(t.abs().max()) for t in local.values()) > 5  # the noise is in it
 
 
 def test_a_server_optimizer_steps_from_the_secure_average(imagefolder, tmp_path):

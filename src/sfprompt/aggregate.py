@@ -137,13 +137,9 @@ def configured_aggregator(config) -> FedAvg:
 
 def _reply(client: int, upload: Mapping[str, torch.Tensor], names: list[str], weight: float):
     """An upload as the reply Flower's strategies aggregate: its arrays and its sample count, from node `client`."""
-    from flwr.app import Message, MetricRecord, RecordDict
-    from flwr.app.metadata import Metadata
+    from flwr.app import MetricRecord, RecordDict
 
-    from .flower.records import to_arrays
+    from .flower.records import to_arrays, train_message
 
-    content = RecordDict({"arrays": to_arrays({name: upload[name] for name in names}),
-                          "metrics": MetricRecord({"num-examples": weight})})
-    return Message(content, metadata=Metadata(run_id=0, message_id="", src_node_id=client, dst_node_id=0,
-                                              reply_to_message_id="", group_id="", created_at=0.0, ttl=0.0,
-                                              message_type="train"))
+    return train_message(RecordDict({"arrays": to_arrays({name: upload[name] for name in names}),
+                                     "metrics": MetricRecord({"num-examples": weight})}), src_node=client)

@@ -45,7 +45,7 @@ from .client import Client
 from .codec import Message, encode
 from .config import Config, ConfigError
 from .data import Transformed, stratified_subset
-from .defence import activation_epsilon, releases
+from .defence import local_epsilon, releases
 from .federation import Federation, prepare
 from .inprocess import InProcessRuntime, client_round
 from .meter import DOWN, UP, PeakMemory
@@ -227,7 +227,7 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     label_accuracy, samples_sent = _label_accuracy(fed, options.victim, global_params.cpu(), upload, seen)
 
     per_sample = releases(config)
-    epsilon = activation_epsilon(defence.noise_multiplier, per_sample, config.dp_delta)
+    epsilon = local_epsilon(defence.noise_multiplier, per_sample, config.dp_delta)
     result = {
         "config": config.to_dict(),
         "audit": asdict(options),

@@ -23,12 +23,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import zeroth_order
 from .codec import Message, ProtocolError
 from .config import ConfigError
+from .defence import private_upload
 from .meter import CLIENT, Meter, PeakMemory, is_fake, scalar
 from .optim import build_optimizer
 from .model import ClientParams, SplitViT
 from .probe import RunningStatistics
 from .pruning import BANDS, el2n, keep_band, size_band
-from .seeds import LOCAL_HEAD, derive_seed
+from .seeds import LOCAL_HEAD, UPLOAD_NOISE, derive_seed, secret_words
 from .transport import Link, encode_held
 
 @dataclass
@@ -96,6 +97,9 @@ class TrainSettings:
     prompt_updates: str = "backprop"  # or "forward-only": zeroth-order prompt steps (SplitViT.perturbations)
     mean_samples: float | None = None  # the federation's mean samples per client (--prune-keep by-size), if known
     proximal_mu: float = 0.0  # FedProx's proximal term (--proximal-mu); 0: none
+    upload_clip: float | None = None  # local DP of the upload (--upload-clip, --upload-epsilon, --dp-delta)
+    upload_epsilon: float | None = None
+    dp_delta: float = 1e-5
 
     @classmethod
     def from_config(cls, config, **changes) -> "TrainSettings":
@@ -229,15 +233,25 @@ class Client:
             if method.split:  # the body server need not wait for this client's requests any longer
                 ctx.phase = "close"
                 _expect(link.request(Message("done"), "close", memory), "closed")
+            tensors = self._upload(global_state, params, seed, ctx)
         except Exception as err:
             self.__dict__.pop("local_head", None)  # made anew from its seed if it did not exist before
             self.load_state_dict(kept)
             raise ClientFailure(self.cid, ctx.phase, f"{type(err).__name__}: {err}") from err
-        update = Message("update", dict(params.state_dict()), {"client": self.cid, "num_examples": self.num_examples,
-                                                                **report})
+        update = Message("update", tensors, {"client": self.cid, "num_examples": self.num_examples, **report})
         payload = encode_held(update, memory)
         self.meter.record_peak(memory)
         return payload
+
+    def _upload(self, global_state: Message, params: nn.Module, seed: int, ctx: RoundContext) -> dict[str, torch.Tensor]:
+        """What the client uploads of its trained params: all of them, or with --upload-epsilon their change from the
+        broadcast clipped and noised by Flower's LocalDpMod (`defence.private_upload`), with the client's own noise."""
+        tensors, s = dict(params.state_dict()), self.settings
+        if s.upload_epsilon is None or any(is_fake(t) for t in tensors.values()):  # `sfprompt cost`: sizes only
+            return tensors
+        ctx.phase = "upload"
+        return private_upload(global_state.tensors, tensors, s.upload_clip, s.upload_epsilon, s.dp_delta,
+                              secret_words(self.noise_seed, seed, UPLOAD_NOISE))
 
     # SFPrompt phase 1: self-update on the local model (head, then a classifier), no server involved.
     def local_update(self, ctx: RoundContext) -> float | None:

@@ -7,6 +7,7 @@ of them, and the resolved config is printed and saved with every result.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -177,10 +178,19 @@ class Config:
     noise_multiplier: float = _opt(
         0.0, "add Gaussian noise of std NOISE_MULTIPLIER x CLIP_NORM to the clipped activations (local DP)"
     )
-    dp_delta: float = _opt(1e-5, "delta of the (epsilon, delta) reported for --noise-multiplier")
+    dp_delta: float = _opt(1e-5, "delta of the (epsilon, delta) of --noise-multiplier and --upload-epsilon")
     label_epsilon: Optional[float] = _opt(
         None, "label-DP epsilon: the prompts' gradients (with forward-only, their loss differences) are computed at "
         "randomized-response labels, drawn once per sample (omit to use the true labels)"
+    )
+    upload_clip: Optional[float] = _opt(
+        None, "with --upload-epsilon: clip each client's upload's change from the broadcast (every tensor together) "
+        "to this L2 norm"
+    )
+    upload_epsilon: Optional[float] = _opt(
+        None, "local DP of each upload against the server, by Flower's LocalDpMod: Gaussian noise on the clipped "
+        "change, calibrated to (UPLOAD_EPSILON, --dp-delta) at sensitivity 2 x --upload-clip (omit for uploads in the "
+        "clear)"
     )
     # optimisation
     batch_size: int = _opt(32, "mini-batch size of every client phase")
@@ -287,10 +297,28 @@ class Config:
         if self.method == "linear-probe" and self.label_epsilon is not None:
             raise ConfigError("--label-epsilon randomizes the labels behind the gradients a client sends; linear-probe "
                               "sends none (its labels reach the server only through its statistics: docs/privacy.md)")
+        self._check_upload_privacy()
         if self.method in ("fl", "fl-prompt") and self.defends:
             raise ConfigError(f"--method {self.method} sends no activations or gradients; the privacy options "
                               "(--pool-tokens, --shuffle-tokens, --clip-norm, --noise-multiplier, --label-epsilon) "
                               "apply to the split methods")
+
+    def _check_upload_privacy(self) -> None:
+        for flag, value in (("upload-clip", self.upload_clip), ("upload-epsilon", self.upload_epsilon)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{flag} must be a positive number, got {value}")
+        if (self.upload_clip is None) != (self.upload_epsilon is None):
+            raise ConfigError("--upload-epsilon and --upload-clip go together: the noise is calibrated to the clipped "
+                              "change")
+        if self.upload_epsilon is None:
+            return
+        if importlib.util.find_spec("flwr") is None:
+            raise ConfigError("--upload-epsilon noises each upload with Flower's LocalDpMod: pip install -e '.[flower]'")
+        if self.method == "linear-probe" or self.probe_rounds:
+            raise ConfigError("--upload-epsilon clips and noises a client's change of the broadcast state (Flower's "
+                              "LocalDpMod); a linear probe's round uploads statistics of its features instead, which "
+                              "it does not cover: " + ("use another method" if self.method == "linear-probe" else
+                                                       "set --probe-rounds 0"))
 
     def _check_forward_only(self) -> None:
         if self.directions < 1:

@@ -87,11 +87,14 @@ def _estimate(config: Config, samples_per_client: int, num_classes: int, methods
     for name in methods:
         method, overrides = VARIANTS.get(name, (name, {}))  # a variant: the method with other options
         variant = config.replace(method=method, **overrides) if overrides else config
+        # The noise of --upload-epsilon changes no size; and the other methods' uploads (the probe's statistics) the
+        # mod could not noise.
+        common = dict(mean_samples=samples_per_client, upload_epsilon=None)
         # Counting: samples per phase do not depend on the batch size, so one batch per epoch (seconds, not minutes).
-        counting = TrainSettings.from_config(variant, batch_size=samples_per_client, mean_samples=samples_per_client)
+        counting = TrainSettings.from_config(variant, batch_size=samples_per_client, **common)
         # Two epochs of each phase at most: the second one's batches meet the optimiser's state, as a run's do.
         probing = TrainSettings.from_config(variant, local_epochs=min(variant.local_epochs, 2),
-                                            split_epochs=min(variant.split_epochs, 2), mean_samples=samples_per_client)
+                                            split_epochs=min(variant.split_epochs, 2), **common)
         counting_config = variant.replace(model=COUNTING_MODEL, image_size=COUNTING_SIZE, pool_tokens=0, client_blocks=0)
         _, full = _round(counting_config, counting_vit, method, samples_per_client, num_classes, counting)
         probe = min(probe_samples or probe_size(variant, pruned="prune" in full), samples_per_client)

@@ -6,12 +6,15 @@ generator, see `Client`), to exactly what leaves it:
 - the activations of a `forward` (`protect`): the patch tokens in a random order per sample
   (`shuffle`), and/or each sample's data-dependent rows clipped to an L2 norm and blurred with
   Gaussian noise (`clip_norm`, `noise_multiplier`), which makes every release of a sample a Gaussian
-  mechanism with a formal (epsilon, delta) (`activation_epsilon`);
+  mechanism with a formal (epsilon, delta) (`local_epsilon`);
 - the labels behind a `backward` (`randomized_response`): the gradient sent for the prompts is that
   of the loss at a label kept with probability e^eps / (e^eps + K - 1) and otherwise replaced by
   another class, drawn once per sample so repeated rounds reveal nothing new (label-DP with epsilon
   `label_epsilon`). The tail still learns from the true labels, and each client uploads it: the
-  guarantee covers the gradients, not the upload (`privacy_notice` says where each one holds).
+  guarantee covers the gradients, not the upload (`privacy_notice` says where each one holds);
+- the upload (`private_upload`): its change from the broadcast clipped and noised by Flower's `LocalDpMod`, local
+  (epsilon, delta)-DP of the client's whole data against the server (`--upload-epsilon`), composed over the rounds
+  by Opacus' accountant (`local_epsilon`).
 
 Pooling the patch tokens (`--pool-tokens`) is part of the model split (`model.PromptedHead`) since
 it changes the sequence the body runs on. What each defence hides is not assumed here: `sfprompt
@@ -21,9 +24,12 @@ audit` attacks it with an attacker who knows it, and docs/privacy.md holds the m
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 
@@ -97,13 +103,13 @@ def _image_leaks(config) -> str:
     return "; ".join(leaks) if leaks else "here nothing does, the uploads being computed from the noised sends"
 
 
-def activation_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
-    """Epsilon of local (epsilon, delta)-DP for one sample's activations released `releases` times,
-    each clipped to norm C with Gaussian noise of std `noise_multiplier` x C.
+def local_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """Epsilon of local (epsilon, delta)-DP for what is released `releases` times (one sample's activations, one
+    client's upload), each clipped to norm C with Gaussian noise of std `noise_multiplier` x C.
 
     Any two inputs are neighbours (local DP), so one release has L2 sensitivity 2C: the Gaussian
     mechanism's noise multiplier is `noise_multiplier / 2`. Composed with Renyi DP by Opacus's
-    accountant (no subsampling: every kept sample is sent in every split epoch).
+    accountant (no subsampling: every kept sample is sent in every split epoch; a client may be sampled every round).
     """
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
@@ -115,6 +121,63 @@ def activation_epsilon(noise_multiplier: float, releases: int, delta: float) -> 
         warnings.simplefilter("ignore", UserWarning)
         epsilon, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(epsilon)
+
+
+def upload_noise_multiplier(epsilon: float, delta: float) -> float:
+    """The std of the noise Flower's `LocalDpMod` adds to each upload value, over the clipping norm C: its
+    calibration of one Gaussian mechanism to (epsilon, delta), sensitivity x sqrt(2 ln(1.25 / delta)) / epsilon, at
+    sensitivity 2C (any two data sets of a client give changes at most 2C apart: local DP of its whole data)."""
+    return 2 * math.sqrt(2 * math.log(1.25 / delta)) / epsilon
+
+
+_GLOBAL_NUMPY = threading.Lock()  # `private_upload` seeds NumPy's global generator for Flower: one client at a time
+
+
+def private_upload(broadcast: Mapping[str, torch.Tensor], upload: Mapping[str, torch.Tensor], clip: float,
+                   epsilon: float, delta: float, secret: Sequence[int]) -> dict[str, torch.Tensor]:
+    """`upload` as Flower's `LocalDpMod` lets it leave a client: its change from `broadcast` (every tensor together)
+    clipped to L2 norm `clip`, then Gaussian noise of std `upload_noise_multiplier` x `clip` on every value.
+
+    The mod is Flower's, run on the messages as the Flower runtime carries them (`flower.records`), in both
+    runtimes. It draws its noise from NumPy's global generator; here that generator is seeded from the client's
+    `secret` (words derived from its private seed: a deployed node's is a secret the server cannot search) for the
+    call and restored after, one client at a time, so that a run repeats and nothing else's draws move."""
+    import logging
+
+    from flwr.app import Context, Message, RecordDict
+    from flwr.clientapp.mod import LocalDpMod
+
+    from .flower.records import from_arrays, to_arrays, train_message
+
+    if upload.keys() != broadcast.keys():
+        raise ValueError(f"the upload's tensors are not the broadcast's ({sorted(upload.keys() ^ broadcast.keys())[:4]}):"
+                         " Flower's LocalDpMod clips a change of the broadcast state")
+    change = math.sqrt(sum(float((upload[name].double() - broadcast[name].double()).square().sum()) for name in upload))
+    if change == 0:  # the mod would divide by it
+        raise ValueError("the upload equals the broadcast: Flower's LocalDpMod cannot clip a change of norm 0")
+    shapes = {name: tensor.shape for name, tensor in upload.items()}  # the mod leaves a 0-d array as it is: 1-d
+
+    def trained(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"upload": to_arrays({name: t.reshape(-1) for name, t in upload.items()})}),
+                       reply_to=msg)
+
+    mod = LocalDpMod(clip, 2 * clip, epsilon, delta)
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    flower_log = logging.getLogger("flwr")
+    with _GLOBAL_NUMPY:
+        saved, level = np.random.get_state(), flower_log.level
+        np.random.seed(list(secret))
+        flower_log.setLevel(logging.WARNING)  # its two lines a client a round; the run's log says it once
+        try:
+            sent = {name: tensor.reshape(-1) for name, tensor in broadcast.items()}
+            reply = mod(train_message(RecordDict({"global": to_arrays(sent)})), context, trained)
+        finally:
+            np.random.set_state(saved)
+            flower_log.setLevel(level)
+    if reply.has_error():
+        raise ValueError(f"Flower's LocalDpMod refused the upload: {reply.error.reason}")
+    noisy = from_arrays(reply.content["upload"])
+    return {name: noisy[name].reshape(shapes[name]).to(tensor.device, tensor.dtype) for name, tensor in upload.items()}
 
 
 def releases(config) -> int:
@@ -136,7 +199,7 @@ def privacy_notice(config) -> str:
               if config.client_blocks == 0 and not config.pool_tokens
               else "the server can still reconstruct recognisable images from the activations")
     if config.noise_multiplier > 0:
-        epsilon = activation_epsilon(config.noise_multiplier, sends, config.dp_delta)
+        epsilon = local_epsilon(config.noise_multiplier, sends, config.dp_delta)
         images = (f"the activations sent are local ({epsilon:.3g}, {config.dp_delta:g})-DP per sample over {sends} "
                   f"send{'s' * (sends != 1)}, which covers the images only as far as nothing else leaves the "
                   f"client from them: {_image_leaks(config)}; how much that hides in practice is measured, not implied")
@@ -154,4 +217,19 @@ def privacy_notice(config) -> str:
     else:
         labels = (f"the gradients sent are {config.label_epsilon:g}-label-DP (randomized response), but no guarantee "
                   "covers the labels: the tail each client uploads is trained on the true ones")
-    return f"privacy: {images}; {labels}. Measured in docs/privacy.md; `sfprompt audit` with these options measures this run"
+    return (f"privacy: {images}; {labels}{_upload_notice(config)}. Measured in docs/privacy.md; `sfprompt audit` with these "
+            "options measures this run")
+
+
+def _upload_notice(config) -> str:
+    """What `privacy_notice` says of the uploads under --upload-epsilon (nothing without it)."""
+    if config.upload_epsilon is None:
+        return ""
+    multiplier, delta = upload_noise_multiplier(config.upload_epsilon, config.dp_delta), config.dp_delta
+    one, total = local_epsilon(multiplier, 1, delta), local_epsilon(multiplier, config.rounds, delta)
+    return (f"; each upload's change is clipped to {config.upload_clip:g} and noised by Flower's LocalDpMod (std "
+            f"{multiplier * config.upload_clip:.3g} on every value: its classic calibration to epsilon "
+            f"{config.upload_epsilon:g}, proven for epsilon < 1), local DP of the client's whole data at "
+            f"({one:.3g}, {delta:g}) an upload and ({total:.3g}, {delta:g}) over the {config.rounds} rounds a client "
+            "may upload in (Opacus' RDP accountant), for the uploaded tensors: its sample count and losses travel in "
+            "the clear beside them")

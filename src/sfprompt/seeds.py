@@ -15,11 +15,18 @@ PRIVATE = 0x5EC12E7  # a simulated client's private seed (a deployed node draws 
 VALIDATION = 0x7A11D  # the validation draw, independent of the partition's
 BUDGETS = 0xB0D6E7  # each simulated client's budget, drawn from --client-budgets
 HOLDOUT = 0x401D007  # which of a client's samples --client-holdout keeps out of its training
+UPLOAD_NOISE = 0xD9A0  # the noise on a client's upload (--upload-epsilon), from its private noise seed
 
 
 def derive_seed(*parts: int) -> int:
     """An independent seed for each combination of `parts` (run seed, round, client, ...)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def secret_words(*parts: int) -> list[int]:
+    """128 bits for a secret stream from `parts` (a client's private seed first), as the words NumPy's generators
+    take: a 32-bit `derive_seed` would let the server try every seed of a noise it wants to take off."""
+    return [int(word) for word in np.random.SeedSequence(list(parts)).generate_state(4)]
 
 
 def client_seed(seed: int, round_: int, cid: int) -> int:

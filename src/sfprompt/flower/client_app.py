@@ -211,7 +211,7 @@ def broadcast(msg: Message, secure: bool, method, side: ClientSide) -> Payload:
     aggregation its legacy FitIns's parameters (in the order of the state's names). Its `wire_bytes`, what the
     client holds of it as it arrived, are the codec's encoding's, as in-process."""
     if secure:
-        names = sorted(set(method.new_params(side.model).state_dict()) - set(method.server_only))
+        names = sorted(method.broadcast(method.new_params(side.model).state_dict()))
         tensors = broadcast_of(msg, names)
     else:
         tensors = from_arrays(msg.content.array_records["global"])

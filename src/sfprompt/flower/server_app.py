@@ -43,7 +43,7 @@ class FlowerRuntime:
                  folder_sizes: Mapping[int, int] | None = None, budgets: Mapping[int, float] | None = None) -> None:
         self.fed, self.grid, self.nodes, self.options = fed, grid, nodes, options
         if options.secure_aggregation:
-            check_secure_aggregation(fed.config)  # with clients-per-round as capped by the SuperNodes
+            check_secure_aggregation(fed.config, options.secagg_clipping_range)  # clients-per-round as capped
         self.caps = {cid: self._cap(cid, (folder_sizes or {}).get(cid)) for cid in nodes}
         self.splits = self._splits(budgets or {})
         self._run_key: str | None = None
@@ -111,7 +111,8 @@ class FlowerRuntime:
             task["secagg-max-weight"], task["secagg-clipping-range"] = max_weight, self.options.secagg_clipping_range
             task["secagg-scales"] = json.dumps(scales)
         result = secure_average(self.grid, self.fed.meter, round_, {self.nodes[c]: t for c, t in tasks.items()},
-                                [broadcast[name] for name in sorted(broadcast)], max_weight, self.options.secagg_clipping_range, self.options.secagg_threshold,
+                                [broadcast[name] for name in sorted(broadcast)], max_weight,
+                                self.options.secagg_clipping_range, self.options.secagg_threshold,
                                 self.fed.config.client_timeout_s)
         metas, dropped, unusable = {}, [], None
         for cid in tasks:
@@ -165,7 +166,7 @@ class FlowerRuntime:
     def task(self, cid: int, round_: int) -> ConfigRecord:
         """What a client gets for a round beside the broadcast (an ArrayRecord, counted as the in-process runtime
         counts it): the control fields (the run's config and class names, its partition, seeds, split point,
-        session, body address, token and certificate; about 1.3 KB, more with a certificate), which are not
+        session, body address, token and certificate; about 1.7 KB, more with a certificate), which are not
         counted."""
         return ConfigRecord({
             "config": json.dumps(self.fed.config.to_dict()), "partition": cid, "round": round_,

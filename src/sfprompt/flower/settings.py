@@ -78,15 +78,17 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerOption
     if options.body_batching and config.train_body:
         raise ConfigError("body-batching cannot batch a trained body (--train-body keeps a body copy per client)")
     if options.secure_aggregation:
-        check_secure_aggregation(config)
+        check_secure_aggregation(config, options.secagg_clipping_range)
     return config, options
 
 
-def check_secure_aggregation(config: Config) -> None:
+def check_secure_aggregation(config: Config, clipping_range: float) -> None:
     """Refuse what Flower's SecAgg+ cannot do, before any round: average a method whose clients train one after
-    another, give a robust aggregator the uploads it ranks, mask a single client's upload, or sum more clients than
-    its quantised sum holds."""
+    another, give a robust aggregator the uploads it ranks, mask a single client's upload, sum more clients than
+    its quantised sum holds, or keep an upload noised (--upload-epsilon) so much that its values pass the range
+    it clips to (`clipping_range`; six standard deviations of the noise stay within it)."""
     from ..aggregate import ROBUST
+    from ..defence import upload_noise_multiplier
     from ..methods import METHODS
     from .secure import MAX_CLIENTS
 
@@ -99,6 +101,13 @@ def check_secure_aggregation(config: Config) -> None:
     if not 2 <= config.clients_per_round <= MAX_CLIENTS:
         raise ConfigError(f"secure-aggregation needs 2 to {MAX_CLIENTS} clients a round (a single upload cannot be "
                           f"hidden; Flower's sum overflows beyond), got {config.clients_per_round}")
+    if config.upload_epsilon is not None:
+        std = upload_noise_multiplier(config.upload_epsilon, config.dp_delta) * config.upload_clip
+        if 6 * std > clipping_range:
+            raise ConfigError(f"--upload-epsilon {config.upload_epsilon:g} with --upload-clip {config.upload_clip:g} "
+                              f"adds noise of std {std:.3g} to each upload value, beyond what secure-aggregation's "
+                              f"secagg-clipping-range of +-{clipping_range:g} keeps (6 standard deviations): raise "
+                              f"it to {6 * std:.3g} or more, or noise less")
 
 
 def as_run_config(config: Config) -> dict[str, Any]:
