@@ -63,6 +63,7 @@ def test_upload_noise_changes_no_cost_and_the_probe_is_still_costed():
     noised = CONFIG.replace(probe_rounds=0, upload_clip=1.0, upload_epsilon=1.0)
     plain = estimate(CONFIG.replace(probe_rounds=0), 12, 10, ["sfprompt", "linear-probe"])
     assert estimate(noised, 12, 10, ["sfprompt", "linear-probe"]) == plain
+    assert estimate(noised, 12, 10, ["sfprompt-probe-warm"])  # a variant that opens with a probe round
 
 
 def test_cost_command_writes_json(tmp_path, capsys):

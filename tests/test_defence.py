@@ -200,3 +200,17 @@ def test_the_upload_dp_benchmark_runs_each_row_and_writes_its_report(tmp_path):
     config = json.loads((tmp_path / "runs" / "iid" / "epsilon-10" / "seed-0" / "config.json").read_text())
     assert (config["upload_clip"], config["upload_epsilon"], config["probe_rounds"]) == (2.0, 10.0, 0)
 
+
+
+def test_upload_noise_without_flower_stops_the_run_before_its_first_round_yet_its_config_reads(imagefolder, tmp_path,
+                                                                                               monkeypatch):
+    import importlib.util
+
+    from sfprompt.federation import prepare
+
+    config = tiny_config(imagefolder, tmp_path, upload_clip=1.0, upload_epsilon=1.0)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flwr" else find_spec(name, *a))
+    assert Config.from_dict(config.to_dict()) == config  # a saved run's config still reads (predict, audit --from)
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[flower\]'"):
+        prepare(config)

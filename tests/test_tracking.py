@@ -3,6 +3,8 @@ side."""
 
 import json
 
+import pytest
+
 from sfprompt.cli import main
 
 from conftest import TINY_RUN
@@ -104,3 +106,27 @@ def test_a_run_that_fails_is_marked_failed_in_mlflow(tmp_path, monkeypatch):
     assert main(["run", *TINY, "--tracker", "mlflow", "--out", str(out)]) == 1
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
     assert client.get_run((out / "mlflow" / "run-id").read_text().strip()).info.status == "FAILED"
+
+
+def test_a_run_stopped_by_hand_is_killed_in_mlflow_and_running_again_once_resumed(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from sfprompt import runner
+
+    out, rounds = tmp_path / "run", runner._round
+
+    def stopped(fed, method, executor, round_, *args):
+        if round_ == 2:
+            raise KeyboardInterrupt
+        return rounds(fed, method, executor, round_, *args)
+
+    monkeypatch.setattr(runner, "_round", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", *TINY, "--tracker", "mlflow", "--out", str(out)])
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
+    run_id = (out / "mlflow" / "run-id").read_text().strip()
+    assert client.get_run(run_id).info.status == "KILLED"
+    monkeypatch.setattr(runner, "_round", rounds)
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "accuracy/test")] == [1, 2]

@@ -7,7 +7,6 @@ of them, and the resolved config is printed and saved with every result.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -312,8 +311,6 @@ class Config:
                               "change")
         if self.upload_epsilon is None:
             return
-        if importlib.util.find_spec("flwr") is None:
-            raise ConfigError("--upload-epsilon noises each upload with Flower's LocalDpMod: pip install -e '.[flower]'")
         if self.method == "linear-probe" or self.probe_rounds:
             raise ConfigError("--upload-epsilon clips and noises a client's change of the broadcast state (Flower's "
                               "LocalDpMod); a linear probe's round uploads statistics of its features instead, which "

@@ -80,6 +80,9 @@ def estimate(config: Config, samples_per_client: int, num_classes: int, methods:
 
 def _estimate(config: Config, samples_per_client: int, num_classes: int, methods: list[str],
               probe_samples: int | None) -> dict[str, dict]:
+    # The noise of --upload-epsilon changes no size, and the probe's rounds (linear-probe, the probe variants) could
+    # not take it: every method is costed without it.
+    config = config.replace(upload_clip=None, upload_epsilon=None)
     torch.manual_seed(config.seed)
     vit = fake_vit(config.model, num_classes, config.image_size)
     counting_vit = create_vit(COUNTING_MODEL, num_classes, COUNTING_SIZE, "none")
@@ -87,14 +90,11 @@ def _estimate(config: Config, samples_per_client: int, num_classes: int, methods
     for name in methods:
         method, overrides = VARIANTS.get(name, (name, {}))  # a variant: the method with other options
         variant = config.replace(method=method, **overrides) if overrides else config
-        # The noise of --upload-epsilon changes no size; and the other methods' uploads (the probe's statistics) the
-        # mod could not noise.
-        common = dict(mean_samples=samples_per_client, upload_epsilon=None)
         # Counting: samples per phase do not depend on the batch size, so one batch per epoch (seconds, not minutes).
-        counting = TrainSettings.from_config(variant, batch_size=samples_per_client, **common)
+        counting = TrainSettings.from_config(variant, batch_size=samples_per_client, mean_samples=samples_per_client)
         # Two epochs of each phase at most: the second one's batches meet the optimiser's state, as a run's do.
         probing = TrainSettings.from_config(variant, local_epochs=min(variant.local_epochs, 2),
-                                            split_epochs=min(variant.split_epochs, 2), **common)
+                                            split_epochs=min(variant.split_epochs, 2), mean_samples=samples_per_client)
         counting_config = variant.replace(model=COUNTING_MODEL, image_size=COUNTING_SIZE, pool_tokens=0, client_blocks=0)
         _, full = _round(counting_config, counting_vit, method, samples_per_client, num_classes, counting)
         probe = min(probe_samples or probe_size(variant, pruned="prune" in full), samples_per_client)

@@ -6,6 +6,7 @@ Flower ClientApp) holds the same frozen model, the same initial params and the s
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class Federation:
 
 def prepare(config: Config) -> Federation:
     """Data, model, partition and clients of a run, deterministically from `config`."""
+    if config.upload_epsilon is not None and importlib.util.find_spec("flwr") is None:  # before any round
+        raise ConfigError("--upload-epsilon noises each upload with Flower's LocalDpMod: pip install -e '.[flower]'")
     device = resolve_device(config.device)
     with SEEDED_BUILD:  # random weights come from the global generator: one seeded build at a time
         torch.manual_seed(config.seed)

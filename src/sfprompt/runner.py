@@ -105,18 +105,23 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
         log(f"resuming {out} after round {len(history)}")
 
     _write_text(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
-    tracker = open_tracker(config, out, history)
+    tracker, status = open_tracker(config, out, history), "failed"
     try:
         summary = _rounds(fed, executor, log, started, out, history, global_params, sampler, aggregator, tracker)
-    except BaseException:
-        tracker.close(failed=True)
+        status = "finished"
+        try:
+            tracker.ended(out)
+        except Exception as err:  # a tracker is a view of the run, which stands without it
+            log(f"the tracker could not show the run's pictures: {type(err).__name__}: {err}")
+        return summary
+    except KeyboardInterrupt:  # stopped by hand: resumable
+        status = "killed"
         raise
-    try:
-        tracker.ended(out)
-    except Exception as err:  # a tracker is a view of the run, which stands without it
-        log(f"the tracker could not show the run's pictures: {type(err).__name__}: {err}")
-    tracker.close()
-    return summary
+    finally:
+        try:
+            tracker.close(status)
+        except Exception as err:
+            log(f"the tracker could not end its run: {type(err).__name__}: {err}")
 
 
 def _rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], started: float, out: Path,

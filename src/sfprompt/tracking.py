@@ -51,8 +51,9 @@ class Tracker:
     def pictures(self, paths: list[Path]) -> None:
         raise NotImplementedError
 
-    def close(self, failed: bool = False) -> None:
-        """Ends the tracker's run, marked failed when the run stopped with an error."""
+    def close(self, status: str = "finished") -> None:
+        """Ends the tracker's run as the run ended: "finished", "failed" (an error) or "killed" (stopped by hand,
+        to be resumed)."""
         raise NotImplementedError
 
 
@@ -81,7 +82,7 @@ class TensorBoard(Tracker):
         for path in paths:
             self.writer.add_image(f"plots/{path.stem}", imread(path)[..., :3], dataformats="HWC")
 
-    def close(self, failed: bool = False) -> None:
+    def close(self, status: str = "finished") -> None:
         self.writer.close()
 
 
@@ -113,8 +114,8 @@ class WandB(Tracker):
 
         self.run.log({f"plots/{path.stem}": wandb.Image(str(path)) for path in paths})
 
-    def close(self, failed: bool = False) -> None:
-        self.run.finish(exit_code=1 if failed else 0)
+    def close(self, status: str = "finished") -> None:
+        self.run.finish(exit_code=0 if status == "finished" else 1)
 
 
 class MLflow(Tracker):
@@ -137,6 +138,7 @@ class MLflow(Tracker):
         saved = folder / "run-id"
         if history and saved.is_file():
             self.run_id = saved.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")  # it ended killed or failed: it goes on
             return
         experiment = self.client.get_experiment_by_name("sfprompt")
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
@@ -158,8 +160,8 @@ class MLflow(Tracker):
         for path in paths:
             self.client.log_artifact(self.run_id, str(path), "plots")
 
-    def close(self, failed: bool = False) -> None:
-        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+    def close(self, status: str = "finished") -> None:
+        self.client.set_terminated(self.run_id, status=status.upper())  # MLflow's FINISHED, FAILED, KILLED
 
 
 class NoTracker:
@@ -169,7 +171,7 @@ class NoTracker:
     def ended(self, out: Path) -> None:
         pass
 
-    def close(self, failed: bool = False) -> None:
+    def close(self, status: str = "finished") -> None:
         pass
 
 
