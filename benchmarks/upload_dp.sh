@@ -2,11 +2,12 @@
 # What local DP of the uploads costs (--upload-epsilon: Flower's LocalDpMod on each client, the change from the
 # broadcast clipped to --upload-clip and noised): the default job without its probe round (--probe-rounds 0: a
 # probe round uploads statistics, which the mod does not cover), every seed in SEEDS, IID; then
-# docs/benchmarks/upload-dp.md. Rows: clear (no noise) and epsilon-E (`--upload-clip CLIP --upload-epsilon E`: the
+# docs/benchmarks/upload-dp.md. Rows: clear (no noise), clip-only (the clipping with noise of std 1e-8) and
+# epsilon-E (`--upload-clip CLIP --upload-epsilon E`: the
 # change clipped to CLIP, default 1, below every change of the clear runs' first round, 3.4 to 3.7; then the noise
 # Flower calibrates to (E, 1e-5), proven for E < 1 only: the report gives the bound Opacus' accountant proves).
 #
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/upload_dp.sh      # 12 runs of the default job: about 80 min on two cores
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/upload_dp.sh      # 15 runs of the default job: about an hour on two cores
 #   ROWS="clear epsilon-100" SEEDS=0 bash benchmarks/upload_dp.sh
 #
 # A finished run is not redone and an interrupted one continues after its last complete round. SIZE appends
@@ -17,7 +18,7 @@ source benchmarks/lib.sh
 OUT=${OUT:-results/upload-dp}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=iid
-ROWS=${ROWS:-clear epsilon-1000 epsilon-100 epsilon-10}
+ROWS=${ROWS:-clear clip-only epsilon-1000 epsilon-100 epsilon-10}
 CLIP=${CLIP:-1}
 read -r -a size <<< "${SIZE:-}"
 
@@ -31,6 +32,7 @@ setting() {
 options() {
   case "$1" in
     clear) echo "" ;;
+    clip-only) echo "--upload-clip $CLIP --upload-epsilon 1e9" ;;  # noise of std 1e-8: what the clipping costs
     epsilon-*) echo "--upload-clip $CLIP --upload-epsilon ${1#epsilon-}" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
@@ -40,7 +42,8 @@ run_grid
 DOC=${DOC:-docs/benchmarks/upload-dp.md}
 {
   echo "$(command_header upload_dp) The default job without its probe round (\`sfprompt run --probe-rounds 0\`),"
-  echo "test accuracy, mean ± standard deviation over the seeds. Rows: clear (uploads as trained) and epsilon-E"
+  echo "test accuracy, mean ± standard deviation over the seeds. Rows: clear (uploads as trained), clip-only (each"
+  echo "change clipped to $CLIP, with noise of std 1e-8: \`--upload-epsilon 1e9\`) and epsilon-E"
   echo "(\`--upload-clip $CLIP --upload-epsilon E\`: each upload's change clipped to $CLIP, then the noise Flower's"
   echo "LocalDpMod calibrates to (E, 1e-5), a calibration proven for E < 1 only; below, the local DP that Opacus' RDP"
   echo "accountant proves of it, per client and for its whole data)."
