@@ -215,7 +215,8 @@ def broadcast(msg: Message, secure: bool, method, side: ClientSide) -> Payload:
         tensors = broadcast_of(msg, names)
     else:
         tensors = from_arrays(msg.content.array_records["global"])
-    received = Payload("global", tensors)
+    received = Payload("global", {name: t.to(side.device) for name, t in tensors.items()})
     if (size := encoded_size(received)) > side.max_message_bytes:
         raise ValueError(f"the broadcast of {size} bytes exceeds the run's {side.max_message_bytes}-byte limit")
-    return Payload("global", {name: t.to(side.device) for name, t in tensors.items()}, wire_bytes=size)
+    received.wire_bytes = size
+    return received
