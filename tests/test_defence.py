@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sfprompt.client import Client
 from sfprompt.config import Config, ConfigError
 from sfprompt.defence import Defence, local_epsilon
 from sfprompt.model import SplitViT, create_vit
@@ -77,6 +78,33 @@ def test_randomized_response_keeps_the_stated_share_and_a_sample_always_shows_on
     assert set(changed.tolist()) == set(range(1, classes))  # every other class, about equally often
     assert torch.equal(defence.randomized_response(labels, draws, classes), shown)
     assert Defence().randomized_response(labels, draws, classes) is labels
+
+
+def test_a_clients_private_streams_keep_every_bit_of_a_long_secret():
+    """PyTorch's `manual_seed` keeps 32 bits of a seed (5 and 5 + 2^32 draw alike), so a server could try every
+    stream a deployed node's noise or randomized labels might come from; a secret below 2^32 (a simulated client's,
+    derived from --seed) still draws as `manual_seed` did, so the documented runs repeat."""
+    from sfprompt.seeds import derive_seed, private_generator
+
+    def draws(generator):
+        return torch.randn(10000, generator=generator)
+
+    assert torch.equal(draws(torch.Generator().manual_seed(5)), draws(torch.Generator().manual_seed(5 + 2**32)))
+    secret = 1 << 127 | 0x5EC12E7
+    for parts in [(), (3,)]:
+        assert not torch.equal(draws(private_generator(secret, *parts)), draws(private_generator(secret + 2**32, *parts)))
+        assert not torch.equal(draws(private_generator(secret, *parts)), draws(private_generator(secret | 1 << 90, *parts)))
+        assert torch.equal(draws(private_generator(secret, *parts)), draws(private_generator(secret, *parts)))  # resumes
+    assert not torch.equal(draws(private_generator(secret, 3)), draws(private_generator(secret, 4)))  # each round anew
+    noise = draws(private_generator(secret, 3))
+    assert abs(float(noise.mean())) < 0.05 and float(noise.std()) == pytest.approx(1.0, abs=0.05)
+    assert torch.equal(draws(private_generator(77)), draws(torch.Generator().manual_seed(77)))
+    assert torch.equal(draws(private_generator(77, 3)), draws(torch.Generator().manual_seed(derive_seed(77, 3))))
+
+    def label_draws(private_seed):  # a client's randomized labels come from such a stream
+        return Client(0, [None] * 50, list(range(50)), None, None, None, torch.device("cpu"), private_seed).label_draws
+
+    assert not torch.equal(label_draws(secret), label_draws(secret + 2**32))
 
 
 def test_local_epsilon_follows_the_noise_and_the_number_of_sends():

@@ -225,6 +225,7 @@ def node(partition: int, **node_config) -> Context:
 def test_a_node_draws_its_own_private_seed_once_unless_its_node_config_names_one(tmp_path):
     seeds = [client_app.NodeState(node(k)).private_seed() for k in range(2)]
     assert seeds[0] != seeds[1]  # from the operating system's entropy, not from anything the server sent
+    assert all(2**127 <= seed < 2**128 for seed in seeds)  # 127 bits, all kept by the private streams
     assert [client_app.NodeState(node(k)).private_seed() for k in range(2)] == seeds  # kept on the node's disk
     assert client_app.NodeState(node(0, **{"state-dir": str(tmp_path / "elsewhere")})).private_seed() != seeds[0]
     assert oct((tmp_path / "supernodes" / "partition-0" / "private-seed").stat().st_mode)[-3:] == "600"

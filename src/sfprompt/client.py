@@ -29,7 +29,7 @@ from .optim import build_optimizer
 from .model import ClientParams, SplitViT
 from .probe import RunningStatistics
 from .pruning import BANDS, el2n, keep_band, size_band
-from .seeds import LOCAL_HEAD, UPLOAD_NOISE, derive_seed, secret_words
+from .seeds import LOCAL_HEAD, UPLOAD_NOISE, derive_seed, private_generator, secret_words
 from .transport import Link, encode_held
 
 @dataclass
@@ -197,7 +197,7 @@ class Client:
     def label_draws(self) -> torch.Tensor:
         """Two uniform draws per sample, fixed by the private seed, for randomized response: a sample
         shows the same label every time it is sent (made on first use)."""
-        return torch.rand(self.num_examples, 2, generator=torch.Generator().manual_seed(self.private_seed))
+        return torch.rand(self.num_examples, 2, generator=private_generator(self.private_seed))
 
     @property
     def num_examples(self) -> int:
@@ -221,7 +221,7 @@ class Client:
         params.load_state_dict(global_state.tensors, strict=False)  # the server's own entries start fresh
         memory.hold(params)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        private = torch.Generator().manual_seed(derive_seed(self.noise_seed, seed))
+        private = private_generator(self.noise_seed, seed)  # this round's noise and shuffles
         anchor = None
         if self.settings.proximal_mu:  # FedProx pulls the params it trains towards these
             anchor = {name: value.detach().clone() for name, value in params.named_parameters() if value.requires_grad}

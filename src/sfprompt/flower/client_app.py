@@ -74,10 +74,11 @@ class NodeState:
 
     @staticmethod
     def _secret(path: Path) -> int:
-        """A secret kept in `path` (readable by its owner only), drawn from the operating system's entropy once."""
+        """A secret kept in `path` (readable by its owner only), drawn from the operating system's entropy once:
+        127 bits, at least 2^127, so that every private stream keeps them all (`seeds.private_generator`)."""
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, str(secrets.randbits(63)).encode(), mode=0o600)
+            write_atomically(path, str(1 << 127 | secrets.randbits(127)).encode(), mode=0o600)
         return int(path.read_text())
 
     def client_state(self, run_key: str, round_: int) -> tuple[int, dict | None]:
