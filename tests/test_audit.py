@@ -251,8 +251,52 @@ def test_with_randomized_labels_forward_only_prompts_step_on_them_and_the_tail_o
         config = audit_config(gray, tmp_path, prompt_updates="forward-only", directions=2, perturbation=0.3,
                               label_epsilon=epsilon, out=str(tmp_path / f"witness-{epsilon}"))
         fed = prepare(config)
-        seen[epsilon] = witness(fed, _trained(fed, None, 0, lambda _: None)[0], 0, None).evaluates
+        seen[epsilon] = witness(fed, *_trained(fed, None, 0, lambda _: None), victim=0).evaluates
     true, randomized = seen[None], seen[0.0]
     assert torch.equal(true[0].prompts, randomized[0].prompts) and not torch.equal(true[1].prompts, randomized[1].prompts)
     assert all(torch.equal(true[1].tail[name], randomized[1].tail[name]) for name in true[1].tail)
     assert not torch.equal(true[0].shown, randomized[0].shown)  # at epsilon 0 most shown labels are wrong
+
+
+def test_a_whole_run_audit_attacks_every_send_the_victim_makes_with_the_params_it_was_made_with(gray, tmp_path, capsys):
+    """--sends run replays the run and attacks every send of the victim's: each kept sample's two a round in every
+    round (here all three, every sample kept), averaged, so the noise left is a third of one round's; the replay ends
+    where the run did; with a probe round, every sample's probe send is attacked too, and a sample no gradient was
+    received for keeps its label-free guess (the gradient's own share is then stated where it was received)."""
+    from dataclasses import replace
+
+    config = audit_config(gray, tmp_path, rounds=3, probe_rounds=0, keep_ratio=1.0, clip_norm=5.0,
+                          noise_multiplier=0.5, out=str(tmp_path / "run"))
+    run(config, progress=False, log=lambda _: None)
+    one = run_audit(config.replace(out=str(tmp_path / "one")), QUICK, progress=False, log=lambda _: None)
+    main(["audit", "--from", str(tmp_path / "run"), "--sends", "run", "--images", "12", "--aux-samples", "60",
+          "--gallery", "12", "--steps", "40", "--inversion-epochs", "3", "--no-progress"])
+    every = json.loads((tmp_path / "run" / "audit.json").read_text())
+    lines = capsys.readouterr().err.splitlines()
+    assert (one["sends"], one["rounds_witnessed"], one["sends_per_image_range"]) == ("round", 1, [2, 2])
+    assert (every["sends"], every["rounds_witnessed"], every["sends_per_image_range"]) == ("run", 3, [6, 6])
+    assert any("the replay ends at" in line and "exactly" in line for line in lines)
+    assert every["reconstruction"]["affine"]["psnr"] > one["reconstruction"]["affine"]["psnr"] + 1.5  # 3x the sends
+    assert every["labels"]["gradient"] >= 0.9 and "samples_with_gradient" not in every["labels"]
+
+    probed = run_audit(audit_config(gray, tmp_path, rounds=3, out=str(tmp_path / "probed")), replace(QUICK, sends="run"),
+                       progress=False, log=lambda _: None)
+    low, high = probed["sends_per_image_range"]
+    assert low == 1 and high == 5  # the probe's one send; and two in each of two rounds when kept
+    labels = probed["labels"]
+    assert labels["samples"] == 36 > labels["samples_with_gradient"] and labels["gradient_where_received"] >= 0.9
+
+
+def test_a_whole_run_audit_is_refused_where_it_cannot_read_every_send(gray, tmp_path):
+    import numpy as np
+
+    from dataclasses import replace
+
+    with pytest.raises(ConfigError, match="one round at a time"):
+        replace(QUICK, sends="run").check(audit_config(gray, tmp_path, prompt_updates="forward-only"))
+    config = audit_config(gray, tmp_path, clients=4, clients_per_round=1, rounds=2, probe_rounds=0)
+    rng = np.random.default_rng(config.seed)  # the clients a run samples, one a round
+    sampled = {int(rng.choice(4, 1, replace=False)[0]) for _ in range(2)}
+    never = min(set(range(4)) - sampled)
+    with pytest.raises(ConfigError, match=f"client {never} is not sampled"):
+        run_audit(config, replace(QUICK, sends="run", victim=never), progress=False, log=lambda _: None)

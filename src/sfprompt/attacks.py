@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,9 +56,10 @@ class Simulator:
         """`clean` of many images (the auxiliary set), `chunk` at a time, without a graph."""
         return torch.cat([self.clean(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)])
 
-    def clean(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The sent tokens (B, L, D) without the defence's randomness."""
-        tokens = self.model.head(self.inputs(pixels), self.prompts)
+    def clean(self, pixels: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """The sent tokens (B, L, D) without the defence's randomness, made with `prompts` ((B, P, D): each
+        sample's own) or the simulator's."""
+        tokens = self.model.head(self.inputs(pixels), self.prompts if prompts is None else prompts)
         return self.deterministic.protect(tokens, self.rows, self.model.layout.patch_rows, None)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -134,12 +135,13 @@ class Unshuffler:
         return torch.cat([tokens[:, : self.patch_rows.start], placed, tokens[:, self.patch_rows.stop :]], dim=1)
 
 
-def affine_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, noise_var: float,
+def affine_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, noise_var: float | torch.Tensor,
                   max_dims: int = 16384) -> tuple[torch.Tensor | None, str]:
     """The linear minimum-mean-square-error estimate of the pixels where the sending path is affine
     in them (no client blocks): x = mu + S A' (A S A' + s I)^-1 (y - A mu - b), with A, b the path's
     matrix and offset, mu and S the mean and covariance of the auxiliary images and s the noise left
-    after averaging. Where A is injective and there is no noise it returns the exact input.
+    after averaging (one for all samples, or each its own: (B,), as many sends as it made). Where A is
+    injective and there is no noise it returns the exact input.
 
     Clipping makes the path affine up to a per-sample scale, c = min(1, C / |A x + b|): each sample's
     y / c is estimated first, its 1 / c (at least 1) as the most probable value under the same Gaussian
@@ -170,25 +172,29 @@ def affine_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, noi
     jitter = float(1e-9 * values.mean())  # beside the noise, so that a noise-free solve stays defined
     expected = offset + mean @ matrix.T  # A mu + b
     scales = torch.ones(len(observed), dtype=torch.float64)
+    noise_var = torch.as_tensor(noise_var, dtype=torch.float64).expand(len(observed))  # (B,)
     if sim.deterministic.clip_norm is not None:
         norms = path.features(path.clean_all(aux)).norm(dim=1)  # the auxiliary images' own scales: the prior
         prior = (norms.double() / sim.deterministic.clip_norm).clamp_min(1.0).log()
         scales = _unclipping_scales(values, basis, observed.double(), expected, noise_var, jitter, prior)
     # x = mu + S A' (A S A' + t^2 s I)^-1 (t y - A mu - b)
-    weights = (scales[:, None] * observed.double() - expected) @ basis / (values + jitter + scales[:, None] ** 2 * noise_var)
+    weights = ((scales[:, None] * observed.double() - expected) @ basis
+               / (values + jitter + (scales**2 * noise_var)[:, None]))
     estimate = mean + (weights * singular) @ right @ factor.T
     return estimate.float().clamp(0, 1).view(-1, *shape), ""
 
 
 def _unclipping_scales(values: torch.Tensor, basis: torch.Tensor, observed: torch.Tensor, expected: torch.Tensor,
-                       noise_var: float, jitter: float, prior: torch.Tensor, grid: int = 400) -> torch.Tensor:
+                       noise_var: float | torch.Tensor, jitter: float, prior: torch.Tensor,
+                       grid: int = 400) -> torch.Tensor:
     """Each sample's 1 / c, the most probable t >= 1 given its observation y, where t y = A x + b + t n:
     t y ~ N(e, A S A' + t^2 s I) with e = A mu + b and A S A' = U diag(values) U' (zero beyond U; the scale's
-    Jacobian t^m counted), with log t a priori normal with the mean and variance (at least (log 2)^2) of
+    Jacobian t^m counted; s each sample's own, (B,)), with log t a priori normal with the mean and variance (at least (log 2)^2) of
     `prior`, the auxiliary images' log scales (noise alone leaves the likelihood nearly flat in t): a MAP
     estimate, searched on a geometric grid from 1 to ten times the largest auxiliary scale (at least 10^4),
     then twice more finely around the best point."""
     m, k = observed.shape[1], len(values)
+    noise_var = torch.as_tensor(noise_var, dtype=torch.float64).expand(len(observed))
     p, q = observed @ basis, expected @ basis  # (B, k), (k,): the parts within U
     # |t y - e|^2 beyond U, as t^2 a - 2 t b + c per sample, from the parts beyond U themselves (no cancellation)
     y_beyond, e_beyond = observed - p @ basis.T, expected - q @ basis.T
@@ -200,8 +206,8 @@ def _unclipping_scales(values: torch.Tensor, basis: torch.Tensor, observed: torc
     def best(scales: torch.Tensor) -> torch.Tensor:  # each sample's scale of least loss among its candidates (B, T)
         losses = []
         for t in scales.split(8, dim=1):  # (B, 8, k) at a time
-            within = values + jitter + t[..., None] ** 2 * noise_var
-            beyond = jitter + t**2 * noise_var
+            within = values + jitter + t[..., None] ** 2 * noise_var[:, None, None]
+            beyond = jitter + t**2 * noise_var[:, None]
             losses.append(((t[..., None] * p[:, None] - q) ** 2 / within).sum(-1) + within.log().sum(-1)
                           + (t**2 * a[:, None] - 2 * t * b[:, None] + c).clamp_min(0) / beyond
                           + (m - k) * beyond.log() - 2 * m * t.log() + (t.log() - centre) ** 2 / spread)
@@ -217,15 +223,20 @@ def _unclipping_scales(values: torch.Tensor, basis: torch.Tensor, observed: torc
 
 
 def optimisation_attack(sim: Simulator, observed: torch.Tensor, start: torch.Tensor, steps: int,
-                        progress: bool = True) -> torch.Tensor:
+                        progress: bool = True, image: torch.Tensor | None = None,
+                        prompts: torch.Tensor | None = None) -> torch.Tensor:
     """White-box optimisation: the pixels whose clean sent activations best match the observed ones
-    (mean squared error; Adam on the pixels' logits with a cosine schedule), from the auxiliary mean image."""
-    logits = torch.logit(start.clamp(0.02, 0.98)).expand(len(observed), *start.shape).clone().requires_grad_(True)
+    (mean squared error; Adam on the pixels' logits with a cosine schedule), from the auxiliary mean image.
+    `observed` holds one row per image, or one per send, `image` (S,) naming each send's image and `prompts`
+    (S, P, D) the prompts it was made with (which the sent rows depend on where client blocks run)."""
+    images = len(observed) if image is None else int(image.max()) + 1
+    logits = torch.logit(start.clamp(0.02, 0.98)).expand(images, *start.shape).clone().requires_grad_(True)
     optimiser = torch.optim.Adam([logits], lr=0.2)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
     scale = observed.pow(2).mean().clamp_min(1e-12)
     for _ in tqdm(range(steps), desc="audit: white-box optimisation", unit="step", leave=False, disable=not progress):
-        loss = (sim.features(sim.clean(torch.sigmoid(logits))) - observed).pow(2).mean() / scale
+        pixels = torch.sigmoid(logits) if image is None else torch.sigmoid(logits)[image]
+        loss = (sim.features(sim.clean(pixels, prompts)) - observed).pow(2).mean() / scale
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -289,30 +300,42 @@ def learned_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, se
 
 
 def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, grads: torch.Tensor,
-                  sample: torch.Tensor, num_classes: int, keep_probability: float) -> dict[str, torch.Tensor]:
-    """Each sample's label as the server infers it (one guess per distinct `sample` id, ascending).
+                  sample: torch.Tensor, num_classes: int, keep_probability: float, graded: torch.Tensor | None = None,
+                  tails: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                  batch: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Each sample's label as the server infers it (one guess per distinct `sample` id, ascending), from the body
+    output `rows` (S, R, D) of every send and the `backward` gradients `grads` of the sends `graded` marks (all, by
+    default), in order:
 
-    - label_free: the global model's prediction from the body output rows it computed itself;
-    - gradient: the class whose loss gradient at those rows points most like the `backward` gradient
-      received (cosine similarity, summed over the sample's sends);
+    - label_free: the prediction of `tail` (one the server holds) from the rows it computed itself;
+    - gradient: the class whose loss gradient at a send's rows points most like the gradient received (cosine
+      similarity, summed over the sample's sends), the loss taken through the tail that send's gradient came
+      from (`tails[batch[s]]`; `tail` by default); a sample no gradient was received for keeps its label-free guess;
     - gradient_with_prior: the gradient's class combined with the model's prediction, as a Bayesian
       attacker who knows the randomized-response rate (`keep_probability`) would combine them.
     """
     rows = rows.detach()
+    graded = torch.ones(len(rows), dtype=torch.bool) if graded is None else graded
+    tails, batch = ([tail], torch.zeros(len(rows), dtype=torch.long)) if tails is None else (tails, batch)
+    received = torch.cumsum(graded, 0) - 1  # a graded send's row in `grads`
+    similarity = torch.zeros(len(rows), num_classes)
+    sent = torch.nonzero(graded).flatten()
     with torch.enable_grad():
-        rows_ = rows.clone().requires_grad_(True)
-        logits = tail(rows_)
-        candidates = []
-        for c in range(num_classes):
-            target = torch.full((len(rows),), c, dtype=torch.long)
-            (g,) = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), rows_, retain_graph=True)
-            candidates.append(F.cosine_similarity(g.flatten(1), grads.flatten(1), dim=1))
-    similarity = torch.stack(candidates, dim=1)  # (S, K)
-    log_probs = logits.detach().log_softmax(dim=1)
+        for b in batch[sent].unique().tolist():
+            at = sent[batch[sent] == b]
+            rows_ = rows[at].clone().requires_grad_(True)
+            logits = tails[b](rows_)
+            for c in range(num_classes):
+                target = torch.full((len(at),), c, dtype=torch.long)
+                (g,) = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), rows_, retain_graph=True)
+                similarity[at, c] = F.cosine_similarity(g.flatten(1), grads[received[at]].flatten(1), dim=1)
+    with torch.no_grad():
+        log_probs = tail(rows).log_softmax(dim=1)
     ids, inverse = sample.unique(return_inverse=True)
-    per_sample = lambda scores: torch.zeros(len(ids), num_classes).index_add_(0, inverse, scores)  # noqa: E731
-    gradient = per_sample(similarity).argmax(dim=1)
+    per_sample = lambda scores: torch.zeros(len(ids), scores.shape[1]).index_add_(0, inverse, scores)  # noqa: E731
     prior = per_sample(log_probs)
+    has_gradient = per_sample(graded[:, None].float())[:, 0] > 0
+    gradient = torch.where(has_gradient, per_sample(similarity).argmax(dim=1), prior.argmax(dim=1))
     return {"label_free": prior.argmax(dim=1), "gradient": gradient,
             "gradient_with_prior": with_randomized_label(prior, gradient, keep_probability)}
 

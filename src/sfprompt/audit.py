@@ -3,8 +3,10 @@
 One client (the victim) runs a real round of the configured method, with the run's global params
 (those its method's own rounds start from, after any probe rounds it opens with, which the audit plays
 first; or a finished run's with `--from DIR`), through the real client code and the real
-body server; every request the server receives and every reply is recorded, as is which of the
-client's samples each batch held (the ground truth, which the attacks never see). Then the attacks
+body server; or, with `--sends run`, the whole run is played again as `run` plays it and the victim's
+messages of every round it is sampled in are taken, each send with the params it was made with. Every
+request the server receives and every reply is recorded, as is which of the client's samples each batch held
+(the ground truth, which the attacks never see). Then the attacks
 of `attacks.py` run on those messages, with auxiliary images from the dataset's test split (which no
 client holds), and are scored against the originals:
 
@@ -49,7 +51,7 @@ from .defence import local_epsilon, releases
 from .federation import Federation, prepare
 from .inprocess import InProcessRuntime, client_round
 from .meter import DOWN, UP, PeakMemory
-from .runner import opening_rounds
+from .runner import play_rounds
 from .runs import own_folder
 from .seeds import client_seed
 from .server import BodyServer
@@ -65,6 +67,7 @@ class AuditOptions:
     steps: int = 300  # white-box optimisation steps
     inversion_epochs: int = 30  # epochs of the learned inversion network
     seed: int = 0  # the attacker's own randomness and choice of gallery
+    sends: str = "round"  # "round": the victim's sends in one round; "run": every send it makes in the whole run
 
     def check(self, config: Config) -> None:
         for name in ("images", "aux_samples", "steps", "inversion_epochs"):
@@ -72,6 +75,11 @@ class AuditOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.gallery < 2:
             raise ConfigError(f"--gallery must be at least 2 (the original and one other image), got {self.gallery}")
+        if self.sends not in ("round", "run"):
+            raise ConfigError(f"--sends must be round or run, got {self.sends!r}")
+        if self.sends == "run" and config.prompt_updates == "forward-only":
+            raise ConfigError("--sends run reads every round's sends, but forward-only's prompt trajectory is read one "
+                              "round at a time (each round's optimiser starts anew): use --sends round")
         if not 0 <= self.victim < config.clients:
             raise ConfigError(f"--victim must be a client id between 0 and {config.clients - 1}, got {self.victim}")
         if config.method in ("fl", "fl-prompt"):
@@ -94,20 +102,23 @@ class _Wiretap(InProcessLink):
 
 
 class _WitnessedClient(Client):
-    """A client whose split-training batches are noted (positions, labels, images), and the tail each forward-only
-    step computed its losses with and the labels it took them at: the ground truth."""
+    """A client whose sent batches are noted (positions, labels, images) with the params each was sent with (the
+    prompts and the tail its gradient or losses came from), the labels each forward-only step took its losses at,
+    and the broadcast each of its rounds started from: the ground truth."""
 
     batches: list[list[torch.Tensor]]
-    tails: list[dict[str, torch.Tensor]]
+    params: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]  # (prompts, tail state) of each batch in `batches`
     shown: list[torch.Tensor]
+    broadcasts: list[dict[str, torch.Tensor]]  # each round's, in order
+    sent_in: list[int]  # the round (an index in `broadcasts`) each batch in `batches` was sent in
 
-    def _forward_only_step(self, ctx, *args):
-        self.tails.append({name: t.detach().cpu().clone() for name, t in ctx.params.tail.state_dict().items()})
-        return super()._forward_only_step(ctx, *args)
+    def run_round(self, method, global_state, *args, **kwargs):
+        self.broadcasts.append({name: t.detach().cpu().clone() for name, t in global_state.tensors.items()})
+        return super().run_round(method, global_state, *args, **kwargs)
 
     def _shown_labels(self, labels, positions, memory):
         shown = super()._shown_labels(labels, positions, memory)
-        if self.settings.prompt_updates == "forward-only":  # one a step, beside its tail
+        if self.settings.prompt_updates == "forward-only":  # one a step
             self.shown.append(shown.detach().cpu())
         return shown
 
@@ -115,6 +126,9 @@ class _WitnessedClient(Client):
         for batch in super()._loader(data, ctx, shuffle):
             if ctx.phase in ("split", "probe"):  # what is sent: split training's batches, or the probe's
                 self.batches.append([t.detach().cpu() for t in batch])
+                self.params.append((ctx.params.prompts.detach().cpu().clone(),
+                                    {name: t.detach().cpu().clone() for name, t in ctx.params.tail.state_dict().items()}))
+                self.sent_in.append(len(self.broadcasts) - 1)
             yield batch
 
 
@@ -127,6 +141,7 @@ class Evaluated:
     rows: torch.Tensor  # (S, B, R, D): the rows of every prompt set
     tail: dict[str, torch.Tensor]  # the ground truth (an upper bound on what the server knows)
     shown: torch.Tensor  # (B,): the labels its losses were taken at (the true ones, or --label-epsilon's)
+    broadcast: dict[str, torch.Tensor]  # the global params that round started from (prompts, tail.*)
 
 
 @dataclass
@@ -135,47 +150,106 @@ class Witnessed:
 
     tokens: torch.Tensor  # (S, L, D): every forward's activations, one row per send
     rows: torch.Tensor  # (S, R, D): the body output the server returned for each send
-    grads: torch.Tensor  # (S, R, D): the backward gradient received for each send (empty: linear-probe sends none)
+    grads: torch.Tensor  # (G, R, D): the backward gradient received for each send `graded` marks, in order
+    graded: torch.Tensor  # (S,): which sends a backward followed (none: a probe's or forward-only's)
+    batch: torch.Tensor  # (S,): the index in `params` of the batch each send was in
+    params: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]  # each batch's prompts and tail, as the client sent it
     evaluates: list[Evaluated]  # forward-only's steps, in order (empty: the other methods send none)
     positions: torch.Tensor  # (S,): which of the victim's samples each send was (never shown to the attacks)
     labels: torch.Tensor  # (S,)
     images: dict[int, torch.Tensor]  # position -> the model input it came from
-    upload: Message
+    upload: Message  # the victim's last upload in a round of the method's own
+    rounds: int  # how many rounds of the victim's the sends come from
 
 
-def witness(fed: Federation, global_params: torch.nn.Module, victim: int, kept: dict | None) -> Witnessed:
-    """Run the victim's round for real and record what the server receives."""
+def _witnessed_client(fed: Federation, victim: int) -> _WitnessedClient:
+    """The victim as the run has it (the same data, model and secrets), its sends and their params noted."""
     original = fed.clients[victim]
     client = _WitnessedClient(victim, original.data.dataset, np.asarray(original.data.indices), original.model,
-                              fed.settings, fed.meter, fed.device, original.private_seed, fed.config.seed)
-    client.batches, client.tails, client.shown = [], [], []
+                              fed.settings, fed.meter, fed.device, original.private_seed, fed.config.seed,
+                              original.noise_seed)
+    client.batches, client.params, client.shown, client.broadcasts, client.sent_in = [], [], [], [], []
+    return client
+
+
+def witness(fed: Federation, global_params: torch.nn.Module, kept: dict | None, victim: int) -> Witnessed:
+    """Run the victim's round for real and record what the server receives."""
+    client = _witnessed_client(fed, victim)
     if kept is not None:  # what it kept from the run, but its probe statistics: the audit attacks the send behind them
         client.load_state_dict({name: t for name, t in kept.items() if not name.startswith("probe.")})
     server = BodyServer(fed.model, fed.meter, fed.device)
     link = _Wiretap(server, fed.meter, fed.device)
     upload = client_round(link, client, fed.method, global_params, client_seed(fed.config.seed, 1, victim))
     fed.meter.take()
-    forwards = [(request, reply) for request, reply in link.exchanges
-                if request.kind in ("forward", "features", "evaluate")]
-    backwards = [request for request, _ in link.exchanges if request.kind == "backward"]
+    return _witnessed(client, link.exchanges, upload)
+
+
+class _TappedRuntime(InProcessRuntime):
+    """The in-process runtime with the victim witnessed and its link tapped, keeping its last upload in a round of
+    the method's own (not the probe rounds it may open with)."""
+
+    def __init__(self, fed: Federation, client: _WitnessedClient) -> None:
+        super().__init__(fed, progress=False)
+        self.victim = client
+        self.tap = _Wiretap(self.server, fed.meter, fed.device, fed.max_message_bytes)
+        self.upload: Message | None = None
+        fed.clients[client.cid] = client
+
+    def link_for(self, cid: int) -> InProcessLink:
+        return self.tap if cid == self.victim.cid else self.link
+
+    def train(self, round_: int, cids: list[int], global_params: torch.nn.Module):
+        updates, dropped = super().train(round_, cids, global_params)
+        fed = self.federation
+        if fed.method.stage(round_, fed.config) is fed.method:
+            self.upload = next((u for u in updates if u.meta["client"] == self.victim.cid), self.upload)
+        return updates, dropped
+
+
+def witness_run(fed: Federation, victim: int, log: Callable[[str], None]) -> tuple[Witnessed, torch.nn.Module]:
+    """Play the whole run as `sfprompt run` does (the same clients sampled, the same seeds) and record everything
+    the server receives from the victim, in every round it is sampled in, its probe rounds' sends included; with
+    the run's final global params."""
+    runtime = _TappedRuntime(fed, _witnessed_client(fed, victim))
+    final = play_rounds(fed, runtime, log, fed.config.rounds)
+    fed.meter.take()
+    if runtime.upload is None:
+        raise ConfigError(f"client {victim} is not sampled in any of the run's rounds of {fed.method.name} (its "
+                          "probe rounds aside): it sent nothing to attack there; choose another --victim")
+    return _witnessed(runtime.victim, runtime.tap.exchanges, runtime.upload), final
+
+
+def _witnessed(client: _WitnessedClient, exchanges: list[tuple[Message, Message]], upload: Message) -> Witnessed:
+    """What the server received from `client` (its requests and their replies, in order), decoded as the server
+    decodes it, with the ground truth the client noted beside it."""
+    forwards = [(request, reply) for request, reply in exchanges if request.kind in ("forward", "features", "evaluate")]
+    backwards = [request for request, _ in exchanges if request.kind == "backward"]
+    if len(forwards) != len(client.batches):
+        raise AssertionError(f"the victim sent {len(forwards)} batches but noted {len(client.batches)}: the audit "
+                             "would pair sends with the wrong samples")
     images = {}
     for batch in client.batches:
         for image, position in zip(batch[0], batch[2].tolist()):
             images[position] = image
     cat = lambda parts: torch.cat([p.detach().cpu() for p in parts])  # noqa: E731
-    model = original.model  # what the server decodes, in the victim's wire format
-    messages = model.messages
+    messages = client.model.messages  # what the server decodes, in the victim's wire format
     tokens = [messages.unpack_tokens(request.tensors) for request, _ in forwards]
     sets = messages.perturbations.sets if messages.perturbations is not None else 1
     rows = [messages.unpack_rows(reply.tensors, len(t) * (sets if request.kind == "evaluate" else 1))
             .view(-1, len(t), *messages.tail_shape) for t, (request, reply) in zip(tokens, forwards)]  # (sets, B, R, D)
-    grads = [messages.unpack_grad(request.tensors, tuple(r.shape[1:])) for r, request in zip(rows, backwards)]
-    evaluated = [(t, r, request.meta["directions-seed"])
-                 for t, r, (request, _) in zip(tokens, rows, forwards) if request.kind == "evaluate"]
-    evaluates = [Evaluated(t[0, messages.layout.prompt_rows], seed, r, tail, shown)
-                 for (t, r, seed), tail, shown in zip(evaluated, client.tails, client.shown, strict=True)]
+    graded = [request.kind == "forward" for request, _ in forwards]  # a backward follows each forward, in order
+    grads = [messages.unpack_grad(request.tensors, tuple(r.shape[1:]))
+             for r, request in zip([r for r, g in zip(rows, graded) if g], backwards, strict=True)]
+    evaluating = [b for b, (request, _) in enumerate(forwards) if request.kind == "evaluate"]
+    evaluates = [Evaluated(tokens[b][0, messages.layout.prompt_rows], forwards[b][0].meta["directions-seed"], rows[b],
+                           client.params[b][1], shown, client.broadcasts[client.sent_in[b]])
+                 for b, shown in zip(evaluating, client.shown, strict=True)]
+    sizes = torch.tensor([len(t) for t in tokens])
     return Witnessed(cat(tokens), cat([r[0] for r in rows]), cat(grads) if grads else torch.empty(0),
-                     evaluates, cat([b[2] for b in client.batches]), cat([b[1] for b in client.batches]), images, upload)
+                     torch.repeat_interleave(torch.tensor(graded, dtype=torch.bool), sizes),
+                     torch.repeat_interleave(torch.arange(len(tokens)), sizes), client.params, evaluates,
+                     cat([b[2] for b in client.batches]), cat([b[1] for b in client.batches]), images, upload,
+                     len(client.broadcasts))
 
 
 def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = None, progress: bool = True,
@@ -187,11 +261,18 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     config = own_folder(config, "audit")
     fed = prepare(config)
     opening = config.probe_rounds
-    params = (f"params of {from_dir}" if from_dir else
-              f"params after its {opening} probe round{'s' * (opening > 1)}" if opening else "initial params")
+    if options.sends == "run":
+        params = f"every send of the run{f' of {from_dir}' if from_dir else ''}, replayed from its start"
+    else:
+        params = (f"params of {from_dir}" if from_dir else
+                  f"params after its {opening} probe round{'s' * (opening > 1)}" if opening else "initial params")
     log(f"audit of {config.method} ({fed.description}): client {options.victim}'s messages, {params}")
-    global_params, kept = _trained(fed, from_dir, options.victim, log)
-    seen = witness(fed, global_params, options.victim, kept)
+    if options.sends == "run":
+        seen, final = witness_run(fed, options.victim, log)
+        if from_dir is not None:
+            _check_replay(final, from_dir, log)
+    else:
+        seen = witness(fed, *_trained(fed, from_dir, options.victim, log), victim=options.victim)
     fed.model.to(torch.device("cpu"))
 
     mean, std = fed.normalisation["mean"], fed.normalisation["std"]
@@ -208,23 +289,31 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     if defence.shuffle:
         sim.unshuffler = attacks.Unshuffler.fit(sim, aux)
 
-    # The images attacked: the first `images` distinct samples the victim sent, each with all its sends.
+    # The images attacked: the first `images` distinct samples the victim sent, each with all its sends (averaged:
+    # without client blocks a sample's sent rows are the same whatever the prompts, up to the noise).
     chosen = seen.positions.unique()[: options.images]
-    sends = int((seen.positions == chosen[0]).sum())
+    counts = torch.stack([(seen.positions == p).sum() for p in chosen])
+    sends = int(counts.median())
     with torch.no_grad():
         received = sim.received(seen.tokens)  # (S, features)
     observed = torch.stack([received[seen.positions == p].mean(0) for p in chosen])
     originals = torch.stack([to_pixels(seen.images[int(p)])[:channels] for p in chosen])
     labels = torch.stack([seen.labels[seen.positions == p][0] for p in chosen])
     class_means = torch.stack([aux[aux_labels == c].mean(0) for c in range(fed.model.num_classes)])
-    reconstructions, skipped = _reconstruct(sim, observed, aux, defence.noise_std**2 / sends, sends, options, progress)
+    per_send = None
+    if options.sends == "run" and sim.model.client_blocks:  # each send through the prompts it was made with
+        sent = torch.isin(seen.positions, chosen)
+        prompts = torch.cat([seen.params[b][0] for b in seen.batch[sent].tolist()])  # (S', P, D)
+        per_send = (received[sent], torch.searchsorted(chosen, seen.positions[sent]), prompts)
+    reconstructions, skipped = _reconstruct(sim, observed, aux, defence.noise_std**2 / counts.double(), sends,
+                                            options, progress, per_send)
     reconstructions = {"class_mean": class_means[labels], **reconstructions}
 
     candidates = _gallery(fed, chosen, seen, options, to_pixels, channels)
     scores, reconstruction = _scored(reconstructions, originals, candidates)
     reconstruction |= {name: {"skipped": why} for name, why in skipped.items()}
 
-    label_accuracy, samples_sent = _label_accuracy(fed, options.victim, global_params.cpu(), upload, seen)
+    label_accuracy, samples_sent = _label_accuracy(fed, options.victim, upload, seen, options.sends == "run")
 
     per_sample = releases(config)
     epsilon = local_epsilon(defence.noise_multiplier, per_sample, config.dp_delta)
@@ -234,7 +323,10 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
         "params": str(from_dir) if from_dir else params,
         "victim_client_blocks": fed.clients[options.victim].model.client_blocks,  # its split point
         "images_attacked": len(chosen),
-        "sends_per_image": sends,
+        "sends": options.sends,
+        "rounds_witnessed": seen.rounds,
+        "sends_per_image": sends,  # the median; each image's sends are all attacked
+        "sends_per_image_range": [int(counts.min()), int(counts.max())],
         "samples_sent": samples_sent,
         "gallery": options.gallery,
         "chance_reidentification": 1 / options.gallery,
@@ -265,7 +357,7 @@ def _trained(fed: Federation, from_dir: Path | None, victim: int,
     privately in that run (`Client.state_dict`), if it checkpointed it. The attacked round is one of the method's
     own (the probe rounds' sends are the probe's: `--method linear-probe` audits those)."""
     if from_dir is None:
-        return opening_rounds(fed, InProcessRuntime(fed, progress=False), log), None
+        return play_rounds(fed, InProcessRuntime(fed, progress=False), log), None
     with safe_open(str(from_dir / "global.safetensors"), "pt") as file:
         saved = {name: file.get_tensor(name) for name in file.keys() if not name.startswith("body.")}
         round_ = int((file.metadata() or {}).get("round", fed.config.rounds))
@@ -275,6 +367,23 @@ def _trained(fed: Federation, from_dir: Path | None, victim: int,
     global_params = fed.method.carry(fed.model, stage_params) if stage is not fed.method else stage_params
     kept = checkpoint.load(from_dir).clients.get(victim) if (from_dir / checkpoint.FILE).is_file() else None
     return global_params, kept
+
+
+def _check_replay(final: torch.nn.Module, from_dir: Path, log: Callable[[str], None]) -> None:
+    """Say whether the replayed run ends where the run in `from_dir` ended (it does on the machine and versions that
+    made it: a run repeats bit for bit)."""
+    if not (from_dir / "global.safetensors").is_file():
+        log(f"{from_dir} keeps no final params to check the replay against")
+        return
+    with safe_open(str(from_dir / "global.safetensors"), "pt") as file:
+        saved = {name: file.get_tensor(name) for name in file.keys() if not name.startswith("body.")}
+    replayed = {name: t.detach().cpu() for name, t in final.state_dict().items() if name in saved}
+    gap = max((float((replayed[n].float() - saved[n].float()).abs().max()) for n in replayed), default=math.inf)
+    if replayed.keys() == saved.keys() and gap == 0:
+        log(f"the replay ends at {from_dir}'s final params exactly")
+    else:
+        log(f"warning: the replay does not end at {from_dir}'s final params (largest difference {gap:.3g}): another "
+            "machine or version; the audit attacks the replayed run")
 
 
 def _auxiliary(fed: Federation, options: AuditOptions, to_pixels: Callable,
@@ -289,16 +398,22 @@ def _auxiliary(fed: Federation, options: AuditOptions, to_pixels: Callable,
     return aux[:, :channels], torch.as_tensor(fed.data.test_labels[index])
 
 
-def _reconstruct(sim: attacks.Simulator, observed: torch.Tensor, aux: torch.Tensor, noise_var: float, sends: int,
-                 options: AuditOptions, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Each attack's reconstructions of the observed images, and why an attack that cannot apply was skipped."""
+def _reconstruct(sim: attacks.Simulator, observed: torch.Tensor, aux: torch.Tensor, noise_var: torch.Tensor,
+                 sends: int, options: AuditOptions, progress: bool,
+                 per_send: tuple[torch.Tensor, ...] | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each attack's reconstructions of the observed images (each image's sends averaged, leaving `noise_var` of
+    the noise, (B,)), and why an attack that cannot apply was skipped. `per_send`: every send's features, image
+    and prompts, which the white-box optimisation then matches each through its own prompts; the learned
+    inversion trains on `sends` sends averaged."""
     reconstructions, skipped = {}, {}
     estimate, why = attacks.affine_attack(sim, observed, aux, noise_var)
     if estimate is None:
         skipped["affine"] = why
     else:
         reconstructions["affine"] = estimate
-    reconstructions["optimisation"] = attacks.optimisation_attack(sim, observed, aux.mean(0), options.steps, progress)
+    reconstructions["optimisation"] = attacks.optimisation_attack(sim, *(per_send[:1] if per_send else (observed,)),
+                                                                  aux.mean(0), options.steps, progress,
+                                                                  *(per_send[1:] if per_send else ()))
     reconstructions["learned"] = attacks.learned_attack(sim, observed, aux, sends, options.inversion_epochs,
                                                         torch.Generator().manual_seed(options.seed), progress)
     return reconstructions, skipped
@@ -317,18 +432,25 @@ def _scored(reconstructions: dict[str, torch.Tensor], originals: torch.Tensor,
     return scores, {name: _summary(s) for name, s in scores.items()} | {"best": _summary(best)}
 
 
-def _label_accuracy(fed: Federation, victim: int, broadcast: torch.nn.Module, upload: torch.nn.Module,
-                    seen: Witnessed) -> tuple[dict[str, float], int]:
+def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen: Witnessed,
+                    own_tails: bool) -> tuple[dict[str, float], int]:
     """How often each label attack names the true label of a sample the victim sent, the best attack's advantage
-    over guessing without the messages, and how many samples it sent. Without gradients, the attack reads the
-    forward-only prompt trajectory, or a linear-probe client's uploaded statistics."""
+    over guessing without the messages, and how many samples it sent. The gradients are read through the
+    uploaded tail, or with `own_tails` through the tail each was computed with. Without gradients, the attack
+    reads the forward-only prompt trajectory, or a linear-probe client's uploaded statistics."""
     num_classes, defence, figures = fed.model.num_classes, fed.model.defence, {}
     truth = torch.stack([seen.labels[seen.positions == p][0] for p in seen.positions.unique()])
     if seen.evaluates:
-        guesses, figures = _trajectory_labels(fed, victim, broadcast, upload, seen, truth)
-    elif len(seen.grads):
+        guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth)
+    elif seen.graded.any():
+        tails = [_tail_of(upload.tail, tail) for _, tail in seen.params] if own_tails else None
         guesses = attacks.label_attacks(upload.tail, seen.rows, seen.grads, seen.positions, num_classes,
-                                        defence.keep_probability(num_classes))
+                                        defence.keep_probability(num_classes), seen.graded, tails, seen.batch)
+        graded = seen.positions[seen.graded].unique()  # the samples a gradient was received for (all in one round)
+        if len(graded) < len(truth):  # the others (a probe round's only) keep their label-free guess
+            where = torch.isin(seen.positions.unique(), graded)
+            figures = {"samples_with_gradient": len(graded),
+                       "gradient_where_received": float((guesses["gradient"] == truth)[where].float().mean())}
     else:
         guesses = attacks.statistics_label_attacks(upload, seen.rows, seen.positions, seen.upload.meta["num_examples"])
     accuracy = {name: float((guess == truth).float().mean()) for name, guess in guesses.items()}
@@ -338,8 +460,8 @@ def _label_accuracy(fed: Federation, victim: int, broadcast: torch.nn.Module, up
     return accuracy | figures, len(truth)
 
 
-def _trajectory_labels(fed: Federation, victim: int, broadcast: torch.nn.Module, upload: torch.nn.Module,
-                       seen: Witnessed, truth: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, seen: Witnessed,
+                       truth: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
     """Forward-only's label attacks (`trajectory`): the label-free guess; the labels that explain the coefficients
     read from the prompt trajectory, with the losses of the tail each step used (`trajectory`: an upper bound) and
     of the tail the server broadcast (`trajectory_broadcast_tail`); and, step by step, what one step alone adds to
@@ -359,9 +481,10 @@ def _trajectory_labels(fed: Federation, victim: int, broadcast: torch.nn.Module,
     if why_not or len(seen.evaluates) < 2:
         return guesses, {"trajectory_skipped": why_not or "fewer than two steps: no step's result is seen"}
     perturbations, evaluates = model.perturbations, seen.evaluates
+    broadcast = evaluates[0].broadcast  # the round's (the audit reads one round's trajectory)
     directions = [perturbations.draw(e.seed, e.prompts.shape) for e in evaluates]
     coefficients = trajectory.step_coefficients([e.prompts for e in evaluates], directions, optimizer,
-                                                anchor=broadcast.prompts.detach().reshape(evaluates[0].prompts.shape))
+                                                anchor=broadcast["prompts"].reshape(evaluates[0].prompts.shape))
     unit = perturbations.directions * perturbations.size * (2 if perturbations.estimator == "antithetic" else 1)
     sizes = [e.rows.shape[1] for e in evaluates]
     if sum(sizes) != len(seen.positions):
@@ -374,11 +497,7 @@ def _trajectory_labels(fed: Federation, victim: int, broadcast: torch.nn.Module,
                                 c * unit * len(ids_))
                 for e, ids_, c in zip(evaluates, batches, coefficients)]
 
-    def stepped_tail(e: Evaluated) -> torch.nn.Module:
-        tail = copy.deepcopy(upload.tail)
-        tail.load_state_dict(e.tail)
-        return tail
-
+    broadcast_tail = _tail_of(upload.tail, {k.removeprefix("tail."): t for k, t in broadcast.items() if k.startswith("tail.")})
     keep = fed.model.defence.keep_probability(classes)
     posterior = prior.log_softmax(dim=1)
     other = math.log((1 - keep) / max(classes - 1, 1)) if keep < 1 else -math.inf
@@ -388,11 +507,11 @@ def _trajectory_labels(fed: Federation, victim: int, broadcast: torch.nn.Module,
         return shown if keep == 1 else attacks.with_randomized_label(posterior, shown, keep)
 
     known = 1.0 if optimizer.kind == "sgd" else None  # SGD's steps give the coefficients, Adam's up to a factor
-    exact = steps(stepped_tail)
+    exact = steps(lambda e: _tail_of(upload.tail, e.tail))
     shown, factor = trajectory.infer_labels(exact, shown_prior, known)
     guesses["trajectory"] = true_labels(shown)
     guesses["trajectory_broadcast_tail"] = true_labels(
-        trajectory.infer_labels(steps(lambda _: broadcast.tail), shown_prior, known)[0])
+        trajectory.infer_labels(steps(lambda _: broadcast_tail), shown_prior, known)[0])
     one_step = [(true_labels(trajectory.infer_labels([s], shown_prior, factor)[0])[s.samples] == truth[s.samples])
                 .double().mean() for s in exact]
     label_free = [(prior.argmax(dim=1)[s.samples] == truth[s.samples]).double().mean() for s in exact]
@@ -400,6 +519,13 @@ def _trajectory_labels(fed: Federation, victim: int, broadcast: torch.nn.Module,
     return guesses, {"steps_read": len(exact), "unexplained_at_truth": trajectory.unexplained(exact, shown_truth, known),
                      "one_step": {"label_free": float(torch.stack(label_free).mean()),
                                   "trajectory": float(torch.stack(one_step).mean())}}
+
+
+def _tail_of(template: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of the tail `template` with the weights `state`."""
+    tail = copy.deepcopy(template)
+    tail.load_state_dict(state)
+    return tail
 
 
 def summary_line(result: dict) -> str:
@@ -468,11 +594,13 @@ def _picture(path: Path, originals: torch.Tensor, reconstructions: dict[str, tor
     plt.close(fig)
 
 
-def run_from(folder: Path, device: str | None) -> Config:
-    """The config of the finished run in `folder` (for `--from`)."""
+def run_from(folder: Path, device: str | None, params: bool = True) -> Config:
+    """The config of the finished run in `folder` (for `--from`), which must hold its final params unless not
+    `params` (`--sends run` replays the run from its options alone)."""
     saved = folder / "config.json"
-    if not (saved.is_file() and (folder / "global.safetensors").is_file()):
-        raise ConfigError(f"--from {folder}: no config.json and global.safetensors there (is it a finished run?)")
+    if not saved.is_file() or (params and not (folder / "global.safetensors").is_file()):
+        raise ConfigError(f"--from {folder}: no config.json{' and global.safetensors' * params} there (is it a "
+                          "finished run?)")
     values = json.loads(saved.read_text())
     return Config.from_saved({**values, "out": str(folder), **({"device": device} if device else {})})
 

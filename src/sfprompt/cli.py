@@ -41,6 +41,9 @@ _AUDIT_HELP = {
     "steps": "steps of the white-box optimisation attack",
     "inversion_epochs": "training epochs of the learned inversion network",
     "seed": "the attacker's own randomness and the choice of gallery",
+    "sends": "which of the victim's sends are attacked: those of one round (its first of the method's own, after "
+             "any probe rounds; with --from, one more from that run's final params), or every send it makes in the "
+             "whole run (replayed from its start, each send with the params it was made with)",
 }
 
 
@@ -49,7 +52,8 @@ def _add_audit_flags(parser: argparse.ArgumentParser) -> None:
 
     for f in dataclasses.fields(AuditOptions):
         flag = "--" + ("attack-seed" if f.name == "seed" else f.name.replace("_", "-"))
-        parser.add_argument(flag, dest=f"audit_{f.name}", type=int, default=f.default, metavar="N",
+        kind = {"type": str, "choices": ["round", "run"]} if f.name == "sends" else {"type": int, "metavar": "N"}
+        parser.add_argument(flag, dest=f"audit_{f.name}", default=f.default, **kind,
                             help=f"{_AUDIT_HELP[f.name]} (default: {f.default})")
 
 
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "would; write audit.json and audit.png to --out (or to the run folder of --from)")
     audit.add_argument("--from", dest="from_dir", metavar="DIR",
                        help="attack with the global params of the finished run in DIR, with its options "
-                            "(only --device may be given)")
+                            "(only --device may be given); with --sends run, that run replayed")
     _add_audit_flags(audit)
     _add_config_flags(audit)
     export = commands.add_parser("export-clients", help="write each client's partition of the run's training data "
@@ -133,7 +137,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if others:
             raise ConfigError(f"--from audits a finished run with its saved options; only --device may be given, "
                               f"not {', '.join('--' + name.replace('_', '-') for name in others)}")
-        return run_from(Path(args.from_dir), flags.get("device"))
+        return run_from(Path(args.from_dir), flags.get("device"), params=getattr(args, "audit_sends", "round") == "round")
     recipe = recipe_options(args.recipe) if getattr(args, "recipe", None) else {}
     return Config.from_dict({**recipe, **(toml_options(args.config) if args.config else {}), **flags})
 

@@ -46,12 +46,17 @@ class InProcessRuntime:
         for cid in tqdm(cids, desc=f"round {round_}/{fed.config.rounds}", unit="client",
                         leave=False, disable=not self.progress, file=sys.stderr):
             try:
-                updates.append(client_round(self.link, fed.clients[cid], fed.method.stage(round_, fed.config), global_params,
-                                            client_seed(fed.config.seed, round_, cid), fed.config.client_timeout_s))
+                updates.append(client_round(self.link_for(cid), fed.clients[cid], fed.method.stage(round_, fed.config),
+                                            global_params, client_seed(fed.config.seed, round_, cid),
+                                            fed.config.client_timeout_s))
             except ClientFailure as failure:
                 self.server.forget(str(cid))
                 dropped.append(failure.record())
         return updates, dropped
+
+    def link_for(self, cid: int) -> InProcessLink:
+        """The link client `cid`'s messages take: one for all (`sfprompt audit` taps its victim's)."""
+        return self.link
 
     def end_round(self) -> None:
         self.server.end_round()

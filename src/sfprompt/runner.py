@@ -167,20 +167,26 @@ def _rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], star
     return summary
 
 
-def opening_rounds(fed: Federation, executor: Runtime, log: Callable[[str], None]) -> torch.nn.Module:
-    """The global params the method's own rounds start from: after the probe rounds it opens with (none: its initial
-    ones), played as `run` plays them (the same clients sampled, the same seeds, the same carry)."""
+def play_rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], last: int | None = None) -> torch.nn.Module:
+    """The global params after round `last` (by default the probe rounds the method opens with; 0: none), played as
+    `run` plays them (the same clients sampled, the same seeds, the same carry between stages), carried into the
+    stage of the round after it: those the next round starts from."""
     config, method = fed.config, fed.method
+    if last is None:
+        last = next((r for r in range(2, config.rounds + 1) if _stage_changes(method, r, config)), 1) - 1
     global_params = method.stage(1, config).new_params(fed.model).to(fed.device)
     sampler = np.random.default_rng(config.seed)
     aggregator = configured_aggregator(config)
-    first_own = next((r for r in range(2, config.rounds + 1) if _stage_changes(method, r, config)), 1)
-    for round_ in range(1, first_own):  # the probe rounds
+    for round_ in range(1, last + 2):
+        if _stage_changes(method, round_, config):
+            global_params = method.stage(round_, config).carry(fed.model, global_params)
+        if round_ > last:
+            break
         stage = method.stage(round_, config)
         record = _round(fed, stage, executor, round_, _sampled(sampler, config), global_params, aggregator, log)
         log(f"round {round_} ({stage.name}) played" + ("" if record["accuracy"] is None
                                                         else f": accuracy {record['accuracy']:.4f}"))
-    return global_params if first_own == 1 else method.stage(first_own, config).carry(fed.model, global_params)
+    return global_params
 
 
 def _stage_changes(method: Method, round_: int, config: Config) -> bool:
