@@ -78,10 +78,25 @@ def test_the_labels_that_explain_the_steps_correct_the_label_free_guess(steps, d
     guessed, factor = infer_labels(made, prior)
     label_free = float((prior.argmax(dim=1) == truth).float().mean())
     accuracy = float((guessed == truth).float().mean())
-    assert factor == pytest.approx(1 / 3, rel=1e-3)
+    assert factor == {0: pytest.approx(1 / 3, rel=1e-3)}
     if solved:
         assert accuracy == 1.0 > label_free
     else:
         assert accuracy >= label_free + 0.05
     assert unexplained(made, truth) < 1e-5 < unexplained(made, prior.argmax(dim=1))
     assert torch.equal(infer_labels(made, prior, factor=1 / 3)[0], guessed) or not solved  # the factor, if known
+
+
+def test_steps_of_several_rounds_each_with_its_own_unknown_factor_explain_the_labels_together():
+    """Adam starts anew each round, so each round's coefficients come with a factor of their own: two rounds' steps
+    (scaled by 3 and 7) give every label and both factors, as one round with all the steps would."""
+    import dataclasses
+
+    made, prior, truth = synthetic(26, 4, 4.0)
+    rounds = [dataclasses.replace(s, coefficients=s.coefficients * (1 if i < 13 else 7 / 3), round=int(i >= 13))
+              for i, s in enumerate(made)]
+    guessed, factors = infer_labels(rounds, prior)
+    assert torch.equal(guessed, truth)
+    assert factors == {0: pytest.approx(1 / 3, rel=1e-3), 1: pytest.approx(1 / 7, rel=1e-3)}
+    one_factor = [dataclasses.replace(s, round=0) for s in rounds]
+    assert unexplained(rounds, truth) < 1e-5 < unexplained(one_factor, truth)

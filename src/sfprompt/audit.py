@@ -77,9 +77,6 @@ class AuditOptions:
             raise ConfigError(f"--gallery must be at least 2 (the original and one other image), got {self.gallery}")
         if self.sends not in ("round", "run"):
             raise ConfigError(f"--sends must be round or run, got {self.sends!r}")
-        if self.sends == "run" and config.prompt_updates == "forward-only":
-            raise ConfigError("--sends run reads every round's sends, but forward-only's prompt trajectory is read one "
-                              "round at a time (each round's optimiser starts anew): use --sends round")
         if not 0 <= self.victim < config.clients:
             raise ConfigError(f"--victim must be a client id between 0 and {config.clients - 1}, got {self.victim}")
         if config.method in ("fl", "fl-prompt"):
@@ -141,6 +138,8 @@ class Evaluated:
     rows: torch.Tensor  # (S, B, R, D): the rows of every prompt set
     tail: dict[str, torch.Tensor]  # the ground truth (an upper bound on what the server knows)
     shown: torch.Tensor  # (B,): the labels its losses were taken at (the true ones, or --label-epsilon's)
+    positions: torch.Tensor  # (B,): which of the victim's samples it held (never shown to the attacks)
+    round: int  # which of the victim's rounds it was sent in, in order
     broadcast: dict[str, torch.Tensor]  # the global params that round started from (prompts, tail.*)
 
 
@@ -242,7 +241,8 @@ def _witnessed(client: _WitnessedClient, exchanges: list[tuple[Message, Message]
              for r, request in zip([r for r, g in zip(rows, graded) if g], backwards, strict=True)]
     evaluating = [b for b, (request, _) in enumerate(forwards) if request.kind == "evaluate"]
     evaluates = [Evaluated(tokens[b][0, messages.layout.prompt_rows], forwards[b][0].meta["directions-seed"], rows[b],
-                           client.params[b][1], shown, client.broadcasts[client.sent_in[b]])
+                           client.params[b][1], shown, client.batches[b][2], client.sent_in[b],
+                           client.broadcasts[client.sent_in[b]])
                  for b, shown in zip(evaluating, client.shown, strict=True)]
     sizes = torch.tensor([len(t) for t in tokens])
     return Witnessed(cat(tokens), cat([r[0] for r in rows]), cat(grads) if grads else torch.empty(0),
@@ -478,26 +478,26 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
     optimizer = trajectory.PromptOptimizer(config.optimizer, config.prompt_lr, config.momentum, config.weight_decay,
                                            config.proximal_mu)
     why_not = optimizer.why_not_invertible()
-    if why_not or len(seen.evaluates) < 2:
-        return guesses, {"trajectory_skipped": why_not or "fewer than two steps: no step's result is seen"}
+    if why_not or all(sum(e.round == r for e in seen.evaluates) < 2 for r in {e.round for e in seen.evaluates}):
+        return guesses, {"trajectory_skipped": why_not or "fewer than two steps a round: no step's result is seen"}
     perturbations, evaluates = model.perturbations, seen.evaluates
-    broadcast = evaluates[0].broadcast  # the round's (the audit reads one round's trajectory)
-    directions = [perturbations.draw(e.seed, e.prompts.shape) for e in evaluates]
-    coefficients = trajectory.step_coefficients([e.prompts for e in evaluates], directions, optimizer,
-                                                anchor=broadcast["prompts"].reshape(evaluates[0].prompts.shape))
     unit = perturbations.directions * perturbations.size * (2 if perturbations.estimator == "antithetic" else 1)
-    sizes = [e.rows.shape[1] for e in evaluates]
-    if sum(sizes) != len(seen.positions):
-        raise AssertionError(f"the victim's split batches ({len(seen.positions)} samples) are not its evaluates' "
-                             f"({sum(sizes)}): the audit would pair steps with the wrong samples")
-    batches = inverse.split(sizes)  # each step's samples, as ids
+    read = []  # (evaluate, its coefficients, its round) of each step whose result the round's next evaluate shows
+    for round_ in sorted({e.round for e in evaluates}):  # the optimiser starts anew each round, from its broadcast
+        taken = [e for e in evaluates if e.round == round_]
+        if len(taken) > 1:
+            anchor = taken[0].broadcast["prompts"].reshape(taken[0].prompts.shape)
+            coefficients = trajectory.step_coefficients([e.prompts for e in taken], [
+                perturbations.draw(e.seed, e.prompts.shape) for e in taken], optimizer, anchor=anchor)
+            read += [(e, c, round_) for e, c in zip(taken, coefficients)]
 
-    def steps(tail_of) -> list[trajectory.Step]:  # the steps whose result the next evaluate shows
-        return [trajectory.Step(ids_, trajectory.loss_differences(tail_of(e), e.rows, classes, perturbations.estimator),
-                                c * unit * len(ids_))
-                for e, ids_, c in zip(evaluates, batches, coefficients)]
+    def steps(tail_of) -> list[trajectory.Step]:
+        return [trajectory.Step(torch.searchsorted(ids, e.positions),
+                                trajectory.loss_differences(tail_of(e), e.rows, classes, perturbations.estimator),
+                                c * unit * len(e.positions), round_) for e, c, round_ in read]
 
-    broadcast_tail = _tail_of(upload.tail, {k.removeprefix("tail."): t for k, t in broadcast.items() if k.startswith("tail.")})
+    broadcast_tails = {e.round: _tail_of(upload.tail, {k.removeprefix("tail."): t for k, t in e.broadcast.items()
+                                                       if k.startswith("tail.")}) for e in evaluates}
     keep = fed.model.defence.keep_probability(classes)
     posterior = prior.log_softmax(dim=1)
     other = math.log((1 - keep) / max(classes - 1, 1)) if keep < 1 else -math.inf
@@ -508,14 +508,15 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
 
     known = 1.0 if optimizer.kind == "sgd" else None  # SGD's steps give the coefficients, Adam's up to a factor
     exact = steps(lambda e: _tail_of(upload.tail, e.tail))
-    shown, factor = trajectory.infer_labels(exact, shown_prior, known)
+    shown, factors = trajectory.infer_labels(exact, shown_prior, known)
     guesses["trajectory"] = true_labels(shown)
     guesses["trajectory_broadcast_tail"] = true_labels(
-        trajectory.infer_labels(steps(lambda _: broadcast_tail), shown_prior, known)[0])
-    one_step = [(true_labels(trajectory.infer_labels([s], shown_prior, factor)[0])[s.samples] == truth[s.samples])
-                .double().mean() for s in exact]
+        trajectory.infer_labels(steps(lambda e: broadcast_tails[e.round]), shown_prior, known)[0])
+    one_step = [(true_labels(trajectory.infer_labels([s], shown_prior, factors[s.round])[0])[s.samples]
+                 == truth[s.samples]).double().mean() for s in exact]
     label_free = [(prior.argmax(dim=1)[s.samples] == truth[s.samples]).double().mean() for s in exact]
-    shown_truth = torch.zeros_like(truth).index_put_((inverse,), torch.cat([e.shown for e in evaluates]))
+    shown_truth = torch.zeros_like(truth).index_put_((torch.searchsorted(ids, torch.cat([e.positions for e in evaluates])),),
+                                                     torch.cat([e.shown for e in evaluates]))
     return guesses, {"steps_read": len(exact), "unexplained_at_truth": trajectory.unexplained(exact, shown_truth, known),
                      "one_step": {"label_free": float(torch.stack(label_free).mean()),
                                   "trajectory": float(torch.stack(one_step).mean())}}

@@ -160,13 +160,15 @@ class Step:
     samples: torch.Tensor  # (B,)
     differences: torch.Tensor  # (B, C, K), float64
     coefficients: torch.Tensor  # (K,)
+    round: int = 0  # the round it was taken in: Adam's unknown factor is one a round (its moments start anew)
 
 
 def infer_labels(steps: list[Step], prior: torch.Tensor, factor: float | None = None,
-                 max_changes: int | None = None) -> tuple[torch.Tensor, float]:
+                 max_changes: int | None = None) -> tuple[torch.Tensor, dict[int, float]]:
     """Each sample's label (ids 0..n-1 as in `prior`, its (n, C) label-free log-probabilities) that best explains
-    the steps' coefficients, with the factor that turns coefficients into the batch's summed loss differences
-    (given: SGD's 1, or a fitted one; None: chosen here, Adam's unknown scale).
+    the steps' coefficients, with the factor of each round that turns its coefficients into the batch's summed loss
+    differences (given: SGD's 1, or a fitted one, for every round; None: chosen here, Adam's unknown scale, one a
+    round). Steps of several rounds explain the labels of the samples sent in several together.
 
     The objective is sum over steps of K/2 log |residual|^2 - log prior: each step's noise level unknown (a
     scale-free prior on it), so a step that the right labels explain exactly (to the client's float32 rounding)
@@ -179,14 +181,23 @@ def infer_labels(steps: list[Step], prior: torch.Tensor, factor: float | None = 
     targets = [s.coefficients.double() for s in steps]
     rows = [torch.arange(len(s.samples)) for s in steps]
     half = len(targets[0]) / 2
+
+    def factors(sums: list[torch.Tensor]) -> dict[int, float]:
+        if factor is not None:
+            return {s.round: factor for s in steps}
+        return {round_: _best_factor([x for x, s in zip(sums, steps) if s.round == round_],
+                                     [o for o, s in zip(targets, steps) if s.round == round_], half)
+                for round_ in sorted({s.round for s in steps})}
+
     for _ in range(max_changes if max_changes is not None else 10 * len(prior)):
         sums = [s.differences[r, labels[s.samples]].sum(0) for s, r in zip(steps, rows)]  # (K,) each
-        chosen = factor if factor is not None else _best_factor(sums, targets, half)
+        chosen = factors(sums)
         # below the float32 rounding of the client's losses (about 1e-7 of them), so it only keeps log finite
-        floor = 1e-12 * float(torch.stack([(chosen * o).pow(2).sum() for o in targets]).mean()) + 1e-300
+        floor = 1e-12 * float(torch.stack([(chosen[s.round] * o).pow(2).sum() for s, o in zip(steps, targets)]).mean())
+        floor += 1e-300
         cost = torch.zeros(prior.shape, dtype=torch.float64)  # the objective's change of each label change
         for s, r, x, o in zip(steps, rows, sums, targets):
-            residual = x - chosen * o
+            residual = x - chosen[s.round] * o
             shifted = residual + s.differences - s.differences[r, labels[s.samples]][:, None]  # (B, C, K)
             cost.index_add_(0, s.samples, half * ((shifted.pow(2).sum(2) + floor).log()
                                                   - (residual.pow(2).sum() + floor).log()))
@@ -195,8 +206,7 @@ def infer_labels(steps: list[Step], prior: torch.Tensor, factor: float | None = 
         if float(cost.view(-1)[best]) >= -1e-9:
             break
         labels[best // prior.shape[1]] = best % prior.shape[1]
-    sums = [s.differences[r, labels[s.samples]].sum(0) for s, r in zip(steps, rows)]
-    return labels, factor if factor is not None else _best_factor(sums, targets, half)
+    return labels, factors([s.differences[r, labels[s.samples]].sum(0) for s, r in zip(steps, rows)])
 
 
 def _best_factor(sums: list[torch.Tensor], targets: list[torch.Tensor], half: float) -> float:
@@ -217,9 +227,14 @@ def _best_factor(sums: list[torch.Tensor], targets: list[torch.Tensor], half: fl
 
 def unexplained(steps: list[Step], labels: torch.Tensor, factor: float | None = None) -> float:
     """The share of the steps' summed loss differences at `labels` that the coefficients (times the factor, fitted
-    when None) leave unexplained: near 0 at the true labels when the attack models the client's steps right (the
-    rest is the client's float32 rounding of its losses)."""
-    sums = torch.cat([s.differences[torch.arange(len(s.samples)), labels[s.samples]].sum(0) for s in steps])
-    targets = torch.cat([s.coefficients.double() for s in steps])
-    factor = float((sums * targets).sum() / (targets * targets).sum()) if factor is None else factor
-    return float((sums - factor * targets).pow(2).sum() / sums.pow(2).sum())
+    a round when None) leave unexplained: near 0 at the true labels when the attack models the client's steps right
+    (the rest is the client's float32 rounding of its losses)."""
+    sums = [s.differences[torch.arange(len(s.samples)), labels[s.samples]].sum(0) for s in steps]
+    targets = [s.coefficients.double() for s in steps]
+    left = 0.0
+    for round_ in {s.round for s in steps}:
+        x = torch.cat([x for x, s in zip(sums, steps) if s.round == round_])
+        o = torch.cat([o for o, s in zip(targets, steps) if s.round == round_])
+        fitted = float((x * o).sum() / (o * o).sum()) if factor is None else factor
+        left += float((x - fitted * o).pow(2).sum())
+    return left / float(torch.cat(sums).pow(2).sum())
