@@ -174,3 +174,19 @@ def test_equal_cost_and_means_follow_the_rounds_evaluated():
     seeds = [{"method": "sfprompt", "options": {}, "history": history, "round_to_target": None,
               **{key: 0.5 for key in ("final_accuracy", "best_accuracy")}} for _ in range(2)]
     assert [h["round"] for h in mean_row(seeds, None)["history"]] == [5, 10, 15, 20]
+
+
+def test_drawing_a_comparisons_pictures_leaves_a_notebooks_pyplot_alone(tmp_path):
+    """`compare.plot` draws on figures of its own: it neither closes the figures a notebook has open nor changes
+    its backend."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from sfprompt import compare
+
+    backend, open_figure = matplotlib.get_backend(), plt.figure()
+    history = [{"round": r, "accuracy": 0.1 * r, "bytes": 1e6 * r, "client_flops": 1e9 * r} for r in (1, 2)]
+    compare.plot([{"method": "sfprompt", "history": history}], tmp_path)
+    assert all((tmp_path / f"{name}.png").stat().st_size > 1000 for name in compare.PICTURES)
+    assert plt.fignum_exists(open_figure.number) and matplotlib.get_backend() == backend
+    plt.close(open_figure)

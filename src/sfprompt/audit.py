@@ -572,14 +572,12 @@ def _summary(scores: dict[str, torch.Tensor]) -> dict[str, float]:
 def _picture(path: Path, originals: torch.Tensor, reconstructions: dict[str, torch.Tensor], scores: dict,
              columns: int = 12) -> None:
     """Originals above each attack's reconstructions, one row each, labelled with the row's mean figures."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures are left as they are
 
     rows = {"original": originals} | reconstructions
     count = min(columns, len(originals))
-    fig, axes = plt.subplots(len(rows), count, figsize=(count * 0.9, len(rows) * 1.05), squeeze=False)
+    fig = Figure(figsize=(count * 0.9, len(rows) * 1.05))
+    axes = fig.subplots(len(rows), count, squeeze=False)
     for r, (name, images) in enumerate(rows.items()):
         for c in range(count):
             ax = axes[r, c]
@@ -592,7 +590,6 @@ def _picture(path: Path, originals: torch.Tensor, reconstructions: dict[str, tor
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_from(folder: Path, device: str | None, params: bool = True) -> Config:

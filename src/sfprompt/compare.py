@@ -292,12 +292,12 @@ PICTURES = ("accuracy_per_round", "accuracy_vs_bytes", "accuracy_vs_client_flops
 
 
 def plot(rows: list[dict], out: Path) -> None:
-    import matplotlib
+    """The comparison's pictures (PICTURES) in `out`, drawn on figures of their own (no pyplot: a notebook's
+    backend and figures are left as they are)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for r in rows:
         ax.plot([h["round"] for h in r["history"]], [h["accuracy"] for h in r["history"]], marker="o", label=r["method"])
     ax.set(xlabel="round", ylabel="test accuracy", title="Accuracy per round")
@@ -308,7 +308,8 @@ def plot(rows: list[dict], out: Path) -> None:
     for cost, scale, label, title in (
             ("bytes", 1e6, "cumulative MB sent (up + down, all clients)", "communication"),
             ("client_flops", 1e9, "cumulative client GFLOP (all clients)", "client compute")):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for r in rows:
             ax.plot([h[cost] / scale for h in r["history"]], [h["accuracy"] for h in r["history"]], marker="o",
                     label=r["method"])
@@ -317,10 +318,10 @@ def plot(rows: list[dict], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"accuracy_vs_{cost}.png", dpi=120)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.bar([r["method"] for r in rows], [r["history"][-1]["client_flops"] / 1e9 for r in rows])
     ax.set(yscale="log", ylabel="client GFLOP (all clients, all rounds)", title="Client compute")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(out / "client_flops.png", dpi=120)
-    plt.close("all")

@@ -60,14 +60,13 @@ def label_counts(labels: np.ndarray, parts: list[np.ndarray], classes: int) -> n
 def draw(counts: np.ndarray, class_names: list[str], title: str, path: Path) -> None:
     """The label distribution of a split: one stacked bar a client, a colour a class."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     clients, classes = counts.shape
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * clients + 2), 4))
+    fig = Figure(figsize=(max(6, 0.25 * clients + 2), 4))
+    ax = fig.subplots()
     bottom = np.zeros(clients)
-    colours = plt.get_cmap("tab20" if classes > 10 else "tab10")
+    colours = matplotlib.colormaps["tab20" if classes > 10 else "tab10"]
     for c in range(classes):
         ax.bar(np.arange(clients), counts[:, c], bottom=bottom, color=colours(c % 20), label=class_names[c], width=0.9)
         bottom += counts[:, c]
@@ -77,7 +76,6 @@ def draw(counts: np.ndarray, class_names: list[str], title: str, path: Path) -> 
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def show(config) -> tuple[np.ndarray, Path]:
