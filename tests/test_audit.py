@@ -305,3 +305,21 @@ def test_a_whole_run_audit_of_a_victim_never_sampled_is_refused(gray, tmp_path):
     never = min(set(range(4)) - sampled)
     with pytest.raises(ConfigError, match=f"client {never} is not sampled"):
         run_audit(config, replace(QUICK, sends="run", victim=never), progress=False, log=lambda _: None)
+
+
+def test_the_replay_check_compares_every_saved_tensor_an_empty_one_included(tmp_path):
+    """A linear probe's prompts are an empty tensor: the check says exact or not without failing on it."""
+    from safetensors.torch import save_file
+
+    from sfprompt.audit import _check_replay
+
+    final = torch.nn.Module()
+    final.register_buffer("prompts", torch.zeros(1, 0, 4))
+    final.register_buffer("weight", torch.ones(3))
+    save_file({"prompts": torch.zeros(1, 0, 4), "weight": torch.ones(3), "body.x": torch.ones(1)},
+              str(tmp_path / "global.safetensors"))
+    lines = []
+    _check_replay(final, tmp_path, lines.append)
+    final.weight[1] = 2.0
+    _check_replay(final, tmp_path, lines.append)
+    assert "exactly" in lines[0] and "largest difference 1" in lines[1]

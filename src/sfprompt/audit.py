@@ -378,12 +378,13 @@ def _check_replay(final: torch.nn.Module, from_dir: Path, log: Callable[[str], N
     with safe_open(str(from_dir / "global.safetensors"), "pt") as file:
         saved = {name: file.get_tensor(name) for name in file.keys() if not name.startswith("body.")}
     replayed = {name: t.detach().cpu() for name, t in final.state_dict().items() if name in saved}
-    gap = max((float((replayed[n].float() - saved[n].float()).abs().max()) for n in replayed), default=math.inf)
-    if replayed.keys() == saved.keys() and gap == 0:
+    if replayed.keys() == saved.keys() and all(torch.equal(t, saved[name].to(t.dtype)) for name, t in replayed.items()):
         log(f"the replay ends at {from_dir}'s final params exactly")
     else:
-        log(f"warning: the replay does not end at {from_dir}'s final params (largest difference {gap:.3g}): another "
-            "machine or version; the audit attacks the replayed run")
+        gaps = [float((t.float() - saved[name].float()).abs().max()) for name, t in replayed.items()
+                if t.numel() and t.shape == saved[name].shape]
+        log(f"warning: the replay does not end at {from_dir}'s final params (largest difference "
+            f"{max(gaps, default=math.nan):.3g}): another machine or version; the audit attacks the replayed run")
 
 
 def _auxiliary(fed: Federation, options: AuditOptions, to_pixels: Callable,
