@@ -146,8 +146,10 @@ def test_an_upload_leaves_as_flowers_local_dp_mod_makes_it_with_the_clients_own_
     assert noisy.keys() == upload.keys() and all(t.dtype == torch.float32 for t in noisy.values())
     scalar = private_upload({"t": torch.tensor(0.0)}, {"t": torch.tensor(100.0)}, 2.0, 1e6, 1e-5, [1])["t"]
     assert scalar.shape == () and float(scalar) == pytest.approx(2.0, abs=1e-3)  # a 0-d tensor is clipped too
-    with pytest.raises(ValueError, match="cannot clip a change of norm 0"):
-        private_upload(broadcast, broadcast, 2.0, 1.0, 1e-5, [1])
+    unchanged = private_upload(broadcast, dict(broadcast), 2.0, 1.0, 1e-5, [1, 2, 3, 4])  # not dropped: noised alone
+    assert float(change(unchanged).std()) == pytest.approx(upload_noise_multiplier(1.0, 1e-5) * 2.0, rel=0.1)
+    assert torch.equal(unchanged["prompts"], private_upload(broadcast, dict(broadcast), 2.0, 1.0, 1e-5, [1, 2, 3, 4])["prompts"])
+    assert unchanged["tail.weight"].shape == (4, 100) and (np.random.get_state()[1] == before).all()
     with pytest.raises(ValueError, match="not the broadcast's"):
         private_upload(broadcast, {"prompts": upload["prompts"], "tail.bias": torch.ones(4)}, 2.0, 1.0, 1e-5, [1])
 

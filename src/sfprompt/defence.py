@@ -141,7 +141,9 @@ def private_upload(broadcast: Mapping[str, torch.Tensor], upload: Mapping[str, t
     The mod is Flower's, run on the messages as the Flower runtime carries them (`flower.records`), in both
     runtimes. It draws its noise from NumPy's global generator; here that generator is seeded from the client's
     `secret` (words derived from its private seed: a deployed node's is a secret the server cannot search) for the
-    call and restored after, one client at a time, so that a run repeats and nothing else's draws move."""
+    call and restored after, one client at a time, so that a run repeats and nothing else's draws move. An upload
+    equal to the broadcast (which the mod cannot clip: it divides by the change's norm) gets the mod's noise alone,
+    by Flower's own function, so that it is not dropped: its drop would tell the server it did not change."""
     import logging
 
     from flwr.app import Context, Message, RecordDict
@@ -153,8 +155,6 @@ def private_upload(broadcast: Mapping[str, torch.Tensor], upload: Mapping[str, t
         raise ValueError(f"the upload's tensors are not the broadcast's ({sorted(upload.keys() ^ broadcast.keys())[:4]}):"
                          " Flower's LocalDpMod clips a change of the broadcast state")
     change = math.sqrt(sum(float((upload[name].double() - broadcast[name].double()).square().sum()) for name in upload))
-    if change == 0:  # the mod would divide by it
-        raise ValueError("the upload equals the broadcast: Flower's LocalDpMod cannot clip a change of norm 0")
     shapes = {name: tensor.shape for name, tensor in upload.items()}  # the mod leaves a 0-d array as it is: 1-d
 
     def trained(msg: Message, context: Context) -> Message:
@@ -169,14 +169,20 @@ def private_upload(broadcast: Mapping[str, torch.Tensor], upload: Mapping[str, t
         np.random.seed(list(secret))
         flower_log.setLevel(logging.WARNING)  # its two lines a client a round; the run's log says it once
         try:
-            sent = {name: tensor.reshape(-1) for name, tensor in broadcast.items()}
-            reply = mod(train_message(RecordDict({"global": to_arrays(sent)})), context, trained)
+            if change == 0:  # the mod would divide by it: a zero change clips to itself, and gets the mod's noise alone
+                from flwr.clientapp.mod.localdp_mod import add_gaussian_noise_inplace  # the function the mod calls
+                noisy = {name: t.detach().cpu().reshape(-1).numpy().copy() for name, t in upload.items()}
+                add_gaussian_noise_inplace(list(noisy.values()), upload_noise_multiplier(epsilon, delta) * clip)
+                noisy = {name: torch.from_numpy(array) for name, array in noisy.items()}
+            else:
+                sent = {name: tensor.reshape(-1) for name, tensor in broadcast.items()}
+                reply = mod(train_message(RecordDict({"global": to_arrays(sent)})), context, trained)
+                if reply.has_error():
+                    raise ValueError(f"Flower's LocalDpMod refused the upload: {reply.error.reason}")
+                noisy = from_arrays(reply.content["upload"])
         finally:
             np.random.set_state(saved)
             flower_log.setLevel(level)
-    if reply.has_error():
-        raise ValueError(f"Flower's LocalDpMod refused the upload: {reply.error.reason}")
-    noisy = from_arrays(reply.content["upload"])
     return {name: noisy[name].reshape(shapes[name]).to(tensor.device, tensor.dtype) for name, tensor in upload.items()}
 
 
