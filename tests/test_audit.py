@@ -303,7 +303,7 @@ def test_a_whole_run_audit_of_a_victim_never_sampled_is_refused(gray, tmp_path):
     rng = np.random.default_rng(config.seed)  # the clients a run samples, one a round
     sampled = {int(rng.choice(4, 1, replace=False)[0]) for _ in range(2)}
     never = min(set(range(4)) - sampled)
-    with pytest.raises(ConfigError, match=f"client {never} is not sampled"):
+    with pytest.raises(ConfigError, match=f"client {never} finished none of the run's rounds"):
         run_audit(config, replace(QUICK, sends="run", victim=never), progress=False, log=lambda _: None)
 
 
@@ -323,3 +323,105 @@ def test_the_replay_check_compares_every_saved_tensor_an_empty_one_included(tmp_
     final.weight[1] = 2.0
     _check_replay(final, tmp_path, lines.append)
     assert "exactly" in lines[0] and "largest difference 1" in lines[1]
+
+
+def test_forward_only_direction_seeds_leave_the_noise_stream_alone(gray, tmp_path):
+    """The direction seeds travel in the clear; a Mersenne Twister's outputs are linear in its state, so where the
+    defence draws noise from the client's private stream, the seeds come from a stream of their own (without
+    noise, from the private stream, as the published forward-only runs drew them)."""
+    from sfprompt.audit import _trained, witness
+    from sfprompt.federation import prepare
+    from sfprompt.seeds import DIRECTIONS, client_seed, private_generator
+    from sfprompt.zeroth_order import SEED_LIMIT
+
+    for noise, salt in (({}, ()), ({"clip_norm": 5.0, "noise_multiplier": 0.5}, (DIRECTIONS,))):
+        config = audit_config(gray, tmp_path, prompt_updates="forward-only", directions=2, perturbation=0.3,
+                              out=str(tmp_path / f"seeds-{bool(noise)}"), **noise)
+        fed = prepare(config)
+        seen = witness(fed, *_trained(fed, None, 0, lambda _: None), victim=0)
+        stream = private_generator(fed.clients[0].noise_seed, client_seed(config.seed, 1, 0), *salt)
+        assert [e.seed for e in seen.evaluates] == [int(torch.randint(SEED_LIMIT, (1,), generator=stream))
+                                                    for _ in seen.evaluates]
+
+
+def test_a_whole_run_audit_leaves_out_a_round_the_victim_is_dropped_in(gray, tmp_path, monkeypatch):
+    """A victim that fails between a forward and its backward in its second round: that round's sends are left out
+    (no gradient is paired with another round's rows), the others attacked, and the log says so."""
+    from dataclasses import replace
+
+    from sfprompt.client import Client
+
+    send_grad, calls = Client._send_grad, []
+
+    def failing(self, ctx, grad):
+        if self.cid == 0:
+            calls.append(1)
+            if len(calls) == 13:  # round 2's third batch (ten a round: 36 samples, batches of 8, two epochs)
+                raise RuntimeError("the victim's connection broke")
+        return send_grad(self, ctx, grad)
+
+    monkeypatch.setattr(Client, "_send_grad", failing)
+    lines = []
+    config = audit_config(gray, tmp_path, rounds=3, probe_rounds=0, keep_ratio=1.0)
+    result = run_audit(config, replace(QUICK, sends="run"), progress=False, log=lines.append)
+    assert result["rounds_witnessed"] == 2 and result["sends_per_image_range"] == [4, 4]
+    assert any("client 0 was dropped in round 2" in line for line in lines)
+    assert result["labels"]["gradient"] >= 0.9
+
+
+def test_each_gradient_is_read_through_the_tail_that_computed_it():
+    """Two batches whose tails differ by a permutation of the classes: read through its own tail every gradient names
+    its label; read through one tail for both, the second batch's would name the permuted class. A sample no gradient
+    was received for (a probe round's send only) keeps its label-free guess, and without randomized labels the
+    guess with a prior is the gradient's."""
+    from sfprompt.attacks import label_attacks
+
+    generator = torch.Generator().manual_seed(0)
+    first = torch.nn.Linear(8, 4)
+    second = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        second.weight.copy_(first.weight[[1, 2, 3, 0]])
+        second.bias.copy_(first.bias[[1, 2, 3, 0]])
+    tails = [lambda rows, net=net: net(rows[:, 0]) for net in (first, second)]
+    rows = torch.randn(10, 1, 8, generator=generator)
+    sample = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 4])  # samples 0-3 twice, 4 in the probe only
+    batch = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 0, 0])
+    graded = torch.tensor([True] * 8 + [False] * 2)
+    labels = torch.tensor([2, 0, 3, 1])
+    grads = []
+    for s in range(8):  # what each send's backward carries: the loss gradient at its rows, through its own tail
+        at = rows[s : s + 1].clone().requires_grad_(True)
+        torch.nn.functional.cross_entropy(tails[int(batch[s])](at), labels[int(sample[s])][None]).backward()
+        grads.append(at.grad[0])
+    grads = torch.stack(grads)
+    own = label_attacks(tails[0], rows, grads, sample, 4, 1.0, graded, tails, batch)
+    assert torch.equal(own["gradient"][:4], labels) and own["gradient"][4] == own["label_free"][4]
+    assert torch.equal(own["gradient_with_prior"], own["gradient"])
+    one = label_attacks(tails[0], rows[4:8], grads[4:8], sample[4:8], 4, 1.0)  # the second batch through the first tail
+    assert not torch.equal(one["gradient"], labels)
+
+
+def test_the_white_box_attack_matches_each_send_through_the_prompts_it_was_made_with():
+    """Sends of one image made with different prompts (the path depends on them where client blocks run): matched
+    each through its own, the pixels are found; through one set of prompts for all, they are not."""
+    from sfprompt.attacks import optimisation_attack
+
+    class Path:  # a sending path that depends on the prompts: tanh(pixels x the prompts' scale)
+        prompts = torch.full((1, 1, 1), 0.5)
+
+        def clean(self, pixels, prompts=None):
+            scale = (self.prompts if prompts is None else prompts).reshape(-1, 1)
+            return torch.tanh(pixels.flatten(1) * scale)
+
+        def features(self, tokens):
+            return tokens
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 1, 4, 4, generator=generator) * 0.8 + 0.1
+    image = torch.tensor([0, 0, 1, 1])
+    prompts = torch.tensor([0.5, 2.0, 0.5, 3.0]).view(-1, 1, 1)
+    sends = Path().clean(images[image], prompts)
+    found = optimisation_attack(Path(), sends, torch.full((1, 4, 4), 0.5), 300, False, image, prompts)
+    assert (found - images).abs().max() < 0.02
+    blind = optimisation_attack(Path(), sends, torch.full((1, 4, 4), 0.5), 300, False, image, None)
+    assert (blind - images).abs().max() > 0.1

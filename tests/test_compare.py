@@ -184,9 +184,14 @@ def test_drawing_a_comparisons_pictures_leaves_a_notebooks_pyplot_alone(tmp_path
 
     from sfprompt import compare
 
-    backend, open_figure = matplotlib.get_backend(), plt.figure()
-    history = [{"round": r, "accuracy": 0.1 * r, "bytes": 1e6 * r, "client_flops": 1e9 * r} for r in (1, 2)]
-    compare.plot([{"method": "sfprompt", "history": history}], tmp_path)
-    assert all((tmp_path / f"{name}.png").stat().st_size > 1000 for name in compare.PICTURES)
-    assert plt.fignum_exists(open_figure.number) and matplotlib.get_backend() == backend
-    plt.close(open_figure)
+    backend = matplotlib.get_backend()
+    plt.switch_backend("svg")  # a backend other than Agg, which plot must not switch to
+    open_figure = plt.figure()
+    try:
+        history = [{"round": r, "accuracy": 0.1 * r, "bytes": 1e6 * r, "client_flops": 1e9 * r} for r in (1, 2)]
+        compare.plot([{"method": "sfprompt", "history": history}], tmp_path)
+        assert all((tmp_path / f"{name}.png").stat().st_size > 1000 for name in compare.PICTURES)
+        assert plt.fignum_exists(open_figure.number) and matplotlib.get_backend() == "svg"
+    finally:
+        plt.close(open_figure)
+        plt.switch_backend(backend)

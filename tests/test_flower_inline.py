@@ -232,6 +232,23 @@ def test_a_node_draws_its_own_private_seed_once_unless_its_node_config_names_one
     assert client_app.NodeState(node(2, **{"private-seed": 42})).private_seed() == 42
 
 
+def test_a_secret_a_node_drew_before_127_bit_secrets_is_kept_with_a_warning(tmp_path, caplog):
+    """A 63-bit secret on a node's disk keeps the streams it seeded (a new one would draw the node's randomized
+    labels a second time), and the node is told what that leaves it."""
+    import logging
+
+    from sfprompt.seeds import private_generator
+
+    old = 2**62 + 12345
+    folder = tmp_path / "supernodes" / "partition-0"
+    folder.mkdir(parents=True)
+    (folder / "private-seed").write_text(str(old))
+    with caplog.at_level(logging.WARNING):
+        assert client_app.NodeState(node(0)).private_seed() == old
+    assert "before sfprompt drew 127-bit secrets" in caplog.text
+    assert torch.equal(torch.rand(50, generator=private_generator(old)), torch.rand(50, generator=torch.Generator().manual_seed(old)))
+
+
 def test_two_runs_with_one_seed_never_add_the_same_noise_to_the_same_send(imagefolder, tmp_path, monkeypatch):
     """A learning-rate sweep with one --seed on nodes that drew their own secrets: the noise on each send is
     fresh per run (the same draw again would let the server cancel it by differencing), while a node's

@@ -311,8 +311,9 @@ def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
     - gradient: the class whose loss gradient at a send's rows points most like the gradient received (cosine
       similarity, summed over the sample's sends), the loss taken through the tail that send's gradient came
       from (`tails[batch[s]]`; `tail` by default); a sample no gradient was received for keeps its label-free guess;
-    - gradient_with_prior: the gradient's class combined with the model's prediction, as a Bayesian
-      attacker who knows the randomized-response rate (`keep_probability`) would combine them.
+    - gradient_with_prior: the gradient's class combined with the model's prediction (its log-probabilities
+      averaged over the sample's sends, which see the same image: summed, they would count it once a send), as a
+      Bayesian attacker who knows the randomized-response rate (`keep_probability`) would combine them.
     """
     rows = rows.detach()
     graded = torch.ones(len(rows), dtype=torch.bool) if graded is None else graded
@@ -334,16 +335,19 @@ def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
     ids, inverse = sample.unique(return_inverse=True)
     per_sample = lambda scores: torch.zeros(len(ids), scores.shape[1]).index_add_(0, inverse, scores)  # noqa: E731
     prior = per_sample(log_probs)
+    sends = per_sample(torch.ones(len(rows), 1))
     has_gradient = per_sample(graded[:, None].float())[:, 0] > 0
     gradient = torch.where(has_gradient, per_sample(similarity).argmax(dim=1), prior.argmax(dim=1))
     return {"label_free": prior.argmax(dim=1), "gradient": gradient,
-            "gradient_with_prior": with_randomized_label(prior, gradient, keep_probability)}
+            "gradient_with_prior": with_randomized_label(prior / sends, gradient, keep_probability)}
 
 
 def with_randomized_label(prior: torch.Tensor, shown: torch.Tensor, keep_probability: float) -> torch.Tensor:
     """Each sample's most probable true label given its label-free log-scores `prior` (n, C) and the label `shown`
     (n,) that randomized response kept with `keep_probability` (else drew uniformly among the others): what a
-    Bayesian attacker who knows the rate infers."""
+    Bayesian attacker who knows the rate infers (the shown label itself where randomized response keeps every one)."""
+    if keep_probability >= 1:
+        return shown
     classes = prior.shape[1]
     other = (1 - keep_probability) / max(classes - 1, 1)
     likelihood = torch.where(F.one_hot(shown, classes).bool(), torch.tensor(keep_probability), torch.tensor(other))

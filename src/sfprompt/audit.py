@@ -185,23 +185,32 @@ def witness(fed: Federation, global_params: torch.nn.Module, kept: dict | None, 
 
 class _TappedRuntime(InProcessRuntime):
     """The in-process runtime with the victim witnessed and its link tapped, keeping its last upload in a round of
-    the method's own (not the probe rounds it may open with)."""
+    the method's own (not the probe rounds it may open with). A round the victim is dropped in is left out whole
+    (what it noted and sent there: a failure can come between a batch noted and sent, or a forward and its
+    backward), and named in `dropped`."""
 
     def __init__(self, fed: Federation, client: _WitnessedClient) -> None:
         super().__init__(fed, progress=False)
         self.victim = client
         self.tap = _Wiretap(self.server, fed.meter, fed.device, fed.max_message_bytes)
         self.upload: Message | None = None
+        self.dropped: list[int] = []
         fed.clients[client.cid] = client
 
     def link_for(self, cid: int) -> InProcessLink:
         return self.tap if cid == self.victim.cid else self.link
 
     def train(self, round_: int, cids: list[int], global_params: torch.nn.Module):
+        victim, fed = self.victim, self.federation
+        notes = [victim.batches, victim.params, victim.sent_in, victim.shown, victim.broadcasts, self.tap.exchanges]
+        before = [len(note) for note in notes]
         updates, dropped = super().train(round_, cids, global_params)
-        fed = self.federation
-        if fed.method.stage(round_, fed.config) is fed.method:
-            self.upload = next((u for u in updates if u.meta["client"] == self.victim.cid), self.upload)
+        if any(failure["client"] == victim.cid for failure in dropped):
+            for note, length in zip(notes, before):
+                del note[length:]
+            self.dropped.append(round_)
+        elif fed.method.stage(round_, fed.config) is fed.method:
+            self.upload = next((u for u in updates if u.meta["client"] == victim.cid), self.upload)
         return updates, dropped
 
 
@@ -212,9 +221,11 @@ def witness_run(fed: Federation, victim: int, log: Callable[[str], None]) -> tup
     runtime = _TappedRuntime(fed, _witnessed_client(fed, victim))
     final = play_rounds(fed, runtime, log, fed.config.rounds)
     fed.meter.take()
+    if runtime.dropped:
+        log(f"client {victim} was dropped in round {', '.join(map(str, runtime.dropped))}: its sends there are left out")
     if runtime.upload is None:
-        raise ConfigError(f"client {victim} is not sampled in any of the run's rounds of {fed.method.name} (its "
-                          "probe rounds aside): it sent nothing to attack there; choose another --victim")
+        raise ConfigError(f"client {victim} finished none of the run's rounds of {fed.method.name} (its probe rounds "
+                          "aside): it was not sampled in any, or was dropped in every one; choose another --victim")
     return _witnessed(runtime.victim, runtime.tap.exchanges, runtime.upload), final
 
 
@@ -358,9 +369,8 @@ def _trained(fed: Federation, from_dir: Path | None, victim: int,
     own (the probe rounds' sends are the probe's: `--method linear-probe` audits those)."""
     if from_dir is None:
         return play_rounds(fed, InProcessRuntime(fed, progress=False), log), None
-    with safe_open(str(from_dir / "global.safetensors"), "pt") as file:
-        saved = {name: file.get_tensor(name) for name in file.keys() if not name.startswith("body.")}
-        round_ = int((file.metadata() or {}).get("round", fed.config.rounds))
+    saved, round_ = _saved_params(from_dir)
+    round_ = fed.config.rounds if round_ is None else round_
     stage = fed.method.stage(round_, fed.config)  # a run stopped within its probe rounds saved the probe's state
     stage_params = stage.new_params(fed.model).to(fed.device)
     stage_params.load_state_dict(saved)
@@ -369,14 +379,21 @@ def _trained(fed: Federation, from_dir: Path | None, victim: int,
     return global_params, kept
 
 
+def _saved_params(folder: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    """A run's saved global params but the frozen body's (global.safetensors), and the round they are from."""
+    with safe_open(str(folder / "global.safetensors"), "pt") as file:
+        round_ = (file.metadata() or {}).get("round")
+        return ({name: file.get_tensor(name) for name in file.keys() if not name.startswith("body.")},
+                None if round_ is None else int(round_))
+
+
 def _check_replay(final: torch.nn.Module, from_dir: Path, log: Callable[[str], None]) -> None:
     """Say whether the replayed run ends where the run in `from_dir` ended (it does on the machine and versions that
     made it: a run repeats bit for bit)."""
     if not (from_dir / "global.safetensors").is_file():
         log(f"{from_dir} keeps no final params to check the replay against")
         return
-    with safe_open(str(from_dir / "global.safetensors"), "pt") as file:
-        saved = {name: file.get_tensor(name) for name in file.keys() if not name.startswith("body.")}
+    saved, _ = _saved_params(from_dir)
     replayed = {name: t.detach().cpu() for name, t in final.state_dict().items() if name in saved}
     if replayed.keys() == saved.keys() and all(torch.equal(t, saved[name].to(t.dtype)) for name, t in replayed.items()):
         log(f"the replay ends at {from_dir}'s final params exactly")
@@ -444,10 +461,13 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     if seen.evaluates:
         guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth)
     elif seen.graded.any():
-        tails = [_tail_of(upload.tail, tail) for _, tail in seen.params] if own_tails else None
+        tails = None
+        if own_tails:  # the tail of each batch a gradient came from (the others are never read)
+            graded_batches = set(seen.batch[seen.graded].tolist())
+            tails = [_tail_of(upload.tail, tail) if b in graded_batches else None for b, (_, tail) in enumerate(seen.params)]
         guesses = attacks.label_attacks(upload.tail, seen.rows, seen.grads, seen.positions, num_classes,
                                         defence.keep_probability(num_classes), seen.graded, tails, seen.batch)
-        graded = seen.positions[seen.graded].unique()  # the samples a gradient was received for (all in one round)
+        graded = seen.positions[seen.graded].unique()  # the samples a gradient was received for (all, in one round)
         if len(graded) < len(truth):  # the others (a probe round's only) keep their label-free guess
             where = torch.isin(seen.positions.unique(), graded)
             figures = {"samples_with_gradient": len(graded),

@@ -41,9 +41,9 @@ _AUDIT_HELP = {
     "steps": "steps of the white-box optimisation attack",
     "inversion_epochs": "training epochs of the learned inversion network",
     "seed": "the attacker's own randomness and the choice of gallery",
-    "sends": "which of the victim's sends are attacked: those of one round (its first of the method's own, after "
-             "any probe rounds; with --from, one more from that run's final params), or every send it makes in the "
-             "whole run (replayed from its start, each send with the params it was made with)",
+    "sends": "which of the victim's sends are attacked: round, those of one round (the method's first own round, "
+             "after any probe rounds; with --from, a further round from that run's final params), or run, every "
+             "send it makes in the whole run (replayed from its start, each with the params it was made with)",
 }
 
 

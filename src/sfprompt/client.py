@@ -29,7 +29,7 @@ from .optim import build_optimizer
 from .model import ClientParams, SplitViT
 from .probe import RunningStatistics
 from .pruning import BANDS, el2n, keep_band, size_band
-from .seeds import LOCAL_HEAD, UPLOAD_NOISE, derive_seed, private_generator, secret_words
+from .seeds import DIRECTIONS, LOCAL_HEAD, UPLOAD_NOISE, derive_seed, private_generator, secret_words
 from .transport import Link, encode_held
 
 @dataclass
@@ -49,6 +49,7 @@ class RoundContext:
     deadline: float | None = None  # time.monotonic() by which the round must be done
     phase: str = "start"  # the phase running now, reported if the client fails
     anchor: dict[str, torch.Tensor] | None = None  # the global params as received, for FedProx's proximal term
+    directions: torch.Generator | None = None  # forward-only's direction seeds, sent in the clear (None: `private`)
 
 
 class RoundPlan(Protocol):
@@ -222,11 +223,16 @@ class Client:
         memory.hold(params)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         private = private_generator(self.noise_seed, seed)  # this round's noise and shuffles
+        # Forward-only's direction seeds travel in the clear: where the defence draws secrets from `private`, they come
+        # from a stream of their own (a Mersenne Twister's outputs are linear in its state: enough would give it away).
+        defence = self.model.defence
+        directions = private_generator(self.noise_seed, seed, DIRECTIONS) if defence.shuffle or defence.noise_std else None
         anchor = None
         if self.settings.proximal_mu:  # FedProx pulls the params it trains towards these
             anchor = {name: value.detach().clone() for name, value in params.named_parameters() if value.requires_grad}
             memory.hold(*anchor.values())
-        ctx = RoundContext(params, link, torch.Generator().manual_seed(seed), private, memory, deadline, anchor=anchor)
+        ctx = RoundContext(params, link, torch.Generator().manual_seed(seed), private, memory, deadline, anchor=anchor,
+                           directions=directions)
         kept = {name: t.clone() for name, t in self.state_dict().items()}
         try:
             report = method.client_round(self, ctx)
@@ -363,7 +369,7 @@ class Client:
         params, memory = ctx.params, ctx.memory
         prompts, messages, perturbations = params.prompts, self.model.messages, self.model.perturbations
         with self.meter.work(CLIENT, "split", memory), torch.no_grad():
-            seed = int(torch.randint(zeroth_order.SEED_LIMIT, (1,), generator=ctx.private))
+            seed = int(torch.randint(zeroth_order.SEED_LIMIT, (1,), generator=ctx.directions or ctx.private))
             directions = perturbations.draw(seed, prompts.shape[1:])
             meta = messages.evaluate_meta(seed, directions)
             directions = directions.to(prompts.device)

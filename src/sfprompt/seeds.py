@@ -19,6 +19,7 @@ VALIDATION = 0x7A11D  # the validation draw, independent of the partition's
 BUDGETS = 0xB0D6E7  # each simulated client's budget, drawn from --client-budgets
 HOLDOUT = 0x401D007  # which of a client's samples --client-holdout keeps out of its training
 UPLOAD_NOISE = 0xD9A0  # the noise on a client's upload (--upload-epsilon), from its private noise seed
+DIRECTIONS = 0xD12EC7  # forward-only's direction seeds, where the defence draws noise or shuffles from the private stream
 
 
 def derive_seed(*parts: int) -> int:
@@ -32,26 +33,31 @@ def secret_words(*parts: int) -> list[int]:
     return [int(word) for word in np.random.SeedSequence(list(parts)).generate_state(4)]
 
 
+LEGACY = 2**64  # a secret below it seeds PyTorch's generator as `manual_seed` does (which takes up to 64 bits)
+_STATE = struct.Struct("=QiiQ624Q")  # PyTorch's CPU generator state: its seed, left, seeded, next, 624 words...
+_STATE_BYTES = 5056  # ...then the normal samples it caches: the size torch 2.x saves
+
+
 def private_generator(secret: int, *parts: int) -> torch.Generator:
     """PyTorch's CPU generator for a client's private randomness (its defence's noise and shuffles, its randomized
-    labels), keeping all of `secret`'s entropy. `manual_seed` keeps 32 bits of any seed: a secret below 2^32 (a
-    simulated client's, derived from --seed, which the server knows anyway; or a node's configured `private-seed`)
-    seeds it as it always has (itself, or with `parts` through `derive_seed`), so documented runs repeat; a larger
-    one (a deployed node's 127 bits) fills the Mersenne Twister's whole state from NumPy's SeedSequence of the secret
-    and `parts`, since a server could try every one of 2^32 streams to take a noise off a send."""
-    if secret < 2**32:
+    labels), from its `secret` and public `parts` (the round's seed). `manual_seed` keeps 32 bits of any seed, so a
+    server could try every stream to take a noise off a send or undo the randomized labels: a secret at or above
+    `LEGACY` (a node's, 127 bits) fills the Mersenne Twister's whole state instead, from NumPy's SeedSequence of it
+    and `parts`. A smaller one seeds it as `manual_seed` always has (itself, or with `parts` through `derive_seed`):
+    a simulated client's (derived from --seed, which the server knows anyway), a configured `private-seed`, and a
+    node's drawn before 127-bit secrets, whose randomized labels must not be drawn a second time."""
+    if secret < LEGACY:
         return torch.Generator().manual_seed(derive_seed(secret, *parts) if parts else secret)
     generator = torch.Generator().manual_seed(0)
-    words = np.random.MT19937(np.random.SeedSequence([secret, *parts])).state["state"]["key"]
     state = bytearray(generator.get_state().numpy().tobytes())
-    # The layout PyTorch's CPU generator saves: its seed (8 bytes), `left` and `seeded` (4 each), `next` (8), the
-    # 624 state words (8 bytes each), then the normal samples it caches; a freshly seeded one has 1, 1 and 0.
-    header, end = struct.calcsize("=QiiQ"), struct.calcsize("=QiiQ") + 8 * len(words)
-    if len(state) < end or struct.unpack_from("=QiiQ", state)[1:] != (1, 1, 0):
+    if len(state) != _STATE_BYTES or _STATE.unpack_from(state)[1:4] != (1, 1, 0):
         raise RuntimeError(f"torch {torch.__version__}'s CPU generator saves its state in a layout sfprompt does not "
-                           "know, so a secret longer than 32 bits cannot seed it")
-    state[header:end] = words.astype(np.uint64).tobytes()
+                           "know, so a secret longer than 64 bits cannot seed it")
+    words = np.random.MT19937(np.random.SeedSequence([secret, *parts])).state["state"]["key"]
+    _STATE.pack_into(state, 0, 0, 1, 1, 0, *(int(word) for word in words))
     generator.set_state(torch.frombuffer(state, dtype=torch.uint8))
+    if generator.get_state().numpy().tobytes() != bytes(state):
+        raise RuntimeError(f"torch {torch.__version__}'s CPU generator did not take the state sfprompt wrote")
     return generator
 
 

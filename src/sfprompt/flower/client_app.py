@@ -17,11 +17,13 @@ import json
 import math
 import re
 import secrets
+from logging import WARNING
 from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from safetensors.torch import load_file, save
 
 from ..channel import ChannelLink
@@ -33,6 +35,7 @@ from ..config import Config
 from ..data import count_images
 from ..federation import ClientSide, prepare_client
 from ..meter import Meter
+from ..seeds import LEGACY
 from ..transport import SessionLink
 from .records import from_arrays, to_arrays
 from .secure import TASK, broadcast_of, client_mod, scaled_upload, upload_reply
@@ -75,11 +78,19 @@ class NodeState:
     @staticmethod
     def _secret(path: Path) -> int:
         """A secret kept in `path` (readable by its owner only), drawn from the operating system's entropy once:
-        127 bits, at least 2^127, so that every private stream keeps them all (`seeds.private_generator`)."""
+        127 bits, at least 2^127, so that every private stream keeps them all (`seeds.private_generator`). One drawn
+        before (63 bits) is kept as it is, with a warning: its streams keep 32 bits of it, and a new one would draw
+        the node's randomized labels a second time."""
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(path, str(1 << 127 | secrets.randbits(127)).encode(), mode=0o600)
-        return int(path.read_text())
+        secret = int(path.read_text())
+        if secret < LEGACY:
+            log(WARNING, "%s was drawn before sfprompt drew 127-bit secrets: the private streams it seeds keep 32 bits "
+                "of it, which a server could search. Deleting it draws a new one; if it is the private-seed, that also "
+                "draws every sample's randomized label anew, which then shows the server each label randomized twice.",
+                path)
+        return secret
 
     def client_state(self, run_key: str, round_: int) -> tuple[int, dict | None]:
         """(round, state) of the client's private state as it stood before `round_`: the latest saved in an
