@@ -47,16 +47,6 @@ options() {  # the method and precision of a row
 }
 
 run_grid
-unfinished=0
-for setting in $SETTINGS; do for row in $ROWS; do for seed in $SEEDS; do
-  [ -f "$OUT/$setting/$row/seed-$seed/summary.json" ] || unfinished=$((unfinished + 1))
-done; done; done
-if [ "$unfinished" -gt 0 ]; then echo "$unfinished runs not finished: run again to continue"; exit 0; fi
-DOC=${DOC:-docs/benchmarks/scale-224.md}
-{
-  echo "$(command_header scale224) Fashion-MNIST through the real ViT-S/14 at 224 px (16 x 16 patches),"
-  echo "${TRAIN:-20000} training and ${TEST:-2000} test images, 100 clients, 10 a round, ${ROUNDS:-20} rounds; the body in"
-  echo "bfloat16 but for forward-only (float32). Test accuracy, mean ± standard deviation over the seeds."
-  grid_tables
-} > "$DOC"
-cat "$DOC"
+DOC=${DOC:-docs/benchmarks/scale-224.md} grid_report scale224 "Fashion-MNIST through the real ViT-S/14 at 224 px (16 x 16 patches), ${TRAIN:-20000} training
+and ${TEST:-2000} test images, 100 clients, 10 a round, ${ROUNDS:-20} rounds; the body in bfloat16 but for forward-only
+(float32). Test accuracy, mean ± standard deviation over the seeds."

@@ -212,6 +212,21 @@ def test_the_224_px_benchmark_advances_in_short_invocations_and_writes_its_repor
 
 
 @pytest.mark.slow
+@needs_shared
+def test_the_112_px_benchmark_runs_its_grid_and_writes_its_report(tmp_path):
+    """benchmarks/scale112.sh (issue 34's CPU benchmark) at a tiny size: its rows at 112 px unless SIZE says
+    otherwise, with every seed; the report once every run has finished."""
+    doc = tmp_path / "scale.md"
+    tiny = "--image-size 28 --train-samples 40 --test-samples 20 --clients 2 --clients-per-round 2 --rounds 1"
+    done = run_benchmark("scale112.sh", tmp_path, SEEDS="0 1", ROWS="linear-probe", DOC=str(doc), SIZE=tiny)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = doc.read_text()
+    assert text.startswith("Command: `bash benchmarks/scale112.sh`") and "| linear-probe | 0,1 |" in text
+    config = json.loads((tmp_path / "runs" / "iid" / "linear-probe" / "seed-1" / "config.json").read_text())
+    assert config["method"] == "linear-probe" and config["dataset"] == "fashion-mnist" and config["rounds"] == 1
+
+
+@pytest.mark.slow
 def test_the_secure_aggregation_benchmark_runs_both_ways_under_flower(imagefolder, tmp_path):
     markdown = tmp_path / "secure-aggregation.md"
     options = json.dumps({"rounds": 1, "probe_rounds": 0, "dataset": "imagefolder", "data_dir": str(imagefolder),
