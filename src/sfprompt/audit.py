@@ -123,8 +123,8 @@ class _WitnessedClient(Client):
         for batch in super()._loader(data, ctx, shuffle):
             if ctx.phase in ("split", "probe"):  # what is sent: split training's batches, or the probe's
                 self.batches.append([t.detach().cpu() for t in batch])
-                self.params.append((ctx.params.prompts.detach().cpu().clone(),
-                                    {name: t.detach().cpu().clone() for name, t in ctx.params.tail.state_dict().items()}))
+                tail = {name: t.detach().cpu().clone() for name, t in ctx.params.tail.state_dict().items()}
+                self.params.append((ctx.params.prompts.detach().cpu().clone(), tail))
                 self.sent_in.append(len(self.broadcasts) - 1)
             yield batch
 
@@ -222,7 +222,8 @@ def witness_run(fed: Federation, victim: int, log: Callable[[str], None]) -> tup
     final = play_rounds(fed, runtime, log, fed.config.rounds)
     fed.meter.take()
     if runtime.dropped:
-        log(f"client {victim} was dropped in round {', '.join(map(str, runtime.dropped))}: its sends there are left out")
+        rounds = ", ".join(map(str, runtime.dropped))
+        log(f"client {victim} was dropped in round {rounds}: its sends there are left out")
     if runtime.upload is None:
         raise ConfigError(f"client {victim} finished none of the run's rounds of {fed.method.name} (its probe rounds "
                           "aside): it was not sampled in any, or was dropped in every one; choose another --victim")
@@ -464,7 +465,8 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
         tails = None
         if own_tails:  # the tail of each batch a gradient came from (the others are never read)
             graded_batches = set(seen.batch[seen.graded].tolist())
-            tails = [_tail_of(upload.tail, tail) if b in graded_batches else None for b, (_, tail) in enumerate(seen.params)]
+            tails = [_tail_of(upload.tail, tail) if b in graded_batches else None
+                     for b, (_, tail) in enumerate(seen.params)]
         guesses = attacks.label_attacks(upload.tail, seen.rows, seen.grads, seen.positions, num_classes,
                                         defence.keep_probability(num_classes), seen.graded, tails, seen.batch)
         graded = seen.positions[seen.graded].unique()  # the samples a gradient was received for (all, in one round)
@@ -536,8 +538,8 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
     one_step = [(true_labels(trajectory.infer_labels([s], shown_prior, factors[s.round])[0])[s.samples]
                  == truth[s.samples]).double().mean() for s in exact]
     label_free = [(prior.argmax(dim=1)[s.samples] == truth[s.samples]).double().mean() for s in exact]
-    shown_truth = torch.zeros_like(truth).index_put_((torch.searchsorted(ids, torch.cat([e.positions for e in evaluates])),),
-                                                     torch.cat([e.shown for e in evaluates]))
+    sent = torch.searchsorted(ids, torch.cat([e.positions for e in evaluates]))
+    shown_truth = torch.zeros_like(truth).index_put_((sent,), torch.cat([e.shown for e in evaluates]))
     return guesses, {"steps_read": len(exact), "unexplained_at_truth": trajectory.unexplained(exact, shown_truth, known),
                      "one_step": {"label_free": float(torch.stack(label_free).mean()),
                                   "trajectory": float(torch.stack(one_step).mean())}}

@@ -137,7 +137,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if others:
             raise ConfigError(f"--from audits a finished run with its saved options; only --device may be given, "
                               f"not {', '.join('--' + name.replace('_', '-') for name in others)}")
-        return run_from(Path(args.from_dir), flags.get("device"), params=getattr(args, "audit_sends", "round") == "round")
+        replayed = getattr(args, "audit_sends", "round") == "run"  # needs the run's options alone
+        return run_from(Path(args.from_dir), flags.get("device"), params=not replayed)
     recipe = recipe_options(args.recipe) if getattr(args, "recipe", None) else {}
     return Config.from_dict({**recipe, **(toml_options(args.config) if args.config else {}), **flags})
 

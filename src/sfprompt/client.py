@@ -226,7 +226,9 @@ class Client:
         # Forward-only's direction seeds travel in the clear: where the defence draws secrets from `private`, they come
         # from a stream of their own (a Mersenne Twister's outputs are linear in its state: enough would give it away).
         defence = self.model.defence
-        directions = private_generator(self.noise_seed, seed, DIRECTIONS) if defence.shuffle or defence.noise_std else None
+        directions = None
+        if defence.shuffle or defence.noise_std:
+            directions = private_generator(self.noise_seed, seed, DIRECTIONS)
         anchor = None
         if self.settings.proximal_mu:  # FedProx pulls the params it trains towards these
             anchor = {name: value.detach().clone() for name, value in params.named_parameters() if value.requires_grad}

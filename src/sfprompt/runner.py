@@ -167,7 +167,8 @@ def _rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], star
     return summary
 
 
-def play_rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], last: int | None = None) -> torch.nn.Module:
+def play_rounds(fed: Federation, executor: Runtime, log: Callable[[str], None],
+                last: int | None = None) -> torch.nn.Module:
     """The global params after round `last` (by default the probe rounds the method opens with; 0: none), played as
     `run` plays them (the same clients sampled, the same seeds, the same carry between stages), carried into the
     stage of the round after it: those the next round starts from."""

@@ -19,7 +19,7 @@ VALIDATION = 0x7A11D  # the validation draw, independent of the partition's
 BUDGETS = 0xB0D6E7  # each simulated client's budget, drawn from --client-budgets
 HOLDOUT = 0x401D007  # which of a client's samples --client-holdout keeps out of its training
 UPLOAD_NOISE = 0xD9A0  # the noise on a client's upload (--upload-epsilon), from its private noise seed
-DIRECTIONS = 0xD12EC7  # forward-only's direction seeds, where the defence draws noise or shuffles from the private stream
+DIRECTIONS = 0xD12EC7  # forward-only's direction seeds where the defence draws noise or shuffles from the private one
 
 
 def derive_seed(*parts: int) -> int:
