@@ -185,8 +185,7 @@ def infer_labels(steps: list[Step], prior: torch.Tensor, factor: float | None = 
     def factors(sums: list[torch.Tensor]) -> dict[int, float]:
         if factor is not None:
             return {s.round: factor for s in steps}
-        return {round_: _best_factor([x for x, s in zip(sums, steps) if s.round == round_],
-                                     [o for o, s in zip(targets, steps) if s.round == round_], half)
+        return {round_: _best_factor(_of_round(sums, steps, round_), _of_round(targets, steps, round_), half)
                 for round_ in sorted({s.round for s in steps})}
 
     for _ in range(max_changes if max_changes is not None else 10 * len(prior)):
@@ -207,6 +206,11 @@ def infer_labels(steps: list[Step], prior: torch.Tensor, factor: float | None = 
             break
         labels[best // prior.shape[1]] = best % prior.shape[1]
     return labels, factors([s.differences[r, labels[s.samples]].sum(0) for s, r in zip(steps, rows)])
+
+
+def _of_round(values: list, steps: list[Step], round_: int) -> list:
+    """The entries of `values` (one a step) of the steps taken in `round_`."""
+    return [value for value, step in zip(values, steps) if step.round == round_]
 
 
 def _best_factor(sums: list[torch.Tensor], targets: list[torch.Tensor], half: float) -> float:
@@ -232,9 +236,8 @@ def unexplained(steps: list[Step], labels: torch.Tensor, factor: float | None = 
     sums = [s.differences[torch.arange(len(s.samples)), labels[s.samples]].sum(0) for s in steps]
     targets = [s.coefficients.double() for s in steps]
     left = 0.0
-    for round_ in {s.round for s in steps}:
-        x = torch.cat([x for x, s in zip(sums, steps) if s.round == round_])
-        o = torch.cat([o for o, s in zip(targets, steps) if s.round == round_])
+    for round_ in sorted({s.round for s in steps}):
+        x, o = torch.cat(_of_round(sums, steps, round_)), torch.cat(_of_round(targets, steps, round_))
         fitted = float((x * o).sum() / (o * o).sum()) if factor is None else factor
         left += float((x - fitted * o).pow(2).sum())
     return left / float(torch.cat(sums).pow(2).sum())
