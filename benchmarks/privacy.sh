@@ -12,7 +12,9 @@
 #   SHARED=/path/to/shared OUT=results/privacy SEEDS="0" ROWS="none pool-2" bash benchmarks/privacy.sh
 #
 # ROWS picks some configurations by name (all by default), so that two copies can share the work,
-# e.g. each with OMP_NUM_THREADS=1 on two cores. SIZE and AUDIT_SIZE append options to every run and
+# e.g. each with OMP_NUM_THREADS=1 on two cores. SENDS=run audits every send the victim makes over the whole
+# run (`sfprompt audit --sends run`, which replays the run first: about 25 minutes of one core a row) and
+# redoes an audit made of one round; the default, round, attacks one round's sends as the table does today. SIZE and AUDIT_SIZE append options to every run and
 # audit, and DOC names the document written (a test runs the whole script at a tiny size this way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,7 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/privacy}
 SEEDS=${SEEDS:-0 1 2}
 ROWS=${ROWS:-}
+SENDS=${SENDS:-round}
 DOC=${DOC:-docs/privacy.md}
 read -r -a size <<< "${SIZE:-}"
 read -r -a audit_size <<< "${AUDIT_SIZE:-}"
@@ -52,6 +55,11 @@ train() {
     run_once "$OUT/$name/seed-$seed" "$OUT/$name/seed-$seed.log" "${common[@]}" "$@" --seed "$seed"
 }
 
+# audited AUDIT: whether AUDIT exists and attacked the sends SENDS names (an audit saved before --sends attacked a round).
+audited() {
+    [ -f "$1" ] && [ "$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["audit"].get("sends", "round"))' "$1")" = "$SENDS" ]
+}
+
 run_once "$OUT/fl" "$OUT/fl.log" "${common[@]}" --method fl
 for seed in $SEEDS; do
     for row in "${rows[@]}"; do
@@ -59,8 +67,8 @@ for seed in $SEEDS; do
         [ -z "$ROWS" ] || [[ " $ROWS " == *" $name "* ]] || continue
         # shellcheck disable=SC2086  # the options are words
         train "$name" "$seed" ${row#*|}
-        if [ "$seed" = 0 ] && [ ! -f "$OUT/$name/seed-0/audit.json" ]; then
-            sfprompt audit --from "$OUT/$name/seed-0" --no-progress "${audit_size[@]}"
+        if [ "$seed" = 0 ] && ! audited "$OUT/$name/seed-0/audit.json"; then
+            sfprompt audit --from "$OUT/$name/seed-0" --sends "$SENDS" --no-progress "${audit_size[@]}"
         fi
     done
 done
