@@ -13,7 +13,9 @@
 # no options: a first round that fits the tail in closed form on the initial prompts' features, then SFPrompt's
 # rounds at the learning rate TUNE chose, float32 on the wire with the shared rows once); the -float32 rows are the
 # probe and the default in the paper's wire format (--wire-dtype float32 --shared-rows per-sample), as the default
-# recipe was first measured, and the -int8 rows the same in int8 (--wire-dtype int8, the shared rows once). With TUNE=1 it runs instead the grid of
+# recipe was first measured, and the -int8 rows the same in int8 (--wire-dtype int8, the shared rows once); the
+# -probe-all rows open with a probe round that asks all 10 clients (--probe-clients 10) rather than one round's 5.
+# With TUNE=1 it runs instead the grid of
 # learning rates (tail and prompts alike) for the warm start on the default job, seed 0, each run evaluated on
 # 500 validation samples held out of the clients' data (the test set unread), into OUT/tune, and writes
 # docs/benchmarks/recipe-tuning.md (TUNE_DOC names another file).
@@ -28,7 +30,7 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
-ROWS=${ROWS:-linear-probe paper default linear-probe-float32 default-float32 linear-probe-int8 default-int8 default-prompts-50}
+ROWS=${ROWS:-linear-probe paper default linear-probe-float32 default-float32 linear-probe-int8 default-int8 default-prompts-50 default-probe-all default-prompts-50-probe-all}
 WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md): the default
 FLOAT32="--wire-dtype float32 --shared-rows per-sample"  # the paper's wire format
 read -r -a size <<< "${SIZE:-}"
@@ -54,6 +56,8 @@ options() {  # the options of one row
     linear-probe-int8) echo "--method linear-probe --wire-dtype int8" ;;
     default-int8) echo "--method sfprompt --wire-dtype int8" ;;
     default-prompts-50) echo "--method sfprompt --prompt-tokens 50" ;;  # central.sh's best setting for prompts
+    default-probe-all) echo "--method sfprompt --probe-clients 10" ;;  # the probe round asks all 10 clients
+    default-prompts-50-probe-all) echo "--method sfprompt --prompt-tokens 50 --probe-clients 10" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
@@ -125,7 +129,8 @@ DOC=${DOC:-docs/benchmarks/recipe.md}
   echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds. Rows: linear-probe is"
   echo "\`--method linear-probe\`, default \`sfprompt run\` with no options, paper \`--recipe paper\`; the -float32 rows"
   echo "are those two in the paper's wire format (every row with every sample), the -int8 rows with \`--wire-dtype int8\`,"
-  echo "default-prompts-50 the default with 50 prompts (the headline setting's, docs/benchmarks/central.md)."
+  echo "default-prompts-50 the default with 50 prompts (the headline setting's, docs/benchmarks/central.md); the -probe-all"
+  echo "rows open with a probe round that asks all 10 clients (\`--probe-clients 10\`) rather than one round's 5."
   grid_tables
 } > "$DOC"
 cat "$DOC"

@@ -16,7 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from sfprompt.client import Client, ClientFailure
-from sfprompt.config import ConfigError
+from sfprompt.config import Config, ConfigError
 from sfprompt.federation import prepare
 from sfprompt.seeds import private_seed
 from sfprompt.flower import client_app
@@ -623,6 +623,15 @@ def test_secure_aggregation_refuses_what_flower_cannot_do(imagefolder, tmp_path,
         run_inline(tiny_config(imagefolder, tmp_path, **changes), InlineGrid(3), FlowerOptions(secure_aggregation=True))
     with pytest.raises(ConfigError, match="secagg-threshold is a share"):
         from_run_config({"secure-aggregation": True, "secagg-threshold": 2.0})
+
+
+def test_secure_aggregation_refuses_a_probe_round_of_more_clients_than_its_sum_holds():
+    from sfprompt.flower.settings import check_secure_aggregation
+
+    many = Config(clients=1100, clients_per_round=5, probe_rounds=1, probe_clients=1100, train_samples=2000)
+    with pytest.raises(ConfigError, match=r"needs 2 to 1023 clients a round .*, got 5 \(1100 in a probe round\)"):
+        check_secure_aggregation(many, 64.0)
+    check_secure_aggregation(many.replace(probe_clients=1000), 64.0)
 
 
 def test_under_secure_aggregation_a_malformed_report_drops_the_round_it_is_averaged_into(imagefolder, tmp_path,

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from sfprompt.aggregate import fedavg
 from sfprompt.client import Client
 from sfprompt.codec import Message, decode
+from sfprompt.config import ConfigError
 from sfprompt.federation import prepare
 from sfprompt.probe import ABSENT, STATISTICS, accumulate, feature_statistics, fit_classifier, oas_shrunk
 from sfprompt.runner import run
@@ -120,6 +121,21 @@ def test_a_probe_run_sends_each_sample_through_the_body_once(imagefolder, tmp_pa
     tail_bytes = sum(t.numel() * t.element_size() for t in fed.model.new_params().tail.state_dict().values())
     assert all(0 < record["bytes_by_phase"]["down/broadcast"] < len(record["clients"]) * (tail_bytes + 2000)
                for record in history)
+
+
+def test_a_probe_round_asks_probe_clients_and_the_later_rounds_draw_as_without_them(imagefolder, tmp_path):
+    clients = {}
+    for asked in (2, 4):
+        config = tiny_config(imagefolder, tmp_path / str(asked), clients=4, clients_per_round=2, rounds=3,
+                             probe_rounds=1, probe_clients=asked)
+        run(config, progress=False, log=lambda _: None)
+        clients[asked] = [record["clients"] for record in records(tmp_path / str(asked) / "run")]
+    assert clients[4][0] == [0, 1, 2, 3] and set(clients[2][0]) < set(clients[4][0])
+    assert clients[4][1:] == clients[2][1:]  # the rounds after the probe round sample the same clients
+    with pytest.raises(ConfigError, match="--probe-clients must be between --clients-per-round"):
+        tiny_config(imagefolder, tmp_path, clients=4, clients_per_round=2, probe_rounds=1, probe_clients=5)
+    with pytest.raises(ConfigError, match="--probe-clients must be between --clients-per-round"):
+        tiny_config(imagefolder, tmp_path, clients=4, clients_per_round=2, probe_rounds=1, probe_clients=1)
 
 
 def test_the_probe_of_every_client_at_once_is_the_central_fit_on_the_same_samples(imagefolder, tmp_path):

@@ -150,6 +150,11 @@ class Config:
         "features once, with the initial prompts, and the server fits the tail in closed form, which the method's "
         "own rounds then start from"
     )
+    probe_clients: Optional[int] = _opt(
+        None, "clients each probe round asks, from --clients-per-round to --clients: the round's draw, and others "
+        "drawn apart from it (the later rounds draw as they would), so that the tail is fitted on more clients' "
+        "statistics than one round's"
+    )
     split_epochs: int = _opt(
         2, "epochs of split training on the kept samples (sfl, sl, fl-prompt, fl: training epochs on all local data)"
     )
@@ -231,6 +236,9 @@ class Config:
             raise ConfigError(
                 f"--clients-per-round ({self.clients_per_round}) exceeds --clients ({self.clients})"
             )
+        if not self.clients_per_round <= self.probe_clients <= self.clients:
+            raise ConfigError(f"--probe-clients must be between --clients-per-round ({self.clients_per_round}) and "
+                              f"--clients ({self.clients}), got {self.probe_clients}")
         if not 1 <= self.min_clients <= self.clients_per_round:
             raise ConfigError(f"--min-clients must be between 1 and --clients-per-round ({self.clients_per_round}), "
                               f"got {self.min_clients}")
@@ -479,6 +487,7 @@ WARM_LR = 3e-4  # fine-tuning from a fitted tail: recipe.sh's grid on validation
 DERIVED_DEFAULTS: dict[str, DerivedDefault] = {
     "probe_rounds": DerivedDefault(lambda c: 1 if c.method == "sfprompt" and c.rounds > 1 else 0,
                                    "1 for sfprompt (0 in a one-round run), else 0"),
+    "probe_clients": DerivedDefault(lambda c: c.clients_per_round, "--clients-per-round"),
     "lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01, "0.0003 after probe rounds, else 0.01"),
     "prompt_lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01, "0.0003 after probe rounds, else 0.01"),
 }

@@ -135,7 +135,7 @@ def _rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], star
             stage = method.stage(round_, config)  # the method, or the probe rounds it opens with
             if _stage_changes(method, round_, config):
                 global_params = stage.carry(fed.model, global_params)
-            record = _round(fed, stage, executor, round_, _sampled(sampler, config), global_params, aggregator, log)
+            record = _round(fed, stage, executor, round_, _sampled(sampler, config, round_), global_params, aggregator, log)
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -184,7 +184,7 @@ def play_rounds(fed: Federation, executor: Runtime, log: Callable[[str], None],
         if round_ > last:
             break
         stage = method.stage(round_, config)
-        record = _round(fed, stage, executor, round_, _sampled(sampler, config), global_params, aggregator, log)
+        record = _round(fed, stage, executor, round_, _sampled(sampler, config, round_), global_params, aggregator, log)
         log(f"round {round_} ({stage.name}) played" + ("" if record["accuracy"] is None
                                                         else f": accuracy {record['accuracy']:.4f}"))
     return global_params
@@ -196,9 +196,16 @@ def _stage_changes(method: Method, round_: int, config: Config) -> bool:
     return round_ > 1 and type(method.stage(round_, config)) is not type(method.stage(round_ - 1, config))
 
 
-def _sampled(sampler: np.random.Generator, config: Config) -> list[int]:
-    """A round's clients, drawn as every run draws them."""
-    return sorted(sampler.choice(config.clients, config.clients_per_round, replace=False).tolist())
+def _sampled(sampler: np.random.Generator, config: Config, round_: int) -> list[int]:
+    """A round's clients, drawn as every run draws them: --clients-per-round of them, and in a probe round as many
+    more as --probe-clients asks, drawn from a generator of that round's own, so that every later round draws the
+    clients it would draw without them."""
+    drawn = sampler.choice(config.clients, config.clients_per_round, replace=False)
+    more = config.probe_clients - config.clients_per_round if round_ <= config.probe_rounds else 0
+    if more:
+        others = np.setdiff1d(np.arange(config.clients), drawn)
+        drawn = np.concatenate([drawn, np.random.default_rng([config.seed, round_]).choice(others, more, replace=False)])
+    return sorted(drawn.tolist())
 
 
 def _round(fed: Federation, method: Method, executor: Runtime, round_: int, sampled: list[int],

@@ -98,9 +98,11 @@ def check_secure_aggregation(config: Config, clipping_range: float) -> None:
     if config.aggregator in ROBUST:
         raise ConfigError(f"--aggregator {config.aggregator} needs each client's upload, which secure-aggregation "
                           "hides: the server holds only their average")
-    if not 2 <= config.clients_per_round <= MAX_CLIENTS:
+    most = config.probe_clients if config.probe_rounds else config.clients_per_round
+    if not 2 <= config.clients_per_round or most > MAX_CLIENTS:
         raise ConfigError(f"secure-aggregation needs 2 to {MAX_CLIENTS} clients a round (a single upload cannot be "
-                          f"hidden; Flower's sum overflows beyond), got {config.clients_per_round}")
+                          f"hidden; Flower's sum overflows beyond), got {config.clients_per_round}"
+                          + (f" ({most} in a probe round)" if most != config.clients_per_round else ""))
     if config.upload_epsilon is not None:
         std = upload_noise_multiplier(config.upload_epsilon, config.dp_delta) * config.upload_clip
         if 6 * std > clipping_range:
