@@ -114,7 +114,7 @@ def records(folder):
 
 
 @pytest.mark.parametrize("method, changes", [("sfprompt", {}), ("sl", {}), ("fl", {}), ("linear-probe", {}),
-                                             ("sfprompt", {"probe_rounds": 1}),
+                                             ("sfprompt", {"probe_rounds": 1, "probe_clients": 3}),
                                              ("sfprompt", {"prompt_updates": "forward-only", "directions": 2}),
                                              ("sfprompt", {"aggregator": "fedadam", "server_lr": 0.01}),
                                              ("sfprompt", {"client_holdout": 0.25}),
@@ -126,6 +126,7 @@ def test_the_flower_apps_give_the_in_process_result(imagefolder, tmp_path, metho
     local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
     assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
     assert [r["accuracy"] for r in records(tmp_path / "local")] == [r["accuracy"] for r in records(tmp_path / "flower")]
+    assert [r["clients"] for r in records(tmp_path / "local")] == [r["clients"] for r in records(tmp_path / "flower")]
 
 
 def test_a_client_failing_in_its_phase_is_dropped_with_its_phase(imagefolder, tmp_path, monkeypatch):

@@ -383,6 +383,11 @@ class Config:
                               "(--pool-tokens) and clipping (--clip-norm) act where the head ends, so they change it")
 
     @property
+    def most_clients_a_round(self) -> int:
+        """The most clients any round asks: a probe round's --probe-clients, else --clients-per-round."""
+        return self.probe_clients if self.probe_rounds else self.clients_per_round
+
+    @property
     def budgets(self) -> tuple[float, ...] | None:
         """--client-budgets as numbers (None when unset; empty when it holds none)."""
         if self.client_budgets is None:

@@ -53,11 +53,11 @@ class FlowerRuntime:
                                pending_timeout_s=options.body_timeout_s,
                                batch_window_s=options.body_batch_window_s if options.body_batching else None)
         self.token = options.resolved_token()
-        # A request waits in its worker while its batch gathers: a worker for every client of a round (and as
-        # many again for stragglers of the last), so that a batch can hold every client at once.
+        # A request waits in its worker while its batch gathers: a worker for every client of a round (a probe
+        # round's too, and as many again for stragglers of the last), so that a batch can hold every client at once.
         self.channel = BodyChannelServer(self.body, options.body_address, self.token,
                                          certificate=tls[0] if tls else None, private_key=tls[1] if tls else None,
-                                         workers=max(16, 2 * fed.config.clients_per_round),
+                                         workers=max(16, 2 * fed.config.most_clients_a_round),
                                          max_bytes=fed.max_message_bytes)
         self.root_certificate = tls[2] if tls else b""
         self.public_address = options.body_public_address or self.channel.address

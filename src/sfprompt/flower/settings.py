@@ -98,7 +98,7 @@ def check_secure_aggregation(config: Config, clipping_range: float) -> None:
     if config.aggregator in ROBUST:
         raise ConfigError(f"--aggregator {config.aggregator} needs each client's upload, which secure-aggregation "
                           "hides: the server holds only their average")
-    most = config.probe_clients if config.probe_rounds else config.clients_per_round
+    most = config.most_clients_a_round
     if not 2 <= config.clients_per_round or most > MAX_CLIENTS:
         raise ConfigError(f"secure-aggregation needs 2 to {MAX_CLIENTS} clients a round (a single upload cannot be "
                           f"hidden; Flower's sum overflows beyond), got {config.clients_per_round}"
