@@ -76,3 +76,17 @@ def test_the_wire_probe_benchmark_fits_the_probe_in_every_format(tmp_path):
     assert len(rows) == 14 and all(0 <= r["accuracy"] <= 1 for r in rows)
     assert {(r["up"], r["down"]) for r in rows} >= {("float32", "int8"), ("int8", "float32"), ("float32", "float32")}
     assert doc.read_text().startswith("Command: `python benchmarks/wire_probe.py`")
+
+
+def test_the_probe_precision_study_fits_each_prompt_count_three_ways(imagefolder, tmp_path):
+    doc = tmp_path / "probe-precision.md"
+    options = {"dataset": "imagefolder", "data_dir": str(imagefolder), "model": "test_vit", "weights": "none",
+               "image_size": 32, "clients": 3, "clients_per_round": 2}
+    done = run_python_benchmark("probe_precision.py", "--prompts", "0", "2", "--options", json.dumps(options),
+                                "--markdown", str(doc))
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = doc.read_text()
+    assert text.startswith("Command: `python benchmarks/probe_precision.py`")
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| 0 |", "| 2 |"))]
+    assert len(rows) == 2 and all(0 <= float(value.strip(" |")) <= 1 for row in rows for value in row[1:4])
+    assert all(0 <= float(low) <= float(high.strip(" |")) <= 1 for low, high in (row[4].split(" to ") for row in rows))
