@@ -14,7 +14,8 @@
 # ROWS picks some configurations by name (all by default), so that two copies can share the work,
 # e.g. each with OMP_NUM_THREADS=1 on two cores. SENDS=run audits every send the victim makes over the whole
 # run (`sfprompt audit --sends run`, which replays the run first: about 25 minutes of one core a row) and
-# redoes an audit made of one round; the default, round, attacks one round's sends as the table does today. SIZE and AUDIT_SIZE append options to every run and
+# redoes an audit made of one round; the default, round, attacks one round's sends where a row has no audit yet.
+# The table says which sends its audits attacked. SIZE and AUDIT_SIZE append options to every run and
 # audit, and DOC names the document written (a test runs the whole script at a tiny size this way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ OUT=${OUT:-results/privacy}
 SEEDS=${SEEDS:-0 1 2}
 ROWS=${ROWS:-}
 SENDS=${SENDS:-round}
+case "$SENDS" in round | run) ;; *) echo "SENDS must be round or run, got $SENDS" >&2; exit 2 ;; esac
 DOC=${DOC:-docs/privacy.md}
 read -r -a size <<< "${SIZE:-}"
 read -r -a audit_size <<< "${AUDIT_SIZE:-}"
@@ -55,9 +57,11 @@ train() {
     run_once "$OUT/$name/seed-$seed" "$OUT/$name/seed-$seed.log" "${common[@]}" "$@" --seed "$seed"
 }
 
-# audited AUDIT: whether AUDIT exists and attacked the sends SENDS names (an audit saved before --sends attacked a round).
+# audited AUDIT: whether AUDIT exists and, with SENDS=run, attacked the whole run (an audit saved before --sends
+# attacked a round); with SENDS=round any audit there is kept (a whole run's is not redone as less).
 audited() {
-    [ -f "$1" ] && [ "$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["audit"].get("sends", "round"))' "$1")" = "$SENDS" ]
+    local read_sends='import json, sys; print(json.load(open(sys.argv[1]))["audit"].get("sends", "round"))'
+    [ -f "$1" ] && { [ "$SENDS" = round ] || [ "$(python -c "$read_sends" "$1")" = run ]; }
 }
 
 run_once "$OUT/fl" "$OUT/fl.log" "${common[@]}" --method fl

@@ -54,6 +54,20 @@ def line(row: Path, fl_flops: float, document: Path) -> str:
             f"| {'—' if epsilon is None else f'{epsilon:.3g}'} | [grid]({picture.as_posix()}) |")
 
 
+def sends(rows: list[Path]) -> str:
+    """Which of its victim's sends each row's audit attacked (`sfprompt audit --sends`; an audit made before the
+    option attacked a round's)."""
+    kinds = {row.name: json.loads((row / "seed-0" / "audit.json").read_text())["audit"].get("sends", "round")
+             for row in rows}
+    whole = [name for name, kind in kinds.items() if kind == "run"]
+    if not whole:
+        return "Each audit attacks its victim's sends of one round (`sfprompt audit --sends round`)."
+    if len(whole) == len(kinds):
+        return "Each audit attacks every send its victim makes over the whole run (`sfprompt audit --sends run`)."
+    return (f"The audits of {', '.join(whole)} attack every send their victim makes over the whole run "
+            "(`--sends run`); the others, one round's.")
+
+
 def main() -> None:
     if len(sys.argv) < 4:
         sys.exit("usage: privacy_table.py OUT_DIR DOCUMENT.md ROW...")
@@ -66,6 +80,8 @@ def main() -> None:
         "| client FLOPs / `fl` | activation ε (δ = 1e-5) | reconstructions |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(line(row, fl_flops, document) for row in rows),
+        "",
+        sends(rows),
     ]
     text = document.read_text()
     head, rest = text.split(START, 1)

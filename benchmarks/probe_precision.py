@@ -46,6 +46,7 @@ def features(fed, params, dataset, batch_size: int = 64) -> tuple[torch.Tensor, 
 
 
 def accuracy(fit: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The share of the test features (and labels) `test` that the fitted classifier (weight, bias) gets right."""
     weight, bias = fit
     return float(((test[0] @ weight.T + bias).argmax(1) == test[1]).float().mean())
 
@@ -67,8 +68,8 @@ def float64_fit(clients: list[tuple[torch.Tensor, torch.Tensor]], num_classes: i
     return fit_classifier({name: total / running.samples for name, total in running.sums.items()}, running.samples)
 
 
-def measure(options: dict, tokens: int) -> dict[str, float]:
-    """The test accuracy of each fit with `tokens` initial prompts."""
+def measure(options: dict, tokens: int) -> dict[str, float | list[float]]:
+    """The test accuracy of each fit with `tokens` initial prompts (of the perturbed fits, a list: one a draw)."""
     result, test = {}, None
     for partition, alpha in (("iid", None), ("dirichlet-0.5", 0.5)):
         config = Config.from_dict({**options, "prompt_tokens": tokens, "alpha": alpha})
@@ -109,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         "of the closed-form classifier fitted from the statistics of all of them in float64, and as the run fits it",
         "from each client's float32 averages under FedAvg, with the clients of an IID and a Dirichlet(0.5)",
         "partition: the same samples each time, so that an exact fit would score the same in all three columns. The",
-        f"last: the float64 fit of the features each multiplied by 1 + {RELATIVE:g} N(0, 1), {DRAWS} draws (a perturbation at",
-        "float32's own resolution, as another machine, thread count or batch computes the features).",
+        f"last: the float64 fit of the features each multiplied by 1 + {RELATIVE:g} N(0, 1), {DRAWS} draws (a",
+        "perturbation at float32's own resolution, as another machine, thread count or batch computes the features).",
         "",
-        "| prompts | float64, all samples | float32 clients, IID | float32 clients, Dirichlet(0.5) | float64, perturbed |",
+        "| prompts | float64, all samples | float32 clients, IID | float32 clients, Dirichlet(0.5) "
+        "| float64, perturbed |",
         "|---|---|---|---|---|",
         *rows,
         "",

@@ -30,7 +30,8 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
-ROWS=${ROWS:-linear-probe paper default linear-probe-float32 default-float32 linear-probe-int8 default-int8 default-prompts-50 default-probe-all default-prompts-50-probe-all}
+ROWS=${ROWS:-linear-probe paper default linear-probe-float32 default-float32 linear-probe-int8 default-int8
+  default-prompts-50 default-probe-all default-prompts-50-probe-all}
 WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md): the default
 FLOAT32="--wire-dtype float32 --shared-rows per-sample"  # the paper's wire format
 read -r -a size <<< "${SIZE:-}"

@@ -202,10 +202,16 @@ def test_the_privacy_benchmark_reruns_and_writes_its_table(tmp_path):
     assert "`--shuffle-tokens`" in rows[0]
     assert (tmp_path / "privacy" / "shuffle.png").is_file()
     audit = tmp_path / "runs" / "shuffle" / "seed-0" / "audit.json"
-    assert json.loads(audit.read_text())["sends"] == "round"
+    assert json.loads(audit.read_text())["sends"] == "round" and "sends of one round" in text
     again = run_benchmark("privacy.sh", tmp_path, DOC=str(document), ROWS="shuffle", SEEDS="0", SENDS="run")
     assert again.returncode == 0, again.stderr[-3000:]  # the runs reused, the round's audit redone over the run
     assert json.loads(audit.read_text())["sends"] == "run" and "done before" in again.stdout
+    assert "over the whole run" in document.read_text()
+    kept = audit.stat().st_mtime_ns
+    for sends in ("run", "round"):  # a whole run's audit is not redone, nor redone as one round's
+        assert run_benchmark("privacy.sh", tmp_path, DOC=str(document), ROWS="shuffle", SEEDS="0",
+                             SENDS=sends).returncode == 0
+    assert audit.stat().st_mtime_ns == kept
 
 
 def test_a_mixed_federation_is_audited_at_the_victims_own_split_point(gray, tmp_path):

@@ -114,6 +114,7 @@ def records(folder):
 
 
 @pytest.mark.parametrize("method, changes", [("sfprompt", {}), ("sl", {}), ("fl", {}), ("linear-probe", {}),
+                                             ("sfprompt", {"probe_rounds": 1}),
                                              ("sfprompt", {"probe_rounds": 1, "probe_clients": 3}),
                                              ("sfprompt", {"prompt_updates": "forward-only", "directions": 2}),
                                              ("sfprompt", {"aggregator": "fedadam", "server_lr": 0.01}),
@@ -624,6 +625,15 @@ def test_secure_aggregation_refuses_what_flower_cannot_do(imagefolder, tmp_path,
         run_inline(tiny_config(imagefolder, tmp_path, **changes), InlineGrid(3), FlowerOptions(secure_aggregation=True))
     with pytest.raises(ConfigError, match="secagg-threshold is a share"):
         from_run_config({"secure-aggregation": True, "secagg-threshold": 2.0})
+
+
+def test_a_config_is_fitted_to_the_supernodes_there_are():
+    from sfprompt.flower.server_app import fitted_to_nodes
+
+    asked = fitted_to_nodes(Config(clients=10, clients_per_round=5, probe_clients=10), 8)
+    assert (asked.clients, asked.clients_per_round, asked.probe_clients) == (8, 5, 8)
+    derived = fitted_to_nodes(Config(clients=10, clients_per_round=5), 3)
+    assert (derived.clients, derived.clients_per_round, derived.probe_clients) == (3, 3, 3)
 
 
 def test_secure_aggregation_refuses_a_probe_round_of_more_clients_than_its_sum_holds():

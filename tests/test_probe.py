@@ -126,16 +126,18 @@ def test_a_probe_run_sends_each_sample_through_the_body_once(imagefolder, tmp_pa
 def test_a_probe_round_asks_probe_clients_and_the_later_rounds_draw_as_without_them(imagefolder, tmp_path):
     clients = {}
     for asked in (2, 4):
-        config = tiny_config(imagefolder, tmp_path / str(asked), clients=4, clients_per_round=2, rounds=3,
+        config = tiny_config(imagefolder, tmp_path / str(asked), clients=5, clients_per_round=2, rounds=3,
                              probe_rounds=1, probe_clients=asked)
         run(config, progress=False, log=lambda _: None)
         clients[asked] = [record["clients"] for record in records(tmp_path / str(asked) / "run")]
-    assert clients[4][0] == [0, 1, 2, 3] and set(clients[2][0]) < set(clients[4][0])
+    assert len(set(clients[4][0])) == len(clients[4][0]) == 4 and set(clients[2][0]) < set(clients[4][0])
     assert clients[4][1:] == clients[2][1:]  # the rounds after the probe round sample the same clients
     with pytest.raises(ConfigError, match="--probe-clients must be between --clients-per-round"):
         tiny_config(imagefolder, tmp_path, clients=4, clients_per_round=2, probe_rounds=1, probe_clients=5)
     with pytest.raises(ConfigError, match="--probe-clients must be between --clients-per-round"):
         tiny_config(imagefolder, tmp_path, clients=4, clients_per_round=2, probe_rounds=1, probe_clients=1)
+    with pytest.raises(ConfigError, match="this run has none"):  # nothing it would change: refused, not ignored
+        tiny_config(imagefolder, tmp_path, method="linear-probe", clients=4, clients_per_round=2, probe_clients=4)
 
 
 def test_the_probe_of_every_client_at_once_is_the_central_fit_on_the_same_samples(imagefolder, tmp_path):

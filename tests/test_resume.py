@@ -118,6 +118,18 @@ def test_a_run_checkpointed_before_an_option_existed_resumes_with_its_default(im
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_probe_round_checkpointed_before_probe_clients_existed_resumes_as_it_ran(imagefolder, tmp_path):
+    """Before --probe-clients a probe round asked the round's --clients-per-round clients: a run saved without the
+    option is read so (`config.BEFORE`), not with the option's default of an unrelated config, and resumes."""
+    config = tiny_config(imagefolder, tmp_path, rounds=3, probe_rounds=1)  # 2 clients a round, not the default 5
+    quiet(config.replace(rounds=2))
+    state = checkpoint.load(tmp_path / "run")
+    del state.config["probe_clients"]
+    checkpoint.save(tmp_path / "run", state)
+    quiet(config, resume=True)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
 def test_run_or_reuse_does_not_redo_a_finished_run_and_continues_an_interrupted_one(tmp_path, monkeypatch):
     """What compare and benchmarks/tune.py run through: a benchmark can be stopped and restarted at any time."""
     from sfprompt import runner

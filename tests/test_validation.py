@@ -93,3 +93,5 @@ def test_an_option_left_unset_follows_the_recipe_and_a_change_of_method():
     assert (variant_config(sfprompt, "fl-prompt", {}).lr, variant_config(sfprompt, "fl", {}).probe_rounds) == (0.01, 0)
     assert Config.from_dict(sfprompt.to_dict()).given()["lr"] == 3e-4  # a saved run's values are given
     assert Config.from_saved({"method": "sfprompt", "lr": 0.01, "prompt_lr": 0.01}).probe_rounds == 0  # saved before
+    saved = {"method": "sfprompt", "probe_rounds": 1, "clients": 10, "clients_per_round": 4}  # before --probe-clients
+    assert Config.from_saved(saved).probe_clients == 4 and Config.from_saved({**saved, "probe_clients": 10}).probe_clients == 10

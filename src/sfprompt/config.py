@@ -239,6 +239,9 @@ class Config:
         if not self.clients_per_round <= self.probe_clients <= self.clients:
             raise ConfigError(f"--probe-clients must be between --clients-per-round ({self.clients_per_round}) and "
                               f"--clients ({self.clients}), got {self.probe_clients}")
+        if self.probe_clients != self.clients_per_round and not self.probe_rounds:
+            raise ConfigError(f"--probe-clients sets how many clients a probe round asks, and this run has none "
+                              f"(--method {self.method} with --probe-rounds 0)")
         if not 1 <= self.min_clients <= self.clients_per_round:
             raise ConfigError(f"--min-clients must be between 1 and --clients-per-round ({self.clients_per_round}), "
                               f"got {self.min_clients}")
@@ -528,14 +531,20 @@ def recipe_options(name: str) -> dict[str, Any]:
     return toml_options(Path(__file__).parent / "recipes" / f"{name}.toml")
 
 # What a run did before an option existed, where that differs from the option's default today: a run saved
-# without the option is read (resumed, reused, predicted with) with this value.
-BEFORE: dict[str, Any] = {"probe_rounds": 0, "shared_rows": "per-sample"}
+# without the option is read (resumed, reused, predicted with) with this value, or the one a rule gives of the
+# run's saved options (before --probe-clients, a probe round asked the round's --clients-per-round clients).
+BEFORE: dict[str, Any] = {
+    "probe_rounds": 0,
+    "shared_rows": "per-sample",
+    "probe_clients": lambda saved: saved.get("clients_per_round", _FIELDS["clients_per_round"].default),
+}
 
 
 def saved_options(values: dict[str, Any]) -> dict[str, Any]:
     """A saved run's options, each option it lacks as the run had it (`BEFORE`, else today's default)."""
-    known = {name.replace("-", "_") for name in values}
-    return {**{name: value for name, value in BEFORE.items() if name not in known}, **values}
+    saved = {name.replace("-", "_"): value for name, value in values.items()}
+    return {**{name: value(saved) if callable(value) else value for name, value in BEFORE.items() if name not in saved},
+            **values}
 
 
 def _flag(name: str) -> str:

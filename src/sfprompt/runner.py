@@ -135,7 +135,8 @@ def _rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], star
             stage = method.stage(round_, config)  # the method, or the probe rounds it opens with
             if _stage_changes(method, round_, config):
                 global_params = stage.carry(fed.model, global_params)
-            record = _round(fed, stage, executor, round_, _sampled(sampler, config, round_), global_params, aggregator, log)
+            sampled = _sampled(sampler, config, round_)
+            record = _round(fed, stage, executor, round_, sampled, global_params, aggregator, log)
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -184,7 +185,8 @@ def play_rounds(fed: Federation, executor: Runtime, log: Callable[[str], None],
         if round_ > last:
             break
         stage = method.stage(round_, config)
-        record = _round(fed, stage, executor, round_, _sampled(sampler, config, round_), global_params, aggregator, log)
+        sampled = _sampled(sampler, config, round_)
+        record = _round(fed, stage, executor, round_, sampled, global_params, aggregator, log)
         log(f"round {round_} ({stage.name}) played" + ("" if record["accuracy"] is None
                                                         else f": accuracy {record['accuracy']:.4f}"))
     return global_params
@@ -204,7 +206,8 @@ def _sampled(sampler: np.random.Generator, config: Config, round_: int) -> list[
     more = config.probe_clients - config.clients_per_round if round_ <= config.probe_rounds else 0
     if more:
         others = np.setdiff1d(np.arange(config.clients), drawn)
-        drawn = np.concatenate([drawn, np.random.default_rng([config.seed, round_]).choice(others, more, replace=False)])
+        apart = np.random.default_rng([config.seed, round_])
+        drawn = np.concatenate([drawn, apart.choice(others, more, replace=False)])
     return sorted(drawn.tolist())
 
 

@@ -24,7 +24,7 @@ from ..channel import BodyChannelServer
 from ..codec import Message as Payload
 from ..codec import encoded_size
 from .. import runs
-from ..config import ConfigError
+from ..config import Config, ConfigError
 from ..meter import DOWN, UP
 from ..federation import Federation
 from ..seeds import client_seed
@@ -294,6 +294,15 @@ def find_partitions(grid: Grid, wait_s: float) -> tuple[dict[int, int], dict[int
         time.sleep(1.0)
 
 
+def fitted_to_nodes(config: Config, nodes: int) -> Config:
+    """`config` for the SuperNodes there are, one client each: a round samples at most all of them, and a probe
+    round asks at most all of them (an explicit --probe-clients; a derived one follows the new counts)."""
+    fitted = {"clients": nodes, "clients_per_round": min(config.clients_per_round, nodes)}
+    if config.given()["probe_clients"] is not None:
+        fitted["probe_clients"] = min(config.probe_clients, nodes)
+    return config.replace(**fitted)
+
+
 def make_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
     """A ServerApp whose run config starts from `defaults` (tests and embedding); `app` has none."""
     server_app = ServerApp()
@@ -305,10 +314,9 @@ def make_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         if folder_sizes and config.client_holdout:
             raise ConfigError("client-holdout measures each client's held-out samples on the server, which holds the "
                               f"partitions it simulates but not the SuperNodes' own data folders ({sorted(folder_sizes)})")
-        per_round = min(config.clients_per_round, len(nodes))
         # `out`, or where the SuperLink runs a new folder under runs/ (or, to resume, the run runs/latest points at)
-        config = runs.own_folder(config.replace(clients=len(nodes), clients_per_round=per_round), resume=options.resume)
-        log(INFO, "%d SuperNodes, one partition each; %d sampled per round", len(nodes), per_round)
+        config = runs.own_folder(fitted_to_nodes(config, len(nodes)), resume=options.resume)
+        log(INFO, "%d SuperNodes, one partition each; %d sampled per round", len(nodes), config.clients_per_round)
         if folder_sizes:
             log(INFO, "SuperNodes with their own data (partition: images): %s; a node's FedAvg weight is at most "
                 "that%s", folder_sizes, f" and {options.max_examples}" if options.max_examples else "")
