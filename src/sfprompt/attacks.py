@@ -191,9 +191,8 @@ def _unclipping_scales(values: torch.Tensor, basis: torch.Tensor, observed: torc
     t y ~ N(e, A S A' + t^2 s I) with e = A mu + b and A S A' = U diag(values) U' (zero beyond U; the scale's
     Jacobian t^m counted; s each sample's own, (B,)), with log t a priori normal with the mean and variance (at
     least (log 2)^2) of `prior`, the auxiliary images' log scales (noise alone leaves the likelihood nearly flat
-    in t): a MAP
-    estimate, searched on a geometric grid from 1 to ten times the largest auxiliary scale (at least 10^4),
-    then twice more finely around the best point."""
+    in t): a MAP estimate, searched on a geometric grid from 1 to ten times the largest auxiliary scale (at
+    least 10^4), then twice more finely around the best point."""
     m, k = observed.shape[1], len(values)
     noise_var = torch.as_tensor(noise_var, dtype=torch.float64).expand(len(observed))
     p, q = observed @ basis, expected @ basis  # (B, k), (k,): the parts within U
