@@ -49,24 +49,26 @@ C = 0.1  # scikit-learn's inverse penalty: 1 / (C n) on the mean loss over n sam
 
 
 @torch.no_grad()
+def tail_features(model, params, data, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tail's features of every sample of `data` (the frozen final norm and pooling of the frozen body's rows,
+    what `Client.probe_statistics` computes), taken with `params`' prompts and tail, and their labels."""
+    zs, ys = [], []
+    for images, labels in torch.utils.data.DataLoader(data, batch_size=batch_size):
+        rows = model.body(model.head(images, params.prompts))[:, model.layout.tail_rows]
+        zs.append(params.tail.features(rows))
+        ys.append(labels)
+    return torch.cat(zs), torch.cat(ys)
+
+
 def features(config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.nn.Module]:
     """The tail's features of every training and test image (no prompts), their labels, and the tail."""
     fed = prepare(config.replace(method="linear-probe"))
-    model, tail = fed.model, fed.method.new_params(fed.model).tail
-
-    def of(data):
-        zs, ys = [], []
-        loader = torch.utils.data.DataLoader(data, batch_size=128)
-        for images, labels in loader:
-            rows = model.body(model.head(images, model.initial_params.prompts))[:, model.layout.tail_rows]
-            zs.append(tail.features(rows))
-            ys.append(labels)
-        return torch.cat(zs), torch.cat(ys)
-
-    return (*of(fed.train), *of(fed.test), tail)
+    params = fed.method.new_params(fed.model)
+    return (*tail_features(fed.model, params, fed.train), *tail_features(fed.model, params, fed.test), params.tail)
 
 
 def accuracy(weight, bias, z, y) -> float:
+    """The share of the samples with features `z` and labels `y` that the classifier (weight, bias) gets right."""
     return float(((z @ weight.T + bias).argmax(1) == y).float().mean())
 
 

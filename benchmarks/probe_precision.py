@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from probe_fit import accuracy, tail_features  # noqa: E402
 from write_benchmarks import machine  # noqa: E402
 
 from sfprompt.aggregate import fedavg  # noqa: E402
@@ -31,26 +32,7 @@ from sfprompt.federation import prepare  # noqa: E402
 from sfprompt.probe import RunningStatistics, feature_statistics, fit_classifier  # noqa: E402
 
 
-def features(fed, params, dataset, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tail's features (the frozen final norm and pooling of the body's rows) of every sample of `dataset`,
-    taken with `params`' prompts, and their labels."""
-    model, zs, ys = fed.model, [], []
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            images, labels = torch.stack([b[0] for b in batch]), torch.tensor([int(b[1]) for b in batch])
-            rows = model.body(model.send(images, params.prompts, None))[:, model.layout.tail_rows]
-            zs.append(params.tail.features(rows))
-            ys.append(labels)
-    return torch.cat(zs), torch.cat(ys)
-
-
-def accuracy(fit: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """The share of the test features (and labels) `test` that the fitted classifier (weight, bias) gets right."""
-    weight, bias = fit
-    return float(((test[0] @ weight.T + bias).argmax(1) == test[1]).float().mean())
-
-
+BATCH = 64  # the features' batches (the 50-prompt fit moves with their last bits: keep it to re-run the figures)
 DRAWS, RELATIVE = 3, 1e-7  # the perturbed fits: how many, and the relative size of the features' perturbation
 
 
@@ -75,16 +57,16 @@ def measure(options: dict, tokens: int) -> dict[str, float | list[float]]:
         config = Config.from_dict({**options, "prompt_tokens": tokens, "alpha": alpha})
         fed = prepare(config)
         params = fed.method.new_params(fed.model)
-        test = test or features(fed, params, fed.test)
-        clients = [features(fed, params, client.data) for client in fed.clients]
+        test = test or tail_features(fed.model, params, fed.test, BATCH)
+        clients = [tail_features(fed.model, params, client.data, BATCH) for client in fed.clients]
         samples = sum(len(labels) for _, labels in clients)
         if not result:  # every client's samples together: the same in both partitions
-            result["float64"] = accuracy(float64_fit(clients, fed.model.num_classes), test)
-            result["perturbed"] = [accuracy(float64_fit(clients, fed.model.num_classes, draw), test)
+            result["float64"] = accuracy(*float64_fit(clients, fed.model.num_classes), *test)
+            result["perturbed"] = [accuracy(*float64_fit(clients, fed.model.num_classes, draw), *test)
                                    for draw in range(1, 1 + DRAWS)]
         reported = [feature_statistics(z, labels, fed.model.num_classes) for z, labels in clients]  # float32
         averaged = fedavg(reported, [len(labels) for _, labels in clients])  # as the server's accumulate
-        result[f"float32 {partition}"] = accuracy(fit_classifier(averaged, samples), test)
+        result[f"float32 {partition}"] = accuracy(*fit_classifier(averaged, samples), *test)
     return result
 
 
