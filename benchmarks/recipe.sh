@@ -10,11 +10,13 @@
 #
 # Rows: the federated linear probe (`--method linear-probe`), the paper's recipe (no probe round, Adam at 0.01 for
 # prompts and tail, the paper's float32 wire format: --recipe paper), and SFPrompt's default (`sfprompt run` with
-# no options: a first round that fits the tail in closed form on the initial prompts' features, then SFPrompt's
-# rounds at the learning rate TUNE chose, float32 on the wire with the shared rows once); the -float32 rows are the
-# probe and the default in the paper's wire format (--wire-dtype float32 --shared-rows per-sample), as the default
-# recipe was first measured, and the -int8 rows the same in int8 (--wire-dtype int8, the shared rows once); the
-# -probe-all rows open with a probe round that asks all 10 clients (--probe-clients 10) rather than one round's 5.
+# no options: a first round in which every client sends its samples' features on the initial prompts once and the
+# server fits the tail in closed form, then SFPrompt's rounds at the learning rate TUNE chose, float32 on the wire
+# with the shared rows once); default-prompts-50 the default with 50 prompts. The default-probe-5 rows are the
+# default as it was before its probe round asked every client (--probe-clients 5: round 1's draw), alone, with 50
+# prompts, in the paper's wire format (-float32: --wire-dtype float32 --shared-rows per-sample, as the default
+# recipe was first measured) and in int8 (-int8: --wire-dtype int8, the shared rows once); the -float32 and -int8
+# probe rows the probe in those formats.
 # With TUNE=1 it runs instead the grid of
 # learning rates (tail and prompts alike) for the warm start on the default job, seed 0, each run evaluated on
 # 500 validation samples held out of the clients' data (the test set unread), into OUT/tune, and writes
@@ -30,10 +32,11 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
-ROWS=${ROWS:-linear-probe paper default linear-probe-float32 default-float32 linear-probe-int8 default-int8
-  default-prompts-50 default-probe-all default-prompts-50-probe-all}
+ROWS=${ROWS:-linear-probe paper default default-prompts-50 default-probe-5 linear-probe-float32 default-probe-5-float32
+  linear-probe-int8 default-probe-5-int8 default-probe-5-prompts-50}
 WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md): the default
 FLOAT32="--wire-dtype float32 --shared-rows per-sample"  # the paper's wire format
+PROBE_5="--probe-clients 5"  # the probe round asks round 1's draw of 5, as the default did until it asked all 10
 read -r -a size <<< "${SIZE:-}"
 
 setting() {  # the data, partition and rounds of a setting
@@ -51,14 +54,14 @@ options() {  # the options of one row
   case "$1" in
     linear-probe) echo "--method linear-probe" ;;
     paper) echo "--recipe paper" ;;
-    default) echo "--method sfprompt" ;;  # the defaults: a probe round, then SFPrompt at WARM_LR
-    linear-probe-float32) echo "--method linear-probe $FLOAT32" ;;
-    default-float32) echo "--method sfprompt $FLOAT32" ;;
-    linear-probe-int8) echo "--method linear-probe --wire-dtype int8" ;;
-    default-int8) echo "--method sfprompt --wire-dtype int8" ;;
+    default) echo "--method sfprompt" ;;  # the defaults: a probe round of every client, then SFPrompt at WARM_LR
     default-prompts-50) echo "--method sfprompt --prompt-tokens 50" ;;  # central.sh's best setting for prompts
-    default-probe-all) echo "--method sfprompt --probe-clients 10" ;;  # the probe round asks all 10 clients
-    default-prompts-50-probe-all) echo "--method sfprompt --prompt-tokens 50 --probe-clients 10" ;;
+    default-probe-5) echo "--method sfprompt $PROBE_5" ;;
+    linear-probe-float32) echo "--method linear-probe $FLOAT32" ;;
+    default-probe-5-float32) echo "--method sfprompt $PROBE_5 $FLOAT32" ;;
+    linear-probe-int8) echo "--method linear-probe --wire-dtype int8" ;;
+    default-probe-5-int8) echo "--method sfprompt $PROBE_5 --wire-dtype int8" ;;
+    default-probe-5-prompts-50) echo "--method sfprompt $PROBE_5 --prompt-tokens 50" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
@@ -82,16 +85,17 @@ if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the pr
     wait_for_lane "${JOBS:-1}"
     # shellcheck disable=SC2046
     run_once "$OUT/tune-headline/$variant/seed-0" "$OUT/tune-headline/$variant/seed-0.log" --prompt-tokens 50 \
-      --probe-rounds 1 --lr "$WARM_LR" $(headline_options "$variant") --validation-samples 500 --no-progress "${size[@]}" &
+      --probe-rounds 1 $PROBE_5 --lr "$WARM_LR" $(headline_options "$variant") --validation-samples 500 --no-progress "${size[@]}" &
   done
   wait_for_all
   TUNE_DOC=${TUNE_DOC:-docs/benchmarks/recipe-tuning-headline.md}
   {
     echo "Command: \`TUNE=headline bash benchmarks/recipe.sh\`; $(python benchmarks/write_benchmarks.py --machine). The"
-    echo "headline setting (the default job with 50 prompts), seed 0: the default recipe's probe round and tail learning rate"
-    echo "($WARM_LR); prompt-lr-R rows train the prompts at R on the kept half (the default --keep-ratio 0.5), keep-1.0 rows"
-    echo "on every sample (--keep-ratio 1.0, at $WARM_LR or the rate named); each run evaluated on 500 validation samples"
-    echo "held out of the clients' data (the test set unread). One seed a row."
+    echo "headline setting (the default job with 50 prompts), seed 0: a probe round of round 1's 5 clients ($PROBE_5, the"
+    echo "default's until it asked all 10) and the default tail learning rate ($WARM_LR); prompt-lr-R rows train the prompts"
+    echo "at R on the kept half (the default --keep-ratio 0.5), keep-1.0 rows on every sample (--keep-ratio 1.0, at $WARM_LR"
+    echo "or the rate named); each run evaluated on 500 validation samples held out of the clients' data (the test set"
+    echo "unread). One seed a row."
     echo
     tune_rows=(); for variant in $VARIANTS; do tune_rows+=("$OUT/tune-headline/$variant"); done  # each ran above
     python benchmarks/table.py "${tune_rows[@]}"
@@ -105,16 +109,17 @@ if [ -n "${TUNE:-}" ]; then
   for lr in "${grid[@]}"; do
     wait_for_lane "${JOBS:-1}"
     # shellcheck disable=SC2086
-    run_once "$OUT/tune/lr-$lr/seed-0" "$OUT/tune/lr-$lr/seed-0.log" --probe-rounds 1 --lr "$lr" --prompt-lr "$lr" $FLOAT32 \
+    run_once "$OUT/tune/lr-$lr/seed-0" "$OUT/tune/lr-$lr/seed-0.log" --probe-rounds 1 $PROBE_5 --lr "$lr" --prompt-lr "$lr" $FLOAT32 \
       --validation-samples 500 --no-progress "${size[@]}" &
   done
   wait_for_all
   TUNE_DOC=${TUNE_DOC:-docs/benchmarks/recipe-tuning.md}
   {
     echo "Command: \`TUNE=1 bash benchmarks/recipe.sh\`; $(python benchmarks/write_benchmarks.py --machine). The probe warm start"
-    echo "(--probe-rounds 1) on the default job, seed 0, with the tail's and the prompts' learning rate alike, each run"
-    echo "evaluated on 500 validation samples held out of the clients' data (the test set unread): the rows' \"final acc.\""
-    echo "is what chooses. Each row is one seed: read the differences against the validation set's resolution."
+    echo "(--probe-rounds 1 $PROBE_5: round 1's draw, the default's until it asked all 10) on the default job, seed 0,"
+    echo "with the tail's and the prompts' learning rate alike, each run evaluated on 500 validation samples held out of"
+    echo "the clients' data (the test set unread): the rows' \"final acc.\" is what chooses. Each row is one seed: read the"
+    echo "differences against the validation set's resolution."
     echo
     tune_rows=(); for lr in "${grid[@]}"; do tune_rows+=("$OUT/tune/lr-$lr"); done
     python benchmarks/table.py "${tune_rows[@]}"
@@ -128,10 +133,11 @@ if [ -z "${TABLE_ONLY:-}" ]; then run_grid; fi
 DOC=${DOC:-docs/benchmarks/recipe.md}
 {
   echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds. Rows: linear-probe is"
-  echo "\`--method linear-probe\`, default \`sfprompt run\` with no options, paper \`--recipe paper\`; the -float32 rows"
-  echo "are those two in the paper's wire format (every row with every sample), the -int8 rows with \`--wire-dtype int8\`,"
-  echo "default-prompts-50 the default with 50 prompts (the headline setting's, docs/benchmarks/central.md); the -probe-all"
-  echo "rows open with a probe round that asks all 10 clients (\`--probe-clients 10\`) rather than one round's 5."
+  echo "\`--method linear-probe\`, default \`sfprompt run\` with no options (its probe round asks all 10 clients), paper"
+  echo "\`--recipe paper\`, default-prompts-50 the default with 50 prompts (the headline setting's,"
+  echo "docs/benchmarks/central.md); the default-probe-5 rows are the default as it was until its probe round asked every"
+  echo "client (\`$PROBE_5\`: round 1's draw), alone and with 50 prompts; the -float32 rows are the probe and that"
+  echo "default in the paper's wire format (every row with every sample), the -int8 rows with \`--wire-dtype int8\`."
   grid_tables
 } > "$DOC"
 cat "$DOC"

@@ -640,7 +640,8 @@ def test_secure_aggregation_refuses_a_probe_round_of_more_clients_than_its_sum_h
     from sfprompt.flower.settings import check_secure_aggregation
 
     many = Config(clients=1100, clients_per_round=5, probe_rounds=1, probe_clients=1100, train_samples=2000)
-    with pytest.raises(ConfigError, match=r"needs 2 to 1023 clients a round .*, got 5 \(1100 in a probe round\)"):
+    with pytest.raises(ConfigError, match=r"needs 2 to 1023 clients a round .*, got 5 \(1100 in a probe round: "
+                                          r"--probe-clients sets"):
         check_secure_aggregation(many, 64.0)
     check_secure_aggregation(many.replace(probe_clients=1000), 64.0)
 

@@ -176,7 +176,9 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
 
 def test_the_forward_only_audit_benchmark_attacks_each_row_and_writes_its_table(tmp_path):
     doc = tmp_path / "forward-only-audit.md"
-    done = run_benchmark("forward_only_audit.sh", tmp_path, SEEDS="0", ROWS="forward-only-2-label-epsilon-1", DOC=str(doc))
+    done = run_benchmark("forward_only_audit.sh", tmp_path, SEEDS="0", ROWS="forward-only-2-label-epsilon-1",
+                         DOC=str(doc), SIZE="--train-samples 40 --test-samples 20 --clients 5 --clients-per-round 5 "
+                                            "--rounds 2 --image-size 28")  # room for the script's probe round of 5
     assert done.returncode == 0, done.stderr[-3000:]
     assert doc.read_text().startswith("Command: `bash benchmarks/forward_only_audit.sh`")
     header, _, row = [line.split(" | ") for line in doc.read_text().splitlines() if line.startswith("|")]
@@ -187,4 +189,5 @@ def test_the_forward_only_audit_benchmark_attacks_each_row_and_writes_its_table(
     config = audit["config"]
     assert (config["prompt_updates"], config["directions"], config["label_epsilon"], config["prompt_tokens"]) == (
         "forward-only", 2, 1.0, 50)
+    assert (config["probe_rounds"], config["probe_clients"]) == (1, 5)  # the probe round as the audits ran it
     assert audit["labels"]["steps_read"] >= 1

@@ -245,11 +245,12 @@ def test_probe_rounds_open_a_prompt_method_and_its_rounds_start_from_the_fitted_
     assert [r["stage"] for r in history] == ["linear-probe", "sfprompt", "sfprompt"]
     assert "up/probe" in history[0]["bytes_by_phase"] and "up/split" not in history[0]["bytes_by_phase"]
     assert "up/probe" not in history[1]["bytes_by_phase"] and "up/split" in history[1]["bytes_by_phase"]
-    probe_state, first_own = received[0][1], received[2]
+    assert len(history[0]["clients"]) == 3  # the probe round asks every client
+    probe_state, first_own = received[0][1], received[3]
     assert first_own[0] == "sfprompt" and "class_sums" not in first_own[1]
     assert torch.equal(first_own[1]["prompts"], probe_state["prompts"])  # the initial prompts, as the probe took them
     fed = prepare(config)
-    with torch.no_grad():  # the tail round 2 starts from is the probe's fit on round 1's clients
+    with torch.no_grad():  # the tail round 2 starts from is the probe's fit on every client's samples
         images = torch.stack([image for cid in history[0]["clients"] for image, _ in fed.clients[cid].data])
         labels = torch.tensor([label for cid in history[0]["clients"] for _, label in fed.clients[cid].data])
         tail = fed.model.new_params().tail

@@ -16,21 +16,24 @@ TINY = "--train-samples 40 --test-samples 20 --image-size 28"
 def test_the_recipe_benchmark_runs_each_row_and_writes_its_report(tmp_path):
     doc = tmp_path / "recipe.md"
     done = run_benchmark("recipe.sh", tmp_path, SEEDS="0", SETTINGS="fashion-iid", DOC=str(doc),
-                         ROWS="linear-probe paper default-float32 default", SIZE=f"{TINY} --clients 2 --clients-per-round 2 --rounds 2")
+                         ROWS="linear-probe paper default-probe-5-float32 default",
+                         SIZE=f"{TINY} --clients 6 --clients-per-round 5 --rounds 2")
     assert done.returncode == 0, done.stderr[-3000:]
     text = doc.read_text()
     assert text.startswith("Command: `bash benchmarks/recipe.sh`") and "### fashion-iid" in text
     assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "seed" not in line
-            and not line.startswith("|---")] == ["| linear-probe", "| paper", "| default-float32", "| default"]
+            and not line.startswith("|---")] == ["| linear-probe", "| paper", "| default-probe-5-float32", "| default"]
     stages = [json.loads(line)["stage"] for line in
               (tmp_path / "runs" / "fashion-iid" / "default" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
     assert stages == ["linear-probe", "sfprompt"]
     paper = json.loads((tmp_path / "runs" / "fashion-iid" / "paper" / "seed-0" / "config.json").read_text())
     assert (paper["probe_rounds"], paper["lr"], paper["prompt_lr"], paper["wire_dtype"]) == (0, 0.01, 0.01, "float32")
     default, float32 = (json.loads((tmp_path / "runs" / "fashion-iid" / row / "seed-0" / "config.json").read_text())
-                        for row in ("default", "default-float32"))
-    assert (default["wire_dtype"], default["shared_rows"], default["lr"]) == ("float32", "once", 0.0003)
-    assert (float32["wire_dtype"], float32["shared_rows"], float32["probe_rounds"]) == ("float32", "per-sample", 1)
+                        for row in ("default", "default-probe-5-float32"))
+    assert (default["wire_dtype"], default["shared_rows"], default["lr"], default["probe_clients"]) == (
+        "float32", "once", 0.0003, 6)  # the probe round asks every client
+    assert (float32["wire_dtype"], float32["shared_rows"], float32["probe_rounds"], float32["probe_clients"]) == (
+        "float32", "per-sample", 1, 5)
     again = run_benchmark("recipe.sh", tmp_path, SEEDS="0 1", SETTINGS="fashion-iid", DOC=str(doc), TABLE_ONLY="1",
                           ROWS="paper linear-probe-float32 default")  # runs nothing: seed 1 and the -float32 row are not there
     assert again.returncode == 0 and " ..." not in again.stdout, again.stderr[-3000:]

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from sfprompt import checkpoint
 from sfprompt.cli import main
 from sfprompt.client import Client
-from sfprompt.config import ConfigError
+from sfprompt.config import Config, ConfigError
 from sfprompt.runner import run
 
 from test_runner import tiny_config
@@ -121,12 +121,16 @@ def test_a_run_checkpointed_before_an_option_existed_resumes_with_its_default(im
 def test_a_probe_round_checkpointed_before_probe_clients_existed_resumes_as_it_ran(imagefolder, tmp_path):
     """Before --probe-clients a probe round asked the round's --clients-per-round clients: a run saved without the
     option is read so (`config.BEFORE`), not with the option's default of an unrelated config, and resumes."""
-    config = tiny_config(imagefolder, tmp_path, rounds=3, probe_rounds=1)  # 2 clients a round, not the default 5
+    config = tiny_config(imagefolder, tmp_path, rounds=3, probe_rounds=1, probe_clients=2)  # 2 a round, of 3
     quiet(config.replace(rounds=2))
     state = checkpoint.load(tmp_path / "run")
     del state.config["probe_clients"]
     checkpoint.save(tmp_path / "run", state)
-    quiet(config, resume=True)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["probe_clients"]
+    resumed = Config.from_saved({**saved, "rounds": 3})  # as `sfprompt run --resume` reads it
+    assert (resumed.clients, resumed.probe_clients) == (3, 2)  # not today's default, every client
+    quiet(resumed, resume=True)
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
 
 

@@ -86,6 +86,9 @@ def test_an_option_left_unset_follows_the_recipe_and_a_change_of_method():
     assert (sfprompt.probe_rounds, sfprompt.lr, sfprompt.prompt_lr) == (1, 3e-4, 3e-4)  # the probe warm start
     assert sfprompt.to_dict()["lr"] == 3e-4 and sfprompt.given()["lr"] is None  # saved as taken, left unset in given
     assert (Config(rounds=1).probe_rounds, Config(rounds=1).lr) == (0, 0.01)  # one round: no room for a probe
+    assert (sfprompt.probe_clients, Config(clients=20, clients_per_round=4).probe_clients) == (10, 20)  # every client
+    assert (Config(rounds=1).probe_clients, Config(method="sfl").probe_clients, Config(probe_clients=7).probe_clients) \
+        == (5, 5, 7)  # without probe rounds, a round's clients; one given stays
     assert (Config(probe_rounds=0).lr, Config(method="sfl").probe_rounds, Config(method="sfl").lr) == (0.01, 0, 0.01)
     assert Config(method="sfl", probe_rounds=1).lr == 3e-4 and Config(lr=0.05).lr == 0.05
     assert (sfprompt.replace(method="fl").probe_rounds, sfprompt.replace(method="fl").lr) == (0, 0.01)

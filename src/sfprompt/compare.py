@@ -22,7 +22,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sfprompt-no-local-loss": ("sfprompt", {"local_epochs": 0}),
     "sfprompt-no-pruning": ("sfprompt", {"keep_ratio": 1.0}),
     "sfl-train-body": ("sfl", {"train_body": True}),  # the original SplitFed: the server trains the body
-    # SFPrompt opening with a probe round, then fine-tuning at the learning rates recipe.sh's grid chose
+    # SFPrompt opening with a probe round (of every client, as the default recipe's), then fine-tuning at the
+    # learning rates recipe.sh's grid chose
     "sfprompt-probe-warm": ("sfprompt", {"probe_rounds": 1, "lr": 3e-4, "prompt_lr": 3e-4}),
     # no gradient crosses the network: the prompts step on zeroth-order estimates (docs/method.md)
     "sfprompt-forward-only": ("sfprompt", {"prompt_updates": "forward-only"}),
@@ -120,8 +121,9 @@ def _compare_one(base: Config, names: list[str], target: float | None, run: Call
     for name, config in configs.items():
         run(config)
         rows.append(tabulate(name, Path(config.out), target))
-        rows[-1]["options"] = {key: value for key, value in config.to_dict().items()
-                               if value != getattr(base, key) and key not in ("method", "out")}
+        rows[-1]["options"] = {key: value for key, value in config.to_dict().items()  # a run without probe rounds
+                               if value != getattr(base, key) and key not in ("method", "out")  # asks no probe clients
+                               and not (key == "probe_clients" and not config.probe_rounds)}
     add_ratios(rows)
     return rows
 

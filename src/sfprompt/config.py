@@ -488,14 +488,16 @@ class DerivedDefault:
 
 
 WARM_LR = 3e-4  # fine-tuning from a fitted tail: recipe.sh's grid on validation samples (docs/benchmarks/recipe-tuning.md)
-# Defaults that follow the recipe a run takes: SFPrompt opens with a probe round when it has more than one round,
-# and fine-tunes from the fitted tail at WARM_LR; without probe rounds, every method trains at 0.01 (the paper's,
-# and what benchmarks/tune.py chose for the baselines). An option left unset takes its default, in this order;
-# `Config` then holds the value taken, and `given` leaves it unset (so another method takes its own).
+# Defaults that follow the recipe a run takes: SFPrompt opens with a probe round of every client when it has more
+# than one round, and fine-tunes from the fitted tail at WARM_LR; without probe rounds, every method trains at 0.01
+# (the paper's, and what benchmarks/tune.py chose for the baselines). An option left unset takes its default, in
+# this order; `Config` then holds the value taken, and `given` leaves it unset (so another method takes its own).
 DERIVED_DEFAULTS: dict[str, DerivedDefault] = {
     "probe_rounds": DerivedDefault(lambda c: 1 if c.method == "sfprompt" and c.rounds > 1 else 0,
                                    "1 for sfprompt (0 in a one-round run), else 0"),
-    "probe_clients": DerivedDefault(lambda c: c.clients_per_round, "--clients-per-round"),
+    # every client: the tail fitted on every client's statistics, whatever the skew (docs/benchmarks/recipe.md)
+    "probe_clients": DerivedDefault(lambda c: c.clients if c.probe_rounds else c.clients_per_round,
+                                    "--clients with probe rounds (every client), else --clients-per-round"),
     "lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01, "0.0003 after probe rounds, else 0.01"),
     "prompt_lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01, "0.0003 after probe rounds, else 0.01"),
 }

@@ -35,6 +35,8 @@ from .records import from_arrays, to_arrays
 from .secure import secure_average, upload_scales
 from .settings import FlowerOptions, check_secure_aggregation, from_run_config
 
+MAX_BODY_WORKERS = 1024  # the body channel's threads, whatever the clients a round (a probe round asks every one)
+
 
 class FlowerRuntime:
     """Runs the clients' part of a round on the SuperNodes holding their partitions."""
@@ -54,10 +56,11 @@ class FlowerRuntime:
                                batch_window_s=options.body_batch_window_s if options.body_batching else None)
         self.token = options.resolved_token()
         # A request waits in its worker while its batch gathers: a worker for every client of a round (a probe
-        # round's too, and as many again for stragglers of the last), so that a batch can hold every client at once.
+        # round's too, and as many again for stragglers of the last), so that a batch can hold every client at once;
+        # at most MAX_BODY_WORKERS threads (beyond, a batch waits out its window rather than fill).
         self.channel = BodyChannelServer(self.body, options.body_address, self.token,
                                          certificate=tls[0] if tls else None, private_key=tls[1] if tls else None,
-                                         workers=max(16, 2 * fed.config.most_clients_a_round),
+                                         workers=min(max(16, 2 * fed.config.most_clients_a_round), MAX_BODY_WORKERS),
                                          max_bytes=fed.max_message_bytes)
         self.root_certificate = tls[2] if tls else b""
         self.public_address = options.body_public_address or self.channel.address

@@ -102,7 +102,8 @@ def check_secure_aggregation(config: Config, clipping_range: float) -> None:
     if not 2 <= config.clients_per_round or most > MAX_CLIENTS:
         raise ConfigError(f"secure-aggregation needs 2 to {MAX_CLIENTS} clients a round (a single upload cannot be "
                           f"hidden; Flower's sum overflows beyond), got {config.clients_per_round}"
-                          + (f" ({most} in a probe round)" if most != config.clients_per_round else ""))
+                          + (f" ({most} in a probe round: --probe-clients sets how many)"
+                             if most != config.clients_per_round else ""))
     if config.upload_epsilon is not None:
         std = upload_noise_multiplier(config.upload_epsilon, config.dp_delta) * config.upload_clip
         if 6 * std > clipping_range:
