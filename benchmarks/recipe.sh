@@ -16,7 +16,9 @@
 # default as it was before its probe round asked every client (--probe-clients 5: round 1's draw), alone, with 50
 # prompts, in the paper's wire format (-float32: --wire-dtype float32 --shared-rows per-sample, as the default
 # recipe was first measured) and in int8 (-int8: --wire-dtype int8, the shared rows once); the -float32 and -int8
-# probe rows the probe in those formats.
+# probe rows the probe in those formats. default-prompts-50-refit trains the 50 prompts at 0.01 and closes the run
+# with a refit round (--refit-rounds 1: every client sends its features once more, with the trained prompts, and the
+# tail is fitted on them afresh).
 # With TUNE=1 it runs instead the grid of
 # learning rates (tail and prompts alike) for the warm start on the default job, seed 0, each run evaluated on
 # 500 validation samples held out of the clients' data (the test set unread), into OUT/tune, and writes
@@ -33,7 +35,7 @@ OUT=${OUT:-results/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
 ROWS=${ROWS:-linear-probe paper default default-prompts-50 default-probe-5 linear-probe-float32 default-probe-5-float32
-  linear-probe-int8 default-probe-5-int8 default-probe-5-prompts-50}
+  linear-probe-int8 default-probe-5-int8 default-probe-5-prompts-50 default-prompts-50-refit}
 WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md): the default
 FLOAT32="--wire-dtype float32 --shared-rows per-sample"  # the paper's wire format
 PROBE_5="--probe-clients 5"  # the probe round asks round 1's draw of 5, as the default did until it asked all 10
@@ -62,6 +64,8 @@ options() {  # the options of one row
     linear-probe-int8) echo "--method linear-probe --wire-dtype int8" ;;
     default-probe-5-int8) echo "--method sfprompt $PROBE_5 --wire-dtype int8" ;;
     default-probe-5-prompts-50) echo "--method sfprompt $PROBE_5 --prompt-tokens 50" ;;
+    # the prompts at 0.01 (central.sh's rate), the tail refitted on their features in a closing probe round
+    default-prompts-50-refit) echo "--method sfprompt --prompt-tokens 50 --refit-rounds 1 --prompt-lr 0.01" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
@@ -137,7 +141,8 @@ DOC=${DOC:-docs/benchmarks/recipe.md}
   echo "\`--recipe paper\`, default-prompts-50 the default with 50 prompts (the headline setting's,"
   echo "docs/benchmarks/central.md); the default-probe-5 rows are the default as it was until its probe round asked every"
   echo "client (\`$PROBE_5\`: round 1's draw), alone and with 50 prompts; the -float32 rows are the probe and that"
-  echo "default in the paper's wire format (every row with every sample), the -int8 rows with \`--wire-dtype int8\`."
+  echo "default in the paper's wire format (every row with every sample), the -int8 rows with \`--wire-dtype int8\`;"
+  echo "default-prompts-50-refit trains the 50 prompts at 0.01 and closes with a refit round (\`--refit-rounds 1\`)."
   grid_tables
 } > "$DOC"
 cat "$DOC"

@@ -116,12 +116,14 @@ def records(folder):
 @pytest.mark.parametrize("method, changes", [("sfprompt", {}), ("sl", {}), ("fl", {}), ("linear-probe", {}),
                                              ("sfprompt", {"probe_rounds": 1}),
                                              ("sfprompt", {"probe_rounds": 1, "probe_clients": 3}),
+                                             ("sfprompt", {"probe_rounds": 1, "refit_rounds": 1, "rounds": 3}),
                                              ("sfprompt", {"prompt_updates": "forward-only", "directions": 2}),
                                              ("sfprompt", {"aggregator": "fedadam", "server_lr": 0.01}),
                                              ("sfprompt", {"client_holdout": 0.25}),
                                              ("sfprompt", {"aggregator": "fedprox", "proximal_mu": 1.0})])
 def test_the_flower_apps_give_the_in_process_result(imagefolder, tmp_path, method, changes):
-    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=2, rounds=2, method=method, **changes)
+    config = tiny_config(imagefolder, tmp_path, **{"clients": 3, "clients_per_round": 2, "rounds": 2, "method": method,
+                                                   **changes})
     run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
     run_inline(config.replace(out=str(tmp_path / "flower")), InlineGrid(3))
     local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")

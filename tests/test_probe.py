@@ -19,6 +19,7 @@ from sfprompt.server import BodyServer
 from sfprompt.meter import Meter
 from sfprompt.transport import InProcessLink
 
+from conftest import write_imagefolder
 from test_runner import tiny_config
 
 
@@ -138,6 +139,33 @@ def test_a_probe_round_asks_probe_clients_and_the_later_rounds_draw_as_without_t
         tiny_config(imagefolder, tmp_path, clients=4, clients_per_round=2, probe_rounds=1, probe_clients=1)
     with pytest.raises(ConfigError, match="this run has none"):  # nothing it would change: refused, not ignored
         tiny_config(imagefolder, tmp_path, method="linear-probe", clients=4, clients_per_round=2, probe_clients=4)
+
+
+def test_a_refit_round_closes_the_run_with_the_fit_on_the_trained_prompts_features(tmp_path):
+    ambiguous = write_imagefolder(tmp_path / "ambiguous", classes=8, train_per_class=4, test_per_class=2, gray=True)
+    config = tiny_config(ambiguous, tmp_path, method="sfprompt", clients=3, clients_per_round=2, rounds=3,
+                         probe_rounds=1, refit_rounds=1, wire_dtype="float32")  # compared with an unrounded fit
+    # (classes k and k + 4 look alike in gray: the probe cannot fit them all, so split training moves the prompts)
+    run(config.replace(rounds=2, refit_rounds=0, out=str(tmp_path / "before")), progress=False, log=lambda _: None)
+    run(config, progress=False, log=lambda _: None)
+    history = records(tmp_path / "run")
+    assert [r["stage"] for r in history] == ["linear-probe", "sfprompt", "linear-probe"]
+    assert len(history[2]["clients"]) == 3 and "up/probe" in history[2]["bytes_by_phase"]  # every client, again
+    before, after = load_file(tmp_path / "before" / "global.safetensors"), load_file(tmp_path / "run" / "global.safetensors")
+    assert torch.equal(before["prompts"], after["prompts"])  # the refit moves the tail alone
+    fed = prepare(config)
+    with torch.no_grad():  # fitted afresh on every client's features with the trained prompts, not those cached
+        images = torch.stack([image for image, _ in fed.train])  # the clients' samples, all of them
+        labels = torch.tensor([label for _, label in fed.train])
+        tail = fed.model.new_params().tail
+        rows = fed.model.body(fed.model.head(images, after["prompts"]))[:, fed.model.layout.tail_rows]
+        weight, _ = fit_classifier(feature_statistics(tail.features(rows), labels, 8), len(labels))
+    assert torch.allclose(after["tail.head.weight"], weight, rtol=1e-3, atol=1e-3 * float(weight.abs().max()))
+    assert not torch.allclose(before["tail.head.weight"], weight, rtol=1e-3, atol=1e-3 * float(weight.abs().max()))
+    for changes, message in (({"refit_rounds": 2}, "leave none of the --rounds"), ({"refit_rounds": -1}, "0 or more"),
+                             ({"method": "fl", "probe_rounds": 0}, "--refit-rounds closes a run of a split method")):
+        with pytest.raises(ConfigError, match=message):
+            config.replace(**changes)
 
 
 def test_the_probe_of_every_client_at_once_is_the_central_fit_on_the_same_samples(imagefolder, tmp_path):

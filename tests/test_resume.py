@@ -13,6 +13,7 @@ from sfprompt.client import Client
 from sfprompt.config import Config, ConfigError
 from sfprompt.runner import run
 
+from conftest import write_imagefolder
 from test_runner import tiny_config
 
 
@@ -58,6 +59,30 @@ def test_killed_and_extended_runs_end_where_an_uninterrupted_run_does(imagefolde
     with pytest.raises(KeyboardInterrupt):
         quiet(base.replace(out=str(tmp_path / "killed")))
     assert checkpoint.load(tmp_path / "killed").round == 2
+    monkeypatch.setattr(Client, "run_round", original)
+    quiet(base.replace(out=str(tmp_path / "killed")), resume=True)
+    assert_same(outcome(tmp_path / "straight"), outcome(tmp_path / "killed"))
+
+
+def test_a_run_killed_before_its_refit_round_resumes_to_the_fit_on_the_trained_prompts(tmp_path, monkeypatch):
+    """The clients' probe statistics are checkpointed with the prompts they were taken with: resumed, a refit round
+    takes its features afresh rather than reuse those of the opening probe round."""
+    ambiguous = write_imagefolder(tmp_path / "ambiguous", classes=8, train_per_class=4, test_per_class=2, gray=True)
+    base = tiny_config(ambiguous, tmp_path, rounds=3, probe_rounds=1, refit_rounds=1)  # prompts that move
+    quiet(base.replace(out=str(tmp_path / "straight")))
+    calls, original = [], Client.run_round
+
+    def killed_in_round_3(self, *args, **kwargs):
+        calls.append(self.cid)
+        if len(calls) > base.clients + base.clients_per_round:  # the probe round asked every client
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "run_round", killed_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        quiet(base.replace(out=str(tmp_path / "killed")))
+    assert checkpoint.load(tmp_path / "killed").round == 2
+    assert all("probe_prompts" in state for state in checkpoint.load(tmp_path / "killed").clients.values())
     monkeypatch.setattr(Client, "run_round", original)
     quiet(base.replace(out=str(tmp_path / "killed")), resume=True)
     assert_same(outcome(tmp_path / "straight"), outcome(tmp_path / "killed"))

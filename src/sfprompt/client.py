@@ -161,6 +161,7 @@ class Client:
         self.noise_seed = private_seed if noise_seed is None else noise_seed
         self.seed = seed
         self.probe: dict[str, torch.Tensor] | None = None  # linear-probe's statistics of its features, once sent
+        self.probe_prompts: torch.Tensor | None = None  # the prompts they were taken with
 
     @functools.cached_property
     def local_head(self) -> LocalHead:
@@ -178,14 +179,17 @@ class Client:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What the client keeps between rounds, privately: its local classifier (`local_head.*`) and its
-        linear-probe statistics (`probe.*`), each once it exists."""
+        linear-probe statistics (`probe.*`) with the prompts they were taken with (`probe_prompts`), each once it
+        exists."""
         state = {f"local_head.{name}": t for name, t in self.local_head.state_dict().items()} \
             if "local_head" in self.__dict__ else {}
-        return state | {f"probe.{name}": t for name, t in (self.probe or {}).items()}
+        prompts = {"probe_prompts": self.probe_prompts} if self.probe_prompts is not None else {}
+        return state | {f"probe.{name}": t for name, t in (self.probe or {}).items()} | prompts
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `state_dict` returned (a state saved before the probe existed holds the local
-        classifier alone, its keys without the prefix)."""
+        classifier alone, its keys without the prefix; one saved before refit rounds, statistics without their
+        prompts: those of a run that never changed them)."""
         if state and not any(key.startswith(("local_head.", "probe.")) for key in state):
             state = {f"local_head.{name}": t for name, t in state.items()}
         head = {key.removeprefix("local_head."): t for key, t in state.items() if key.startswith("local_head.")}
@@ -193,6 +197,7 @@ class Client:
             self.local_head.load_state_dict(head)
         probe = {key.removeprefix("probe."): t.to(self.device) for key, t in state.items() if key.startswith("probe.")}
         self.probe = probe or None
+        self.probe_prompts = state["probe_prompts"].to(self.device) if "probe_prompts" in state else None
 
     @functools.cached_property
     def label_draws(self) -> torch.Tensor:
@@ -313,11 +318,13 @@ class Client:
                               "own data folder, set --train-samples to the federation's total")
         return size_band(self.num_examples, self.settings.mean_samples)
 
-    # linear-probe: every sample through the frozen body once (the first round the client is sampled), kept as
-    # the statistics of the tail's features (`probe`); no gradient crosses the link.
+    # linear-probe: every sample through the frozen body once (the first round the client is sampled with these
+    # prompts: again in a refit round, after split training moved them), kept as the statistics of the tail's
+    # features (`probe`); no gradient crosses the link.
     @torch.no_grad()
     def probe_statistics(self, ctx: RoundContext) -> dict[str, torch.Tensor]:
-        if self.probe is not None:
+        prompts = ctx.params.prompts.detach()
+        if self.probe is not None and (self.probe_prompts is None or torch.equal(self.probe_prompts, prompts)):
             return self.probe
         ctx.phase = "probe"
         running = RunningStatistics(self.model.num_classes)
@@ -329,6 +336,7 @@ class Client:
                 running.add(ctx.params.tail.features(rows), labels)  # the frozen final norm and pooling
         with self.meter.work(CLIENT, "probe", ctx.memory):
             self.probe = running.averages()
+        self.probe_prompts = prompts.clone()
         return self.probe
 
     # Split training on the chosen samples: activations (and, with backprop, gradients) cross the link each batch.

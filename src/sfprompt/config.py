@@ -150,6 +150,11 @@ class Config:
         "features once, with the initial prompts, and the server fits the tail in closed form, which the method's "
         "own rounds then start from"
     )
+    refit_rounds: int = _opt(
+        0, "rounds that close a run of sfprompt, sfl or sl as a linear probe on the trained prompts: the asked "
+        "clients send their samples' features once more, with the global prompts, and the server fits the tail on "
+        "them in closed form afresh"
+    )
     probe_clients: Optional[int] = _opt(
         None, "clients each probe round asks, from --clients-per-round to --clients: the round's draw, and others "
         "drawn apart from it (the later rounds draw as they would), so that the tail is fitted on more clients' "
@@ -225,7 +230,8 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("prompt_tokens", "client_blocks", "local_epochs", "split_epochs", "seed", "probe_rounds"):
+        for name in ("prompt_tokens", "client_blocks", "local_epochs", "split_epochs", "seed", "probe_rounds",
+                     "refit_rounds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be 0 or more, got {getattr(self, name)}")
         if self.split_epochs < 1:
@@ -239,9 +245,9 @@ class Config:
         if not self.clients_per_round <= self.probe_clients <= self.clients:
             raise ConfigError(f"--probe-clients must be between --clients-per-round ({self.clients_per_round}) and "
                               f"--clients ({self.clients}), got {self.probe_clients}")
-        if self.probe_clients != self.clients_per_round and not self.probe_rounds:
+        if self.probe_clients != self.clients_per_round and not self.probe_rounds + self.refit_rounds:
             raise ConfigError(f"--probe-clients sets how many clients a probe round asks, and this run has none "
-                              f"(--method {self.method} with --probe-rounds 0)")
+                              f"(--method {self.method} with --probe-rounds 0 and --refit-rounds 0)")
         if not 1 <= self.min_clients <= self.clients_per_round:
             raise ConfigError(f"--min-clients must be between 1 and --clients-per-round ({self.clients_per_round}), "
                               f"got {self.min_clients}")
@@ -279,13 +285,15 @@ class Config:
         self._check_privacy()
         self._check_budgets()
         self._check_forward_only()
-        if self.probe_rounds and not self.splits_with_frozen_body:
-            raise ConfigError("--probe-rounds opens a run of a split method with a frozen body (sfprompt, sfl, sl) "
-                              f"with a linear probe; --method {self.method}{' --train-body' if self.train_body else ''} "
-                              "has no such start (linear-probe is nothing else)")
-        if self.probe_rounds >= self.rounds:
-            raise ConfigError(f"--probe-rounds ({self.probe_rounds}) leaves none of the --rounds ({self.rounds}) to "
-                              f"the method itself")
+        for name, where in (("probe_rounds", "opens"), ("refit_rounds", "closes")):
+            if getattr(self, name) and not self.splits_with_frozen_body:
+                raise ConfigError(f"--{_flag(name)} {where} a run of a split method with a frozen body (sfprompt, sfl, "
+                                  f"sl) with a linear probe; --method {self.method}"
+                                  f"{' --train-body' if self.train_body else ''} has no such rounds (linear-probe is "
+                                  "nothing else)")
+        if self.probe_rounds + self.refit_rounds >= self.rounds:
+            raise ConfigError(f"--probe-rounds ({self.probe_rounds}) and --refit-rounds ({self.refit_rounds}) leave "
+                              f"none of the --rounds ({self.rounds}) to the method itself")
         for name, choices in ((name, f.metadata["choices"]) for name, f in _FIELDS.items() if "choices" in f.metadata):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -385,10 +393,15 @@ class Config:
                               "holds only where the split does not change the function the model computes; pooling "
                               "(--pool-tokens) and clipping (--clip-norm) act where the head ends, so they change it")
 
+    def is_probe_round(self, round_: int) -> bool:
+        """Whether round `round_` (from 1) is a linear probe's: one of the --probe-rounds that open the run or the
+        --refit-rounds that close it."""
+        return round_ <= self.probe_rounds or round_ > self.rounds - self.refit_rounds
+
     @property
     def most_clients_a_round(self) -> int:
         """The most clients any round asks: a probe round's --probe-clients, else --clients-per-round."""
-        return self.probe_clients if self.probe_rounds else self.clients_per_round
+        return self.probe_clients if self.probe_rounds + self.refit_rounds else self.clients_per_round
 
     @property
     def budgets(self) -> tuple[float, ...] | None:
@@ -496,7 +509,7 @@ DERIVED_DEFAULTS: dict[str, DerivedDefault] = {
     "probe_rounds": DerivedDefault(lambda c: 1 if c.method == "sfprompt" and c.rounds > 1 else 0,
                                    "1 for sfprompt (0 in a one-round run), else 0"),
     # every client: the tail fitted on every client's statistics, whatever the skew (docs/benchmarks/recipe.md)
-    "probe_clients": DerivedDefault(lambda c: c.clients if c.probe_rounds else c.clients_per_round,
+    "probe_clients": DerivedDefault(lambda c: c.clients if c.probe_rounds + c.refit_rounds else c.clients_per_round,
                                     "--clients with probe rounds (every client), else --clients-per-round"),
     "lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01, "0.0003 after probe rounds, else 0.01"),
     "prompt_lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01, "0.0003 after probe rounds, else 0.01"),

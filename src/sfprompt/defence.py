@@ -188,11 +188,12 @@ def private_upload(broadcast: Mapping[str, torch.Tensor], upload: Mapping[str, t
 
 def releases(config) -> int:
     """The most times a run sends one sample's activations: once for linear-probe (the first round its
-    client is sampled), otherwise every split epoch of every round (a client sampled every round), and
-    once more when probe rounds open the run."""
+    client is sampled), otherwise every split epoch of every round (a client sampled every round), once more
+    when probe rounds open the run and once more when refit rounds close it (with the trained prompts)."""
     if config.method == "linear-probe":
         return 1
-    return config.split_epochs * (config.rounds - config.probe_rounds) + (1 if config.probe_rounds else 0)
+    own = config.rounds - config.probe_rounds - config.refit_rounds
+    return config.split_epochs * own + (1 if config.probe_rounds else 0) + (1 if config.refit_rounds else 0)
 
 
 def privacy_notice(config) -> str:

@@ -162,8 +162,8 @@ SEEDED_BUILD = threading.Lock()
 
 def max_message_bytes(model: SplitViT, method: Method, config: Config) -> int:
     """The largest payload a run of `method` legitimately sends: a batch of activations, or the global state of
-    any of its stages (the probe's statistics in the rounds it opens with)."""
-    stages = (method.stage(1, config), method)
+    any of its stages (the probe's statistics in the rounds it opens or closes with)."""
+    stages = (method.stage(1, config), method, method.stage(config.rounds, config))
     return model.messages.max_bytes(config.batch_size, max(stage.state_bytes(model) for stage in stages))
 
 

@@ -203,7 +203,7 @@ def _sampled(sampler: np.random.Generator, config: Config, round_: int) -> list[
     more as --probe-clients asks, drawn from a generator of that round's own, so that every later round draws the
     clients it would draw without them."""
     drawn = sampler.choice(config.clients, config.clients_per_round, replace=False)
-    more = config.probe_clients - config.clients_per_round if round_ <= config.probe_rounds else 0
+    more = config.probe_clients - config.clients_per_round if config.is_probe_round(round_) else 0
     if more:
         others = np.setdiff1d(np.arange(config.clients), drawn)
         apart = np.random.default_rng([config.seed, round_])

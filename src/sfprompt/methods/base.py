@@ -40,8 +40,9 @@ class Method:
 
     def stage(self, round_: int, config) -> "Method":
         """The method that runs round `round_` of a run of `config`: this one, unless the run opens with probe
-        rounds (--probe-rounds), which the linear probe runs with this method's initial prompts."""
-        if round_ <= config.probe_rounds:
+        rounds (--probe-rounds) or closes with them (--refit-rounds), which the linear probe runs with the global
+        prompts (the method's initial ones, or those it trained)."""
+        if config.is_probe_round(round_):
             from .linear_probe import LinearProbe
 
             return LinearProbe()
