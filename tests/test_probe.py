@@ -141,31 +141,67 @@ def test_a_probe_round_asks_probe_clients_and_the_later_rounds_draw_as_without_t
         tiny_config(imagefolder, tmp_path, method="linear-probe", clients=4, clients_per_round=2, probe_clients=4)
 
 
+def ambiguous_folder(tmp_path):
+    """Classes k and k + 4 look alike in gray: the probe cannot fit them all, so split training moves the prompts
+    and the tail's norms (on the easy default folder the probe's fit leaves them no loss to descend)."""
+    return write_imagefolder(tmp_path / "ambiguous", classes=8, train_per_class=4, test_per_class=2, gray=True)
+
+
+def central_fit(fed, prompts, tail_state):
+    """The closed-form classifier on every training sample's features, taken with `prompts` and the tail norms of
+    `tail_state` (a global state's `tail.*`)."""
+    with torch.no_grad():
+        images = torch.stack([image for image, _ in fed.train])
+        labels = torch.tensor([label for _, label in fed.train])
+        tail = fed.model.new_params().tail
+        tail.load_state_dict({name.removeprefix("tail."): t for name, t in tail_state.items() if name.startswith("tail.")})
+        rows = fed.model.body(fed.model.head(images, prompts))[:, fed.model.layout.tail_rows]
+        return fit_classifier(feature_statistics(tail.features(rows), labels, fed.model.num_classes), len(labels))[0]
+
+
 def test_a_refit_round_closes_the_run_with_the_fit_on_the_trained_prompts_features(tmp_path):
-    ambiguous = write_imagefolder(tmp_path / "ambiguous", classes=8, train_per_class=4, test_per_class=2, gray=True)
-    config = tiny_config(ambiguous, tmp_path, method="sfprompt", clients=3, clients_per_round=2, rounds=3,
-                         probe_rounds=1, refit_rounds=1, wire_dtype="float32")  # compared with an unrounded fit
-    # (classes k and k + 4 look alike in gray: the probe cannot fit them all, so split training moves the prompts)
+    config = tiny_config(ambiguous_folder(tmp_path), tmp_path, method="sfprompt", clients=3, clients_per_round=2,
+                         rounds=3, probe_rounds=1, refit_rounds=1, wire_dtype="float32")  # unrounded features
     run(config.replace(rounds=2, refit_rounds=0, out=str(tmp_path / "before")), progress=False, log=lambda _: None)
     run(config, progress=False, log=lambda _: None)
     history = records(tmp_path / "run")
     assert [r["stage"] for r in history] == ["linear-probe", "sfprompt", "linear-probe"]
     assert len(history[2]["clients"]) == 3 and "up/probe" in history[2]["bytes_by_phase"]  # every client, again
     before, after = load_file(tmp_path / "before" / "global.safetensors"), load_file(tmp_path / "run" / "global.safetensors")
-    assert torch.equal(before["prompts"], after["prompts"])  # the refit moves the tail alone
+    assert torch.equal(before["prompts"], after["prompts"])  # the refit moves the classifier alone
     fed = prepare(config)
-    with torch.no_grad():  # fitted afresh on every client's features with the trained prompts, not those cached
-        images = torch.stack([image for image, _ in fed.train])  # the clients' samples, all of them
-        labels = torch.tensor([label for _, label in fed.train])
-        tail = fed.model.new_params().tail
-        rows = fed.model.body(fed.model.head(images, after["prompts"]))[:, fed.model.layout.tail_rows]
-        weight, _ = fit_classifier(feature_statistics(tail.features(rows), labels, 8), len(labels))
-    assert torch.allclose(after["tail.head.weight"], weight, rtol=1e-3, atol=1e-3 * float(weight.abs().max()))
-    assert not torch.allclose(before["tail.head.weight"], weight, rtol=1e-3, atol=1e-3 * float(weight.abs().max()))
+    refit = central_fit(fed, after["prompts"], after)  # every client's features with the trained prompts and norms
+    cached = central_fit(fed, fed.model.new_params().prompts, after)  # had the probe round's features been reused
+    close = dict(rtol=1e-3, atol=1e-3 * float(refit.abs().max()))
+    assert torch.allclose(after["tail.head.weight"], refit, **close)
+    assert not torch.allclose(after["tail.head.weight"], cached, **close)
     for changes, message in (({"refit_rounds": 2}, "leave none of the --rounds"), ({"refit_rounds": -1}, "0 or more"),
-                             ({"method": "fl", "probe_rounds": 0}, "--refit-rounds closes a run of a split method")):
+                             ({"method": "fl", "probe_rounds": 0}, "--refit-rounds closes a run of a split method"),
+                             ({"upload_epsilon": 1.0, "upload_clip": 1.0, "probe_rounds": 0}, "--refit-rounds 0")):
         with pytest.raises(ConfigError, match=message):
             config.replace(**changes)
+    assert (config.replace(rounds=2, probe_rounds=None).probe_rounds,  # the default's probe round leaves it room
+            config.replace(rounds=3, probe_rounds=None).probe_rounds) == (0, 1)
+
+
+def test_a_refit_round_takes_features_again_when_split_training_moved_the_tail_norms_alone(tmp_path):
+    config = tiny_config(ambiguous_folder(tmp_path), tmp_path, method="sfl", prompt_tokens=0, clients=3,
+                         clients_per_round=2, rounds=3, probe_rounds=1, refit_rounds=1)
+    run(config, progress=False, log=lambda _: None)
+    history = records(tmp_path / "run")
+    assert "up/probe" in history[2]["bytes_by_phase"]  # no prompts, yet the norms the features pass through moved
+
+
+def test_the_audit_without_a_run_plays_the_opening_probe_rounds_alone(tmp_path):
+    from sfprompt.inprocess import InProcessRuntime
+    from sfprompt.runner import play_rounds
+
+    for probe_rounds, played in ((0, []), (1, ["round 1 (linear-probe) played"])):
+        fed = prepare(tiny_config(ambiguous_folder(tmp_path / str(probe_rounds)), tmp_path, method="sfl", rounds=4,
+                                  probe_rounds=probe_rounds, refit_rounds=1))
+        lines = []
+        play_rounds(fed, InProcessRuntime(fed, progress=False), lines.append)
+        assert [line.split(":")[0] for line in lines] == played  # not the split rounds before the refit round
 
 
 def test_the_probe_of_every_client_at_once_is_the_central_fit_on_the_same_samples(imagefolder, tmp_path):
@@ -325,7 +361,7 @@ def test_a_run_saved_before_probe_rounds_existed_resumes_without_them(imagefolde
     ({"method": "fl", "probe_rounds": 1}, "split method with a frozen body"),
     ({"method": "sfl", "train_body": True, "probe_rounds": 1}, "train-body"),
     ({"method": "linear-probe", "probe_rounds": 1}, "linear-probe is nothing else"),
-    ({"probe_rounds": 2, "rounds": 2}, "leaves none"),
+    ({"probe_rounds": 2, "rounds": 2}, "leave none"),
     ({"method": "linear-probe", "label_epsilon": 1.0}, "sends none"),
 ])
 def test_probe_options_that_cannot_work_are_refused(changes, message):

@@ -82,8 +82,10 @@ def test_a_run_killed_before_its_refit_round_resumes_to_the_fit_on_the_trained_p
     with pytest.raises(KeyboardInterrupt):
         quiet(base.replace(out=str(tmp_path / "killed")))
     assert checkpoint.load(tmp_path / "killed").round == 2
-    assert all("probe_prompts" in state for state in checkpoint.load(tmp_path / "killed").clients.values())
+    assert all("probe_inputs.prompts" in state for state in checkpoint.load(tmp_path / "killed").clients.values())
     monkeypatch.setattr(Client, "run_round", original)
+    with pytest.raises(ConfigError, match="closes with its last 1 rounds .* resume it with --rounds 3"):
+        quiet(base.replace(rounds=4, out=str(tmp_path / "killed")), resume=True)  # would move the refit round
     quiet(base.replace(out=str(tmp_path / "killed")), resume=True)
     assert_same(outcome(tmp_path / "straight"), outcome(tmp_path / "killed"))
 

@@ -175,7 +175,8 @@ def witness(fed: Federation, global_params: torch.nn.Module, kept: dict | None, 
     """Run the victim's round for real and record what the server receives."""
     client = _witnessed_client(fed, victim)
     if kept is not None:  # what it kept from the run, but its probe statistics: the audit attacks the send behind them
-        client.load_state_dict({name: t for name, t in kept.items() if not name.startswith("probe")})
+        client.load_state_dict({name: t for name, t in kept.items()
+                                if not name.startswith(("probe.", "probe_inputs."))})
     server = BodyServer(fed.model, fed.meter, fed.device)
     link = _Wiretap(server, fed.meter, fed.device)
     upload = client_round(link, client, fed.method, global_params, client_seed(fed.config.seed, 1, victim))

@@ -161,7 +161,7 @@ class Client:
         self.noise_seed = private_seed if noise_seed is None else noise_seed
         self.seed = seed
         self.probe: dict[str, torch.Tensor] | None = None  # linear-probe's statistics of its features, once sent
-        self.probe_prompts: torch.Tensor | None = None  # the prompts they were taken with
+        self.probe_inputs: dict[str, torch.Tensor] | None = None  # the params they were taken with
 
     @functools.cached_property
     def local_head(self) -> LocalHead:
@@ -179,17 +179,17 @@ class Client:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What the client keeps between rounds, privately: its local classifier (`local_head.*`) and its
-        linear-probe statistics (`probe.*`) with the prompts they were taken with (`probe_prompts`), each once it
-        exists."""
+        linear-probe statistics (`probe.*`) with the params they were taken with (`probe_inputs.*`), each once
+        it exists."""
         state = {f"local_head.{name}": t for name, t in self.local_head.state_dict().items()} \
             if "local_head" in self.__dict__ else {}
-        prompts = {"probe_prompts": self.probe_prompts} if self.probe_prompts is not None else {}
-        return state | {f"probe.{name}": t for name, t in (self.probe or {}).items()} | prompts
+        inputs = {f"probe_inputs.{name}": t for name, t in (self.probe_inputs or {}).items()}
+        return state | {f"probe.{name}": t for name, t in (self.probe or {}).items()} | inputs
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `state_dict` returned (a state saved before the probe existed holds the local
-        classifier alone, its keys without the prefix; one saved before refit rounds, statistics without their
-        prompts: those of a run that never changed them)."""
+        classifier alone, its keys without the prefix; one saved before refit rounds, statistics without the
+        params they were taken with: those of a run that never changed them)."""
         if state and not any(key.startswith(("local_head.", "probe.")) for key in state):
             state = {f"local_head.{name}": t for name, t in state.items()}
         head = {key.removeprefix("local_head."): t for key, t in state.items() if key.startswith("local_head.")}
@@ -197,7 +197,9 @@ class Client:
             self.local_head.load_state_dict(head)
         probe = {key.removeprefix("probe."): t.to(self.device) for key, t in state.items() if key.startswith("probe.")}
         self.probe = probe or None
-        self.probe_prompts = state["probe_prompts"].to(self.device) if "probe_prompts" in state else None
+        inputs = {key.removeprefix("probe_inputs."): t.to(self.device) for key, t in state.items()
+                  if key.startswith("probe_inputs.")}
+        self.probe_inputs = inputs or None
 
     @functools.cached_property
     def label_draws(self) -> torch.Tensor:
@@ -319,12 +321,12 @@ class Client:
         return size_band(self.num_examples, self.settings.mean_samples)
 
     # linear-probe: every sample through the frozen body once (the first round the client is sampled with these
-    # prompts: again in a refit round, after split training moved them), kept as the statistics of the tail's
-    # features (`probe`); no gradient crosses the link.
+    # prompts and tail norms: again in a refit round, after split training moved them), kept as the statistics of
+    # the tail's features (`probe`); no gradient crosses the link.
     @torch.no_grad()
     def probe_statistics(self, ctx: RoundContext) -> dict[str, torch.Tensor]:
-        prompts = ctx.params.prompts.detach()
-        if self.probe is not None and (self.probe_prompts is None or torch.equal(self.probe_prompts, prompts)):
+        inputs = _feature_inputs(ctx.params)
+        if self.probe is not None and (self.probe_inputs is None or _equal(inputs, self.probe_inputs)):
             return self.probe
         ctx.phase = "probe"
         running = RunningStatistics(self.model.num_classes)
@@ -333,10 +335,10 @@ class Client:
                 tokens = self.model.send(images, ctx.params.prompts, ctx.private)  # (B, L, D)
             rows = self._body_rows(ctx, "features", tokens)
             with self.meter.work(CLIENT, "probe", ctx.memory):
-                running.add(ctx.params.tail.features(rows), labels)  # the frozen final norm and pooling
+                running.add(ctx.params.tail.features(rows), labels)  # the tail's final norm and pooling
         with self.meter.work(CLIENT, "probe", ctx.memory):
             self.probe = running.averages()
-        self.probe_prompts = prompts.clone()
+        self.probe_inputs = {name: t.clone() for name, t in inputs.items()}
         return self.probe
 
     # Split training on the chosen samples: activations (and, with backprop, gradients) cross the link each batch.
@@ -487,6 +489,16 @@ class Client:
             batch = [tensor.to(self.device) for tensor in batch]
             ctx.memory.hold(*batch[:2])  # images and labels (positions are the loader's own bookkeeping)
             yield batch
+
+
+def _feature_inputs(params: nn.Module) -> dict[str, torch.Tensor]:
+    """What a probe's features depend on beside the images: the prompts, and the tail but its classifier."""
+    tail = {f"tail.{name}": t for name, t in params.tail.state_dict().items() if not name.startswith("head.")}
+    return {"prompts": params.prompts.detach(), **tail}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(t, b[name]) for name, t in a.items())
 
 
 class _Positioned(Dataset):

@@ -121,9 +121,10 @@ def _compare_one(base: Config, names: list[str], target: float | None, run: Call
     for name, config in configs.items():
         run(config)
         rows.append(tabulate(name, Path(config.out), target))
-        rows[-1]["options"] = {key: value for key, value in config.to_dict().items()  # a run without probe rounds
-                               if value != getattr(base, key) and key not in ("method", "out")  # asks no probe clients
-                               and not (key == "probe_clients" and not config.probe_rounds)}
+        # (a run without probe rounds asks no probe clients: its --probe-clients is not one of its differences)
+        rows[-1]["options"] = {key: value for key, value in config.to_dict().items()
+                               if value != getattr(base, key) and key not in ("method", "out")
+                               and not (key == "probe_clients" and not config.has_probe_rounds)}
     add_ratios(rows)
     return rows
 

@@ -245,7 +245,7 @@ class Config:
         if not self.clients_per_round <= self.probe_clients <= self.clients:
             raise ConfigError(f"--probe-clients must be between --clients-per-round ({self.clients_per_round}) and "
                               f"--clients ({self.clients}), got {self.probe_clients}")
-        if self.probe_clients != self.clients_per_round and not self.probe_rounds + self.refit_rounds:
+        if self.probe_clients != self.clients_per_round and not self.has_probe_rounds:
             raise ConfigError(f"--probe-clients sets how many clients a probe round asks, and this run has none "
                               f"(--method {self.method} with --probe-rounds 0 and --refit-rounds 0)")
         if not 1 <= self.min_clients <= self.clients_per_round:
@@ -330,11 +330,11 @@ class Config:
                               "change")
         if self.upload_epsilon is None:
             return
-        if self.method == "linear-probe" or self.probe_rounds:
+        if self.method == "linear-probe" or self.has_probe_rounds:
             raise ConfigError("--upload-epsilon clips and noises a client's change of the broadcast state (Flower's "
                               "LocalDpMod); a linear probe's round uploads statistics of its features instead, which "
                               "it does not cover: " + ("use another method" if self.method == "linear-probe" else
-                                                       "set --probe-rounds 0"))
+                                                       "set --probe-rounds 0 and --refit-rounds 0"))
 
     def _check_forward_only(self) -> None:
         if self.directions < 1:
@@ -393,6 +393,11 @@ class Config:
                               "holds only where the split does not change the function the model computes; pooling "
                               "(--pool-tokens) and clipping (--clip-norm) act where the head ends, so they change it")
 
+    @property
+    def has_probe_rounds(self) -> bool:
+        """Whether the run opens (--probe-rounds) or closes (--refit-rounds) with rounds of a linear probe."""
+        return self.probe_rounds + self.refit_rounds > 0
+
     def is_probe_round(self, round_: int) -> bool:
         """Whether round `round_` (from 1) is a linear probe's: one of the --probe-rounds that open the run or the
         --refit-rounds that close it."""
@@ -401,7 +406,7 @@ class Config:
     @property
     def most_clients_a_round(self) -> int:
         """The most clients any round asks: a probe round's --probe-clients, else --clients-per-round."""
-        return self.probe_clients if self.probe_rounds + self.refit_rounds else self.clients_per_round
+        return self.probe_clients if self.has_probe_rounds else self.clients_per_round
 
     @property
     def budgets(self) -> tuple[float, ...] | None:
@@ -506,13 +511,14 @@ WARM_LR = 3e-4  # fine-tuning from a fitted tail: recipe.sh's grid on validation
 # (the paper's, and what benchmarks/tune.py chose for the baselines). An option left unset takes its default, in
 # this order; `Config` then holds the value taken, and `given` leaves it unset (so another method takes its own).
 DERIVED_DEFAULTS: dict[str, DerivedDefault] = {
-    "probe_rounds": DerivedDefault(lambda c: 1 if c.method == "sfprompt" and c.rounds > 1 else 0,
-                                   "1 for sfprompt (0 in a one-round run), else 0"),
+    "probe_rounds": DerivedDefault(lambda c: 1 if c.method == "sfprompt" and c.rounds > 1 + c.refit_rounds else 0,
+                                   "1 for sfprompt (0 where no round would be left to its own), else 0"),
     # every client: the tail fitted on every client's statistics, whatever the skew (docs/benchmarks/recipe.md)
-    "probe_clients": DerivedDefault(lambda c: c.clients if c.probe_rounds + c.refit_rounds else c.clients_per_round,
+    "probe_clients": DerivedDefault(lambda c: c.clients if c.has_probe_rounds else c.clients_per_round,
                                     "--clients with probe rounds (every client), else --clients-per-round"),
-    "lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01, "0.0003 after probe rounds, else 0.01"),
-    "prompt_lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01, "0.0003 after probe rounds, else 0.01"),
+    "lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01, "0.0003 after opening probe rounds, else 0.01"),
+    "prompt_lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01,
+                                "0.0003 after opening probe rounds, else 0.01"),
 }
 
 

@@ -2,7 +2,7 @@
 statistics the clients report, with no training loop.
 
 Each client sends its images through the frozen body once (`Client.probe_statistics`), turns the rows
-the body returns into the tail's features (its frozen final norm and pooling), and keeps three
+the body returns into the tail's features (its final norm and pooling, frozen in the probe), and keeps three
 averages over its samples: how often each class occurs, the per-class feature sums, and the feature
 second moment. Averaged over clients weighted by their sample counts (FedAvg), these are exactly the
 averages over all their samples, so the server's classifier is the one a central fit on the same
@@ -108,8 +108,8 @@ def oas_shrunk(covariance: torch.Tensor, samples: float) -> torch.Tensor:
 class ProbeParams(nn.Module):
     """A probe's global state: the prompts the features are taken with (frozen; none for linear-probe, which
     reads the pre-trained model's own tokens; the initial ones when a probe round opens a prompt method's
-    run), the tail (frozen final norm and pooling, then the fitted classifier), and the statistics it was
-    fitted on, with how many samples they average over."""
+    run, the trained ones when a refit round closes it), the tail (final norm and pooling, frozen here, then the
+    fitted classifier), and the statistics it was fitted on, with how many samples they average over."""
 
     def __init__(self, prompts: torch.Tensor, tail: nn.Module, num_classes: int, width: int) -> None:
         super().__init__()
@@ -132,7 +132,7 @@ class ProbeParams(nn.Module):
 def accumulate(current: dict[str, torch.Tensor], uploads: list[dict[str, torch.Tensor]],
                weights: list[int]) -> dict[str, torch.Tensor]:
     """The next global state: the statistics so far and the uploads' averaged, each weighted by its
-    samples, and the classifier fitted on them (the tail's norm stays the pre-trained one)."""
+    samples, and the classifier fitted on them (the tail's norm stays as it was broadcast)."""
     seen = float(current[SAMPLES])
     pick = lambda state: {name: state[name] for name in STATISTICS}  # noqa: E731
     statistics = fedavg([pick(current), *map(pick, uploads)], [seen, *weights])

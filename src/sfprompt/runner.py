@@ -132,7 +132,7 @@ def _rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], star
     config, method = fed.config, fed.method
     with open(out / "metrics.jsonl", "a") as metrics_file:
         for round_ in range(len(history) + 1, config.rounds + 1):
-            stage = method.stage(round_, config)  # the method, or the probe rounds it opens with
+            stage = method.stage(round_, config)  # the method, or the probe rounds it opens or closes with
             if _stage_changes(method, round_, config):
                 global_params = stage.carry(fed.model, global_params)
             sampled = _sampled(sampler, config, round_)
@@ -170,12 +170,12 @@ def _rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], star
 
 def play_rounds(fed: Federation, executor: Runtime, log: Callable[[str], None],
                 last: int | None = None) -> torch.nn.Module:
-    """The global params after round `last` (by default the probe rounds the method opens with; 0: none), played as
+    """The global params after round `last` (by default the probe rounds the run opens with; 0: none), played as
     `run` plays them (the same clients sampled, the same seeds, the same carry between stages), carried into the
     stage of the round after it: those the next round starts from."""
     config, method = fed.config, fed.method
     if last is None:
-        last = next((r for r in range(2, config.rounds + 1) if _stage_changes(method, r, config)), 1) - 1
+        last = config.probe_rounds
     global_params = method.stage(1, config).new_params(fed.model).to(fed.device)
     sampler = np.random.default_rng(config.seed)
     aggregator = configured_aggregator(config)
@@ -213,9 +213,9 @@ def _sampled(sampler: np.random.Generator, config: Config, round_: int) -> list[
 
 def _round(fed: Federation, method: Method, executor: Runtime, round_: int, sampled: list[int],
            global_params: torch.nn.Module, aggregator: FedAvg, log: Callable[[str], None]) -> dict:
-    """One round of `method` (the run's, or a stage it opens with): the sampled clients train, their valid
-    uploads are aggregated into `global_params` (in place, by `aggregator`), and the result is evaluated; returns
-    the round's metrics record."""
+    """One round of `method` (the run's, or a probe stage it opens or closes with): the sampled clients train,
+    their valid uploads are aggregated into `global_params` (in place, by `aggregator`), and the result is
+    evaluated; returns the round's metrics record."""
     config = fed.config
     started = time.perf_counter()
     if method.sequential:  # each client starts from the previous one's (validated) result, no averaging
@@ -245,7 +245,7 @@ def _round(fed: Federation, method: Method, executor: Runtime, round_: int, samp
         client_accuracy = held_out_accuracy(fed, method, global_params)
     return {
         "round": round_,
-        "stage": method.name,  # the run's method, or linear-probe in the rounds it opens with
+        "stage": method.name,  # the run's method, or linear-probe in the rounds it opens or closes with
         "accuracy": accuracy,
         "loss": loss,
         "train_loss": weighted_mean([u.meta["train_loss"] for u in updates], weights),
@@ -325,6 +325,9 @@ def _restore(fed: Federation, sampler: np.random.Generator, out: Path,
                           f"a resumed run may only change {', '.join('--' + k for k in RESUMABLE_CHANGES)}")
     if state.round > fed.config.rounds:
         raise ConfigError(f"{out} already completed {state.round} rounds; pass --rounds {state.round} or more")
+    if saved["refit_rounds"] and saved["rounds"] != fed.config.rounds:
+        raise ConfigError(f"{out} closes with its last {saved['refit_rounds']} rounds (--refit-rounds): another "
+                          f"--rounds would move them; resume it with --rounds {saved['rounds']}, or start a new run")
     global_params = fed.method.stage(state.round, fed.config).new_params(fed.model).to(fed.device)
     global_params.load_state_dict(state.params)
     for cid, kept in state.clients.items():

@@ -192,7 +192,7 @@ def train(msg: Message, context: Context) -> Message:
     start, kept = state.client_state(run_key, round_)
     if kept is not None:
         client.load_state_dict(kept)
-    method = side.method.stage(round_, config)  # the run's method, or the probe rounds it opens with
+    method = side.method.stage(round_, config)  # the run's method, or the probe rounds it opens or closes with
     root = task["body-root-certificate"] or None
     try:
         with ChannelLink(task["body-address"], task["body-token"], meter, side.device,

@@ -69,7 +69,7 @@ class FlowerRuntime:
 
     def train(self, round_: int, cids: list[int], global_params) -> tuple[list[Payload], list[dict]]:
         fed = self.fed
-        method = fed.method.stage(round_, fed.config)  # the run's method, or the probe rounds it opens with
+        method = fed.method.stage(round_, fed.config)  # the run's method, or a probe round opening or closing it
         shared = method.broadcast(global_params.state_dict())
         size = encoded_size(Payload("global", shared))  # counted as the in-process runtime counts the broadcast
         tasks = {}

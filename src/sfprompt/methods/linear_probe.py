@@ -1,7 +1,8 @@
 """The federated linear probe: every client sends its images through the frozen body once, the first round
 it is sampled, and reports statistics of the features (`probe`); the server fits the classifier on them in
 closed form. No gradient and no label-dependent message per sample. As a method it has no prompts; as the
-rounds that open a prompt method's run (`--probe-rounds`), it takes the features with the initial prompts."""
+rounds that open a prompt method's run (`--probe-rounds`), it takes the features with the initial prompts, and
+as those that close it (`--refit-rounds`), with the trained ones."""
 
 from ..probe import SAMPLES, STATISTICS, ProbeParams, accumulate
 from .base import Method
