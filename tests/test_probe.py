@@ -154,7 +154,8 @@ def central_fit(fed, prompts, tail_state):
         images = torch.stack([image for image, _ in fed.train])
         labels = torch.tensor([label for _, label in fed.train])
         tail = fed.model.new_params().tail
-        tail.load_state_dict({name.removeprefix("tail."): t for name, t in tail_state.items() if name.startswith("tail.")})
+        tail.load_state_dict({name.removeprefix("tail."): t for name, t in tail_state.items()
+                              if name.startswith("tail.")})
         rows = fed.model.body(fed.model.head(images, prompts))[:, fed.model.layout.tail_rows]
         return fit_classifier(feature_statistics(tail.features(rows), labels, fed.model.num_classes), len(labels))[0]
 
@@ -167,7 +168,7 @@ def test_a_refit_round_closes_the_run_with_the_fit_on_the_trained_prompts_featur
     history = records(tmp_path / "run")
     assert [r["stage"] for r in history] == ["linear-probe", "sfprompt", "linear-probe"]
     assert len(history[2]["clients"]) == 3 and "up/probe" in history[2]["bytes_by_phase"]  # every client, again
-    before, after = load_file(tmp_path / "before" / "global.safetensors"), load_file(tmp_path / "run" / "global.safetensors")
+    before, after = (load_file(tmp_path / folder / "global.safetensors") for folder in ("before", "run"))
     assert torch.equal(before["prompts"], after["prompts"])  # the refit moves the classifier alone
     fed = prepare(config)
     refit = central_fit(fed, after["prompts"], after)  # every client's features with the trained prompts and norms

@@ -13,7 +13,7 @@ from sfprompt.client import Client
 from sfprompt.config import Config, ConfigError
 from sfprompt.runner import run
 
-from conftest import write_imagefolder
+from test_probe import ambiguous_folder
 from test_runner import tiny_config
 
 
@@ -65,10 +65,9 @@ def test_killed_and_extended_runs_end_where_an_uninterrupted_run_does(imagefolde
 
 
 def test_a_run_killed_before_its_refit_round_resumes_to_the_fit_on_the_trained_prompts(tmp_path, monkeypatch):
-    """The clients' probe statistics are checkpointed with the prompts they were taken with: resumed, a refit round
+    """The clients' probe statistics are checkpointed with the params they were taken with: resumed, a refit round
     takes its features afresh rather than reuse those of the opening probe round."""
-    ambiguous = write_imagefolder(tmp_path / "ambiguous", classes=8, train_per_class=4, test_per_class=2, gray=True)
-    base = tiny_config(ambiguous, tmp_path, rounds=3, probe_rounds=1, refit_rounds=1)  # prompts that move
+    base = tiny_config(ambiguous_folder(tmp_path), tmp_path, rounds=3, probe_rounds=1, refit_rounds=1)  # they move
     quiet(base.replace(out=str(tmp_path / "straight")))
     calls, original = [], Client.run_round
 

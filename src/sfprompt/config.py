@@ -152,8 +152,8 @@ class Config:
     )
     refit_rounds: int = _opt(
         0, "rounds that close a run of sfprompt, sfl or sl as a linear probe on the trained prompts: the asked "
-        "clients send their samples' features once more, with the global prompts, and the server fits the tail on "
-        "them in closed form afresh"
+        "clients send their samples' features once more, with the global prompts, and the server fits the tail's "
+        "classifier on them in closed form afresh"
     )
     probe_clients: Optional[int] = _opt(
         None, "clients each probe round asks, from --clients-per-round to --clients: the round's draw, and others "
