@@ -18,7 +18,7 @@
 # recipe was first measured) and in int8 (-int8: --wire-dtype int8, the shared rows once); the -float32 and -int8
 # probe rows the probe in those formats. default-prompts-50-refit trains the 50 prompts at 0.01 and closes the run
 # with a refit round (--refit-rounds 1: every client sends its features once more, with the trained prompts, and the
-# tail is fitted on them afresh).
+# classifier is fitted on them afresh); default-refit the same with the default's 10 prompts.
 # With TUNE=1 it runs instead the grid of
 # learning rates (tail and prompts alike) for the warm start on the default job, seed 0, each run evaluated on
 # 500 validation samples held out of the clients' data (the test set unread), into OUT/tune, and writes
@@ -35,7 +35,7 @@ OUT=${OUT:-results/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
 ROWS=${ROWS:-linear-probe paper default default-prompts-50 default-probe-5 linear-probe-float32 default-probe-5-float32
-  linear-probe-int8 default-probe-5-int8 default-probe-5-prompts-50 default-prompts-50-refit}
+  linear-probe-int8 default-probe-5-int8 default-probe-5-prompts-50 default-prompts-50-refit default-refit}
 WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md): the default
 FLOAT32="--wire-dtype float32 --shared-rows per-sample"  # the paper's wire format
 PROBE_5="--probe-clients 5"  # the probe round asks round 1's draw of 5, as the default did until it asked all 10
@@ -66,6 +66,7 @@ options() {  # the options of one row
     default-probe-5-prompts-50) echo "--method sfprompt $PROBE_5 --prompt-tokens 50" ;;
     # the prompts at 0.01 (central.sh's rate), the tail refitted on their features in a closing probe round
     default-prompts-50-refit) echo "--method sfprompt --prompt-tokens 50 --refit-rounds 1 --prompt-lr 0.01" ;;
+    default-refit) echo "--method sfprompt --refit-rounds 1 --prompt-lr 0.01" ;;  # the same with the default's 10
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
@@ -142,7 +143,8 @@ DOC=${DOC:-docs/benchmarks/recipe.md}
   echo "docs/benchmarks/central.md); the default-probe-5 rows are the default as it was until its probe round asked every"
   echo "client (\`$PROBE_5\`: round 1's draw), alone and with 50 prompts; the -float32 rows are the probe and that"
   echo "default in the paper's wire format (every row with every sample), the -int8 rows with \`--wire-dtype int8\`;"
-  echo "default-prompts-50-refit trains the 50 prompts at 0.01 and closes with a refit round (\`--refit-rounds 1\`)."
+  echo "default-prompts-50-refit trains the 50 prompts at 0.01 and closes with a refit round (\`--refit-rounds 1\`),"
+  echo "default-refit the same with the default's 10 prompts."
   grid_tables
 } > "$DOC"
 cat "$DOC"
