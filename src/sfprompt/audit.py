@@ -43,7 +43,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from tqdm.auto import tqdm
 
 from . import attacks, checkpoint, trajectory
-from .client import Client
+from .client import PROBE_STATE, Client
 from .codec import Message, encode
 from .config import Config, ConfigError
 from .data import Transformed, stratified_subset
@@ -175,8 +175,7 @@ def witness(fed: Federation, global_params: torch.nn.Module, kept: dict | None, 
     """Run the victim's round for real and record what the server receives."""
     client = _witnessed_client(fed, victim)
     if kept is not None:  # what it kept from the run, but its probe statistics: the audit attacks the send behind them
-        client.load_state_dict({name: t for name, t in kept.items()
-                                if not name.startswith(("probe.", "probe_inputs."))})
+        client.load_state_dict({name: t for name, t in kept.items() if not name.startswith(PROBE_STATE)})
     server = BodyServer(fed.model, fed.meter, fed.device)
     link = _Wiretap(server, fed.meter, fed.device)
     upload = client_round(link, client, fed.method, global_params, client_seed(fed.config.seed, 1, victim))

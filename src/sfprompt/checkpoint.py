@@ -44,12 +44,12 @@ class RunState:
 
 
 def save(folder: Path, state: RunState) -> None:
-    tensors = {"rng.torch": state.torch_rng, **_prefixed("params.", state.params)}
+    tensors = {"rng.torch": state.torch_rng, **prefixed("params.", state.params)}
     for cid, kept in state.clients.items():
-        tensors |= _prefixed(f"client.{cid}.", kept)
+        tensors |= prefixed(f"client.{cid}.", kept)
     if state.body is not None:
-        tensors |= _prefixed("body.", state.body)
-    tensors |= _prefixed("aggregator.", state.aggregator)
+        tensors |= prefixed("body.", state.body)
+    tensors |= prefixed("aggregator.", state.aggregator)
     meta = {"round": state.round, "config": state.config, "history": state.history, "sampler": state.sampler}
     payload = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={_META: json.dumps(meta)})
     write_atomically(folder / FILE, payload)
@@ -89,14 +89,16 @@ def load(folder: Path) -> RunState:
             if key.startswith(prefix):
                 cid, name = key[len(prefix):].split(".", 1)
                 clients.setdefault(int(cid), {})[kept + name] = value
-    body = _unprefixed("body.", tensors)
-    return RunState(round_, config, history, sampler, tensors["rng.torch"], _unprefixed("params.", tensors),
-                    clients, body or None, _unprefixed("aggregator.", tensors))
+    body = unprefixed("body.", tensors)
+    return RunState(round_, config, history, sampler, tensors["rng.torch"], unprefixed("params.", tensors),
+                    clients, body or None, unprefixed("aggregator.", tensors))
 
 
-def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each name after `prefix` (one state among others in a flat file)."""
     return {prefix + name: value for name, value in state.items()}
 
 
-def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors named with `prefix`, without it: what `prefixed` put there."""
     return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}

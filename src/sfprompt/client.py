@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import zeroth_order
+from .checkpoint import prefixed, unprefixed
 from .codec import Message, ProtocolError
 from .config import ConfigError
 from .defence import private_upload
@@ -61,6 +62,9 @@ class RoundPlan(Protocol):
     def client_holds(self, model: SplitViT) -> tuple[nn.Module, ...]: ...
 
     def client_round(self, client: "Client", ctx: RoundContext) -> dict: ...
+
+
+PROBE_STATE = ("probe.", "probe_inputs.")  # in a client's state: its probe statistics and what they were taken with
 
 
 class ClientFailure(RuntimeError):
@@ -181,25 +185,20 @@ class Client:
         """What the client keeps between rounds, privately: its local classifier (`local_head.*`) and its
         linear-probe statistics (`probe.*`) with the params they were taken with (`probe_inputs.*`), each once
         it exists."""
-        state = {f"local_head.{name}": t for name, t in self.local_head.state_dict().items()} \
-            if "local_head" in self.__dict__ else {}
-        inputs = {f"probe_inputs.{name}": t for name, t in (self.probe_inputs or {}).items()}
-        return state | {f"probe.{name}": t for name, t in (self.probe or {}).items()} | inputs
+        state = prefixed("local_head.", self.local_head.state_dict()) if "local_head" in self.__dict__ else {}
+        return state | prefixed("probe.", self.probe or {}) | prefixed("probe_inputs.", self.probe_inputs or {})
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `state_dict` returned (a state saved before the probe existed holds the local
         classifier alone, its keys without the prefix; one saved before refit rounds, statistics without the
         params they were taken with: those of a run that never changed them)."""
         if state and not any(key.startswith(("local_head.", "probe.")) for key in state):
-            state = {f"local_head.{name}": t for name, t in state.items()}
-        head = {key.removeprefix("local_head."): t for key, t in state.items() if key.startswith("local_head.")}
+            state = prefixed("local_head.", state)
+        head = unprefixed("local_head.", state)
         if head:
             self.local_head.load_state_dict(head)
-        probe = {key.removeprefix("probe."): t.to(self.device) for key, t in state.items() if key.startswith("probe.")}
-        self.probe = probe or None
-        inputs = {key.removeprefix("probe_inputs."): t.to(self.device) for key, t in state.items()
-                  if key.startswith("probe_inputs.")}
-        self.probe_inputs = inputs or None
+        self.probe = {name: t.to(self.device) for name, t in unprefixed("probe.", state).items()} or None
+        self.probe_inputs = {name: t.to(self.device) for name, t in unprefixed("probe_inputs.", state).items()} or None
 
     @functools.cached_property
     def label_draws(self) -> torch.Tensor:
