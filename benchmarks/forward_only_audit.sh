@@ -2,9 +2,9 @@
 # What forward-only prompt updates still tell a curious server about the labels, on the headline setting (the
 # default job with 50 prompts: mnist-5k, ViT-S/14 at 56 px, 10 clients, 5 a round, IID), against backprop's
 # gradients, and with randomized-response labels (--label-epsilon): for each row and seed, `sfprompt audit`, which
-# plays the probe round that opens the default recipe (here of round 1's 5 clients, --probe-clients 5, as the
-# default's was when these audits ran; it asks all 10 now) and attacks client 0's first round of prompt updates
-# after it (the probe-fitted tail, the initial prompts); then docs/benchmarks/forward-only-audit.md. The audit's image
+# plays the probe round that opens the default recipe (here of round 1's 5 clients, --probe-clients 5, and with no
+# refit round, --refit-rounds 0, so the prompts at the tail's rate, as the default was when these audits ran) and
+# attacks client 0's first round of prompt updates after it (the probe-fitted tail, the initial prompts); then docs/benchmarks/forward-only-audit.md. The audit's image
 # attacks run at a reduced size (AUDIT_SIZE): forward-only sends the same activations as backprop, attacked in
 # docs/privacy.md.
 #
@@ -42,14 +42,14 @@ for seed in $SEEDS; do
     echo "$audit ..."
     mkdir -p "$OUT/$row"
     # shellcheck disable=SC2046  # the options are words
-    sfprompt audit --prompt-tokens 50 --probe-clients 5 $(options "$row") --seed "$seed" --no-progress "${size[@]}" "${audit_size[@]}" \
+    sfprompt audit --prompt-tokens 50 --probe-clients 5 --refit-rounds 0 $(options "$row") --seed "$seed" --no-progress "${size[@]}" "${audit_size[@]}" \
       --out "$audit" > "$audit.log" 2>&1 || { echo "$audit failed: see $audit.log" >&2; exit 1; }
   done
 done
 {
   echo "$(command_header forward_only_audit) The headline setting (\`--prompt-tokens 50\`), client 0's first round of"
-  echo "prompt updates after a probe round of round 1's 5 clients (\`--probe-clients 5\`), attacked by \`sfprompt audit\`;"
-  echo "each figure the share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
+  echo "prompt updates after a probe round of round 1's 5 clients (\`--probe-clients 5\`; the prompts at the tail's rate,"
+  echo "\`--refit-rounds 0\`), attacked by \`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
   echo "the seeds (each its own partition, prompts and client 0)."
   echo
   python benchmarks/forward_only_audit_table.py "$OUT" $ROWS

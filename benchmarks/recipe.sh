@@ -11,14 +11,15 @@
 # Rows: the federated linear probe (`--method linear-probe`), the paper's recipe (no probe round, Adam at 0.01 for
 # prompts and tail, the paper's float32 wire format: --recipe paper), and SFPrompt's default (`sfprompt run` with
 # no options: a first round in which every client sends its samples' features on the initial prompts once and the
-# server fits the tail in closed form, then SFPrompt's rounds at the learning rate TUNE chose, float32 on the wire
-# with the shared rows once); default-prompts-50 the default with 50 prompts. The default-probe-5 rows are the
-# default as it was before its probe round asked every client (--probe-clients 5: round 1's draw), alone, with 50
-# prompts, in the paper's wire format (-float32: --wire-dtype float32 --shared-rows per-sample, as the default
-# recipe was first measured) and in int8 (-int8: --wire-dtype int8, the shared rows once); the -float32 and -int8
-# probe rows the probe in those formats. default-prompts-50-refit trains the 50 prompts at 0.01 and closes the run
-# with a refit round (--refit-rounds 1: every client sends its features once more, with the trained prompts, and the
-# classifier is fitted on them afresh); default-refit the same with the default's 10 prompts.
+# server fits the tail in closed form, then SFPrompt's rounds with the tail at the learning rate TUNE chose and the
+# prompts at 0.01, then a refit round in which every client sends its features once more, with the trained prompts,
+# and the classifier is fitted on them afresh; float32 on the wire with the shared rows once); default-prompts-50
+# the default with 50 prompts. The default-no-refit rows are the default as it was before it closed with a refit
+# round (--refit-rounds 0, which trains the prompts at the tail's rate), alone and with 50 prompts; the
+# default-probe-5 rows that as it was before its probe round asked every client (--probe-clients 5: round 1's
+# draw), alone, with 50 prompts, in the paper's wire format (-float32: --wire-dtype float32 --shared-rows
+# per-sample, as the default recipe was first measured) and in int8 (-int8: --wire-dtype int8, the shared rows
+# once); the -float32 and -int8 probe rows the probe in those formats.
 # With TUNE=1 it runs instead the grid of
 # learning rates (tail and prompts alike) for the warm start on the default job, seed 0, each run evaluated on
 # 500 validation samples held out of the clients' data (the test set unread), into OUT/tune, and writes
@@ -34,11 +35,12 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
-ROWS=${ROWS:-linear-probe paper default default-prompts-50 default-probe-5 linear-probe-float32 default-probe-5-float32
-  linear-probe-int8 default-probe-5-int8 default-probe-5-prompts-50 default-prompts-50-refit default-refit}
+ROWS=${ROWS:-linear-probe paper default default-prompts-50 default-no-refit default-no-refit-prompts-50 default-probe-5
+  linear-probe-float32 default-probe-5-float32 linear-probe-int8 default-probe-5-int8 default-probe-5-prompts-50}
 WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md): the default
 FLOAT32="--wire-dtype float32 --shared-rows per-sample"  # the paper's wire format
-PROBE_5="--probe-clients 5"  # the probe round asks round 1's draw of 5, as the default did until it asked all 10
+NO_REFIT="--refit-rounds 0"  # no closing refit round, the prompts at WARM_LR: the default until it had one
+PROBE_5="--probe-clients 5 $NO_REFIT"  # and the probe round asks round 1's draw of 5, the default until it asked all 10
 read -r -a size <<< "${SIZE:-}"
 
 setting() {  # the data, partition and rounds of a setting
@@ -56,17 +58,18 @@ options() {  # the options of one row
   case "$1" in
     linear-probe) echo "--method linear-probe" ;;
     paper) echo "--recipe paper" ;;
-    default) echo "--method sfprompt" ;;  # the defaults: a probe round of every client, then SFPrompt at WARM_LR
+    # the defaults: a probe round of every client, SFPrompt's rounds (the tail at WARM_LR, the prompts at 0.01), a
+    # closing refit round of every client
+    default) echo "--method sfprompt" ;;
     default-prompts-50) echo "--method sfprompt --prompt-tokens 50" ;;  # central.sh's best setting for prompts
+    default-no-refit) echo "--method sfprompt $NO_REFIT" ;;
+    default-no-refit-prompts-50) echo "--method sfprompt --prompt-tokens 50 $NO_REFIT" ;;
     default-probe-5) echo "--method sfprompt $PROBE_5" ;;
     linear-probe-float32) echo "--method linear-probe $FLOAT32" ;;
     default-probe-5-float32) echo "--method sfprompt $PROBE_5 $FLOAT32" ;;
     linear-probe-int8) echo "--method linear-probe --wire-dtype int8" ;;
     default-probe-5-int8) echo "--method sfprompt $PROBE_5 --wire-dtype int8" ;;
     default-probe-5-prompts-50) echo "--method sfprompt $PROBE_5 --prompt-tokens 50" ;;
-    # the prompts at 0.01 (central.sh's rate), the tail refitted on their features in a closing probe round
-    default-prompts-50-refit) echo "--method sfprompt --prompt-tokens 50 --refit-rounds 1 --prompt-lr 0.01" ;;
-    default-refit) echo "--method sfprompt --refit-rounds 1 --prompt-lr 0.01" ;;  # the same with the default's 10
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
@@ -138,13 +141,13 @@ if [ -z "${TABLE_ONLY:-}" ]; then run_grid; fi
 DOC=${DOC:-docs/benchmarks/recipe.md}
 {
   echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds. Rows: linear-probe is"
-  echo "\`--method linear-probe\`, default \`sfprompt run\` with no options (its probe round asks all 10 clients), paper"
-  echo "\`--recipe paper\`, default-prompts-50 the default with 50 prompts (the headline setting's,"
-  echo "docs/benchmarks/central.md); the default-probe-5 rows are the default as it was until its probe round asked every"
-  echo "client (\`$PROBE_5\`: round 1's draw), alone and with 50 prompts; the -float32 rows are the probe and that"
-  echo "default in the paper's wire format (every row with every sample), the -int8 rows with \`--wire-dtype int8\`;"
-  echo "default-prompts-50-refit trains the 50 prompts at 0.01 and closes with a refit round (\`--refit-rounds 1\`),"
-  echo "default-refit the same with the default's 10 prompts."
+  echo "\`--method linear-probe\`, default \`sfprompt run\` with no options (a probe round of all 10 clients, SFPrompt's"
+  echo "rounds, a refit round of all 10), paper \`--recipe paper\`, default-prompts-50 the default with 50 prompts (the"
+  echo "headline setting's, docs/benchmarks/central.md); the default-no-refit rows are the default as it was until it"
+  echo "closed with a refit round (\`$NO_REFIT\`: the prompts at the tail's rate), alone and with 50 prompts; the"
+  echo "default-probe-5 rows that as it was until its probe round asked every client (\`$PROBE_5\`: round 1's"
+  echo "draw), alone and with 50 prompts; the -float32 rows are the probe and that default in the paper's wire format"
+  echo "(every row with every sample), the -int8 rows with \`--wire-dtype int8\`."
   grid_tables
 } > "$DOC"
 cat "$DOC"

@@ -128,7 +128,7 @@ def test_a_probe_round_asks_probe_clients_and_the_later_rounds_draw_as_without_t
     clients = {}
     for asked in (2, 4):
         config = tiny_config(imagefolder, tmp_path / str(asked), clients=5, clients_per_round=2, rounds=3,
-                             probe_rounds=1, probe_clients=asked)
+                             probe_rounds=1, refit_rounds=0, probe_clients=asked)
         run(config, progress=False, log=lambda _: None)
         clients[asked] = [record["clients"] for record in records(tmp_path / str(asked) / "run")]
     assert len(set(clients[4][0])) == len(clients[4][0]) == 4 and set(clients[2][0]) < set(clients[4][0])
@@ -162,7 +162,8 @@ def central_fit(fed, prompts, tail_state):
 
 def test_a_refit_round_closes_the_run_with_the_fit_on_the_trained_prompts_features(tmp_path):
     config = tiny_config(ambiguous_folder(tmp_path), tmp_path, method="sfprompt", clients=3, clients_per_round=2,
-                         rounds=3, probe_rounds=1, refit_rounds=1, wire_dtype="float32")  # unrounded features
+                         rounds=3, probe_rounds=1, refit_rounds=1, prompt_lr=0.01,  # the same prompts with none
+                         wire_dtype="float32")  # unrounded features
     run(config.replace(rounds=2, refit_rounds=0, out=str(tmp_path / "before")), progress=False, log=lambda _: None)
     run(config, progress=False, log=lambda _: None)
     history = records(tmp_path / "run")
@@ -296,7 +297,7 @@ def test_a_features_request_leaves_nothing_pending_and_is_answered_like_a_forwar
 
 def test_probe_rounds_open_a_prompt_method_and_its_rounds_start_from_the_fitted_tail(imagefolder, tmp_path, monkeypatch):
     config = tiny_config(imagefolder, tmp_path, method="sfprompt", clients=3, clients_per_round=2, rounds=3,
-                         probe_rounds=1, wire_dtype="float32")  # compared with a central fit on unrounded features
+                         probe_rounds=1, refit_rounds=0, wire_dtype="float32")  # compared with a central fit on unrounded features
     received = []
     original = Client.run_round
 

@@ -83,7 +83,12 @@ def test_an_option_left_unset_follows_the_recipe_and_a_change_of_method():
     from sfprompt.compare import variant_config
 
     sfprompt = Config()
-    assert (sfprompt.probe_rounds, sfprompt.lr, sfprompt.prompt_lr) == (1, 3e-4, 3e-4)  # the probe warm start
+    # the probe warm start of the tail, the prompts at 0.01, and a closing refit round
+    assert (sfprompt.probe_rounds, sfprompt.refit_rounds, sfprompt.lr, sfprompt.prompt_lr) == (1, 1, 3e-4, 0.01)
+    assert [(c.probe_rounds, c.refit_rounds, c.prompt_lr) for c in (Config(rounds=2), Config(refit_rounds=0))] == [
+        (1, 0, 3e-4), (1, 0, 3e-4)]  # no room for a refit round, or none asked: the prompts at the tail's rate
+    assert [(c.probe_rounds, c.refit_rounds) for c in (Config(probe_rounds=0), Config(probe_rounds=2, rounds=3),
+            Config(probe_rounds=2, rounds=4), Config(method="sfl", probe_rounds=1))] == [(0, 0), (2, 0), (2, 1), (1, 0)]
     assert sfprompt.to_dict()["lr"] == 3e-4 and sfprompt.given()["lr"] is None  # saved as taken, left unset in given
     assert (Config(rounds=1).probe_rounds, Config(rounds=1).lr) == (0, 0.01)  # one round: no room for a probe
     assert (sfprompt.probe_clients, Config(clients=20, clients_per_round=4).probe_clients) == (10, 20)  # every client
@@ -96,5 +101,6 @@ def test_an_option_left_unset_follows_the_recipe_and_a_change_of_method():
     assert (variant_config(sfprompt, "fl-prompt", {}).lr, variant_config(sfprompt, "fl", {}).probe_rounds) == (0.01, 0)
     assert Config.from_dict(sfprompt.to_dict()).given()["lr"] == 3e-4  # a saved run's values are given
     assert Config.from_saved({"method": "sfprompt", "lr": 0.01, "prompt_lr": 0.01}).probe_rounds == 0  # saved before
+    assert Config.from_saved({"method": "sfprompt", "probe_rounds": 1, "lr": 3e-4, "prompt_lr": 3e-4}).refit_rounds == 0
     saved = {"method": "sfprompt", "probe_rounds": 1, "clients": 10, "clients_per_round": 4}  # before --probe-clients
     assert Config.from_saved(saved).probe_clients == 4 and Config.from_saved({**saved, "probe_clients": 10}).probe_clients == 10

@@ -150,8 +150,8 @@ class Config:
         "features once, with the initial prompts, and the server fits the tail in closed form, which the method's "
         "own rounds then start from"
     )
-    refit_rounds: int = _opt(
-        0, "rounds that close a run of sfprompt, sfl or sl as a linear probe on the trained prompts: the asked "
+    refit_rounds: Optional[int] = _opt(
+        None, "rounds that close a run of sfprompt, sfl or sl as a linear probe on the trained prompts: the asked "
         "clients send their samples' features once more, with the global prompts, and the server fits the tail's "
         "classifier on them in closed form afresh"
     )
@@ -507,19 +507,31 @@ class DerivedDefault:
 
 WARM_LR = 3e-4  # fine-tuning from a fitted tail: recipe.sh's grid on validation samples (docs/benchmarks/recipe-tuning.md)
 # Defaults that follow the recipe a run takes: SFPrompt opens with a probe round of every client when it has more
-# than one round, and fine-tunes from the fitted tail at WARM_LR; without probe rounds, every method trains at 0.01
+# than one round, fine-tunes from the fitted tail at WARM_LR, and (from 3 rounds) trains the prompts at 0.01 and
+# closes with a refit round, which fits the classifier to them afresh (docs/benchmarks/recipe.md); without probe
+# rounds, every method trains at 0.01
 # (the paper's, and what benchmarks/tune.py chose for the baselines). An option left unset takes its default, in
 # this order; `Config` then holds the value taken, and `given` leaves it unset (so another method takes its own).
 DERIVED_DEFAULTS: dict[str, DerivedDefault] = {
+    # a run that opens with a probe round closes with one, where a round of SFPrompt's own is left between them
+    "refit_rounds": DerivedDefault(lambda c: 1 if c.method == "sfprompt" and _opens_with_probe(c) else 0,
+                                   "1 for sfprompt when it opens with probe rounds and has 2 rounds more, else 0"),
     "probe_rounds": DerivedDefault(lambda c: 1 if c.method == "sfprompt" and c.rounds > 1 + c.refit_rounds else 0,
                                    "1 for sfprompt (0 where no round would be left to its own), else 0"),
     # every client: the tail fitted on every client's statistics, whatever the skew (docs/benchmarks/recipe.md)
     "probe_clients": DerivedDefault(lambda c: c.clients if c.has_probe_rounds else c.clients_per_round,
                                     "--clients with probe rounds (every client), else --clients-per-round"),
     "lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01, "0.0003 after opening probe rounds, else 0.01"),
-    "prompt_lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds else 0.01,
-                                "0.0003 after opening probe rounds, else 0.01"),
+    # the prompts at the tail's warm rate, unless a refit round fits the classifier to them afresh at the end
+    "prompt_lr": DerivedDefault(lambda c: WARM_LR if c.probe_rounds and not c.refit_rounds else 0.01,
+                                "0.0003 after opening probe rounds with no refit round, else 0.01"),
 }
+
+
+def _opens_with_probe(config: "Config") -> bool:
+    """Whether the run's probe rounds (given, else the default 1) are at least one, and 2 rounds are left after them."""
+    opening = 1 if config.probe_rounds is None else config.probe_rounds
+    return opening >= 1 and config.rounds - opening >= 2
 
 
 def default_text(name: str) -> str:
@@ -556,6 +568,7 @@ def recipe_options(name: str) -> dict[str, Any]:
 # run's saved options (before --probe-clients, a probe round asked the round's --clients-per-round clients).
 BEFORE: dict[str, Any] = {
     "probe_rounds": 0,
+    "refit_rounds": 0,
     "shared_rows": "per-sample",
     "probe_clients": lambda saved: saved.get("clients_per_round", _FIELDS["clients_per_round"].default),
 }
