@@ -166,6 +166,8 @@ def test_the_log_states_each_guarantee_only_where_it_holds_end_to_end():
     assert "tail, uploaded, trains on clean head features" in notice(local_classifier="shared", keep_ratio=1.0)
     labels = privacy_notice(Config(label_epsilon=1.0))
     assert "1-label-DP" in labels and "no guarantee covers the labels" in labels
+    assert "probe rounds (--probe-rounds, --refit-rounds) show its label counts" in labels  # the default's opening
+    assert "label counts" not in privacy_notice(Config(probe_rounds=0))  # and closing probe rounds upload statistics
 
 
 @pytest.mark.parametrize("options, message", [

@@ -224,6 +224,9 @@ def privacy_notice(config) -> str:
     else:
         labels = (f"the gradients sent are {config.label_epsilon:g}-label-DP (randomized response), but no guarantee "
                   "covers the labels: the tail each client uploads is trained on the true ones")
+    if config.method != "linear-probe" and config.has_probe_rounds:
+        labels += ("; the statistics a client uploads in the probe rounds (--probe-rounds, --refit-rounds) show its "
+                   "label counts and class means")
     return (f"privacy: {images}; {labels}{_upload_notice(config)}. Measured in docs/privacy.md; `sfprompt audit` with these "
             "options measures this run")
 
