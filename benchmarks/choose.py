@@ -17,7 +17,7 @@ from pathlib import Path
 
 from table import spread
 
-METHODS = ["linear-probe", "sfprompt", "sfl", "sl", "sfl-train-body", "fl-prompt", "fl"]
+METHODS = ["linear-probe", "sfprompt", "sfprompt-probe-refit", "sfl", "sl", "sfl-train-body", "fl-prompt", "fl"]
 UPLOADS = {  # what the server holds of the methods that send no activations or gradients
     "fl": "each client's whole fine-tuned model, every round (not audited here)",
     "fl-prompt": "each client's prompts and tail, every round (not audited here)",

@@ -34,7 +34,7 @@ if [ -f "$TUNED" ]; then method_options+=("$TUNED"); else echo "no $TUNED: every
 read -r -a more_options <<< "${OPTIONS:-}"
 method_options+=("${more_options[@]}")
 if [ ${#method_options[@]} -gt 0 ]; then common+=(--method-options "${method_options[@]}"); fi
-methods=${METHODS:-fl,fl-prompt,sl,sfl,sfl-train-body,sfprompt,sfprompt-no-local-loss,sfprompt-no-pruning,sfprompt-probe-warm,linear-probe}
+methods=${METHODS:-fl,fl-prompt,sl,sfl,sfl-train-body,sfprompt,sfprompt-no-local-loss,sfprompt-no-pruning,sfprompt-probe-warm,sfprompt-probe-refit,linear-probe}
 read -r -a size <<< "${SIZE:-}"
 
 mkdir -p "$OUT"

@@ -6,7 +6,7 @@
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh            # about 4 hours on two CPU cores
 #   ROWS="paper default" SETTINGS=default-iid SEEDS=0 bash benchmarks/recipe.sh
 #   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh     # the learning rates of the warm start (1 hour)
-#   TUNE=headline JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh  # the prompts' rate and samples, 50 prompts (3 hours)
+#   TUNE=headline JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh  # the prompts' rate and samples, 50 prompts (4 hours)
 #
 # Rows: the federated linear probe (`--method linear-probe`), the paper's recipe (no probe round, Adam at 0.01 for
 # prompts and tail, the paper's float32 wire format: --recipe paper), and SFPrompt's default (`sfprompt run` with
@@ -14,7 +14,8 @@
 # server fits the tail in closed form, then SFPrompt's rounds with the tail at the learning rate TUNE chose and the
 # prompts at 0.01, then a refit round in which every client sends its features once more, with the trained prompts,
 # and the classifier is fitted on them afresh; float32 on the wire with the shared rows once); default-prompts-50
-# the default with 50 prompts. The default-no-refit rows are the default as it was before it closed with a refit
+# the default with 50 prompts, default-prompts-50-lr-0.03 that with the prompts at the rate TUNE=headline chose
+# for it (--prompt-lr 0.03). The default-no-refit rows are the default as it was before it closed with a refit
 # round (--refit-rounds 0, which trains the prompts at the tail's rate), alone and with 50 prompts; the
 # default-probe-5 rows that as it was before its probe round asked every client (--probe-clients 5: round 1's
 # draw), alone, with 50 prompts, in the paper's wire format (-float32: --wire-dtype float32 --shared-rows
@@ -35,8 +36,9 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
-ROWS=${ROWS:-linear-probe paper default default-prompts-50 default-no-refit default-no-refit-prompts-50 default-probe-5
-  linear-probe-float32 default-probe-5-float32 linear-probe-int8 default-probe-5-int8 default-probe-5-prompts-50}
+ROWS=${ROWS:-linear-probe paper default default-prompts-50 default-prompts-50-lr-0.03 default-no-refit
+  default-no-refit-prompts-50 default-probe-5 linear-probe-float32 default-probe-5-float32 linear-probe-int8
+  default-probe-5-int8 default-probe-5-prompts-50}
 WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md): the default
 FLOAT32="--wire-dtype float32 --shared-rows per-sample"  # the paper's wire format
 NO_REFIT="--refit-rounds 0"  # no closing refit round, the prompts at WARM_LR: the default until it had one
@@ -62,6 +64,8 @@ options() {  # the options of one row
     # closing refit round of every client
     default) echo "--method sfprompt" ;;
     default-prompts-50) echo "--method sfprompt --prompt-tokens 50" ;;  # central.sh's best setting for prompts
+    # the prompts' rate TUNE=headline chose for the default recipe with 50 prompts (recipe-tuning-headline.md)
+    default-prompts-50-lr-0.03) echo "--method sfprompt --prompt-tokens 50 --prompt-lr 0.03" ;;
     default-no-refit) echo "--method sfprompt $NO_REFIT" ;;
     default-no-refit-prompts-50) echo "--method sfprompt --prompt-tokens 50 $NO_REFIT" ;;
     default-probe-5) echo "--method sfprompt $PROBE_5" ;;
@@ -75,35 +79,41 @@ options() {  # the options of one row
 }
 
 headline_options() {  # the options of one TUNE=headline variant, beside the probe round and the tail at WARM_LR
-  case "$1" in
-    prompt-lr-0.0003) echo "--prompt-lr $WARM_LR" ;;  # the default recipe
-    prompt-lr-0.001) echo "--prompt-lr 0.001" ;;
-    prompt-lr-0.003) echo "--prompt-lr 0.003" ;;
-    prompt-lr-0.01) echo "--prompt-lr 0.01" ;;
-    keep-1.0) echo "--keep-ratio 1.0 --prompt-lr $WARM_LR" ;;  # every sample in split training: twice the prompt steps
-    keep-1.0-prompt-lr-0.001) echo "--keep-ratio 1.0 --prompt-lr 0.001" ;;
+  case "$1" in  # first with no refit round and round 1's 5 in the probe round, as the default was then
+    prompt-lr-0.0003) echo "$PROBE_5 --prompt-lr $WARM_LR" ;;  # that default
+    prompt-lr-0.001) echo "$PROBE_5 --prompt-lr 0.001" ;;
+    prompt-lr-0.003) echo "$PROBE_5 --prompt-lr 0.003" ;;
+    prompt-lr-0.01) echo "$PROBE_5 --prompt-lr 0.01" ;;
+    keep-1.0) echo "$PROBE_5 --keep-ratio 1.0 --prompt-lr $WARM_LR" ;;  # every sample in split training: twice the steps
+    keep-1.0-prompt-lr-0.001) echo "$PROBE_5 --keep-ratio 1.0 --prompt-lr 0.001" ;;
+    # then the default recipe: the probe round of every client, and a refit round closing the run
+    refit-prompt-lr-0.01) echo "--refit-rounds 1 --prompt-lr 0.01" ;;  # the default
+    refit-prompt-lr-0.03) echo "--refit-rounds 1 --prompt-lr 0.03" ;;
+    refit-prompt-lr-0.1) echo "--refit-rounds 1 --prompt-lr 0.1" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
 
 if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the prompts' rate and how many samples they see
-  VARIANTS=${VARIANTS:-prompt-lr-0.0003 prompt-lr-0.001 prompt-lr-0.003 prompt-lr-0.01 keep-1.0 keep-1.0-prompt-lr-0.001}
+  VARIANTS=${VARIANTS:-prompt-lr-0.0003 prompt-lr-0.001 prompt-lr-0.003 prompt-lr-0.01 keep-1.0 keep-1.0-prompt-lr-0.001
+    refit-prompt-lr-0.01 refit-prompt-lr-0.03 refit-prompt-lr-0.1}
   for variant in $VARIANTS; do headline_options "$variant" > /dev/null; done
   for variant in $VARIANTS; do
     wait_for_lane "${JOBS:-1}"
     # shellcheck disable=SC2046
     run_once "$OUT/tune-headline/$variant/seed-0" "$OUT/tune-headline/$variant/seed-0.log" --prompt-tokens 50 \
-      --probe-rounds 1 $PROBE_5 --lr "$WARM_LR" $(headline_options "$variant") --validation-samples 500 --no-progress "${size[@]}" &
+      --probe-rounds 1 --lr "$WARM_LR" $(headline_options "$variant") --validation-samples 500 --no-progress "${size[@]}" &
   done
   wait_for_all
   TUNE_DOC=${TUNE_DOC:-docs/benchmarks/recipe-tuning-headline.md}
   {
     echo "Command: \`TUNE=headline bash benchmarks/recipe.sh\`; $(python benchmarks/write_benchmarks.py --machine). The"
-    echo "headline setting (the default job with 50 prompts), seed 0: a probe round of round 1's 5 clients ($PROBE_5, the"
-    echo "default's until it asked all 10) and the default tail learning rate ($WARM_LR); prompt-lr-R rows train the prompts"
-    echo "at R on the kept half (the default --keep-ratio 0.5), keep-1.0 rows on every sample (--keep-ratio 1.0, at $WARM_LR"
-    echo "or the rate named); each run evaluated on 500 validation samples held out of the clients' data (the test set"
-    echo "unread). One seed a row."
+    echo "headline setting (the default job with 50 prompts), seed 0, the default tail learning rate ($WARM_LR) after a"
+    echo "probe round: the rows without refit- of round 1's 5 clients and with no refit round ($PROBE_5, the default"
+    echo "then), the refit- rows of every client, closing with a refit round (--refit-rounds 1, the default now);"
+    echo "prompt-lr-R rows train the prompts at R on the kept half (the default --keep-ratio 0.5), keep-1.0 rows on every"
+    echo "sample (--keep-ratio 1.0, at $WARM_LR or the rate named); each run evaluated on 500 validation"
+    echo "samples held out of the clients' data (the test set unread). One seed a row."
     echo
     tune_rows=(); for variant in $VARIANTS; do tune_rows+=("$OUT/tune-headline/$variant"); done  # each ran above
     python benchmarks/table.py "${tune_rows[@]}"
@@ -143,7 +153,8 @@ DOC=${DOC:-docs/benchmarks/recipe.md}
   echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds. Rows: linear-probe is"
   echo "\`--method linear-probe\`, default \`sfprompt run\` with no options (a probe round of all 10 clients, SFPrompt's"
   echo "rounds, a refit round of all 10), paper \`--recipe paper\`, default-prompts-50 the default with 50 prompts (the"
-  echo "headline setting's, docs/benchmarks/central.md); the default-no-refit rows are the default as it was until it"
+  echo "headline setting's, docs/benchmarks/central.md), default-prompts-50-lr-0.03 that with the prompts at the rate"
+  echo "TUNE=headline chose for it (\`--prompt-lr 0.03\`); the default-no-refit rows are the default as it was until it"
   echo "closed with a refit round (\`$NO_REFIT\`: the prompts at the tail's rate), alone and with 50 prompts; the"
   echo "default-probe-5 rows that as it was until its probe round asked every client (\`$PROBE_5\`: round 1's"
   echo "draw), alone and with 50 prompts; the -float32 rows are the probe and that default in the paper's wire format"
