@@ -59,6 +59,8 @@ def main() -> None:
             continue
         mean = lambda key: statistics.fmean(s[key] for s in iid)  # noqa: E731
         images, labels = recovered(audits, method)
+        if method != "linear-probe" and any(iid[0]["config"].get(key) for key in ("probe_rounds", "refit_rounds")):
+            labels += "; its probe rounds' statistics show each client's label counts"
         skewed_accuracy = spread([s["final_accuracy"] for s in skewed], 3) if skewed else "—"
         print(f"| {method} | {spread([s['final_accuracy'] for s in iid], 3)} | {skewed_accuracy} "
               f"| {(mean('bytes_up') + mean('bytes_down')) / 1e6:,.0f} | {mean('client_flops') / 1e9:,.1f} "

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sfprompt.cli import main
-from sfprompt.config import Config, ConfigError
+from sfprompt.config import Config, ConfigError, recipe_options
 from sfprompt.data import load_splits
 from sfprompt.federation import prepare, train_partition, training_pool
 
@@ -99,6 +99,9 @@ def test_an_option_left_unset_follows_the_recipe_and_a_change_of_method():
     assert (sfprompt.replace(method="fl").probe_rounds, sfprompt.replace(method="fl").lr) == (0, 0.01)
     assert Config(lr=0.05).replace(method="sfl").lr == 0.05
     assert (variant_config(sfprompt, "fl-prompt", {}).lr, variant_config(sfprompt, "fl", {}).probe_rounds) == (0.01, 0)
+    refit = variant_config(sfprompt.replace(out="x"), "sfprompt-probe-refit", {})  # compare's name for the default
+    assert refit.to_dict() == sfprompt.replace(out=refit.out).to_dict()
+    assert Config(**{**recipe_options("paper"), "probe_rounds": 1}).refit_rounds == 0  # the paper's recipe has none
     assert Config.from_dict(sfprompt.to_dict()).given()["lr"] == 3e-4  # a saved run's values are given
     assert Config.from_saved({"method": "sfprompt", "lr": 0.01, "prompt_lr": 0.01}).probe_rounds == 0  # saved before
     assert Config.from_saved({"method": "sfprompt", "probe_rounds": 1, "lr": 3e-4, "prompt_lr": 3e-4}).refit_rounds == 0

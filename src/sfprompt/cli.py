@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="fine-tune over a simulated federation (one method)")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last complete round, with its "
-                     "saved options (only --rounds and --device may be given, e.g. --rounds 10 to extend it)")
+                     "saved options (only --rounds and --device may be given, e.g. --rounds 10 to extend a run that "
+                     "does not close with refit rounds)")
     _add_config_flags(run)
     compare = commands.add_parser("compare", help="run several methods on the same partition and seed, then "
                                   "write comparison.csv, comparison.md and plots to --out")

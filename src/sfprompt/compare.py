@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import METHODS, Config, ConfigError
+from .config import METHODS, WARM_LR, Config, ConfigError
 from .runs import own_folder
 
 # Ablations of SFPrompt and the full SplitFed, selectable in --methods beside the method names.
@@ -24,9 +24,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sfl-train-body": ("sfl", {"train_body": True}),  # the original SplitFed: the server trains the body
     # SFPrompt opening with a probe round (of every client, as the default recipe's), then fine-tuning at the
     # learning rates recipe.sh's grid chose, with no closing refit round (the default recipe before it had one)
-    "sfprompt-probe-warm": ("sfprompt", {"probe_rounds": 1, "refit_rounds": 0, "lr": 3e-4, "prompt_lr": 3e-4}),
+    "sfprompt-probe-warm": ("sfprompt", {"probe_rounds": 1, "refit_rounds": 0, "lr": WARM_LR, "prompt_lr": WARM_LR}),
     # the default recipe: that probe round, the prompts at 0.01 and the tail at 3e-4, and a closing refit round
-    "sfprompt-probe-refit": ("sfprompt", {"probe_rounds": 1, "refit_rounds": 1, "lr": 3e-4, "prompt_lr": 0.01}),
+    "sfprompt-probe-refit": ("sfprompt", {"probe_rounds": 1, "refit_rounds": 1, "lr": WARM_LR, "prompt_lr": 0.01}),
     # no gradient crosses the network: the prompts step on zeroth-order estimates (docs/method.md)
     "sfprompt-forward-only": ("sfprompt", {"prompt_updates": "forward-only"}),
     "sfl-forward-only": ("sfl", {"prompt_updates": "forward-only"}),
