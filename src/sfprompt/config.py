@@ -509,9 +509,9 @@ WARM_LR = 3e-4  # fine-tuning from a fitted tail: recipe.sh's grid on validation
 # Defaults that follow the recipe a run takes: SFPrompt opens with a probe round of every client when it has more
 # than one round, fine-tunes from the fitted tail at WARM_LR, and (from 3 rounds) trains the prompts at 0.01 and
 # closes with a refit round, which fits the classifier to them afresh (docs/benchmarks/recipe.md); without probe
-# rounds, every method trains at 0.01
-# (the paper's, and what benchmarks/tune.py chose for the baselines). An option left unset takes its default, in
-# this order; `Config` then holds the value taken, and `given` leaves it unset (so another method takes its own).
+# rounds, every method trains at 0.01 (the paper's, and what benchmarks/tune.py chose for the baselines). An option
+# left unset takes its default, in this order; `Config` then holds the value taken, and `given` leaves it unset
+# (so another method takes its own).
 DERIVED_DEFAULTS: dict[str, DerivedDefault] = {
     # a run that opens with a probe round closes with one, where a round of SFPrompt's own is left between them
     "refit_rounds": DerivedDefault(lambda c: 1 if c.method == "sfprompt" and _opens_with_probe(c) else 0,
