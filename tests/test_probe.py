@@ -377,7 +377,10 @@ def test_the_default_recipe_opens_and_closes_with_a_probe_round_of_every_client(
     config = tiny_config(ambiguous_folder(tmp_path), tmp_path, method="sfprompt", clients=3, clients_per_round=2,
                          rounds=3, probe_rounds=None)  # the defaults, as `sfprompt run` takes them
     assert (config.probe_rounds, config.refit_rounds, config.lr, config.prompt_lr) == (1, 1, 3e-4, 0.01)
-    run(config, progress=False, log=lambda _: None)
+    lines = []
+    run(config, progress=False, log=lines.append)
+    rounds = [line for line in lines if line.startswith("round ")]
+    assert ["the refit rounds fit it" in line for line in rounds] == [False, True, False]  # a stale tail, said
     history = records(tmp_path / "run")
     assert [r["stage"] for r in history] == ["linear-probe", "sfprompt", "linear-probe"]
     assert [len(r["clients"]) for r in history] == [3, 2, 3]  # the probe rounds ask every client
