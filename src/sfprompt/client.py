@@ -492,8 +492,8 @@ class Client:
 
 def _feature_inputs(params: nn.Module) -> dict[str, torch.Tensor]:
     """What a probe's features depend on beside the images: the prompts, and the tail but its classifier."""
-    tail = {f"tail.{name}": t for name, t in params.tail.state_dict().items() if not name.startswith("head.")}
-    return {"prompts": params.prompts.detach(), **tail}
+    tail = {name: t for name, t in params.tail.state_dict().items() if not name.startswith("head.")}
+    return {"prompts": params.prompts.detach(), **prefixed("tail.", tail)}
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
