@@ -182,7 +182,10 @@ def test_the_log_states_each_guarantee_only_where_it_holds_end_to_end():
     ({"upload_clip": 1.0, "probe_rounds": 0}, "go together"),
     ({"upload_clip": math.inf, "upload_epsilon": 1.0, "probe_rounds": 0}, "--upload-clip must be a positive"),
     ({"upload_clip": 1.0, "upload_epsilon": 0.0, "probe_rounds": 0}, "--upload-epsilon must be a positive"),
-    ({"upload_clip": 1.0, "upload_epsilon": 1.0}, "set --probe-rounds 0"),  # the default recipe opens with a probe
+    # the default recipe opens with a probe round and closes with a refit round, which follows the opening one
+    ({"upload_clip": 1.0, "upload_epsilon": 1.0}, r"set --probe-rounds 0 \(the refit rounds then default to 0 too\)$"),
+    ({"upload_clip": 1.0, "upload_epsilon": 1.0, "refit_rounds": 1}, "set --probe-rounds 0 and --refit-rounds 0$"),
+    ({"upload_clip": 1.0, "upload_epsilon": 1.0, "probe_rounds": 0, "refit_rounds": 1}, "set --refit-rounds 0$"),
     ({"upload_clip": 1.0, "upload_epsilon": 1.0, "method": "linear-probe"}, "use another method"),
 ])
 def test_bad_privacy_options_are_refused(options, message):

@@ -334,7 +334,14 @@ class Config:
             raise ConfigError("--upload-epsilon clips and noises a client's change of the broadcast state (Flower's "
                               "LocalDpMod); a linear probe's round uploads statistics of its features instead, which "
                               "it does not cover: " + ("use another method" if self.method == "linear-probe" else
-                                                       "set --probe-rounds 0 and --refit-rounds 0"))
+                                                       self._without_probe_rounds()))
+
+    def _without_probe_rounds(self) -> str:
+        """What to set for a run with no probe rounds: --probe-rounds 0 alone where the refit rounds follow it."""
+        if self.probe_rounds and "refit_rounds" in self._derived:
+            return "set --probe-rounds 0" + (" (the refit rounds then default to 0 too)" if self.refit_rounds else "")
+        return "set " + " and ".join(f"--{_flag(name)} 0" for name in ("probe_rounds", "refit_rounds")
+                                     if getattr(self, name))
 
     def _check_forward_only(self) -> None:
         if self.directions < 1:
