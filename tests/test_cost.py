@@ -21,9 +21,9 @@ from conftest import run_benchmark
 CONFIG = Config(model="test_vit", image_size=32, prompt_tokens=2, keep_ratio=0.5, batch_size=4)
 
 
-def measured_round(name: str, samples: int) -> dict:
-    """A real client round of a method or variant on `samples` samples in batches of 4, counted as a training run
-    counts it."""
+def measured_round(name: str, samples: int, probe_round: bool = False) -> dict:
+    """A real client round of a method or variant (or its run's opening probe round) on `samples` samples in batches
+    of 4, counted as a training run counts it."""
     method_name, overrides = VARIANTS.get(name, (name, {}))
     config = CONFIG.replace(method=method_name, **overrides)
     vit = create_vit(CONFIG.model, 10, CONFIG.image_size, "none")
@@ -31,6 +31,7 @@ def measured_round(name: str, samples: int) -> dict:
     data = [(torch.randn(3, 32, 32), i % 10) for i in range(samples)]  # per-class pruning keeps 10 of 12
     settings = TrainSettings.from_config(config)
     method, meter = METHODS[method_name](), Meter()
+    method = method.stage(1, config) if probe_round else method
     link = InProcessLink(BodyServer(model, meter, torch.device("cpu")), meter, torch.device("cpu"))
     client = Client(0, data, np.arange(samples), model, settings, meter, torch.device("cpu"))
     client_round(link, client, method, method.new_params(model), seed=0)  # as the in-process runtime does
@@ -55,6 +56,20 @@ def test_scaled_probe_equals_a_real_round(method):
     assert abs(estimated["bytes_down"] - real["bytes_down"]) < 200 * messages
     if not method.startswith("sfprompt"):  # whole batches everywhere: only the losses' JSON text differs
         assert estimated["bytes_down"] == real["bytes_down"]
+
+
+def test_a_probe_round_is_costed_as_a_real_one_and_only_where_a_run_has_one():
+    """The default recipe's opening and refit rounds (the linear probe, through its prompts) get a row of their own,
+    equal to a real probe round; methods whose runs have none (fl, sfl, the linear probe itself) get none."""
+    estimated = estimate(CONFIG, samples_per_client=12, num_classes=10, methods=["sfprompt", "fl", "sfl", "linear-probe"])
+    assert sorted(estimated) == ["fl", "linear-probe", "sfl", "sfprompt", "sfprompt: a probe round"]
+    probe_round, real = estimated["sfprompt: a probe round"], measured_round("sfprompt", 12, probe_round=True)
+    assert real["bytes_by_phase"]["up/probe"] > 0 and "up/split" not in real["bytes_by_phase"]
+    for key in ("client_flops", "server_flops", "bytes_up", "bytes_down"):
+        assert probe_round[key] == real[key], key
+    # the prompts ride in the features: more server FLOPs than the prompt-free probe's, fewer than a split round's
+    assert estimated["linear-probe"]["server_flops"] < probe_round["server_flops"] < estimated["sfprompt"]["server_flops"]
+    assert "sfprompt: a probe round" not in estimate(CONFIG.replace(probe_rounds=0), 12, 10, ["sfprompt"])
 
 
 def test_upload_noise_changes_no_cost_and_the_probe_is_still_costed():

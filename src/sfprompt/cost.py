@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .client import Client, TrainSettings
 from .compare import VARIANTS
-from .config import PROMPT_FREE, Config
+from .config import PROMPT_FREE, Config, ConfigError
 from .inprocess import client_round
 from .meter import Meter
 from .methods import METHODS
@@ -52,15 +52,19 @@ class _CountingClient(Client):
 
 
 def _round(config: Config, vit: torch.nn.Module, method_name: str, samples: int, num_classes: int,
-           settings: TrainSettings) -> tuple[dict, Counter]:
+           settings: TrainSettings, probe_round: bool = False) -> tuple[dict, Counter]:
     """One client round through `vit` (real, or fake: `fake_vit`) on `samples` random images with balanced
-    labels: its costs as a training run measures them, and the samples each phase processed."""
+    labels: its costs as a training run measures them, and the samples each phase processed. `probe_round`: the
+    round of the method's run that opens or closes it with a linear probe (its prompts in the features), as its
+    `stage` runs it."""
     model = SplitViT.from_config(vit, config, 0 if method_name in PROMPT_FREE else config.prompt_tokens)
     generator = torch.Generator().manual_seed(config.seed)
     size = vit.patch_embed.img_size
     images = torch.randn(samples, 3, *size, generator=generator)
     data = [(images[i], i % num_classes) for i in range(samples)]
     method, meter, device = METHODS[method_name](), Meter(), torch.device("cpu")
+    if probe_round:  # the first round where the run opens with probe rounds, else its last
+        method = method.stage(1 if config.probe_rounds else config.rounds, config)
     body = BodyServer(model, meter, device, max_batch=max(4096, samples))  # counting: one batch of every image
     link = InProcessLink(body, meter, device,
                          model.messages.max_bytes(settings.batch_size, method.state_bytes(model)))
@@ -89,18 +93,45 @@ def _estimate(config: Config, samples_per_client: int, num_classes: int, methods
     results = {}
     for name in methods:
         method, overrides = VARIANTS.get(name, (name, {}))  # a variant: the method with other options
-        variant = config.replace(method=method, **overrides) if overrides else config
-        # Counting: samples per phase do not depend on the batch size, so one batch per epoch (seconds, not minutes).
-        counting = TrainSettings.from_config(variant, batch_size=samples_per_client, mean_samples=samples_per_client)
-        # Two epochs of each phase at most: the second one's batches meet the optimiser's state, as a run's do.
-        probing = TrainSettings.from_config(variant, local_epochs=min(variant.local_epochs, 2),
-                                            split_epochs=min(variant.split_epochs, 2), mean_samples=samples_per_client)
-        counting_config = variant.replace(model=COUNTING_MODEL, image_size=COUNTING_SIZE, pool_tokens=0, client_blocks=0)
-        _, full = _round(counting_config, counting_vit, method, samples_per_client, num_classes, counting)
-        probe = min(probe_samples or probe_size(variant, pruned="prune" in full), samples_per_client)
-        measured, probed = _round(variant, vit, method, probe, num_classes, probing)
-        results[name] = _scaled(measured, {phase: full[phase] / probed[phase] for phase in probed})
+        variant = _as_method(config, method, overrides)
+        results[name] = _method_round(variant, vit, counting_vit, method, samples_per_client, num_classes,
+                                      probe_samples)
+        if variant.method == method and variant.has_probe_rounds:  # its opening and refit rounds: the probe's, with
+            # its prompts in the features
+            results[f"{name}: {PROBE_ROUND}"] = _method_round(variant, vit, counting_vit, method, samples_per_client,
+                                                              num_classes, probe_samples, probe_round=True)
     return results
+
+
+def _as_method(config: Config, method: str, overrides: dict) -> Config:
+    """`config` as a run of `method` takes it (with a variant's overrides), the defaults it derives its own. Where
+    the method refuses an option that `config` sets for its own (--pool-tokens for fl, which sends no activation),
+    `config` as it is: the option shapes none of that method's messages, and its round is costed as before."""
+    try:
+        return config.replace(method=method, **overrides)
+    except ConfigError:
+        if overrides:
+            raise
+        return config
+
+
+PROBE_ROUND = "a probe round"  # the name of a method's opening and refit rounds in `estimate`'s results
+
+
+def _method_round(variant: Config, vit: torch.nn.Module, counting_vit: torch.nn.Module, method: str,
+                  samples_per_client: int, num_classes: int, probe_samples: int | None,
+                  probe_round: bool = False) -> dict:
+    """One client's costs in a round of `method` (or in one of its probe rounds), scaled to `samples_per_client`."""
+    # Counting: samples per phase do not depend on the batch size, so one batch per epoch (seconds, not minutes).
+    counting = TrainSettings.from_config(variant, batch_size=samples_per_client, mean_samples=samples_per_client)
+    # Two epochs of each phase at most: the second one's batches meet the optimiser's state, as a run's do.
+    probing = TrainSettings.from_config(variant, local_epochs=min(variant.local_epochs, 2),
+                                        split_epochs=min(variant.split_epochs, 2), mean_samples=samples_per_client)
+    counting_config = variant.replace(model=COUNTING_MODEL, image_size=COUNTING_SIZE, pool_tokens=0, client_blocks=0)
+    _, full = _round(counting_config, counting_vit, method, samples_per_client, num_classes, counting, probe_round)
+    probe = min(probe_samples or probe_size(variant, pruned="prune" in full), samples_per_client)
+    measured, probed = _round(variant, vit, method, probe, num_classes, probing, probe_round)
+    return _scaled(measured, {phase: full[phase] / probed[phase] for phase in probed})
 
 
 def fake_vit(model: str, num_classes: int, image_size: int) -> torch.nn.Module:
