@@ -38,9 +38,8 @@ def accuracy(row: Path) -> str:
     return f"{spread(finals, 3)} ({len(finals)} seed{'s' * (len(finals) != 1)})"
 
 
-def line(row: Path, fl_flops: float, document: Path) -> str:
+def line(row: Path, audit: dict, fl_flops: float, document: Path) -> str:
     summary = json.loads((row / "seed-0" / "summary.json").read_text())
-    audit = json.loads((row / "seed-0" / "audit.json").read_text())
     best, mean, labels = audit["reconstruction"]["best"], audit["reconstruction"]["class_mean"], audit["labels"]
     epsilon = audit["activation_privacy"]["epsilon"]
     picture = Path("privacy", f"{row.name}.png")  # relative to the document
@@ -54,11 +53,10 @@ def line(row: Path, fl_flops: float, document: Path) -> str:
             f"| {'—' if epsilon is None else f'{epsilon:.3g}'} | [grid]({picture.as_posix()}) |")
 
 
-def sends(rows: list[Path]) -> str:
+def sends(audits: dict[Path, dict]) -> str:
     """Which of its victim's sends each row's audit attacked (`sfprompt audit --sends`; an audit made before the
     option attacked a round's)."""
-    kinds = {row.name: json.loads((row / "seed-0" / "audit.json").read_text())["audit"].get("sends", "round")
-             for row in rows}
+    kinds = {row.name: audit["audit"].get("sends", "round") for row, audit in audits.items()}
     whole = [name for name, kind in kinds.items() if kind == "run"]
     if not whole:
         return "Each audit attacks its victim's sends of one round (`sfprompt audit --sends round`)."
@@ -73,15 +71,16 @@ def main() -> None:
         sys.exit("usage: privacy_table.py OUT_DIR DOCUMENT.md ROW...")
     root, document, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
     fl_flops = json.loads((root / "fl" / "summary.json").read_text())["client_flops"]
-    rows = [root / name for name in names if (root / name / "seed-0" / "audit.json").is_file()]
+    audits = {root / name: json.loads((root / name / "seed-0" / "audit.json").read_text())  # the audited rows
+              for name in names if (root / name / "seed-0" / "audit.json").is_file()}
     table = [
         "| configuration | privacy options | re-identified by the best attack (chance 1 %) | best PSNR dB | best SSIM "
         "| class-mean image PSNR / SSIM | labels: inferred / label-free | final accuracy | MB up + down "
         "| client FLOPs / `fl` | activation ε (δ = 1e-5) | reconstructions |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        *(line(row, fl_flops, document) for row in rows),
+        *(line(row, audit, fl_flops, document) for row, audit in audits.items()),
         "",
-        sends(rows),
+        sends(audits),
     ]
     text = document.read_text()
     head, rest = text.split(START, 1)
