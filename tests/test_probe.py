@@ -385,3 +385,10 @@ def test_the_default_recipe_opens_and_closes_with_a_probe_round_of_every_client(
     assert [r["stage"] for r in history] == ["linear-probe", "sfprompt", "linear-probe"]
     assert [len(r["clients"]) for r in history] == [3, 2, 3]  # the probe rounds ask every client
     assert ["up/probe" in r["bytes_by_phase"] for r in history] == [True, False, True]  # the prompts moved: sent again
+    assert [r["stale_tail"] for r in history] == [False, True, False]  # recorded, so that a reader can tell
+    from sfprompt.compare import tabulate
+    from sfprompt.tracking import Scalars
+
+    assert [h["stale_tail"] for h in tabulate("run", tmp_path / "run", None)["history"]] == [False, True, False]
+    shown = [sorted(tag for tag in Scalars([])(r) if tag.startswith(("accuracy", "loss/test"))) for r in history]
+    assert shown[1] == ["accuracy/test_stale_tail", "loss/test_stale_tail"] and shown[0] == shown[2] == ["accuracy/test", "loss/test"]

@@ -143,7 +143,8 @@ def mean_row(rows: list[dict], target: float | None) -> dict:
         row[f"{key}_std"] = statistics.stdev(r[key] for r in rows)
     row["reached"] = sum(r["round_to_target"] is not None for r in rows) if target is not None else None
     rounds = min(len(r["history"]) for r in rows)
-    row["history"] = [{"round": rows[0]["history"][k]["round"]}  # the evaluated rounds (--eval-every)
+    row["history"] = [{"round": rows[0]["history"][k]["round"],  # the evaluated rounds (--eval-every), as each seed's
+                       "stale_tail": rows[0]["history"][k].get("stale_tail", False)}
                       | {key: statistics.fmean(r["history"][k][key] for r in rows) for key in ("accuracy", "bytes",
                                                                                              "client_flops")}
                       for k in range(rounds)]
@@ -165,7 +166,7 @@ def tabulate(name: str, out: Path, target: float | None) -> dict:
         if record["accuracy"] is None:  # a round not evaluated (--eval-every): its costs count towards the next
             continue
         row["history"].append({"round": record["round"], "accuracy": record["accuracy"], "bytes": sent,
-                               "client_flops": flops})
+                               "client_flops": flops, "stale_tail": record.get("stale_tail", False)})
     reached = next((h for h in row["history"] if target is not None and h["accuracy"] >= target), None)
     if reached:
         row.update(bytes_to_target=reached["bytes"], client_flops_to_target=reached["client_flops"],
@@ -213,8 +214,8 @@ def write(rows: list[dict], out: Path, target: float | None) -> None:
         writer.writerows(row | {"target_accuracy": target} for row in rows)
     with open(out / "history.csv", "w", newline="") as handle:  # accuracy against cumulative cost, every round
         writer = csv.writer(handle)
-        writer.writerow(["method", "round", "accuracy", "cumulative_bytes", "cumulative_client_flops"])
-        writer.writerows([r["method"], h["round"], h["accuracy"], h["bytes"], h["client_flops"]]
+        writer.writerow(["method", "round", "accuracy", "cumulative_bytes", "cumulative_client_flops", "stale_tail"])
+        writer.writerows([r["method"], h["round"], h["accuracy"], h["bytes"], h["client_flops"], h.get("stale_tail", False)]
                          for r in rows for h in r["history"])
     (out / "comparison.md").write_text(markdown(rows, target))
     plot(rows, out)
@@ -273,6 +274,23 @@ def equal_cost_markdown(rows: list[dict], cost: str, unit: str, scale: float) ->
     return lines
 
 
+def _curve(ax, row: dict, x: str, scale: float) -> None:
+    """A run's accuracy against `x` (a round, or a cost over `scale`); the rounds read through a tail that a refit
+    round then replaces (a record's stale_tail) hollow, so that their dip does not read as the method's."""
+    xs, ys = [h[x] / scale for h in row["history"]], [h["accuracy"] for h in row["history"]]
+    (line,) = ax.plot(xs, ys, marker="o", label=row["method"])
+    stale = [(a, b) for a, b, h in zip(xs, ys, row["history"]) if h.get("stale_tail")]
+    if stale:
+        ax.plot(*zip(*stale), linestyle="none", marker="o", markerfacecolor="white", color=line.get_color())
+
+
+def _legend(ax, rows: list[dict]) -> None:
+    if any(h.get("stale_tail") for r in rows for h in r["history"]):
+        ax.plot([], [], linestyle="none", marker="o", markerfacecolor="white", color="grey",
+                label="hollow: through the tail the refit round replaces")
+    ax.legend(fontsize="small")
+
+
 def as_flags(options: dict[str, Any]) -> str:
     """Options as the flags that set them: `{"backbone_lr": 0.001}` -> '--backbone-lr 0.001'."""
     return ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in options.items())
@@ -304,9 +322,9 @@ def plot(rows: list[dict], out: Path) -> None:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     for r in rows:
-        ax.plot([h["round"] for h in r["history"]], [h["accuracy"] for h in r["history"]], marker="o", label=r["method"])
+        _curve(ax, r, "round", 1)
     ax.set(xlabel="round", ylabel="test accuracy", title="Accuracy per round")
-    ax.legend()
+    _legend(ax, rows)
     fig.tight_layout()
     fig.savefig(out / "accuracy_per_round.png", dpi=120)
 
@@ -316,10 +334,9 @@ def plot(rows: list[dict], out: Path) -> None:
         fig = Figure(figsize=(6, 4))
         ax = fig.subplots()
         for r in rows:
-            ax.plot([h[cost] / scale for h in r["history"]], [h["accuracy"] for h in r["history"]], marker="o",
-                    label=r["method"])
+            _curve(ax, r, cost, scale)
         ax.set(xscale="log", xlabel=label, ylabel="test accuracy", title=f"Accuracy against {title}")
-        ax.legend()
+        _legend(ax, rows)
         fig.tight_layout()
         fig.savefig(out / f"accuracy_vs_{cost}.png", dpi=120)
 

@@ -410,6 +410,11 @@ class Config:
         --refit-rounds that close it."""
         return round_ <= self.probe_rounds or round_ > self.rounds - self.refit_rounds
 
+    def reads_a_stale_tail(self, round_: int) -> bool:
+        """Whether round `round_`'s accuracy is read through the tail trained beside the prompts, which the refit
+        rounds then fit afresh: the method's own rounds of a run that closes with them (docs/method.md)."""
+        return bool(self.refit_rounds) and not self.is_probe_round(round_)
+
     @property
     def most_clients_a_round(self) -> int:
         """The most clients any round asks: a probe round's --probe-clients, else --clients-per-round."""

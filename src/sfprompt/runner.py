@@ -144,7 +144,7 @@ def _rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], star
             tracker.round(record)
             evaluated = ("not evaluated" if record["accuracy"] is None
                          else f"accuracy {record['accuracy']:.4f}  loss {record['loss']:.4f}")
-            if record["accuracy"] is not None and config.refit_rounds and not config.is_probe_round(round_):
+            if record["accuracy"] is not None and record["stale_tail"]:
                 evaluated += " (through the tail trained beside the prompts; the refit rounds fit it to them)"
             measured = [a for a in record.get("client_accuracy") or [] if a is not None]
             if measured:  # a client too small to hold a sample out has none
@@ -250,6 +250,7 @@ def _round(fed: Federation, method: Method, executor: Runtime, round_: int, samp
         "stage": method.name,  # the run's method, or linear-probe in the rounds it opens or closes with
         "accuracy": accuracy,
         "loss": loss,
+        "stale_tail": config.reads_a_stale_tail(round_),  # its accuracy read through a tail the refit rounds replace
         "train_loss": weighted_mean([u.meta["train_loss"] for u in updates], weights),
         "local_loss": weighted_mean([u.meta.get("local_loss") for u in updates], weights),  # None: no local phase
         **fed.meter.take(),

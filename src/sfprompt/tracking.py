@@ -30,7 +30,10 @@ class Scalars:
         self.spent = {key: sum(record[key] for record in history) for key in COSTS}
 
     def __call__(self, record: dict) -> dict[str, float]:
-        shown = {tag: record[key] for key, tag in SCALARS.items() if record.get(key) is not None}
+        # a test accuracy read through the tail a refit round then replaces (the record's stale_tail): its own series
+        stale = "_stale_tail" if record.get("stale_tail") else ""
+        shown = {tag + (stale if key in ("accuracy", "loss") else ""): record[key] for key, tag in SCALARS.items()
+                 if record.get(key) is not None}
         for key, (tag, scale) in COSTS.items():
             self.spent[key] += record[key]
             shown[tag + "_per_round"] = record[key] / scale
