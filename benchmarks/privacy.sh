@@ -12,9 +12,9 @@
 #   SHARED=/path/to/shared OUT=results/privacy SEEDS="0" ROWS="none pool-2" bash benchmarks/privacy.sh
 #
 # ROWS picks some configurations by name (all by default), so that two copies can share the work,
-# e.g. each with OMP_NUM_THREADS=1 on two cores. SENDS=run audits every send the victim makes over the whole
-# run (`sfprompt audit --sends run`, which replays the run first: about 25 minutes of one core a row) and
-# redoes an audit made of one round; the default, round, attacks one round's sends where a row has no audit yet.
+# e.g. each with OMP_NUM_THREADS=1 on two cores. Each audit attacks every send the victim makes over the whole
+# run (`sfprompt audit --sends run`, which replays the run first: about 8 minutes of one core a row) and redoes
+# an audit made of one round; SENDS=round attacks one round's sends instead, where a row has no audit yet.
 # The table says which sends its audits attacked. SIZE and AUDIT_SIZE append options to every run and
 # audit, and DOC names the document written (a test runs the whole script at a tiny size this way).
 set -euo pipefail
@@ -24,7 +24,7 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/privacy}
 SEEDS=${SEEDS:-0 1 2}
 ROWS=${ROWS:-}
-SENDS=${SENDS:-round}
+SENDS=${SENDS:-run}
 case "$SENDS" in round | run) ;; *) echo "SENDS must be round or run, got $SENDS" >&2; exit 2 ;; esac
 DOC=${DOC:-docs/privacy.md}
 read -r -a size <<< "${SIZE:-}"

@@ -193,8 +193,8 @@ def test_the_privacy_benchmark_reruns_and_writes_its_table(tmp_path):
     """`bash benchmarks/privacy.sh`, docs/privacy.md's command, end to end at a tiny size: runs, audits, table."""
     document = tmp_path / "privacy.md"
     document.write_text("before\n<!-- privacy-table -->\nstale\n<!-- /privacy-table -->\nafter\n")
-    done = run_benchmark("privacy.sh", tmp_path, DOC=str(document), ROWS="shuffle", SEEDS="0 1")  # one row: the
-    assert done.returncode == 0, done.stderr[-3000:]  # table's rows are one loop, each row's runs the cost
+    done = run_benchmark("privacy.sh", tmp_path, DOC=str(document), ROWS="shuffle", SEEDS="0 1", SENDS="round")  # one
+    assert done.returncode == 0, done.stderr[-3000:]  # row: the table's rows are one loop, each row's runs the cost
     text = document.read_text()
     assert text.startswith("before\n<!-- privacy-table -->\n| configuration |") and "stale" not in text
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
@@ -203,7 +203,7 @@ def test_the_privacy_benchmark_reruns_and_writes_its_table(tmp_path):
     assert (tmp_path / "privacy" / "shuffle.png").is_file()
     audit = tmp_path / "runs" / "shuffle" / "seed-0" / "audit.json"
     assert json.loads(audit.read_text())["sends"] == "round" and "sends of one round" in text
-    again = run_benchmark("privacy.sh", tmp_path, DOC=str(document), ROWS="shuffle", SEEDS="0", SENDS="run")
+    again = run_benchmark("privacy.sh", tmp_path, DOC=str(document), ROWS="shuffle", SEEDS="0")  # the default: run
     assert again.returncode == 0, again.stderr[-3000:]  # the runs reused, the round's audit redone over the run
     assert json.loads(audit.read_text())["sends"] == "run" and "done before" in again.stdout
     assert "over the whole run" in document.read_text()
