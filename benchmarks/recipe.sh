@@ -8,7 +8,8 @@
 #   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh     # the learning rates of the warm start (1 hour)
 #   TUNE=headline JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh  # the prompts' rate and samples, 50 prompts (4 hours)
 #
-# Rows: the federated linear probe (`--method linear-probe`), the paper's recipe (no probe round, Adam at 0.01 for
+# Rows: the federated linear probe (`--method linear-probe`; linear-probe-all asking every client every round,
+# --clients-per-round 10, whose fit is the central one), the paper's recipe (no probe round, Adam at 0.01 for
 # prompts and tail, the paper's float32 wire format: --recipe paper), and SFPrompt's default (`sfprompt run` with
 # no options: a first round in which every client sends its samples' features on the initial prompts once and the
 # server fits the tail in closed form, then SFPrompt's rounds with the tail at the learning rate TUNE chose and the
@@ -36,7 +37,7 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
-ROWS=${ROWS:-linear-probe paper default default-prompts-50 default-prompts-50-lr-0.03 default-no-refit
+ROWS=${ROWS:-linear-probe linear-probe-all paper default default-prompts-50 default-prompts-50-lr-0.03 default-no-refit
   default-no-refit-prompts-50 default-probe-5 linear-probe-float32 default-probe-5-float32 linear-probe-int8
   default-probe-5-int8 default-probe-5-prompts-50}
 WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md): the default
@@ -59,6 +60,8 @@ setting() {  # the data, partition and rounds of a setting
 options() {  # the options of one row
   case "$1" in
     linear-probe) echo "--method linear-probe" ;;
+    # the probe asking every client every round: each sends once, in round 1, and the fit is the central one
+    linear-probe-all) echo "--method linear-probe --clients-per-round 10" ;;
     paper) echo "--recipe paper" ;;
     # the defaults: a probe round of every client, SFPrompt's rounds (the tail at WARM_LR, the prompts at 0.01), a
     # closing refit round of every client
@@ -151,7 +154,8 @@ if [ -z "${TABLE_ONLY:-}" ]; then run_grid; fi
 DOC=${DOC:-docs/benchmarks/recipe.md}
 {
   echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds. Rows: linear-probe is"
-  echo "\`--method linear-probe\`, default \`sfprompt run\` with no options (a probe round of all 10 clients, SFPrompt's"
+  echo "\`--method linear-probe\`, linear-probe-all that asking every client every round (\`--clients-per-round 10\`),"
+  echo "default \`sfprompt run\` with no options (a probe round of all 10 clients, SFPrompt's"
   echo "rounds, a refit round of all 10), paper \`--recipe paper\`, default-prompts-50 the default with 50 prompts (the"
   echo "headline setting's, docs/benchmarks/central.md), default-prompts-50-lr-0.03 that with the prompts at the rate"
   echo "TUNE=headline chose for it (\`--prompt-lr 0.03\`); the default-no-refit rows are the default as it was until it"
