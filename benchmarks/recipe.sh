@@ -7,6 +7,7 @@
 #   ROWS="paper default" SETTINGS=default-iid SEEDS=0 bash benchmarks/recipe.sh
 #   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh     # the learning rates of the warm start (1 hour)
 #   TUNE=headline JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh  # the prompts' rate and samples, 50 prompts (4 hours)
+#   TUNE=headline TUNE_SEEDS="0 1 2" VARIANTS="refit-prompt-lr-0.005 refit-prompt-lr-0.01 refit-prompt-lr-0.02" ...  # 3 seeds
 #
 # Rows: the federated linear probe (`--method linear-probe`; linear-probe-all asking every client every round,
 # --clients-per-round 10, whose fit is the central one), the paper's recipe (no probe round, Adam at 0.01 for
@@ -90,7 +91,9 @@ headline_options() {  # the options of one TUNE=headline variant, beside the pro
     keep-1.0) echo "$PROBE_5 --keep-ratio 1.0 --prompt-lr $WARM_LR" ;;  # every sample in split training: twice the steps
     keep-1.0-prompt-lr-0.001) echo "$PROBE_5 --keep-ratio 1.0 --prompt-lr 0.001" ;;
     # then the default recipe: the probe round of every client, and a refit round closing the run
+    refit-prompt-lr-0.005) echo "--refit-rounds 1 --prompt-lr 0.005" ;;
     refit-prompt-lr-0.01) echo "--refit-rounds 1 --prompt-lr 0.01" ;;  # the default
+    refit-prompt-lr-0.02) echo "--refit-rounds 1 --prompt-lr 0.02" ;;
     refit-prompt-lr-0.03) echo "--refit-rounds 1 --prompt-lr 0.03" ;;
     refit-prompt-lr-0.1) echo "--refit-rounds 1 --prompt-lr 0.1" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
@@ -99,13 +102,16 @@ headline_options() {  # the options of one TUNE=headline variant, beside the pro
 
 if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the prompts' rate and how many samples they see
   VARIANTS=${VARIANTS:-prompt-lr-0.0003 prompt-lr-0.001 prompt-lr-0.003 prompt-lr-0.01 keep-1.0 keep-1.0-prompt-lr-0.001
-    refit-prompt-lr-0.01 refit-prompt-lr-0.03 refit-prompt-lr-0.1}
+    refit-prompt-lr-0.005 refit-prompt-lr-0.01 refit-prompt-lr-0.02 refit-prompt-lr-0.03 refit-prompt-lr-0.1}
   for variant in $VARIANTS; do headline_options "$variant" > /dev/null; done
-  for variant in $VARIANTS; do
-    wait_for_lane "${JOBS:-1}"
-    # shellcheck disable=SC2046
-    run_once "$OUT/tune-headline/$variant/seed-0" "$OUT/tune-headline/$variant/seed-0.log" --prompt-tokens 50 \
-      --probe-rounds 1 --lr "$WARM_LR" $(headline_options "$variant") --validation-samples 500 --no-progress "${size[@]}" &
+  for seed in ${TUNE_SEEDS:-0}; do  # seed 0 first: every variant's one-seed figure before any second seed
+    for variant in $VARIANTS; do
+      wait_for_lane "${JOBS:-1}"
+      # shellcheck disable=SC2046
+      run_once "$OUT/tune-headline/$variant/seed-$seed" "$OUT/tune-headline/$variant/seed-$seed.log" --prompt-tokens 50 \
+        --probe-rounds 1 --lr "$WARM_LR" $(headline_options "$variant") --validation-samples 500 --no-progress \
+        --seed "$seed" "${size[@]}" &
+    done
   done
   wait_for_all
   TUNE_DOC=${TUNE_DOC:-docs/benchmarks/recipe-tuning-headline.md}
@@ -116,7 +122,8 @@ if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the pr
     echo "then), the refit- rows of every client, closing with a refit round (--refit-rounds 1, the default now);"
     echo "prompt-lr-R rows train the prompts at R on the kept half (the default --keep-ratio 0.5), keep-1.0 rows on every"
     echo "sample (--keep-ratio 1.0, at $WARM_LR or the rate named); each run evaluated on 500 validation"
-    echo "samples held out of the clients' data (the test set unread). One seed a row."
+    echo "samples held out of the clients' data (the test set unread). The seeds column says which seeds a row's"
+    echo "figures rest on (TUNE_SEEDS; seed 0 alone unless it says more)."
     echo
     tune_rows=(); for variant in $VARIANTS; do tune_rows+=("$OUT/tune-headline/$variant"); done  # each ran above
     python benchmarks/table.py "${tune_rows[@]}"
