@@ -8,12 +8,12 @@
 # so the benchmark can be stopped and restarted at any time, and the table can be written at any point
 # from what is finished (it says how many seeds each accuracy rests on).
 #
-#   bash benchmarks/privacy.sh            # about 6 hours on two CPU cores (2 for seed 0 alone)
+#   bash benchmarks/privacy.sh            # about 6.5 hours of one core (runs 4.5, audits 2; seed 0 alone 4)
 #   SHARED=/path/to/shared OUT=results/privacy SEEDS="0" ROWS="none pool-2" bash benchmarks/privacy.sh
 #
 # ROWS picks some configurations by name (all by default), so that two copies can share the work,
 # e.g. each with OMP_NUM_THREADS=1 on two cores. Each audit attacks every send the victim makes over the whole
-# run (`sfprompt audit --sends run`, which replays the run first: about 8 minutes of one core a row) and redoes
+# run (`sfprompt audit --sends run`, which replays the run first: 4 to 19 minutes of one core a row) and redoes
 # an audit made of one round; SENDS=round attacks one round's sends instead, where a row has no audit yet.
 # The table says which sends its audits attacked. SIZE and AUDIT_SIZE append options to every run and
 # audit, and DOC names the document written (a test runs the whole script at a tiny size this way).

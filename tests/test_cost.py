@@ -70,6 +70,12 @@ def test_a_probe_round_is_costed_as_a_real_one_and_only_where_a_run_has_one():
     # the prompts ride in the features: more server FLOPs than the prompt-free probe's, fewer than a split round's
     assert estimated["linear-probe"]["server_flops"] < probe_round["server_flops"] < estimated["sfprompt"]["server_flops"]
     assert "sfprompt: a probe round" not in estimate(CONFIG.replace(probe_rounds=0), 12, 10, ["sfprompt"])
+    # a run that only closes with a refit round has one too, and so has sfprompt costed beside options of another
+    # method that it refuses (--train-body): its round under those options, its probe rounds as its runs have them
+    refit_only = estimate(CONFIG.replace(probe_rounds=0, refit_rounds=1), 12, 10, ["sfprompt"])
+    beside_sfl = estimate(CONFIG.replace(method="sfl", train_body=True), 12, 10, ["sfprompt", "sfl"])
+    assert refit_only["sfprompt: a probe round"] == beside_sfl["sfprompt: a probe round"] == probe_round
+    assert "sfl: a probe round" not in beside_sfl
 
 
 def test_upload_noise_changes_no_cost_and_the_probe_is_still_costed():

@@ -186,6 +186,8 @@ def test_the_log_states_each_guarantee_only_where_it_holds_end_to_end():
     ({"upload_clip": 1.0, "upload_epsilon": 1.0}, r"set --probe-rounds 0 \(the refit rounds then default to 0 too\)$"),
     ({"upload_clip": 1.0, "upload_epsilon": 1.0, "refit_rounds": 1}, "set --probe-rounds 0 and --refit-rounds 0$"),
     ({"upload_clip": 1.0, "upload_epsilon": 1.0, "probe_rounds": 0, "refit_rounds": 1}, "set --refit-rounds 0$"),
+    # with 2 rounds the probe rounds derive to 0 beside a refit round, and to 1 once it is gone: both must be named
+    ({"upload_clip": 1.0, "upload_epsilon": 1.0, "rounds": 2, "refit_rounds": 1}, "set --probe-rounds 0 and --refit-rounds 0$"),
     ({"upload_clip": 1.0, "upload_epsilon": 1.0, "method": "linear-probe"}, "use another method"),
 ])
 def test_bad_privacy_options_are_refused(options, message):

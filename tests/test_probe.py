@@ -11,11 +11,13 @@ from safetensors.torch import load_file
 from sfprompt.aggregate import fedavg
 from sfprompt.client import Client
 from sfprompt.codec import Message, decode
+from sfprompt.compare import tabulate
 from sfprompt.config import ConfigError
 from sfprompt.federation import prepare
 from sfprompt.probe import ABSENT, STATISTICS, accumulate, feature_statistics, fit_classifier, oas_shrunk
 from sfprompt.runner import run
 from sfprompt.server import BodyServer
+from sfprompt.tracking import Scalars
 from sfprompt.meter import Meter
 from sfprompt.transport import InProcessLink
 
@@ -386,9 +388,12 @@ def test_the_default_recipe_opens_and_closes_with_a_probe_round_of_every_client(
     assert [len(r["clients"]) for r in history] == [3, 2, 3]  # the probe rounds ask every client
     assert ["up/probe" in r["bytes_by_phase"] for r in history] == [True, False, True]  # the prompts moved: sent again
     assert [r["stale_tail"] for r in history] == [False, True, False]  # recorded, so that a reader can tell
-    from sfprompt.compare import tabulate
-    from sfprompt.tracking import Scalars
-
     assert [h["stale_tail"] for h in tabulate("run", tmp_path / "run", None)["history"]] == [False, True, False]
+    older = tmp_path / "older"  # the same run's records as written before the field: read from its config
+    older.mkdir()
+    (older / "config.json").write_text((tmp_path / "run" / "config.json").read_text())
+    (older / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "stale_tail"}) + "\n"
+                                                 for r in history))
+    assert [h["stale_tail"] for h in tabulate("older", older, None)["history"]] == [False, True, False]
     shown = [sorted(tag for tag in Scalars([])(r) if tag.startswith(("accuracy", "loss/test"))) for r in history]
     assert shown[1] == ["accuracy/test_stale_tail", "loss/test_stale_tail"] and shown[0] == shown[2] == ["accuracy/test", "loss/test"]

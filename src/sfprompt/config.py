@@ -337,11 +337,15 @@ class Config:
                                                        self._without_probe_rounds()))
 
     def _without_probe_rounds(self) -> str:
-        """What to set for a run with no probe rounds: --probe-rounds 0 alone where the refit rounds follow it."""
-        if self.probe_rounds and "refit_rounds" in self._derived:
-            return "set --probe-rounds 0" + (" (the refit rounds then default to 0 too)" if self.refit_rounds else "")
-        return "set " + " and ".join(f"--{_flag(name)} 0" for name in ("probe_rounds", "refit_rounds")
-                                     if getattr(self, name))
+        """What to set for a run with no probe rounds: --probe-rounds 0 where it is nonzero or derived (a derived 0
+        turns 1 once the refit rounds are 0), --refit-rounds 0 where it was given (a derived one follows the other)."""
+        flags = []
+        if self.probe_rounds or "probe_rounds" in self._derived:
+            flags.append("--probe-rounds 0")
+        if self.refit_rounds and "refit_rounds" not in self._derived:
+            flags.append("--refit-rounds 0")
+        follows = self.refit_rounds and "refit_rounds" in self._derived
+        return "set " + " and ".join(flags) + (" (the refit rounds then default to 0 too)" if follows else "")
 
     def _check_forward_only(self) -> None:
         if self.directions < 1:

@@ -13,7 +13,8 @@ balanced label mix, as IID data gives). Each phase's costs are scaled by the rat
 the broadcast and upload do not depend on the data and are taken as measured. Per-message headers (a
 few hundred bytes) are scaled with the samples too, a negligible error at real activation sizes.
 Client peak memory is measured as the probe runs: full batches, and a second epoch with the
-optimiser's state, as in a training run.
+optimiser's state, as in a training run. A method whose run opens or closes with probe rounds (SFPrompt's
+default recipe) gets a second row, one of those rounds: the linear probe's round through its prompts.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .server import BodyServer
 from .transport import InProcessLink
 
 COSTS = ("client_flops", "server_flops", "bytes_up", "bytes_down", "client_peak_memory_bytes")
+PROBE_ROUND = "a probe round"  # the name of a method's opening and refit rounds in `estimate`'s results
 COUNTING_MODEL, COUNTING_SIZE = "test_vit", 32  # the tiny ViT that counts a round's samples per phase
 
 
@@ -55,16 +57,15 @@ def _round(config: Config, vit: torch.nn.Module, method_name: str, samples: int,
            settings: TrainSettings, probe_round: bool = False) -> tuple[dict, Counter]:
     """One client round through `vit` (real, or fake: `fake_vit`) on `samples` random images with balanced
     labels: its costs as a training run measures them, and the samples each phase processed. `probe_round`: the
-    round of the method's run that opens or closes it with a linear probe (its prompts in the features), as its
-    `stage` runs it."""
+    round of the method's run that opens or closes it, which the linear probe runs through the method's prompts
+    (`Method.stage`)."""
     model = SplitViT.from_config(vit, config, 0 if method_name in PROMPT_FREE else config.prompt_tokens)
     generator = torch.Generator().manual_seed(config.seed)
     size = vit.patch_embed.img_size
     images = torch.randn(samples, 3, *size, generator=generator)
     data = [(images[i], i % num_classes) for i in range(samples)]
-    method, meter, device = METHODS[method_name](), Meter(), torch.device("cpu")
-    if probe_round:  # the first round where the run opens with probe rounds, else its last
-        method = method.stage(1 if config.probe_rounds else config.rounds, config)
+    method = METHODS["linear-probe" if probe_round else method_name]()  # a probe round: through the method's prompts
+    meter, device = Meter(), torch.device("cpu")
     body = BodyServer(model, meter, device, max_batch=max(4096, samples))  # counting: one batch of every image
     link = InProcessLink(body, meter, device,
                          model.messages.max_bytes(settings.batch_size, method.state_bytes(model)))
@@ -93,29 +94,33 @@ def _estimate(config: Config, samples_per_client: int, num_classes: int, methods
     results = {}
     for name in methods:
         method, overrides = VARIANTS.get(name, (name, {}))  # a variant: the method with other options
-        variant = _as_method(config, method, overrides)
+        variant, has_probe_rounds = _as_method(config, method, overrides)
         results[name] = _method_round(variant, vit, counting_vit, method, samples_per_client, num_classes,
                                       probe_samples)
-        if variant.method == method and variant.has_probe_rounds:  # its opening and refit rounds: the probe's, with
-            # its prompts in the features
+        if has_probe_rounds:  # its opening and refit rounds: the probe's, with its prompts in the features
             results[f"{name}: {PROBE_ROUND}"] = _method_round(variant, vit, counting_vit, method, samples_per_client,
                                                               num_classes, probe_samples, probe_round=True)
     return results
 
 
-def _as_method(config: Config, method: str, overrides: dict) -> Config:
-    """`config` as a run of `method` takes it (with a variant's overrides), the defaults it derives its own. Where
-    the method refuses an option that `config` sets for its own (--pool-tokens for fl, which sends no activation),
-    `config` as it is: the option shapes none of that method's messages, and its round is costed as before."""
+def _as_method(config: Config, method: str, overrides: dict) -> tuple[Config, bool]:
+    """`config` as a run of `method` takes it (with a variant's overrides, the defaults it derives its own), and
+    whether that run opens or closes with probe rounds. Where the method refuses an option that `config` sets for
+    its own method (--pool-tokens for fl, which sends no activation; --train-body for sfprompt), its round is costed
+    under `config` as it is, as before probe rounds were costed, and its probe rounds are those of a run of it with
+    `config`'s rounds and probe options."""
     try:
-        return config.replace(method=method, **overrides)
+        variant = config.replace(method=method, **overrides)
+        return variant, variant.has_probe_rounds
     except ConfigError:
         if overrides:
             raise
-        return config
-
-
-PROBE_ROUND = "a probe round"  # the name of a method's opening and refit rounds in `estimate`'s results
+    given = {name: value for name, value in config.given().items() if name in ("probe_rounds", "refit_rounds")
+             and value is not None}
+    try:
+        return config, Config(method=method, rounds=config.rounds, **given).has_probe_rounds
+    except ConfigError:  # probe options its method's runs cannot take: no probe round to cost
+        return config, False
 
 
 def _method_round(variant: Config, vit: torch.nn.Module, counting_vit: torch.nn.Module, method: str,

@@ -250,7 +250,8 @@ def _round(fed: Federation, method: Method, executor: Runtime, round_: int, samp
         "stage": method.name,  # the run's method, or linear-probe in the rounds it opens or closes with
         "accuracy": accuracy,
         "loss": loss,
-        "stale_tail": config.reads_a_stale_tail(round_),  # its accuracy read through a tail the refit rounds replace
+        # its accuracy read through the tail that the refit rounds then replace
+        "stale_tail": accuracy is not None and config.reads_a_stale_tail(round_),
         "train_loss": weighted_mean([u.meta["train_loss"] for u in updates], weights),
         "local_loss": weighted_mean([u.meta.get("local_loss") for u in updates], weights),  # None: no local phase
         **fed.meter.take(),
