@@ -6,7 +6,7 @@
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh            # about 4 hours on two CPU cores
 #   ROWS="paper default" SETTINGS=default-iid SEEDS=0 bash benchmarks/recipe.sh
 #   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh     # the learning rates of the warm start (1 hour)
-#   TUNE=headline JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh  # the prompts' rate and samples, 50 prompts (4 hours)
+#   TUNE=headline JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh  # the prompts' rate and samples, 50 prompts (5 hours)
 #   TUNE=headline TUNE_SEEDS="0 1 2" VARIANTS="refit-prompt-lr-0.005 refit-prompt-lr-0.01 refit-prompt-lr-0.02" ...  # 3 seeds
 #
 # Rows: the federated linear probe (`--method linear-probe`; linear-probe-all asking every client every round,
@@ -101,8 +101,9 @@ headline_options() {  # the options of one TUNE=headline variant, beside the pro
 }
 
 if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the prompts' rate and how many samples they see
-  VARIANTS=${VARIANTS:-prompt-lr-0.0003 prompt-lr-0.001 prompt-lr-0.003 prompt-lr-0.01 keep-1.0 keep-1.0-prompt-lr-0.001
-    refit-prompt-lr-0.005 refit-prompt-lr-0.01 refit-prompt-lr-0.02 refit-prompt-lr-0.03 refit-prompt-lr-0.1}
+  EVERY_VARIANT="prompt-lr-0.0003 prompt-lr-0.001 prompt-lr-0.003 prompt-lr-0.01 keep-1.0 keep-1.0-prompt-lr-0.001
+    refit-prompt-lr-0.005 refit-prompt-lr-0.01 refit-prompt-lr-0.02 refit-prompt-lr-0.03 refit-prompt-lr-0.1"
+  VARIANTS=${VARIANTS:-$EVERY_VARIANT}  # those to run; the report shows every variant that has run
   for variant in $VARIANTS; do headline_options "$variant" > /dev/null; done
   for seed in ${TUNE_SEEDS:-0}; do  # seed 0 first: every variant's one-seed figure before any second seed
     for variant in $VARIANTS; do
@@ -117,7 +118,7 @@ if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the pr
   TUNE_DOC=${TUNE_DOC:-docs/benchmarks/recipe-tuning-headline.md}
   {
     echo "Command: \`TUNE=headline bash benchmarks/recipe.sh\`; $(python benchmarks/write_benchmarks.py --machine). The"
-    echo "headline setting (the default job with 50 prompts), seed 0, the default tail learning rate ($WARM_LR) after a"
+    echo "headline setting (the default job with 50 prompts), the default tail learning rate ($WARM_LR) after a"
     echo "probe round: the rows without refit- of round 1's 5 clients and with no refit round ($PROBE_5, the default"
     echo "then), the refit- rows of every client, closing with a refit round (--refit-rounds 1, the default now);"
     echo "prompt-lr-R rows train the prompts at R on the kept half (the default --keep-ratio 0.5), keep-1.0 rows on every"
@@ -125,7 +126,8 @@ if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the pr
     echo "samples held out of the clients' data (the test set unread). The seeds column says which seeds a row's"
     echo "figures rest on (TUNE_SEEDS; seed 0 alone unless it says more)."
     echo
-    tune_rows=(); for variant in $VARIANTS; do tune_rows+=("$OUT/tune-headline/$variant"); done  # each ran above
+    tune_rows=(); for variant in $EVERY_VARIANT; do  # each that has run, here or before
+      if [ -d "$OUT/tune-headline/$variant" ]; then tune_rows+=("$OUT/tune-headline/$variant"); fi; done
     python benchmarks/table.py "${tune_rows[@]}"
   } > "$TUNE_DOC"
   cat "$TUNE_DOC"
@@ -161,7 +163,7 @@ if [ -z "${TABLE_ONLY:-}" ]; then run_grid; fi
 DOC=${DOC:-docs/benchmarks/recipe.md}
 {
   echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds. Rows: linear-probe is"
-  echo "\`--method linear-probe\`, linear-probe-all that asking every client every round (\`--clients-per-round 10\`),"
+  echo "\`--method linear-probe\`, linear-probe-all the same, asking every client every round (\`--clients-per-round 10\`),"
   echo "default \`sfprompt run\` with no options (a probe round of all 10 clients, SFPrompt's"
   echo "rounds, a refit round of all 10), paper \`--recipe paper\`, default-prompts-50 the default with 50 prompts (the"
   echo "headline setting's, docs/benchmarks/central.md), default-prompts-50-lr-0.03 that with the prompts at the rate"
