@@ -156,8 +156,7 @@ def tabulate(name: str, out: Path, target: float | None) -> dict:
     run still going, or killed, has no summary yet: its rounds so far)."""
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    saved = out / "config.json"  # a record written before stale_tail was: read from the run's config
-    stale = Config.from_saved(json.loads(saved.read_text())).reads_a_stale_tail if saved.is_file() else lambda _: False
+    rule = _stale_tail_rule(out) if any("stale_tail" not in record for record in history) else None
     row = {key: summary[key] for key in COLUMNS if key in summary} | {"method": name}
     row.update(bytes_to_target=None, client_flops_to_target=None, round_to_target=None)
     sent = flops = 0
@@ -168,12 +167,22 @@ def tabulate(name: str, out: Path, target: float | None) -> dict:
         if record["accuracy"] is None:  # a round not evaluated (--eval-every): its costs count towards the next
             continue
         row["history"].append({"round": record["round"], "accuracy": record["accuracy"], "bytes": sent,
-                               "client_flops": flops, "stale_tail": record.get("stale_tail", stale(record["round"]))})
+                               "client_flops": flops,
+                               "stale_tail": record["stale_tail"] if rule is None else rule(record["round"])})
     reached = next((h for h in row["history"] if target is not None and h["accuracy"] >= target), None)
     if reached:
         row.update(bytes_to_target=reached["bytes"], client_flops_to_target=reached["client_flops"],
                    round_to_target=reached["round"])
     return row
+
+
+def _stale_tail_rule(out: Path) -> Callable[[int], bool]:
+    """Which rounds of the run in `out` were read through a stale tail, for records written before stale_tail was:
+    from the run's config (none saved: none)."""
+    saved = out / "config.json"
+    if not saved.is_file():
+        return lambda _: False
+    return Config.from_saved(json.loads(saved.read_text())).reads_a_stale_tail
 
 
 def at_equal_cost(rows: list[dict], cost: str, reference: str = "sfprompt",

@@ -144,7 +144,7 @@ def _rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], star
             tracker.round(record)
             evaluated = ("not evaluated" if record["accuracy"] is None
                          else f"accuracy {record['accuracy']:.4f}  loss {record['loss']:.4f}")
-            if record["accuracy"] is not None and record["stale_tail"]:
+            if record["stale_tail"]:  # set on evaluated rounds only
                 evaluated += " (through the tail trained beside the prompts; the refit rounds fit it to them)"
             measured = [a for a in record.get("client_accuracy") or [] if a is not None]
             if measured:  # a client too small to hold a sample out has none
