@@ -7,8 +7,12 @@ out: benchmarks/runtime.py measures those). Throughput is body samples a second,
 both; the centralised reference runs N x BATCH samples through the body's forward and backward in one
 call, with no server around it. Each --precision is measured the same way (its speed-up is the ratio
 of its rows to fp32's). The batched server's passes through the body per exchange (forward and
-backward, warm-up included) say whether its batches held every client: 2 when they did. A
-configuration that runs out of device memory is reported as such.
+backward, warm-up included) say how many batches a phase took: 2 when one batch held every client,
+more when a forward batch stopped at --batch-samples. A configuration that runs out of device memory
+is reported as such. With --repeats, each mode is measured that many times, interleaved with the
+others (a busy machine then slows each alike), and the median is reported. A second table gives one
+centralised batch's samples a second at each of --batch-sizes: the measurement the server's default
+cap on a forward batch (`server.BATCH_SAMPLES`) follows.
 
     python benchmarks/body_batching.py                      # ViT-S/14 at 56 px on this machine's CPU
     python benchmarks/body_batching.py --model vit_base_patch16_224 --image-size 224 \
@@ -30,7 +34,7 @@ import torch
 from sfprompt.codec import Message
 from sfprompt.meter import Meter
 from sfprompt.model import SplitViT, create_vit
-from sfprompt.server import BodyServer
+from sfprompt.server import BATCH_SAMPLES, BodyServer
 from write_benchmarks import cpu_name, publish
 
 
@@ -64,10 +68,10 @@ def centralised(model: SplitViT, samples: int, steps: int, device: torch.device)
 
 
 def served(model: SplitViT, clients: int, batch: int, steps: int, window_s: float | None,
-           device: torch.device) -> tuple[float, float]:
+           device: torch.device, batch_samples: int | None = None) -> tuple[float, float]:
     """Samples a second of `clients` concurrent clients, each running `steps` exchanges of `batch` samples,
     and the server's passes through the body per exchange."""
-    server = BodyServer(model, Meter(), device, batch_window_s=window_s)
+    server = BodyServer(model, Meter(), device, batch_window_s=window_s, batch_samples=batch_samples)
     sessions = [server.admit(str(k)) for k in range(clients)]
     tokens = [torch.randn(batch, model.layout.length, model.layout.width, device=device) for _ in range(clients)]
     grads = [torch.randn(batch, tail_rows(model), model.layout.width, device=device) for _ in range(clients)]
@@ -128,6 +132,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="each client's samples a request")
     parser.add_argument("--steps", type=int, default=5, help="exchanges each client runs, after one to warm up")
     parser.add_argument("--window-s", type=float, default=0.01, help="the batching server's window")
+    parser.add_argument("--batch-samples", type=int, help="the batching server's cap on a forward batch "
+                        "(default: the device's, server.BATCH_SAMPLES)")
+    parser.add_argument("--repeats", type=int, default=1, help="measurements of each mode, interleaved; the median")
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[],
+                        help="centralised batch sizes to time the body at (a second table)")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--markdown", type=Path)
@@ -137,27 +146,52 @@ def main() -> None:
         machine = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__} (fp32 matrix products in full fp32, no TF32)"
     else:
         machine = f"{cpu_name()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    cap = args.batch_samples or BATCH_SAMPLES.get(device.type)
     lines = [f"Command: `python benchmarks/body_batching.py --model {args.model} --image-size {args.image_size} "
              f"--clients {' '.join(map(str, args.clients))} --batch-size {args.batch_size} --steps {args.steps} "
-             f"--window-s {args.window_s} --precision {' '.join(args.precision)} --device {args.device}`; {machine}. "
+             f"--window-s {args.window_s}" + (f" --batch-samples {args.batch_samples}" if args.batch_samples else "")
+             + (f" --repeats {args.repeats}" if args.repeats > 1 else "")
+             + (f" --batch-sizes {' '.join(map(str, args.batch_sizes))}" if args.batch_sizes else "")
+             + f" --precision {' '.join(args.precision)} --device {args.device}`; {machine}. "
              "Body samples a second (forward and backward) with N concurrent clients of "
              f"{args.batch_size} samples: one request at a time (the default), batched (`body-batching`, window "
-             f"{args.window_s * 1000:g} ms), and one centralised batch of N x {args.batch_size} samples through the "
-             "same body with no server around it.", "",
+             f"{args.window_s * 1000:g} ms, forward batches of at most {cap or 'any number of'} samples), and one "
+             f"centralised batch of N x {args.batch_size} samples through the same body with no server around it"
+             + (f"; each the median of {args.repeats} measurements, interleaved" if args.repeats > 1 else "") + ".", "",
              "| precision | clients | one at a time | batched | centralised batch | batched / centralised "
              "| batched / one at a time | body passes an exchange, batched |", "|---|---|---|---|---|---|---|---|"]
+    sizes = ["", "One centralised batch through the body (forward and backward), samples a second by batch size:", "",
+             "| precision | " + " | ".join(map(str, args.batch_sizes)) + " |", "|---|" + "---|" * len(args.batch_sizes)]
     for precision in args.precision:
         model = split_model(args.model, args.image_size, precision, device)
         for clients in args.clients:
-            central = measure(lambda: centralised(model, clients * args.batch_size, args.steps, device), device)
-            alone = measure(lambda: served(model, clients, args.batch_size, args.steps, None, device)[0], device)
-            batched, passes = measure(lambda: served(model, clients, args.batch_size, args.steps, args.window_s, device),
-                                      device, failed=("out of memory",) * 2)
+            modes = {"central": lambda: (centralised(model, clients * args.batch_size, args.steps, device), 0),
+                     "alone": lambda: served(model, clients, args.batch_size, args.steps, None, device),
+                     "batched": lambda: served(model, clients, args.batch_size, args.steps, args.window_s, device,
+                                               args.batch_samples)}
+            got = {mode: [] for mode in modes}
+            for _ in range(args.repeats):
+                for mode, what in modes.items():
+                    got[mode].append(measure(what, device, failed=("out of memory",) * 2))
+            (central, _), (alone, _), (batched, passes) = (_median(got[mode]) for mode in modes)
             cells = [_rate(v) for v in (alone, batched, central)]
             ratios = [_ratio(batched, central), _ratio(batched, alone)]
             lines.append(f"| {precision} | {clients} | " + " | ".join(cells + ratios) + f" | {_rate(passes, '.1f')} |")
             print(lines[-1], flush=True)
+        if args.batch_sizes:
+            rates = [_median([measure(lambda: centralised(model, size, args.steps, device), device)
+                              for _ in range(args.repeats)]) for size in args.batch_sizes]
+            sizes.append(f"| {precision} | " + " | ".join(_rate(rate) for rate in rates) + " |")
+            print(sizes[-1], flush=True)
+    lines += sizes if args.batch_sizes else []
     publish(lines, args.markdown or Path(f"docs/benchmarks/batching-{device.type}.md"))
+
+
+def _median(values: list):
+    """The median measurement (by its first value when each is a tuple); out of memory if any ran out."""
+    if any(isinstance(v, str) or (isinstance(v, tuple) and isinstance(v[0], str)) for v in values):
+        return next(v for v in values if isinstance(v, str) or isinstance(v[0], str))
+    return sorted(values, key=lambda v: v[0] if isinstance(v, tuple) else v)[len(values) // 2]
 
 
 def _rate(value: float | str, form: str = ",.0f") -> str:

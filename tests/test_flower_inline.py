@@ -389,10 +389,10 @@ def test_body_batching_reaches_the_body_server_and_keeps_the_result(imagefolder,
     run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
     runtimes = []
     nodes, folder_sizes, _ = find_partitions(InlineGrid(3), wait_s=5)
-    options = FlowerOptions(body_batching=True, body_batch_window_s=0.01)
+    options = FlowerOptions(body_batching=True, body_batch_window_s=0.01, body_batch_samples=64)
     run(config.replace(out=str(tmp_path / "flower")), progress=False, log=lambda _: None,
         runtime=lambda fed: runtimes.append(FlowerRuntime(fed, InlineGrid(3), nodes, options, folder_sizes)) or runtimes[-1])
-    assert runtimes[0].body.batch_window_s == 0.01
+    assert runtimes[0].body.batch_window_s == 0.01 and runtimes[0].body.batch_samples == 64
     local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
     assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
 
@@ -444,6 +444,9 @@ def test_body_batching_batches_forward_only_evaluates_and_runs_no_backward(image
 def test_body_batching_is_refused_with_a_trained_body():
     with pytest.raises(ConfigError, match="trained body"):
         from_run_config({"method": "sfl", "train-body": True, "body-batching": True})
+    with pytest.raises(ConfigError, match="body-batch-samples is 0"):
+        from_run_config({"body-batching": True, "body-batch-samples": -1})
+    assert from_run_config({})[1].body_batch_samples == 0  # the device's default, server.BATCH_SAMPLES
 
 
 def assert_flower_gives_the_in_process_result(config, tmp_path):

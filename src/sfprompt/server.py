@@ -22,20 +22,23 @@ other client's answer (each sample goes through the body alone, below). When the
 use them (a trained body's step, fp16's gradient scale), they are read before it.
 
 Batching (`batch_window_s`): requests from concurrent clients (a network channel calls from many
-threads) run through the body as one batch, and each client gets its own rows back. A batch gathers
-until every client that could send such a request has (a backward from each client whose forward
-awaits one, a forward from each other client with a session), `max_batch` samples, or no request
-came for the window (a pause, not a deadline from the first: 32 clients arriving one after another
-outlasted a 10 ms deadline, and the batch cut in two stayed two, each phase paying two passes
-through the body); requests that arrive while the body is busy wait for the next batch. It is exact
-to float tolerance: every body operation acts on each sample alone (attention within a sample,
-LayerNorm per token), so a client's rows and its input gradient depend only on its own samples. A
-backward uses the graph of the batch its forward ran in, with zero gradient for the other members'
-rows; it waits for them no longer than a pause of the window, so a slow or failed client delays no
-one beyond that, and the graph is freed when every member has sent its backward or expired (a
-backward from the graph's last member frees it as it runs; `passes` counts the body's passes).
-FLOPs are counted per client as if run alone (`_counted`). Off (None) by default: then requests run
-one at a time, and a run gives the same numbers bit for bit whatever the timing.
+threads) run through the body as one batch, and each client gets its own rows back. A forward batch
+gathers until no client that could send one is left out (every client with a session, less those
+whose forward awaits its backward or whose request is in flight), `batch_samples` samples (the
+device's default: `BATCH_SAMPLES`), or no request came for the window (a pause, not a deadline from
+the first: 32 clients arriving one after another outlasted a 10 ms deadline, and the batch cut in two
+stayed two, each phase paying two passes through the body); what is left over makes the next batch.
+A backward batch gathers until every graph its members ran in has all their backwards (one pass a
+graph), or a pause of the window. Gathered batches run one at a time on the server's one body
+thread, backwards before forwards. It is exact to float tolerance: every body operation acts on each
+sample alone (attention within a sample, LayerNorm per token), so a client's rows and its input
+gradient depend only on its own samples. A backward uses the graph of the batch its forward ran in,
+with zero gradient for the other members' rows; it waits for them no longer than a pause of the
+window, so a slow or failed client delays no one beyond that, and the graph is freed when every
+member has sent its backward or expired (a backward from the graph's last member frees it as it
+runs; `passes` counts the body's passes). FLOPs are counted per client as if run alone
+(`_counted`). Off (None) by default: then requests run one at a time, and a run gives the same
+numbers bit for bit whatever the timing.
 
 Clients may end their heads at different blocks (heterogeneous budgets: `splits`): a session is
 admitted with its client's split point, the body runs the blocks after it for that client, and its
@@ -51,12 +54,15 @@ Thapa et al.'s SplitFedV1): then each client trains its own copy of the round's 
 from __future__ import annotations
 
 import copy
+import heapq
 import hmac
+import itertools
 import math
 import secrets
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -76,6 +82,10 @@ def body_optimizer(settings) -> Callable[[nn.Module], torch.optim.Optimizer]:
 
 
 KINDS = ("forward", "backward", "features", "evaluate")  # the requests that reach the body ("done" closes a session)
+# Batching: the body samples a gathered batch holds at most, by device type. On two CPU cores the body
+# runs no faster a sample above about 128 (and slower from 512: docs/benchmarks/batching-cpu.md), so a
+# larger batch only makes its members wait for each other; a GPU gathers every request it can.
+BATCH_SAMPLES = {"cpu": 128}
 FP16_GRAD_PEAK = 2.0**8  # under --precision fp16 a gradient is scaled so its largest entry is about this
 
 
@@ -159,9 +169,11 @@ class BodyServer:
     def __init__(self, model: SplitViT, meter: Meter, device: torch.device,
                  body_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
                  pending_timeout_s: float = 600.0, max_batch: int = 4096,
-                 batch_window_s: float | None = None) -> None:
+                 batch_window_s: float | None = None, batch_samples: int | None = None) -> None:
         if batch_window_s is not None and (batch_window_s < 0 or body_optimizer is not None):
             raise ValueError("a batch window is 0 s or more, and cannot batch a trained body (a copy per client)")
+        if batch_samples is not None and batch_samples < 1:
+            raise ValueError(f"a batch holds at least 1 sample, got batch_samples={batch_samples}")
         self.model = model
         self.body = model.body
         self.layout = model.layout
@@ -172,13 +184,22 @@ class BodyServer:
         # client crashed) is dropped after pending_timeout_s.
         self._pending: dict[str, _Pending] = {}
         self.pending_timeout_s = pending_timeout_s
-        self.max_batch = max_batch  # images in one request; a gathering batch stops at this many body samples
+        self.max_batch = max_batch  # images in one request
         self.batch_window_s = batch_window_s
+        # batching: a gathering batch stops at this many body samples (default: the device's, BATCH_SAMPLES)
+        self.batch_samples = batch_samples or BATCH_SAMPLES.get(device.type, max_batch)
         # client id -> [its session secret for this round, the last sequence number it used, its split]
         self._sessions: dict[str, list] = {}
         # The server's state; held for the whole request when not batching (one request at a time).
         self._lock = threading.RLock()
-        self._compute = threading.Lock()  # batching: one batch in the body at a time
+        # batching: the one thread that runs every batch through the body, one at a time. A CPU body run
+        # from whichever client thread leads a batch ran 10 to 15 % slower a sample on two cores: each
+        # leading thread brings its own OpenMP team to spin beside the others, and frees a graph that
+        # another thread's allocator arena holds (docs/benchmarks/batching-cpu.md).
+        self._body_thread = ThreadPoolExecutor(1, thread_name_prefix="body") if batch_window_s is not None else None
+        self._batches: list[tuple[int, int, list[_Request]]] = []  # batching: gathered, waiting for the body (a heap)
+        self._order = itertools.count()  # batching: the order batches were gathered in
+        self._in_flight: set[str] = set()  # batching: clients with a request queued or in the body
         self._queued: dict[str, list[_Request]] = {kind: [] for kind in KINDS}  # batching: waiting requests
         self._arrived = threading.Condition(self._lock)  # batching: a request was queued
         # client id -> [its body copy, its optimiser, samples trained] for this round (--train-body).
@@ -244,44 +265,70 @@ class BodyServer:
 
     def _join_batch(self, message: Message) -> _Request:
         """Check the request and queue it by its kind, in one step under the server's lock (a gathering
-        batch counts each client as owing a request or as queued, never neither); the first in the
-        queue leads: it gathers until every client that could send such a request has, max_batch
-        samples, or a pause of the window, then runs them all."""
+        batch counts each client as owing a request, as in flight or as free to send, never two of them);
+        the first in an empty queue leads: it gathers until every client that could send such a request
+        has, `batch_samples` samples, or a pause of the window, hands that batch to the body thread, and
+        gathers the next from what is left, until the queue is empty."""
         with self._arrived:
             self._expire()
             request = self._check(message)
+            self._in_flight.add(request.client)
             queue = self._queued[request.kind]
             queue.append(request)
             self._arrived.notify_all()
-            if len(queue) > 1:
-                batch = None
-            else:
-                batch = self._gather(queue)
-        if batch is None:
-            request.done.wait()
-        else:
-            with self._compute:
-                self._run(batch)
+            if len(queue) == 1:
+                while queue:
+                    batch = self._gather(queue)
+                    heapq.heappush(self._batches, (0 if batch[0].kind == "backward" else 1, next(self._order), batch))
+                    self._body_thread.submit(self._run_next)
+        request.done.wait()
         return request
 
+    def _run_next(self) -> None:
+        """The body thread's task (one a gathered batch): run the waiting batch that goes first. Backwards go
+        before forwards, oldest first within each: a backward frees its graph, and on a CPU a body that
+        ran every client's forward before any backward held every graph at once and ran 20 % slower a
+        sample (docs/benchmarks/batching-cpu.md)."""
+        with self._lock:
+            _, _, batch = heapq.heappop(self._batches)
+        try:
+            self._run(batch)
+        finally:
+            with self._arrived:
+                self._in_flight.difference_update(request.client for request in batch)
+                self._arrived.notify_all()
+
     def _gather(self, queue: list[_Request]) -> list[_Request]:
-        """The leader's wait (holding `_arrived`): the queue's requests once it is complete or paused."""
-        arrived, deadline, kind = 0, 0.0, queue[0].kind
-        while len(queue) < self._could_send(kind) and sum(len(r.tensor) for r in queue) < self.max_batch:
+        """The leader's wait (holding `_arrived`): the head of the queue once it is complete or paused, cut
+        at `batch_samples` samples for forwards (the rest stays queued)."""
+        arrived, deadline = 0, 0.0
+        while not self._gathered(queue):
             if len(queue) > arrived:
                 arrived, deadline = len(queue), time.monotonic() + self.batch_window_s
             if (left := deadline - time.monotonic()) <= 0:
                 break
             self._arrived.wait(left)
-        batch = queue[:]
-        queue.clear()
+        taken, samples = 0, 0
+        while taken < len(queue) and (queue[0].kind == "backward" or samples < self.batch_samples):
+            samples += len(queue[taken].tensor)
+            taken += 1
+        batch = queue[:taken]
+        del queue[:taken]
         return batch
 
-    def _could_send(self, kind: str) -> int:
-        """How many requests of `kind` a batch gathering now could hold: a backward from every client whose
-        forward awaits one (those queued already left `_pending`), a forward from every other client."""
-        owing = len(self._pending)
-        return owing + len(self._queued["backward"]) if kind == "backward" else len(self._sessions) - owing
+    def _gathered(self, queue: list[_Request]) -> bool:
+        """Whether a gathering batch is complete: no client that could still send such a request is left;
+        or, for forwards, `batch_samples` samples are in it; or, for backwards, every graph they ran in
+        has all its members' (each graph takes one backward pass whatever the batch holds, and a graph's
+        members that came apart would take one each)."""
+        kind = queue[0].kind
+        if kind == "backward":
+            if not self._pending:  # every client that owes a backward has sent it
+                return True
+            members = Counter(id(request.pending.graph) for request in queue)
+            return all(members[id(request.pending.graph)] == request.pending.graph.owing for request in queue)
+        free = self._sessions.keys() - self._pending.keys() - self._in_flight  # no forward awaits their backward
+        return not free or sum(len(request.tensor) for request in queue) >= self.batch_samples
 
     def _expire(self) -> None:
         stale = time.monotonic() - self.pending_timeout_s

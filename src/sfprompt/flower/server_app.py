@@ -53,7 +53,8 @@ class FlowerRuntime:
         self.body = BodyServer(fed.model, fed.meter, fed.device,
                                body_optimizer(fed.settings) if fed.config.train_body else None,
                                pending_timeout_s=options.body_timeout_s,
-                               batch_window_s=options.body_batch_window_s if options.body_batching else None)
+                               batch_window_s=options.body_batch_window_s if options.body_batching else None,
+                               batch_samples=options.body_batch_samples or None)
         self.token = options.resolved_token()
         # A request waits in its worker while its batch gathers: a worker for every client of a round (a probe
         # round's too, and as many again for stragglers of the last), so that a batch can hold every client at once;

@@ -28,6 +28,7 @@ class FlowerOptions:
     body_timeout_s: float = 600.0  # a client's wait for one exchange; the server's wait for a backward
     body_batching: bool = False  # run concurrent clients' requests through the body as one batch
     body_batch_window_s: float = 0.01  # how long a batch waits for more clients' requests
+    body_batch_samples: int = 0  # the most samples a forward batch gathers (0: the device's, server.BATCH_SAMPLES)
     wait_for_nodes_s: float = 300.0  # how long the ServerApp waits for every partition's SuperNode
     resume: bool = False  # continue the run in `out` after its last checkpointed round
     max_examples: int = 0  # the most examples a node with its own data may weigh in FedAvg (0: what it reported)
@@ -71,6 +72,8 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerOption
     config, options = Config.from_dict(config_values), FlowerOptions(**own_values)
     if options.body_batch_window_s < 0:
         raise ConfigError(f"body-batch-window-s must be 0 or more, got {options.body_batch_window_s}")
+    if options.body_batch_samples < 0:
+        raise ConfigError(f"body-batch-samples is 0 (the device's default) or more, got {options.body_batch_samples}")
     if not options.secagg_clipping_range > 0:
         raise ConfigError(f"secagg-clipping-range must be positive, got {options.secagg_clipping_range}")
     if not 0 < options.secagg_threshold <= 1:
