@@ -294,8 +294,8 @@ def test_a_forgotten_client_in_a_batch_gets_an_error_and_leaves_nothing_held():
 
 
 def test_forward_batches_stop_at_batch_samples_and_each_graph_takes_one_backward_pass():
-    """A forward batch is cut at `batch_samples` (on two CPU cores a body of every client's samples at once
-    ran 20 % slower a sample than one of 128); a backward batch waits for every member of its graph, so a
+    """A forward batch is cut at `batch_samples` (on two CPU cores a body of 1,024 samples ran 0.66× as fast a
+    sample as one of 128: docs/benchmarks/batching-cpu.md); a backward batch waits for every member of its graph, so a
     graph is never backpropagated twice for members that came apart."""
     _, model = tiny_split()
     server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=30.0, batch_samples=4)
@@ -320,9 +320,9 @@ def test_forward_batches_stop_at_batch_samples_and_each_graph_takes_one_backward
 
 
 def test_a_waiting_backward_runs_before_a_waiting_forward_and_every_batch_on_one_thread():
-    """Backwards go first (each frees its graph: a CPU body holding every client's graph at once ran 20 %
-    slower a sample), and the body runs in one thread whoever led the batch (a CPU body run from each
-    leading client's thread ran 10 to 15 % slower: each thread's OpenMP team and allocator arena)."""
+    """Backwards go first (each frees its graph: a CPU body holding every client's graph at once ran slower
+    a sample), and the body runs in one thread whoever led the batch (a CPU body run from each leading
+    client's thread ran slower: each thread's OpenMP team and allocator arena)."""
     _, model = tiny_split()
     server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=30.0, batch_samples=2)
     order, threads, run = [], set(), server._run

@@ -82,9 +82,9 @@ def body_optimizer(settings) -> Callable[[nn.Module], torch.optim.Optimizer]:
 
 
 KINDS = ("forward", "backward", "features", "evaluate")  # the requests that reach the body ("done" closes a session)
-# Batching: the body samples a gathered batch holds at most, by device type. On two CPU cores the body
-# runs no faster a sample above about 128 (and slower from 512: docs/benchmarks/batching-cpu.md), so a
-# larger batch only makes its members wait for each other; a GPU gathers every request it can.
+# Batching: the most body samples a gathered forward batch holds, by device type. On two CPU cores the
+# body runs no faster a sample above 128 and slower from 256 (docs/benchmarks/batching-cpu.md), so a
+# larger batch only holds more graphs at once; a GPU gathers every request it can (up to max_batch).
 BATCH_SAMPLES = {"cpu": 128}
 FP16_GRAD_PEAK = 2.0**8  # under --precision fp16 a gradient is scaled so its largest entry is about this
 
@@ -193,9 +193,9 @@ class BodyServer:
         # The server's state; held for the whole request when not batching (one request at a time).
         self._lock = threading.RLock()
         # batching: the one thread that runs every batch through the body, one at a time. A CPU body run
-        # from whichever client thread leads a batch ran 10 to 15 % slower a sample on two cores: each
-        # leading thread brings its own OpenMP team to spin beside the others, and frees a graph that
-        # another thread's allocator arena holds (docs/benchmarks/batching-cpu.md).
+        # from whichever client thread leads a batch ran slower a sample: each leading thread brings its
+        # own OpenMP team to spin beside the others, and frees a graph that another thread's allocator
+        # arena holds (docs/benchmarks/batching-cpu.md).
         self._body_thread = ThreadPoolExecutor(1, thread_name_prefix="body") if batch_window_s is not None else None
         self._batches: list[tuple[int, int, list[_Request]]] = []  # batching: gathered, waiting for the body (a heap)
         self._order = itertools.count()  # batching: the order batches were gathered in
@@ -287,8 +287,8 @@ class BodyServer:
     def _run_next(self) -> None:
         """The body thread's task (one a gathered batch): run the waiting batch that goes first. Backwards go
         before forwards, oldest first within each: a backward frees its graph, and on a CPU a body that
-        ran every client's forward before any backward held every graph at once and ran 20 % slower a
-        sample (docs/benchmarks/batching-cpu.md)."""
+        ran every client's forward before any backward held every graph at once and ran slower a sample
+        (docs/benchmarks/batching-cpu.md)."""
         with self._lock:
             _, _, batch = heapq.heappop(self._batches)
         try:
