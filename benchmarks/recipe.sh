@@ -10,10 +10,10 @@
 #   TUNE=headline TUNE_SEEDS="0 1 2" VARIANTS="refit-prompt-lr-0.005 refit-prompt-lr-0.01 refit-prompt-lr-0.02" ...  # 3 seeds
 #
 # Rows: the federated linear probe (`--method linear-probe`; linear-probe-all asking every client every round,
-# --clients-per-round 10, whose fit is the central one), the paper's recipe (no probe round, Adam at 0.01 for
-# prompts and tail, the paper's float32 wire format: --recipe paper), and SFPrompt's default (`sfprompt run` with
-# no options: a first round in which every client sends its samples' features on the initial prompts once and the
-# server fits the tail in closed form, then SFPrompt's rounds with the tail at the learning rate TUNE chose and the
+# whose fit is the central one), the paper's recipe (no probe round, Adam at 0.01 for prompts and tail, the
+# paper's float32 wire format: --recipe paper), and SFPrompt's default (`sfprompt run` with no options: a first
+# round in which every client sends its samples' features on the initial prompts once and the server fits the
+# tail in closed form, then SFPrompt's rounds with the tail at the learning rate TUNE chose and the
 # prompts at 0.01, then a refit round in which every client sends its features once more, with the trained prompts,
 # and the classifier is fitted on them afresh; float32 on the wire with the shared rows once); default-prompts-50
 # the default with 50 prompts, default-prompts-50-lr-0.03 that with the prompts at the rate TUNE=headline chose
@@ -47,6 +47,12 @@ NO_REFIT="--refit-rounds 0"  # no closing refit round, the prompts at WARM_LR: t
 PROBE_5="--probe-clients 5 $NO_REFIT"  # and the probe round asks round 1's draw of 5, the default until it asked all 10
 read -r -a size <<< "${SIZE:-}"
 
+every_client() {  # the clients of a run: SIZE's --clients, else the default job's 10
+  local clients=10 i
+  for ((i = 0; i < ${#size[@]} - 1; i++)); do if [ "${size[i]}" = --clients ]; then clients=${size[i + 1]}; fi; done
+  echo "$clients"
+}
+
 setting() {  # the data, partition and rounds of a setting
   local fashion="--dataset fashion-mnist --data-dir $SHARED/data --weights $SHARED/models/vit_small_patch14_dinov2.imgfocus.safetensors --train-samples 5000 --test-samples 2000"
   case "$1" in
@@ -62,7 +68,7 @@ options() {  # the options of one row
   case "$1" in
     linear-probe) echo "--method linear-probe" ;;
     # the probe asking every client every round: each sends once, in round 1, and the fit is the central one
-    linear-probe-all) echo "--method linear-probe --clients-per-round 10" ;;
+    linear-probe-all) echo "--method linear-probe --clients-per-round $(every_client)" ;;
     paper) echo "--recipe paper" ;;
     # the defaults: a probe round of every client, SFPrompt's rounds (the tail at WARM_LR, the prompts at 0.01), a
     # closing refit round of every client
@@ -96,13 +102,16 @@ headline_options() {  # the options of one TUNE=headline variant, beside the pro
     refit-prompt-lr-0.02) echo "--refit-rounds 1 --prompt-lr 0.02" ;;
     refit-prompt-lr-0.03) echo "--refit-rounds 1 --prompt-lr 0.03" ;;
     refit-prompt-lr-0.1) echo "--refit-rounds 1 --prompt-lr 0.1" ;;
+    refit-keep-1.0) echo "--refit-rounds 1 --keep-ratio 1.0 --prompt-lr 0.01" ;;  # every sample: twice the prompts' steps
+    refit-keep-1.0-prompt-lr-0.005) echo "--refit-rounds 1 --keep-ratio 1.0 --prompt-lr 0.005" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
 
 if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the prompts' rate and how many samples they see
   EVERY_VARIANT="prompt-lr-0.0003 prompt-lr-0.001 prompt-lr-0.003 prompt-lr-0.01 keep-1.0 keep-1.0-prompt-lr-0.001
-    refit-prompt-lr-0.005 refit-prompt-lr-0.01 refit-prompt-lr-0.02 refit-prompt-lr-0.03 refit-prompt-lr-0.1"
+    refit-prompt-lr-0.005 refit-prompt-lr-0.01 refit-prompt-lr-0.02 refit-prompt-lr-0.03 refit-prompt-lr-0.1
+    refit-keep-1.0 refit-keep-1.0-prompt-lr-0.005"
   VARIANTS=${VARIANTS:-$EVERY_VARIANT}  # those to run; the report shows every variant that has run
   for variant in $VARIANTS; do headline_options "$variant" > /dev/null; done
   for seed in ${TUNE_SEEDS:-0}; do  # seed 0 first: every variant's one-seed figure before any second seed
@@ -163,7 +172,7 @@ if [ -z "${TABLE_ONLY:-}" ]; then run_grid; fi
 DOC=${DOC:-docs/benchmarks/recipe.md}
 {
   echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds. Rows: linear-probe is"
-  echo "\`--method linear-probe\`, linear-probe-all the same, asking every client every round (\`--clients-per-round 10\`),"
+  echo "\`--method linear-probe\`, linear-probe-all the same, asking every client every round (\`--clients-per-round $(every_client)\`),"
   echo "default \`sfprompt run\` with no options (a probe round of all 10 clients, SFPrompt's"
   echo "rounds, a refit round of all 10), paper \`--recipe paper\`, default-prompts-50 the default with 50 prompts (the"
   echo "headline setting's, docs/benchmarks/central.md), default-prompts-50-lr-0.03 that with the prompts at the rate"

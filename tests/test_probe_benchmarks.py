@@ -16,16 +16,19 @@ TINY = "--train-samples 40 --test-samples 20 --image-size 28"
 def test_the_recipe_benchmark_runs_each_row_and_writes_its_report(tmp_path):
     doc = tmp_path / "recipe.md"
     done = run_benchmark("recipe.sh", tmp_path, SEEDS="0", SETTINGS="fashion-iid", DOC=str(doc),
-                         ROWS="linear-probe paper default-probe-5-float32 default",
-                         SIZE=f"{TINY} --clients 6 --clients-per-round 5 --rounds 2")
+                         ROWS="linear-probe linear-probe-all paper default-probe-5-float32 default",
+                         SIZE=f"{TINY} --clients 6 --rounds 2")  # 5 a round, the default
     assert done.returncode == 0, done.stderr[-3000:]
     text = doc.read_text()
     assert text.startswith("Command: `bash benchmarks/recipe.sh`") and "### fashion-iid" in text
     assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "seed" not in line
-            and not line.startswith("|---")] == ["| linear-probe", "| paper", "| default-probe-5-float32", "| default"]
+            and not line.startswith("|---")] == ["| linear-probe", "| linear-probe-all", "| paper",
+                                                 "| default-probe-5-float32", "| default"]
     stages = [json.loads(line)["stage"] for line in
               (tmp_path / "runs" / "fashion-iid" / "default" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
     assert stages == ["linear-probe", "sfprompt"]
+    every = json.loads((tmp_path / "runs" / "fashion-iid" / "linear-probe-all" / "seed-0" / "config.json").read_text())
+    assert (every["method"], every["clients"], every["clients_per_round"]) == ("linear-probe", 6, 6)  # SIZE's clients
     paper = json.loads((tmp_path / "runs" / "fashion-iid" / "paper" / "seed-0" / "config.json").read_text())
     assert (paper["probe_rounds"], paper["lr"], paper["prompt_lr"], paper["wire_dtype"]) == (0, 0.01, 0.01, "float32")
     default, float32 = (json.loads((tmp_path / "runs" / "fashion-iid" / row / "seed-0" / "config.json").read_text())
