@@ -34,7 +34,7 @@ import torch
 from sfprompt.codec import Message
 from sfprompt.meter import Meter
 from sfprompt.model import SplitViT, create_vit
-from sfprompt.server import BATCH_SAMPLES, BodyServer
+from sfprompt.server import BATCH_SAMPLES, MAX_BATCH, BodyServer
 from write_benchmarks import cpu_name, publish
 
 
@@ -141,12 +141,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
+    if args.repeats < 1 or (args.batch_samples is not None and args.batch_samples < 1):
+        parser.error("--repeats and --batch-samples are at least 1")
     device = torch.device(args.device)
     if device.type == "cuda":
         machine = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__} (fp32 matrix products in full fp32, no TF32)"
     else:
         machine = f"{cpu_name()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
-    cap = args.batch_samples or BATCH_SAMPLES.get(device.type)
+    cap = args.batch_samples or BATCH_SAMPLES.get(device.type, MAX_BATCH)
     lines = [f"Command: `python benchmarks/body_batching.py --model {args.model} --image-size {args.image_size} "
              f"--clients {' '.join(map(str, args.clients))} --batch-size {args.batch_size} --steps {args.steps} "
              f"--window-s {args.window_s}" + (f" --batch-samples {args.batch_samples}" if args.batch_samples else "")
@@ -155,7 +157,7 @@ def main() -> None:
              + f" --precision {' '.join(args.precision)} --device {args.device}`; {machine}. "
              "Body samples a second (forward and backward) with N concurrent clients of "
              f"{args.batch_size} samples: one request at a time (the default), batched (`body-batching`, window "
-             f"{args.window_s * 1000:g} ms, forward batches of at most {cap or 'any number of'} samples), and one "
+             f"{args.window_s * 1000:g} ms, forward batches of at most {cap:,} samples), and one "
              f"centralised batch of N x {args.batch_size} samples through the same body with no server around it"
              + (f"; each the median of {args.repeats} measurements, interleaved" if args.repeats > 1 else "") + ".", "",
              "| precision | clients | one at a time | batched | centralised batch | batched / centralised "
@@ -188,10 +190,12 @@ def main() -> None:
 
 
 def _median(values: list):
-    """The median measurement (by its first value when each is a tuple); out of memory if any ran out."""
-    if any(isinstance(v, str) or (isinstance(v, tuple) and isinstance(v[0], str)) for v in values):
-        return next(v for v in values if isinstance(v, str) or isinstance(v[0], str))
-    return sorted(values, key=lambda v: v[0] if isinstance(v, tuple) else v)[len(values) // 2]
+    """The median measurement (the upper of the middle two for an even count; by its first value when each is
+    a tuple), or the failure if any measurement failed (out of memory)."""
+    first = [v[0] if isinstance(v, tuple) else v for v in values]
+    if any(isinstance(v, str) for v in first):
+        return values[next(i for i, v in enumerate(first) if isinstance(v, str))]
+    return values[sorted(range(len(values)), key=first.__getitem__)[len(values) // 2]]
 
 
 def _rate(value: float | str, form: str = ",.0f") -> str:

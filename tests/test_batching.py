@@ -319,6 +319,20 @@ def test_forward_batches_stop_at_batch_samples_and_each_graph_takes_one_backward
         BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=0.0, batch_samples=0)
 
 
+def test_a_batch_never_holds_more_than_batch_samples_unless_one_request_does():
+    """The cap is a bound: requests of 3 samples under a cap of 4 run one a batch (6 would pass it); a request larger
+    than the cap runs alone. Probe features are cut like forwards."""
+    _, model = tiny_split(prompts=0)
+    server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=30.0, batch_samples=4)
+    calls = counting_body_calls(server)
+    sessions = {client: Session(server, client) for client in range(4)}
+    sizes = {0: 3, 1: 3, 2: 3, 3: 5}
+    answers = concurrently(server, lambda c: sessions[c].request("features", "tokens", tokens_of(model, c, sizes[c])),
+                           sessions)
+    assert sorted(calls) == [3, 3, 3, 5] and server.passes == {"features": 4}
+    assert {client: len(rows) for client, rows in answers.items()} == sizes
+
+
 def test_a_waiting_backward_runs_before_a_waiting_forward_and_every_batch_on_one_thread():
     """Backwards go first (each frees its graph: a CPU body holding every client's graph at once ran slower
     a sample), and the body runs in one thread whoever led the batch (a CPU body run from each leading
@@ -335,18 +349,36 @@ def test_a_waiting_backward_runs_before_a_waiting_forward_and_every_batch_on_one
     waiting = [threading.Thread(target=lambda: answers.setdefault("forward", second.request(
         "forward", "tokens", tokens_of(model, 1, 2))))]
     waiting[0].start()
-    while len(server._batches) < 1:
+    deadline = time.monotonic() + 30
+    while len(server._batches) < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     waiting.append(threading.Thread(target=lambda: answers.setdefault("backward", first.request(
         "backward", "grad", grad_of(rows, 0)))))
     waiting[1].start()
-    while len(server._batches) < 2:
+    while len(server._batches) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     release.set()
     for thread in waiting:
         thread.join(30)
+    assert not any(thread.is_alive() for thread in waiting)
     assert order == ["forward", "backward", "forward"] and set(answers) == {"forward", "backward"}
     assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+def test_a_backward_does_not_wait_for_a_forgotten_member_of_its_graph():
+    """A graph's backward batch waits for every member that owes a backward; a member dropped since (forgotten,
+    closed or expired) owes none, so its partner's backward runs at once, not after the window."""
+    _, model = tiny_split()
+    server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=30.0, batch_samples=4)
+    sessions = {client: Session(server, client) for client in range(4)}
+    rows = concurrently(server, lambda c: sessions[c].request("forward", "tokens", tokens_of(model, c, 2)), sessions)
+    graphs = {client: server._pending[str(client)].graph for client in sessions}
+    partner = next(c for c in sessions if c != 0 and graphs[c] is graphs[0])
+    server.forget("0")
+    started = time.monotonic()
+    sessions[partner].request("backward", "grad", grad_of(rows[partner], partner))
+    assert time.monotonic() - started < 10  # the other graph's members still owe theirs: only the count ends it
+    assert server.pending == 2
 
 
 def test_a_trained_body_cannot_batch():

@@ -86,6 +86,7 @@ KINDS = ("forward", "backward", "features", "evaluate")  # the requests that rea
 # body runs no faster a sample above 128 and slower from 256 (docs/benchmarks/batching-cpu.md), so a
 # larger batch only holds more graphs at once; a GPU gathers every request it can (up to max_batch).
 BATCH_SAMPLES = {"cpu": 128}
+MAX_BATCH = 4096  # the most images one request may carry, by default
 FP16_GRAD_PEAK = 2.0**8  # under --precision fp16 a gradient is scaled so its largest entry is about this
 
 
@@ -168,7 +169,7 @@ def _grouped(requests: list[_Request], key: Callable[[_Request], object]) -> lis
 class BodyServer:
     def __init__(self, model: SplitViT, meter: Meter, device: torch.device,
                  body_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
-                 pending_timeout_s: float = 600.0, max_batch: int = 4096,
+                 pending_timeout_s: float = 600.0, max_batch: int = MAX_BATCH,
                  batch_window_s: float | None = None, batch_samples: int | None = None) -> None:
         if batch_window_s is not None and (batch_window_s < 0 or body_optimizer is not None):
             raise ValueError("a batch window is 0 s or more, and cannot batch a trained body (a copy per client)")
@@ -199,7 +200,7 @@ class BodyServer:
         self._body_thread = ThreadPoolExecutor(1, thread_name_prefix="body") if batch_window_s is not None else None
         self._batches: list[tuple[int, int, list[_Request]]] = []  # batching: gathered, waiting for the body (a heap)
         self._order = itertools.count()  # batching: the order batches were gathered in
-        self._in_flight: set[str] = set()  # batching: clients with a request queued or in the body
+        self._in_flight: Counter[str] = Counter()  # batching: client -> its requests queued or in the body
         self._queued: dict[str, list[_Request]] = {kind: [] for kind in KINDS}  # batching: waiting requests
         self._arrived = threading.Condition(self._lock)  # batching: a request was queued
         # client id -> [its body copy, its optimiser, samples trained] for this round (--train-body).
@@ -232,10 +233,11 @@ class BodyServer:
 
     def forget(self, client: str) -> None:
         """Drop everything held for a client that failed: its pending forward and its body copy."""
-        with self._lock:
-            self._pending.pop(client, None)
+        with self._arrived:
+            self._drop_pending(client)
             self._copies.pop(client, None)
             self._sessions.pop(client, None)
+            self._arrived.notify_all()  # a gathering batch waits for it no longer
 
     @property
     def pending(self) -> int:
@@ -266,21 +268,27 @@ class BodyServer:
     def _join_batch(self, message: Message) -> _Request:
         """Check the request and queue it by its kind, in one step under the server's lock (a gathering
         batch counts each client as owing a request, as in flight or as free to send, never two of them);
-        the first in an empty queue leads: it gathers until every client that could send such a request
-        has, `batch_samples` samples, or a pause of the window, hands that batch to the body thread, and
-        gathers the next from what is left, until the queue is empty."""
+        the request at the head of the queue leads: it gathers until every client that could send such a
+        request has, `batch_samples` samples, or a pause of the window, and hands that batch to the body
+        thread; the head of what is left then leads the next (each leader leads its own batch only, so
+        no client's thread is kept gathering for others after its own request has left)."""
         with self._arrived:
             self._expire()
             request = self._check(message)
-            self._in_flight.add(request.client)
+            self._in_flight[request.client] += 1
             queue = self._queued[request.kind]
             queue.append(request)
             self._arrived.notify_all()
-            if len(queue) == 1:
-                while queue:
+            while request in queue:
+                if queue[0] is not request:
+                    self._arrived.wait()
+                    continue
+                try:
                     batch = self._gather(queue)
                     heapq.heappush(self._batches, (0 if batch[0].kind == "backward" else 1, next(self._order), batch))
                     self._body_thread.submit(self._run_next)
+                finally:
+                    self._arrived.notify_all()  # the new head of the queue leads next
         request.done.wait()
         return request
 
@@ -295,7 +303,8 @@ class BodyServer:
             self._run(batch)
         finally:
             with self._arrived:
-                self._in_flight.difference_update(request.client for request in batch)
+                self._in_flight.subtract(request.client for request in batch)
+                self._in_flight = +self._in_flight  # drop the clients with none left
                 self._arrived.notify_all()
 
     def _gather(self, queue: list[_Request]) -> list[_Request]:
@@ -308,8 +317,9 @@ class BodyServer:
             if (left := deadline - time.monotonic()) <= 0:
                 break
             self._arrived.wait(left)
-        taken, samples = 0, 0
-        while taken < len(queue) and (queue[0].kind == "backward" or samples < self.batch_samples):
+        taken, samples = 0, 0  # the head, then each next request while the batch stays within batch_samples
+        while taken < len(queue) and (queue[0].kind == "backward" or taken == 0
+                                      or samples + len(queue[taken].tensor) <= self.batch_samples):
             samples += len(queue[taken].tensor)
             taken += 1
         batch = queue[:taken]
@@ -327,13 +337,20 @@ class BodyServer:
                 return True
             members = Counter(id(request.pending.graph) for request in queue)
             return all(members[id(request.pending.graph)] == request.pending.graph.owing for request in queue)
-        free = self._sessions.keys() - self._pending.keys() - self._in_flight  # no forward awaits their backward
+        free = self._sessions.keys() - self._pending.keys() - self._in_flight.keys()  # nothing of theirs awaited
         return not free or sum(len(request.tensor) for request in queue) >= self.batch_samples
 
     def _expire(self) -> None:
         stale = time.monotonic() - self.pending_timeout_s
         for client in [c for c, pending in self._pending.items() if pending.since < stale]:
-            del self._pending[client]
+            self._drop_pending(client)
+
+    def _drop_pending(self, client: str) -> None:
+        """Forget a client's forward whose backward will not come (expired, forgotten, closed): its graph owes
+        one backward fewer, so the graph's other members' backward batch need not wait for it."""
+        pending = self._pending.pop(client, None)
+        if pending is not None:
+            pending.graph.owing -= 1
 
     def _check(self, message: Message) -> _Request:
         client = self._check_session(message.meta)
@@ -353,8 +370,12 @@ class BodyServer:
         pending = self._pending.pop(client, None)
         if pending is None:
             raise ProtocolError(f"backward from client {client} without a pending forward")
-        grad = split.messages.unpack_grad(message.tensors, tuple(pending.graph.rows[pending.samples].shape),
-                                          check_values=False)
+        try:
+            grad = split.messages.unpack_grad(message.tensors, tuple(pending.graph.rows[pending.samples].shape),
+                                              check_values=False)
+        except ProtocolError:
+            pending.graph.owing -= 1  # refused: its forward is dropped, and its graph owes one backward fewer
+            raise
         return _Request(client, session, "backward", grad, message.tensors, pending)
 
     def _close(self, message: Message) -> Message:
@@ -365,7 +386,7 @@ class BodyServer:
             client = self._check_session(message.meta)
             if message.tensors:
                 raise ProtocolError(f"a done message carries no tensors, got {sorted(message.tensors)}")
-            self._pending.pop(client, None)
+            self._drop_pending(client)
             self._sessions.pop(client, None)
             self._arrived.notify_all()
         return Message("closed")
@@ -391,6 +412,10 @@ class BodyServer:
             if self.body_optimizer is not None or self.body.precision == "fp16":
                 checks.refuse_invalid()  # the work would use them: a trained body's step, fp16's gradient scale
             valid = [request for request in batch if request.error is None]
+            with self._lock:  # a backward refused before the work: its graph owes one fewer
+                for request in batch:
+                    if request.error is not None and request.pending is not None:
+                        request.pending.graph.owing -= 1
             if valid and valid[0].kind == "backward":
                 self._backward(valid, checks)
             elif valid:
