@@ -294,7 +294,7 @@ def test_a_forgotten_client_in_a_batch_gets_an_error_and_leaves_nothing_held():
 
 
 def test_forward_batches_stop_at_batch_samples_and_each_graph_takes_one_backward_pass():
-    """A forward batch is cut at `batch_samples` (on two CPU cores a body of 1,024 samples ran 0.66× as fast a
+    """A forward batch is cut at `batch_samples` (on two CPU cores a body of 1,024 samples ran 0.62× as fast a
     sample as one of 128: docs/benchmarks/batching-cpu.md); a backward batch waits for every member of its graph, so a
     graph is never backpropagated twice for members that came apart."""
     _, model = tiny_split()
@@ -317,6 +317,23 @@ def test_forward_batches_stop_at_batch_samples_and_each_graph_takes_one_backward
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="at least 1 sample"):
         BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=0.0, batch_samples=0)
+
+
+def test_clients_in_lockstep_keep_one_batch_a_phase_exchange_after_exchange():
+    """Exchange after exchange, each phase of clients in lockstep is one batch: a batch's clients count as free
+    to send again before they hear back (counted busy until after, a client woken first could close the next
+    batch on itself alone)."""
+    _, model = tiny_split()
+    server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=30.0)
+    sessions = {client: Session(server, client) for client in range(4)}
+
+    def work(client):
+        for _ in range(5):
+            rows = sessions[client].request("forward", "tokens", tokens_of(model, client, 2))
+            sessions[client].request("backward", "grad", grad_of(rows, client))
+
+    assert not [error for error in concurrently(server, work, sessions).values() if error is not None]
+    assert server.passes == {"forward": 5, "backward": 5}
 
 
 def test_a_batch_never_holds_more_than_batch_samples_unless_one_request_does():

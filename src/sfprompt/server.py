@@ -83,7 +83,7 @@ def body_optimizer(settings) -> Callable[[nn.Module], torch.optim.Optimizer]:
 
 KINDS = ("forward", "backward", "features", "evaluate")  # the requests that reach the body ("done" closes a session)
 # Batching: the most body samples a gathered forward batch holds, by device type. On two CPU cores the
-# body runs no faster a sample above 128 and slower from 256 (docs/benchmarks/batching-cpu.md), so a
+# body runs no faster a sample above 64 and slower above 128 (docs/benchmarks/batching-cpu.md), so a
 # larger batch only holds more graphs at once; a GPU gathers every request it can (up to max_batch).
 BATCH_SAMPLES = {"cpu": 128}
 MAX_BATCH = 4096  # the most images one request may carry, by default
@@ -267,7 +267,7 @@ class BodyServer:
 
     def _join_batch(self, message: Message) -> _Request:
         """Check the request and queue it by its kind, in one step under the server's lock (a gathering
-        batch counts each client as owing a request, as in flight or as free to send, never two of them);
+        batch counts each client as owing a backward, as in flight or as free to send, never as none);
         the request at the head of the queue leads: it gathers until every client that could send such a
         request has, `batch_samples` samples, or a pause of the window, and hands that batch to the body
         thread; the head of what is left then leads the next (each leader leads its own batch only, so
@@ -301,11 +301,13 @@ class BodyServer:
             _, _, batch = heapq.heappop(self._batches)
         try:
             self._run(batch)
-        finally:
-            with self._arrived:
+        finally:  # its clients are free to send again before they are woken: counted busy until after, one
+            with self._arrived:  # woken first could close the next batch on its own request alone
                 self._in_flight.subtract(request.client for request in batch)
                 self._in_flight = +self._in_flight  # drop the clients with none left
                 self._arrived.notify_all()
+            for request in batch:
+                request.done.set()
 
     def _gather(self, queue: list[_Request]) -> list[_Request]:
         """The leader's wait (holding `_arrived`): the head of the queue once it is complete or paused, cut
@@ -405,8 +407,8 @@ class BodyServer:
         return client
 
     def _run(self, batch: list[_Request]) -> None:
-        """Run a batch of requests of one kind through the body, then answer each (a member whose values
-        fail their checks is refused alone)."""
+        """Run a batch of requests of one kind through the body and give each its reply or its error (a member
+        whose values fail their checks is refused alone); batching's `_run_next` then wakes them."""
         try:
             checks = _ValueChecks(batch, self.device)
             if self.body_optimizer is not None or self.body.precision == "fp16":
@@ -423,9 +425,6 @@ class BodyServer:
         except Exception as err:  # the body failed (out of memory, say): every member of this batch is told
             for request in batch:
                 request.error = request.error or err
-        finally:
-            for request in batch:
-                request.done.set()
 
     def _still_admitted(self, request: _Request) -> bool:
         """Whether the request's session outlived its trip through the body (not forgotten, round not ended)."""
