@@ -131,7 +131,8 @@ if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the pr
     echo "probe round: the rows without refit- of round 1's 5 clients and with no refit round ($PROBE_5, the default"
     echo "then), the refit- rows of every client, closing with a refit round (--refit-rounds 1, the default now);"
     echo "prompt-lr-R rows train the prompts at R on the kept half (the default --keep-ratio 0.5), keep-1.0 rows on every"
-    echo "sample (--keep-ratio 1.0, at $WARM_LR or the rate named); each run evaluated on 500 validation"
+    echo "sample (--keep-ratio 1.0; at the rate named, else the recipe's own: $WARM_LR without a refit round, 0.01"
+    echo "with one); each run evaluated on 500 validation"
     echo "samples held out of the clients' data (the test set unread). The seeds column says which seeds a row's"
     echo "figures rest on (TUNE_SEEDS; seed 0 alone unless it says more)."
     echo
@@ -173,8 +174,8 @@ DOC=${DOC:-docs/benchmarks/recipe.md}
 {
   echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds. Rows: linear-probe is"
   echo "\`--method linear-probe\`, linear-probe-all the same, asking every client every round (\`--clients-per-round $(every_client)\`),"
-  echo "default \`sfprompt run\` with no options (a probe round of all 10 clients, SFPrompt's"
-  echo "rounds, a refit round of all 10), paper \`--recipe paper\`, default-prompts-50 the default with 50 prompts (the"
+  echo "default \`sfprompt run\` with no options (a probe round of all $(every_client) clients, SFPrompt's"
+  echo "rounds, a refit round of all $(every_client)), paper \`--recipe paper\`, default-prompts-50 the default with 50 prompts (the"
   echo "headline setting's, docs/benchmarks/central.md), default-prompts-50-lr-0.03 that with the prompts at the rate"
   echo "TUNE=headline chose for it (\`--prompt-lr 0.03\`); the default-no-refit rows are the default as it was until it"
   echo "closed with a refit round (\`$NO_REFIT\`: the prompts at the tail's rate), alone and with 50 prompts; the"
