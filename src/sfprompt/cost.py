@@ -34,7 +34,7 @@ from .inprocess import client_round
 from .meter import Meter
 from .methods import METHODS
 from .model import SplitViT, create_vit
-from .server import BodyServer
+from .server import MAX_BATCH, BodyServer
 from .transport import InProcessLink
 
 COSTS = ("client_flops", "server_flops", "bytes_up", "bytes_down", "client_peak_memory_bytes")
@@ -66,7 +66,7 @@ def _round(config: Config, vit: torch.nn.Module, method_name: str, samples: int,
     data = [(images[i], i % num_classes) for i in range(samples)]
     method = METHODS["linear-probe" if probe_round else method_name]()  # a probe round: through the method's prompts
     meter, device = Meter(), torch.device("cpu")
-    body = BodyServer(model, meter, device, max_batch=max(4096, samples))  # counting: one batch of every image
+    body = BodyServer(model, meter, device, max_batch=max(MAX_BATCH, samples))  # counting: one batch of every image
     link = InProcessLink(body, meter, device,
                          model.messages.max_bytes(settings.batch_size, method.state_bytes(model)))
     client = _CountingClient(0, data, np.arange(samples), model, settings, meter, device)
