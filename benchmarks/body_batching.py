@@ -99,7 +99,10 @@ def served(model: SplitViT, clients: int, batch: int, steps: int, window_s: floa
         if errors:
             raise errors[0]
 
-    rate = _timed(lambda: round_of(steps), clients * batch * steps, 1, device, warm_up=lambda: round_of(1))
+    try:
+        rate = _timed(lambda: round_of(steps), clients * batch * steps, 1, device, warm_up=lambda: round_of(1))
+    finally:
+        server.close()
     return rate, sum(server.passes.values()) / (steps + 1)
 
 

@@ -441,3 +441,26 @@ def test_the_throughput_benchmark_measures_every_mode(tmp_path):
     assert [row[-1] for row in rows] == ["2.0 |", "6.0 |"] * 2  # batches of 32 samples stop at 2: a client each
     sizes = [line.split(" | ") for line in tables[1].splitlines() if line.startswith(("| fp32", "| bf16"))]
     assert len(sizes) == 2 and all(float(cell.strip(" |").replace(",", "")) > 0 for row in sizes for cell in row[1:])
+
+
+def test_close_refuses_a_gathering_batch_and_later_requests_and_ends_the_body_thread():
+    _, model = tiny_split(client_blocks=1)
+    others = set(threading.enumerate())  # other tests' servers' threads among them
+    server = BodyServer(model, Meter(), torch.device("cpu"), batch_window_s=30.0)
+    Session(server, 2).request("features", "tokens", tokens_of(model, 2, 1))  # alone: the body thread runs it at once
+    body_threads = [thread for thread in set(threading.enumerate()) - others if thread.name.startswith("body")]
+    assert body_threads
+    waiting, late = Session(server, 0), Session(server, 1)  # client 1 could still send: client 0's batch gathers
+    results = {}
+    thread = threading.Thread(target=lambda: results.update(concurrently(
+        server, lambda client: waiting.request("forward", "tokens", tokens_of(model, 0, 2)), [0])))
+    thread.start()
+    time.sleep(0.5)  # client 0 leads its batch and waits for client 1
+    started = time.monotonic()
+    server.close()
+    thread.join(10)
+    assert time.monotonic() - started < 10  # not the 30 s window
+    assert isinstance(results[0], ProtocolError) and "closed" in str(results[0])
+    with pytest.raises(ProtocolError, match="closed"):
+        late.request("forward", "tokens", tokens_of(model, 1, 2))
+    assert not any(thread.is_alive() for thread in body_threads)

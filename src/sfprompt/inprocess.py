@@ -62,4 +62,4 @@ class InProcessRuntime:
         self.server.end_round()
 
     def close(self) -> None:
-        pass
+        self.server.close()

@@ -105,6 +105,11 @@ class _Pending:
     def __init__(self, graph: _Graph, samples: slice) -> None:
         self.graph, self.samples, self.since = graph, samples, time.monotonic()
 
+    def abandon(self) -> None:
+        """Its backward will not come (expired, forgotten, closed, malformed or refused): its graph owes one
+        backward fewer, so that the graph's other members' backward batch need not wait for it."""
+        self.graph.owing -= 1
+
 
 class _ValueChecks:
     """A batch's value checks (`WireFormat.values_ok`), copied to the host ahead of the body's work for
@@ -207,6 +212,16 @@ class BodyServer:
         self._copies: dict[str, list] = {}
         self._flops_per_sample: dict[tuple, int] = {}  # (kind, split point) -> the body's FLOPs per sample
         self.passes: Counter[str] = Counter()  # 'forward' / 'backward' -> passes through the body so far
+        self._closed = False
+
+    def close(self) -> None:
+        """Stop serving (the runtime's end): later requests are refused, as is a batch still gathering; the
+        batches already handed to the body run, and the body thread ends once they have."""
+        with self._arrived:
+            self._closed = True
+            self._arrived.notify_all()
+        if self._body_thread is not None:
+            self._body_thread.shutdown(wait=True)
 
     def end_round(self) -> None:
         """Fold this round's per-client body copies into the shared body (nothing if it is frozen),
@@ -285,8 +300,13 @@ class BodyServer:
                     continue
                 try:
                     batch = self._gather(queue)
-                    heapq.heappush(self._batches, (0 if batch[0].kind == "backward" else 1, next(self._order), batch))
-                    self._body_thread.submit(self._run_next)
+                    if self._closed:  # while it gathered: the body thread takes no more work
+                        for member in batch:
+                            member.error = ProtocolError("the body server closed")
+                        self._release(batch)
+                    else:
+                        heapq.heappush(self._batches, (0 if batch[0].kind == "backward" else 1, next(self._order), batch))
+                        self._body_thread.submit(self._run_next)
                 finally:
                     self._arrived.notify_all()  # the new head of the queue leads next
         request.done.wait()
@@ -301,13 +321,18 @@ class BodyServer:
             _, _, batch = heapq.heappop(self._batches)
         try:
             self._run(batch)
-        finally:  # its clients are free to send again before they are woken: counted busy until after, one
-            with self._arrived:  # woken first could close the next batch on its own request alone
-                self._in_flight.subtract(request.client for request in batch)
-                self._in_flight = +self._in_flight  # drop the clients with none left
-                self._arrived.notify_all()
-            for request in batch:
-                request.done.set()
+        finally:
+            self._release(batch)
+
+    def _release(self, batch: list[_Request]) -> None:
+        """Wake a batch's clients, answered or refused. They are free to send again before they are woken:
+        counted busy until after, one woken first could close the next batch on its own request alone."""
+        with self._arrived:
+            self._in_flight.subtract(request.client for request in batch)
+            self._in_flight = +self._in_flight  # drop the clients with none left
+            self._arrived.notify_all()
+        for request in batch:
+            request.done.set()
 
     def _gather(self, queue: list[_Request]) -> list[_Request]:
         """The leader's wait (holding `_arrived`): the head of the queue once it is complete or paused, cut
@@ -333,6 +358,8 @@ class BodyServer:
         or, for forwards, `batch_samples` samples are in it; or, for backwards, every graph they ran in
         has all its members' (each graph takes one backward pass whatever the batch holds, and a graph's
         members that came apart would take one each)."""
+        if self._closed:
+            return True
         kind = queue[0].kind
         if kind == "backward":
             if not self._pending:  # every client that owes a backward has sent it
@@ -348,13 +375,14 @@ class BodyServer:
             self._drop_pending(client)
 
     def _drop_pending(self, client: str) -> None:
-        """Forget a client's forward whose backward will not come (expired, forgotten, closed): its graph owes
-        one backward fewer, so the graph's other members' backward batch need not wait for it."""
+        """Forget a client's forward whose backward will not come (expired, forgotten, closed)."""
         pending = self._pending.pop(client, None)
         if pending is not None:
-            pending.graph.owing -= 1
+            pending.abandon()
 
     def _check(self, message: Message) -> _Request:
+        if self._closed:
+            raise ProtocolError("the body server is closed")
         client = self._check_session(message.meta)
         if message.kind not in KINDS:
             raise ProtocolError(f"unknown message kind {message.kind!r}")
@@ -376,7 +404,7 @@ class BodyServer:
             grad = split.messages.unpack_grad(message.tensors, tuple(pending.graph.rows[pending.samples].shape),
                                               check_values=False)
         except ProtocolError:
-            pending.graph.owing -= 1  # refused: its forward is dropped, and its graph owes one backward fewer
+            pending.abandon()
             raise
         return _Request(client, session, "backward", grad, message.tensors, pending)
 
@@ -414,10 +442,10 @@ class BodyServer:
             if self.body_optimizer is not None or self.body.precision == "fp16":
                 checks.refuse_invalid()  # the work would use them: a trained body's step, fp16's gradient scale
             valid = [request for request in batch if request.error is None]
-            with self._lock:  # a backward refused before the work: its graph owes one fewer
+            with self._lock:  # a backward refused before the work
                 for request in batch:
                     if request.error is not None and request.pending is not None:
-                        request.pending.graph.owing -= 1
+                        request.pending.abandon()
             if valid and valid[0].kind == "backward":
                 self._backward(valid, checks)
             elif valid:

@@ -255,6 +255,7 @@ class FlowerRuntime:
 
     def close(self) -> None:
         self.channel.stop()
+        self.body.close()
 
 
 class Dropped(Exception):
