@@ -44,7 +44,7 @@ class Runtime(Protocol):
     counted on `federation.meter`; the body server forgets a dropped client. Under secure aggregation the
     server never holds a single client's upload: `train` then returns one message, the uploads' average weighted
     by their samples, whose meta says how many clients it `aggregates`. `end_round` lets the
-    body server fold its round in; `close` releases what the runtime holds (sockets).
+    body server fold its round in; `close` releases what the runtime holds (sockets, the body server's thread).
     """
 
     def train(self, round_: int, cids: list[int], global_params: torch.nn.Module) -> tuple[list[Message], list[dict]]: ...
