@@ -11,6 +11,13 @@
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 19 hours on two CPU cores (estimated: a
 #                                                                 # K = 16 run makes 33 body passes a batch, most of it)
 #   ROWS="backprop forward-only-4" SETTINGS=iid SEEDS=0 bash benchmarks/forward_only.sh
+#   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh  # the prompts' rate first (estimated 1.5 hours)
+#
+# With TUNE=1 it runs instead forward-only-4 in IID at each prompt learning rate of TUNE_RATES (default 0.0001 0.001
+# 0.01: the default recipe gives forward-only steps backprop's rate, 0.01, under Adam, whose steps do not shrink with
+# an estimate that is mostly noise), seed 0 (TUNE_SEEDS), each run evaluated on 500 validation samples held out of
+# the clients' data (the test set unread), into OUT/tune, and writes docs/benchmarks/forward-only-tuning.md
+# (TUNE_DOC names another file); the grid's backprop reference is recipe.sh's TUNE=headline refit-prompt-lr-0.01.
 #
 # A finished run is not redone and an interrupted one continues after its last complete round. SIZE appends
 # options to every run and DOC names the document written (a test runs it at a tiny size).
@@ -42,6 +49,33 @@ options() {
     *) false ;;
   esac || { echo "unknown row $1" >&2; exit 2; }
 }
+
+if [ -n "${TUNE:-}" ]; then
+  TUNE_RATES=${TUNE_RATES:-0.0001 0.001 0.01}
+  for seed in ${TUNE_SEEDS:-0}; do
+    for rate in $TUNE_RATES; do
+      wait_for_lane "${JOBS:-1}"
+      # shellcheck disable=SC2046
+      run_once "$OUT/tune/prompt-lr-$rate/seed-$seed" "$OUT/tune/prompt-lr-$rate/seed-$seed.log" $(setting iid) \
+        $(options forward-only-4) --prompt-lr "$rate" --validation-samples 500 --no-progress --seed "$seed" "${size[@]}" &
+    done
+  done
+  wait_for_all
+  TUNE_DOC=${TUNE_DOC:-docs/benchmarks/forward-only-tuning.md}
+  {
+    echo "Command: \`TUNE=1 bash benchmarks/forward_only.sh\`; $(python benchmarks/write_benchmarks.py --machine)."
+    echo "forward-only-4 (\`--prompt-updates forward-only --directions 4\`) on the headline setting in IID, the default"
+    echo "recipe otherwise, at each prompt learning rate (the row's name), each run evaluated on 500 validation samples"
+    echo "held out of the clients' data (the test set unread). Round 1 is the probe round, before the prompts move; the"
+    echo "last, the refit round, fits the tail to the prompts the forward-only rounds left. Backprop's reference on the"
+    echo "same samples: TUNE=headline's refit-prompt-lr-0.01 row (recipe-tuning-headline.md)."
+    echo
+    tune_rows=(); for run in "$OUT"/tune/prompt-lr-*; do [ -d "$run" ] && tune_rows+=("$run"); done
+    if [ ${#tune_rows[@]} -gt 0 ]; then python benchmarks/table.py "${tune_rows[@]}"; else echo "(no runs)"; fi
+  } > "$TUNE_DOC"
+  cat "$TUNE_DOC"
+  exit 0
+fi
 
 run_grid
 DOC=${DOC:-docs/benchmarks/forward-only.md}
