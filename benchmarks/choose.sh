@@ -6,20 +6,31 @@
 #
 #   bash benchmarks/choose.sh      # six audits, about 30 minutes on two CPU cores
 #
-# A finished audit is not redone. AUDIT_SIZE appends options to every audit and DOC names the document written.
+# A finished audit is not redone. AUDITED names the methods and variants audited (default all six), AUDIT_SIZE
+# appends options to every audit and DOC names the document written (a test runs it at a tiny size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/choose}
 OUT_COMPARE=${OUT_COMPARE:-results/compare}
 read -r -a audit_size <<< "${AUDIT_SIZE:-}"
-for method in sfprompt sfprompt-probe-refit sfl sl sfl-train-body linear-probe; do
-  options=(--method "$method")
-  if [ "$method" = sfl-train-body ]; then options=(--method sfl --train-body); fi
-  # the default recipe (compare.py's variant): its first split round, after the probe round the audit plays first
-  if [ "$method" = sfprompt-probe-refit ]; then
-    options=(--method sfprompt --probe-rounds 1 --refit-rounds 1 --lr 0.0003 --prompt-lr 0.01)
-  fi
+
+method_options() {  # a method's flags, or a variant's as `sfprompt compare` runs it (sfprompt.compare.VARIANTS)
+  python - "$1" <<'PYTHON'
+import sys
+from sfprompt.compare import VARIANTS
+method, overrides = VARIANTS.get(sys.argv[1], (sys.argv[1], {}))
+flags = ["--method", method]
+for name, value in overrides.items():
+    flag = name.replace("_", "-")
+    flags += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+print(" ".join(flags))
+PYTHON
+}
+
+# sfprompt-probe-refit, the default recipe: its first split round, after the probe round the audit plays first
+for method in ${AUDITED:-sfprompt sfprompt-probe-refit sfl sl sfl-train-body linear-probe}; do
+  read -r -a options <<< "$(method_options "$method")"
   if [ ! -f "$OUT/$method/audit.json" ]; then
     mkdir -p "$OUT/$method"
     sfprompt audit --recipe paper --config benchmarks/compare.toml --data-dir "$SHARED/data" \

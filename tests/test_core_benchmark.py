@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import SHARED, needs_shared, run_benchmark, run_python_benchmark
+from conftest import SHARED, TINY_AUDIT, needs_shared, run_benchmark, run_python_benchmark
 
 
 def run_report(script: str, tmp_path, rows: str, **variables: str) -> tuple[str, dict[str, list[str]]]:
@@ -83,6 +83,16 @@ def test_the_comparison_benchmark_runs_both_partitions_at_once_and_writes_its_do
         assert goal.endswith("| yes |" if sfprompt >= fl else f"| no: {(fl - sfprompt) * 100:.1f} points short |")
         assert f"| {partition} | MB to 0.70 ≤ 0.1 × fl's | " in text  # compare.sh's target, from comparison.csv
     assert "\n## Runtime\n" in text  # the index page holds the other benchmarks' reports too
+    choice = tmp_path / "choose.md"  # the "which method" table from these runs, with a variant's audit beside
+    chosen = run_benchmark("choose.sh", tmp_path, OUT_COMPARE=str(tmp_path / "runs"), OUT=str(tmp_path / "choose"),
+                           AUDITED="sfprompt sfprompt-probe-refit", DOC=str(choice),
+                           AUDIT_SIZE=" ".join([*TINY_AUDIT, "--train-samples", "40", "--test-samples", "40",
+                                                "--image-size", "28", "--clients", "2", "--clients-per-round", "2"]))
+    assert chosen.returncode == 0, chosen.stderr[-3000:]
+    refit = json.loads((tmp_path / "choose" / "sfprompt-probe-refit" / "audit.json").read_text())["config"]
+    assert (refit["method"], refit["probe_rounds"], refit["refit_rounds"], refit["prompt_lr"]) == ("sfprompt", 1, 1, 0.01)
+    rows = {line.split(" | ")[0]: line for line in choice.read_text().splitlines() if line.startswith("| ")}
+    assert "re-identified" in rows["| sfprompt"] and "not audited here" in rows["| fl"]
     second, notes = tmp_path / "docs" / "long.md", tmp_path / "docs" / "long-notes.md"
     notes.write_text("Why, written by hand.\n")
     again = run_python_benchmark("write_benchmarks.py", str(tmp_path / "runs"), "bash benchmarks/compare.sh (long)",
