@@ -3,8 +3,13 @@
 # 5 rounds) and on core.sh's Fashion-MNIST setting (5,000 / 2,000; 5 rounds IID, 10 under Dirichlet(0.5)), both
 # partitions, 10 clients and 5 a round, each row with every seed in SEEDS; then docs/benchmarks/recipe.md.
 #
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh            # about 4 hours on two CPU cores
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh            # every row in every setting: days on two CPU cores
 #   ROWS="paper default" SETTINGS=default-iid SEEDS=0 bash benchmarks/recipe.sh
+#   JOBS=2 OMP_NUM_THREADS=1 SETTINGS="default-iid default-dirichlet-0.5" ROWS=default-prompts-50-keep-1.0 \
+#     DOC=/tmp/keep.md bash benchmarks/recipe.sh                   # the headline's recipe, 3 seeds: 1.3 hours
+#
+# The committed runs (results/recipe: not every row in every setting, nor every seed) took 19.9 lane-hours, about
+# 10 hours at JOBS=2; the report lists the rows each setting has. Each was run with ROWS and SETTINGS as above.
 #   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh     # the learning rates of the warm start (1 hour)
 #   TUNE=headline JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh  # the prompts' rate and samples, 50 prompts (5 hours)
 #   TUNE=headline TUNE_SEEDS="0 1 2" VARIANTS="refit-prompt-lr-0.005 refit-prompt-lr-0.01 refit-prompt-lr-0.02" ...  # 3 seeds
@@ -17,7 +22,8 @@
 # prompts at 0.01, then a refit round in which every client sends its features once more, with the trained prompts,
 # and the classifier is fitted on them afresh; float32 on the wire with the shared rows once); default-prompts-50
 # the default with 50 prompts, default-prompts-50-lr-0.03 that with the prompts at the rate TUNE=headline chose
-# for it (--prompt-lr 0.03). The default-no-refit rows are the default as it was before it closed with a refit
+# for it (--prompt-lr 0.03), default-prompts-50-keep-1.0 that with every sample in split training (--keep-ratio 1.0:
+# twice the prompts' steps, TUNE=headline's refit-keep-1.0). The default-no-refit rows are the default as it was before it closed with a refit
 # round (--refit-rounds 0, which trains the prompts at the tail's rate), alone and with 50 prompts; the
 # default-probe-5 rows that as it was before its probe round asked every client (--probe-clients 5: round 1's
 # draw), alone, with 50 prompts, in the paper's wire format (-float32: --wire-dtype float32 --shared-rows
@@ -40,12 +46,17 @@ SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-default-iid default-dirichlet-0.5 fashion-iid fashion-dirichlet-0.5}
 ROWS=${ROWS:-linear-probe linear-probe-all paper default default-prompts-50 default-prompts-50-lr-0.03 default-no-refit
   default-no-refit-prompts-50 default-probe-5 linear-probe-float32 default-probe-5-float32 linear-probe-int8
-  default-probe-5-int8 default-probe-5-prompts-50}
+  default-probe-5-int8 default-probe-5-prompts-50 default-prompts-50-keep-1.0}
 WARM_LR=0.0003  # the best final validation accuracy of TUNE's grid (docs/benchmarks/recipe-tuning.md): the default
 FLOAT32="--wire-dtype float32 --shared-rows per-sample"  # the paper's wire format
 NO_REFIT="--refit-rounds 0"  # no closing refit round, the prompts at WARM_LR: the default until it had one
 PROBE_5="--probe-clients 5 $NO_REFIT"  # and the probe round asks round 1's draw of 5, the default until it asked all 10
 read -r -a size <<< "${SIZE:-}"
+for row in $ROWS; do  # SIZE's options come after a row's, so they would win
+  if [ "$row" = linear-probe-all ] && [[ " ${SIZE:-} " == *" --clients-per-round "* ]]; then
+    echo "SIZE's --clients-per-round would override linear-probe-all's (every client): leave it out" >&2; exit 2
+  fi
+done
 
 every_client() {  # the clients of a run: SIZE's --clients, else the default job's 10
   local clients=10 i
@@ -76,6 +87,8 @@ options() {  # the options of one row
     default-prompts-50) echo "--method sfprompt --prompt-tokens 50" ;;  # central.sh's best setting for prompts
     # the prompts' rate TUNE=headline chose for the default recipe with 50 prompts (recipe-tuning-headline.md)
     default-prompts-50-lr-0.03) echo "--method sfprompt --prompt-tokens 50 --prompt-lr 0.03" ;;
+    # every sample in split training (TUNE=headline's refit-keep-1.0): twice the prompts' steps
+    default-prompts-50-keep-1.0) echo "--method sfprompt --prompt-tokens 50 --keep-ratio 1.0" ;;
     default-no-refit) echo "--method sfprompt $NO_REFIT" ;;
     default-no-refit-prompts-50) echo "--method sfprompt --prompt-tokens 50 $NO_REFIT" ;;
     default-probe-5) echo "--method sfprompt $PROBE_5" ;;
@@ -177,7 +190,8 @@ DOC=${DOC:-docs/benchmarks/recipe.md}
   echo "default \`sfprompt run\` with no options (a probe round of all $(every_client) clients, SFPrompt's"
   echo "rounds, a refit round of all $(every_client)), paper \`--recipe paper\`, default-prompts-50 the default with 50 prompts (the"
   echo "headline setting's, docs/benchmarks/central.md), default-prompts-50-lr-0.03 that with the prompts at the rate"
-  echo "TUNE=headline chose for it (\`--prompt-lr 0.03\`); the default-no-refit rows are the default as it was until it"
+  echo "TUNE=headline chose for it (\`--prompt-lr 0.03\`), default-prompts-50-keep-1.0 that with every sample in split"
+  echo "training (\`--keep-ratio 1.0\`: twice the prompts' steps); the default-no-refit rows are the default as it was until it"
   echo "closed with a refit round (\`$NO_REFIT\`: the prompts at the tail's rate), alone and with 50 prompts; the"
   echo "default-probe-5 rows that as it was until its probe round asked every client (\`$PROBE_5\`: round 1's"
   echo "draw), alone and with 50 prompts; the -float32 rows are the probe and that default in the paper's wire format"

@@ -44,6 +44,14 @@ def test_the_recipe_benchmark_runs_each_row_and_writes_its_report(tmp_path):
             and not line.startswith("|---")] == ["| paper", "| default"]
 
 
+def test_the_recipe_benchmark_refuses_a_size_whose_clients_per_round_would_override_linear_probe_all(tmp_path):
+    done = run_benchmark("recipe.sh", tmp_path, SEEDS="0", SETTINGS="default-iid", ROWS="paper linear-probe-all")
+    assert done.returncode == 2 and "override linear-probe-all" in done.stderr  # conftest's SIZE asks 2 a round
+    assert not (tmp_path / "runs").exists()
+    assert run_benchmark("recipe.sh", tmp_path, SETTINGS="default-iid", ROWS="paper", TABLE_ONLY="1",
+                         DOC=str(tmp_path / "recipe.md")).returncode == 0  # without that row the same SIZE is fine
+
+
 @pytest.mark.slow
 @needs_shared
 def test_the_central_benchmark_trains_each_method_on_one_client_and_tables_the_gain_over_the_probe(tmp_path):
