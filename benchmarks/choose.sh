@@ -30,7 +30,8 @@ PYTHON
 
 # sfprompt-probe-refit, the default recipe: its first split round, after the probe round the audit plays first
 for method in ${AUDITED:-sfprompt sfprompt-probe-refit sfl sl sfl-train-body linear-probe}; do
-  read -r -a options <<< "$(method_options "$method")"
+  flags=$(method_options "$method")  # an assignment: a failure stops the script
+  read -r -a options <<< "$flags"
   if [ ! -f "$OUT/$method/audit.json" ]; then
     mkdir -p "$OUT/$method"
     sfprompt audit --recipe paper --config benchmarks/compare.toml --data-dir "$SHARED/data" \

@@ -6,13 +6,14 @@
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh            # every row in every setting: days on two CPU cores
 #   ROWS="paper default" SETTINGS=default-iid SEEDS=0 bash benchmarks/recipe.sh
 #   JOBS=2 OMP_NUM_THREADS=1 SETTINGS="default-iid default-dirichlet-0.5" ROWS=default-prompts-50-keep-1.0 \
-#     DOC=/tmp/keep.md bash benchmarks/recipe.sh                   # the headline's recipe, 3 seeds: 1.3 hours
-#
-# The committed runs (results/recipe: not every row in every setting, nor every seed) took 19.9 lane-hours, about
-# 10 hours at JOBS=2; the report lists the rows each setting has. Each was run with ROWS and SETTINGS as above.
+#     DOC=/tmp/keep.md bash benchmarks/recipe.sh                   # the headline's recipe, 3 seeds: 1.4 hours
 #   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh     # the learning rates of the warm start (1 hour)
 #   TUNE=headline JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/recipe.sh  # the prompts' rate and samples, 50 prompts (5 hours)
 #   TUNE=headline TUNE_SEEDS="0 1 2" VARIANTS="refit-prompt-lr-0.005 refit-prompt-lr-0.01 refit-prompt-lr-0.02" ...  # 3 seeds
+#
+# The committed runs (results/recipe: not every row in every setting, nor every seed) took 19.9 lane-hours, about
+# 10 hours at JOBS=2, tune/ and tune-headline/ aside; the report lists the rows each setting has. Each was run with
+# ROWS and SETTINGS as above.
 #
 # Rows: the federated linear probe (`--method linear-probe`; linear-probe-all asking every client every round,
 # whose fit is the central one), the paper's recipe (no probe round, Adam at 0.01 for prompts and tail, the
@@ -52,11 +53,6 @@ FLOAT32="--wire-dtype float32 --shared-rows per-sample"  # the paper's wire form
 NO_REFIT="--refit-rounds 0"  # no closing refit round, the prompts at WARM_LR: the default until it had one
 PROBE_5="--probe-clients 5 $NO_REFIT"  # and the probe round asks round 1's draw of 5, the default until it asked all 10
 read -r -a size <<< "${SIZE:-}"
-for row in $ROWS; do  # SIZE's options come after a row's, so they would win
-  if [ "$row" = linear-probe-all ] && [[ " ${SIZE:-} " == *" --clients-per-round "* ]]; then
-    echo "SIZE's --clients-per-round would override linear-probe-all's (every client): leave it out" >&2; exit 2
-  fi
-done
 
 every_client() {  # the clients of a run: SIZE's --clients, else the default job's 10
   local clients=10 i
@@ -182,7 +178,16 @@ if [ -n "${TUNE:-}" ]; then
 fi
 
 for setting in $SETTINGS; do setting "$setting" > /dev/null; done  # an unknown setting stops it, TABLE_ONLY too
-if [ -z "${TABLE_ONLY:-}" ]; then run_grid; fi
+if [ -z "${TABLE_ONLY:-}" ]; then
+  for row in $ROWS; do  # SIZE's options come after a row's, so they would win
+    for option in "${size[@]}"; do
+      if [ "$row" = linear-probe-all ] && [[ "$option" == --clients-per-round || "$option" == --clients-per-round=* ]]; then
+        echo "SIZE's --clients-per-round would override linear-probe-all's (every client): leave it out" >&2; exit 2
+      fi
+    done
+  done
+  run_grid
+fi
 DOC=${DOC:-docs/benchmarks/recipe.md}
 {
   echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds. Rows: linear-probe is"

@@ -455,12 +455,16 @@ def test_close_refuses_a_gathering_batch_and_later_requests_and_ends_the_body_th
     thread = threading.Thread(target=lambda: results.update(concurrently(
         server, lambda client: waiting.request("forward", "tokens", tokens_of(model, 0, 2)), [0])))
     thread.start()
-    time.sleep(0.5)  # client 0 leads its batch and waits for client 1
+    while True:  # client 0 leads its batch and waits for client 1
+        with server._lock:
+            if server._queued["forward"]:
+                break
+        time.sleep(0.01)
     started = time.monotonic()
     server.close()
     thread.join(10)
     assert time.monotonic() - started < 10  # not the 30 s window
-    assert isinstance(results[0], ProtocolError) and "closed" in str(results[0])
+    assert isinstance(results[0], ProtocolError) and str(results[0]) == "the body server closed"  # while gathering
     with pytest.raises(ProtocolError, match="closed"):
         late.request("forward", "tokens", tokens_of(model, 1, 2))
     assert not any(thread.is_alive() for thread in body_threads)

@@ -303,6 +303,8 @@ class BodyServer:
                     if self._closed:  # while it gathered: the body thread takes no more work
                         for member in batch:
                             member.error = ProtocolError("the body server closed")
+                            if member.pending is not None:
+                                member.pending.abandon()
                         self._release(batch)
                     else:
                         heapq.heappush(self._batches, (0 if batch[0].kind == "backward" else 1, next(self._order), batch))

@@ -254,8 +254,10 @@ class FlowerRuntime:
         self.body.end_round()
 
     def close(self) -> None:
-        self.channel.stop()
-        self.body.close()
+        try:
+            self.channel.stop()
+        finally:
+            self.body.close()
 
 
 class Dropped(Exception):
