@@ -11,7 +11,7 @@
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 19 hours on two CPU cores (estimated: a
 #                                                                 # K = 16 run makes 33 body passes a batch, most of it)
 #   ROWS="backprop forward-only-4" SETTINGS=iid SEEDS=0 bash benchmarks/forward_only.sh
-#   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh  # the prompts' rate first (estimated 1.5 hours)
+#   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh  # the prompts' rate first (1.7 hours)
 #
 # With TUNE=1 it runs instead forward-only-4 in IID at each prompt learning rate of TUNE_RATES (default 0.0001 0.001
 # 0.01: the default recipe gives forward-only steps backprop's rate, 0.01, under Adam, whose steps do not shrink with
