@@ -177,14 +177,14 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
 @pytest.mark.slow
 def test_the_forward_only_rate_grid_runs_each_rate_on_validation_and_writes_its_table(tmp_path):
     doc = tmp_path / "forward-only-tuning.md"
-    done = run_benchmark("forward_only.sh", tmp_path, TUNE="1", TUNE_RATES="0.001 0.01", TUNE_DOC=str(doc),
+    done = run_benchmark("forward_only.sh", tmp_path, TUNE="1", TUNE_RATES="0.001", TUNE_DOC=str(doc),
                          SIZE="--train-samples 40 --test-samples 20 --clients 2 --clients-per-round 2 --rounds 3 "
                               "--image-size 28 --validation-samples 10")  # a probe, a split and a refit round
     assert done.returncode == 0, done.stderr[-3000:]
     text = doc.read_text()
     assert text.startswith("Command: `TUNE=1 bash benchmarks/forward_only.sh`")
     assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "seed" not in line
-            and not line.startswith("|---")] == ["| prompt-lr-0.001", "| prompt-lr-0.01"]
+            and not line.startswith("|---")] == ["| prompt-lr-0.001"]
     config = json.loads((tmp_path / "runs" / "tune" / "prompt-lr-0.001" / "seed-0" / "config.json").read_text())
     assert (config["prompt_updates"], config["directions"], config["prompt_lr"], config["validation_samples"],
             config["refit_rounds"]) == ("forward-only", 4, 0.001, 10, 1)
