@@ -180,8 +180,9 @@ fi
 for setting in $SETTINGS; do setting "$setting" > /dev/null; done  # an unknown setting stops it, TABLE_ONLY too
 if [ -z "${TABLE_ONLY:-}" ]; then
   for row in $ROWS; do  # SIZE's options come after a row's, so they would win
+    [ "$row" = linear-probe-all ] || continue
     for option in "${size[@]}"; do
-      if [ "$row" = linear-probe-all ] && [[ "$option" == --clients-per-round || "$option" == --clients-per-round=* ]]; then
+      if [[ "$option" == --clients-per-round || "$option" == --clients-per-round=* ]]; then
         echo "SIZE's --clients-per-round would override linear-probe-all's (every client): leave it out" >&2; exit 2
       fi
     done

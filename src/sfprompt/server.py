@@ -303,8 +303,7 @@ class BodyServer:
                     if self._closed:  # while it gathered: the body thread takes no more work
                         for member in batch:
                             member.error = ProtocolError("the body server closed")
-                            if member.pending is not None:
-                                member.pending.abandon()
+                        self._abandon_refused(batch)
                         self._release(batch)
                     else:
                         heapq.heappush(self._batches, (0 if batch[0].kind == "backward" else 1, next(self._order), batch))
@@ -444,10 +443,8 @@ class BodyServer:
             if self.body_optimizer is not None or self.body.precision == "fp16":
                 checks.refuse_invalid()  # the work would use them: a trained body's step, fp16's gradient scale
             valid = [request for request in batch if request.error is None]
-            with self._lock:  # a backward refused before the work
-                for request in batch:
-                    if request.error is not None and request.pending is not None:
-                        request.pending.abandon()
+            with self._lock:
+                self._abandon_refused(batch)  # before the work
             if valid and valid[0].kind == "backward":
                 self._backward(valid, checks)
             elif valid:
@@ -455,6 +452,13 @@ class BodyServer:
         except Exception as err:  # the body failed (out of memory, say): every member of this batch is told
             for request in batch:
                 request.error = request.error or err
+
+    @staticmethod
+    def _abandon_refused(batch: list[_Request]) -> None:
+        """The forwards of the batch's refused backwards: their backward will not come (holding the lock)."""
+        for request in batch:
+            if request.error is not None and request.pending is not None:
+                request.pending.abandon()
 
     def _still_admitted(self, request: _Request) -> bool:
         """Whether the request's session outlived its trip through the body (not forgotten, round not ended)."""
