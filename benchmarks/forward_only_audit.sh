@@ -10,16 +10,27 @@
 #
 #   bash benchmarks/forward_only_audit.sh          # about 1.5 hours on two CPU cores
 #   ROWS="forward-only-4" SEEDS=0 bash benchmarks/forward_only_audit.sh
+#   UPLOADS=aggregated bash benchmarks/forward_only_audit.sh   # a server under secure aggregation
+#
+# UPLOADS is what the server holds of the victim's uploads (`sfprompt audit --uploads`): seen (the default), each
+# one, so its label-free guess and the attacks' prior read the victim's uploaded tail, trained on its labels; or
+# aggregated, their sum only (secure aggregation), so they read the tail it broadcast, and the table says what the
+# upload alone would have named. Its audits go to OUT (default results/forward-only-audit, and
+# results/forward-only-audit-aggregated) and its table to DOC (docs/benchmarks/forward-only-audit.md, and
+# forward-only-audit-aggregated.md).
 #
 # A finished audit is not redone. SIZE appends options to every audit and DOC names the document written (a test
 # runs it at a tiny size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/lib.sh
-OUT=${OUT:-results/forward-only-audit}
+UPLOADS=${UPLOADS:-seen}
+case "$UPLOADS" in seen) suffix="" ;; aggregated) suffix="-aggregated" ;;
+  *) echo "UPLOADS must be seen or aggregated, got $UPLOADS" >&2; exit 2 ;; esac
+OUT=${OUT:-results/forward-only-audit$suffix}
 SEEDS=${SEEDS:-0 1 2}
 ROWS=${ROWS:-backprop forward-only-1 forward-only-4 forward-only-16 forward-only-4-label-epsilon-1 forward-only-4-label-epsilon-3}
-DOC=${DOC:-docs/benchmarks/forward-only-audit.md}
+DOC=${DOC:-docs/benchmarks/forward-only-audit$suffix.md}
 read -r -a size <<< "${SIZE:-}"
 read -r -a audit_size <<< "${AUDIT_SIZE:---images 20 --aux-samples 1000 --gallery 20 --steps 100 --inversion-epochs 10}"
 
@@ -43,14 +54,24 @@ for seed in $SEEDS; do
     mkdir -p "$OUT/$row"
     # shellcheck disable=SC2046  # the options are words
     sfprompt audit --prompt-tokens 50 --probe-clients 5 --refit-rounds 0 $(options "$row") --seed "$seed" --no-progress "${size[@]}" "${audit_size[@]}" \
-      --out "$audit" > "$audit.log" 2>&1 || { echo "$audit failed: see $audit.log" >&2; exit 1; }
+      --uploads "$UPLOADS" --out "$audit" > "$audit.log" 2>&1 || { echo "$audit failed: see $audit.log" >&2; exit 1; }
   done
 done
+header=$(command_header forward_only_audit)
+[ "$UPLOADS" = seen ] || header=${header/\`bash/\`UPLOADS=$UPLOADS bash}
 {
-  echo "$(command_header forward_only_audit) The headline setting (\`--prompt-tokens 50\`), client 0's first round of"
+  echo "$header The headline setting (\`--prompt-tokens 50\`), client 0's first round of"
   echo "prompt updates after a probe round of round 1's 5 clients (\`--probe-clients 5\`; the prompts at the tail's rate,"
   echo "\`--refit-rounds 0\`), attacked by \`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
   echo "the seeds (each its own partition, prompts and client 0)."
+  if [ "$UPLOADS" = aggregated ]; then
+    echo "The server holds the uploads only summed (\`--uploads aggregated\`, secure aggregation): its label-free guess,"
+    echo "and the attacks' prior, read the tail it broadcast; the upload alone is what the victim's uploaded tail would"
+    echo "have named by itself without secure aggregation."
+  else
+    echo "The server holds each upload (\`--uploads seen\`): its label-free guess, and the attacks' prior, read the"
+    echo "victim's uploaded tail (trained on its labels this round)."
+  fi
   echo
   python benchmarks/forward_only_audit_table.py "$OUT" $ROWS
 } > "$DOC"

@@ -17,6 +17,7 @@ COLUMNS = {  # audit.json's labels -> the column
     "trajectory_broadcast_tail": "trajectory, broadcast tail",
     "advantage": "best attack - label-free",
 }
+UPLOAD = {"upload_alone": "the upload alone"}  # audits with --uploads aggregated: what it would have named by itself
 
 
 def corrected(audits: list[dict], attack: str) -> str:
@@ -30,12 +31,14 @@ def corrected(audits: list[dict], attack: str) -> str:
 
 
 def main(out: Path, rows: list[str]) -> None:
-    print("| row | seeds | samples sent | steps read | " + " | ".join(COLUMNS.values())
+    found = {name: [json.loads(p.read_text())["labels"] for p in sorted((out / name).glob("seed-*/audit.json"))]
+             for name in rows}
+    columns = COLUMNS | (UPLOAD if any("upload_alone" in a for audits in found.values() for a in audits) else {})
+    print("| row | seeds | samples sent | steps read | " + " | ".join(columns.values())
           + " | guess's errors corrected, best attack | the same, broadcast tail"
           + " | one step: label-free | one step: trajectory |")
-    print("|---" * (len(COLUMNS) + 8) + "|")
-    for name in rows:
-        audits = [json.loads(p.read_text())["labels"] for p in sorted((out / name).glob("seed-*/audit.json"))]
+    print("|---" * (len(columns) + 8) + "|")
+    for name, audits in found.items():
         if not audits:
             continue
 
@@ -43,7 +46,7 @@ def main(out: Path, rows: list[str]) -> None:
             values = [value for audit in audits if (value := get(audit)) is not None]
             return spread(values, digits) if values else ""
 
-        cells = [cell(lambda a, key=key: a.get(key)) for key in COLUMNS]
+        cells = [cell(lambda a, key=key: a.get(key)) for key in columns]
         cells += [corrected(audits, "best_attack"), corrected(audits, "trajectory_broadcast_tail")]
         cells += [cell(lambda a, key=key: a.get("one_step", {}).get(key)) for key in ("label_free", "trajectory")]
         print(f"| {name} | {len(audits)} | {cell(lambda a: a['samples'], 0)} | {cell(lambda a: a.get('steps_read'), 0)} | "

@@ -163,9 +163,11 @@ def test_audit_from_a_finished_run_and_clear_refusals(gray, tmp_path, capsys):
     config = audit_config(gray, tmp_path, out=str(tmp_path / "run"))
     run(config, progress=False, log=lambda _: None)
     assert main(["audit", "--from", str(tmp_path / "run"), "--images", "4", "--aux-samples", "30", "--gallery", "4",
-                 "--steps", "2", "--inversion-epochs", "1", "--no-progress"]) == 0
+                 "--steps", "2", "--inversion-epochs", "1", "--uploads", "aggregated", "--no-progress"]) == 0
     result = json.loads((tmp_path / "run" / "audit.json").read_text())
     assert result["params"] == str(tmp_path / "run") and result["config"] == config.to_dict()
+    assert result["audit"]["uploads"] == "aggregated" and "upload_alone" in result["labels"]
+    assert "without secure aggregation" in capsys.readouterr().err
     assert main(["audit", "--from", str(tmp_path / "run"), "--rounds", "3"]) == 2
     assert "only --device" in capsys.readouterr().err
     assert main(["audit", "--from", str(tmp_path / "nothing")]) == 2
@@ -173,6 +175,8 @@ def test_audit_from_a_finished_run_and_clear_refusals(gray, tmp_path, capsys):
         run_audit(audit_config(gray, tmp_path, method="fl"), QUICK, progress=False)
     with pytest.raises(ConfigError, match="--gallery"):
         run_audit(audit_config(gray, tmp_path), AuditOptions(gallery=1), progress=False)
+    with pytest.raises(ConfigError, match="--uploads must be seen or aggregated"):
+        run_audit(audit_config(gray, tmp_path), AuditOptions(uploads="hidden"), progress=False)
 
 
 @pytest.mark.slow
@@ -275,6 +279,43 @@ def test_with_randomized_labels_forward_only_prompts_step_on_them_and_the_tail_o
     assert torch.equal(true[0].prompts, randomized[0].prompts) and not torch.equal(true[1].prompts, randomized[1].prompts)
     assert all(torch.equal(true[1].tail[name], randomized[1].tail[name]) for name in true[1].tail)
     assert not torch.equal(true[0].shown, randomized[0].shown)  # at epsilon 0 most shown labels are wrong
+
+
+@pytest.mark.parametrize("method", ["sfprompt", "linear-probe", "forward-only"])
+def test_under_secure_aggregation_the_server_guesses_through_the_tail_it_broadcast(gray, tmp_path, method):
+    """--uploads aggregated: the server holds the tail it broadcast, not the victim's uploaded one (trained on its
+    labels), so its own guess reads each send through that, and the upload's own guess is stated beside it: the
+    label-free guess of --uploads seen (or, for a probe, its statistics' attacks). A probe's statistics then give no
+    attack; forward-only's trajectory is still read, its steps explained at the true labels."""
+    from sfprompt.attacks import per_sample
+    from sfprompt.audit import _label_accuracy, _trained, witness
+    from sfprompt.federation import prepare
+
+    options = ({"prompt_updates": "forward-only", "directions": 8, "perturbation": 0.3} if method == "forward-only"
+               else {"method": method})
+    fed = prepare(audit_config(gray, tmp_path, probe_rounds=0, **options))
+    broadcast, kept = _trained(fed, None, 0, lambda _: None)
+    seen = witness(fed, broadcast, kept, victim=0)
+    upload = fed.method.new_params(fed.model)
+    upload.load_state_dict(seen.upload.tensors)
+    in_clear, _ = _label_accuracy(fed, 0, upload, seen, False, aggregated=False)
+    aggregated, samples = _label_accuracy(fed, 0, upload, seen, False, aggregated=True)
+    truth = torch.stack([seen.labels[seen.positions == p][0] for p in seen.positions.unique()])
+    with torch.no_grad():
+        guess = per_sample(broadcast.tail(seen.rows).log_softmax(dim=1), seen.positions).argmax(dim=1)
+    assert aggregated["label_free"] == float((guess == truth).float().mean()) and samples == len(truth)
+    assert "upload_alone" not in in_clear
+    if method == "linear-probe":
+        assert aggregated["upload_alone"] == max(in_clear["statistics"], in_clear["class_means"])
+        assert "statistics" not in aggregated and aggregated["best_attack"] == aggregated["label_free"]
+    else:
+        assert aggregated["upload_alone"] == in_clear["label_free"]
+        assert not torch.equal(upload.tail.state_dict()["head.weight"], broadcast.tail.state_dict()["head.weight"])
+    if method == "forward-only":
+        assert aggregated["unexplained_at_truth"] < 1e-3 and aggregated["steps_read"] == in_clear["steps_read"]
+    else:
+        assert aggregated.keys() - {"upload_alone"} == in_clear.keys() - ({"statistics", "class_means"}
+                                                                          if method == "linear-probe" else set())
 
 
 def test_a_whole_run_audit_attacks_every_send_the_victim_makes_with_the_params_it_was_made_with(gray, tmp_path, capsys):

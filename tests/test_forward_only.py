@@ -193,15 +193,18 @@ def test_the_forward_only_rate_grid_runs_each_rate_on_validation_and_writes_its_
 def test_the_forward_only_audit_benchmark_attacks_each_row_and_writes_its_table(tmp_path):
     doc = tmp_path / "forward-only-audit.md"
     done = run_benchmark("forward_only_audit.sh", tmp_path, SEEDS="0", ROWS="forward-only-2-label-epsilon-1",
-                         DOC=str(doc), SIZE="--train-samples 40 --test-samples 20 --clients 5 --clients-per-round 5 "
-                                            "--rounds 2 --image-size 28")  # room for the script's probe round of 5
+                         DOC=str(doc), UPLOADS="aggregated",
+                         SIZE="--train-samples 40 --test-samples 20 --clients 5 --clients-per-round 5 "
+                              "--rounds 2 --image-size 28")  # room for the script's probe round of 5
     assert done.returncode == 0, done.stderr[-3000:]
-    assert doc.read_text().startswith("Command: `bash benchmarks/forward_only_audit.sh`")
+    assert doc.read_text().startswith("Command: `UPLOADS=aggregated bash benchmarks/forward_only_audit.sh`")
     header, _, row = [line.split(" | ") for line in doc.read_text().splitlines() if line.startswith("|")]
     row = dict(zip(header, row))
     assert row["| row"] == "| forward-only-2-label-epsilon-1" and row["seeds"] == "1"
     assert row["trajectory, each step's tail"] and row["one step: trajectory |"] and not row["gradient attack"]
+    assert row["the upload alone"]  # what the tail it uploaded would have named without secure aggregation
     audit = json.loads((tmp_path / "runs" / "forward-only-2-label-epsilon-1" / "seed-0" / "audit.json").read_text())
+    assert audit["audit"]["uploads"] == "aggregated"
     config = audit["config"]
     assert (config["prompt_updates"], config["directions"], config["label_epsilon"], config["prompt_tokens"]) == (
         "forward-only", 2, 1.0, 50)

@@ -302,12 +302,13 @@ def learned_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, se
 def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, grads: torch.Tensor,
                   sample: torch.Tensor, num_classes: int, keep_probability: float, graded: torch.Tensor | None = None,
                   tails: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
-                  batch: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  batch: torch.Tensor | None = None, log_probs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Each sample's label as the server infers it (one guess per distinct `sample` id, ascending), from the body
     output `rows` (S, R, D) of every send and the `backward` gradients `grads` of the sends `graded` marks (all, by
     default), in order:
 
-    - label_free: the prediction of `tail` (one the server holds) from the rows it computed itself;
+    - label_free: the prediction of `tail` (one the server holds) from the rows it computed itself, or each send's
+      `log_probs` (S, C) where given (e.g. through the tail it broadcast for that send's round);
     - gradient: the class whose loss gradient at a send's rows points most like the gradient received (cosine
       similarity, summed over the sample's sends), the loss taken through the tail that send's gradient came
       from (`tails[batch[s]]`; `tail` by default); a sample no gradient was received for keeps its label-free guess;
@@ -330,14 +331,13 @@ def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
                 target = torch.full((len(at),), c, dtype=torch.long)
                 (g,) = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), rows_, retain_graph=True)
                 similarity[at, c] = F.cosine_similarity(g.flatten(1), grads[received[at]].flatten(1), dim=1)
-    with torch.no_grad():
-        log_probs = tail(rows).log_softmax(dim=1)
-    ids, inverse = sample.unique(return_inverse=True)
-    per_sample = lambda scores: torch.zeros(len(ids), scores.shape[1]).index_add_(0, inverse, scores)  # noqa: E731
-    prior = per_sample(log_probs)
-    sends = per_sample(torch.ones(len(rows), 1))
-    has_gradient = per_sample(graded[:, None].float())[:, 0] > 0
-    gradient = torch.where(has_gradient, per_sample(similarity).argmax(dim=1), prior.argmax(dim=1))
+    if log_probs is None:
+        with torch.no_grad():
+            log_probs = tail(rows).log_softmax(dim=1)
+    prior = per_sample(log_probs, sample)
+    sends = per_sample(torch.ones(len(rows), 1), sample)
+    has_gradient = per_sample(graded[:, None].float(), sample)[:, 0] > 0
+    gradient = torch.where(has_gradient, per_sample(similarity, sample).argmax(dim=1), prior.argmax(dim=1))
     return {"label_free": prior.argmax(dim=1), "gradient": gradient,
             "gradient_with_prior": with_randomized_label(prior / sends, gradient, keep_probability)}
 
@@ -377,6 +377,10 @@ def statistics_label_attacks(upload: torch.nn.Module, rows: torch.Tensor, sample
         scores = {"label_free": upload.tail.head(features).log_softmax(dim=1),
                   "statistics": (features @ weight.T + bias).log_softmax(dim=1),
                   "class_means": torch.where(present, -distances, torch.tensor(float("-inf")))}
+    return {name: per_sample(value, sample).argmax(dim=1) for name, value in scores.items()}
+
+
+def per_sample(scores: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """Per-send `scores` (S, C) summed over each sample's sends: one row per distinct `sample` id, ascending."""
     ids, inverse = sample.unique(return_inverse=True)
-    per_sample = lambda s: torch.zeros(len(ids), s.shape[1]).index_add_(0, inverse, s)  # noqa: E731
-    return {name: per_sample(value).argmax(dim=1) for name, value in scores.items()}
+    return torch.zeros(len(ids), scores.shape[1]).index_add_(0, inverse, scores)

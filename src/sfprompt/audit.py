@@ -68,6 +68,7 @@ class AuditOptions:
     inversion_epochs: int = 30  # epochs of the learned inversion network
     seed: int = 0  # the attacker's own randomness and choice of gallery
     sends: str = "round"  # "round": the victim's sends in one round; "run": every send it makes in the whole run
+    uploads: str = "seen"  # "seen": the server holds each client's upload; "aggregated": their sum only (SecAgg+)
 
     def check(self, config: Config) -> None:
         for name in ("images", "aux_samples", "steps", "inversion_epochs"):
@@ -77,6 +78,8 @@ class AuditOptions:
             raise ConfigError(f"--gallery must be at least 2 (the original and one other image), got {self.gallery}")
         if self.sends not in ("round", "run"):
             raise ConfigError(f"--sends must be round or run, got {self.sends!r}")
+        if self.uploads not in ("seen", "aggregated"):
+            raise ConfigError(f"--uploads must be seen or aggregated, got {self.uploads!r}")
         if not 0 <= self.victim < config.clients:
             raise ConfigError(f"--victim must be a client id between 0 and {config.clients - 1}, got {self.victim}")
         if config.method in ("fl", "fl-prompt"):
@@ -152,13 +155,20 @@ class Witnessed:
     grads: torch.Tensor  # (G, R, D): the backward gradient received for each send `graded` marks, in order
     graded: torch.Tensor  # (S,): which sends a backward followed (none: a probe's or forward-only's)
     batch: torch.Tensor  # (S,): the index in `params` of the batch each send was in
+    sent_in: torch.Tensor  # (S,): the round (an index in `broadcasts`) each send was made in
     params: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]  # each batch's prompts and tail, as the client sent it
     evaluates: list[Evaluated]  # forward-only's steps, in order (empty: the other methods send none)
     positions: torch.Tensor  # (S,): which of the victim's samples each send was (never shown to the attacks)
     labels: torch.Tensor  # (S,)
     images: dict[int, torch.Tensor]  # position -> the model input it came from
     upload: Message  # the victim's last upload in a round of the method's own
-    rounds: int  # how many rounds of the victim's the sends come from
+    broadcasts: list[dict[str, torch.Tensor]]  # the global params each of the victim's rounds started from
+    upload_round: int  # the round (an index in `broadcasts`) `upload` ends
+
+    @property
+    def rounds(self) -> int:
+        """How many rounds of the victim's the sends come from."""
+        return len(self.broadcasts)
 
 
 def _witnessed_client(fed: Federation, victim: int) -> _WitnessedClient:
@@ -180,7 +190,7 @@ def witness(fed: Federation, global_params: torch.nn.Module, kept: dict | None, 
     link = _Wiretap(server, fed.meter, fed.device)
     upload = client_round(link, client, fed.method, global_params, client_seed(fed.config.seed, 1, victim))
     fed.meter.take()
-    return _witnessed(client, link.exchanges, upload)
+    return _witnessed(client, link.exchanges, upload, len(client.broadcasts) - 1)
 
 
 class _TappedRuntime(InProcessRuntime):
@@ -194,6 +204,7 @@ class _TappedRuntime(InProcessRuntime):
         self.victim = client
         self.tap = _Wiretap(self.server, fed.meter, fed.device, fed.max_message_bytes)
         self.upload: Message | None = None
+        self.upload_round = -1  # the victim's round (an index in its broadcasts) `upload` ends
         self.dropped: list[int] = []
         fed.clients[client.cid] = client
 
@@ -210,7 +221,9 @@ class _TappedRuntime(InProcessRuntime):
                 del note[length:]
             self.dropped.append(round_)
         elif fed.method.stage(round_, fed.config) is fed.method:
-            self.upload = next((u for u in updates if u.meta["client"] == victim.cid), self.upload)
+            upload = next((u for u in updates if u.meta["client"] == victim.cid), None)
+            if upload is not None:
+                self.upload, self.upload_round = upload, len(victim.broadcasts) - 1
         return updates, dropped
 
 
@@ -227,10 +240,11 @@ def witness_run(fed: Federation, victim: int, log: Callable[[str], None]) -> tup
     if runtime.upload is None:
         raise ConfigError(f"client {victim} finished none of the run's rounds of {fed.method.name} (its probe rounds "
                           "aside): it was not sampled in any, or was dropped in every one; choose another --victim")
-    return _witnessed(runtime.victim, runtime.tap.exchanges, runtime.upload), final
+    return _witnessed(runtime.victim, runtime.tap.exchanges, runtime.upload, runtime.upload_round), final
 
 
-def _witnessed(client: _WitnessedClient, exchanges: list[tuple[Message, Message]], upload: Message) -> Witnessed:
+def _witnessed(client: _WitnessedClient, exchanges: list[tuple[Message, Message]], upload: Message,
+               upload_round: int) -> Witnessed:
     """What the server received from `client` (its requests and their replies, in order), decoded as the server
     decodes it, with the ground truth the client noted beside it."""
     forwards = [(request, reply) for request, reply in exchanges if request.kind in ("forward", "features", "evaluate")]
@@ -259,9 +273,10 @@ def _witnessed(client: _WitnessedClient, exchanges: list[tuple[Message, Message]
     sizes = torch.tensor([len(t) for t in tokens])
     return Witnessed(cat(tokens), cat([r[0] for r in rows]), cat(grads) if grads else torch.empty(0),
                      torch.repeat_interleave(torch.tensor(graded, dtype=torch.bool), sizes),
-                     torch.repeat_interleave(torch.arange(len(tokens)), sizes), client.params, evaluates,
-                     cat([b[2] for b in client.batches]), cat([b[1] for b in client.batches]), images, upload,
-                     len(client.broadcasts))
+                     torch.repeat_interleave(torch.arange(len(tokens)), sizes),
+                     torch.repeat_interleave(torch.tensor(client.sent_in, dtype=torch.long), sizes), client.params,
+                     evaluates, cat([b[2] for b in client.batches]), cat([b[1] for b in client.batches]), images,
+                     upload, client.broadcasts, upload_round)
 
 
 def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = None, progress: bool = True,
@@ -295,8 +310,11 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     upload = fed.method.new_params(fed.model)
     upload.load_state_dict({k: v.cpu() for k, v in seen.upload.tensors.items()})
     upload.eval().requires_grad_(False)
-    # The server knows where each client's head ends (it admitted it there): the attack simulates that head.
-    sim = attacks.Simulator(fed.clients[options.victim].model, upload.prompts, mean, std, channels)
+    # The server knows where each client's head ends (it admitted it there): the attack simulates that head, with
+    # the victim's uploaded prompts, or under secure aggregation those it broadcast for the upload's round.
+    aggregated = options.uploads == "aggregated"
+    prompts = seen.broadcasts[seen.upload_round]["prompts"] if aggregated else upload.prompts
+    sim = attacks.Simulator(fed.clients[options.victim].model, prompts, mean, std, channels)
     defence = fed.model.defence
     if defence.shuffle:
         sim.unshuffler = attacks.Unshuffler.fit(sim, aux)
@@ -325,7 +343,8 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     scores, reconstruction = _scored(reconstructions, originals, candidates)
     reconstruction |= {name: {"skipped": why} for name, why in skipped.items()}
 
-    label_accuracy, samples_sent = _label_accuracy(fed, options.victim, upload, seen, options.sends == "run")
+    label_accuracy, samples_sent = _label_accuracy(fed, options.victim, upload, seen, options.sends == "run",
+                                                   aggregated)
 
     per_sample = releases(config)
     epsilon = local_epsilon(defence.noise_multiplier, per_sample, config.dp_delta)
@@ -451,31 +470,50 @@ def _scored(reconstructions: dict[str, torch.Tensor], originals: torch.Tensor,
     return scores, {name: _summary(s) for name, s in scores.items()} | {"best": _summary(best)}
 
 
-def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen: Witnessed,
-                    own_tails: bool) -> tuple[dict[str, float], int]:
+def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen: Witnessed, own_tails: bool,
+                    aggregated: bool) -> tuple[dict[str, float], int]:
     """How often each label attack names the true label of a sample the victim sent, the best attack's advantage
-    over guessing without the messages, and how many samples it sent. The gradients are read through the
-    uploaded tail, or with `own_tails` through the tail each was computed with. Without gradients, the attack
-    reads the forward-only prompt trajectory, or a linear-probe client's uploaded statistics."""
-    num_classes, defence, figures = fed.model.num_classes, fed.model.defence, {}
-    truth = torch.stack([seen.labels[seen.positions == p][0] for p in seen.positions.unique()])
+    over guessing without the messages, and how many samples it sent. The server's own guess, and the attacks'
+    prior, read each send through the tail it holds for the victim: its uploaded tail, or under secure aggregation
+    (`aggregated`) the tail it broadcast for the send's round; then `upload_alone` is what the upload would name
+    by itself without it. The gradients are read through that tail too, or with `own_tails` through the tail each
+    was computed with. Without gradients, the attack reads the forward-only prompt trajectory, or a linear-probe
+    client's uploaded statistics (none under secure aggregation)."""
+    num_classes, defence, figures, uploaded = fed.model.num_classes, fed.model.defence, {}, {}
+    ids = seen.positions.unique()
+    truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
+    broadcast_tails = None if not aggregated else {r: _tail_of(upload.tail, _tail_state(seen.broadcasts[r]))
+                                                   for r in seen.sent_in.unique().tolist()}
+    log_probs = _label_free_log_probs(upload.tail, seen, broadcast_tails)
     if seen.evaluates:
-        guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth)
+        guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth, log_probs)
     elif seen.graded.any():
         tails = None
+        graded_batches = set(seen.batch[seen.graded].tolist())
         if own_tails:  # the tail of each batch a gradient came from (the others are never read)
-            graded_batches = set(seen.batch[seen.graded].tolist())
             tails = [_tail_of(upload.tail, tail) if b in graded_batches else None
                      for b, (_, tail) in enumerate(seen.params)]
+        elif aggregated:  # the tail broadcast for the round of each batch a gradient came from
+            round_of = dict(zip(seen.batch.tolist(), seen.sent_in.tolist()))
+            tails = [broadcast_tails[round_of[b]] if b in graded_batches else None for b in range(len(seen.params))]
         guesses = attacks.label_attacks(upload.tail, seen.rows, seen.grads, seen.positions, num_classes,
-                                        defence.keep_probability(num_classes), seen.graded, tails, seen.batch)
+                                        defence.keep_probability(num_classes), seen.graded, tails, seen.batch,
+                                        log_probs)
         graded = seen.positions[seen.graded].unique()  # the samples a gradient was received for (all, in one round)
         if len(graded) < len(truth):  # the others (a probe round's only) keep their label-free guess
-            where = torch.isin(seen.positions.unique(), graded)
+            where = torch.isin(ids, graded)
             figures = {"samples_with_gradient": len(graded),
                        "gradient_where_received": float((guesses["gradient"] == truth)[where].float().mean())}
-    else:
-        guesses = attacks.statistics_label_attacks(upload, seen.rows, seen.positions, seen.upload.meta["num_examples"])
+    else:  # a linear-probe client: its uploaded statistics name its labels, unless summed with others' first
+        statistics = attacks.statistics_label_attacks(upload, seen.rows, seen.positions,
+                                                      seen.upload.meta["num_examples"])
+        uploaded = {name: guess for name, guess in statistics.items() if name != "label_free"}
+        own_guess = {"label_free": attacks.per_sample(log_probs, seen.positions).argmax(dim=1)}
+        guesses = own_guess if aggregated else statistics
+    if aggregated:  # what the upload the server no longer sees would have named by itself
+        uploaded = uploaded or {"uploaded_tail": attacks.per_sample(_label_free_log_probs(upload.tail, seen),
+                                                                    seen.positions).argmax(dim=1)}
+        figures["upload_alone"] = max(float((guess == truth).float().mean()) for guess in uploaded.values())
     accuracy = {name: float((guess == truth).float().mean()) for name, guess in guesses.items()}
     accuracy["best_attack"] = max((value for name, value in accuracy.items() if name != "label_free"),
                                   default=accuracy["label_free"])  # no attack applies: the guess without one
@@ -483,9 +521,30 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     return accuracy | figures, len(truth)
 
 
+def _label_free_log_probs(tail: torch.nn.Module, seen: Witnessed,
+                          broadcast_tails: dict[int, torch.nn.Module] | None = None) -> torch.Tensor:
+    """Each send's label-free log-probabilities (S, C) from the rows the server computed: through `tail`, or through
+    the tail broadcast for the send's round (`broadcast_tails`, by round)."""
+    with torch.no_grad():
+        if broadcast_tails is None:
+            return tail(seen.rows).log_softmax(dim=1)
+        log_probs = None
+        for r, broadcast_tail in broadcast_tails.items():
+            part = broadcast_tail(seen.rows[seen.sent_in == r]).log_softmax(dim=1)
+            log_probs = part.new_empty(len(seen.rows), part.shape[1]) if log_probs is None else log_probs
+            log_probs[seen.sent_in == r] = part
+        return log_probs
+
+
+def _tail_state(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tail's weights among a method's global params (a broadcast's `tail.*`)."""
+    return {name.removeprefix("tail."): t for name, t in params.items() if name.startswith("tail.")}
+
+
 def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, seen: Witnessed,
-                       truth: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
-    """Forward-only's label attacks (`trajectory`): the label-free guess; the labels that explain the coefficients
+                       truth: torch.Tensor, log_probs: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+    """Forward-only's label attacks (`trajectory`): the label-free guess (from each send's `log_probs`); the labels
+    that explain the coefficients
     read from the prompt trajectory, with the losses of the tail each step used (`trajectory`: an upper bound) and
     of the tail the server broadcast (`trajectory_broadcast_tail`); and, step by step, what one step alone adds to
     the label-free guess of its batch (under Adam with the factor all steps gave). Under --label-epsilon the steps
@@ -494,9 +553,8 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
     label-free guess. `unexplained_at_truth` checks the attack's model of the steps: its residual at the labels the
     client's losses were taken at (the true ones, or the randomized ones)."""
     config, model, classes = fed.config, fed.clients[victim].model, fed.model.num_classes
-    ids, inverse = seen.positions.unique(return_inverse=True)
-    with torch.no_grad():
-        prior = torch.zeros(len(ids), classes).index_add_(0, inverse, upload.tail(seen.rows).log_softmax(dim=1))
+    ids = seen.positions.unique()
+    prior = attacks.per_sample(log_probs, seen.positions)
     guesses = {"label_free": prior.argmax(dim=1)}
     optimizer = trajectory.PromptOptimizer(config.optimizer, config.prompt_lr, config.momentum, config.weight_decay,
                                            config.proximal_mu)
@@ -519,8 +577,7 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
                                 trajectory.loss_differences(tail_of(e), e.rows, classes, perturbations.estimator),
                                 c * unit * len(e.positions), round_) for e, c, round_ in read]
 
-    broadcast_tails = {e.round: _tail_of(upload.tail, {k.removeprefix("tail."): t for k, t in e.broadcast.items()
-                                                       if k.startswith("tail.")}) for e in evaluates}
+    broadcast_tails = {e.round: _tail_of(upload.tail, _tail_state(e.broadcast)) for e in evaluates}
     keep = fed.model.defence.keep_probability(classes)
     posterior = prior.log_softmax(dim=1)
     other = math.log((1 - keep) / max(classes - 1, 1)) if keep < 1 else -math.inf
@@ -557,7 +614,9 @@ def summary_line(result: dict) -> str:
     return (f"best attack re-identifies {best['reidentified']:.0%} of {result['images_attacked']} images "
             f"(chance {result['chance_reidentification']:.0%}) at PSNR {best['psnr']:.1f} dB, SSIM {best['ssim']:.2f} "
             f"(class-mean image: {mean['psnr']:.1f} dB, {mean['ssim']:.2f}); labels inferred "
-            f"{labels['best_attack']:.0%} against {labels['label_free']:.0%} label-free")
+            f"{labels['best_attack']:.0%} against {labels['label_free']:.0%} label-free"
+            + (f" (the upload alone, without secure aggregation: {labels['upload_alone']:.0%})"
+               if "upload_alone" in labels else ""))
 
 
 def _gallery(fed: Federation, chosen: torch.Tensor, seen: Witnessed, options: AuditOptions, to_pixels,

@@ -44,6 +44,9 @@ _AUDIT_HELP = {
     "sends": "which of the victim's sends are attacked: round, those of one round (the method's first own round, "
              "after any probe rounds; with --from, a further round from that run's final params), or run, every "
              "send it makes in the whole run (replayed from its start, each with the params it was made with)",
+    "uploads": "what the server holds of the victim's uploads: seen, each one (no secure aggregation), or "
+               "aggregated, only their sum with the other clients' (secure aggregation): its own guesses then read "
+               "the tail it broadcast, and the audit says what the upload alone would have named",
 }
 
 
@@ -52,7 +55,8 @@ def _add_audit_flags(parser: argparse.ArgumentParser) -> None:
 
     for f in dataclasses.fields(AuditOptions):
         flag = "--" + ("attack-seed" if f.name == "seed" else f.name.replace("_", "-"))
-        kind = {"type": str, "choices": ["round", "run"]} if f.name == "sends" else {"type": int, "metavar": "N"}
+        choices = {"sends": ["round", "run"], "uploads": ["seen", "aggregated"]}
+        kind = {"type": str, "choices": choices[f.name]} if f.name in choices else {"type": int, "metavar": "N"}
         parser.add_argument(flag, dest=f"audit_{f.name}", default=f.default, **kind,
                             help=f"{_AUDIT_HELP[f.name]} (default: {f.default})")
 
