@@ -116,12 +116,12 @@ def _timed(step, samples_per_step: int, steps: int, device: torch.device, warm_u
     return samples_per_step * steps / (time.perf_counter() - started)
 
 
-def measure(what, device: torch.device, failed="out of memory"):
-    """What `what` returns, or `failed` (standing for each value it returns) when the device runs out of memory."""
+def measure(what, device: torch.device, values: int = 1) -> tuple:
+    """The tuple of `values` values `what` returns, or "out of memory" standing for each when the device runs out."""
     try:
         return what()
     except torch.OutOfMemoryError:
-        return failed
+        return ("out of memory",) * values
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -177,28 +177,26 @@ def main() -> None:
             got = {mode: [] for mode in modes}
             for _ in range(args.repeats):
                 for mode, what in modes.items():
-                    got[mode].append(measure(what, device, failed=("out of memory",) * 2))
+                    got[mode].append(measure(what, device, values=2))
             (central, _), (alone, _), (batched, passes) = (_median(got[mode]) for mode in modes)
             cells = [_rate(v) for v in (alone, batched, central)]
             ratios = [_ratio(batched, central), _ratio(batched, alone)]
             lines.append(f"| {precision} | {clients} | " + " | ".join(cells + ratios) + f" | {_rate(passes, '.1f')} |")
             print(lines[-1], flush=True)
         if args.batch_sizes:
-            rates = [_median([measure(lambda: centralised(model, size, args.steps, device), device)
-                              for _ in range(args.repeats)]) for size in args.batch_sizes]
+            rates = [_median([measure(lambda: (centralised(model, size, args.steps, device),), device)
+                              for _ in range(args.repeats)])[0] for size in args.batch_sizes]
             sizes.append(f"| {precision} | " + " | ".join(_rate(rate) for rate in rates) + " |")
             print(sizes[-1], flush=True)
     lines += sizes if args.batch_sizes else []
     publish(lines, args.markdown or Path(f"docs/benchmarks/batching-{device.type}.md"))
 
 
-def _median(values: list):
-    """The median measurement (the upper of the middle two for an even count; by its first value when each is
-    a tuple), or the failure if any measurement failed (out of memory)."""
-    first = [v[0] if isinstance(v, tuple) else v for v in values]
-    if any(isinstance(v, str) for v in first):
-        return values[next(i for i, v in enumerate(first) if isinstance(v, str))]
-    return values[sorted(range(len(values)), key=first.__getitem__)[len(values) // 2]]
+def _median(values: list[tuple]):
+    """The median measurement by its first value (the upper of the middle two for an even count), or the failure
+    if any measurement failed (out of memory)."""
+    failures = [v for v in values if isinstance(v[0], str)]
+    return failures[0] if failures else sorted(values, key=lambda v: v[0])[len(values) // 2]
 
 
 def _rate(value: float | str, form: str = ",.0f") -> str:

@@ -54,9 +54,14 @@ NO_REFIT="--refit-rounds 0"  # no closing refit round, the prompts at WARM_LR: t
 PROBE_5="--probe-clients 5 $NO_REFIT"  # and the probe round asks round 1's draw of 5, the default until it asked all 10
 read -r -a size <<< "${SIZE:-}"
 
-every_client() {  # the clients of a run: SIZE's --clients, else the default job's 10
+every_client() {  # the clients of a run: SIZE's last --clients N (or --clients=N), else the default job's 10
   local clients=10 i
-  for ((i = 0; i < ${#size[@]} - 1; i++)); do if [ "${size[i]}" = --clients ]; then clients=${size[i + 1]}; fi; done
+  for ((i = 0; i < ${#size[@]}; i++)); do
+    case "${size[i]}" in
+      --clients) if ((i + 1 < ${#size[@]})); then clients=${size[i + 1]}; fi ;;
+      --clients=*) clients=${size[i]#--clients=} ;;
+    esac
+  done
   echo "$clients"
 }
 

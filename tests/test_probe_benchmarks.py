@@ -17,7 +17,7 @@ def test_the_recipe_benchmark_runs_each_row_and_writes_its_report(tmp_path):
     doc = tmp_path / "recipe.md"
     done = run_benchmark("recipe.sh", tmp_path, SEEDS="0", SETTINGS="fashion-iid", DOC=str(doc),
                          ROWS="linear-probe linear-probe-all paper default-probe-5-float32 default",
-                         SIZE=f"{TINY} --clients 6 --rounds 2")  # 5 a round, the default
+                         SIZE=f"{TINY} --clients=6 --rounds 2")  # 5 a round, the default
     assert done.returncode == 0, done.stderr[-3000:]
     text = doc.read_text()
     assert text.startswith("Command: `bash benchmarks/recipe.sh`") and "### fashion-iid" in text
