@@ -36,6 +36,7 @@ def test_the_attacks_recover_undefended_images_and_labels(gray, tmp_path):
     assert result["reconstruction"]["affine"]["psnr"] >= 30  # the closed-form solve returns the input
     assert best["psnr"] >= 30 and best["reidentified"] == 1.0
     assert labels["gradient"] >= 0.9 and labels["best_attack"] >= 0.9
+    assert 0 <= labels["gradient_held_tail"] <= 1  # the same gradients read through the uploaded tail
     assert result["images_attacked"] == QUICK.images and result["sends_per_image"] == 2  # two split epochs
     written = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert written["reconstruction"] == result["reconstruction"]
@@ -286,20 +287,21 @@ def test_under_secure_aggregation_the_server_guesses_through_the_tail_it_broadca
     """--uploads aggregated: the server holds the tail it broadcast, not the victim's uploaded one (trained on its
     labels), so its own guess reads each send through that, and the upload's own guess is stated beside it: the
     label-free guess of --uploads seen (or, for a probe, its statistics' attacks). A probe's statistics then give no
-    attack; forward-only's trajectory is still read, its steps explained at the true labels."""
+    attack; forward-only's trajectory is still read, its steps explained at the true labels. Backprop's gradients
+    are read through the tail that computed each (the upper bound), and through the tail the server holds."""
     from sfprompt.attacks import per_sample
     from sfprompt.audit import _label_accuracy, _trained, witness
     from sfprompt.federation import prepare
 
     options = ({"prompt_updates": "forward-only", "directions": 8, "perturbation": 0.3} if method == "forward-only"
-               else {"method": method})
+               else {"method": method, "lr": 1.0})  # the tail moves far in the round
     fed = prepare(audit_config(gray, tmp_path, probe_rounds=0, **options))
     broadcast, kept = _trained(fed, None, 0, lambda _: None)
     seen = witness(fed, broadcast, kept, victim=0)
     upload = fed.method.new_params(fed.model)
     upload.load_state_dict(seen.upload.tensors)
-    in_clear, _ = _label_accuracy(fed, 0, upload, seen, False, aggregated=False)
-    aggregated, samples = _label_accuracy(fed, 0, upload, seen, False, aggregated=True)
+    in_clear, _ = _label_accuracy(fed, 0, upload, seen, aggregated=False)
+    aggregated, samples = _label_accuracy(fed, 0, upload, seen, aggregated=True)
     truth = torch.stack([seen.labels[seen.positions == p][0] for p in seen.positions.unique()])
     with torch.no_grad():
         guess = per_sample(broadcast.tail(seen.rows).log_softmax(dim=1), seen.positions).argmax(dim=1)
@@ -311,6 +313,17 @@ def test_under_secure_aggregation_the_server_guesses_through_the_tail_it_broadca
     else:
         assert aggregated["upload_alone"] == in_clear["label_free"]
         assert not torch.equal(upload.tail.state_dict()["head.weight"], broadcast.tail.state_dict()["head.weight"])
+    if method == "sfprompt":  # each gradient through the tail that computed it; and through the tail the server holds
+        from sfprompt.attacks import label_attacks
+        from sfprompt.audit import _tail_of
+
+        share = lambda guess: float((guess == truth).float().mean())  # noqa: E731
+        read = lambda tails: label_attacks(upload.tail, seen.rows, seen.grads, seen.positions, 3, 1.0,  # noqa: E731
+                                           seen.graded, tails, seen.batch)["gradient"]
+        own = read([_tail_of(upload.tail, tail) for _, tail in seen.params])
+        assert in_clear["gradient"] == aggregated["gradient"] == share(own)
+        assert in_clear["gradient_held_tail"] == share(read(None)) < share(own)  # the uploaded tail: far from theirs
+        assert aggregated["gradient_held_tail"] == share(read([broadcast.tail] * len(seen.params)))
     if method == "forward-only":
         assert aggregated["unexplained_at_truth"] < 1e-3 and aggregated["steps_read"] == in_clear["steps_read"]
     else:

@@ -343,8 +343,7 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     scores, reconstruction = _scored(reconstructions, originals, candidates)
     reconstruction |= {name: {"skipped": why} for name, why in skipped.items()}
 
-    label_accuracy, samples_sent = _label_accuracy(fed, options.victim, upload, seen, options.sends == "run",
-                                                   aggregated)
+    label_accuracy, samples_sent = _label_accuracy(fed, options.victim, upload, seen, aggregated)
 
     per_sample = releases(config)
     epsilon = local_epsilon(defence.noise_multiplier, per_sample, config.dp_delta)
@@ -470,15 +469,16 @@ def _scored(reconstructions: dict[str, torch.Tensor], originals: torch.Tensor,
     return scores, {name: _summary(s) for name, s in scores.items()} | {"best": _summary(best)}
 
 
-def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen: Witnessed, own_tails: bool,
+def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen: Witnessed,
                     aggregated: bool) -> tuple[dict[str, float], int]:
     """How often each label attack names the true label of a sample the victim sent, the best attack's advantage
     over guessing without the messages, and how many samples it sent. The server's own guess, and the attacks'
     prior, read each send through the tail it holds for the victim: its uploaded tail, or under secure aggregation
     (`aggregated`) the tail it broadcast for the send's round; then `upload_alone` is what the upload would name
-    by itself without it. The gradients are read through that tail too, or with `own_tails` through the tail each
-    was computed with. Without gradients, the attack reads the forward-only prompt trajectory, or a linear-probe
-    client's uploaded statistics (none under secure aggregation)."""
+    by itself without it. Each gradient is read through the tail that computed it (`gradient`: an upper bound, as
+    forward-only's `trajectory` is; the client's tail moves with every step) and through the tail the server holds
+    (`gradient_held_tail`). Without gradients, the attack reads the forward-only prompt trajectory, or a
+    linear-probe client's uploaded statistics (none under secure aggregation)."""
     num_classes, defence, figures, uploaded = fed.model.num_classes, fed.model.defence, {}, {}
     ids = seen.positions.unique()
     truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
@@ -488,17 +488,17 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     if seen.evaluates:
         guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth, log_probs)
     elif seen.graded.any():
-        tails = None
-        graded_batches = set(seen.batch[seen.graded].tolist())
-        if own_tails:  # the tail of each batch a gradient came from (the others are never read)
-            tails = [_tail_of(upload.tail, tail) if b in graded_batches else None
-                     for b, (_, tail) in enumerate(seen.params)]
-        elif aggregated:  # the tail broadcast for the round of each batch a gradient came from
+        graded_batches = set(seen.batch[seen.graded].tolist())  # (the others' tails are never read)
+        own = [_tail_of(upload.tail, tail) if b in graded_batches else None for b, (_, tail) in enumerate(seen.params)]
+        held = None  # the uploaded tail for every batch, or the tail broadcast for each one's round
+        if aggregated:
             round_of = dict(zip(seen.batch.tolist(), seen.sent_in.tolist()))
-            tails = [broadcast_tails[round_of[b]] if b in graded_batches else None for b in range(len(seen.params))]
-        guesses = attacks.label_attacks(upload.tail, seen.rows, seen.grads, seen.positions, num_classes,
-                                        defence.keep_probability(num_classes), seen.graded, tails, seen.batch,
-                                        log_probs)
+            held = [broadcast_tails[round_of[b]] if b in graded_batches else None for b in range(len(seen.params))]
+        read = lambda tails: attacks.label_attacks(  # noqa: E731
+            upload.tail, seen.rows, seen.grads, seen.positions, num_classes, defence.keep_probability(num_classes),
+            seen.graded, tails, seen.batch, log_probs)
+        guesses = read(own)
+        guesses["gradient_held_tail"] = read(held)["gradient"]
         graded = seen.positions[seen.graded].unique()  # the samples a gradient was received for (all, in one round)
         if len(graded) < len(truth):  # the others (a probe round's only) keep their label-free guess
             where = torch.isin(ids, graded)
