@@ -8,7 +8,7 @@
 # randomized-response labels (--label-epsilon 3), which the forward-only audit measured hides the labels
 # (docs/benchmarks/forward-only-audit.md): what it costs.
 #
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 19 hours on two CPU cores (estimated: a
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 15 hours on two CPU cores (estimated: a
 #                                                                 # K = 16 run makes 33 body passes a batch, most of it)
 #   ROWS="backprop forward-only-4" SETTINGS=iid SEEDS=0 bash benchmarks/forward_only.sh
 #   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh  # the prompts' rate first (1.7 hours)
@@ -19,21 +19,25 @@
 # the clients' data (the test set unread), into OUT/tune, and writes docs/benchmarks/forward-only-tuning.md
 # (TUNE_DOC names another file); the grid's backprop reference is recipe.sh's TUNE=headline refit-prompt-lr-0.01.
 #
-# A finished run is not redone and an interrupted one continues after its last complete round. SIZE appends
-# options to every run and DOC names the document written (a test runs it at a tiny size).
+# The linear-probe and backprop rows are recipe.sh's linear-probe and default-prompts-50 runs (the same options):
+# OUT/SETTING/ROW links to RECIPE_OUT/default-SETTING/ROW's (RECIPE_OUT defaults to recipe beside OUT), so a run
+# either script made is not made again. A finished run is not redone and an interrupted one continues after its
+# last complete round. SIZE appends options to every run and DOC names the document written (a test runs it at a
+# tiny size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/lib.sh
 OUT=${OUT:-results/forward-only}
+RECIPE_OUT=${RECIPE_OUT:-$(dirname "$OUT")/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-iid dirichlet-0.5}
 ROWS=${ROWS:-linear-probe backprop forward-only-1 forward-only-4 forward-only-16 forward-only-4-label-epsilon-3}
 read -r -a size <<< "${SIZE:-}"
 
-setting() {
+setting() {  # recipe.sh's default-iid and default-dirichlet-0.5
   case "$1" in
-    iid) echo "--prompt-tokens 50" ;;
-    dirichlet-0.5) echo "--prompt-tokens 50 --alpha 0.5" ;;
+    iid) echo "--rounds 5" ;;
+    dirichlet-0.5) echo "--rounds 5 --alpha 0.5" ;;
     *) echo "unknown setting $1" >&2; exit 2 ;;
   esac
 }
@@ -44,8 +48,9 @@ options() {
   [ "$row" = "$1" ] || labels="--label-epsilon ${1##*-label-epsilon-}"
   case "$row" in
     linear-probe) [ -z "$labels" ] && echo "--method linear-probe" ;;
-    backprop) echo "--method sfprompt $labels" ;;
-    forward-only-*) echo "--method sfprompt --prompt-updates forward-only --directions ${row#forward-only-} $labels" ;;
+    backprop) echo "--method sfprompt --prompt-tokens 50 $labels" ;;
+    forward-only-*) echo "--method sfprompt --prompt-tokens 50 --prompt-updates forward-only" \
+      "--directions ${row#forward-only-} $labels" ;;
     *) false ;;
   esac || { echo "unknown row $1" >&2; exit 2; }
 }
@@ -77,6 +82,19 @@ if [ -n "${TUNE:-}" ]; then
   exit 0
 fi
 
+recipe_row() {  # ROW: recipe.sh's row of the same options, if it has one
+  case "$1" in linear-probe) echo linear-probe ;; backprop) echo default-prompts-50 ;; esac
+}
+for setting in $SETTINGS; do
+  setting "$setting" > /dev/null
+  for row in $ROWS; do
+    here="$OUT/$setting/$row" there=$(recipe_row "$row")
+    if [ -n "$there" ] && [ ! -e "$here" ]; then
+      mkdir -p "$OUT/$setting" "$RECIPE_OUT/default-$setting/$there"
+      ln -s "$(realpath -m --relative-to="$OUT/$setting" "$RECIPE_OUT/default-$setting/$there")" "$here"
+    fi
+  done
+done
 run_grid
 DOC=${DOC:-docs/benchmarks/forward-only.md}
 {

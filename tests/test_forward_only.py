@@ -172,6 +172,9 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
     sent = [json.loads((runs / row / "seed-0" / "metrics.jsonl").read_text().splitlines()[-1])["messages_by_phase"]["up/split"]
             for row in ("backprop", "forward-only-2")]
     assert sent[1] * 2 == sent[0]  # one evaluate a batch where backprop sends a forward and a backward
+    # backprop is recipe.sh's default-prompts-50 row (the same options): its runs are made once, there
+    assert (runs / "backprop").is_symlink()
+    assert (tmp_path / "recipe" / "default-iid" / "default-prompts-50" / "seed-0" / "summary.json").is_file()
 
 
 @pytest.mark.slow
