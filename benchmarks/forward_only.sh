@@ -89,7 +89,7 @@ for setting in $SETTINGS; do
   setting "$setting" > /dev/null
   for row in $ROWS; do
     here="$OUT/$setting/$row" there=$(recipe_row "$row")
-    if [ -n "$there" ] && [ ! -e "$here" ]; then
+    if [ -n "$there" ] && [ ! -e "$here" ] && [ ! -L "$here" ]; then  # (a dangling one stays: its runs fail)
       mkdir -p "$OUT/$setting" "$RECIPE_OUT/default-$setting/$there"
       ln -s "$(realpath -m --relative-to="$OUT/$setting" "$RECIPE_OUT/default-$setting/$there")" "$here"
     fi

@@ -12,7 +12,7 @@ from table import spread  # the script's folder is on sys.path
 COLUMNS = {  # audit.json's labels -> the column
     "label_free": "label-free guess",
     "gradient": "gradient attack",
-    "gradient_held_tail": "gradient attack, tail held",
+    "gradient_broadcast_tail": "gradient attack, broadcast tail",
     "gradient_with_prior": "gradient attack with the guess",
     "trajectory": "trajectory, each step's tail",
     "trajectory_broadcast_tail": "trajectory, broadcast tail",

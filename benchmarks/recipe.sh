@@ -76,7 +76,8 @@ setting() {  # the data, partition and rounds of a setting
   esac
 }
 
-options() {  # the options of one row
+options() {  # the options of one row (forward_only.sh's linear-probe and backprop rows are linear-probe and
+  # default-prompts-50 in default-iid and default-dirichlet-0.5: change those and its reference rows change too)
   case "$1" in
     linear-probe) echo "--method linear-probe" ;;
     # the probe asking every client every round: each sends once, in round 1, and the fit is the central one

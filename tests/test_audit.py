@@ -36,7 +36,6 @@ def test_the_attacks_recover_undefended_images_and_labels(gray, tmp_path):
     assert result["reconstruction"]["affine"]["psnr"] >= 30  # the closed-form solve returns the input
     assert best["psnr"] >= 30 and best["reidentified"] == 1.0
     assert labels["gradient"] >= 0.9 and labels["best_attack"] >= 0.9
-    assert 0 <= labels["gradient_held_tail"] <= 1  # the same gradients read through the uploaded tail
     assert result["images_attacked"] == QUICK.images and result["sends_per_image"] == 2  # two split epochs
     written = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert written["reconstruction"] == result["reconstruction"]
@@ -178,6 +177,9 @@ def test_audit_from_a_finished_run_and_clear_refusals(gray, tmp_path, capsys):
         run_audit(audit_config(gray, tmp_path), AuditOptions(gallery=1), progress=False)
     with pytest.raises(ConfigError, match="--uploads must be seen or aggregated"):
         run_audit(audit_config(gray, tmp_path), AuditOptions(uploads="hidden"), progress=False)
+    for refused, why in (({"method": "sl"}, "one after another"), ({"clients_per_round": 1}, "2 to")):
+        with pytest.raises(ConfigError, match=f"--uploads aggregated: .*{why}"):  # where SecAgg+ cannot hide an upload
+            run_audit(audit_config(gray, tmp_path, **refused), AuditOptions(uploads="aggregated"), progress=False)
 
 
 @pytest.mark.slow
@@ -322,13 +324,39 @@ def test_under_secure_aggregation_the_server_guesses_through_the_tail_it_broadca
                                            seen.graded, tails, seen.batch)["gradient"]
         own = read([_tail_of(upload.tail, tail) for _, tail in seen.params])
         assert in_clear["gradient"] == aggregated["gradient"] == share(own)
-        assert in_clear["gradient_held_tail"] == share(read(None)) < share(own)  # the uploaded tail: far from theirs
-        assert aggregated["gradient_held_tail"] == share(read([broadcast.tail] * len(seen.params)))
+        at_broadcast = share(read([broadcast.tail] * len(seen.params)))  # far from the tails that computed them
+        assert in_clear["gradient_broadcast_tail"] == aggregated["gradient_broadcast_tail"] == at_broadcast < share(own)
     if method == "forward-only":
         assert aggregated["unexplained_at_truth"] < 1e-3 and aggregated["steps_read"] == in_clear["steps_read"]
     else:
         assert aggregated.keys() - {"upload_alone"} == in_clear.keys() - ({"statistics", "class_means"}
                                                                           if method == "linear-probe" else set())
+
+
+def test_under_secure_aggregation_a_whole_run_is_read_through_the_newest_tail_broadcast(gray, tmp_path):
+    """Over a run (a probe round, a split round, a refit round), the server's guess reads every send through the
+    newest tail it broadcast to the victim (the probe round's broadcast has a classifier not yet fitted), and each
+    gradient through the tail broadcast for its own round."""
+    from sfprompt.attacks import label_attacks, per_sample
+    from sfprompt.audit import _label_accuracy, _tail_of, _tail_state, witness_run
+    from sfprompt.federation import prepare
+
+    fed = prepare(audit_config(gray, tmp_path, rounds=3, lr=1.0))
+    seen, _ = witness_run(fed, 0, lambda _: None)
+    upload = fed.method.new_params(fed.model)
+    upload.load_state_dict(seen.upload.tensors)
+    labels, _ = _label_accuracy(fed, 0, upload, seen, aggregated=True)
+    assert seen.rounds == 3 and seen.sent_in.unique().tolist() == [0, 1, 2]
+    truth = torch.stack([seen.labels[seen.positions == p][0] for p in seen.positions.unique()])
+    share = lambda guess: float((guess == truth).float().mean())  # noqa: E731
+    tails = [_tail_of(upload.tail, _tail_state(b)) for b in seen.broadcasts]
+    with torch.no_grad():
+        assert labels["label_free"] == share(per_sample(tails[-1](seen.rows).log_softmax(1), seen.positions).argmax(1))
+    graded = seen.batch[seen.graded].unique().tolist()
+    of_round = [tails[int(seen.sent_in[seen.batch == b][0])] if b in graded else None for b in range(len(seen.params))]
+    reading = label_attacks(tails[-1], seen.rows, seen.grads, seen.positions, 3, 1.0, seen.graded, of_round,
+                            seen.batch)["gradient"]
+    assert labels["gradient_broadcast_tail"] == share(reading) and set(seen.sent_in[seen.graded].tolist()) == {1}
 
 
 def test_a_whole_run_audit_attacks_every_send_the_victim_makes_with_the_params_it_was_made_with(gray, tmp_path, capsys):

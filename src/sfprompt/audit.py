@@ -85,6 +85,13 @@ class AuditOptions:
         if config.method in ("fl", "fl-prompt"):
             raise ConfigError(f"--method {config.method} sends no activations or gradients, only whole-model or "
                               "prompt uploads; the audit attacks the split methods (sfprompt, sfl, sl)")
+        if self.uploads == "aggregated":  # what Flower's SecAgg+ refuses, the audit does not pretend to run
+            from .flower.settings import check_secure_aggregation
+
+            try:
+                check_secure_aggregation(config, clipping_range=math.inf)
+            except ConfigError as err:
+                raise ConfigError(f"--uploads aggregated: {err}") from err
 
 
 class _Wiretap(InProcessLink):
@@ -163,7 +170,6 @@ class Witnessed:
     images: dict[int, torch.Tensor]  # position -> the model input it came from
     upload: Message  # the victim's last upload in a round of the method's own
     broadcasts: list[dict[str, torch.Tensor]]  # the global params each of the victim's rounds started from
-    upload_round: int  # the round (an index in `broadcasts`) `upload` ends
 
     @property
     def rounds(self) -> int:
@@ -190,7 +196,7 @@ def witness(fed: Federation, global_params: torch.nn.Module, kept: dict | None, 
     link = _Wiretap(server, fed.meter, fed.device)
     upload = client_round(link, client, fed.method, global_params, client_seed(fed.config.seed, 1, victim))
     fed.meter.take()
-    return _witnessed(client, link.exchanges, upload, len(client.broadcasts) - 1)
+    return _witnessed(client, link.exchanges, upload)
 
 
 class _TappedRuntime(InProcessRuntime):
@@ -204,7 +210,6 @@ class _TappedRuntime(InProcessRuntime):
         self.victim = client
         self.tap = _Wiretap(self.server, fed.meter, fed.device, fed.max_message_bytes)
         self.upload: Message | None = None
-        self.upload_round = -1  # the victim's round (an index in its broadcasts) `upload` ends
         self.dropped: list[int] = []
         fed.clients[client.cid] = client
 
@@ -221,9 +226,7 @@ class _TappedRuntime(InProcessRuntime):
                 del note[length:]
             self.dropped.append(round_)
         elif fed.method.stage(round_, fed.config) is fed.method:
-            upload = next((u for u in updates if u.meta["client"] == victim.cid), None)
-            if upload is not None:
-                self.upload, self.upload_round = upload, len(victim.broadcasts) - 1
+            self.upload = next((u for u in updates if u.meta["client"] == victim.cid), self.upload)
         return updates, dropped
 
 
@@ -240,11 +243,10 @@ def witness_run(fed: Federation, victim: int, log: Callable[[str], None]) -> tup
     if runtime.upload is None:
         raise ConfigError(f"client {victim} finished none of the run's rounds of {fed.method.name} (its probe rounds "
                           "aside): it was not sampled in any, or was dropped in every one; choose another --victim")
-    return _witnessed(runtime.victim, runtime.tap.exchanges, runtime.upload, runtime.upload_round), final
+    return _witnessed(runtime.victim, runtime.tap.exchanges, runtime.upload), final
 
 
-def _witnessed(client: _WitnessedClient, exchanges: list[tuple[Message, Message]], upload: Message,
-               upload_round: int) -> Witnessed:
+def _witnessed(client: _WitnessedClient, exchanges: list[tuple[Message, Message]], upload: Message) -> Witnessed:
     """What the server received from `client` (its requests and their replies, in order), decoded as the server
     decodes it, with the ground truth the client noted beside it."""
     forwards = [(request, reply) for request, reply in exchanges if request.kind in ("forward", "features", "evaluate")]
@@ -276,7 +278,7 @@ def _witnessed(client: _WitnessedClient, exchanges: list[tuple[Message, Message]
                      torch.repeat_interleave(torch.arange(len(tokens)), sizes),
                      torch.repeat_interleave(torch.tensor(client.sent_in, dtype=torch.long), sizes), client.params,
                      evaluates, cat([b[2] for b in client.batches]), cat([b[1] for b in client.batches]), images,
-                     upload, client.broadcasts, upload_round)
+                     upload, client.broadcasts)
 
 
 def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = None, progress: bool = True,
@@ -311,9 +313,9 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     upload.load_state_dict({k: v.cpu() for k, v in seen.upload.tensors.items()})
     upload.eval().requires_grad_(False)
     # The server knows where each client's head ends (it admitted it there): the attack simulates that head, with
-    # the victim's uploaded prompts, or under secure aggregation those it broadcast for the upload's round.
+    # the victim's uploaded prompts, or under secure aggregation the newest it broadcast to it.
     aggregated = options.uploads == "aggregated"
-    prompts = seen.broadcasts[seen.upload_round]["prompts"] if aggregated else upload.prompts
+    prompts = seen.broadcasts[-1]["prompts"] if aggregated else upload.prompts
     sim = attacks.Simulator(fed.clients[options.victim].model, prompts, mean, std, channels)
     defence = fed.model.defence
     if defence.shuffle:
@@ -473,32 +475,32 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
                     aggregated: bool) -> tuple[dict[str, float], int]:
     """How often each label attack names the true label of a sample the victim sent, the best attack's advantage
     over guessing without the messages, and how many samples it sent. The server's own guess, and the attacks'
-    prior, read each send through the tail it holds for the victim: its uploaded tail, or under secure aggregation
-    (`aggregated`) the tail it broadcast for the send's round; then `upload_alone` is what the upload would name
-    by itself without it. Each gradient is read through the tail that computed it (`gradient`: an upper bound, as
-    forward-only's `trajectory` is; the client's tail moves with every step) and through the tail the server holds
-    (`gradient_held_tail`). Without gradients, the attack reads the forward-only prompt trajectory, or a
-    linear-probe client's uploaded statistics (none under secure aggregation)."""
+    prior, read every send through the tail it holds for the victim: its uploaded tail, or under secure aggregation
+    (`aggregated`) the newest tail it broadcast to it; then `upload_alone` is what the upload would have named by
+    itself. Each gradient is read through the tail that computed it (`gradient`: an upper bound, as forward-only's
+    `trajectory` is; the client's tail moves with every step) and through the tail broadcast for its round
+    (`gradient_broadcast_tail`, which the server holds either way). Without gradients, the attack reads the
+    forward-only prompt trajectory, or a linear-probe client's uploaded statistics (none under secure
+    aggregation)."""
     num_classes, defence, figures, uploaded = fed.model.num_classes, fed.model.defence, {}, {}
     ids = seen.positions.unique()
     truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
-    broadcast_tails = None if not aggregated else {r: _tail_of(upload.tail, _tail_state(seen.broadcasts[r]))
-                                                   for r in seen.sent_in.unique().tolist()}
-    log_probs = _label_free_log_probs(upload.tail, seen, broadcast_tails)
+    guess_of = lambda tail: attacks.per_sample(_log_probs(tail, seen.rows), seen.positions).argmax(dim=1)  # noqa: E731
+    held = _tail_of(upload.tail, _tail_state(seen.broadcasts[-1])) if aggregated else upload.tail
+    log_probs = _log_probs(held, seen.rows)
     if seen.evaluates:
         guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth, log_probs)
     elif seen.graded.any():
         graded_batches = set(seen.batch[seen.graded].tolist())  # (the others' tails are never read)
-        own = [_tail_of(upload.tail, tail) if b in graded_batches else None for b, (_, tail) in enumerate(seen.params)]
-        held = None  # the uploaded tail for every batch, or the tail broadcast for each one's round
-        if aggregated:
-            round_of = dict(zip(seen.batch.tolist(), seen.sent_in.tolist()))
-            held = [broadcast_tails[round_of[b]] if b in graded_batches else None for b in range(len(seen.params))]
+        round_of = dict(zip(seen.batch.tolist(), seen.sent_in.tolist()))
+        broadcast = {r: _tail_of(upload.tail, _tail_state(seen.broadcasts[r])) for r in set(round_of.values())}
+        own, of_round = zip(*[(_tail_of(upload.tail, tail), broadcast[round_of[b]]) if b in graded_batches else
+                              (None, None) for b, (_, tail) in enumerate(seen.params)])
         read = lambda tails: attacks.label_attacks(  # noqa: E731
-            upload.tail, seen.rows, seen.grads, seen.positions, num_classes, defence.keep_probability(num_classes),
+            held, seen.rows, seen.grads, seen.positions, num_classes, defence.keep_probability(num_classes),
             seen.graded, tails, seen.batch, log_probs)
         guesses = read(own)
-        guesses["gradient_held_tail"] = read(held)["gradient"]
+        guesses["gradient_broadcast_tail"] = read(of_round)["gradient"]
         graded = seen.positions[seen.graded].unique()  # the samples a gradient was received for (all, in one round)
         if len(graded) < len(truth):  # the others (a probe round's only) keep their label-free guess
             where = torch.isin(ids, graded)
@@ -508,11 +510,9 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
         statistics = attacks.statistics_label_attacks(upload, seen.rows, seen.positions,
                                                       seen.upload.meta["num_examples"])
         uploaded = {name: guess for name, guess in statistics.items() if name != "label_free"}
-        own_guess = {"label_free": attacks.per_sample(log_probs, seen.positions).argmax(dim=1)}
-        guesses = own_guess if aggregated else statistics
+        guesses = {"label_free": guess_of(held)} if aggregated else statistics
     if aggregated:  # what the upload the server no longer sees would have named by itself
-        uploaded = uploaded or {"uploaded_tail": attacks.per_sample(_label_free_log_probs(upload.tail, seen),
-                                                                    seen.positions).argmax(dim=1)}
+        uploaded = uploaded or {"uploaded_tail": guess_of(upload.tail)}
         figures["upload_alone"] = max(float((guess == truth).float().mean()) for guess in uploaded.values())
     accuracy = {name: float((guess == truth).float().mean()) for name, guess in guesses.items()}
     accuracy["best_attack"] = max((value for name, value in accuracy.items() if name != "label_free"),
@@ -521,19 +521,10 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     return accuracy | figures, len(truth)
 
 
-def _label_free_log_probs(tail: torch.nn.Module, seen: Witnessed,
-                          broadcast_tails: dict[int, torch.nn.Module] | None = None) -> torch.Tensor:
-    """Each send's label-free log-probabilities (S, C) from the rows the server computed: through `tail`, or through
-    the tail broadcast for the send's round (`broadcast_tails`, by round)."""
+def _log_probs(tail: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """The label-free log-probabilities (S, C) of `tail` on each send's rows, which the server computed itself."""
     with torch.no_grad():
-        if broadcast_tails is None:
-            return tail(seen.rows).log_softmax(dim=1)
-        log_probs = None
-        for r, broadcast_tail in broadcast_tails.items():
-            part = broadcast_tail(seen.rows[seen.sent_in == r]).log_softmax(dim=1)
-            log_probs = part.new_empty(len(seen.rows), part.shape[1]) if log_probs is None else log_probs
-            log_probs[seen.sent_in == r] = part
-        return log_probs
+        return tail(rows).log_softmax(dim=1)
 
 
 def _tail_state(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
