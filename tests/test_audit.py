@@ -494,6 +494,25 @@ def test_each_gradient_is_read_through_the_tail_that_computed_it():
     assert not torch.equal(one["gradient"], labels)
 
 
+def test_a_gradient_of_exactly_zero_names_the_class_the_tail_is_sure_of():
+    """A tail so confident that its probability of the label rounds to 1 sends a gradient of exactly zero, which points
+    nowhere: the attack names the class whose loss gradient is the smallest (there, zero), not class 0 by default."""
+    from sfprompt.attacks import label_attacks
+
+    generator = torch.Generator().manual_seed(0)
+    net = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        net.weight.mul_(1e4)  # logit gaps of thousands: softmax is exactly one-hot in float32
+    tail = lambda rows: net(rows[:, 0])  # noqa: E731
+    rows = torch.randn(12, 1, 8, generator=generator)
+    labels = tail(rows).argmax(dim=1)
+    at = rows.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(tail(at), labels).backward()
+    assert (at.grad == 0).all() and len(labels.unique()) > 1
+    guesses = label_attacks(tail, rows, at.grad, torch.arange(12), 4, 1.0)
+    assert torch.equal(guesses["gradient"], labels)
+
+
 def test_the_white_box_attack_matches_each_send_through_the_prompts_it_was_made_with():
     """Sends of one image made with different prompts (the path depends on them where client blocks run): matched
     each through its own, the pixels are found; through one set of prompts for all, they are not."""

@@ -311,7 +311,9 @@ def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
       `log_probs` (S, C) where given (e.g. through the tail it broadcast for that send's round);
     - gradient: the class whose loss gradient at a send's rows points most like the gradient received (cosine
       similarity, summed over the sample's sends), the loss taken through the tail that send's gradient came
-      from (`tails[batch[s]]`; `tail` by default); a sample no gradient was received for keeps its label-free guess;
+      from (`tails[batch[s]]`; `tail` by default); a gradient of exactly zero (a tail so sure of the label that
+      its probability rounds to 1) names the class whose loss gradient is smallest, as a vote of similarity 1;
+      a sample no gradient was received for keeps its label-free guess;
     - gradient_with_prior: the gradient's class combined with the model's prediction (its log-probabilities
       averaged over the sample's sends, which see the same image: summed, they would count it once a send), as a
       Bayesian attacker who knows the randomized-response rate (`keep_probability`) would combine them.
@@ -327,10 +329,15 @@ def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
             at = sent[batch[sent] == b]
             rows_ = rows[at].clone().requires_grad_(True)
             logits = tails[b](rows_)
+            got = grads[received[at]].flatten(1)
+            sizes = torch.zeros(len(at), num_classes)
             for c in range(num_classes):
                 target = torch.full((len(at),), c, dtype=torch.long)
                 (g,) = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), rows_, retain_graph=True)
-                similarity[at, c] = F.cosine_similarity(g.flatten(1), grads[received[at]].flatten(1), dim=1)
+                similarity[at, c] = F.cosine_similarity(g.flatten(1), got, dim=1)
+                sizes[:, c] = g.flatten(1).norm(dim=1)
+            zero = (got == 0).all(dim=1)  # no direction to compare: the label is where the loss has no gradient
+            similarity[at[zero]] = F.one_hot(sizes[zero].argmin(dim=1), num_classes).float()
     if log_probs is None:
         with torch.no_grad():
             log_probs = tail(rows).log_softmax(dim=1)
