@@ -494,15 +494,17 @@ def test_each_gradient_is_read_through_the_tail_that_computed_it():
     assert not torch.equal(one["gradient"], labels)
 
 
-def test_a_gradient_of_exactly_zero_names_the_class_the_tail_is_sure_of():
+def test_a_sure_tails_tiny_or_zero_gradient_names_its_label():
     """A tail so confident that its probability of the label rounds to 1 sends a gradient of exactly zero, which points
-    nowhere: the attack names the class whose loss gradient is the smallest (there, zero), not class 0 by default."""
+    nowhere: the attack names the class whose loss gradient is the smallest (there, zero), not class 0 by default.
+    A little less sure, it sends gradients so small that a cosine's norms underflow: their directions still count."""
     from sfprompt.attacks import label_attacks
 
     generator = torch.Generator().manual_seed(0)
     net = torch.nn.Linear(8, 4)
-    with torch.no_grad():
-        net.weight.mul_(1e4)  # logit gaps of thousands: softmax is exactly one-hot in float32
+    with torch.no_grad():  # logit gaps of thousands: softmax is exactly one-hot in float32
+        net.weight.copy_(torch.randn(4, 8, generator=generator) * 1e4)
+        net.bias.zero_()
     tail = lambda rows: net(rows[:, 0])  # noqa: E731
     rows = torch.randn(12, 1, 8, generator=generator)
     labels = tail(rows).argmax(dim=1)
@@ -511,6 +513,13 @@ def test_a_gradient_of_exactly_zero_names_the_class_the_tail_is_sure_of():
     assert (at.grad == 0).all() and len(labels.unique()) > 1
     guesses = label_attacks(tail, rows, at.grad, torch.arange(12), 4, 1.0)
     assert torch.equal(guesses["gradient"], labels)
+    with torch.no_grad():  # logit gaps of tens: gradients of 1e-20 and below, whose norms' product underflows
+        net.weight.mul_(5e-3)
+    at = rows.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(tail(at), labels).backward()
+    norms = at.grad.flatten(1).norm(dim=1)
+    assert ((norms > 0) & (norms < 1e-12)).sum() >= 3 and torch.equal(tail(rows).argmax(dim=1), labels)
+    assert torch.equal(label_attacks(tail, rows, at.grad, torch.arange(12), 4, 1.0)["gradient"], labels)
 
 
 def test_the_white_box_attack_matches_each_send_through_the_prompts_it_was_made_with():

@@ -311,8 +311,9 @@ def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
       `log_probs` (S, C) where given (e.g. through the tail it broadcast for that send's round);
     - gradient: the class whose loss gradient at a send's rows points most like the gradient received (cosine
       similarity, summed over the sample's sends), the loss taken through the tail that send's gradient came
-      from (`tails[batch[s]]`; `tail` by default); a gradient of exactly zero (a tail so sure of the label that
-      its probability rounds to 1) names the class whose loss gradient is smallest, as a vote of similarity 1;
+      from (`tails[batch[s]]`; `tail` by default), at any scale (a sure tail's gradients are 1e-20 and below); a
+      gradient of exactly zero (the label's probability rounds to 1) names the class whose loss gradient is
+      smallest, as a vote of similarity 1;
       a sample no gradient was received for keeps its label-free guess;
     - gradient_with_prior: the gradient's class combined with the model's prediction (its log-probabilities
       averaged over the sample's sends, which see the same image: summed, they would count it once a send), as a
@@ -334,8 +335,8 @@ def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
             for c in range(num_classes):
                 target = torch.full((len(at),), c, dtype=torch.long)
                 (g,) = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), rows_, retain_graph=True)
-                similarity[at, c] = F.cosine_similarity(g.flatten(1), got, dim=1)
-                sizes[:, c] = g.flatten(1).norm(dim=1)
+                similarity[at, c] = (_direction(g.flatten(1)) * _direction(got)).sum(dim=1)
+                sizes[:, c] = g.flatten(1).abs().amax(dim=1)
             zero = (got == 0).all(dim=1)  # no direction to compare: the label is where the loss has no gradient
             similarity[at[zero]] = F.one_hot(sizes[zero].argmin(dim=1), num_classes).float()
     if log_probs is None:
@@ -347,6 +348,13 @@ def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
     gradient = torch.where(has_gradient, per_sample(similarity, sample).argmax(dim=1), prior.argmax(dim=1))
     return {"label_free": prior.argmax(dim=1), "gradient": gradient,
             "gradient_with_prior": with_randomized_label(prior / sends, gradient, keep_probability)}
+
+
+def _direction(vectors: torch.Tensor) -> torch.Tensor:
+    """Each row (n, d) as a unit vector, zeros kept: scaled first by its largest entry, so a gradient as small as a
+    confident tail's (1e-20 and below) keeps its direction, where a cosine's norms would underflow to its eps."""
+    scaled = vectors / vectors.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(vectors.dtype).tiny)
+    return F.normalize(scaled, dim=1)
 
 
 def with_randomized_label(prior: torch.Tensor, shown: torch.Tensor, keep_probability: float) -> torch.Tensor:
