@@ -15,9 +15,9 @@
 # UPLOADS is what the server holds of the victim's uploads (`sfprompt audit --uploads`): seen (the default), each
 # one, so its label-free guess and the attacks' prior read the victim's uploaded tail, trained on its labels; or
 # aggregated, their sum only (secure aggregation), so they read the tail it broadcast, and the table says what the
-# upload alone would have named. Its audits go to OUT (default results/forward-only-audit, and
-# results/forward-only-audit-aggregated) and its table to DOC (docs/benchmarks/forward-only-audit.md, and
-# forward-only-audit-aggregated.md).
+# upload alone would have named (rows: backprop, K = 4, and K = 4 with label DP; about an hour). Its audits go to
+# OUT (default results/forward-only-audit, and results/forward-only-audit-aggregated) and its table to DOC
+# (docs/benchmarks/forward-only-audit.md, and forward-only-audit-aggregated.md).
 #
 # A finished audit is not redone. SIZE appends options to every audit and DOC names the document written (a test
 # runs it at a tiny size).
@@ -29,7 +29,11 @@ case "$UPLOADS" in seen) suffix="" ;; aggregated) suffix="-aggregated" ;;
   *) echo "UPLOADS must be seen or aggregated, got $UPLOADS" >&2; exit 2 ;; esac
 OUT=${OUT:-results/forward-only-audit$suffix}
 SEEDS=${SEEDS:-0 1 2}
-ROWS=${ROWS:-backprop forward-only-1 forward-only-4 forward-only-16 forward-only-4-label-epsilon-1 forward-only-4-label-epsilon-3}
+if [ "$UPLOADS" = seen ]; then
+  ROWS=${ROWS:-backprop forward-only-1 forward-only-4 forward-only-16 forward-only-4-label-epsilon-1 forward-only-4-label-epsilon-3}
+else  # the default K and the rows with label DP, whose goal secure aggregation decides
+  ROWS=${ROWS:-backprop forward-only-4 forward-only-4-label-epsilon-3 forward-only-4-label-epsilon-1}
+fi
 DOC=${DOC:-docs/benchmarks/forward-only-audit$suffix.md}
 read -r -a size <<< "${SIZE:-}"
 read -r -a audit_size <<< "${AUDIT_SIZE:---images 20 --aux-samples 1000 --gallery 20 --steps 100 --inversion-epochs 10}"

@@ -48,7 +48,8 @@ def main(out: Path, rows: list[str]) -> None:
             return spread(values, digits) if values else ""
 
         cells = [cell(lambda a, key=key: a.get(key)) for key in columns]
-        cells += [corrected(audits, "best_attack"), corrected(audits, "trajectory_broadcast_tail")]
+        cells += [corrected(audits, "best_attack"),  # and what the tail it holds anyway gives
+                  corrected(audits, "trajectory_broadcast_tail") or corrected(audits, "gradient_broadcast_tail")]
         cells += [cell(lambda a, key=key: a.get("one_step", {}).get(key)) for key in ("label_free", "trajectory")]
         print(f"| {name} | {len(audits)} | {cell(lambda a: a['samples'], 0)} | {cell(lambda a: a.get('steps_read'), 0)} | "
               + " | ".join(cells) + " |")

@@ -14,6 +14,7 @@ from conftest import SHARED_DATA, SHARED_WEIGHTS, needs_shared, run_benchmark, w
 
 # Small, quick attacks: enough to tell a protocol that leaks from one that does not.
 QUICK = AuditOptions(images=12, aux_samples=60, gallery=12, steps=40, inversion_epochs=3)
+LABELS = AuditOptions(images=2, aux_samples=30, gallery=2, steps=1, inversion_epochs=1)  # for the label figures alone
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_a_forward_only_round_is_attacked_through_its_prompt_trajectory(gray, tm
     the inference, docs/privacy.md has the real checkpoint's.)"""
     config = audit_config(gray, tmp_path, prompt_updates="forward-only", directions=8, perturbation=0.3,
                           optimizer=optimizer, prompt_lr=prompt_lr)
-    labels = run_audit(config, QUICK, progress=False, log=lambda _: None)["labels"]
+    labels = run_audit(config, LABELS, progress=False, log=lambda _: None)["labels"]
     assert labels["steps_read"] == 5  # six evaluates (24 kept samples, 2 epochs, batches of 8): five steps seen
     assert labels["unexplained_at_truth"] < 1e-3
     if optimizer == "adam":  # over a whole run (here two rounds of every sample), each round's trajectory is read from
@@ -68,17 +69,17 @@ def test_a_forward_only_round_is_attacked_through_its_prompt_trajectory(gray, tm
         from dataclasses import replace
 
         whole = config.replace(rounds=2, probe_rounds=0, keep_ratio=1.0, split_epochs=1, out=str(tmp_path / "whole"))
-        labels = run_audit(whole, replace(QUICK, sends="run"), progress=False, log=lambda _: None)["labels"]
+        labels = run_audit(whole, replace(LABELS, sends="run"), progress=False, log=lambda _: None)["labels"]
         assert labels["steps_read"] == 2 * 4  # 36 samples in batches of 8: 5 sends a round, 4 steps seen
         assert labels["unexplained_at_truth"] < 1e-3
     assert {"trajectory", "trajectory_broadcast_tail"} <= set(labels) and "gradient" not in labels
     assert set(labels["one_step"]) == {"label_free", "trajectory"}
     # With --label-epsilon the steps are taken at the randomized labels (at epsilon 0, two thirds of them wrong
     # here): the attack's model explains them at those.
-    randomized = run_audit(config.replace(label_epsilon=0.0), QUICK, progress=False, log=lambda _: None)["labels"]
+    randomized = run_audit(config.replace(label_epsilon=0.0), LABELS, progress=False, log=lambda _: None)["labels"]
     assert randomized["unexplained_at_truth"] < 1e-3 and randomized["steps_read"] == 5
     if optimizer == "adam":  # SGD's weight decay is read like its momentum; Adam's is not
-        skipped = run_audit(config.replace(weight_decay=0.1), QUICK, progress=False, log=lambda _: None)["labels"]
+        skipped = run_audit(config.replace(weight_decay=0.1), LABELS, progress=False, log=lambda _: None)["labels"]
         assert "weight decay" in skipped["trajectory_skipped"] and skipped["best_attack"] == skipped["label_free"]
 
 
@@ -456,7 +457,7 @@ def test_a_whole_run_audit_leaves_out_a_round_the_victim_is_dropped_in(gray, tmp
     monkeypatch.setattr(Client, "_send_grad", failing)
     lines = []
     config = audit_config(gray, tmp_path, rounds=2, probe_rounds=0, keep_ratio=1.0)
-    result = run_audit(config, replace(QUICK, sends="run"), progress=False, log=lines.append)
+    result = run_audit(config, replace(LABELS, sends="run"), progress=False, log=lines.append)
     assert result["rounds_witnessed"] == 1 and result["sends_per_image_range"] == [2, 2]
     assert any("client 0 was dropped in round 2" in line for line in lines)
     assert result["labels"]["gradient"] >= 0.9
