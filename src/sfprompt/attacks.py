@@ -302,19 +302,17 @@ def learned_attack(sim: Simulator, observed: torch.Tensor, aux: torch.Tensor, se
 def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, grads: torch.Tensor,
                   sample: torch.Tensor, num_classes: int, keep_probability: float, graded: torch.Tensor | None = None,
                   tails: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
-                  batch: torch.Tensor | None = None, log_probs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  batch: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Each sample's label as the server infers it (one guess per distinct `sample` id, ascending), from the body
     output `rows` (S, R, D) of every send and the `backward` gradients `grads` of the sends `graded` marks (all, by
     default), in order:
 
-    - label_free: the prediction of `tail` (one the server holds) from the rows it computed itself, or each send's
-      `log_probs` (S, C) where given (e.g. through the tail it broadcast for that send's round);
+    - label_free: the prediction of `tail` (one the server holds) from the rows it computed itself;
     - gradient: the class whose loss gradient at a send's rows points most like the gradient received (cosine
       similarity, summed over the sample's sends), the loss taken through the tail that send's gradient came
       from (`tails[batch[s]]`; `tail` by default), at any scale (a sure tail's gradients are 1e-20 and below); a
       gradient of exactly zero (the label's probability rounds to 1) names the class whose loss gradient is
-      smallest, as a vote of similarity 1;
-      a sample no gradient was received for keeps its label-free guess;
+      smallest, as a vote of similarity 1; a sample no gradient was received for keeps its label-free guess;
     - gradient_with_prior: the gradient's class combined with the model's prediction (its log-probabilities
       averaged over the sample's sends, which see the same image: summed, they would count it once a send), as a
       Bayesian attacker who knows the randomized-response rate (`keep_probability`) would combine them.
@@ -339,9 +337,8 @@ def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
                 sizes[:, c] = g.flatten(1).abs().amax(dim=1)
             zero = (got == 0).all(dim=1)  # no direction to compare: the label is where the loss has no gradient
             similarity[at[zero]] = F.one_hot(sizes[zero].argmin(dim=1), num_classes).float()
-    if log_probs is None:
-        with torch.no_grad():
-            log_probs = tail(rows).log_softmax(dim=1)
+    with torch.no_grad():
+        log_probs = tail(rows).log_softmax(dim=1)
     prior = per_sample(log_probs, sample)
     sends = per_sample(torch.ones(len(rows), 1), sample)
     has_gradient = per_sample(graded[:, None].float(), sample)[:, 0] > 0

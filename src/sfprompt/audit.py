@@ -498,7 +498,7 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
                               (None, None) for b, (_, tail) in enumerate(seen.params)])
         read = lambda tails: attacks.label_attacks(  # noqa: E731
             held, seen.rows, seen.grads, seen.positions, num_classes, defence.keep_probability(num_classes),
-            seen.graded, tails, seen.batch, log_probs)
+            seen.graded, tails, seen.batch)
         guesses = read(own)
         guesses["gradient_broadcast_tail"] = read(of_round)["gradient"]
         graded = seen.positions[seen.graded].unique()  # the samples a gradient was received for (all, in one round)
