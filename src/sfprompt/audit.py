@@ -149,8 +149,7 @@ class Evaluated:
     tail: dict[str, torch.Tensor]  # the ground truth (an upper bound on what the server knows)
     shown: torch.Tensor  # (B,): the labels its losses were taken at (the true ones, or --label-epsilon's)
     positions: torch.Tensor  # (B,): which of the victim's samples it held (never shown to the attacks)
-    round: int  # which of the victim's rounds it was sent in, in order
-    broadcast: dict[str, torch.Tensor]  # the global params that round started from (prompts, tail.*)
+    round: int  # which of the victim's rounds it was sent in, in order (an index in `Witnessed.broadcasts`)
 
 
 @dataclass
@@ -269,8 +268,7 @@ def _witnessed(client: _WitnessedClient, exchanges: list[tuple[Message, Message]
              for r, request in zip([r for r, g in zip(rows, graded) if g], backwards, strict=True)]
     evaluating = [b for b, (request, _) in enumerate(forwards) if request.kind == "evaluate"]
     evaluates = [Evaluated(tokens[b][0, messages.layout.prompt_rows], forwards[b][0].meta["directions-seed"], rows[b],
-                           client.params[b][1], shown, client.batches[b][2], client.sent_in[b],
-                           client.broadcasts[client.sent_in[b]])
+                           client.params[b][1], shown, client.batches[b][2], client.sent_in[b])
                  for b, shown in zip(evaluating, client.shown, strict=True)]
     sizes = torch.tensor([len(t) for t in tokens])
     return Witnessed(cat(tokens), cat([r[0] for r in rows]), cat(grads) if grads else torch.empty(0),
@@ -485,7 +483,7 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     num_classes, defence, figures, uploaded = fed.model.num_classes, fed.model.defence, {}, {}
     ids = seen.positions.unique()
     truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
-    guess_of = lambda tail: attacks.per_sample(_log_probs(tail, seen.rows), seen.positions).argmax(dim=1)  # noqa: E731
+    guess = lambda log_probs: attacks.per_sample(log_probs, seen.positions).argmax(dim=1)  # noqa: E731
     held = _tail_of(upload.tail, _tail_state(seen.broadcasts[-1])) if aggregated else upload.tail
     log_probs = _log_probs(held, seen.rows)
     if seen.evaluates:
@@ -493,7 +491,7 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     elif seen.graded.any():
         graded_batches = set(seen.batch[seen.graded].tolist())  # (the others' tails are never read)
         round_of = dict(zip(seen.batch.tolist(), seen.sent_in.tolist()))
-        broadcast = {r: _tail_of(upload.tail, _tail_state(seen.broadcasts[r])) for r in set(round_of.values())}
+        broadcast = _broadcast_tails(upload.tail, seen, set(round_of.values()))
         own, of_round = zip(*[(_tail_of(upload.tail, tail), broadcast[round_of[b]]) if b in graded_batches else
                               (None, None) for b, (_, tail) in enumerate(seen.params)])
         read = lambda tails: attacks.label_attacks(  # noqa: E731
@@ -510,9 +508,9 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
         statistics = attacks.statistics_label_attacks(upload, seen.rows, seen.positions,
                                                       seen.upload.meta["num_examples"])
         uploaded = {name: guess for name, guess in statistics.items() if name != "label_free"}
-        guesses = {"label_free": guess_of(held)} if aggregated else statistics
+        guesses = {"label_free": guess(log_probs)} if aggregated else statistics
     if aggregated:  # what the upload the server no longer sees would have named by itself
-        uploaded = uploaded or {"uploaded_tail": guess_of(upload.tail)}
+        uploaded = uploaded or {"uploaded_tail": guess(_log_probs(upload.tail, seen.rows))}
         figures["upload_alone"] = max(float((guess == truth).float().mean()) for guess in uploaded.values())
     accuracy = {name: float((guess == truth).float().mean()) for name, guess in guesses.items()}
     accuracy["best_attack"] = max((value for name, value in accuracy.items() if name != "label_free"),
@@ -525,6 +523,11 @@ def _log_probs(tail: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
     """The label-free log-probabilities (S, C) of `tail` on each send's rows, which the server computed itself."""
     with torch.no_grad():
         return tail(rows).log_softmax(dim=1)
+
+
+def _broadcast_tails(template: torch.nn.Module, seen: Witnessed, rounds) -> dict[int, torch.nn.Module]:
+    """The tail each of the victim's `rounds` (indices in `seen.broadcasts`) started from, one copy a round."""
+    return {r: _tail_of(template, _tail_state(seen.broadcasts[r])) for r in rounds}
 
 
 def _tail_state(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -558,7 +561,7 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
     for round_ in sorted({e.round for e in evaluates}):  # the optimiser starts anew each round, from its broadcast
         taken = [e for e in evaluates if e.round == round_]
         if len(taken) > 1:
-            anchor = taken[0].broadcast["prompts"].reshape(taken[0].prompts.shape)
+            anchor = seen.broadcasts[round_]["prompts"].reshape(taken[0].prompts.shape)
             coefficients = trajectory.step_coefficients([e.prompts for e in taken], [
                 perturbations.draw(e.seed, e.prompts.shape) for e in taken], optimizer, anchor=anchor)
             read += [(e, c, round_) for e, c in zip(taken, coefficients)]
@@ -568,7 +571,7 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
                                 trajectory.loss_differences(tail_of(e), e.rows, classes, perturbations.estimator),
                                 c * unit * len(e.positions), round_) for e, c, round_ in read]
 
-    broadcast_tails = {e.round: _tail_of(upload.tail, _tail_state(e.broadcast)) for e in evaluates}
+    broadcast_tails = _broadcast_tails(upload.tail, seen, {e.round for e in evaluates})
     keep = fed.model.defence.keep_probability(classes)
     posterior = prior.log_softmax(dim=1)
     other = math.log((1 - keep) / max(classes - 1, 1)) if keep < 1 else -math.inf
