@@ -68,7 +68,7 @@ if [ -n "${TUNE:-}" ]; then
   wait_for_all
   TUNE_DOC=${TUNE_DOC:-docs/benchmarks/forward-only-tuning.md}
   {
-    echo "Command: \`TUNE=1 bash benchmarks/forward_only.sh\`; $(python benchmarks/write_benchmarks.py --machine)."
+    command_header forward_only TUNE=1
     echo "forward-only-4 (\`--prompt-updates forward-only --directions 4\`) on the headline setting in IID, the default"
     echo "recipe otherwise, at each prompt learning rate (the row's name), each run evaluated on 500 validation samples"
     echo "held out of the clients' data (the test set unread). Round 1 is the probe round, before the prompts move; the"

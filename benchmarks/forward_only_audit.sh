@@ -61,10 +61,8 @@ for seed in $SEEDS; do
       --uploads "$UPLOADS" --out "$audit" > "$audit.log" 2>&1 || { echo "$audit failed: see $audit.log" >&2; exit 1; }
   done
 done
-header=$(command_header forward_only_audit)
-[ "$UPLOADS" = seen ] || header=${header/\`bash/\`UPLOADS=$UPLOADS bash}
 {
-  echo "$header The headline setting (\`--prompt-tokens 50\`), client 0's first round of"
+  echo "$(command_header forward_only_audit "${suffix:+UPLOADS=$UPLOADS}") The headline setting (\`--prompt-tokens 50\`), client 0's first round of"
   echo "prompt updates after a probe round of round 1's 5 clients (\`--probe-clients 5\`; the prompts at the tail's rate,"
   echo "\`--refit-rounds 0\`), attacked by \`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
   echo "the seeds (each its own partition, prompts and client 0)."

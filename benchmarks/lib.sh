@@ -81,9 +81,10 @@ grid_report() {
   cat "$doc"
 }
 
-# command_header NAME: the line a report of `bash benchmarks/NAME.sh` opens with, naming the machine that ran it.
+# command_header NAME [VARIABLES]: the line a report of `VARIABLES bash benchmarks/NAME.sh` opens with (e.g.
+# VARIABLES=TUNE=1 for a mode of the script), naming the machine that ran it.
 command_header() {
-  echo "Command: \`bash benchmarks/$1.sh\`; $(python benchmarks/write_benchmarks.py --machine)."
+  echo "Command: \`${2:+$2 }bash benchmarks/$1.sh\`; $(python benchmarks/write_benchmarks.py --machine)."
 }
 
 # rows_report NAME INTRO: runs core.sh's rows named in ROWS (every seed in SEEDS; runs done before, in the

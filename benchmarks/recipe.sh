@@ -141,7 +141,7 @@ if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the pr
   wait_for_all
   TUNE_DOC=${TUNE_DOC:-docs/benchmarks/recipe-tuning-headline.md}
   {
-    echo "Command: \`TUNE=headline bash benchmarks/recipe.sh\`; $(python benchmarks/write_benchmarks.py --machine). The"
+    echo "$(command_header recipe TUNE=headline) The"
     echo "headline setting (the default job with 50 prompts), the default tail learning rate ($WARM_LR) after a"
     echo "probe round: the rows without refit- of round 1's 5 clients and with no refit round ($PROBE_5, the default"
     echo "then), the refit- rows of every client, closing with a refit round (--refit-rounds 1, the default now);"
@@ -170,7 +170,7 @@ if [ -n "${TUNE:-}" ]; then
   wait_for_all
   TUNE_DOC=${TUNE_DOC:-docs/benchmarks/recipe-tuning.md}
   {
-    echo "Command: \`TUNE=1 bash benchmarks/recipe.sh\`; $(python benchmarks/write_benchmarks.py --machine). The probe warm start"
+    echo "$(command_header recipe TUNE=1) The probe warm start"
     echo "(--probe-rounds 1 $PROBE_5: round 1's draw, the default's until it asked all 10) on the default job, seed 0,"
     echo "with the tail's and the prompts' learning rate alike, each run evaluated on 500 validation samples held out of"
     echo "the clients' data (the test set unread): the rows' \"final acc.\" is what chooses. Each row is one seed: read the"
