@@ -19,7 +19,7 @@
 # OUT (default results/forward-only-audit, and results/forward-only-audit-aggregated) and its table to DOC
 # (docs/benchmarks/forward-only-audit.md, and forward-only-audit-aggregated.md).
 #
-# A finished audit is not redone. SIZE appends options to every audit and DOC names the document written (a test
+# A finished audit is not redone (the table refuses one made with other UPLOADS). SIZE appends options to every audit and DOC names the document written (a test
 # runs it at a tiny size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +61,7 @@ for seed in $SEEDS; do
       --uploads "$UPLOADS" --out "$audit" > "$audit.log" 2>&1 || { echo "$audit failed: see $audit.log" >&2; exit 1; }
   done
 done
+table=$(python benchmarks/forward_only_audit_table.py --uploads "$UPLOADS" "$OUT" $ROWS)  # before DOC is touched
 {
   echo "$(command_header forward_only_audit "${suffix:+UPLOADS=$UPLOADS}") The headline setting (\`--prompt-tokens 50\`), client 0's first round of"
   echo "prompt updates after a probe round of round 1's 5 clients (\`--probe-clients 5\`; the prompts at the tail's rate,"
@@ -75,6 +76,6 @@ done
     echo "victim's uploaded tail (trained on its labels this round)."
   fi
   echo
-  python benchmarks/forward_only_audit_table.py "$OUT" $ROWS
+  echo "$table"
 } > "$DOC"
 cat "$DOC"

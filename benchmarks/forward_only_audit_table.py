@@ -1,10 +1,13 @@
 """The table of benchmarks/forward_only_audit.sh: what each row's audits infer of the labels.
 
-    python benchmarks/forward_only_audit_table.py results/forward-only-audit backprop forward-only-4 ...
+    python benchmarks/forward_only_audit_table.py [--uploads aggregated] results/forward-only-audit backprop ...
+
+Every audit read must have been made with the given --uploads (an audit from before the option was made with
+seen's reading), so a table never mixes what a server holds under secure aggregation with what it holds without.
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from table import spread  # the script's folder is on sys.path
@@ -31,9 +34,23 @@ def corrected(audits: list[dict], attack: str) -> str:
     return f"{right} of {wrong}" + (f" ({right / wrong:.0%})" if wrong else "")
 
 
-def main(out: Path, rows: list[str]) -> None:
-    found = {name: [json.loads(p.read_text())["labels"] for p in sorted((out / name).glob("seed-*/audit.json"))]
-             for name in rows}
+def read(out: Path, rows: list[str], uploads: str) -> dict[str, list[dict]]:
+    """Each row's audits' label figures, refusing an audit made with other --uploads."""
+    found = {}
+    for name in rows:
+        found[name] = []
+        for path in sorted((out / name).glob("seed-*/audit.json")):
+            audit = json.loads(path.read_text())
+            made = audit["audit"].get("uploads", "seen")
+            if made != uploads:
+                raise SystemExit(f"{path} was audited with --uploads {made}, not {uploads}: remove it or audit into "
+                                 "another folder (OUT)")
+            found[name].append(audit["labels"])
+    return found
+
+
+def main(out: Path, rows: list[str], uploads: str) -> None:
+    found = read(out, rows, uploads)
     columns = COLUMNS | (UPLOAD if any("upload_alone" in a for audits in found.values() for a in audits) else {})
     print("| row | seeds | samples sent | steps read | " + " | ".join(columns.values())
           + " | guess's errors corrected, best attack | the same, broadcast tail"
@@ -56,4 +73,9 @@ def main(out: Path, rows: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uploads", choices=("seen", "aggregated"), default="seen")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("rows", nargs="+")
+    arguments = parser.parse_args()
+    main(arguments.out, arguments.rows, arguments.uploads)

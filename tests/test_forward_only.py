@@ -213,3 +213,7 @@ def test_the_forward_only_audit_benchmark_attacks_each_row_and_writes_its_table(
         "forward-only", 2, 1.0, 50)
     assert (config["probe_rounds"], config["probe_clients"]) == (1, 5)  # the probe round as the audits ran it
     assert audit["labels"]["steps_read"] >= 1
+    mixed = run_benchmark("forward_only_audit.sh", tmp_path, SEEDS="0", ROWS="forward-only-2-label-epsilon-1",
+                          DOC=str(tmp_path / "seen.md"))  # the same folder, read as a server that sees each upload
+    assert mixed.returncode != 0 and "audited with --uploads aggregated, not seen" in mixed.stderr
+    assert not (tmp_path / "seen.md").exists()  # no table that mixes the two readings
