@@ -104,13 +104,14 @@ options() {  # the options of one row (forward_only.sh's linear-probe and backpr
 }
 
 headline_options() {  # the options of one TUNE=headline variant, beside the probe round and the tail at WARM_LR
-  case "$1" in  # first with no refit round and round 1's 5 in the probe round, as the default was then
-    prompt-lr-0.0003) echo "$PROBE_5 --prompt-lr $WARM_LR" ;;  # that default
-    prompt-lr-0.001) echo "$PROBE_5 --prompt-lr 0.001" ;;
-    prompt-lr-0.003) echo "$PROBE_5 --prompt-lr 0.003" ;;
-    prompt-lr-0.01) echo "$PROBE_5 --prompt-lr 0.01" ;;
-    keep-1.0) echo "$PROBE_5 --keep-ratio 1.0 --prompt-lr $WARM_LR" ;;  # every sample in split training: twice the steps
-    keep-1.0-prompt-lr-0.001) echo "$PROBE_5 --keep-ratio 1.0 --prompt-lr 0.001" ;;
+  case "$1" in refit-*) ;; *) echo -n "$PROBE_5 " ;; esac  # first with no refit round and round 1's 5 in the probe
+  case "$1" in  # round, as the default was then
+    prompt-lr-0.0003) echo "--prompt-lr $WARM_LR" ;;  # that default
+    prompt-lr-0.001) echo "--prompt-lr 0.001" ;;
+    prompt-lr-0.003) echo "--prompt-lr 0.003" ;;
+    prompt-lr-0.01) echo "--prompt-lr 0.01" ;;
+    keep-1.0) echo "--keep-ratio 1.0 --prompt-lr $WARM_LR" ;;  # every sample in split training: twice the steps
+    keep-1.0-prompt-lr-0.001) echo "--keep-ratio 1.0 --prompt-lr 0.001" ;;
     # then the default recipe: the probe round of every client, and a refit round closing the run
     refit-prompt-lr-0.005) echo "--refit-rounds 1 --prompt-lr 0.005" ;;
     refit-prompt-lr-0.01) echo "--refit-rounds 1 --prompt-lr 0.01" ;;  # the default
