@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The method comparison behind docs/benchmarks/index.md: every method, SplitFed with a trained body and both SFPrompt ablations on
+# The method comparison behind docs/benchmarks/index.md: every method, SplitFed with a trained body, both SFPrompt
+# ablations and its two probe-round recipes (sfprompt-probe-warm, sfprompt-probe-refit) on
 # the setting of benchmarks/compare.toml (Fashion-MNIST with the real pre-trained ViT-S/14 from ../shared, 10
 # clients, 5 a round), IID and Dirichlet(0.5), same data, partition and seed for every method, each method with
 # its tuned options from TUNED (default benchmarks/tuned.toml, written by benchmarks/tune.py) when that exists,
@@ -9,11 +10,12 @@
 # methods, SIZE appends options to every run and DOC names the document written (one not named index.md
 # holds only this comparison: benchmarks/write_benchmarks.py); a test runs it at a tiny size.
 #
-#   bash benchmarks/compare.sh        # 60 runs, about 3 hours on two CPU cores
+#   bash benchmarks/compare.sh        # 66 runs, about 3 hours on two CPU cores
 #   SHARED=/path/to/shared OUT=results/compare ROUNDS=5 SEEDS="0 1 2" JOBS=1 bash benchmarks/compare.sh
-#   # the 10- and 20-round equal-cost columns (about 6 hours on two CPU cores; benchmarks/equal-cost.toml says why):
+#   # the 10- and 20-round equal-cost columns, of the 8 methods it compared before the linear probe and the
+#   # probe-round recipes (about 6 hours on two CPU cores; benchmarks/equal-cost.toml says why):
 #   ROUNDS=20 OPTIONS=benchmarks/equal-cost.toml OUT=results/compare-long DOC=docs/benchmarks/comparison-long.md \
-#     bash benchmarks/compare.sh
+#     METHODS=fl,fl-prompt,sl,sfl,sfl-train-body,sfprompt,sfprompt-no-local-loss,sfprompt-no-pruning bash benchmarks/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/lib.sh

@@ -33,7 +33,7 @@ common=(--recipe paper --dataset fashion-mnist --data-dir "$SHARED/data"
         --image-size 56 --clients 10 --clients-per-round 5 --train-samples 5000 --test-samples 2000
         --no-progress)
 
-options() {  # the options of one row: the defaults, changed in one thing
+options() {  # the options of one row: the paper's recipe (common's --recipe paper), changed in one thing
   case "$1" in
     iid) echo "--rounds 5" ;;
     dirichlet-0.5) echo "--rounds 10 --alpha 0.5" ;;

@@ -214,13 +214,13 @@ def report_sections(ablations: Path) -> list[tuple[str, Path, str]]:
          "Every method's learning rates, tuned on validation samples held out of the clients' training data "
          "(`python benchmarks/tune.py`); compare.sh runs each method with its best, from benchmarks/tuned.toml."),
         ("Ablations", ablations,
-         "SFPrompt's defaults, each changed in one thing, on Fashion-MNIST with the real ViT-S/14 (5,000 train / "
+         "SFPrompt under the paper's recipe (`--recipe paper`), each row changed in one thing, on Fashion-MNIST with the real ViT-S/14 (5,000 train / "
          "2,000 test samples at 56 px, 10 clients, 5 a round): the mean ± standard deviation over the seeds "
          "listed (`bash benchmarks/core.sh`). Costs are the mean over the seeds (they differ only by the "
          "data each client happens to hold); wall seconds are not a speed benchmark (runs shared the cores)."),
         ("Pruning", Path("docs/benchmarks/pruning.md"),
-         "Which half of each client's samples split training sees (`bash benchmarks/pruning.sh`; README: choices "
-         "where the paper is silent); mean ± standard deviation over the seeds listed, costs the mean over them."),
+         "Which half of each client's samples split training sees (`bash benchmarks/pruning.sh`; docs/method.md: "
+         "choices where the paper is silent); mean ± standard deviation over the seeds listed, costs the mean over them."),
         ("Heterogeneous clients", Path("docs/benchmarks/heterogeneous.md"),
          "A split point per client, chosen by its compute budget (`bash benchmarks/heterogeneous.sh`; "
          "the method: clients of different strength), against federations where every head ends at the same "

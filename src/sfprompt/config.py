@@ -525,7 +525,8 @@ WARM_LR = 3e-4  # fine-tuning from a fitted tail: recipe.sh's grid on validation
 # Defaults that follow the recipe a run takes: SFPrompt opens with a probe round of every client when it has more
 # than one round, fine-tunes from the fitted tail at WARM_LR, and (from 3 rounds) trains the prompts at 0.01 and
 # closes with a refit round, which fits the classifier to them afresh (docs/benchmarks/recipe.md); without probe
-# rounds, every method trains at 0.01 (the paper's, and what benchmarks/tune.py chose for the baselines). An option
+# rounds, every method trains at 0.01 (the paper's; benchmarks/tune.py chose it for fl-prompt and sfl too, and
+# other rates for sl and fl, which benchmarks/tuned.toml gives them in the comparison). An option
 # left unset takes its default, in this order; `Config` then holds the value taken, and `given` leaves it unset
 # (so another method takes its own).
 DERIVED_DEFAULTS: dict[str, DerivedDefault] = {
