@@ -16,7 +16,8 @@
 # calls of 5 and 4.5 minutes, with SHARED naming a copy of ../shared that carried the checkpoint rounded to
 # float16 (widened back to float32 there) and the Fashion-MNIST images the three seeds draw; every run's
 # config.json names its device and weights. Fashion-MNIST's prompt and fine-tuning rows at 56 and 224 px were
-# not reached there (the 56 px ones run here in about 5 lane-hours).
+# not reached there; the 56 px ones ran since on two CPU cores at JOBS=2 (15 to 55 minutes a run: full
+# fine-tuning the least, 50 prompts the most), and the 224 px ones have not run.
 #
 # A finished run is not redone and an interrupted one continues after its last complete epoch (round), so it can be
 # stopped and restarted at any time. DATASETS, SIZES, ROWS and SEEDS choose what runs; SIZE appends options to every
