@@ -8,7 +8,7 @@
 # in SEEDS; then docs/benchmarks/central.md. Every epoch is a round (evaluated after each), so a fresh Adam starts
 # each epoch, as each round of a federation starts one.
 #
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/central.sh               # 56 px: about 3 hours on two CPU cores
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/central.sh               # 56 px: about 6 hours on two CPU cores
 #   SIZES="112" JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/central.sh   # 112 px: about 7 hours
 #   SIZES="56 112 224" JOBS=15 OMP_NUM_THREADS=1 SIZE="--device cuda" bash benchmarks/central.sh  # one GPU, 16 cores
 #
@@ -16,8 +16,9 @@
 # calls of 5 and 4.5 minutes, with SHARED naming a copy of ../shared that carried the checkpoint rounded to
 # float16 (widened back to float32 there) and the Fashion-MNIST images the three seeds draw; every run's
 # config.json names its device and weights. Fashion-MNIST's prompt and fine-tuning rows at 56 and 224 px were
-# not reached there; the 56 px ones ran since on two CPU cores at JOBS=2 (15 to 55 minutes a run: full
-# fine-tuning the least, 50 prompts the most), and the 224 px ones have not run.
+# not reached there; the 56 px ones ran since on two CPU cores at JOBS=2 (14 to 60 minutes a run by their rounds'
+# seconds: full fine-tuning the least, 50 prompts the most; about 2.9 hours for the three rows), and the 224 px
+# ones have not run.
 #
 # A finished run is not redone and an interrupted one continues after its last complete epoch (round), so it can be
 # stopped and restarted at any time. DATASETS, SIZES, ROWS and SEEDS choose what runs; SIZE appends options to every
