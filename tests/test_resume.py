@@ -64,6 +64,22 @@ def test_killed_and_extended_runs_end_where_an_uninterrupted_run_does(imagefolde
     assert_same(outcome(tmp_path / "straight"), outcome(tmp_path / "killed"))
 
 
+def test_a_resumed_run_counts_the_rounds_of_its_earlier_sessions_in_its_wall_seconds(imagefolder, tmp_path,
+                                                                                      monkeypatch):
+    config = tiny_config(imagefolder, tmp_path, rounds=2, out=str(tmp_path / "run"))
+    quiet(config.replace(rounds=1))
+    original = checkpoint.load
+
+    def with_a_slow_first_round(path):  # as if round 1 had taken 1,000 s in an earlier session
+        state = original(path)
+        state.history[0]["seconds"] = 1000.0
+        return state
+
+    monkeypatch.setattr(checkpoint, "load", with_a_slow_first_round)
+    summary = quiet(config, resume=True)
+    assert 1000 < summary["wall_seconds"] < 1000 + 600
+
+
 def test_a_run_killed_before_its_refit_round_resumes_to_the_fit_on_the_trained_prompts(tmp_path, monkeypatch):
     """The clients' probe statistics are checkpointed with the params they were taken with: resumed, a refit round
     takes its features afresh rather than reuse those of the opening probe round."""

@@ -93,6 +93,7 @@ def _run(fed: Federation, executor: Runtime, log: Callable[[str], None], started
     aggregator = configured_aggregator(config)
     if resume:
         global_params, history = _restore(fed, sampler, out, aggregator)
+        started -= sum(record.get("seconds", 0.0) for record in history)  # wall_seconds: the earlier sessions' rounds
     else:
         global_params, history = method.stage(1, config).new_params(fed.model).to(fed.device), []
 
