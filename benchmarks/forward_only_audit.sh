@@ -19,8 +19,8 @@
 # OUT (default results/forward-only-audit, and results/forward-only-audit-aggregated) and its table to DOC
 # (docs/benchmarks/forward-only-audit.md, and forward-only-audit-aggregated.md).
 #
-# A finished audit is not redone (the table refuses one made with other UPLOADS). SIZE appends options to every audit and DOC names the document written (a test
-# runs it at a tiny size).
+# A finished audit is not redone (and one made with other UPLOADS is refused before any audit runs). SIZE appends
+# options to every audit and DOC names the document written (a test runs it at a tiny size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/lib.sh

@@ -214,8 +214,8 @@ def report_sections(ablations: Path) -> list[tuple[str, Path, str]]:
          "Every method's learning rates, tuned on validation samples held out of the clients' training data "
          "(`python benchmarks/tune.py`); compare.sh runs each method with its best, from benchmarks/tuned.toml."),
         ("Ablations", ablations,
-         "SFPrompt under the paper's recipe (`--recipe paper`), each row changed in one thing, on Fashion-MNIST with the real ViT-S/14 (5,000 train / "
-         "2,000 test samples at 56 px, 10 clients, 5 a round): the mean ± standard deviation over the seeds "
+         "SFPrompt under the paper's recipe (`--recipe paper`), each row changed in one thing, on Fashion-MNIST "
+         "with the real ViT-S/14 (5,000 train / 2,000 test samples at 56 px, 10 clients, 5 a round): the mean ± standard deviation over the seeds "
          "listed (`bash benchmarks/core.sh`). Costs are the mean over the seeds (they differ only by the "
          "data each client happens to hold); wall seconds are not a speed benchmark (runs shared the cores)."),
         ("Pruning", Path("docs/benchmarks/pruning.md"),

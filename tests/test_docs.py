@@ -23,7 +23,7 @@ def test_every_option_is_documented_with_its_default():
         rows = [(names, default) for names, default in table.items() if f"`{flag}`" in names or f"`{flag} " in names]
         assert rows, f"{flag} is missing from docs/options.md"
         default = rows[0][1].strip("`")
-        if f.name in DERIVED_DEFAULTS:  # it follows the recipe, e.g. refit_rounds' "1 for sfprompt when it opens with probe rounds ..."
+        if f.name in DERIVED_DEFAULTS:  # it follows the recipe, as refit_rounds' "1 for sfprompt when it opens ..."
             assert default == default_text(f.name), f"{flag}: the docs say {default}, code says {default_text(f.name)}"
         elif f.name == "out":  # "" in the code: a new folder under runs/ (sfprompt.runs)
             assert f.default == "" and default.replace("`", "") == default_text(f.name), flag
