@@ -483,11 +483,10 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     num_classes, defence, figures, uploaded = fed.model.num_classes, fed.model.defence, {}, {}
     ids = seen.positions.unique()
     truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
-    guess = lambda log_probs: attacks.per_sample(log_probs, seen.positions).argmax(dim=1)  # noqa: E731
+    guess_of = lambda tail: attacks.per_sample(_log_probs(tail, seen.rows), seen.positions).argmax(dim=1)  # noqa: E731
     held = _tail_of(upload.tail, _tail_state(seen.broadcasts[-1])) if aggregated else upload.tail
-    log_probs = _log_probs(held, seen.rows)
     if seen.evaluates:
-        guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth, log_probs)
+        guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth, _log_probs(held, seen.rows))
     elif seen.graded.any():
         graded_batches = set(seen.batch[seen.graded].tolist())  # (the others' tails are never read)
         round_of = dict(zip(seen.batch.tolist(), seen.sent_in.tolist()))
@@ -508,9 +507,9 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
         statistics = attacks.statistics_label_attacks(upload, seen.rows, seen.positions,
                                                       seen.upload.meta["num_examples"])
         uploaded = {name: guess for name, guess in statistics.items() if name != "label_free"}
-        guesses = {"label_free": guess(log_probs)} if aggregated else statistics
+        guesses = {"label_free": guess_of(held)} if aggregated else statistics
     if aggregated:  # what the upload the server no longer sees would have named by itself
-        uploaded = uploaded or {"uploaded_tail": guess(_log_probs(upload.tail, seen.rows))}
+        uploaded = uploaded or {"uploaded_tail": guess_of(upload.tail)}
         figures["upload_alone"] = max(float((guess == truth).float().mean()) for guess in uploaded.values())
     accuracy = {name: float((guess == truth).float().mean()) for name, guess in guesses.items()}
     accuracy["best_attack"] = max((value for name, value in accuracy.items() if name != "label_free"),
