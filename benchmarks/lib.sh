@@ -67,17 +67,17 @@ grid_tables() {
   done
 }
 
-# grid_report NAME INTRO: once every run of the grid (SETTINGS x ROWS x SEEDS under OUT) has finished, writes DOC
-# (default docs/benchmarks/NAME.md): the command that re-runs it (`bash benchmarks/NAME.sh`) and the machine, INTRO,
-# and grid_tables; until then says how many runs are left.
+# grid_report NAME INTRO [VARIABLES]: once every run of the grid (SETTINGS x ROWS x SEEDS under OUT) has finished,
+# writes DOC (default docs/benchmarks/NAME.md): the command that re-runs it (`VARIABLES bash benchmarks/NAME.sh`) and
+# the machine, INTRO, and grid_tables; until then says how many runs are left.
 grid_report() {
-  local name=$1 intro=$2 setting row seed unfinished=0
+  local name=$1 intro=$2 variables=${3:-} setting row seed unfinished=0
   for setting in $SETTINGS; do for row in $ROWS; do for seed in $SEEDS; do
     [ -f "$OUT/$setting/$row/seed-$seed/summary.json" ] || unfinished=$((unfinished + 1))
   done; done; done
   if [ "$unfinished" -gt 0 ]; then echo "$unfinished runs not finished: run again to continue"; return; fi
   local doc=${DOC:-docs/benchmarks/$name.md}
-  { echo "$(command_header "$name") $intro"; grid_tables; } > "$doc"
+  { echo "$(command_header "$name" "$variables") $intro"; grid_tables; } > "$doc"
   cat "$doc"
 }
 

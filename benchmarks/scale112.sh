@@ -8,6 +8,12 @@
 #
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/scale112.sh    # about 4 hours on two CPU cores (estimated from the
 #                                                           # 56 px runs and 2.8x the tokens; not yet run)
+#   ABLATIONS=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/scale112.sh
+#
+# With ABLATIONS=1 the rows are instead core.sh's ablations at this size, whose conclusions the docs drew at 56 px:
+# the paper's recipe (--recipe paper, 5 rounds, as core.sh's IID rows) and that recipe changed in one thing (the
+# shared local classifier, global top-k pruning, one split epoch, the default wire format's rows once, and int8 on
+# the wire), into OUT/iid beside the grid's rows, and the document is docs/benchmarks/scale-112-ablations.md.
 #
 # A finished run is not redone and an interrupted one continues after its last complete round (DEADLINE, as
 # scale224.sh, stops a run at a given time), so the benchmark can be stopped and restarted at any time; the document
@@ -20,7 +26,11 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-results/scale-112}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-iid}
-ROWS=${ROWS:-linear-probe sfprompt sfl}
+if [ -n "${ABLATIONS:-}" ]; then
+  ROWS=${ROWS:-paper paper-shared-local-classifier paper-global-pruning paper-split-epochs-1 paper-shared-once paper-wire-int8}
+else
+  ROWS=${ROWS:-linear-probe sfprompt sfl}
+fi
 read -r -a size <<< "${SIZE:-}"
 
 setting() {  # the data, federation and partition of a setting
@@ -38,11 +48,24 @@ options() {  # the method of a row
   case "$1" in
     linear-probe|sfprompt|sfl) echo "--method $1" ;;
     sfprompt-forward-only) echo "--method sfprompt --prompt-updates forward-only --directions 4" ;;
+    paper) echo "--recipe paper --rounds 5" ;;  # the ablations: core.sh's rows of the same names, less its iid-
+    paper-shared-local-classifier) echo "--recipe paper --rounds 5 --local-classifier shared" ;;
+    paper-global-pruning) echo "--recipe paper --rounds 5 --no-prune-per-class" ;;
+    paper-split-epochs-1) echo "--recipe paper --rounds 5 --split-epochs 1" ;;
+    paper-shared-once) echo "--recipe paper --rounds 5 --shared-rows once" ;;
+    paper-wire-int8) echo "--recipe paper --rounds 5 --shared-rows once --wire-dtype int8" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
 
 run_grid
+if [ -n "${ABLATIONS:-}" ]; then
+  DOC=${DOC:-docs/benchmarks/scale-112-ablations.md} grid_report scale112 "core.sh's ablations at 112 px: Fashion-MNIST
+through the real ViT-S/14 at 112 px (8 x 8 patches), ${TRAIN:-5000} training and ${TEST:-2000} test images, 10 clients,
+5 a round, 5 rounds, float32, the paper's recipe (--recipe paper) and that recipe changed in one thing. Test accuracy,
+mean ± standard deviation over the seeds." ABLATIONS=1
+  exit
+fi
 DOC=${DOC:-docs/benchmarks/scale-112.md} grid_report scale112 "Fashion-MNIST through the real ViT-S/14 at 112 px (8 x 8
 patches), ${TRAIN:-5000} training and ${TEST:-2000} test images, 10 clients, 5 a round, ${ROUNDS:-10} rounds, float32.
 Test accuracy, mean ± standard deviation over the seeds."

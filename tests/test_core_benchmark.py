@@ -234,6 +234,15 @@ def test_the_112_px_benchmark_runs_its_grid_and_writes_its_report(tmp_path):
     assert text.startswith("Command: `bash benchmarks/scale112.sh`") and "| linear-probe | 0 |" in text
     config = json.loads((tmp_path / "runs" / "iid" / "linear-probe" / "seed-0" / "config.json").read_text())
     assert config["method"] == "linear-probe" and config["dataset"] == "fashion-mnist" and config["rounds"] == 1
+    ablations = tmp_path / "ablations.md"  # ABLATIONS=1: core.sh's rows on the paper's recipe, their own report
+    done = run_benchmark("scale112.sh", tmp_path, ABLATIONS="1", SEEDS="0", ROWS="paper-wire-int8", DOC=str(ablations),
+                         SIZE=tiny)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = ablations.read_text()
+    assert text.startswith("Command: `ABLATIONS=1 bash benchmarks/scale112.sh`") and "| paper-wire-int8 | 0 |" in text
+    assert "linear-probe" not in text and doc.read_text().startswith("Command: `bash")  # the grid's report untouched
+    config = json.loads((tmp_path / "runs" / "iid" / "paper-wire-int8" / "seed-0" / "config.json").read_text())
+    assert (config["method"], config["probe_rounds"], config["wire_dtype"]) == ("sfprompt", 0, "int8")
 
 
 @pytest.mark.slow
