@@ -337,14 +337,18 @@ def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
                 sizes[:, c] = g.flatten(1).abs().amax(dim=1)
             zero = (got == 0).all(dim=1)  # no direction to compare: the label is where the loss has no gradient
             similarity[at[zero]] = F.one_hot(sizes[zero].argmin(dim=1), num_classes).float()
-    with torch.no_grad():
-        log_probs = tail(rows).log_softmax(dim=1)
-    prior = per_sample(log_probs, sample)
+    prior = per_sample(log_probs(tail, rows), sample)
     sends = per_sample(torch.ones(len(rows), 1), sample)
     has_gradient = per_sample(graded[:, None].float(), sample)[:, 0] > 0
     gradient = torch.where(has_gradient, per_sample(similarity, sample).argmax(dim=1), prior.argmax(dim=1))
     return {"label_free": prior.argmax(dim=1), "gradient": gradient,
             "gradient_with_prior": with_randomized_label(prior / sends, gradient, keep_probability)}
+
+
+def log_probs(tail: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """The label-free log-probabilities (S, C) of `tail` on each send's rows, which the server computed itself."""
+    with torch.no_grad():
+        return tail(rows).log_softmax(dim=1)
 
 
 def _direction(vectors: torch.Tensor) -> torch.Tensor:

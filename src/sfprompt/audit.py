@@ -483,10 +483,13 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     num_classes, defence, figures, uploaded = fed.model.num_classes, fed.model.defence, {}, {}
     ids = seen.positions.unique()
     truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
-    guess_of = lambda tail: attacks.per_sample(_log_probs(tail, seen.rows), seen.positions).argmax(dim=1)  # noqa: E731
+
+    def guess_of(tail: torch.nn.Module) -> torch.Tensor:  # the server's label-free guess of each sample, through tail
+        return attacks.per_sample(attacks.log_probs(tail, seen.rows), seen.positions).argmax(dim=1)
+
     held = _tail_of(upload.tail, _tail_state(seen.broadcasts[-1])) if aggregated else upload.tail
     if seen.evaluates:
-        guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth, _log_probs(held, seen.rows))
+        guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth, attacks.log_probs(held, seen.rows))
     elif seen.graded.any():
         graded_batches = set(seen.batch[seen.graded].tolist())  # (the others' tails are never read)
         round_of = dict(zip(seen.batch.tolist(), seen.sent_in.tolist()))
@@ -516,12 +519,6 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
                                   default=accuracy["label_free"])  # no attack applies: the guess without one
     accuracy["advantage"] = accuracy["best_attack"] - accuracy["label_free"]
     return accuracy | figures, len(truth)
-
-
-def _log_probs(tail: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """The label-free log-probabilities (S, C) of `tail` on each send's rows, which the server computed itself."""
-    with torch.no_grad():
-        return tail(rows).log_softmax(dim=1)
 
 
 def _broadcast_tails(template: torch.nn.Module, seen: Witnessed, rounds) -> dict[int, torch.nn.Module]:
