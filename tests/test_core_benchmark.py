@@ -245,6 +245,37 @@ def test_the_112_px_benchmark_runs_its_grid_and_writes_its_report(tmp_path):
     assert (config["method"], config["probe_rounds"], config["wire_dtype"]) == ("sfprompt", 0, "int8")
 
 
+def test_the_scale_conclusions_mark_each_56_px_conclusion_at_112_px(tmp_path):
+    """benchmarks/scale_conclusions.py on made-up runs: per-seed differences over the seeds both rows ran, and each
+    verdict (beyond the spread, within it, reversed, level within its tolerance, not measured)."""
+    def runs(pattern: str, accuracies: list[float], sent: float = 100.0) -> None:
+        for seed, accuracy in enumerate(accuracies):
+            run = tmp_path / pattern.format(seed=seed)
+            run.mkdir(parents=True)
+            summary = {"final_accuracy": accuracy, "bytes_up": sent, "bytes_down": 0.0}
+            (run / "summary.json").write_text(json.dumps(summary))
+
+    runs("core/iid/seed-{seed}", [0.80, 0.82, 0.81])
+    runs("core/iid-shared-local-classifier/seed-{seed}", [0.79, 0.80, 0.80])  # +1.3 ± 0.6: beyond the spread
+    runs("core/iid-global-pruning/seed-{seed}", [0.81, 0.80])  # +0.5 ± 2.1 over seeds 0 and 1: within it
+    runs("scale-112/iid/paper/seed-{seed}", [0.85, 0.86], sent=400.0)
+    runs("scale-112/iid/paper-shared-local-classifier/seed-{seed}", [0.87, 0.88])  # -2.0 ± 0.0: reversed
+    runs("scale-112/iid/paper-shared-once/seed-{seed}", [0.854, 0.858], sent=200.0)  # level, half the bytes
+    runs("compare/iid/seed-{seed}/linear-probe", [0.80])  # compare.sh's layout: seed-N/METHOD
+    runs("compare/iid/seed-{seed}/sfl", [0.75])
+    done = run_python_benchmark("scale_conclusions.py", "--results", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:] for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| the docs")}
+    classifier, pruning, epochs, once, _, _, probe_sfl, _ = rows.values()
+    assert classifier == ["0.810 vs 0.797: +1.3 ± 0.6 (3 seeds)", "holds", "0.855 vs 0.875: -2.0 ± 0.0 (2 seeds)",
+                          "does not hold", "0.25 |"]
+    assert pruning[:2] == ["0.810 vs 0.805: +0.5 ± 2.1 (2 seeds)", "holds, within the seeds' spread"]
+    assert epochs == ["—", "not measured", "—", "not measured", "— |"]
+    assert once[2:] == ["0.856 vs 0.855: +0.1 ± 0.4 (2 seeds)", "holds", "2.00 |"]
+    assert probe_sfl[:2] == ["0.800 vs 0.750: +5.0 (1 seed)", "holds"]
+
+
 @pytest.mark.slow
 def test_the_secure_aggregation_benchmark_runs_both_ways_under_flower(imagefolder, tmp_path):
     markdown = tmp_path / "secure-aggregation.md"
