@@ -7,8 +7,9 @@
 # runs core.sh has done (same OUT, default results/core) are reused. Writes docs/benchmarks/wire.md (REPORT
 # names another file), which docs/benchmarks/index.md includes.
 #
-#   bash benchmarks/wire.sh   # about 5 hours on two CPU cores beyond core.sh's iid and dirichlet-0.5 rows
-#                             # (JOBS=2 halves it)
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/wire.sh   # about 1.5 hours on two CPU cores beyond core.sh's
+#                                                      # iid and dirichlet-0.5 rows (its 15 committed runs took
+#                                                      # 7 to 15 minutes each at one thread: 2.7 hours of a core)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/lib.sh
