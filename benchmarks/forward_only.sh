@@ -8,8 +8,10 @@
 # randomized-response labels (--label-epsilon 3), which the forward-only audit measured hides the labels
 # (docs/benchmarks/forward-only-audit.md): what it costs.
 #
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 15 hours on two CPU cores (estimated: a
-#                                                                 # K = 16 run makes 33 body passes a batch, most of it)
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 6 hours on two CPU cores (a K = 4 run
+#                                                                 # took 34 to 51 minutes at one thread in TUNE=1)
+#                                                                 # (K = 16, named in ROWS beside these rows: about
+#                                                                 # 8 hours more, 33 body passes a batch against 9)
 #   ROWS="backprop forward-only-4" SETTINGS=iid SEEDS=0 bash benchmarks/forward_only.sh
 #   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh  # the prompts' rate first (1.7 hours)
 #
@@ -31,7 +33,7 @@ OUT=${OUT:-results/forward-only}
 RECIPE_OUT=${RECIPE_OUT:-$(dirname "$OUT")/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-iid dirichlet-0.5}
-ROWS=${ROWS:-linear-probe backprop forward-only-1 forward-only-4 forward-only-16 forward-only-4-label-epsilon-3}
+ROWS=${ROWS:-linear-probe backprop forward-only-1 forward-only-4 forward-only-4-label-epsilon-3}
 read -r -a size <<< "${SIZE:-}"
 
 setting() {  # recipe.sh's default-iid and default-dirichlet-0.5
