@@ -6,9 +6,11 @@
 # float32. Then docs/benchmarks/scale-112.md (DOC). Forward-only SFPrompt (ROWS may add sfprompt-forward-only) is
 # left out of the default rows: at K = 4 each batch makes nine body passes, about ten times a run's CPU time here.
 #
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/scale112.sh    # about 4 hours on two CPU cores (estimated from the
-#                                                           # 56 px runs and 2.8x the tokens; not yet run)
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/scale112.sh    # about 4 hours on two CPU cores: a probe run took
+#                                                           # 16 minutes, an SFPrompt run 50 to 60, at one thread;
+#                                                           # SplitFed (every sample) perhaps twice that
 #   ABLATIONS=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/scale112.sh
+#   python benchmarks/scale_conclusions.py > docs/benchmarks/scale-112-conclusions.md   # then, from both
 #
 # With ABLATIONS=1 the rows are instead core.sh's ablations at this size, whose conclusions the docs drew at 56 px:
 # the paper's recipe (--recipe paper, 5 rounds, as core.sh's IID rows) and that recipe changed in one thing (the
