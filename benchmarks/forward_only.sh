@@ -9,7 +9,8 @@
 # (docs/benchmarks/forward-only-audit.md): what it costs.
 #
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 6 hours on two CPU cores (a K = 4 run
-#                                                                 # took 34 to 51 minutes at one thread in TUNE=1)
+#                                                                 # took 34 to 51 minutes at one thread in TUNE=1,
+#                                                                 # but seed 1's, which ran beside other runs: 95)
 #                                                                 # (K = 16, named in ROWS beside these rows: about
 #                                                                 # 8 hours more, 33 body passes a batch against 9)
 #   ROWS="backprop forward-only-4" SETTINGS=iid SEEDS=0 bash benchmarks/forward_only.sh

@@ -7,15 +7,16 @@
 # left out of the default rows: at K = 4 each batch makes nine body passes, about ten times a run's CPU time here.
 #
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/scale112.sh    # about 4 hours on two CPU cores: a probe run took
-#                                                           # 16 minutes, an SFPrompt run 50 to 60, at one thread;
+#                                                           # 16 minutes, an SFPrompt run 45 to 50, at one thread;
 #                                                           # SplitFed (every sample) perhaps twice that
 #   ABLATIONS=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/scale112.sh
 #   python benchmarks/scale_conclusions.py > docs/benchmarks/scale-112-conclusions.md   # then, from both
 #
-# With ABLATIONS=1 the rows are instead core.sh's ablations at this size, whose conclusions the docs drew at 56 px:
-# the paper's recipe (--recipe paper, 5 rounds, as core.sh's IID rows) and that recipe changed in one thing (the
-# shared local classifier, global top-k pruning, one split epoch, the default wire format's rows once, and int8 on
-# the wire), into OUT/iid beside the grid's rows, and the document is docs/benchmarks/scale-112-ablations.md.
+# With ABLATIONS=1 the rows are instead core.sh's IID ablations at this size, whose conclusions the docs drew at
+# 56 px: the paper's recipe (--recipe paper, 5 rounds, as core.sh's IID rows) and that recipe changed in one thing
+# (the shared local classifier, global top-k pruning, one split epoch, SGD, the default wire format's rows once,
+# and int8 on the wire), into OUT/iid beside the grid's rows (about 5 hours: 21 runs of 25 to 30 minutes, estimated
+# from the SFPrompt rounds), and the document is docs/benchmarks/scale-112-ablations.md.
 #
 # A finished run is not redone and an interrupted one continues after its last complete round (DEADLINE, as
 # scale224.sh, stops a run at a given time), so the benchmark can be stopped and restarted at any time; the document
@@ -29,7 +30,8 @@ OUT=${OUT:-results/scale-112}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-iid}
 if [ -n "${ABLATIONS:-}" ]; then
-  ROWS=${ROWS:-paper paper-shared-local-classifier paper-global-pruning paper-split-epochs-1 paper-shared-once paper-wire-int8}
+  ROWS=${ROWS:-paper paper-shared-local-classifier paper-global-pruning paper-split-epochs-1 paper-sgd paper-shared-once
+    paper-wire-int8}
 else
   ROWS=${ROWS:-linear-probe sfprompt sfl}
 fi
@@ -54,6 +56,7 @@ options() {  # the method of a row
     paper-shared-local-classifier) echo "--recipe paper --rounds 5 --local-classifier shared" ;;
     paper-global-pruning) echo "--recipe paper --rounds 5 --no-prune-per-class" ;;
     paper-split-epochs-1) echo "--recipe paper --rounds 5 --split-epochs 1" ;;
+    paper-sgd) echo "--recipe paper --rounds 5 --optimizer sgd --lr 0.01 --prompt-lr 0.01" ;;
     paper-shared-once) echo "--recipe paper --rounds 5 --shared-rows once" ;;
     paper-wire-int8) echo "--recipe paper --rounds 5 --shared-rows once --wire-dtype int8" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;

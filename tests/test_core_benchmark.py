@@ -235,14 +235,21 @@ def test_the_112_px_benchmark_runs_its_grid_and_writes_its_report(tmp_path):
     config = json.loads((tmp_path / "runs" / "iid" / "linear-probe" / "seed-0" / "config.json").read_text())
     assert config["method"] == "linear-probe" and config["dataset"] == "fashion-mnist" and config["rounds"] == 1
     ablations = tmp_path / "ablations.md"  # ABLATIONS=1: core.sh's rows on the paper's recipe, their own report
-    done = run_benchmark("scale112.sh", tmp_path, ABLATIONS="1", SEEDS="0", ROWS="paper-wire-int8", DOC=str(ablations),
-                         SIZE=tiny)
+    rows = ("paper", "paper-shared-local-classifier", "paper-global-pruning", "paper-split-epochs-1", "paper-sgd",
+            "paper-shared-once", "paper-wire-int8")
+    listed = run_benchmark("scale112.sh", tmp_path, ABLATIONS="1", SEEDS="0", DEADLINE="1", DOC=str(ablations))
+    assert listed.returncode == 0 and "7 runs not finished" in listed.stdout, listed.stderr[-2000:]
+    assert all(f"/iid/{row}/seed-0: not started" in listed.stdout for row in rows) and not ablations.exists()
+    done = run_benchmark("scale112.sh", tmp_path, ABLATIONS="1", SEEDS="0", ROWS="paper paper-wire-int8",
+                         DOC=str(ablations), SIZE=tiny)
     assert done.returncode == 0, done.stderr[-3000:]
     text = ablations.read_text()
     assert text.startswith("Command: `ABLATIONS=1 bash benchmarks/scale112.sh`") and "| paper-wire-int8 | 0 |" in text
-    assert "linear-probe" not in text and doc.read_text().startswith("Command: `bash")  # the grid's report untouched
-    config = json.loads((tmp_path / "runs" / "iid" / "paper-wire-int8" / "seed-0" / "config.json").read_text())
-    assert (config["method"], config["probe_rounds"], config["wire_dtype"]) == ("sfprompt", 0, "int8")
+    assert doc.read_text().startswith("Command: `bash")  # the grid's report untouched
+    configs = {row: json.loads((tmp_path / "runs" / "iid" / row / "seed-0" / "config.json").read_text())
+               for row in ("paper", "paper-wire-int8")}
+    assert (configs["paper"]["shared_rows"], configs["paper"]["wire_dtype"]) == ("per-sample", "float32")  # the paper's
+    assert (configs["paper-wire-int8"]["shared_rows"], configs["paper-wire-int8"]["wire_dtype"]) == ("once", "int8")
 
 
 def test_the_scale_conclusions_mark_each_56_px_conclusion_at_112_px(tmp_path):
@@ -258,22 +265,26 @@ def test_the_scale_conclusions_mark_each_56_px_conclusion_at_112_px(tmp_path):
     runs("core/iid/seed-{seed}", [0.80, 0.82, 0.81])
     runs("core/iid-shared-local-classifier/seed-{seed}", [0.79, 0.80, 0.80])  # +1.3 ± 0.6: beyond the spread
     runs("core/iid-global-pruning/seed-{seed}", [0.81, 0.80])  # +0.5 ± 2.1 over seeds 0 and 1: within it
+    runs("core/iid-split-epochs-1/seed-{seed}", [0.81, 0.83, 0.80])  # -0.3 ± 1.2: reversed within the spread
     runs("scale-112/iid/paper/seed-{seed}", [0.85, 0.86], sent=400.0)
     runs("scale-112/iid/paper-shared-local-classifier/seed-{seed}", [0.87, 0.88])  # -2.0 ± 0.0: reversed
     runs("scale-112/iid/paper-shared-once/seed-{seed}", [0.854, 0.858], sent=200.0)  # level, half the bytes
+    runs("scale-112/iid/paper-wire-int8/seed-{seed}", [0.83, 0.84], sent=50.0)  # -2.1: beyond int8's 1 point
     runs("compare/iid/seed-{seed}/linear-probe", [0.80])  # compare.sh's layout: seed-N/METHOD
     runs("compare/iid/seed-{seed}/sfl", [0.75])
     done = run_python_benchmark("scale_conclusions.py", "--results", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:] for line in done.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| the docs")}
-    classifier, pruning, epochs, once, _, _, probe_sfl, _ = rows.values()
+    classifier, pruning, epochs, sgd, once, int8, _, probe_sfl, _ = rows.values()
     assert classifier == ["0.810 vs 0.797: +1.3 ± 0.6 (3 seeds)", "holds", "0.855 vs 0.875: -2.0 ± 0.0 (2 seeds)",
                           "does not hold", "0.25 |"]
     assert pruning[:2] == ["0.810 vs 0.805: +0.5 ± 2.1 (2 seeds)", "holds, within the seeds' spread"]
-    assert epochs == ["—", "not measured", "—", "not measured", "— |"]
+    assert epochs[:2] == ["0.810 vs 0.813: -0.3 ± 1.2 (3 seeds)", "does not hold, within the seeds' spread"]
+    assert sgd == ["—", "not measured", "—", "not measured", "— |"]
     assert once[2:] == ["0.856 vs 0.855: +0.1 ± 0.4 (2 seeds)", "holds", "2.00 |"]
-    assert probe_sfl[:2] == ["0.800 vs 0.750: +5.0 (1 seed)", "holds"]
+    assert int8[2:] == ["0.835 vs 0.856: -2.1 ± 0.4 (2 seeds)", "does not hold", "4.00 |"]
+    assert probe_sfl[:2] == ["0.800 vs 0.750: +5.0 (1 seed)", "holds (one seed: no spread)"]
 
 
 @pytest.mark.slow
