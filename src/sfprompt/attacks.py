@@ -345,7 +345,7 @@ def label_attacks(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
             "gradient_with_prior": with_randomized_label(prior / sends, gradient, keep_probability)}
 
 
-def log_probs(tail: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+def log_probs(tail: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """The label-free log-probabilities (S, C) of `tail` on each send's rows, which the server computed itself."""
     with torch.no_grad():
         return tail(rows).log_softmax(dim=1)
