@@ -33,42 +33,13 @@ common=(--recipe paper --dataset fashion-mnist --data-dir "$SHARED/data"
         --image-size 56 --clients 10 --clients-per-round 5 --train-samples 5000 --test-samples 2000
         --no-progress)
 
-options() {  # the options of one row: the paper's recipe (common's --recipe paper), changed in one thing
-  case "$1" in
-    iid) echo "--rounds 5" ;;
-    dirichlet-0.5) echo "--rounds 10 --alpha 0.5" ;;
-    iid-shared-local-classifier) echo "--rounds 5 --local-classifier shared" ;;
-    iid-global-pruning) echo "--rounds 5 --no-prune-per-class" ;;
-    iid-split-epochs-1) echo "--rounds 5 --split-epochs 1" ;;
-    iid-sgd) echo "--rounds 5 --optimizer sgd --lr 0.01 --prompt-lr 0.01" ;;
-    iid-keep-all) echo "--rounds 5 --keep-ratio 1" ;;  # no pruning: twice the bytes and server FLOPs
-    iid-prune-easiest) echo "--rounds 5 --prune-keep easiest" ;;
-    iid-prune-middle) echo "--rounds 5 --prune-keep middle" ;;
-    iid-prune-random) echo "--rounds 5 --prune-keep random" ;;
-    iid-prune-received) echo "--rounds 5 --prune-scores received" ;;  # scored before the self-update
-    dirichlet-0.5-prune-by-size) echo "--rounds 10 --alpha 0.5 --prune-keep by-size" ;;  # IID clients are all one size
-    dirichlet-0.5-prune-random) echo "--rounds 10 --alpha 0.5 --prune-keep random" ;;
-    dirichlet-0.5-keep-all) echo "--rounds 10 --alpha 0.5 --keep-ratio 1" ;;  # no pruning under skew
-    iid-client-blocks-2) echo "--rounds 5 --client-blocks 2" ;;
-    iid-mixed-budgets) echo "--rounds 5 --client-budgets 0.05,0.5,1.0" ;;  # heads of 0, 2 and 5 blocks
-    iid-shared-once) echo "--rounds 5 --shared-rows once" ;;  # the wire format's rows (wire.sh)
-    iid-wire-bfloat16) echo "--rounds 5 --shared-rows once --wire-dtype bfloat16" ;;
-    iid-wire-float16) echo "--rounds 5 --shared-rows once --wire-dtype float16" ;;
-    iid-wire-int8) echo "--rounds 5 --shared-rows once --wire-dtype int8" ;;
-    dirichlet-0.5-wire-int8) echo "--rounds 10 --alpha 0.5 --shared-rows once --wire-dtype int8" ;;  # under skew
-    iid-bf16) echo "--rounds 5 --precision bf16" ;;
-    iid-fp16) echo "--rounds 5 --precision fp16" ;;
-    *) echo "unknown row $1" >&2; exit 2 ;;
-  esac
-}
-
 one_run() {  # one row and seed
   # shellcheck disable=SC2046
-  run_once "$OUT/$1/seed-$2" "$OUT/$1/seed-$2.log" "${common[@]}" $(options "$1") "${size[@]}" --seed "$2"
+  run_once "$OUT/$1/seed-$2" "$OUT/$1/seed-$2.log" "${common[@]}" $(core_options "$1") "${size[@]}" --seed "$2"
 }
 
 for row in $ROWS; do
-  options "$row" > /dev/null  # an unknown row stops the benchmark before anything runs
+  core_options "$row" > /dev/null  # an unknown row stops the benchmark before anything runs
   for seed in $SEEDS; do
     wait_for_lane "${JOBS:-1}"
     one_run "$row" "$seed" &

@@ -26,6 +26,38 @@ run_once() {
   if [ "$rc" != 0 ]; then echo "$run failed: see $log" >&2; return 1; fi
 }
 
+# core_options ROW: the options of one of core.sh's rows beside its common ones, which hold --recipe paper: the paper's
+# recipe changed in one thing (scale112.sh's ABLATIONS rows are its iid ones at 112 px). An unknown row stops the
+# script.
+core_options() {
+  case "$1" in
+    iid) echo "--rounds 5" ;;
+    dirichlet-0.5) echo "--rounds 10 --alpha 0.5" ;;
+    iid-shared-local-classifier) echo "--rounds 5 --local-classifier shared" ;;
+    iid-global-pruning) echo "--rounds 5 --no-prune-per-class" ;;
+    iid-split-epochs-1) echo "--rounds 5 --split-epochs 1" ;;
+    iid-sgd) echo "--rounds 5 --optimizer sgd --lr 0.01 --prompt-lr 0.01" ;;
+    iid-keep-all) echo "--rounds 5 --keep-ratio 1" ;;  # no pruning: twice the bytes and server FLOPs
+    iid-prune-easiest) echo "--rounds 5 --prune-keep easiest" ;;
+    iid-prune-middle) echo "--rounds 5 --prune-keep middle" ;;
+    iid-prune-random) echo "--rounds 5 --prune-keep random" ;;
+    iid-prune-received) echo "--rounds 5 --prune-scores received" ;;  # scored before the self-update
+    dirichlet-0.5-prune-by-size) echo "--rounds 10 --alpha 0.5 --prune-keep by-size" ;;  # IID clients are all one size
+    dirichlet-0.5-prune-random) echo "--rounds 10 --alpha 0.5 --prune-keep random" ;;
+    dirichlet-0.5-keep-all) echo "--rounds 10 --alpha 0.5 --keep-ratio 1" ;;  # no pruning under skew
+    iid-client-blocks-2) echo "--rounds 5 --client-blocks 2" ;;
+    iid-mixed-budgets) echo "--rounds 5 --client-budgets 0.05,0.5,1.0" ;;  # heads of 0, 2 and 5 blocks
+    iid-shared-once) echo "--rounds 5 --shared-rows once" ;;  # the wire format's rows (wire.sh)
+    iid-wire-bfloat16) echo "--rounds 5 --shared-rows once --wire-dtype bfloat16" ;;
+    iid-wire-float16) echo "--rounds 5 --shared-rows once --wire-dtype float16" ;;
+    iid-wire-int8) echo "--rounds 5 --shared-rows once --wire-dtype int8" ;;
+    dirichlet-0.5-wire-int8) echo "--rounds 10 --alpha 0.5 --shared-rows once --wire-dtype int8" ;;  # under skew
+    iid-bf16) echo "--rounds 5 --precision bf16" ;;
+    iid-fp16) echo "--rounds 5 --precision fp16" ;;
+    *) echo "unknown row $1" >&2; exit 2 ;;
+  esac
+}
+
 # wait_for_lane JOBS: returns once fewer than JOBS background runs are running; stops the script if one failed.
 wait_for_lane() {
   while [ "$(jobs -rp | wc -l)" -ge "$1" ]; do wait -n || exit 1; done

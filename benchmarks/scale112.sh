@@ -52,13 +52,8 @@ options() {  # the method of a row
   case "$1" in
     linear-probe|sfprompt|sfl) echo "--method $1" ;;
     sfprompt-forward-only) echo "--method sfprompt --prompt-updates forward-only --directions 4" ;;
-    paper) echo "--recipe paper --rounds 5" ;;  # the ablations: core.sh's rows of the same names, less its iid-
-    paper-shared-local-classifier) echo "--recipe paper --rounds 5 --local-classifier shared" ;;
-    paper-global-pruning) echo "--recipe paper --rounds 5 --no-prune-per-class" ;;
-    paper-split-epochs-1) echo "--recipe paper --rounds 5 --split-epochs 1" ;;
-    paper-sgd) echo "--recipe paper --rounds 5 --optimizer sgd --lr 0.01 --prompt-lr 0.01" ;;
-    paper-shared-once) echo "--recipe paper --rounds 5 --shared-rows once" ;;
-    paper-wire-int8) echo "--recipe paper --rounds 5 --shared-rows once --wire-dtype int8" ;;
+    # the ablations: core.sh's iid rows (iid-X named paper-X), whose common options hold --recipe paper
+    paper|paper-*) local changed; changed=$(core_options "iid${1#paper}") || exit 2; echo "--recipe paper $changed" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
