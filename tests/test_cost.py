@@ -76,6 +76,11 @@ def test_a_probe_round_is_costed_as_a_real_one_and_only_where_a_run_has_one():
     beside_sfl = estimate(CONFIG.replace(method="sfl", train_body=True), 12, 10, ["sfprompt", "sfl"])
     assert refit_only["sfprompt: a probe round"] == beside_sfl["sfprompt: a probe round"] == probe_round
     assert "sfl: a probe round" not in beside_sfl
+    # variants that differ in their own rounds only share one probe-round row, named after each of them
+    variants = estimate(CONFIG, 12, 10, ["sfprompt", "sfl", "sfprompt-no-pruning", "sfprompt-no-local-loss"])
+    shared = "sfprompt, sfprompt-no-pruning, sfprompt-no-local-loss: a probe round"
+    assert list(variants) == ["sfprompt", shared, "sfl", "sfprompt-no-pruning", "sfprompt-no-local-loss"]
+    assert variants[shared] == probe_round
 
 
 def test_upload_noise_changes_no_cost_and_the_probe_is_still_costed():

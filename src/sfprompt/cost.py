@@ -14,7 +14,8 @@ the broadcast and upload do not depend on the data and are taken as measured. Pe
 few hundred bytes) are scaled with the samples too, a negligible error at real activation sizes.
 Client peak memory is measured as the probe runs: full batches, and a second epoch with the
 optimiser's state, as in a training run. A method whose run opens or closes with probe rounds (SFPrompt's
-default recipe) gets a second row, one of those rounds: the linear probe's round through its prompts.
+default recipe) gets a second row, one of those rounds: the linear probe's round through its prompts; methods
+whose probe rounds cost the same share that row.
 """
 
 from __future__ import annotations
@@ -91,16 +92,23 @@ def _estimate(config: Config, samples_per_client: int, num_classes: int, methods
     torch.manual_seed(config.seed)
     vit = fake_vit(config.model, num_classes, config.image_size)
     counting_vit = create_vit(COUNTING_MODEL, num_classes, COUNTING_SIZE, "none")
-    results = {}
+    rows: list[tuple[list[str], bool, dict]] = []  # the methods a row is for, whether it is their probe round, costs
     for name in methods:
         method, overrides = VARIANTS.get(name, (name, {}))  # a variant: the method with other options
         variant, has_probe_rounds = _as_method(config, method, overrides)
-        results[name] = _method_round(variant, vit, counting_vit, method, samples_per_client, num_classes,
-                                      probe_samples)
+        rows.append(([name], False, _method_round(variant, vit, counting_vit, method, samples_per_client,
+                                                  num_classes, probe_samples)))
         if has_probe_rounds:  # its opening and refit rounds: the probe's, with its prompts in the features
-            results[f"{name}: {PROBE_ROUND}"] = _method_round(variant, vit, counting_vit, method, samples_per_client,
-                                                              num_classes, probe_samples, probe_round=True)
-    return results
+            probe = _method_round(variant, vit, counting_vit, method, samples_per_client, num_classes, probe_samples,
+                                  probe_round=True)
+            # variants that differ only in their own rounds (pruning, the local loss, forward-only updates) share
+            # their probe round: one row, "sfprompt, sfprompt-no-pruning: a probe round", rather than a copy each
+            same = next((names for names, is_probe, costs in rows if is_probe and costs == probe), None)
+            if same is None:
+                rows.append(([name], True, probe))
+            else:
+                same.append(name)
+    return {", ".join(names) + (f": {PROBE_ROUND}" if is_probe else ""): costs for names, is_probe, costs in rows}
 
 
 def _as_method(config: Config, method: str, overrides: dict) -> tuple[Config, bool]:
