@@ -52,6 +52,26 @@ def test_sgd_steps_give_the_coefficients_and_adam_steps_give_them_up_to_one_fact
     assert PromptOptimizer("adam", 3e-4, weight_decay=0.1).why_not_invertible()
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_step_whose_losses_did_not_differ_reads_as_zero_and_the_next_ones_as_before(kind):
+    """A batch the tail fits exactly (every loss difference 0 in float32) gives a zero estimate: the prompts do not
+    move, its coefficients read 0, and Adam's unit is set by the first step that moved them."""
+    prompts = torch.nn.Parameter(torch.randn(10, 64, generator=torch.Generator().manual_seed(0)) * 0.1)
+    optimizer = torch.optim.SGD([prompts], lr=0.1) if kind == "sgd" else torch.optim.Adam([prompts], lr=3e-4)
+    start = prompts.detach().clone()
+    prompts.grad = torch.zeros_like(prompts)
+    optimizer.step()
+    assert torch.equal(prompts.detach(), start)
+    sent, drawn, truth = trajectory(optimizer, prompts, 6, 4)
+    read = step_coefficients([start] + sent, [torch.randn(4, 10, 64)] + drawn,
+                             PromptOptimizer(kind, optimizer.defaults["lr"])).double()
+    assert torch.equal(read[0], torch.zeros(4, dtype=torch.float64)) and read.isfinite().all()
+    factor = 1.0 if kind == "sgd" else float((read[1:] * truth).sum() / (read[1:] * read[1:]).sum())
+    assert float(((factor * read[1:] - truth).norm(dim=1) / truth.norm(dim=1)).max()) < 0.05
+    zero = Step(torch.arange(3), torch.zeros(3, 10, 4, dtype=torch.float64), torch.zeros(4))
+    assert unexplained([zero], torch.zeros(3, dtype=torch.long)) == 0.0
+
+
 def synthetic(steps: int, directions: int, confidence: float, noise: float = 1e-3, samples: int = 200, classes: int = 10):
     """Steps of batches of 32 whose coefficients are the sums of random loss differences at the true labels (times
     3), and a label-free guess whose true class gets `confidence` extra logit."""

@@ -23,6 +23,7 @@ the round's last step, and its tail more (see docs/privacy.md).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,8 @@ def step_coefficients(prompts: list[torch.Tensor], directions: list[torch.Tensor
                       anchor: torch.Tensor | None = None) -> torch.Tensor:
     """The coefficients (T, K) of the gradient estimates behind T steps, from the T + 1 prompts (P, D) sent before
     and after them and each step's directions (K, P, D): exact for SGD; for Adam, all divided by one unknown
-    positive factor (the first step's coefficients have norm 1). `anchor`: the prompts FedProx's proximal term pulls
+    positive factor (the first nonzero step's coefficients have norm 1; a step whose losses did not differ, as on
+    a batch the tail fits exactly, has all-zero ones). `anchor`: the prompts FedProx's proximal term pulls
     towards (the broadcast ones; default the first sent)."""
     if optimizer.why_not_invertible():
         raise ValueError(optimizer.why_not_invertible())
@@ -79,19 +81,21 @@ def _sgd_coefficients(moves, bases, prompts, anchor, optimizer: PromptOptimizer)
 
 def _adam_coefficients(moves, bases) -> torch.Tensor:
     """torch's Adam without weight decay, whose moves m_hat / (sqrt(v_hat) + eps) do not change when every gradient
-    is scaled alike (eps aside): the first move's signs give the first coefficients' direction, and each later move
-    the next coefficients, in the first ones' unit, given the moments replayed so far."""
+    is scaled alike (eps aside): the first nonzero move's signs give the first nonzero coefficients' direction (a
+    gradient met with empty moments moves each number by the same amount, whatever the step), and each later move
+    the next coefficients, in their unit, given the moments replayed so far."""
     (beta1, beta2), first, second = ADAM_BETAS, torch.zeros_like(moves[0]), torch.zeros_like(moves[0])
     coefficients = []
     for step, (move, basis) in enumerate(zip(moves, bases), start=1):
-        if step == 1:
+        if not second.any():  # no gradient yet (a zero one leaves the prompts and the moments where they were)
             a = _direction_from_signs(torch.sign(move), basis)
         else:
             def predicted(a):
                 g = a @ basis
                 m, v = beta1 * first + (1 - beta1) * g, beta2 * second + (1 - beta2) * g * g
                 return (m / (1 - beta1**step)) / (v / (1 - beta2**step)).sqrt().clamp_min(1e-300)
-            a = _least_squares(predicted, move, start=_correlation_start(move, basis, coefficients[-1]))
+            scale = next(c for c in reversed(coefficients) if c.any())  # the unit's size, set by a nonzero step
+            a = _least_squares(predicted, move, start=_correlation_start(move, basis, scale))
         g = a @ basis
         first, second = beta1 * first + (1 - beta1) * g, beta2 * second + (1 - beta2) * g * g
         coefficients.append(a)
@@ -100,7 +104,9 @@ def _adam_coefficients(moves, bases) -> torch.Tensor:
 
 def _direction_from_signs(signs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """The unit vector a whose estimate a @ basis has the given signs: the correlation estimate (exact in
-    expectation for Gaussian directions), refined by a smooth margin loss."""
+    expectation for Gaussian directions), refined by a smooth margin loss; zero for a move of none."""
+    if not signs.any():
+        return torch.zeros(len(basis), dtype=basis.dtype)
     a = (basis @ signs)
     a = (a / a.norm()).clone().requires_grad_(True)
 
@@ -232,12 +238,14 @@ def _best_factor(sums: list[torch.Tensor], targets: list[torch.Tensor], half: fl
 def unexplained(steps: list[Step], labels: torch.Tensor, factor: float | None = None) -> float:
     """The share of the steps' summed loss differences at `labels` that the coefficients (times the factor, fitted
     a round when None) leave unexplained: near 0 at the true labels when the attack models the client's steps right
-    (the rest is the client's float32 rounding of its losses)."""
+    (the rest is the client's float32 rounding of its losses); where the losses did not differ at all, 0 if the
+    coefficients are zero too, else infinite."""
     sums = [s.differences[torch.arange(len(s.samples)), labels[s.samples]].sum(0) for s in steps]
     targets = [s.coefficients.double() for s in steps]
     left = 0.0
     for round_ in sorted({s.round for s in steps}):
         x, o = torch.cat(_of_round(sums, steps, round_)), torch.cat(_of_round(targets, steps, round_))
-        fitted = float((x * o).sum() / (o * o).sum()) if factor is None else factor
+        fitted = float((x * o).sum() / (o * o).sum().clamp_min(1e-300)) if factor is None else factor
         left += float((x - fitted * o).pow(2).sum())
-    return left / float(torch.cat(sums).pow(2).sum())
+    total = float(torch.cat(sums).pow(2).sum())
+    return left / total if total else (math.inf if left else 0.0)
