@@ -4,13 +4,14 @@
 # gradients, and with randomized-response labels (--label-epsilon): for each row and seed, `sfprompt audit`, which
 # plays the probe round that opens the default recipe (here of round 1's 5 clients, --probe-clients 5, and with no
 # refit round, --refit-rounds 0, so the prompts at the tail's rate, as the default was when these audits ran) and
-# attacks client 0's first round of prompt updates after it (the probe-fitted tail, the initial prompts); then docs/benchmarks/forward-only-audit.md. The audit's image
-# attacks run at a reduced size (AUDIT_SIZE): forward-only sends the same activations as backprop, attacked in
-# docs/privacy.md.
+# attacks client 0's first round of prompt updates after it (the probe-fitted tail, the initial prompts); then
+# docs/benchmarks/forward-only-audit.md. The audit's image attacks run at a reduced size (AUDIT_SIZE): forward-only
+# sends the same activations as backprop, attacked in docs/privacy.md.
 #
 #   bash benchmarks/forward_only_audit.sh          # about 1.5 hours on two CPU cores
 #   ROWS="forward-only-4" SEEDS=0 bash benchmarks/forward_only_audit.sh
 #   UPLOADS=aggregated bash benchmarks/forward_only_audit.sh   # a server under secure aggregation
+#   SENDS=run bash benchmarks/forward_only_audit.sh            # every send of the whole run
 #
 # UPLOADS is what the server holds of the victim's uploads (`sfprompt audit --uploads`): seen (the default), each
 # one, so its label-free guess and the attacks' prior read the victim's uploaded tail, trained on its labels; or
@@ -18,6 +19,12 @@
 # upload alone would have named (rows: backprop, K = 4, and K = 4 with label DP; about an hour). Its audits go to
 # OUT (default results/forward-only-audit, and results/forward-only-audit-aggregated) and its table to DOC
 # (docs/benchmarks/forward-only-audit.md, and forward-only-audit-aggregated.md).
+#
+# SENDS=run attacks every send client 0 makes over the whole run (`sfprompt audit --sends run`, which replays the
+# run: each of its rounds' trajectory, read with the broadcast that round started from) instead of one round, for
+# the rows backprop, K = 4 and K = 4 with label DP at epsilon 3 by default; its audits and table take "-run" after
+# the names above (results/forward-only-audit-run, docs/benchmarks/forward-only-audit-run.md). A run's replay is
+# about as long as the run: an hour of one core a forward-only audit.
 #
 # A finished audit is not redone (and one made with other UPLOADS is refused before any audit runs). SIZE appends
 # options to every audit and DOC names the document written (a test runs it at a tiny size).
@@ -27,9 +34,13 @@ source benchmarks/lib.sh
 UPLOADS=${UPLOADS:-seen}
 case "$UPLOADS" in seen) suffix="" ;; aggregated) suffix="-aggregated" ;;
   *) echo "UPLOADS must be seen or aggregated, got $UPLOADS" >&2; exit 2 ;; esac
+SENDS=${SENDS:-round}
+case "$SENDS" in round) ;; run) suffix+="-run" ;; *) echo "SENDS must be round or run, got $SENDS" >&2; exit 2 ;; esac
 OUT=${OUT:-results/forward-only-audit$suffix}
 SEEDS=${SEEDS:-0 1 2}
-if [ "$UPLOADS" = seen ]; then
+if [ "$SENDS" = run ]; then  # the default K, and with the label DP that the goal's margin may need
+  ROWS=${ROWS:-backprop forward-only-4 forward-only-4-label-epsilon-3}
+elif [ "$UPLOADS" = seen ]; then
   ROWS=${ROWS:-backprop forward-only-1 forward-only-4 forward-only-16 forward-only-4-label-epsilon-1 forward-only-4-label-epsilon-3}
 else  # the default K and the rows with label DP, whose goal secure aggregation decides
   ROWS=${ROWS:-backprop forward-only-4 forward-only-4-label-epsilon-3 forward-only-4-label-epsilon-1}
@@ -50,8 +61,8 @@ options() {
 }
 
 for row in $ROWS; do options "$row" > /dev/null; done
-python benchmarks/forward_only_audit_table.py --uploads "$UPLOADS" "$OUT" $ROWS > /dev/null  # refuses OUT's audits
-# made with other UPLOADS now, not after the missing ones have run
+table() { python benchmarks/forward_only_audit_table.py --uploads "$UPLOADS" --sends "$SENDS" "$OUT" $ROWS; }
+table > /dev/null  # refuses OUT's audits made with other UPLOADS or SENDS now, not after the missing ones have run
 for seed in $SEEDS; do
   for row in $ROWS; do
     audit="$OUT/$row/seed-$seed"
@@ -60,14 +71,25 @@ for seed in $SEEDS; do
     mkdir -p "$OUT/$row"
     # shellcheck disable=SC2046  # the options are words
     sfprompt audit --prompt-tokens 50 --probe-clients 5 --refit-rounds 0 $(options "$row") --seed "$seed" --no-progress "${size[@]}" "${audit_size[@]}" \
-      --uploads "$UPLOADS" --out "$audit" > "$audit.log" 2>&1 || { echo "$audit failed: see $audit.log" >&2; exit 1; }
+      --uploads "$UPLOADS" --sends "$SENDS" --out "$audit" > "$audit.log" 2>&1 || { echo "$audit failed: see $audit.log" >&2; exit 1; }
   done
 done
-table=$(python benchmarks/forward_only_audit_table.py --uploads "$UPLOADS" "$OUT" $ROWS)  # before DOC is touched
+rows=$(table)  # before DOC is touched
+variables=()
+[ "$UPLOADS" = seen ] || variables+=("UPLOADS=$UPLOADS")
+[ "$SENDS" = round ] || variables+=("SENDS=$SENDS")
 {
-  echo "$(command_header forward_only_audit "${suffix:+UPLOADS=$UPLOADS}") The headline setting (\`--prompt-tokens 50\`), client 0's first round of"
-  echo "prompt updates after a probe round of round 1's 5 clients (\`--probe-clients 5\`; the prompts at the tail's rate,"
-  echo "\`--refit-rounds 0\`), attacked by \`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
+  if [ "$SENDS" = run ]; then
+    echo "$(command_header forward_only_audit "${variables[*]}") The headline setting (\`--prompt-tokens 50\`), every"
+    echo "send of client 0's over the whole run (\`--sends run\`: a probe round of round 1's 5 clients, \`--probe-clients 5\`,"
+    echo "then 4 rounds of prompt updates at the tail's rate, \`--refit-rounds 0\`, in each of which client 0 may be asked;"
+    echo "each round's steps read from the broadcast it started from), attacked by \`sfprompt audit\`; each figure the"
+    echo "share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
+  else
+    echo "$(command_header forward_only_audit "${variables[*]}") The headline setting (\`--prompt-tokens 50\`), client 0's first round of"
+    echo "prompt updates after a probe round of round 1's 5 clients (\`--probe-clients 5\`; the prompts at the tail's rate,"
+    echo "\`--refit-rounds 0\`), attacked by \`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
+  fi
   echo "the seeds (each its own partition, prompts and client 0)."
   if [ "$UPLOADS" = aggregated ]; then
     echo "The server holds the uploads only summed (\`--uploads aggregated\`, secure aggregation): its label-free guess,"
@@ -78,6 +100,6 @@ table=$(python benchmarks/forward_only_audit_table.py --uploads "$UPLOADS" "$OUT
     echo "victim's uploaded tail (trained on its labels this round)."
   fi
   echo
-  echo "$table"
+  echo "$rows"
 } > "$DOC"
 cat "$DOC"

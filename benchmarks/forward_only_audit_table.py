@@ -1,9 +1,10 @@
 """The table of benchmarks/forward_only_audit.sh: what each row's audits infer of the labels.
 
-    python benchmarks/forward_only_audit_table.py [--uploads aggregated] results/forward-only-audit backprop ...
+    python benchmarks/forward_only_audit_table.py [--uploads aggregated] [--sends run] results/forward-only-audit ...
 
-Every audit read must have been made with the given --uploads (an audit from before the option was made with
-seen's reading), so a table never mixes what a server holds under secure aggregation with what it holds without.
+Every audit read must have been made with the given --uploads and --sends (an audit from before an option was made
+with its default), so a table never mixes what a server holds under secure aggregation with what it holds without,
+nor one round's sends with a whole run's.
 """
 
 import argparse
@@ -34,23 +35,24 @@ def corrected(audits: list[dict], attack: str) -> str:
     return f"{right} of {wrong}" + (f" ({right / wrong:.0%})" if wrong else "")
 
 
-def read(out: Path, rows: list[str], uploads: str) -> dict[str, list[dict]]:
-    """Each row's audits' label figures, refusing an audit made with other --uploads."""
+def read(out: Path, rows: list[str], uploads: str, sends: str) -> dict[str, list[dict]]:
+    """Each row's audits' label figures, refusing an audit made with other --uploads or --sends."""
     found = {}
     for name in rows:
         found[name] = []
         for path in sorted((out / name).glob("seed-*/audit.json")):
             audit = json.loads(path.read_text())
-            made = audit["audit"].get("uploads", "seen")
-            if made != uploads:
-                raise SystemExit(f"{path} was audited with --uploads {made}, not {uploads}: remove it or audit into "
-                                 "another folder (OUT)")
+            for option, wanted, default in (("uploads", uploads, "seen"), ("sends", sends, "round")):
+                made = audit["audit"].get(option, default)
+                if made != wanted:
+                    raise SystemExit(f"{path} was audited with --{option} {made}, not {wanted}: remove it or audit "
+                                     "into another folder (OUT)")
             found[name].append(audit["labels"])
     return found
 
 
-def main(out: Path, rows: list[str], uploads: str) -> None:
-    found = read(out, rows, uploads)
+def main(out: Path, rows: list[str], uploads: str, sends: str) -> None:
+    found = read(out, rows, uploads, sends)
     columns = COLUMNS | (UPLOAD if any("upload_alone" in a for audits in found.values() for a in audits) else {})
     print("| row | seeds | samples sent | steps read | " + " | ".join(columns.values())
           + " | guess's errors corrected, best attack | the same, broadcast tail"
@@ -75,7 +77,8 @@ def main(out: Path, rows: list[str], uploads: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uploads", choices=("seen", "aggregated"), default="seen")
+    parser.add_argument("--sends", choices=("round", "run"), default="round")
     parser.add_argument("out", type=Path)
     parser.add_argument("rows", nargs="+")
     arguments = parser.parse_args()
-    main(arguments.out, arguments.rows, arguments.uploads)
+    main(arguments.out, arguments.rows, arguments.uploads, arguments.sends)
