@@ -8,7 +8,7 @@ from sfprompt.cli import main
 from sfprompt.client import Client, TrainSettings
 from sfprompt.compare import VARIANTS
 from sfprompt.config import Config
-from sfprompt.cost import _round, estimate, fake_vit
+from sfprompt.cost import _round, estimate, fake_vit, table
 from sfprompt.inprocess import client_round
 from sfprompt.meter import Meter
 from sfprompt.methods import METHODS
@@ -76,11 +76,12 @@ def test_a_probe_round_is_costed_as_a_real_one_and_only_where_a_run_has_one():
     beside_sfl = estimate(CONFIG.replace(method="sfl", train_body=True), 12, 10, ["sfprompt", "sfl"])
     assert refit_only["sfprompt: a probe round"] == beside_sfl["sfprompt: a probe round"] == probe_round
     assert "sfl: a probe round" not in beside_sfl
-    # variants that differ in their own rounds only share one probe-round row, named after each of them
+    # in the table, variants that differ in their own rounds only share one probe-round row, named after each
     variants = estimate(CONFIG, 12, 10, ["sfprompt", "sfl", "sfprompt-no-pruning", "sfprompt-no-local-loss"])
-    shared = "sfprompt, sfprompt-no-pruning, sfprompt-no-local-loss: a probe round"
-    assert list(variants) == ["sfprompt", shared, "sfl", "sfprompt-no-pruning", "sfprompt-no-local-loss"]
-    assert variants[shared] == probe_round
+    assert variants["sfprompt-no-pruning: a probe round"] == variants["sfprompt: a probe round"] == probe_round
+    names = [line.split(" | ")[0].removeprefix("| ") for line in table(variants).splitlines()[2:]]
+    assert names == ["sfprompt", "sfprompt, sfprompt-no-pruning, sfprompt-no-local-loss: a probe round", "sfl",
+                     "sfprompt-no-pruning", "sfprompt-no-local-loss"]
 
 
 def test_upload_noise_changes_no_cost_and_the_probe_is_still_costed():

@@ -14,8 +14,8 @@ the broadcast and upload do not depend on the data and are taken as measured. Pe
 few hundred bytes) are scaled with the samples too, a negligible error at real activation sizes.
 Client peak memory is measured as the probe runs: full batches, and a second epoch with the
 optimiser's state, as in a training run. A method whose run opens or closes with probe rounds (SFPrompt's
-default recipe) gets a second row, one of those rounds: the linear probe's round through its prompts; methods
-whose probe rounds cost the same share that row.
+default recipe) gets a second row, one of those rounds: the linear probe's round through its prompts; in the
+printed table, methods whose probe rounds cost the same share that row (`--out` keeps one for each).
 """
 
 from __future__ import annotations
@@ -92,23 +92,16 @@ def _estimate(config: Config, samples_per_client: int, num_classes: int, methods
     torch.manual_seed(config.seed)
     vit = fake_vit(config.model, num_classes, config.image_size)
     counting_vit = create_vit(COUNTING_MODEL, num_classes, COUNTING_SIZE, "none")
-    rows: list[tuple[list[str], bool, dict]] = []  # the methods a row is for, whether it is their probe round, costs
+    results = {}
     for name in methods:
         method, overrides = VARIANTS.get(name, (name, {}))  # a variant: the method with other options
         variant, has_probe_rounds = _as_method(config, method, overrides)
-        rows.append(([name], False, _method_round(variant, vit, counting_vit, method, samples_per_client,
-                                                  num_classes, probe_samples)))
+        results[name] = _method_round(variant, vit, counting_vit, method, samples_per_client, num_classes,
+                                      probe_samples)
         if has_probe_rounds:  # its opening and refit rounds: the probe's, with its prompts in the features
-            probe = _method_round(variant, vit, counting_vit, method, samples_per_client, num_classes, probe_samples,
-                                  probe_round=True)
-            # variants that differ only in their own rounds (pruning, the local loss, forward-only updates) share
-            # their probe round: one row, "sfprompt, sfprompt-no-pruning: a probe round", rather than a copy each
-            same = next((names for names, is_probe, costs in rows if is_probe and costs == probe), None)
-            if same is None:
-                rows.append(([name], True, probe))
-            else:
-                same.append(name)
-    return {", ".join(names) + (f": {PROBE_ROUND}" if is_probe else ""): costs for names, is_probe, costs in rows}
+            results[f"{name}: {PROBE_ROUND}"] = _method_round(variant, vit, counting_vit, method, samples_per_client,
+                                                              num_classes, probe_samples, probe_round=True)
+    return results
 
 
 def _as_method(config: Config, method: str, overrides: dict) -> tuple[Config, bool]:
@@ -181,7 +174,7 @@ def table(results: dict[str, dict]) -> str:
     reference = results.get("fl")
     lines = ["| method | client GFLOP | server GFLOP | MB up | MB down | client peak MiB (probe batch) "
              "| client FLOPs / fl | bytes (up + down) / fl |", "|" + "---|" * 8]
-    for name, r in results.items():
+    for name, r in _shared_probe_rounds(results).items():
         flops_ratio = bytes_ratio = "—"
         if reference:
             flops_ratio = f"{100 * r['client_flops'] / reference['client_flops']:.3g} %"
@@ -191,3 +184,19 @@ def table(results: dict[str, dict]) -> str:
                      f"| {r['bytes_up'] / 1e6:,.1f} | {r['bytes_down'] / 1e6:,.1f} "
                      f"| {r['client_peak_memory_bytes'] / 2**20:,.1f} | {flops_ratio} | {bytes_ratio} |")
     return "\n".join(lines) + "\n"
+
+
+def _shared_probe_rounds(results: dict[str, dict]) -> dict[str, dict]:
+    """`results` with the probe rounds that cost the same (SFPrompt's variants differ in their own rounds only) in
+    one row, "sfprompt, sfprompt-no-pruning: a probe round", where the first of them was."""
+    suffix, rows = f": {PROBE_ROUND}", {}
+    sharing: dict[str, list[str]] = {}  # a probe round's first row -> the methods whose probe rounds cost the same
+    for name, costs in results.items():
+        same = next((row for row in sharing if rows[row] == costs), None) if name.endswith(suffix) else None
+        if same is not None:
+            sharing[same].append(name.removesuffix(suffix))
+            continue
+        rows[name] = costs
+        if name.endswith(suffix):
+            sharing[name] = [name.removesuffix(suffix)]
+    return {", ".join(sharing[name]) + suffix if name in sharing else name: costs for name, costs in rows.items()}
