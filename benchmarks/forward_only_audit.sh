@@ -26,8 +26,8 @@
 # the names above (results/forward-only-audit-run, docs/benchmarks/forward-only-audit-run.md). A run's replay is
 # about as long as the run: an hour of one core a forward-only audit.
 #
-# A finished audit is not redone (and one made with other UPLOADS is refused before any audit runs). SIZE appends
-# options to every audit and DOC names the document written (a test runs it at a tiny size).
+# A finished audit is not redone (and one made with other UPLOADS or SENDS is refused before any audit runs). SIZE
+# appends options to every audit and DOC names the document written (a test runs it at a tiny size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/lib.sh
@@ -91,13 +91,18 @@ variables=()
     echo "\`--refit-rounds 0\`), attacked by \`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
   fi
   echo "the seeds (each its own partition, prompts and client 0)."
+  if [ "$SENDS" = run ]; then  # the tails the server holds after the run
+    broadcast="the newest tail it broadcast to it" uploaded="last uploaded tail (trained on its labels)"
+  else
+    broadcast="the tail it broadcast" uploaded="uploaded tail (trained on its labels this round)"
+  fi
   if [ "$UPLOADS" = aggregated ]; then
     echo "The server holds the uploads only summed (\`--uploads aggregated\`, secure aggregation): its label-free guess,"
-    echo "and the attacks' prior, read the tail it broadcast; the upload alone is what the victim's uploaded tail would"
+    echo "and the attacks' prior, read $broadcast; the upload alone is what the victim's uploaded tail would"
     echo "have named by itself without secure aggregation."
   else
     echo "The server holds each upload (\`--uploads seen\`): its label-free guess, and the attacks' prior, read the"
-    echo "victim's uploaded tail (trained on its labels this round)."
+    echo "victim's $uploaded."
   fi
   echo
   echo "$rows"

@@ -223,14 +223,15 @@ def test_the_forward_only_audit_benchmark_attacks_a_whole_run_with_sends_run(tmp
     doc = tmp_path / "forward-only-audit-run.md"
     size = "--train-samples 40 --test-samples 20 --clients 5 --clients-per-round 5 --rounds 3 --image-size 28"
     done = run_benchmark("forward_only_audit.sh", tmp_path, SEEDS="0", ROWS="forward-only-2", DOC=str(doc),
-                         SENDS="run", SIZE=size)
+                         SENDS="run", UPLOADS="aggregated", SIZE=size)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert doc.read_text().startswith("Command: `SENDS=run bash benchmarks/forward_only_audit.sh`")
-    assert "over the whole run (`--sends run`" in doc.read_text()
+    text = doc.read_text()
+    assert text.startswith("Command: `UPLOADS=aggregated SENDS=run bash benchmarks/forward_only_audit.sh`")
+    assert "over the whole run (`--sends run`" in text and "read the newest tail it broadcast to it" in text
     audit = json.loads((tmp_path / "runs" / "forward-only-2" / "seed-0" / "audit.json").read_text())
-    assert audit["audit"]["sends"] == "run"
+    assert (audit["audit"]["sends"], audit["audit"]["uploads"]) == ("run", "aggregated")
     assert audit["labels"]["steps_read"] >= 2  # the steps of both rounds of prompt updates
-    mixed = run_benchmark("forward_only_audit.sh", tmp_path, SEEDS="0", ROWS="forward-only-2",
+    mixed = run_benchmark("forward_only_audit.sh", tmp_path, SEEDS="0", ROWS="forward-only-2", UPLOADS="aggregated",
                           DOC=str(tmp_path / "round.md"), SIZE=size)  # the same folder, read as one round's
     assert mixed.returncode != 0 and "audited with --sends run, not round" in mixed.stderr
     assert not (tmp_path / "round.md").exists()

@@ -54,8 +54,8 @@ def test_sgd_steps_give_the_coefficients_and_adam_steps_give_them_up_to_one_fact
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_a_step_whose_losses_did_not_differ_reads_as_zero_and_the_next_ones_as_before(kind):
-    """A batch the tail fits exactly (every loss difference 0 in float32) gives a zero estimate: the prompts do not
-    move, its coefficients read 0, and Adam's unit is set by the first step that moved them."""
+    """A first batch the tail fits exactly (every loss difference 0 in float32) gives a zero estimate: the prompts
+    do not move, its coefficients read 0, and Adam's unit is set by the first step that moved them."""
     prompts = torch.nn.Parameter(torch.randn(10, 64, generator=torch.Generator().manual_seed(0)) * 0.1)
     optimizer = torch.optim.SGD([prompts], lr=0.1) if kind == "sgd" else torch.optim.Adam([prompts], lr=3e-4)
     start = prompts.detach().clone()

@@ -8,8 +8,8 @@ L(p - eps z_k)) / (2 eps K) (antithetic; one-sided: against L(p)): numbers the l
 
 1. `step_coefficients` reads each step's coefficients back from two successive prompt sends: exactly
    for SGD (the move is linear in g), and for Adam up to one positive factor per round, by replaying its
-   moments (its first move is the sign of g, which fixes the coefficients' direction; every later move
-   their size relative to the earlier ones).
+   moments (its first nonzero move is the sign of g, which fixes the coefficients' direction; every later
+   move their size relative to the earlier ones).
 2. `infer_labels` finds the labels whose loss differences on the rows the server returned (it computed
    every set's rows) explain the recovered coefficients best, starting from the label-free guess and
    weighing it as a prior (one label change at a time; each step's noise level unknown, so a step the right
@@ -55,8 +55,9 @@ def step_coefficients(prompts: list[torch.Tensor], directions: list[torch.Tensor
                       anchor: torch.Tensor | None = None) -> torch.Tensor:
     """The coefficients (T, K) of the gradient estimates behind T steps, from the T + 1 prompts (P, D) sent before
     and after them and each step's directions (K, P, D): exact for SGD; for Adam, all divided by one unknown
-    positive factor (the first nonzero step's coefficients have norm 1; a step whose losses did not differ, as on
-    a batch the tail fits exactly, has all-zero ones). `anchor`: the prompts FedProx's proximal term pulls
+    positive factor (the first nonzero step's coefficients have norm 1). A step whose losses did not differ, as on
+    a batch the tail fits exactly, reads zero under SGD and under Adam before any other step moved the prompts;
+    after one, Adam's momentum still moves them, and it reads near zero. `anchor`: the prompts FedProx's proximal term pulls
     towards (the broadcast ones; default the first sent)."""
     if optimizer.why_not_invertible():
         raise ValueError(optimizer.why_not_invertible())
@@ -82,8 +83,8 @@ def _sgd_coefficients(moves, bases, prompts, anchor, optimizer: PromptOptimizer)
 def _adam_coefficients(moves, bases) -> torch.Tensor:
     """torch's Adam without weight decay, whose moves m_hat / (sqrt(v_hat) + eps) do not change when every gradient
     is scaled alike (eps aside): the first nonzero move's signs give the first nonzero coefficients' direction (a
-    gradient met with empty moments moves each number by the same amount, whatever the step), and each later move
-    the next coefficients, in their unit, given the moments replayed so far."""
+    gradient met with empty moments moves every number by one amount, which the step count sets), and each later
+    move the next coefficients, in their unit, given the moments replayed so far."""
     (beta1, beta2), first, second = ADAM_BETAS, torch.zeros_like(moves[0]), torch.zeros_like(moves[0])
     coefficients = []
     for step, (move, basis) in enumerate(zip(moves, bases), start=1):
