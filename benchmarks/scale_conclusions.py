@@ -11,7 +11,7 @@ where the mean difference is positive, beyond the seeds' spread or within it (sa
 spread, said so too), and does not hold where it is not; "level" (A and B end alike, so the docs take the one with
 fewer bytes) holds where the difference is within the conclusion's tolerance. Where a conclusion also names the
 bytes A saves (half, a quarter), a size at which A saves less than four fifths of that is said to hold for the
-accuracy only (the rows every image shares are a smaller part of a sample's rows at a finer grid).
+accuracy only (the rows every image shares, say, are a smaller part of a sample's rows at a finer grid).
 
     python benchmarks/scale_conclusions.py > docs/benchmarks/scale-112-conclusions.md
     python benchmarks/scale_conclusions.py --results DIR   # another results folder (a test's)

@@ -267,6 +267,7 @@ def test_the_scale_conclusions_mark_each_56_px_conclusion_at_112_px(tmp_path):
     runs("core/iid-shared-local-classifier/seed-{seed}", [0.79, 0.80, 0.80])  # +1.3 ± 0.6: beyond the spread
     runs("core/iid-global-pruning/seed-{seed}", [0.81, 0.80])  # +0.5 ± 2.1 over seeds 0 and 1: within it
     runs("core/iid-split-epochs-1/seed-{seed}", [0.81, 0.83, 0.80])  # -0.3 ± 1.2: reversed within the spread
+    runs("core/iid-shared-once/seed-{seed}", [0.80, 0.82, 0.81], sent=50.0)  # level, for half the bytes
     runs("scale-112/iid/paper/seed-{seed}", [0.85, 0.86], sent=400.0)
     runs("scale-112/iid/paper-shared-local-classifier/seed-{seed}", [0.87, 0.88])  # -2.0 ± 0.0: reversed
     runs("scale-112/iid/paper-shared-once/seed-{seed}", [0.854, 0.858], sent=300.0)  # level, not half the bytes
@@ -283,6 +284,7 @@ def test_the_scale_conclusions_mark_each_56_px_conclusion_at_112_px(tmp_path):
     assert pruning[:2] == ["0.810 vs 0.805: +0.5 ± 2.1 (2 seeds)", "holds, within the seeds' spread"]
     assert epochs[:2] == ["0.810 vs 0.813: -0.3 ± 1.2 (3 seeds)", "does not hold, within the seeds' spread"]
     assert sgd == ["—", "not measured", "—", "not measured", "— |"]
+    assert once[:2] == ["0.810 vs 0.810: +0.0 ± 0.0 (3 seeds)", "holds"]
     assert once[2:] == ["0.856 vs 0.855: +0.1 ± 0.4 (2 seeds)",
                         "holds for the accuracy, not the bytes: 1.33 times fewer, not 2", "1.33 |"]
     assert int8[2:] == ["0.835 vs 0.856: -2.1 ± 0.4 (2 seeds)", "does not hold", "6.00 |"]
