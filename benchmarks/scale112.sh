@@ -53,7 +53,9 @@ options() {  # the method of a row
     linear-probe|sfprompt|sfl) echo "--method $1" ;;
     sfprompt-forward-only) echo "--method sfprompt --prompt-updates forward-only --directions 4" ;;
     # the ablations: core.sh's iid rows (iid-X named paper-X), whose common options hold --recipe paper
-    paper|paper-*) local changed; changed=$(core_options "iid${1#paper}") || exit 2; echo "--recipe paper $changed" ;;
+    paper|paper-*) local changed  # (core_options would name the iid- row)
+      changed=$(core_options "iid${1#paper}" 2> /dev/null) || { echo "unknown row $1" >&2; exit 2; }
+      echo "--recipe paper $changed" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }

@@ -240,6 +240,8 @@ def test_the_112_px_benchmark_runs_its_grid_and_writes_its_report(tmp_path):
     listed = run_benchmark("scale112.sh", tmp_path, ABLATIONS="1", SEEDS="0", DEADLINE="1", DOC=str(ablations))
     assert listed.returncode == 0 and "7 runs not finished" in listed.stdout, listed.stderr[-2000:]
     assert all(f"/iid/{row}/seed-0: not started" in listed.stdout for row in rows) and not ablations.exists()
+    unknown = run_benchmark("scale112.sh", tmp_path, ABLATIONS="1", ROWS="paper-nonsense", DOC=str(ablations))
+    assert unknown.returncode == 2 and unknown.stderr.strip() == "unknown row paper-nonsense"
     done = run_benchmark("scale112.sh", tmp_path, ABLATIONS="1", SEEDS="0", ROWS="paper paper-wire-int8",
                          DOC=str(ablations), SIZE=tiny)
     assert done.returncode == 0, done.stderr[-3000:]
