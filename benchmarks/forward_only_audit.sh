@@ -81,10 +81,11 @@ variables=()
 {
   if [ "$SENDS" = run ]; then
     echo "$(command_header forward_only_audit "${variables[*]}") The headline setting (\`--prompt-tokens 50\`), every"
-    echo "send of client 0's over the whole run (\`--sends run\`: a probe round of round 1's 5 clients, \`--probe-clients 5\`,"
-    echo "then 4 rounds of prompt updates at the tail's rate, \`--refit-rounds 0\`, in each of which client 0 may be asked;"
-    echo "each round's steps read from the broadcast it started from), attacked by \`sfprompt audit\`; each figure the"
-    echo "share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
+    echo "send of client 0's over the whole run (\`--sends run\`: a probe round of round 1's 5 clients,"
+    echo "\`--probe-clients 5\`, then 4 rounds of prompt updates at the tail's rate, \`--refit-rounds 0\`, in each of"
+    echo "which client 0 may be asked; each round's steps read from the broadcast it started from), attacked by"
+    echo "\`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ±"
+    echo "standard deviation over"
   else
     echo "$(command_header forward_only_audit "${variables[*]}") The headline setting (\`--prompt-tokens 50\`), client 0's first round of"
     echo "prompt updates after a probe round of round 1's 5 clients (\`--probe-clients 5\`; the prompts at the tail's rate,"

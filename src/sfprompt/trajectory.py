@@ -57,8 +57,8 @@ def step_coefficients(prompts: list[torch.Tensor], directions: list[torch.Tensor
     and after them and each step's directions (K, P, D): exact for SGD; for Adam, all divided by one unknown
     positive factor (the first nonzero step's coefficients have norm 1). A step whose losses did not differ, as on
     a batch the tail fits exactly, reads zero under SGD and under Adam before any other step moved the prompts;
-    after one, Adam's momentum still moves them, and it reads near zero. `anchor`: the prompts FedProx's proximal term pulls
-    towards (the broadcast ones; default the first sent)."""
+    after one, Adam's momentum still moves them, and it reads near zero. `anchor`: the prompts FedProx's proximal
+    term pulls towards (the broadcast ones; default the first sent)."""
     if optimizer.why_not_invertible():
         raise ValueError(optimizer.why_not_invertible())
     moves = [(before - after).double().flatten() / optimizer.lr for before, after in zip(prompts, prompts[1:])]
