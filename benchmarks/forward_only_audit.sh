@@ -79,24 +79,22 @@ variables=()
 [ "$UPLOADS" = seen ] || variables+=("UPLOADS=$UPLOADS")
 [ "$SENDS" = round ] || variables+=("SENDS=$SENDS")
 {
-  if [ "$SENDS" = run ]; then
-    echo "$(command_header forward_only_audit "${variables[*]}") The headline setting (\`--prompt-tokens 50\`), every"
+  setting="$(command_header forward_only_audit "${variables[*]}") The headline setting (\`--prompt-tokens 50\`),"
+  if [ "$SENDS" = run ]; then  # the sends attacked, and the tails the server holds after them
+    echo "$setting every"
     echo "send of client 0's over the whole run (\`--sends run\`: a probe round of round 1's 5 clients,"
     echo "\`--probe-clients 5\`, then 4 rounds of prompt updates at the tail's rate, \`--refit-rounds 0\`, in each of"
     echo "which client 0 may be asked; each round's steps read from the broadcast it started from), attacked by"
     echo "\`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ±"
     echo "standard deviation over"
-  else
-    echo "$(command_header forward_only_audit "${variables[*]}") The headline setting (\`--prompt-tokens 50\`), client 0's first round of"
-    echo "prompt updates after a probe round of round 1's 5 clients (\`--probe-clients 5\`; the prompts at the tail's rate,"
-    echo "\`--refit-rounds 0\`), attacked by \`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
-  fi
-  echo "the seeds (each its own partition, prompts and client 0)."
-  if [ "$SENDS" = run ]; then  # the tails the server holds after the run
     broadcast="the newest tail it broadcast to it" uploaded="last uploaded tail (trained on its labels)"
   else
+    echo "$setting client 0's first round of"
+    echo "prompt updates after a probe round of round 1's 5 clients (\`--probe-clients 5\`; the prompts at the tail's rate,"
+    echo "\`--refit-rounds 0\`), attacked by \`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
     broadcast="the tail it broadcast" uploaded="uploaded tail (trained on its labels this round)"
   fi
+  echo "the seeds (each its own partition, prompts and client 0)."
   if [ "$UPLOADS" = aggregated ]; then
     echo "The server holds the uploads only summed (\`--uploads aggregated\`, secure aggregation): its label-free guess,"
     echo "and the attacks' prior, read $broadcast; the upload alone is what the victim's uploaded tail would"
