@@ -73,6 +73,15 @@ def test_a_step_whose_losses_did_not_differ_reads_as_zero_and_the_next_ones_as_b
     assert unexplained([zero], torch.zeros(3, dtype=torch.long)) == 0.0
 
 
+def test_an_adam_move_of_none_after_the_prompts_moved_reads_finite():
+    """Prompts sent twice alike after Adam had moved them (its momentum cancelled exactly: not met in practice, but
+    a server may send anything): that step reads the estimate that cancels the momentum, not NaN."""
+    prompts = torch.nn.Parameter(torch.randn(10, 64, generator=torch.Generator().manual_seed(0)) * 0.1)
+    sent, drawn, _ = trajectory(torch.optim.Adam([prompts], lr=3e-4), prompts, 3, 4)
+    read = step_coefficients(sent + [sent[-1]], drawn + [drawn[-1]], PromptOptimizer("adam", 3e-4))
+    assert read.shape == (4, 4) and read.isfinite().all() and read[-1].any()
+
+
 def synthetic(steps: int, directions: int, confidence: float, noise: float = 1e-3, samples: int = 200, classes: int = 10):
     """Steps of batches of 32 whose coefficients are the sums of random loss differences at the true labels (times
     3), and a label-free guess whose true class gets `confidence` extra logit."""
