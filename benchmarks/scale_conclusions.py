@@ -5,7 +5,7 @@ difference is the mean over the seeds both rows ran of the per-seed difference (
 partition), with its standard deviation. The ablations at both sizes and the recipe against the probe share their
 setting but for the image size (5,000 / 2,000 samples, 10 clients, 5 a round), and the ablations their rounds (5);
 recipe.sh's rows at 56 px ran 5 rounds, compare.sh's methods 5 rounds on 2,500 / 1,000 samples, and scale112.sh's
-grid 10 rounds on 5,000 / 2,000. The page says so.
+grid 10 rounds on 5,000 / 2,000.
 
 A conclusion of the kind "above" (the docs keep A as the default, or choose it, because it ends above B) holds
 where the mean difference is positive, beyond the seeds' spread or within it (said so; with one seed there is no
@@ -135,9 +135,10 @@ def main() -> None:
     print("Command: `python benchmarks/scale_conclusions.py`, from the runs under results/ (at 112 px "
           "`bash benchmarks/scale112.sh` and `ABLATIONS=1 bash benchmarks/scale112.sh`). Each cell: A's and B's mean "
           "final accuracy, then A - B in points, the mean of the per-seed differences ± their standard deviation; "
-          "bytes: B's over A's (up and down, at 112 px). Both sizes share 5,000 training and 2,000 test images, 10 "
-          "clients and 5 a round, but for SplitFed's rows at 56 px (compare.sh: 2,500 and 1,000); the ablations ran 5 "
-          "rounds at both sizes, the methods 5 at 56 px and 10 at 112 px, so those rows change more than the size.\n")
+          "bytes: B's over A's (up and down, at 112 px). Every row runs 10 clients, 5 a round; the ablations (the first "
+          "six) change only the size: 5 rounds on 5,000 training and 2,000 test images at both. The last three also "
+          "change the rounds (5 at 56 px, 10 at 112 px), and the last two the data too (compare.sh at 56 px: 2,500 "
+          "and 1,000 images).\n")
     print("| the docs' conclusion at 56 px (A against B) | 56 px | holds there | 112 px | holds there | bytes B / A |")
     print("|---|---|---|---|---|---|")
     for conclusion in CONCLUSIONS:

@@ -80,6 +80,7 @@ def test_an_adam_move_of_none_after_the_prompts_moved_reads_finite():
     sent, drawn, _ = trajectory(torch.optim.Adam([prompts], lr=3e-4), prompts, 3, 4)
     read = step_coefficients(sent + [sent[-1]], drawn + [drawn[-1]], PromptOptimizer("adam", 3e-4))
     assert read.shape == (4, 4) and read.isfinite().all() and read[-1].any()
+    assert torch.equal(read[:3], step_coefficients(sent, drawn, PromptOptimizer("adam", 3e-4)))  # the earlier steps
 
 
 def synthetic(steps: int, directions: int, confidence: float, noise: float = 1e-3, samples: int = 200, classes: int = 10):

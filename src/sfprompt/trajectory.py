@@ -58,7 +58,7 @@ def step_coefficients(prompts: list[torch.Tensor], directions: list[torch.Tensor
     positive factor (the first nonzero step's coefficients have norm 1). A step whose losses did not differ, as on
     a batch the tail fits exactly, reads zero under SGD and under Adam before any other step moved the prompts;
     after one, Adam's momentum still moves them, and it reads near zero (a move of none there reads as the
-    estimate that cancels the momentum). `anchor`: the prompts FedProx's proximal
+    least-squares estimate nearest to cancelling the momentum). `anchor`: the prompts FedProx's proximal
     term pulls towards (the broadcast ones; default the first sent)."""
     if optimizer.why_not_invertible():
         raise ValueError(optimizer.why_not_invertible())
@@ -121,7 +121,8 @@ def _direction_from_signs(signs: torch.Tensor, basis: torch.Tensor) -> torch.Ten
 
 
 def _correlation_start(move: torch.Tensor, basis: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """The directions' correlations with the move, at the previous step's size (zero for a move of none)."""
+    """The directions' correlations with the move, at the previous step's size (zero where the move has none along
+    the directions)."""
     a = basis @ move
     return a / a.norm() * previous.norm() if a.any() else a
 
