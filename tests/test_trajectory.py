@@ -75,7 +75,7 @@ def test_a_step_whose_losses_did_not_differ_reads_as_zero_and_the_next_ones_as_b
 
 def test_an_adam_move_of_none_after_the_prompts_moved_reads_finite():
     """Prompts sent twice alike after Adam had moved them (its momentum cancelled exactly: not met in practice, but
-    a server may send anything): that step reads the estimate that cancels the momentum, not NaN."""
+    the attack reads whatever it is sent): that step reads the estimate nearest to cancelling the momentum, not NaN."""
     prompts = torch.nn.Parameter(torch.randn(10, 64, generator=torch.Generator().manual_seed(0)) * 0.1)
     sent, drawn, _ = trajectory(torch.optim.Adam([prompts], lr=3e-4), prompts, 3, 4)
     read = step_coefficients(sent + [sent[-1]], drawn + [drawn[-1]], PromptOptimizer("adam", 3e-4))
