@@ -2,10 +2,8 @@
 Each conclusion compares two rows; at 56 px they are the runs the docs cite (core.sh's ablations, recipe.sh's
 Fashion-MNIST rows, compare.sh's methods), at 112 px scale112.sh's (its grid and its ABLATIONS=1 rows). A row's
 difference is the mean over the seeds both rows ran of the per-seed difference (the same seed: the same data and
-partition), with its standard deviation. The ablations at both sizes and the recipe against the probe share their
-setting but for the image size (5,000 / 2,000 samples, 10 clients, 5 a round), and the ablations their rounds (5);
-recipe.sh's rows at 56 px ran 5 rounds, compare.sh's methods 5 rounds on 2,500 / 1,000 samples, and scale112.sh's
-grid 10 rounds on 5,000 / 2,000.
+partition), with its standard deviation. Which rows change more than the image size (the rounds, the data), the
+page's first paragraph says (`main`).
 
 A conclusion of the kind "above" (the docs keep A as the default, or choose it, because it ends above B) holds
 where the mean difference is positive, beyond the seeds' spread or within it (said so; with one seed there is no
