@@ -2,8 +2,9 @@
 # Forward-only prompt updates against backprop and the probe on the headline setting (the default job with 50
 # prompts: mnist-5k, ViT-S/14 at 56 px, 10 clients, 5 a round, 5 rounds; docs/benchmarks/central.md), IID and
 # Dirichlet(0.5), each row with every seed in SEEDS; then docs/benchmarks/forward-only.md with accuracy, bytes and
-# server FLOPs per row. Rows: linear-probe; backprop (the default recipe, SFPrompt's gradient messages); and
-# forward-only-K (--prompt-updates forward-only --directions K, the antithetic estimator at 1e-3, the defaults
+# server FLOPs per row, and each row against backprop, seed by seed, at equal bytes and at equal server FLOPs
+# (benchmarks/equal_cost_table.py). Rows: linear-probe; backprop (the default recipe, SFPrompt's gradient messages);
+# and forward-only-K (--prompt-updates forward-only --directions K, the antithetic estimator at 1e-3, the defaults
 # benchmarks/zo_quality.py chose), the same recipe otherwise; forward-only-4-label-epsilon-3 takes its steps at
 # randomized-response labels (--label-epsilon 3), which the forward-only audit measured hides the labels
 # (docs/benchmarks/forward-only-audit.md): what it costs.
@@ -104,7 +105,16 @@ DOC=${DOC:-docs/benchmarks/forward-only.md}
   echo "$(command_header forward_only) Test accuracy, mean ± standard deviation over the seeds; bytes and FLOPs"
   echo "of the whole run. Rows: linear-probe, backprop (\`sfprompt run --prompt-tokens 50\`: the default recipe) and"
   echo "forward-only-K (the same with \`--prompt-updates forward-only --directions K\`; -label-epsilon-E: and"
-  echo "\`--label-epsilon E\`)."
+  echo "\`--label-epsilon E\`). Then each setting's rows against backprop at equal cost, seed by seed"
+  echo "(benchmarks/equal_cost_table.py)."
   grid_tables
+  for setting in $SETTINGS; do
+    others=()
+    for row in $ROWS; do if [ "$row" != backprop ] && [ -d "$OUT/$setting/$row" ]; then others+=("$OUT/$setting/$row"); fi; done
+    if [ -d "$OUT/$setting/backprop" ] && [ ${#others[@]} -gt 0 ]; then
+      echo; echo "### $setting against backprop"; echo
+      python benchmarks/equal_cost_table.py "$OUT/$setting/backprop" "${others[@]}"
+    fi
+  done
 } > "$DOC"
 cat "$DOC"

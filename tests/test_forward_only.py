@@ -164,8 +164,11 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     text = doc.read_text()
     assert text.startswith("Command: `bash benchmarks/forward_only.sh`") and "### iid" in text
-    assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "seed" not in line
+    grid, against = text.split("### iid against backprop")
+    assert [line.split(" | ")[0] for line in grid.splitlines() if line.startswith("| ") and "seed" not in line
             and not line.startswith("|---")] == ["| backprop", "| forward-only-2"]
+    assert [line.split(" | ")[:2] for line in against.splitlines() if line.startswith("| forward")] == \
+        [["| forward-only-2", "1"]] * 3  # the final accuracies, then at equal bytes and at equal server FLOPs
     runs = tmp_path / "runs" / "iid"
     config = json.loads((runs / "forward-only-2" / "seed-0" / "config.json").read_text())
     assert (config["prompt_updates"], config["directions"], config["prompt_tokens"]) == ("forward-only", 2, 50)
@@ -175,6 +178,36 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
     # backprop is recipe.sh's default-prompts-50 row (the same options): its runs are made once, there
     assert (runs / "backprop").is_symlink()
     assert (tmp_path / "recipe" / "default-iid" / "default-prompts-50" / "seed-0" / "summary.json").is_file()
+
+
+def test_the_equal_cost_table_pairs_seeds_and_reads_each_run_within_the_smaller_total(tmp_path):
+    """benchmarks/equal_cost_table.py on made-up runs: seeds both rows finished, costs' ratios, and each run read
+    after its last round within the smaller total that was not read through a stale tail."""
+    def runs(row: str, rounds_by_seed: dict[int, list[tuple[float, float, float, bool]]]) -> None:
+        for seed, rounds in rounds_by_seed.items():  # each round: accuracy, MB, server GFLOP, stale tail
+            run = tmp_path / row / f"seed-{seed}"
+            run.mkdir(parents=True)
+            records = [{"round": n, "accuracy": acc, "bytes_up": mb * 1e6, "bytes_down": 0, "client_flops": 0,
+                        "server_flops": gflop * 1e9, "stale_tail": stale}
+                       for n, (acc, mb, gflop, stale) in enumerate(rounds, start=1)]
+            (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)))
+            (run / "summary.json").write_text(json.dumps({"final_accuracy": rounds[-1][0], "rounds": len(rounds)}))
+
+    runs("backprop", {0: [(0.90, 100, 10, False), (0.50, 50, 30, True), (0.95, 100, 10, False)],
+                      1: [(0.92, 100, 10, False), (0.40, 50, 30, True), (0.97, 100, 10, False)]})
+    runs("forward-only", {0: [(0.91, 100, 10, False), (0.60, 30, 90, True), (0.93, 100, 10, False)],
+                          1: [(0.93, 100, 10, False), (0.70, 30, 90, True), (0.95, 100, 10, False)],
+                          2: [(0.99, 100, 10, False)]})  # no backprop run of seed 2 to pair it with
+    done = run_python_benchmark("equal_cost_table.py", str(tmp_path / "backprop"), str(tmp_path / "forward-only"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    final, bytes_, flops = [line for line in done.stdout.splitlines() if line.startswith("| forward-only")]
+    assert final == "| forward-only | 2 | -2.0 ± 0.0 | 0.92 ± 0.00 | 2.20 ± 0.00 |"
+    # at forward-only's 230 MB, backprop's last round (250 MB) is out and its second is stale: its probe round
+    assert bytes_ == "| forward-only | 2 | 230 ± 0 | 0.940 ± 0.014 (3) | 0.910 ± 0.014 (1) | +3.0 ± 0.0 |"
+    # at backprop's 50 server GFLOP, forward-only's second round (100 in all) is out: its probe round
+    assert flops == "| forward-only | 2 | 50 ± 0 | 0.920 ± 0.014 (1) | 0.960 ± 0.014 (3) | -4.0 ± 0.0 |"
+    alone = run_python_benchmark("equal_cost_table.py", str(tmp_path / "forward-only"))
+    assert alone.returncode != 0 and "usage" in alone.stderr
 
 
 @pytest.mark.slow

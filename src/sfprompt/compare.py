@@ -159,15 +159,16 @@ def tabulate(name: str, out: Path, target: float | None) -> dict:
     rule = _stale_tail_rule(out) if any("stale_tail" not in record for record in history) else None
     row = {key: summary[key] for key in COLUMNS if key in summary} | {"method": name}
     row.update(bytes_to_target=None, client_flops_to_target=None, round_to_target=None)
-    sent = flops = 0
+    sent = flops = server_flops = 0
     row["history"] = []  # accuracy after each round against the cost spent until then
     for record in history:
         sent += record["bytes_up"] + record["bytes_down"]
         flops += record["client_flops"]
+        server_flops += record["server_flops"]
         if record["accuracy"] is None:  # a round not evaluated (--eval-every): its costs count towards the next
             continue
         row["history"].append({"round": record["round"], "accuracy": record["accuracy"], "bytes": sent,
-                               "client_flops": flops,
+                               "client_flops": flops, "server_flops": server_flops,
                                "stale_tail": record["stale_tail"] if rule is None else rule(record["round"])})
     reached = next((h for h in row["history"] if target is not None and h["accuracy"] >= target), None)
     if reached:
