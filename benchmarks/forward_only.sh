@@ -59,17 +59,11 @@ options() {
   esac || { echo "unknown row $1" >&2; exit 2; }
 }
 
+tune_options() { echo "--prompt-lr ${1#prompt-lr-}"; }  # a TUNE=1 variant: prompt-lr-RATE
 if [ -n "${TUNE:-}" ]; then
   TUNE_RATES=${TUNE_RATES:-0.0001 0.001 0.01}
-  for seed in ${TUNE_SEEDS:-0}; do
-    for rate in $TUNE_RATES; do
-      wait_for_lane "${JOBS:-1}"
-      # shellcheck disable=SC2046
-      run_once "$OUT/tune/prompt-lr-$rate/seed-$seed" "$OUT/tune/prompt-lr-$rate/seed-$seed.log" $(setting iid) \
-        $(options forward-only-4) --prompt-lr "$rate" --validation-samples 500 --no-progress --seed "$seed" "${size[@]}" &
-    done
-  done
-  wait_for_all
+  # shellcheck disable=SC2046
+  tune_grid "$OUT/tune" "$(printf 'prompt-lr-%s ' $TUNE_RATES)" tune_options $(setting iid) $(options forward-only-4)
   TUNE_DOC=${TUNE_DOC:-docs/benchmarks/forward-only-tuning.md}
   {
     command_header forward_only TUNE=1
@@ -79,8 +73,7 @@ if [ -n "${TUNE:-}" ]; then
     echo "last, the refit round, fits the tail to the prompts the forward-only rounds left. Backprop's reference on the"
     echo "same samples: TUNE=headline's refit-prompt-lr-0.01 row (recipe-tuning-headline.md)."
     echo
-    tune_rows=(); for run in "$OUT"/tune/prompt-lr-*; do [ -d "$run" ] && tune_rows+=("$run"); done
-    if [ ${#tune_rows[@]} -gt 0 ]; then python benchmarks/table.py "${tune_rows[@]}"; else echo "(no runs)"; fi
+    tables_of "$OUT"/tune/prompt-lr-*  # each rate that has run, here or before
   } > "$TUNE_DOC"
   cat "$TUNE_DOC"
   exit 0

@@ -94,9 +94,36 @@ grid_tables() {
   local setting row rows
   for setting in $SETTINGS; do
     echo; echo "### $setting"; echo
-    rows=(); for row in $ROWS; do if [ -d "$OUT/$setting/$row" ]; then rows+=("$OUT/$setting/$row"); fi; done
-    if [ ${#rows[@]} -gt 0 ]; then python benchmarks/table.py "${rows[@]}"; else echo "(no runs)"; fi
+    rows=(); for row in $ROWS; do rows+=("$OUT/$setting/$row"); done
+    tables_of "${rows[@]}"
   done
+}
+
+# tables_of DIR...: benchmarks/table.py's table of those DIRs (folders of seed-* runs) that exist, or "(no runs)".
+tables_of() {
+  local dir dirs=()
+  for dir in "$@"; do if [ -d "$dir" ]; then dirs+=("$dir"); fi; done
+  if [ ${#dirs[@]} -gt 0 ]; then python benchmarks/table.py "${dirs[@]}"; else echo "(no runs)"; fi
+}
+
+# tune_grid DIR VARIANTS OPTIONS [COMMON...]: a tuning grid: each variant of VARIANTS with each seed of TUNE_SEEDS
+# (default 0; every variant's first seed before any second), JOBS at a time, each run in DIR/VARIANT/seed-N with the
+# COMMON options, then those `OPTIONS VARIANT` prints, evaluated on 500 validation samples held out of the clients'
+# data (the test set unread), and the calling script's `size` appended; returns once all have finished. An unknown
+# variant (OPTIONS exits) stops the script before any run starts.
+tune_grid() {
+  local dir=$1 variants=$2 options=$3 seed variant
+  shift 3
+  for variant in $variants; do "$options" "$variant" > /dev/null; done
+  for seed in ${TUNE_SEEDS:-0}; do
+    for variant in $variants; do
+      wait_for_lane "${JOBS:-1}"
+      # shellcheck disable=SC2046
+      run_once "$dir/$variant/seed-$seed" "$dir/$variant/seed-$seed.log" "$@" $("$options" "$variant") \
+        --validation-samples 500 --no-progress --seed "$seed" "${size[@]}" &
+    done
+  done
+  wait_for_all
 }
 
 # grid_report NAME INTRO [VARIABLES]: once every run of the grid (SETTINGS x ROWS x SEEDS under OUT) has finished,

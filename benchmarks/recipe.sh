@@ -124,22 +124,13 @@ headline_options() {  # the options of one TUNE=headline variant, beside the pro
   esac
 }
 
+tune_options() { echo "--lr ${1#lr-} --prompt-lr ${1#lr-}"; }  # a TUNE=1 variant: lr-RATE, the tail's and the prompts'
 if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the prompts' rate and how many samples they see
   EVERY_VARIANT="prompt-lr-0.0003 prompt-lr-0.001 prompt-lr-0.003 prompt-lr-0.01 keep-1.0 keep-1.0-prompt-lr-0.001
     refit-prompt-lr-0.005 refit-prompt-lr-0.01 refit-prompt-lr-0.02 refit-prompt-lr-0.03 refit-prompt-lr-0.1
     refit-keep-1.0 refit-keep-1.0-prompt-lr-0.005"
   VARIANTS=${VARIANTS:-$EVERY_VARIANT}  # those to run; the report shows every variant that has run
-  for variant in $VARIANTS; do headline_options "$variant" > /dev/null; done
-  for seed in ${TUNE_SEEDS:-0}; do  # seed 0 first: every variant's one-seed figure before any second seed
-    for variant in $VARIANTS; do
-      wait_for_lane "${JOBS:-1}"
-      # shellcheck disable=SC2046
-      run_once "$OUT/tune-headline/$variant/seed-$seed" "$OUT/tune-headline/$variant/seed-$seed.log" --prompt-tokens 50 \
-        --probe-rounds 1 --lr "$WARM_LR" $(headline_options "$variant") --validation-samples 500 --no-progress \
-        --seed "$seed" "${size[@]}" &
-    done
-  done
-  wait_for_all
+  tune_grid "$OUT/tune-headline" "$VARIANTS" headline_options --prompt-tokens 50 --probe-rounds 1 --lr "$WARM_LR"
   TUNE_DOC=${TUNE_DOC:-docs/benchmarks/recipe-tuning-headline.md}
   {
     echo "$(command_header recipe TUNE=headline) The"
@@ -152,23 +143,17 @@ if [ "${TUNE:-}" = headline ]; then  # the headline setting (50 prompts): the pr
     echo "samples held out of the clients' data (the test set unread). The seeds column says which seeds a row's"
     echo "figures rest on (TUNE_SEEDS; seed 0 alone unless it says more)."
     echo
-    tune_rows=(); for variant in $EVERY_VARIANT; do  # each that has run, here or before
-      if [ -d "$OUT/tune-headline/$variant" ]; then tune_rows+=("$OUT/tune-headline/$variant"); fi; done
-    python benchmarks/table.py "${tune_rows[@]}"
+    tune_rows=(); for variant in $EVERY_VARIANT; do tune_rows+=("$OUT/tune-headline/$variant"); done
+    tables_of "${tune_rows[@]}"  # each variant that has run, here or before
   } > "$TUNE_DOC"
   cat "$TUNE_DOC"
   exit 0
 fi
 
 if [ -n "${TUNE:-}" ]; then
-  grid=(0.0001 0.0003 0.001 0.003 0.01)
-  for lr in "${grid[@]}"; do
-    wait_for_lane "${JOBS:-1}"
-    # shellcheck disable=SC2086
-    run_once "$OUT/tune/lr-$lr/seed-0" "$OUT/tune/lr-$lr/seed-0.log" --probe-rounds 1 $PROBE_5 --lr "$lr" --prompt-lr "$lr" $FLOAT32 \
-      --validation-samples 500 --no-progress "${size[@]}" &
-  done
-  wait_for_all
+  grid="lr-0.0001 lr-0.0003 lr-0.001 lr-0.003 lr-0.01"
+  # shellcheck disable=SC2086
+  tune_grid "$OUT/tune" "$grid" tune_options --probe-rounds 1 $PROBE_5 $FLOAT32
   TUNE_DOC=${TUNE_DOC:-docs/benchmarks/recipe-tuning.md}
   {
     echo "$(command_header recipe TUNE=1) The probe warm start"
@@ -177,8 +162,8 @@ if [ -n "${TUNE:-}" ]; then
     echo "the clients' data (the test set unread): the rows' \"final acc.\" is what chooses. Each row is one seed: read the"
     echo "differences against the validation set's resolution."
     echo
-    tune_rows=(); for lr in "${grid[@]}"; do tune_rows+=("$OUT/tune/lr-$lr"); done
-    python benchmarks/table.py "${tune_rows[@]}"
+    tune_rows=(); for lr in $grid; do tune_rows+=("$OUT/tune/$lr"); done
+    tables_of "${tune_rows[@]}"
   } > "$TUNE_DOC"
   cat "$TUNE_DOC"
   exit 0

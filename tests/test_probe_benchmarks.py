@@ -44,6 +44,27 @@ def test_the_recipe_benchmark_runs_each_row_and_writes_its_report(tmp_path):
             and not line.startswith("|---")] == ["| paper", "| default"]
 
 
+@pytest.mark.slow
+@needs_shared
+def test_the_recipe_tuning_grids_run_each_variant_on_validation_and_write_their_tables(tmp_path):
+    doc = tmp_path / "tuning.md"
+    unknown = run_benchmark("recipe.sh", tmp_path, TUNE="headline", VARIANTS="refit-nonsense", TUNE_DOC=str(doc))
+    assert unknown.returncode == 2 and "unknown variant refit-nonsense" in unknown.stderr and not doc.exists()
+    done = run_benchmark("recipe.sh", tmp_path, TUNE="headline", VARIANTS="refit-keep-1.0", TUNE_DOC=str(doc),
+                         SIZE=f"{TINY} --clients 2 --clients-per-round 2 --rounds 3 --validation-samples 10")
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = doc.read_text()
+    assert text.startswith("Command: `TUNE=headline bash benchmarks/recipe.sh`") and "| refit-keep-1.0 | 0 | 3 |" in text
+    config = json.loads((tmp_path / "runs" / "tune-headline" / "refit-keep-1.0" / "seed-0" / "config.json").read_text())
+    assert (config["prompt_tokens"], config["keep_ratio"], config["prompt_lr"], config["lr"], config["refit_rounds"],
+            config["validation_samples"]) == (50, 1.0, 0.01, 0.0003, 1, 10)
+    listed = run_benchmark("recipe.sh", tmp_path, TUNE="1", DEADLINE="1", TUNE_DOC=str(doc))  # starts none
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert [line.split("/tune/")[1] for line in listed.stdout.splitlines() if "not started" in line] == [
+        f"lr-{lr}/seed-0: not started (DEADLINE passed)" for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")]
+    assert doc.read_text().startswith("Command: `TUNE=1 bash") and "(no runs)" in doc.read_text()
+
+
 def test_the_recipe_benchmark_refuses_a_size_whose_clients_per_round_would_override_linear_probe_all(tmp_path):
     done = run_benchmark("recipe.sh", tmp_path, SEEDS="0", SETTINGS="default-iid", ROWS="paper linear-probe-all")
     assert done.returncode == 2 and "override linear-probe-all" in done.stderr  # conftest's SIZE asks 2 a round
