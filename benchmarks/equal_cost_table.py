@@ -1,23 +1,21 @@
 """Each configuration against a reference one, seed by seed, at equal cost: Markdown tables of the per-seed
-difference in final accuracy, and in accuracy at equal bytes (up and down) and at equal server FLOPs. Each
-configuration is a folder of `seed-*` runs; a seed counts where both it and the reference finished (the same seed:
-the same data and partition). At equal cost, each run of the pair is read after its last round within the smaller
-of the two runs' totals, so the run that spent more is read before its end; a round read through a stale tail (one
-its refit round then replaces) does not count, as it is not a model the run could stop with: only the refit round
-would make those prompts usable.
+difference in final accuracy, and in accuracy at equal bytes (up and down) and at equal server FLOPs, where
+forward-only and backprop differ most. Each configuration is a folder of `seed-*` runs; a seed counts where both it
+and the reference finished (the same seed: the same data and partition).
+
+At equal cost each run of a pair is read after its last evaluated round within the smaller of the two runs' totals,
+so the dearer run is read before its end. Unlike `sfprompt compare`'s equal-cost tables (which read every method at
+SFPrompt's spend after set rounds, and count every round), a round read through a stale tail does not count here:
+it is not a model the run could stop with, as only its refit round makes those prompts usable.
 
     python benchmarks/equal_cost_table.py results/forward-only/iid/backprop results/forward-only/iid/forward-only-4
-
-`sfprompt compare` draws the same reading for methods of one comparison against SFPrompt's rounds (bytes and
-client FLOPs); this script pairs finished seed folders made by any benchmark, and adds the server's FLOPs, where
-forward-only and backprop differ most.
 """
 
-import statistics
 import sys
 from pathlib import Path
 
 from sfprompt.compare import tabulate
+from table import spread  # the script's folder is on sys.path
 
 COSTS = (("bytes", "MB", 1e6), ("server_flops", "server GFLOP", 1e9))
 
@@ -33,16 +31,9 @@ def spent(run: dict, cost: str) -> float:
 
 
 def at(run: dict, cost: str, budget: float) -> dict | None:
-    """The run's last evaluated round within `budget` of `cost`, read through a tail that was not stale (None: none
-    is)."""
+    """The run's last evaluated round within `budget` of `cost` not read through a stale tail (None: none is)."""
     within = [h for h in run["history"] if h[cost] <= budget and not h["stale_tail"]]
     return within[-1] if within else None
-
-
-def spread(values: list[float], digits: int, sign: str = "") -> str:
-    """mean ± sample standard deviation (the mean alone for one value)."""
-    mean = f"{statistics.fmean(values):{sign}.{digits}f}"
-    return mean if len(values) < 2 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
 
 
 def rounds(readings: list[dict]) -> str:
@@ -60,7 +51,7 @@ def equal_cost_row(name: str, pairs: list[tuple[dict, dict]], cost: str, scale: 
     budgets = [min(spent(run, cost), spent(ref, cost)) for run, ref in pairs]
     mine, theirs = ([at(pair[side], cost, b) for pair, b in zip(pairs, budgets)] for side in (0, 1))
 
-    def reading(readings: list[dict | None]) -> str:  # — where a seed has no round within its budget
+    def reading(readings: list[dict | None]) -> str:  # — where a seed has no round to read
         if None in readings:
             return "—"
         return f"{spread([h['accuracy'] for h in readings], 3)} ({rounds(readings)})"
@@ -76,24 +67,27 @@ def main() -> None:
         sys.exit("usage: equal_cost_table.py REFERENCE CONFIG... (folders of seed-*/ runs holding summary.json)")
     reference, *configs = map(Path, sys.argv[1:])
     ref = finished(reference)
-    paired = {config.name: [(run, ref[seed]) for seed, run in finished(config).items() if seed in ref]
-              for config in configs}
-    paired = {name: pairs for name, pairs in paired.items() if pairs}
+    paired = {config: [(run, ref[seed]) for seed, run in finished(config).items() if seed in ref] for config in configs}
+    alone = [config.name for config, pairs in paired.items() if not pairs]
+    paired = {config.name: pairs for config, pairs in paired.items() if pairs}
     if not paired:
         print(f"(no seed finished both in {reference.name} and in another row)")
         return
     print(f"Against {reference.name}, seed by seed (mean ± standard deviation over the seeds both finished): the "
-          "difference in points and each cost's ratio, over the whole run.")
+          "difference in points and each cost's ratio, over the whole run"
+          + (f"; no seed to pair in {', '.join(alone)}." if alone else "."))
     print()
-    print("| run | seeds | final acc. − reference's, points | MB / reference | server GFLOP / reference |")
-    print("|---|---|---|---|---|")
+    print("| run | seeds | final acc. − reference's, points | "
+          + " | ".join(f"{unit} / reference" for _, unit, _ in COSTS) + " |")
+    print("|---|---|---|" + "---|" * len(COSTS))
     print("\n".join(final_row(name, pairs) for name, pairs in paired.items()))
     for cost, unit, scale in COSTS:
         print()
-        print(f"At equal {unit}: each run of a pair read after its last round within the smaller of the two "
-              f"runs' {unit}, not through a stale tail (that round in brackets; —: none is).")
+        print(f"At equal {unit}{' (up and down)' if cost == 'bytes' else ''}: each run of a pair read after its last "
+              f"evaluated round within the smaller of the two runs' totals, not through a stale tail (that round in "
+              "brackets; —: a seed has none).")
         print()
-        print(f"| run | seeds | {unit} | run's accuracy | {reference.name}'s | difference, points |")
+        print(f"| run | seeds | smaller total, {unit} | run's accuracy | {reference.name}'s | difference, points |")
         print("|---|---|---|---|---|---|")
         print("\n".join(equal_cost_row(name, pairs, cost, scale) for name, pairs in paired.items()))
 

@@ -102,9 +102,8 @@ DOC=${DOC:-docs/benchmarks/forward-only.md}
   echo "(benchmarks/equal_cost_table.py)."
   grid_tables
   for setting in $SETTINGS; do
-    others=()
-    for row in $ROWS; do if [ "$row" != backprop ] && [ -d "$OUT/$setting/$row" ]; then others+=("$OUT/$setting/$row"); fi; done
-    if [ -d "$OUT/$setting/backprop" ] && [ ${#others[@]} -gt 0 ]; then
+    others=(); for row in $ROWS; do if [ "$row" != backprop ]; then others+=("$OUT/$setting/$row"); fi; done
+    if [ ${#others[@]} -gt 0 ]; then
       echo; echo "### $setting against backprop"; echo
       python benchmarks/equal_cost_table.py "$OUT/$setting/backprop" "${others[@]}"
     fi

@@ -99,10 +99,11 @@ grid_tables() {
   done
 }
 
-# tables_of DIR...: benchmarks/table.py's table of those DIRs (folders of seed-* runs) that exist, or "(no runs)".
+# tables_of DIR...: benchmarks/table.py's table of those DIRs (folders of seed-* runs) with a finished run, or
+# "(no runs)".
 tables_of() {
   local dir dirs=()
-  for dir in "$@"; do if [ -d "$dir" ]; then dirs+=("$dir"); fi; done
+  for dir in "$@"; do if compgen -G "$dir/seed-*/summary.json" > /dev/null; then dirs+=("$dir"); fi; done
   if [ ${#dirs[@]} -gt 0 ]; then python benchmarks/table.py "${dirs[@]}"; else echo "(no runs)"; fi
 }
 
@@ -112,14 +113,14 @@ tables_of() {
 # data (the test set unread), and the calling script's `size` appended; returns once all have finished. An unknown
 # variant (OPTIONS exits) stops the script before any run starts.
 tune_grid() {
-  local dir=$1 variants=$2 options=$3 seed variant
+  local dir=$1 variants=$2 variant_options=$3 seed variant
   shift 3
-  for variant in $variants; do "$options" "$variant" > /dev/null; done
+  for variant in $variants; do "$variant_options" "$variant" > /dev/null; done
   for seed in ${TUNE_SEEDS:-0}; do
     for variant in $variants; do
       wait_for_lane "${JOBS:-1}"
       # shellcheck disable=SC2046
-      run_once "$dir/$variant/seed-$seed" "$dir/$variant/seed-$seed.log" "$@" $("$options" "$variant") \
+      run_once "$dir/$variant/seed-$seed" "$dir/$variant/seed-$seed.log" "$@" $("$variant_options" "$variant") \
         --validation-samples 500 --no-progress --seed "$seed" "${size[@]}" &
     done
   done

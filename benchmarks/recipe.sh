@@ -153,7 +153,7 @@ fi
 if [ -n "${TUNE:-}" ]; then
   grid="lr-0.0001 lr-0.0003 lr-0.001 lr-0.003 lr-0.01"
   # shellcheck disable=SC2086
-  tune_grid "$OUT/tune" "$grid" tune_options --probe-rounds 1 $PROBE_5 $FLOAT32
+  TUNE_SEEDS=0 tune_grid "$OUT/tune" "$grid" tune_options --probe-rounds 1 $PROBE_5 $FLOAT32
   TUNE_DOC=${TUNE_DOC:-docs/benchmarks/recipe-tuning.md}
   {
     echo "$(command_header recipe TUNE=1) The probe warm start"

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 
-def spread(values: list[float], digits: int) -> str:
-    """mean ± sample standard deviation (the mean alone for one seed)."""
-    mean = statistics.fmean(values)
-    return f"{mean:.{digits}f}" if len(values) < 2 else f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+def spread(values: list[float], digits: int, sign: str = "") -> str:
+    """mean ± sample standard deviation (the mean alone for one seed); sign "+" signs the mean (a difference)."""
+    mean = f"{statistics.fmean(values):{sign}.{digits}f}"
+    return mean if len(values) < 2 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
 
 
 def mean_of(accuracies, digits: int) -> str:

@@ -182,8 +182,8 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
 
 def test_the_equal_cost_table_pairs_seeds_and_reads_each_run_within_the_smaller_total(tmp_path):
     """benchmarks/equal_cost_table.py on made-up runs: seeds both rows finished, costs' ratios, and each run read
-    after its last round within the smaller total that was not read through a stale tail."""
-    def runs(row: str, rounds_by_seed: dict[int, list[tuple[float, float, float, bool]]]) -> None:
+    after its last evaluated round within the smaller total that was not read through a stale tail."""
+    def runs(row: str, rounds_by_seed: dict[int, list[tuple[float | None, float, float, bool]]]) -> None:
         for seed, rounds in rounds_by_seed.items():  # each round: accuracy, MB, server GFLOP, stale tail
             run = tmp_path / row / f"seed-{seed}"
             run.mkdir(parents=True)
@@ -193,19 +193,31 @@ def test_the_equal_cost_table_pairs_seeds_and_reads_each_run_within_the_smaller_
             (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)))
             (run / "summary.json").write_text(json.dumps({"final_accuracy": rounds[-1][0], "rounds": len(rounds)}))
 
-    runs("backprop", {0: [(0.90, 100, 10, False), (0.50, 50, 30, True), (0.95, 100, 10, False)],
-                      1: [(0.92, 100, 10, False), (0.40, 50, 30, True), (0.97, 100, 10, False)]})
-    runs("forward-only", {0: [(0.91, 100, 10, False), (0.60, 30, 90, True), (0.93, 100, 10, False)],
-                          1: [(0.93, 100, 10, False), (0.70, 30, 90, True), (0.95, 100, 10, False)],
-                          2: [(0.99, 100, 10, False)]})  # no backprop run of seed 2 to pair it with
-    done = run_python_benchmark("equal_cost_table.py", str(tmp_path / "backprop"), str(tmp_path / "forward-only"))
+    runs("backprop", {1: [(0.90, 100, 10, False), (0.50, 50, 30, True), (0.95, 100, 10, False)],
+                      2: [(0.92, 100, 10, False), (0.40, 50, 30, True), (0.97, 100, 10, False)]})
+    runs("forward-only", {0: [(0.99, 100, 10, False)],  # no backprop run of seed 0 to pair it with
+                          1: [(0.91, 100, 10, False), (0.60, 30, 90, True), (0.93, 100, 10, False)],
+                          2: [(0.93, 100, 10, False), (0.70, 30, 90, True), (0.95, 100, 10, False)]})
+    runs("skipping", {1: [(None, 60, 5, False), (0.80, 60, 5, False), (0.85, 60, 5, False)],  # --eval-every 2
+                      2: [(0.70, 60, 5, False), (0.30, 10, 5, True), (0.80, 10, 5, False), (0.88, 60, 5, False)]})
+    runs("dear", {1: [(0.90, 300, 5, False)], 2: [(0.90, 100, 5, False), (0.95, 200, 5, False)]})
+    runs("stale", {seed: [(0.90, 10, 10, False), (0.20, 10, 10, True), (0.95, 400, 10, False)] for seed in (1, 2)})
+    done = run_python_benchmark("equal_cost_table.py", *(str(tmp_path / row) for row in (
+        "backprop", "forward-only", "skipping", "dear", "stale", "none")))
     assert done.returncode == 0, done.stderr[-3000:]
-    final, bytes_, flops = [line for line in done.stdout.splitlines() if line.startswith("| forward-only")]
-    assert final == "| forward-only | 2 | -2.0 ± 0.0 | 0.92 ± 0.00 | 2.20 ± 0.00 |"
+    assert "; no seed to pair in none." in done.stdout
+    tables = [[line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+              for table in done.stdout.split("\n\n") if table.startswith("| run")]
+    final, at_bytes, at_flops = ({row.split(" | ")[0].removeprefix("| "): row for row in table} for table in tables)
+    assert final["forward-only"] == "| forward-only | 2 | -2.0 ± 0.0 | 0.92 ± 0.00 | 2.20 ± 0.00 |"
     # at forward-only's 230 MB, backprop's last round (250 MB) is out and its second is stale: its probe round
-    assert bytes_ == "| forward-only | 2 | 230 ± 0 | 0.940 ± 0.014 (3) | 0.910 ± 0.014 (1) | +3.0 ± 0.0 |"
+    assert at_bytes["forward-only"] == "| forward-only | 2 | 230 ± 0 | 0.940 ± 0.014 (3) | 0.910 ± 0.014 (1) | +3.0 ± 0.0 |"
     # at backprop's 50 server GFLOP, forward-only's second round (100 in all) is out: its probe round
-    assert flops == "| forward-only | 2 | 50 ± 0 | 0.920 ± 0.014 (1) | 0.960 ± 0.014 (3) | -4.0 ± 0.0 |"
+    assert at_flops["forward-only"] == "| forward-only | 2 | 50 ± 0 | 0.920 ± 0.014 (1) | 0.960 ± 0.014 (3) | -4.0 ± 0.0 |"
+    # each seed read at its own end (round 1 of seed 1 was not evaluated), backprop within that after its round 1
+    assert at_bytes["skipping"] == "| skipping | 2 | 160 ± 28 | 0.865 ± 0.021 (3/4) | 0.910 ± 0.014 (1) | -4.5 ± 0.7 |"
+    assert at_bytes["dear"] == "| dear | 2 | 250 ± 0 | — | 0.960 ± 0.014 (3) | — |"  # seed 1's one round is dearer
+    assert at_bytes["stale"] == "| stale | 2 | 250 ± 0 | 0.900 ± 0.000 (1) | 0.960 ± 0.014 (3) | -6.0 ± 1.4 |"
     alone = run_python_benchmark("equal_cost_table.py", str(tmp_path / "forward-only"))
     assert alone.returncode != 0 and "usage" in alone.stderr
 

@@ -145,8 +145,8 @@ def mean_row(rows: list[dict], target: float | None) -> dict:
     rounds = min(len(r["history"]) for r in rows)
     row["history"] = [{"round": rows[0]["history"][k]["round"],  # the evaluated rounds (--eval-every), as each seed's
                        "stale_tail": rows[0]["history"][k].get("stale_tail", False)}
-                      | {key: statistics.fmean(r["history"][k][key] for r in rows) for key in ("accuracy", "bytes",
-                                                                                             "client_flops")}
+                      | {key: statistics.fmean(r["history"][k][key] for r in rows)
+                         for key in ("accuracy", "bytes", "client_flops", "server_flops")}
                       for k in range(rounds)]
     return row
 
