@@ -61,6 +61,25 @@ def test_the_fit_recovers_the_bayes_classifier_of_shared_covariance_gaussians():
     assert (predictions == bayes).float().mean() > 0.995
 
 
+def test_the_fit_of_features_sharing_a_large_mean_predicts_in_float32_as_in_float64():
+    """The tail's features (a LayerNorm's output: each sample's features sum alike, a direction of no spread) share
+    a mean far larger than their spread. The textbook W = M S^-1 amplified it into weights so large that float32
+    logits cancelled (98.7 % of these predictions as float64 made them, 88.7 % at thrice the mean): the fit is
+    made about the features' mean, so a mean every sample shares changes neither its weights nor its predictions."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (4000,), generator=g)
+    features = (torch.randn(10, 128, generator=g) * 0.03)[labels] + 0.13 * torch.randn(4000, 128, generator=g)
+    features = features - features.mean(1, keepdim=True)
+    shared = torch.randn(128, generator=g)
+    shifted = features + 100 * shared / shared.norm()
+    weight, bias = fit_classifier(feature_statistics(shifted, labels, 10), 4000)
+    in_float32 = (shifted @ weight.T + bias).argmax(1)
+    in_float64 = (shifted.double() @ weight.double().T + bias.double()).argmax(1)
+    assert (in_float32 == in_float64).float().mean() >= 0.999
+    unshifted, _ = fit_classifier(feature_statistics(features, labels, 10), 4000)
+    assert torch.allclose(weight, unshifted, atol=1e-2) and weight.abs().max() < 10
+
+
 def test_oas_shrinks_a_singular_covariance_into_an_invertible_one_and_leaves_a_well_estimated_one():
     torch.manual_seed(0)
     few = torch.randn(5, 40, dtype=torch.float64)
