@@ -57,8 +57,8 @@ def test_compare_writes_table_and_plots_from_the_runs_own_numbers(imagefolder, t
 
 
 def history_row(method: str, costs: list[float], accuracies: list[float]) -> dict:
-    return {"method": method, "history": [{"round": k + 1, "accuracy": a, "bytes": c, "client_flops": c}
-                                          for k, (c, a) in enumerate(zip(costs, accuracies))]}
+    return {"method": method, "history": [{"round": k + 1, "accuracy": a, "bytes": c, "client_flops": c,
+                                           "server_flops": c} for k, (c, a) in enumerate(zip(costs, accuracies))]}
 
 
 def test_equal_cost_takes_each_methods_last_round_within_sfprompts_spend():
@@ -165,9 +165,11 @@ def test_equal_cost_and_means_follow_the_rounds_evaluated():
     10 and 20 by number, and a mean over seeds keeps the rounds' numbers."""
     from sfprompt.compare import at_equal_cost, mean_row
 
-    history = [{"round": r, "accuracy": r / 100, "bytes": 10 * r, "client_flops": r} for r in (5, 10, 15, 20)]
+    history = [{"round": r, "accuracy": r / 100, "bytes": 10 * r, "client_flops": r, "server_flops": r}
+               for r in (5, 10, 15, 20)]
     rows = [{"method": "sfprompt", "history": history}, {"method": "sfl", "history": [
-        {"round": r, "accuracy": r / 50, "bytes": 20 * r, "client_flops": r} for r in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)]}]
+        {"round": r, "accuracy": r / 50, "bytes": 20 * r, "client_flops": r, "server_flops": r}
+        for r in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)]}]
     tables = at_equal_cost(rows, "bytes")
     assert [(n, budget) for n, budget, _ in tables] == [(5, 50), (10, 100), (20, 200)]
     assert tables[0][2]["sfl"]["round"] == 2 and tables[2][2]["sfl"]["round"] == 10
