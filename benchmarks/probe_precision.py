@@ -35,7 +35,7 @@ from sfprompt.federation import prepare  # noqa: E402
 from sfprompt.probe import RunningStatistics, feature_statistics, fit_classifier  # noqa: E402
 
 
-BATCH = 64  # the features' batches (the 50-prompt fit moves with their last bits: keep it to re-run the figures)
+BATCH = 64  # the features' batches (the 50-prompt fit moved with their last bits before the fix: keep it)
 DRAWS, RELATIVE = 3, 1e-7  # the perturbed fits: how many, and the relative size of the features' perturbation
 
 

@@ -64,8 +64,8 @@ def test_the_fit_recovers_the_bayes_classifier_of_shared_covariance_gaussians():
 def test_the_fit_of_features_sharing_a_large_mean_predicts_in_float32_as_in_float64():
     """The tail's features (a LayerNorm's output: each sample's features sum alike, a direction of no spread) share
     a mean far larger than their spread. The textbook W = M S^-1 amplified it into weights so large that float32
-    logits cancelled (98.7 % of these predictions as float64 made them, 88.7 % at thrice the mean): the fit is
-    made about the features' mean, so a mean every sample shares changes neither its weights nor its predictions."""
+    logits cancelled (about 98 % of these predictions as float64 made them): the fit is made about the features'
+    mean, so a mean every sample shares changes neither its weights nor its predictions."""
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 10, (4000,), generator=g)
     features = (torch.randn(10, 128, generator=g) * 0.03)[labels] + 0.13 * torch.randn(4000, 128, generator=g)

@@ -7,8 +7,8 @@ averages over its samples: how often each class occurs, the per-class feature su
 second moment. Averaged over clients weighted by their sample counts (FedAvg), these are exactly the
 averages over all their samples, so the server's classifier is the one a central fit on the same
 samples would give, whatever the label skew: a shared-covariance Gaussian classifier (linear
-discriminant analysis), W = M S^-1 with M the class means and S the pooled within-class covariance,
-shrunk towards a multiple of the identity by the Oracle Approximating Shrinkage rule (Chen et al., 2010),
+discriminant analysis), W = (M - mu) S^-1 with M the class means, mu their mean and S the pooled within-class
+covariance, shrunk towards a multiple of the identity by the Oracle Approximating Shrinkage rule (Chen et al., 2010),
 which needs nothing but S and the sample count: a few hundred samples of 384 features leave S singular,
 and no fixed shrinkage suits both them and thousands (measured in the same benchmark).
 
@@ -76,16 +76,15 @@ def feature_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes
 
 
 def fit_classifier(statistics: dict[str, torch.Tensor], samples: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The linear discriminant (weight (C, D), bias (C,)) of statistics averaged over `samples` samples: the
-    class means M about their overall mean mu (D = M - mu), the pooled within-class covariance S shrunk by OAS,
-    W = D S^-1 and b = -W (mu + D / 2) + log(class frequency). Computed in float64, returned in float32.
+    """The linear discriminant (weight (C, D), bias (C,)) of statistics averaged over `samples` samples: with the
+    class means M, their frequency-weighted mean mu, the offsets A = M - mu and the pooled within-class covariance S
+    shrunk by OAS, W = A S^-1 and b = -W (mu + A / 2) + log(class frequency). Computed in float64, returned in
+    float32.
 
-    It is the textbook W = M S^-1, b = -1/2 diag(M S^-1 M^T) + log(class frequency) less a term every class
-    shares, which changes no prediction but sets the scale: the tail's features (a LayerNorm's output) share a
-    large mean (norm 36 against a spread of 0.13 a feature on the headline setting), which S^-1 amplifies along
-    its smallest directions into weights of 4e5 and biases of 1e7, and float32 logits of that size cancel to a few
-    units. The headline setting's seed-0 probe then read 0.863 (0.896 through the float32 statistics; 0.941 on
-    another machine's rounding) where the same classifier reads 0.939 in float64; about its mean, in float32 too."""
+    That is the textbook W = M S^-1, b = -1/2 diag(M S^-1 M^T) + log(class frequency) less a term every class
+    shares. The dropped term is the tail's features' large shared mean (a LayerNorm's output), which S^-1 amplified
+    into weights of up to 4e5, whose float32 logits cancelled to a few units (docs/results.md: up to 4.5 points of
+    accuracy, depending on the machine's rounding)."""
     frequency = statistics["class_frequency"].double()
     sums, second = statistics["class_sums"].double(), statistics["second_moment"].double()
     present = frequency > 0
@@ -94,7 +93,7 @@ def fit_classifier(statistics: dict[str, torch.Tensor], samples: float) -> tuple
     within = second - (frequency[:, None, None] * means[:, :, None] * means[:, None, :]).sum(0)
     within = (within + within.T) / 2
     mean = (frequency[:, None] * means).sum(0) / frequency.sum()
-    offsets = means - mean
+    offsets = means - mean  # A
     weight = torch.linalg.solve(oas_shrunk(within, samples), offsets.T).T  # (C, D)
     bias = -(weight * (mean + offsets / 2)).sum(1) + torch.log(frequency.clamp_min(1e-300))
     weight[~present] = 0
