@@ -2,8 +2,8 @@
 Each conclusion compares two rows; at 56 px they are the runs the docs cite (core.sh's ablations, recipe.sh's
 Fashion-MNIST rows, compare.sh's methods), at 112 px scale112.sh's (its grid and its ABLATIONS=1 rows). A row's
 difference is the mean over the seeds both rows ran of the per-seed difference (the same seed: the same data and
-partition), with its standard deviation. Which rows change more than the image size (the rounds, the data), the
-page's first paragraph says (`main`).
+partition), with its standard deviation. Each cell names the rounds, clients and images its runs ran, read from their
+configs, so a row that changes more than the image size (the rounds, the data) shows it.
 
 A conclusion of the kind "above" (the docs keep A as the default, or choose it, because it ends above B) holds
 where the mean difference is positive, beyond the seeds' spread or within it (said so; with one seed there is no
@@ -90,10 +90,21 @@ class Measured:
     spread: float
     seeds: int
     bytes_ratio: float  # B's bytes (up and down) over A's
+    size: str  # the rounds, clients and images both rows' runs ran, read from their configs
 
     def cell(self) -> str:
         pm = f" ± {self.spread:.1f}" if self.seeds > 1 else ""
-        return f"{self.a:.3f} vs {self.b:.3f}: {self.difference:+.1f}{pm} ({self.seeds} seed{'s' * (self.seeds > 1)})"
+        return (f"{self.a:.3f} vs {self.b:.3f}: {self.difference:+.1f}{pm} "
+                f"({self.seeds} seed{'s' * (self.seeds > 1)}; {self.size})")
+
+
+def size_of(summaries: list[dict]) -> str:
+    """The rounds, clients and training / test images the runs ran, each size their configs hold (several, if they
+    differ)."""
+    keys = ("rounds", "clients_per_round", "clients", "train_samples", "test_samples")
+    sizes = sorted({tuple(s["config"][key] for key in keys) for s in summaries})
+    return " or ".join(f"{rounds} rounds of {chosen} of {clients} clients, {train:,} / {test:,} images"
+                       for rounds, chosen, clients, train, test in sizes)
 
 
 def measure(results: Path, patterns: tuple[str, str]) -> Measured | None:
@@ -106,7 +117,8 @@ def measure(results: Path, patterns: tuple[str, str]) -> Measured | None:
             for name, runs in (("a", a), ("b", b))}
     return Measured(statistics.fmean(a[s]["final_accuracy"] for s in seeds),
                     statistics.fmean(b[s]["final_accuracy"] for s in seeds), statistics.fmean(differences),
-                    statistics.stdev(differences) if len(seeds) > 1 else 0.0, len(seeds), sent["b"] / sent["a"])
+                    statistics.stdev(differences) if len(seeds) > 1 else 0.0, len(seeds), sent["b"] / sent["a"],
+                    size_of([runs[s] for runs in (a, b) for s in seeds]))
 
 
 def verdict(conclusion: Conclusion, measured: Measured | None) -> str:
@@ -133,10 +145,9 @@ def main() -> None:
     print("Command: `python benchmarks/scale_conclusions.py`, from the runs under results/ (at 112 px "
           "`bash benchmarks/scale112.sh` and `ABLATIONS=1 bash benchmarks/scale112.sh`). Each cell: A's and B's mean "
           "final accuracy, then A - B in points, the mean of the per-seed differences ± their standard deviation; "
-          "bytes: B's over A's (up and down, at 112 px). Every row runs 10 clients, 5 a round; the ablations (the first "
-          "six) change only the size: 5 rounds on 5,000 training and 2,000 test images at both. The last three also "
-          "change the rounds (5 at 56 px, 10 at 112 px), and the last two the data too (compare.sh at 56 px: 2,500 "
-          "and 1,000 images).\n")
+          "bytes: B's over A's (up and down, at 112 px). After the seeds, the rounds, clients and training / test "
+          "images the runs ran, from their configs: a row whose two sizes differ in more than the image changes more "
+          "than the image.\n")
     print("| the docs' conclusion at 56 px (A against B) | 56 px | holds there | 112 px | holds there | bytes B / A |")
     print("|---|---|---|---|---|---|")
     for conclusion in CONCLUSIONS:

@@ -258,11 +258,13 @@ def test_the_scale_conclusions_mark_each_56_px_conclusion_at_112_px(tmp_path):
     """benchmarks/scale_conclusions.py on made-up runs: per-seed differences over the seeds both rows ran, and each
     verdict (beyond the spread, within it, reversed, level within its tolerance but for fewer bytes saved than the
     conclusion names, not measured)."""
-    def runs(pattern: str, accuracies: list[float], sent: float = 100.0) -> None:
+    def runs(pattern: str, accuracies: list[float], sent: float = 100.0, rounds: int = 5, train: int = 5000) -> None:
         for seed, accuracy in enumerate(accuracies):
             run = tmp_path / pattern.format(seed=seed)
             run.mkdir(parents=True)
-            summary = {"final_accuracy": accuracy, "bytes_up": sent, "bytes_down": 0.0}
+            config = {"rounds": rounds, "clients_per_round": 5, "clients": 10, "train_samples": train,
+                      "test_samples": 2000}
+            summary = {"final_accuracy": accuracy, "bytes_up": sent, "bytes_down": 0.0, "config": config}
             (run / "summary.json").write_text(json.dumps(summary))
 
     runs("core/iid/seed-{seed}", [0.80, 0.82, 0.81])
@@ -274,23 +276,25 @@ def test_the_scale_conclusions_mark_each_56_px_conclusion_at_112_px(tmp_path):
     runs("scale-112/iid/paper-shared-local-classifier/seed-{seed}", [0.87, 0.88])  # -2.0 ± 0.0: reversed
     runs("scale-112/iid/paper-shared-once/seed-{seed}", [0.854, 0.858], sent=300.0)  # level, not half the bytes
     runs("scale-112/iid/paper-wire-int8/seed-{seed}", [0.83, 0.84], sent=50.0)  # -2.1: beyond int8's 1 point
-    runs("compare/iid/seed-{seed}/linear-probe", [0.80])  # compare.sh's layout: seed-N/METHOD
-    runs("compare/iid/seed-{seed}/sfl", [0.75])
+    runs("compare/iid/seed-{seed}/linear-probe", [0.80], train=2500)  # compare.sh's layout: seed-N/METHOD
+    runs("compare/iid/seed-{seed}/sfl", [0.75], rounds=10, train=2500)  # (a size A's run does not share: both shown)
     done = run_python_benchmark("scale_conclusions.py", "--results", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:] for line in done.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| the docs")}
     classifier, pruning, epochs, sgd, once, int8, _, probe_sfl, _ = rows.values()
-    assert classifier == ["0.810 vs 0.797: +1.3 ± 0.6 (3 seeds)", "holds", "0.855 vs 0.875: -2.0 ± 0.0 (2 seeds)",
-                          "does not hold", "0.25 |"]
-    assert pruning[:2] == ["0.810 vs 0.805: +0.5 ± 2.1 (2 seeds)", "holds, within the seeds' spread"]
-    assert epochs[:2] == ["0.810 vs 0.813: -0.3 ± 1.2 (3 seeds)", "does not hold, within the seeds' spread"]
+    size = "5 rounds of 5 of 10 clients, 5,000 / 2,000 images"
+    assert classifier == [f"0.810 vs 0.797: +1.3 ± 0.6 (3 seeds; {size})", "holds",
+                          f"0.855 vs 0.875: -2.0 ± 0.0 (2 seeds; {size})", "does not hold", "0.25 |"]
+    assert pruning[:2] == [f"0.810 vs 0.805: +0.5 ± 2.1 (2 seeds; {size})", "holds, within the seeds' spread"]
+    assert epochs[:2] == [f"0.810 vs 0.813: -0.3 ± 1.2 (3 seeds; {size})", "does not hold, within the seeds' spread"]
     assert sgd == ["—", "not measured", "—", "not measured", "— |"]
-    assert once[:2] == ["0.810 vs 0.810: +0.0 ± 0.0 (3 seeds)", "holds"]
-    assert once[2:] == ["0.856 vs 0.855: +0.1 ± 0.4 (2 seeds)",
+    assert once[:2] == [f"0.810 vs 0.810: +0.0 ± 0.0 (3 seeds; {size})", "holds"]
+    assert once[2:] == [f"0.856 vs 0.855: +0.1 ± 0.4 (2 seeds; {size})",
                         "holds for the accuracy, not the bytes: 1.33 times fewer, not 2", "1.33 |"]
-    assert int8[2:] == ["0.835 vs 0.856: -2.1 ± 0.4 (2 seeds)", "does not hold", "6.00 |"]
-    assert probe_sfl[:2] == ["0.800 vs 0.750: +5.0 (1 seed)", "holds (one seed: no spread)"]
+    assert int8[2:] == [f"0.835 vs 0.856: -2.1 ± 0.4 (2 seeds; {size})", "does not hold", "6.00 |"]
+    assert probe_sfl[:2] == ["0.800 vs 0.750: +5.0 (1 seed; 5 rounds of 5 of 10 clients, 2,500 / 2,000 images or "
+                             "10 rounds of 5 of 10 clients, 2,500 / 2,000 images)", "holds (one seed: no spread)"]
 
 
 @pytest.mark.slow
