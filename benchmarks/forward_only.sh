@@ -93,6 +93,18 @@ for setting in $SETTINGS; do
   done
 done
 run_grid
+
+# What one client's round costs at each number of directions K (`sfprompt cost`, on fake tensors: seconds each): the
+# headline setting's 4,000 training digits over 10 clients are COST_SAMPLES=400 a client.
+COST_DIRECTIONS=${COST_DIRECTIONS:-1 2 4 8 16 32}
+mkdir -p "$OUT/cost"
+for k in $COST_DIRECTIONS; do
+  cost="$OUT/cost/directions-$k.json"
+  # shellcheck disable=SC2046
+  [ -f "$cost" ] || sfprompt cost $(setting iid) $(options backprop) "${size[@]}" --no-progress --directions "$k" \
+    --methods sfprompt,sfprompt-forward-only --samples-per-client "${COST_SAMPLES:-400}" --out "$cost" > /dev/null
+done
+
 DOC=${DOC:-docs/benchmarks/forward-only.md}
 {
   echo "$(command_header forward_only) Test accuracy, mean ± standard deviation over the seeds; bytes and FLOPs"
@@ -108,5 +120,26 @@ DOC=${DOC:-docs/benchmarks/forward-only.md}
       python benchmarks/equal_cost_table.py "$OUT/$setting/backprop" "${others[@]}"
     fi
   done
+  echo; echo "### One client's round at each K"; echo
+  echo "\`sfprompt cost --prompt-tokens 50 --methods sfprompt,sfprompt-forward-only --directions K"
+  echo "--samples-per-client ${COST_SAMPLES:-400}\`: a split round of one client (a probe round costs both the same),"
+  echo "antithetic (2K + 1 prompt sets a batch), against backprop's."
+  echo
+  # shellcheck disable=SC2046
+  python - $(printf "$OUT/cost/directions-%s.json " $COST_DIRECTIONS) <<'PY'
+import json, sys
+costs = [json.load(open(path)) for path in sys.argv[1:]]
+backprop = costs[0]["per_client_per_round"]["sfprompt"]
+print("| prompt updates | MB up | MB down | bytes / backprop's | server GFLOP | / backprop's | client GFLOP | client peak MiB |")
+print("|---|---|---|---|---|---|---|---|")
+def row(name, cost):
+    sent = (cost["bytes_up"] + cost["bytes_down"]) / (backprop["bytes_up"] + backprop["bytes_down"])
+    print(f"| {name} | {cost['bytes_up'] / 1e6:.1f} | {cost['bytes_down'] / 1e6:.1f} | {sent:.2f} | "
+          f"{cost['server_flops'] / 1e9:,.0f} | {cost['server_flops'] / backprop['server_flops']:.1f} | "
+          f"{cost['client_flops'] / 1e9:.1f} | {cost['client_peak_memory_bytes'] / 2**20:.1f} |")
+row("backprop", backprop)
+for cost in costs:
+    row(f"forward-only, K = {cost['inputs']['config']['directions']}", cost["per_client_per_round"]["sfprompt-forward-only"])
+PY
 } > "$DOC"
 cat "$DOC"

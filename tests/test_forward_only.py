@@ -160,10 +160,22 @@ def test_the_servers_sample_limit_counts_an_evaluates_images():
 
 def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path):
     doc = tmp_path / "forward-only.md"
-    done = run_benchmark("forward_only.sh", tmp_path, SEEDS="0", SETTINGS="iid", ROWS="backprop forward-only-2", DOC=str(doc))
+    done = run_benchmark("forward_only.sh", tmp_path, SEEDS="0", SETTINGS="iid", ROWS="backprop forward-only-2", DOC=str(doc),
+                         COST_DIRECTIONS="1 2", COST_SAMPLES="200")
     assert done.returncode == 0, done.stderr[-3000:]
     text = doc.read_text()
     assert text.startswith("Command: `bash benchmarks/forward_only.sh`") and "### iid" in text
+    text, per_k = text.split("### One client's round at each K")
+    costs = {}
+    for line in per_k.splitlines():
+        if line.startswith(("| backprop", "| forward")):
+            name, *cells = line.strip("| ").split(" | ")
+            costs[name] = [float(cell.replace(",", "")) for cell in cells]
+    assert list(costs) == ["backprop", "forward-only, K = 1", "forward-only, K = 2"]
+    # each direction adds two sets of rows down and two forwards on the server; the forward up is the same
+    assert costs["backprop"][3] < costs["forward-only, K = 1"][3] < costs["forward-only, K = 2"][3]
+    assert costs["forward-only, K = 1"][2] < costs["forward-only, K = 2"][2]  # bytes over backprop's
+    assert costs["forward-only, K = 1"][0] == costs["forward-only, K = 2"][0]
     grid, against = text.split("### iid against backprop")
     assert [line.split(" | ")[0] for line in grid.splitlines() if line.startswith("| ") and "seed" not in line
             and not line.startswith("|---")] == ["| backprop", "| forward-only-2"]
