@@ -27,7 +27,7 @@
 # OUT/SETTING/ROW links to RECIPE_OUT/default-SETTING/ROW's (RECIPE_OUT defaults to recipe beside OUT), so a run
 # either script made is not made again. A finished run is not redone and an interrupted one continues after its
 # last complete round. SIZE appends options to every run and DOC names the document written (a test runs it at a
-# tiny size).
+# tiny size); TABLE_ONLY=1 makes no run and writes the document from the runs there are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/lib.sh
@@ -92,7 +92,7 @@ for setting in $SETTINGS; do
     fi
   done
 done
-run_grid
+[ -n "${TABLE_ONLY:-}" ] || run_grid
 
 # What one client's round costs at each number of directions K (`sfprompt cost`, on fake tensors: seconds each): the
 # headline setting's 4,000 training digits over 10 clients are COST_SAMPLES=400 a client.

@@ -190,6 +190,11 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
     # backprop is recipe.sh's default-prompts-50 row (the same options): its runs are made once, there
     assert (runs / "backprop").is_symlink()
     assert (tmp_path / "recipe" / "default-iid" / "default-prompts-50" / "seed-0" / "summary.json").is_file()
+    table_only = run_benchmark("forward_only.sh", tmp_path, SEEDS="0", SETTINGS="iid", DOC=str(doc), TABLE_ONLY="1",
+                               ROWS="backprop forward-only-2 forward-only-1", COST_DIRECTIONS="1 2", COST_SAMPLES="200")
+    assert table_only.returncode == 0, table_only.stderr[-3000:]
+    assert not (runs / "forward-only-1").exists()  # no run made: the table of those there are
+    assert "| forward-only-2 | 0 |" in doc.read_text() and "no seed to pair in forward-only-1" in doc.read_text()
 
 
 def test_the_equal_cost_table_pairs_seeds_and_reads_each_run_within_the_smaller_total(tmp_path):
