@@ -27,7 +27,7 @@
 # OUT/SETTING/ROW links to RECIPE_OUT/default-SETTING/ROW's (RECIPE_OUT defaults to recipe beside OUT), so a run
 # either script made is not made again. A finished run is not redone and an interrupted one continues after its
 # last complete round. SIZE appends options to every run and DOC names the document written (a test runs it at a
-# tiny size); TABLE_ONLY=1 makes no run and writes the document from the runs there are.
+# tiny size); TABLE_ONLY=1 makes no training run and writes the document from the runs there are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/lib.sh
@@ -82,6 +82,7 @@ fi
 recipe_row() {  # ROW: recipe.sh's row of the same options, if it has one
   case "$1" in linear-probe) echo linear-probe ;; backprop) echo default-prompts-50 ;; esac
 }
+for row in $ROWS; do options "$row" > /dev/null; done  # an unknown row stops it, TABLE_ONLY too
 for setting in $SETTINGS; do
   setting "$setting" > /dev/null
   for row in $ROWS; do
@@ -94,15 +95,18 @@ for setting in $SETTINGS; do
 done
 [ -n "${TABLE_ONLY:-}" ] || run_grid
 
-# What one client's round costs at each number of directions K (`sfprompt cost`, on fake tensors: seconds each): the
-# headline setting's 4,000 training digits over 10 clients are COST_SAMPLES=400 a client.
-COST_DIRECTIONS=${COST_DIRECTIONS:-1 2 4 8 16 32}
+# What one client's round costs at each number of directions K (`sfprompt cost`, on fake tensors: seconds each, made
+# once and kept, TABLE_ONLY too): the headline setting's 4,000 training digits over 10 clients are COST_SAMPLES=400 a
+# client.
+COST_DIRECTIONS=${COST_DIRECTIONS:-1 2 4 8 16 32} COST_SAMPLES=${COST_SAMPLES:-400}
 mkdir -p "$OUT/cost"
+costs=()
 for k in $COST_DIRECTIONS; do
-  cost="$OUT/cost/directions-$k.json"
+  cost="$OUT/cost/directions-$k-samples-$COST_SAMPLES.json"
+  costs+=("$cost")
   # shellcheck disable=SC2046
   [ -f "$cost" ] || sfprompt cost $(setting iid) $(options backprop) "${size[@]}" --no-progress --directions "$k" \
-    --methods sfprompt,sfprompt-forward-only --samples-per-client "${COST_SAMPLES:-400}" --out "$cost" > /dev/null
+    --methods sfprompt,sfprompt-forward-only --samples-per-client "$COST_SAMPLES" --out "$cost" > /dev/null
 done
 
 DOC=${DOC:-docs/benchmarks/forward-only.md}
@@ -122,14 +126,15 @@ DOC=${DOC:-docs/benchmarks/forward-only.md}
   done
   echo; echo "### One client's round at each K"; echo
   echo "\`sfprompt cost --prompt-tokens 50 --methods sfprompt,sfprompt-forward-only --directions K"
-  echo "--samples-per-client ${COST_SAMPLES:-400}\`: a split round of one client (a probe round costs both the same),"
+  echo "--samples-per-client $COST_SAMPLES\`: a split round of one client (a probe round costs both the same),"
   echo "antithetic (2K + 1 prompt sets a batch), against backprop's."
   echo
-  # shellcheck disable=SC2046
-  python - $(printf "$OUT/cost/directions-%s.json " $COST_DIRECTIONS) <<'PY'
+  python - "${costs[@]}" <<'PY'
 import json, sys
 costs = [json.load(open(path)) for path in sys.argv[1:]]
 backprop = costs[0]["per_client_per_round"]["sfprompt"]
+if any(cost["per_client_per_round"]["sfprompt"] != backprop for cost in costs):
+    sys.exit(f"backprop's round differs between {', '.join(sys.argv[1:])}: made with other options? remove them")
 print("| prompt updates | MB up | MB down | bytes / backprop's | server GFLOP | / backprop's | client GFLOP | client peak MiB |")
 print("|---|---|---|---|---|---|---|---|")
 def row(name, cost):

@@ -90,7 +90,7 @@ class Measured:
     spread: float
     seeds: int
     bytes_ratio: float  # B's bytes (up and down) over A's
-    size: str  # the rounds, clients and images both rows' runs ran, read from their configs
+    size: str  # the rounds, clients and images A's and B's runs ran, read from their configs
 
     def cell(self) -> str:
         pm = f" ± {self.spread:.1f}" if self.seeds > 1 else ""
@@ -99,12 +99,20 @@ class Measured:
 
 
 def size_of(summaries: list[dict]) -> str:
-    """The rounds, clients and training / test images the runs ran, each size their configs hold (several, if they
-    differ)."""
-    keys = ("rounds", "clients_per_round", "clients", "train_samples", "test_samples")
-    sizes = sorted({tuple(s["config"][key] for key in keys) for s in summaries})
-    return " or ".join(f"{rounds} rounds of {chosen} of {clients} clients, {train:,} / {test:,} images"
-                       for rounds, chosen, clients, train, test in sizes)
+    """The rounds, clients and training / test images the runs ran, each size their configs hold, in order ("or"
+    between several; a sample count left to the dataset's default reads "all")."""
+    def size(config: dict) -> str:
+        images = " / ".join("all" if config[key] is None else f"{config[key]:,}"
+                            for key in ("train_samples", "test_samples"))
+        clients = f"{config['clients_per_round']} of {config['clients']} clients"
+        return f"{config['rounds']} rounds of {clients}, {images} images"
+    return " or ".join(dict.fromkeys(size(s["config"]) for s in summaries))
+
+
+def sizes_of(a: list[dict], b: list[dict]) -> str:
+    """What A's and B's runs ran: once where they ran alike, else each named."""
+    size_a, size_b = size_of(a), size_of(b)
+    return size_a if size_a == size_b else f"A: {size_a}; B: {size_b}"
 
 
 def measure(results: Path, patterns: tuple[str, str]) -> Measured | None:
@@ -118,7 +126,7 @@ def measure(results: Path, patterns: tuple[str, str]) -> Measured | None:
     return Measured(statistics.fmean(a[s]["final_accuracy"] for s in seeds),
                     statistics.fmean(b[s]["final_accuracy"] for s in seeds), statistics.fmean(differences),
                     statistics.stdev(differences) if len(seeds) > 1 else 0.0, len(seeds), sent["b"] / sent["a"],
-                    size_of([runs[s] for runs in (a, b) for s in seeds]))
+                    sizes_of([a[s] for s in seeds], [b[s] for s in seeds]))
 
 
 def verdict(conclusion: Conclusion, measured: Measured | None) -> str:

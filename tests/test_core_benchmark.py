@@ -258,7 +258,8 @@ def test_the_scale_conclusions_mark_each_56_px_conclusion_at_112_px(tmp_path):
     """benchmarks/scale_conclusions.py on made-up runs: per-seed differences over the seeds both rows ran, and each
     verdict (beyond the spread, within it, reversed, level within its tolerance but for fewer bytes saved than the
     conclusion names, not measured)."""
-    def runs(pattern: str, accuracies: list[float], sent: float = 100.0, rounds: int = 5, train: int = 5000) -> None:
+    def runs(pattern: str, accuracies: list[float], sent: float = 100.0, rounds: int = 5,
+             train: int | None = 5000) -> None:
         for seed, accuracy in enumerate(accuracies):
             run = tmp_path / pattern.format(seed=seed)
             run.mkdir(parents=True)
@@ -277,7 +278,7 @@ def test_the_scale_conclusions_mark_each_56_px_conclusion_at_112_px(tmp_path):
     runs("scale-112/iid/paper-shared-once/seed-{seed}", [0.854, 0.858], sent=300.0)  # level, not half the bytes
     runs("scale-112/iid/paper-wire-int8/seed-{seed}", [0.83, 0.84], sent=50.0)  # -2.1: beyond int8's 1 point
     runs("compare/iid/seed-{seed}/linear-probe", [0.80], train=2500)  # compare.sh's layout: seed-N/METHOD
-    runs("compare/iid/seed-{seed}/sfl", [0.75], rounds=10, train=2500)  # (a size A's run does not share: both shown)
+    runs("compare/iid/seed-{seed}/sfl", [0.75], rounds=10, train=None)  # a size A's run does not share: both named
     done = run_python_benchmark("scale_conclusions.py", "--results", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:] for line in done.stdout.splitlines()
@@ -293,8 +294,8 @@ def test_the_scale_conclusions_mark_each_56_px_conclusion_at_112_px(tmp_path):
     assert once[2:] == [f"0.856 vs 0.855: +0.1 ± 0.4 (2 seeds; {size})",
                         "holds for the accuracy, not the bytes: 1.33 times fewer, not 2", "1.33 |"]
     assert int8[2:] == [f"0.835 vs 0.856: -2.1 ± 0.4 (2 seeds; {size})", "does not hold", "6.00 |"]
-    assert probe_sfl[:2] == ["0.800 vs 0.750: +5.0 (1 seed; 5 rounds of 5 of 10 clients, 2,500 / 2,000 images or "
-                             "10 rounds of 5 of 10 clients, 2,500 / 2,000 images)", "holds (one seed: no spread)"]
+    assert probe_sfl[:2] == ["0.800 vs 0.750: +5.0 (1 seed; A: 5 rounds of 5 of 10 clients, 2,500 / 2,000 images; "
+                             "B: 10 rounds of 5 of 10 clients, all / 2,000 images)", "holds (one seed: no spread)"]
 
 
 @pytest.mark.slow
