@@ -70,13 +70,15 @@ wait_for_all() {
 
 # run_grid: every row of ROWS in every setting of SETTINGS with every seed of SEEDS, JOBS at a time, each run in
 # OUT/SETTING/ROW/seed-N with the options the calling script's `setting SETTING` and `options ROW` print (and its
-# `size` array appended); returns once all have finished. An unknown setting or row stops it before that one runs.
+# `size` array appended); returns once all have finished. An unknown setting or row stops it before any run; with
+# TABLE_ONLY set it runs nothing after that check, for a script to report the runs there are.
 run_grid() {
   local setting row seed
+  for setting in $SETTINGS; do setting "$setting" > /dev/null; done
+  for row in $ROWS; do options "$row" > /dev/null; done
+  [ -z "${TABLE_ONLY:-}" ] || return 0
   for setting in $SETTINGS; do
-    setting "$setting" > /dev/null
     for row in $ROWS; do
-      options "$row" > /dev/null
       for seed in $SEEDS; do
         wait_for_lane "${JOBS:-1}"
         # shellcheck disable=SC2046

@@ -169,7 +169,6 @@ if [ -n "${TUNE:-}" ]; then
   exit 0
 fi
 
-for setting in $SETTINGS; do setting "$setting" > /dev/null; done  # an unknown setting stops it, TABLE_ONLY too
 if [ -z "${TABLE_ONLY:-}" ]; then
   for row in $ROWS; do  # SIZE's options come after a row's, so they would win
     [ "$row" = linear-probe-all ] || continue
@@ -179,8 +178,8 @@ if [ -z "${TABLE_ONLY:-}" ]; then
       fi
     done
   done
-  run_grid
 fi
+run_grid  # (under TABLE_ONLY it checks the settings and rows and runs none)
 DOC=${DOC:-docs/benchmarks/recipe.md}
 {
   echo "$(command_header recipe) Test accuracy; mean ± standard deviation over the seeds. Rows: linear-probe is"
