@@ -160,8 +160,8 @@ def test_the_servers_sample_limit_counts_an_evaluates_images():
 
 def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path):
     doc = tmp_path / "forward-only.md"
-    done = run_benchmark("forward_only.sh", tmp_path, SEEDS="0", SETTINGS="iid", ROWS="backprop forward-only-2", DOC=str(doc),
-                         COST_DIRECTIONS="1 2", COST_SAMPLES="200")
+    common = {"SEEDS": "0", "SETTINGS": "iid", "DOC": str(doc), "COST_DIRECTIONS": "1 2", "COST_SAMPLES": "200"}
+    done = run_benchmark("forward_only.sh", tmp_path, ROWS="backprop forward-only-2", **common)
     assert done.returncode == 0, done.stderr[-3000:]
     text = doc.read_text()
     assert text.startswith("Command: `bash benchmarks/forward_only.sh`") and "### iid" in text
@@ -190,13 +190,12 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
     # backprop is recipe.sh's default-prompts-50 row (the same options): its runs are made once, there
     assert (runs / "backprop").is_symlink()
     assert (tmp_path / "recipe" / "default-iid" / "default-prompts-50" / "seed-0" / "summary.json").is_file()
-    table_only = run_benchmark("forward_only.sh", tmp_path, SEEDS="0", SETTINGS="iid", DOC=str(doc), TABLE_ONLY="1",
-                               ROWS="backprop forward-only-2 forward-only-1", COST_DIRECTIONS="1 2", COST_SAMPLES="200")
+    table_only = run_benchmark("forward_only.sh", tmp_path, TABLE_ONLY="1", ROWS="backprop forward-only-2 forward-only-1",
+                               **common)
     assert table_only.returncode == 0, table_only.stderr[-3000:]
     assert not (runs / "forward-only-1").exists()  # no run made: the table of those there are
     assert "| forward-only-2 | 0 |" in doc.read_text() and "no seed to pair in forward-only-1" in doc.read_text()
-    misspelt = run_benchmark("forward_only.sh", tmp_path, SEEDS="0", SETTINGS="iid", DOC=str(doc), TABLE_ONLY="1",
-                             ROWS="forward-only-2 forward-olny-1", COST_DIRECTIONS="1 2", COST_SAMPLES="200")
+    misspelt = run_benchmark("forward_only.sh", tmp_path, TABLE_ONLY="1", ROWS="forward-only-2 forward-olny-1", **common)
     assert misspelt.returncode != 0 and "unknown row forward-olny-1" in misspelt.stderr
 
 
