@@ -195,8 +195,10 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
     assert table_only.returncode == 0, table_only.stderr[-3000:]
     assert not (runs / "forward-only-1").exists()  # no run made: the table of those there are
     assert "| forward-only-2 | 0 |" in doc.read_text() and "no seed to pair in forward-only-1" in doc.read_text()
-    misspelt = run_benchmark("forward_only.sh", tmp_path, TABLE_ONLY="1", ROWS="forward-only-2 forward-olny-1", **common)
+    misspelt = run_benchmark("forward_only.sh", tmp_path, ROWS="linear-probe forward-olny-1", **common)
     assert misspelt.returncode != 0 and "unknown row forward-olny-1" in misspelt.stderr
+    assert not (runs / "linear-probe").is_symlink()  # refused before the recipe's row was linked (or made)
+    assert not (tmp_path / "recipe" / "default-iid" / "linear-probe").exists()
 
 
 def test_the_equal_cost_table_pairs_seeds_and_reads_each_run_within_the_smaller_total(tmp_path):
