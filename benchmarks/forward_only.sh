@@ -5,15 +5,16 @@
 # server FLOPs per row, and each row against backprop, seed by seed, at equal bytes and at equal server FLOPs
 # (benchmarks/equal_cost_table.py). Rows: linear-probe; backprop (the default recipe, SFPrompt's gradient messages);
 # and forward-only-K (--prompt-updates forward-only --directions K, the antithetic estimator at 1e-3, the defaults
-# benchmarks/zo_quality.py chose), the same recipe otherwise; forward-only-4-label-epsilon-3 takes its steps at
-# randomized-response labels (--label-epsilon 3), which the forward-only audit measured hides the labels
+# benchmarks/zo_quality.py chose), the same recipe otherwise; forward-only-1-label-epsilon-3 takes its steps at
+# randomized-response labels (--label-epsilon 3), which the forward-only audit measured hides the labels at K = 4
 # (docs/benchmarks/forward-only-audit.md): what it costs.
 #
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 6 hours on two CPU cores (a K = 4 run
-#                                                                 # took 34 to 51 minutes at one thread in TUNE=1,
-#                                                                 # but seed 1's, which ran beside other runs: 95)
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 4.5 hours on two CPU cores (a run at one
+#                                                                 # thread beside another: backprop and K = 1 14 to
+#                                                                 # 29 minutes, K = 4 30 to 39)
 #                                                                 # (K = 16, named in ROWS beside these rows: about
-#                                                                 # 8 hours more, 33 body passes a batch against 9)
+#                                                                 # 6 hours more, 33 body passes a batch against
+#                                                                 # K = 4's 9 and K = 1's 3)
 #   ROWS="backprop forward-only-4" SETTINGS=iid SEEDS=0 bash benchmarks/forward_only.sh
 #   TUNE=1 JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh  # the prompts' rate first (1.7 hours)
 #
@@ -35,7 +36,7 @@ OUT=${OUT:-results/forward-only}
 RECIPE_OUT=${RECIPE_OUT:-$(dirname "$OUT")/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-iid dirichlet-0.5}
-ROWS=${ROWS:-linear-probe backprop forward-only-1 forward-only-4 forward-only-4-label-epsilon-3}
+ROWS=${ROWS:-linear-probe backprop forward-only-1 forward-only-4 forward-only-1-label-epsilon-3}
 read -r -a size <<< "${SIZE:-}"
 
 setting() {  # recipe.sh's default-iid and default-dirichlet-0.5

@@ -22,9 +22,9 @@
 #
 # SENDS=run attacks every send client 0 makes over the whole run (`sfprompt audit --sends run`, which replays the
 # run: each of its rounds' trajectory, read with the broadcast that round started from) instead of one round, for
-# the rows backprop, K = 4 and K = 4 with label DP at epsilon 3 by default; its audits and table take "-run" after
-# the names above (results/forward-only-audit-run, docs/benchmarks/forward-only-audit-run.md). A run's replay is
-# about as long as the run: an hour of one core a forward-only audit.
+# the rows backprop, K = 1 (the default) and K = 1 with label DP at epsilon 3 by default; its audits and table take
+# "-run" after the names above (results/forward-only-audit-run, docs/benchmarks/forward-only-audit-run.md). A run's
+# replay is about as long as the run (forward_only.sh's K = 1 runs: 16 to 22 minutes at one thread).
 #
 # A finished audit is not redone (and one made with other UPLOADS or SENDS is refused before any audit runs). SIZE
 # appends options to every audit and DOC names the document written (a test runs it at a tiny size).
@@ -39,10 +39,10 @@ case "$SENDS" in round) ;; run) suffix+="-run" ;; *) echo "SENDS must be round o
 OUT=${OUT:-results/forward-only-audit$suffix}
 SEEDS=${SEEDS:-0 1 2}
 if [ "$SENDS" = run ]; then  # the default K, and with the label DP that the goal's margin may need
-  ROWS=${ROWS:-backprop forward-only-4 forward-only-4-label-epsilon-3}
+  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-label-epsilon-3}
 elif [ "$UPLOADS" = seen ]; then
   ROWS=${ROWS:-backprop forward-only-1 forward-only-4 forward-only-16 forward-only-4-label-epsilon-1 forward-only-4-label-epsilon-3}
-else  # the default K and the rows with label DP, whose goal secure aggregation decides
+else  # K = 4 and the rows with label DP, whose goal secure aggregation decides
   ROWS=${ROWS:-backprop forward-only-4 forward-only-4-label-epsilon-3 forward-only-4-label-epsilon-1}
 fi
 DOC=${DOC:-docs/benchmarks/forward-only-audit$suffix.md}

@@ -2,7 +2,7 @@
 # Evidence at a realistic size, for one GPU: ViT-S/14 at 224 px (a 16 x 16 grid of patches) with the real checkpoint,
 # Fashion-MNIST (TRAIN training images, default 20,000; TEST test images, default 2,000), 100 clients, 10 a round,
 # ROUNDS rounds (default 20), IID and Dirichlet(0.5), for the linear probe, SFPrompt (its default recipe), SplitFed,
-# SFPrompt with forward-only prompt updates (K = 4) and SplitFed with a trained body, each with every seed in SEEDS
+# SFPrompt with forward-only prompt updates (K = 1) and SplitFed with a trained body, each with every seed in SEEDS
 # (default 0). The body runs in bfloat16 (--precision bf16, within a point of float32 in
 # docs/benchmarks/precision.md), but for forward-only, which is measured in float32 only. Then
 # docs/benchmarks/scale-224.md (DOC), naming the device.
@@ -40,7 +40,7 @@ options() {  # the method and precision of a row
     linear-probe) echo "--method linear-probe --precision bf16" ;;
     sfprompt) echo "--method sfprompt --precision bf16" ;;
     sfl) echo "--method sfl --precision bf16" ;;
-    sfprompt-forward-only) echo "--method sfprompt --prompt-updates forward-only --directions 4 --precision fp32" ;;
+    sfprompt-forward-only) echo "--method sfprompt --prompt-updates forward-only --precision fp32" ;;
     sfl-train-body) echo "--method sfl --train-body --precision bf16" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac

@@ -172,7 +172,10 @@ class Config:
         "label shapes) or forward-only (zeroth-order: the body evaluates perturbed prompt sets, the client steps the "
         "prompts by its own loss differences, and no gradient crosses the network)", choices=PROMPT_UPDATES,
     )
-    directions: int = _opt(4, "forward-only: random directions each mini-batch's prompt step is estimated along")
+    directions: int = _opt(
+        1, "forward-only: random directions each mini-batch's prompt step is estimated along (each costs two prompt "
+        "sets' rows down and two body forwards a batch, antithetic: docs/method.md#forward-only-prompt-updates)"
+    )
     perturbation: float = _opt(1e-3, "forward-only: the size of each prompt perturbation (a step along a direction)")
     estimator: str = _opt(
         "antithetic", "forward-only: antithetic (the loss at +/- each perturbation: 2 prompt sets a direction) or "
