@@ -83,8 +83,7 @@ fi
 recipe_row() {  # ROW: recipe.sh's row of the same options, if it has one
   case "$1" in linear-probe) echo linear-probe ;; backprop) echo default-prompts-50 ;; esac
 }
-for setting in $SETTINGS; do setting "$setting" > /dev/null; done  # a misspelt setting or row stops here,
-for row in $ROWS; do options "$row" > /dev/null; done              # before any link is made
+check_grid  # a misspelt setting or row stops here, before any link is made
 for setting in $SETTINGS; do
   for row in $ROWS; do
     here="$OUT/$setting/$row" there=$(recipe_row "$row")

@@ -68,14 +68,21 @@ wait_for_all() {
   wait_for_lane 1
 }
 
-# run_grid: every row of ROWS in every setting of SETTINGS with every seed of SEEDS, JOBS at a time, each run in
-# OUT/SETTING/ROW/seed-N with the options the calling script's `setting SETTING` and `options ROW` print (and its
-# `size` array appended); returns once all have finished. An unknown setting or row stops it before any run; with
-# TABLE_ONLY set it runs nothing after that check, for a script to report the runs there are.
-run_grid() {
-  local setting row seed
+# check_grid: stops the script at an unknown setting of SETTINGS or row of ROWS (the calling script's `setting` and
+# `options` refuse it), before anything is made for any of them.
+check_grid() {
+  local setting row
   for setting in $SETTINGS; do setting "$setting" > /dev/null; done
   for row in $ROWS; do options "$row" > /dev/null; done
+}
+
+# run_grid: every row of ROWS in every setting of SETTINGS with every seed of SEEDS, JOBS at a time, each run in
+# OUT/SETTING/ROW/seed-N with the options the calling script's `setting SETTING` and `options ROW` print (and its
+# `size` array appended); returns once all have finished. An unknown setting or row stops it before any run
+# (check_grid); with TABLE_ONLY set it runs nothing after that check, for a script to report the runs there are.
+run_grid() {
+  local setting row seed
+  check_grid
   [ -z "${TABLE_ONLY:-}" ] || return 0
   for setting in $SETTINGS; do
     for row in $ROWS; do
