@@ -20,14 +20,20 @@
 # OUT (default results/forward-only-audit, and results/forward-only-audit-aggregated) and its table to DOC
 # (docs/benchmarks/forward-only-audit.md, and forward-only-audit-aggregated.md).
 #
-# SENDS=run attacks every send client 0 makes over the whole run (`sfprompt audit --sends run`, which replays the
-# run: each of its rounds' trajectory, read with the broadcast that round started from) instead of one round, for
-# the rows backprop, K = 1 (the default) and K = 1 with label DP at epsilon 3 by default; its audits and table take
-# "-run" after the names above (results/forward-only-audit-run, docs/benchmarks/forward-only-audit-run.md). A run's
-# replay is about as long as the run (forward_only.sh's K = 1 runs: 16 to 22 minutes at one thread).
+# SENDS=run attacks instead every send of the very runs whose accuracy forward_only.sh reports (its IID ones, in
+# RUNS, default results/forward-only/iid: the default recipe, a probe round of all 10 clients, 3 rounds of prompt
+# updates and a refit round), replayed by `sfprompt audit --from RUN --sends run` (each round's trajectory read with
+# the broadcast it started from; the replay is checked to end at the run's saved params). The victim is, in each
+# seed's run, the client its split rounds sampled most often (the lowest such id): the one whose steps the server
+# sees most. Rows: backprop, K = 1 (the default) and K = 1 with label DP at epsilon 3 by default; the audits and
+# table take "-run" after the names above (results/forward-only-audit-run, docs/benchmarks/forward-only-audit-run.md).
+# A replay is about as long as the run (forward_only.sh's IID runs: 15 to 22 minutes at one thread; these audits
+# 17 to 24). A missing run is refused, before any audit starts, with the command that makes it, and an audit
+# there of another run (another RUNS, or made before SENDS=run replayed forward_only.sh's runs) is refused too.
 #
 # A finished audit is not redone (and one made with other UPLOADS or SENDS is refused before any audit runs). SIZE
-# appends options to every audit and DOC names the document written (a test runs it at a tiny size).
+# appends options to every one-round audit (a whole run's are the run's own) and DOC names the document written (a
+# test runs it at a tiny size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/lib.sh
@@ -47,6 +53,10 @@ else  # K = 4 and the rows with label DP, whose goal secure aggregation decides
 fi
 DOC=${DOC:-docs/benchmarks/forward-only-audit$suffix.md}
 read -r -a size <<< "${SIZE:-}"
+RUNS=${RUNS:-results/forward-only/iid}
+if [ "$SENDS" = run ] && [ -n "${SIZE:-}" ]; then
+  echo "SIZE is for one round's audits: SENDS=run replays RUNS's runs with their own options" >&2; exit 2
+fi
 read -r -a audit_size <<< "${AUDIT_SIZE:---images 20 --aux-samples 1000 --gallery 20 --steps 100 --inversion-epochs 10}"
 
 # A row: backprop or forward-only-K (K directions), either with -label-epsilon-E (--label-epsilon E) after it.
@@ -63,18 +73,61 @@ options() {
 for row in $ROWS; do options "$row" > /dev/null; done
 table() { python benchmarks/forward_only_audit_table.py --uploads "$UPLOADS" --sends "$SENDS" "$OUT" $ROWS; }
 table > /dev/null  # refuses OUT's audits made with other UPLOADS or SENDS now, not after the missing ones have run
+
+# The client a run's split rounds (those of its own method, not its probe or refit rounds) sampled most often.
+most_sampled() {
+  python - "$1" <<'PY'
+import collections, json, pathlib, sys
+run = pathlib.Path(sys.argv[1])
+method = json.loads((run / "config.json").read_text())["method"]
+rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+counts = collections.Counter(c for r in rounds if r.get("stage") == method for c in r["clients"])
+if not counts:
+    sys.exit(f"{run}: none of its rounds is one of {method}'s own")
+print(min(counts, key=lambda c: (-counts[c], c)))
+PY
+}
+# An audit's run: the folder it replayed (none for one round's).
+audited_run() { python -c 'import json, sys; print(json.load(open(sys.argv[1])).get("params", ""))' "$1"; }
+if [ "$SENDS" = run ]; then  # every run there, and every finished audit one of them, before any audit starts
+  for seed in $SEEDS; do for row in $ROWS; do
+    run="$RUNS/$row/seed-$seed" audit="$OUT/$row/seed-$seed/audit.json"
+    if [ -f "$audit" ]; then
+      [ "$(audited_run "$audit")" = "$run" ] || {
+        echo "$audit is not an audit of $run: remove it or audit into another folder (OUT)" >&2; exit 2; }
+    elif [ -f "$run/summary.json" ]; then
+      most_sampled "$run" > /dev/null
+    else
+      echo "no finished run $run to replay: make it with forward_only.sh (SETTINGS=iid SEEDS=$seed bash" \
+        "benchmarks/forward_only.sh, which skips its finished runs; RUNS is its OUT/iid)" >&2; exit 2
+    fi
+  done; done
+fi
 for seed in $SEEDS; do
   for row in $ROWS; do
     audit="$OUT/$row/seed-$seed"
     if [ -f "$audit/audit.json" ]; then echo "$audit: done before"; continue; fi
     echo "$audit ..."
     mkdir -p "$OUT/$row"
-    # shellcheck disable=SC2046  # the options are words
-    sfprompt audit --prompt-tokens 50 --probe-clients 5 --refit-rounds 0 $(options "$row") --seed "$seed" --no-progress "${size[@]}" "${audit_size[@]}" \
-      --uploads "$UPLOADS" --sends "$SENDS" --out "$audit" > "$audit.log" 2>&1 || { echo "$audit failed: see $audit.log" >&2; exit 1; }
+    if [ "$SENDS" = run ]; then
+      run="$RUNS/$row/seed-$seed"
+      victim=$(most_sampled "$run")
+      sfprompt audit --from "$run" --victim "$victim" --no-progress "${audit_size[@]}" \
+        --uploads "$UPLOADS" --sends run --out "$audit" > "$audit.log" 2>&1 || { echo "$audit failed: see $audit.log" >&2; exit 1; }
+    else
+      # shellcheck disable=SC2046  # the options are words
+      sfprompt audit --prompt-tokens 50 --probe-clients 5 --refit-rounds 0 $(options "$row") --seed "$seed" --no-progress "${size[@]}" "${audit_size[@]}" \
+        --uploads "$UPLOADS" --sends round --out "$audit" > "$audit.log" 2>&1 || { echo "$audit failed: see $audit.log" >&2; exit 1; }
+    fi
   done
 done
 rows=$(table)  # before DOC is touched
+victims=""  # a whole run's: each seed's, as its audit of the first row names it (every row's runs of a seed sample alike)
+read -r -a row_list <<< "$ROWS"
+[ "$SENDS" = round ] || for seed in $SEEDS; do
+  victims+="seed $seed: client $(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["audit"]["victim"])' \
+    "$OUT/${row_list[0]}/seed-$seed/audit.json"); "
+done
 variables=()
 [ "$UPLOADS" = seen ] || variables+=("UPLOADS=$UPLOADS")
 [ "$SENDS" = round ] || variables+=("SENDS=$SENDS")
@@ -82,11 +135,12 @@ variables=()
   setting="$(command_header forward_only_audit "${variables[*]}") The headline setting (\`--prompt-tokens 50\`),"
   if [ "$SENDS" = run ]; then  # the sends attacked, and the tails the server holds after them
     echo "$setting every"
-    echo "send of client 0's over the whole run (\`--sends run\`: a probe round of round 1's 5 clients,"
-    echo "\`--probe-clients 5\`, then 4 rounds of prompt updates at the tail's rate, \`--refit-rounds 0\`, in each of"
-    echo "which client 0 may be asked; each round's steps read from the broadcast it started from), attacked by"
-    echo "\`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ±"
-    echo "standard deviation over"
+    echo "send of one client's over the whole of each of forward_only.sh's IID runs (\`sfprompt audit --from RUN"
+    echo "--sends run\`, which replays the run: with the default RUNS, the default recipe's probe round of all 10"
+    echo "clients, 3 rounds of prompt updates and a refit round; each round's steps read from the broadcast it started"
+    echo "from). The victim is the"
+    echo "client the run's rounds of prompt updates sampled most often (${victims%; }). Each figure is the"
+    echo "share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
     broadcast="the newest tail it broadcast to it" uploaded="last uploaded tail (trained on its labels)"
   else
     echo "$setting client 0's first round of"
@@ -94,7 +148,8 @@ variables=()
     echo "\`--refit-rounds 0\`), attacked by \`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
     broadcast="the tail it broadcast" uploaded="uploaded tail (trained on its labels this round)"
   fi
-  echo "the seeds (each its own partition, prompts and client 0)."
+  if [ "$SENDS" = run ]; then echo "the seeds (each its own run)."; else
+    echo "the seeds (each its own partition, prompts and client 0)."; fi
   if [ "$UPLOADS" = aggregated ]; then
     echo "The server holds the uploads only summed (\`--uploads aggregated\`, secure aggregation): its label-free guess,"
     echo "and the attacks' prior, read $broadcast; the upload alone is what the victim's uploaded tail would"

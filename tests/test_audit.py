@@ -170,7 +170,13 @@ def test_audit_from_a_finished_run_and_clear_refusals(gray, tmp_path, capsys):
     assert result["audit"]["uploads"] == "aggregated" and "upload_alone" in result["labels"]
     assert "without secure aggregation" in capsys.readouterr().err
     assert main(["audit", "--from", str(tmp_path / "run"), "--rounds", "3"]) == 2
-    assert "only --device" in capsys.readouterr().err
+    assert "only --device and --out" in capsys.readouterr().err
+    assert main(["audit", "--from", str(tmp_path / "run"), "--out", str(tmp_path / "elsewhere"), "--images", "4",
+                 "--aux-samples", "30", "--gallery", "4", "--steps", "2", "--inversion-epochs", "1",
+                 "--no-progress"]) == 0  # the audit in a folder of its own, the run's left as it was
+    elsewhere = json.loads((tmp_path / "elsewhere" / "audit.json").read_text())
+    assert elsewhere["params"] == str(tmp_path / "run") and elsewhere["config"]["out"] == str(tmp_path / "elsewhere")
+    assert json.loads((tmp_path / "run" / "audit.json").read_text()) == result
     assert main(["audit", "--from", str(tmp_path / "nothing")]) == 2
     with pytest.raises(ConfigError, match="sends no activations"):
         run_audit(audit_config(gray, tmp_path, method="fl"), QUICK, progress=False)

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from sfprompt import zeroth_order
+from sfprompt.cli import main
 from sfprompt.codec import Message, ProtocolError
 from sfprompt.config import Config, ConfigError
 from sfprompt.federation import prepare
@@ -285,19 +286,38 @@ def test_the_forward_only_audit_benchmark_attacks_each_row_and_writes_its_table(
     assert not (tmp_path / "seen.md").exists()  # no table that mixes the two readings
 
 
-def test_the_forward_only_audit_benchmark_attacks_a_whole_run_with_sends_run(tmp_path):
-    doc = tmp_path / "forward-only-audit-run.md"
-    size = "--train-samples 40 --test-samples 20 --clients 5 --clients-per-round 5 --rounds 3 --image-size 28"
-    done = run_benchmark("forward_only_audit.sh", tmp_path, SEEDS="0", ROWS="forward-only-2", DOC=str(doc),
-                         SENDS="run", UPLOADS="aggregated", SIZE=size)
+def test_the_forward_only_audit_benchmark_attacks_whole_runs_with_sends_run(tmp_path):
+    """SENDS=run replays forward_only.sh's runs (RUNS), each attacked at the client its split rounds sampled most."""
+    doc, runs = tmp_path / "forward-only-audit-run.md", tmp_path / "forward-only" / "iid"
+    whole = {"SENDS": "run", "UPLOADS": "aggregated", "SEEDS": "0", "ROWS": "forward-only-2", "RUNS": str(runs),
+             "DOC": str(doc), "SIZE": ""}
+    missing = run_benchmark("forward_only_audit.sh", tmp_path, **whole)
+    assert missing.returncode == 2 and not doc.exists()
+    assert "no finished run" in missing.stderr
+    assert "SETTINGS=iid SEEDS=0 bash benchmarks/forward_only.sh" in missing.stderr
+    run = runs / "forward-only-2" / "seed-0"
+    assert main(["run", "--train-samples", "40", "--test-samples", "20", "--clients", "5", "--clients-per-round", "2",
+                 "--rounds", "4", "--image-size", "28", "--prompt-tokens", "50", "--prompt-updates", "forward-only",
+                 "--directions", "2", "--seed", "0", "--out", str(run), "--no-progress"]) == 0
+    sized = run_benchmark("forward_only_audit.sh", tmp_path, **(whole | {"SIZE": "--rounds 2"}))
+    assert sized.returncode == 2 and "SIZE is for one round's audits" in sized.stderr
+
+    done = run_benchmark("forward_only_audit.sh", tmp_path, **whole)
     assert done.returncode == 0, done.stderr[-3000:]
+    audit = json.loads((tmp_path / "runs" / "forward-only-2" / "seed-0" / "audit.json").read_text())
+    assert (audit["audit"]["sends"], audit["audit"]["uploads"], audit["params"]) == ("run", "aggregated", str(run))
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    split = [r["clients"] for r in rounds if r["stage"] == "sfprompt"]  # rounds 2 and 3, between probe and refit
+    assert len(split) == 2 and len(rounds) == 4
+    victim = audit["audit"]["victim"]
+    assert victim == min(range(5), key=lambda c: (-sum(c in clients for clients in split), c))  # lowest id of a tie
+    assert audit["labels"]["steps_read"] >= 2 and not (run / "audit.json").exists()  # the run's folder untouched
     text = doc.read_text()
     assert text.startswith("Command: `UPLOADS=aggregated SENDS=run bash benchmarks/forward_only_audit.sh`")
-    assert "over the whole run (`--sends run`" in text and "read the newest tail it broadcast to it" in text
-    audit = json.loads((tmp_path / "runs" / "forward-only-2" / "seed-0" / "audit.json").read_text())
-    assert (audit["audit"]["sends"], audit["audit"]["uploads"]) == ("run", "aggregated")
-    assert audit["labels"]["steps_read"] >= 2  # the steps of both rounds of prompt updates
+    assert f"(seed 0: client {victim})" in text and "read the newest tail it broadcast to it" in text
+    other = run_benchmark("forward_only_audit.sh", tmp_path, **(whole | {"RUNS": str(tmp_path / "other")}))
+    assert other.returncode == 2 and "is not an audit of" in other.stderr  # not passed off as another run's
     mixed = run_benchmark("forward_only_audit.sh", tmp_path, SEEDS="0", ROWS="forward-only-2", UPLOADS="aggregated",
-                          DOC=str(tmp_path / "round.md"), SIZE=size)  # the same folder, read as one round's
+                          DOC=str(tmp_path / "round.md"))  # the same folder, read as one round's
     assert mixed.returncode != 0 and "audited with --sends run, not round" in mixed.stderr
     assert not (tmp_path / "round.md").exists()

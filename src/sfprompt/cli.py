@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "would; write audit.json and audit.png to --out (or to the run folder of --from)")
     audit.add_argument("--from", dest="from_dir", metavar="DIR",
                        help="attack with the global params of the finished run in DIR, with its options "
-                            "(only --device may be given); with --sends run, that run replayed")
+                            "(only --device, and --out for the audit's own folder, may be given); with --sends "
+                            "run, that run replayed")
     _add_audit_flags(audit)
     _add_config_flags(audit)
     export = commands.add_parser("export-clients", help="write each client's partition of the run's training data "
@@ -138,12 +139,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if getattr(args, "from_dir", None):
         from .audit import run_from
 
-        others = sorted(set(flags) - {"device"}) + (["config"] if args.config else [])
+        others = sorted(set(flags) - {"device", "out"}) + (["config"] if args.config else [])
         if others:
-            raise ConfigError(f"--from audits a finished run with its saved options; only --device may be given, "
-                              f"not {', '.join('--' + name.replace('_', '-') for name in others)}")
+            raise ConfigError(f"--from audits a finished run with its saved options; only --device and --out may be "
+                              f"given, not {', '.join('--' + name.replace('_', '-') for name in others)}")
         replayed = getattr(args, "audit_sends", "round") == "run"  # needs the run's options alone
-        return run_from(Path(args.from_dir), flags.get("device"), params=not replayed)
+        config = run_from(Path(args.from_dir), flags.get("device"), params=not replayed)
+        return config.replace(out=flags["out"]) if "out" in flags else config  # the audit's folder, not the run's
     recipe = recipe_options(args.recipe) if getattr(args, "recipe", None) else {}
     return Config.from_dict({**recipe, **(toml_options(args.config) if args.config else {}), **flags})
 
