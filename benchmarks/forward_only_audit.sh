@@ -87,13 +87,20 @@ if not counts:
 print(min(counts, key=lambda c: (-counts[c], c)))
 PY
 }
-# An audit's run: the folder it replayed (none for one round's).
-audited_run() { python -c 'import json, sys; print(json.load(open(sys.argv[1])).get("params", ""))' "$1"; }
+# audit_value AUDIT KEY...: the value at KEY... in the audit.json AUDIT, empty where it has none (an audit's
+# `params` names the run it replayed; one round's names no folder).
+audit_value() {
+  python -c 'import json, sys
+value = json.load(open(sys.argv[1]))
+for key in sys.argv[2:]:
+    value = value.get(key) if isinstance(value, dict) else None
+print("" if value is None else value)' "$@"
+}
 if [ "$SENDS" = run ]; then  # every run there, and every finished audit one of them, before any audit starts
   for seed in $SEEDS; do for row in $ROWS; do
     run="$RUNS/$row/seed-$seed" audit="$OUT/$row/seed-$seed/audit.json"
     if [ -f "$audit" ]; then
-      [ "$(audited_run "$audit")" = "$run" ] || {
+      [ "$(audit_value "$audit" params)" = "$run" ] || {
         echo "$audit is not an audit of $run: remove it or audit into another folder (OUT)" >&2; exit 2; }
     elif [ -f "$run/summary.json" ]; then
       most_sampled "$run" > /dev/null
@@ -125,8 +132,7 @@ rows=$(table)  # before DOC is touched
 victims=""  # a whole run's: each seed's, as its audit of the first row names it (every row's runs of a seed sample alike)
 read -r -a row_list <<< "$ROWS"
 [ "$SENDS" = round ] || for seed in $SEEDS; do
-  victims+="seed $seed: client $(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["audit"]["victim"])' \
-    "$OUT/${row_list[0]}/seed-$seed/audit.json"); "
+  victims+="seed $seed: client $(audit_value "$OUT/${row_list[0]}/seed-$seed/audit.json" audit victim); "
 done
 variables=()
 [ "$UPLOADS" = seen ] || variables+=("UPLOADS=$UPLOADS")

@@ -664,14 +664,14 @@ def _picture(path: Path, originals: torch.Tensor, reconstructions: dict[str, tor
     fig.savefig(path, dpi=110)
 
 
-def run_from(folder: Path, device: str | None, params: bool = True) -> Config:
+def run_from(folder: Path, device: str | None, params: bool = True, out: str | None = None) -> Config:
     """The config of the finished run in `folder` (for `--from`), which must hold its final params unless not
-    `params` (`--sends run` replays the run from its options alone)."""
+    `params` (`--sends run` replays the run from its options alone), writing to `out` (default: `folder`)."""
     saved = folder / "config.json"
     if not saved.is_file() or (params and not (folder / "global.safetensors").is_file()):
         raise ConfigError(f"--from {folder}: no config.json{' and global.safetensors' * params} there (is it a "
                           "finished run?)")
     values = json.loads(saved.read_text())
-    return Config.from_saved({**values, "out": str(folder), **({"device": device} if device else {})})
+    return Config.from_saved({**values, "out": out or str(folder), **({"device": device} if device else {})})
 
 

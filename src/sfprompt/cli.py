@@ -144,8 +144,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise ConfigError(f"--from audits a finished run with its saved options; only --device and --out may be "
                               f"given, not {', '.join('--' + name.replace('_', '-') for name in others)}")
         replayed = getattr(args, "audit_sends", "round") == "run"  # needs the run's options alone
-        config = run_from(Path(args.from_dir), flags.get("device"), params=not replayed)
-        return config.replace(out=flags["out"]) if "out" in flags else config  # the audit's folder, not the run's
+        return run_from(Path(args.from_dir), flags.get("device"), params=not replayed, out=flags.get("out"))
     recipe = recipe_options(args.recipe) if getattr(args, "recipe", None) else {}
     return Config.from_dict({**recipe, **(toml_options(args.config) if args.config else {}), **flags})
 
