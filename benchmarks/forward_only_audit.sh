@@ -164,6 +164,12 @@ variables=()
     echo "The server holds each upload (\`--uploads seen\`): its label-free guess, and the attacks' prior, read the"
     echo "victim's $uploaded."
   fi
+  if [ "$SENDS" = run ]; then
+    echo "At the end of a run the server also holds the final model: its guess (the final tail on the rows of the"
+    echo "refit round, which sends every sample with the final prompts) is a second label-free guess and a second prior"
+    echo "(the columns after the one-step ones); the advantage and the errors corrected are counted against the better"
+    echo "of the two guesses."
+  fi
   echo
   echo "$rows"
 } > "$DOC"

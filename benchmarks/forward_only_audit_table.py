@@ -23,15 +23,21 @@ COLUMNS = {  # audit.json's labels -> the column
     "advantage": "best attack - label-free",
 }
 UPLOAD = {"upload_alone": "the upload alone"}  # audits with --uploads aggregated: what it would have named by itself
+FINAL = {  # a whole run's audits: the final model's guess, and the attacks with it as their prior
+    "final_model": "final model's guess",
+    "gradient_final_prior": "gradient attack, final model elsewhere",
+    "trajectory_final_prior": "trajectory from the final model's guess",
+}
 
 
-def corrected(audits: list[dict], attack: str) -> str:
-    """How many of the label-free guess's wrong labels `attack` names right, pooled over the seeds (a seed whose
-    guess is nearly always right has too few for a share of its own)."""
+def corrected(audits: list[dict], attack: str, guess: str = "label_free") -> str:
+    """How many of the `guess`'s wrong labels `attack` names right, pooled over the seeds (a seed whose guess is
+    nearly always right has too few for a share of its own); net of the right ones it makes wrong."""
     if not all(attack in audit for audit in audits):
         return ""
-    wrong = sum(round((1 - audit["label_free"]) * audit["samples"]) for audit in audits)
-    right = sum(round((audit[attack] - audit["label_free"]) * audit["samples"]) for audit in audits)
+    of = lambda audit: audit.get(guess, audit["label_free"])  # noqa: E731 (an audit from before the final model's)
+    wrong = sum(round((1 - of(audit)) * audit["samples"]) for audit in audits)
+    right = sum(round((audit[attack] - of(audit)) * audit["samples"]) for audit in audits)
     return f"{right} of {wrong}" + (f" ({right / wrong:.0%})" if wrong else "")
 
 
@@ -53,7 +59,10 @@ def read(out: Path, rows: list[str], uploads: str, sends: str) -> dict[str, list
 
 def main(out: Path, rows: list[str], uploads: str, sends: str) -> None:
     found = read(out, rows, uploads, sends)
-    columns = COLUMNS | (UPLOAD if any("upload_alone" in a for audits in found.values() for a in audits) else {})
+    has = lambda key: any(key in a for audits in found.values() for a in audits)  # noqa: E731
+    columns = COLUMNS | (UPLOAD if has("upload_alone") else {}) | {key: name for key, name in FINAL.items() if has(key)}
+    if has("final_model"):  # the advantage over the better of the two guesses: last
+        columns["advantage"] = columns.pop("advantage").replace("label-free", "best label-free")
     print("| row | seeds | samples sent | steps read | " + " | ".join(columns.values())
           + " | guess's errors corrected, best attack | the same, broadcast tail"
           + " | one step: label-free | one step: trajectory |")
@@ -67,7 +76,7 @@ def main(out: Path, rows: list[str], uploads: str, sends: str) -> None:
             return spread(values, digits) if values else ""
 
         cells = [cell(lambda a, key=key: a.get(key)) for key in columns]
-        cells += [corrected(audits, "best_attack"),  # and what the tail it holds anyway gives
+        cells += [corrected(audits, "best_attack", "best_label_free"),  # and what the tail it holds anyway gives
                   corrected(audits, "trajectory_broadcast_tail") or corrected(audits, "gradient_broadcast_tail")]
         cells += [cell(lambda a, key=key: a.get("one_step", {}).get(key)) for key in ("label_free", "trajectory")]
         print(f"| {name} | {len(audits)} | {cell(lambda a: a['samples'], 0)} | {cell(lambda a: a.get('steps_read'), 0)} | "

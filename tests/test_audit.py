@@ -394,6 +394,34 @@ def test_a_whole_run_audit_attacks_every_send_the_victim_makes_with_the_params_i
     assert labels["samples"] == 36 > labels["samples_with_gradient"] and labels["gradient_where_received"] >= 0.9
 
 
+@pytest.mark.parametrize("prompt_updates", ["backprop", "forward-only"])
+def test_over_a_whole_run_the_final_model_is_a_label_free_guess_and_a_prior(gray, tmp_path, prompt_updates):
+    """A run closing with a refit round sends every sample once more with the final prompts: the final model's
+    guess reads those rows through the final tail, which is what the final model predicts from the victim's own
+    images. It is a label-free guess beside the uploaded tail's (the advantage is over the better one), and the
+    attacks run again with it as their prior."""
+    from sfprompt.audit import _label_accuracy, witness_run
+    from sfprompt.federation import prepare
+
+    fed = prepare(audit_config(gray, tmp_path, rounds=3, prompt_updates=prompt_updates, perturbation=0.3))
+    assert (fed.config.probe_rounds, fed.config.refit_rounds) == (1, 1)
+    seen, final = witness_run(fed, 0, lambda _: None)
+    upload = fed.method.new_params(fed.model)
+    upload.load_state_dict(seen.upload.tensors)
+    labels, samples = _label_accuracy(fed, 0, upload, seen, aggregated=False, final=final.cpu())
+    ids = seen.positions.unique()
+    truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
+    with torch.no_grad():
+        predicted = fed.model.logits(torch.stack([seen.images[int(p)] for p in ids]), final).argmax(1)
+    assert samples == len(ids) == 36 and labels["final_model"] == float((predicted == truth).float().mean())
+    assert labels["best_label_free"] == max(labels["label_free"], labels["final_model"])
+    assert labels["advantage"] == labels["best_attack"] - labels["best_label_free"]
+    attacks = {"backprop": "gradient_final_prior", "forward-only": "trajectory_final_prior"}
+    assert attacks[prompt_updates] in labels and labels["best_attack"] >= labels[attacks[prompt_updates]]
+    one_round, _ = _label_accuracy(fed, 0, upload, seen, aggregated=False)  # one round's audit holds no final model
+    assert "final_model" not in one_round and one_round["best_label_free"] == one_round["label_free"]
+
+
 def test_a_whole_run_audit_of_a_victim_never_sampled_is_refused(gray, tmp_path):
     import numpy as np
 

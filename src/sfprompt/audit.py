@@ -294,10 +294,12 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
         params = (f"params of {from_dir}" if from_dir else
                   f"params after its {opening} probe round{'s' * (opening > 1)}" if opening else "initial params")
     log(f"audit of {config.method} ({fed.description}): client {options.victim}'s messages, {params}")
+    final = None  # the run's final global params, which the server holds (a whole run's audit only)
     if options.sends == "run":
         seen, final = witness_run(fed, options.victim, log)
         if from_dir is not None:
             _check_replay(final, from_dir, log)
+        final = final.cpu()
     else:
         seen = witness(fed, *_trained(fed, from_dir, options.victim, log), victim=options.victim)
     fed.model.to(torch.device("cpu"))
@@ -343,7 +345,7 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
     scores, reconstruction = _scored(reconstructions, originals, candidates)
     reconstruction |= {name: {"skipped": why} for name, why in skipped.items()}
 
-    label_accuracy, samples_sent = _label_accuracy(fed, options.victim, upload, seen, aggregated)
+    label_accuracy, samples_sent = _label_accuracy(fed, options.victim, upload, seen, aggregated, final)
 
     per_sample = releases(config)
     epsilon = local_epsilon(defence.noise_multiplier, per_sample, config.dp_delta)
@@ -469,13 +471,18 @@ def _scored(reconstructions: dict[str, torch.Tensor], originals: torch.Tensor,
     return scores, {name: _summary(s) for name, s in scores.items()} | {"best": _summary(best)}
 
 
+LABEL_FREE = ("label_free", "final_model")  # the server's guesses without the split-phase messages
+
+
 def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen: Witnessed,
-                    aggregated: bool) -> tuple[dict[str, float], int]:
+                    aggregated: bool, final: torch.nn.Module | None = None) -> tuple[dict[str, float], int]:
     """How often each label attack names the true label of a sample the victim sent, the best attack's advantage
-    over guessing without the messages, and how many samples it sent. The server's own guess, and the attacks'
+    over the best guess without the messages, and how many samples it sent. The server's own guess, and the attacks'
     prior, read every send through the tail it holds for the victim: its uploaded tail, or under secure aggregation
     (`aggregated`) the newest tail it broadcast to it; then `upload_alone` is what the upload would have named by
-    itself. Each gradient is read through the tail that computed it (`gradient`: an upper bound, as forward-only's
+    itself. Over a whole run (`final`: its final global params), the server also holds the model the run ends with:
+    its guess (`final_model`, see `_final_model_scores`) is a second label-free guess, and a second prior for the
+    attacks (their `*_final_prior` guesses). Each gradient is read through the tail that computed it (`gradient`: an upper bound, as forward-only's
     `trajectory` is; the client's tail moves with every step) and through the tail broadcast for its round
     (`gradient_broadcast_tail`, which the server holds either way). Without gradients, the attack reads the
     forward-only prompt trajectory, or a linear-probe client's uploaded statistics (none under secure
@@ -488,8 +495,10 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
         return attacks.per_sample(attacks.log_probs(tail, seen.rows), seen.positions).argmax(dim=1)
 
     held = _tail_of(upload.tail, _tail_state(seen.broadcasts[-1])) if aggregated else upload.tail
+    final_scores = None if final is None else _final_model_scores(final, seen)
     if seen.evaluates:
-        guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth, attacks.log_probs(held, seen.rows))
+        guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth, attacks.log_probs(held, seen.rows),
+                                              final_scores)
     elif seen.graded.any():
         graded_batches = set(seen.batch[seen.graded].tolist())  # (the others' tails are never read)
         round_of = dict(zip(seen.batch.tolist(), seen.sent_in.tolist()))
@@ -506,6 +515,8 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
             where = torch.isin(ids, graded)
             figures = {"samples_with_gradient": len(graded),
                        "gradient_where_received": float((guesses["gradient"] == truth)[where].float().mean())}
+            if final_scores is not None:  # or the final model's
+                guesses["gradient_final_prior"] = torch.where(where, guesses["gradient"], final_scores.argmax(dim=1))
     else:  # a linear-probe client: its uploaded statistics name its labels, unless summed with others' first
         statistics = attacks.statistics_label_attacks(upload, seen.rows, seen.positions,
                                                       seen.upload.meta["num_examples"])
@@ -514,11 +525,29 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     if aggregated:  # what the upload the server no longer sees would have named by itself
         uploaded = uploaded or {"uploaded_tail": guess_of(upload.tail)}
         figures["upload_alone"] = max(float((guess == truth).float().mean()) for guess in uploaded.values())
+    if final_scores is not None:
+        guesses["final_model"] = final_scores.argmax(dim=1)
     accuracy = {name: float((guess == truth).float().mean()) for name, guess in guesses.items()}
-    accuracy["best_attack"] = max((value for name, value in accuracy.items() if name != "label_free"),
-                                  default=accuracy["label_free"])  # no attack applies: the guess without one
-    accuracy["advantage"] = accuracy["best_attack"] - accuracy["label_free"]
+    accuracy["best_label_free"] = max(accuracy[name] for name in LABEL_FREE if name in accuracy)
+    accuracy["best_attack"] = max((value for name, value in accuracy.items() if name not in LABEL_FREE
+                                   and name != "best_label_free"),
+                                  default=accuracy["best_label_free"])  # no attack applies: the guess without one
+    accuracy["advantage"] = accuracy["best_attack"] - accuracy["best_label_free"]
     return accuracy | figures, len(truth)
+
+
+def _final_model_scores(final: torch.nn.Module, seen: Witnessed) -> torch.Tensor:
+    """The log-probabilities (n, C) of each sample the victim sent under the run's final global model: its tail on the
+    rows the server returned for the sends made with the final prompts (a closing refit round's, which send every
+    sample with them), or, for a sample sent with none, on all of its sends' rows. A label-free guess the server
+    holds at the end of any run (under secure aggregation too: the final model is the federation's output)."""
+    prompts = final.prompts.detach().cpu()
+    current = torch.tensor([torch.equal(sent, prompts) for sent, _ in seen.params])[seen.batch]  # (S,)
+    scores = attacks.log_probs(final.tail, seen.rows)
+    everywhere = attacks.per_sample(scores, seen.positions)
+    with_final = attacks.per_sample(scores * current[:, None], seen.positions)
+    has_final = attacks.per_sample(current[:, None].float(), seen.positions)[:, 0] > 0
+    return torch.where(has_final[:, None], with_final, everywhere)
 
 
 def _broadcast_tails(template: torch.nn.Module, seen: Witnessed, rounds) -> dict[int, torch.nn.Module]:
@@ -532,7 +561,8 @@ def _tail_state(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, seen: Witnessed,
-                       truth: torch.Tensor, log_probs: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+                       truth: torch.Tensor, log_probs: torch.Tensor,
+                       final_scores: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Forward-only's label attacks (`trajectory`): the label-free guess (from each send's `log_probs`); the labels
     that explain the coefficients
     read from the prompt trajectory, with the losses of the tail each step used (`trajectory`: an upper bound) and
@@ -540,8 +570,10 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
     the label-free guess of its batch (under Adam with the factor all steps gave). Under --label-epsilon the steps
     explain the randomized labels, so the attack infers those (their prior: the label-free guess through randomized
     response) and then, as a Bayesian attacker who knows the rate, each true label from its randomized one and the
-    label-free guess. `unexplained_at_truth` checks the attack's model of the steps: its residual at the labels the
-    client's losses were taken at (the true ones, or the randomized ones)."""
+    label-free guess. With the final model's scores (`final_scores`, a whole run's), the search runs again from
+    that guess, with it as the prior (`trajectory_final_prior`). `unexplained_at_truth` checks the attack's model
+    of the steps: its residual at the labels the client's losses were taken at (the true ones, or the randomized
+    ones)."""
     config, model, classes = fed.config, fed.clients[victim].model, fed.model.num_classes
     ids = seen.positions.unique()
     prior = attacks.per_sample(log_probs, seen.positions)
@@ -569,21 +601,28 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
 
     broadcast_tails = _broadcast_tails(upload.tail, seen, {e.round for e in evaluates})
     keep = fed.model.defence.keep_probability(classes)
-    posterior = prior.log_softmax(dim=1)
     other = math.log((1 - keep) / max(classes - 1, 1)) if keep < 1 else -math.inf
-    shown_prior = torch.logaddexp(posterior + math.log(keep), torch.log(-torch.expm1(posterior)) + other)
 
-    def true_labels(shown: torch.Tensor) -> torch.Tensor:  # the randomized labels' evidence beside the guess
-        return shown if keep == 1 else attacks.with_randomized_label(posterior, shown, keep)
+    def shown_prior(posterior: torch.Tensor) -> torch.Tensor:  # of the labels the steps show (randomized or not)
+        return torch.logaddexp(posterior + math.log(keep), torch.log(-torch.expm1(posterior)) + other)
 
+    def true_labels(shown: torch.Tensor, posterior: torch.Tensor) -> torch.Tensor:  # the randomized labels' evidence
+        return shown if keep == 1 else attacks.with_randomized_label(posterior, shown, keep)  # beside the guess
+
+    posterior = prior.log_softmax(dim=1)
     known = 1.0 if optimizer.kind == "sgd" else None  # SGD's steps give the coefficients, Adam's up to a factor
     exact = steps(lambda e: _tail_of(upload.tail, e.tail))
-    shown, factors = trajectory.infer_labels(exact, shown_prior, known)
-    guesses["trajectory"] = true_labels(shown)
+    shown, factors = trajectory.infer_labels(exact, shown_prior(posterior), known)
+    guesses["trajectory"] = true_labels(shown, posterior)
     guesses["trajectory_broadcast_tail"] = true_labels(
-        trajectory.infer_labels(steps(lambda e: broadcast_tails[e.round]), shown_prior, known)[0])
-    one_step = [(true_labels(trajectory.infer_labels([s], shown_prior, factors[s.round])[0])[s.samples]
-                 == truth[s.samples]).double().mean() for s in exact]
+        trajectory.infer_labels(steps(lambda e: broadcast_tails[e.round]), shown_prior(posterior), known)[0],
+        posterior)
+    if final_scores is not None:
+        final_posterior = final_scores.log_softmax(dim=1)
+        guesses["trajectory_final_prior"] = true_labels(
+            trajectory.infer_labels(exact, shown_prior(final_posterior), known)[0], final_posterior)
+    one_step = [(true_labels(trajectory.infer_labels([s], shown_prior(posterior), factors[s.round])[0],
+                             posterior)[s.samples] == truth[s.samples]).double().mean() for s in exact]
     label_free = [(prior.argmax(dim=1)[s.samples] == truth[s.samples]).double().mean() for s in exact]
     sent = torch.searchsorted(ids, torch.cat([e.positions for e in evaluates]))
     shown_truth = torch.zeros_like(truth).index_put_((sent,), torch.cat([e.shown for e in evaluates]))
