@@ -511,12 +511,14 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
         guesses = read(own)
         guesses["gradient_broadcast_tail"] = read(of_round)["gradient"]
         graded = seen.positions[seen.graded].unique()  # the samples a gradient was received for (all, in one round)
+        where = torch.isin(ids, graded)
         if len(graded) < len(truth):  # the others (a probe round's only) keep their label-free guess
-            where = torch.isin(ids, graded)
             figures = {"samples_with_gradient": len(graded),
                        "gradient_where_received": float((guesses["gradient"] == truth)[where].float().mean())}
-            if final_scores is not None:  # or the final model's
-                guesses["gradient_final_prior"] = torch.where(where, guesses["gradient"], final_scores.argmax(dim=1))
+        if final_scores is not None:  # the gradient's class beside the final model's guess, which the others keep
+            shown = attacks.with_randomized_label(final_scores.log_softmax(dim=1), guesses["gradient"],
+                                                  defence.keep_probability(num_classes))
+            guesses["gradient_final_prior"] = torch.where(where, shown, final_scores.argmax(dim=1))
     else:  # a linear-probe client: its uploaded statistics name its labels, unless summed with others' first
         statistics = attacks.statistics_label_attacks(upload, seen.rows, seen.positions,
                                                       seen.upload.meta["num_examples"])
@@ -643,7 +645,7 @@ def summary_line(result: dict) -> str:
     return (f"best attack re-identifies {best['reidentified']:.0%} of {result['images_attacked']} images "
             f"(chance {result['chance_reidentification']:.0%}) at PSNR {best['psnr']:.1f} dB, SSIM {best['ssim']:.2f} "
             f"(class-mean image: {mean['psnr']:.1f} dB, {mean['ssim']:.2f}); labels inferred "
-            f"{labels['best_attack']:.0%} against {labels['label_free']:.0%} label-free"
+            f"{labels['best_attack']:.0%} against {labels['best_label_free']:.0%} label-free"
             + (f" (the upload alone, without secure aggregation: {labels['upload_alone']:.0%})"
                if "upload_alone" in labels else ""))
 
