@@ -383,7 +383,7 @@ def test_a_whole_run_audit_attacks_every_send_the_victim_makes_with_the_params_i
     lines = capsys.readouterr().err.splitlines()
     assert (one["sends"], one["rounds_witnessed"], one["sends_per_image_range"]) == ("round", 1, [2, 2])
     assert (every["sends"], every["rounds_witnessed"], every["sends_per_image_range"]) == ("run", 2, [4, 4])
-    assert any("the replay ends at" in line and "exactly" in line for line in lines)
+    assert any("the replay ends at" in line and "exactly" in line for line in lines) and every["replay"] == "exact"
     assert every["reconstruction"]["affine"]["psnr"] > one["reconstruction"]["affine"]["psnr"] + 1  # twice the sends
     assert every["labels"]["gradient"] >= 0.9 and "samples_with_gradient" not in every["labels"]
 
@@ -447,10 +447,28 @@ def test_the_replay_check_compares_every_saved_tensor_an_empty_one_included(tmp_
     save_file({"prompts": torch.zeros(1, 0, 4), "weight": torch.ones(3), "body.x": torch.ones(1)},
               str(tmp_path / "global.safetensors"))
     lines = []
-    _check_replay(final, tmp_path, lines.append)
+    assert _check_replay(final, tmp_path, lines.append) == "exact"
     final.weight[1] = 2.0
-    _check_replay(final, tmp_path, lines.append)
+    assert _check_replay(final, tmp_path, lines.append) == "differs"
     assert "exactly" in lines[0] and "largest difference 1" in lines[1]
+
+
+def test_a_run_kept_without_its_params_is_checked_round_by_round(tmp_path):
+    """A benchmark's run is kept without its weights: the replay is checked by each round's accuracy and loss, as
+    its metrics.jsonl has them (another CPU's float rounding shows there within a round or two)."""
+    from sfprompt.audit import _check_replay
+
+    ran = [{"round": 1, "accuracy": 0.5, "loss": 1.25}, {"round": 2, "accuracy": 0.75, "loss": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ran))
+    lines = []
+    assert _check_replay(torch.nn.Module(), tmp_path, lines.append, [dict(r) for r in ran]) == "same metrics"
+    replayed = [ran[0], {"round": 2, "accuracy": 0.75, "loss": 0.5000001}]
+    assert _check_replay(torch.nn.Module(), tmp_path, lines.append, replayed) == "differs"
+    assert _check_replay(torch.nn.Module(), tmp_path, lines.append, ran[:1]) == "differs"  # a round short
+    assert "every round" in lines[0] and "round 2's accuracy and loss: (0.75, 0.5000001) against (0.75, 0.5)" in lines[1]
+    assert "round 2's accuracy and loss: none against (0.75, 0.5)" in lines[2]
+    (tmp_path / "metrics.jsonl").unlink()
+    assert _check_replay(torch.nn.Module(), tmp_path, lines.append, ran) == "unchecked"
 
 
 def test_forward_only_direction_seeds_leave_the_noise_stream_alone(gray, tmp_path):

@@ -229,12 +229,13 @@ class _TappedRuntime(InProcessRuntime):
         return updates, dropped
 
 
-def witness_run(fed: Federation, victim: int, log: Callable[[str], None]) -> tuple[Witnessed, torch.nn.Module]:
+def witness_run(fed: Federation, victim: int, log: Callable[[str], None],
+                records: list[dict] | None = None) -> tuple[Witnessed, torch.nn.Module]:
     """Play the whole run as `sfprompt run` does (the same clients sampled, the same seeds) and record everything
     the server receives from the victim, in every round it is sampled in, its probe rounds' sends included; with
-    the run's final global params."""
+    the run's final global params (and each round's metrics record appended to `records`, if given)."""
     runtime = _TappedRuntime(fed, _witnessed_client(fed, victim))
-    final = play_rounds(fed, runtime, log, fed.config.rounds)
+    final = play_rounds(fed, runtime, log, fed.config.rounds, records)
     fed.meter.take()
     if runtime.dropped:
         rounds = ", ".join(map(str, runtime.dropped))
@@ -295,10 +296,12 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
                   f"params after its {opening} probe round{'s' * (opening > 1)}" if opening else "initial params")
     log(f"audit of {config.method} ({fed.description}): client {options.victim}'s messages, {params}")
     final = None  # the run's final global params, which the server holds (a whole run's audit only)
+    replay = None  # whether a finished run's replay is that run
     if options.sends == "run":
-        seen, final = witness_run(fed, options.victim, log)
+        records = []
+        seen, final = witness_run(fed, options.victim, log, records)
         if from_dir is not None:
-            _check_replay(final, from_dir, log)
+            replay = _check_replay(final, from_dir, log, records)
         final = final.cpu()
     else:
         seen = witness(fed, *_trained(fed, from_dir, options.victim, log), victim=options.victim)
@@ -353,6 +356,7 @@ def run_audit(config: Config, options: AuditOptions, from_dir: Path | None = Non
         "config": config.to_dict(),
         "audit": asdict(options),
         "params": str(from_dir) if from_dir else params,
+        **({"replay": replay} if replay else {}),
         "victim_client_blocks": fed.clients[options.victim].model.client_blocks,  # its split point
         "images_attacked": len(chosen),
         "sends": options.sends,
@@ -408,21 +412,45 @@ def _saved_params(folder: Path) -> tuple[dict[str, torch.Tensor], int | None]:
                 None if round_ is None else int(round_))
 
 
-def _check_replay(final: torch.nn.Module, from_dir: Path, log: Callable[[str], None]) -> None:
+def _check_replay(final: torch.nn.Module, from_dir: Path, log: Callable[[str], None],
+                  records: list[dict] | None = None) -> str:
     """Say whether the replayed run ends where the run in `from_dir` ended (it does on the machine and versions that
-    made it: a run repeats bit for bit)."""
+    made it: a run repeats bit for bit), and return the verdict: "exact" or "differs" by its final params, or, for
+    a run kept without them (a benchmark's, in the repo), by each round's accuracy and loss (`records`, the
+    replay's, against its metrics.jsonl): "same metrics" or "differs"; "unchecked" if it keeps neither."""
+    warning = "another machine or version; the audit attacks the replayed run"
     if not (from_dir / "global.safetensors").is_file():
-        log(f"{from_dir} keeps no final params to check the replay against")
-        return
+        ran = _recorded_metrics(from_dir / "metrics.jsonl")
+        if records is None or ran is None:
+            log(f"{from_dir} keeps no final params or metrics to check the replay against")
+            return "unchecked"
+        replayed = [(r["accuracy"], r["loss"]) for r in records]
+        if replayed == ran:
+            log(f"the replay's rounds end at {from_dir}'s accuracy and loss in every round (it keeps no final params)")
+            return "same metrics"
+        at = next((i for i, (a, b) in enumerate(zip(replayed, ran)) if a != b), min(len(replayed), len(ran)))
+        of = lambda pairs: pairs[at] if at < len(pairs) else "none"  # noqa: E731
+        log(f"warning: the replay does not follow {from_dir}'s rounds (round {at + 1}'s accuracy and loss: "
+            f"{of(replayed)} against {of(ran)}): {warning}")
+        return "differs"
     saved, _ = _saved_params(from_dir)
     replayed = {name: t.detach().cpu() for name, t in final.state_dict().items() if name in saved}
     if replayed.keys() == saved.keys() and all(torch.equal(t, saved[name].to(t.dtype)) for name, t in replayed.items()):
         log(f"the replay ends at {from_dir}'s final params exactly")
-    else:
-        gaps = [float((t.float() - saved[name].float()).abs().max()) for name, t in replayed.items()
-                if t.numel() and t.shape == saved[name].shape]
-        log(f"warning: the replay does not end at {from_dir}'s final params (largest difference "
-            f"{max(gaps, default=math.nan):.3g}): another machine or version; the audit attacks the replayed run")
+        return "exact"
+    gaps = [float((t.float() - saved[name].float()).abs().max()) for name, t in replayed.items()
+            if t.numel() and t.shape == saved[name].shape]
+    log(f"warning: the replay does not end at {from_dir}'s final params (largest difference "
+        f"{max(gaps, default=math.nan):.3g}): {warning}")
+    return "differs"
+
+
+def _recorded_metrics(path: Path) -> list[tuple] | None:
+    """Each round's (accuracy, loss) in a run's metrics.jsonl, or None without one."""
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["accuracy"], r["loss"]) for r in records]
 
 
 def _auxiliary(fed: Federation, options: AuditOptions, to_pixels: Callable,

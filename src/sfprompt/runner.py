@@ -172,10 +172,11 @@ def _rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], star
 
 
 def play_rounds(fed: Federation, executor: Runtime, log: Callable[[str], None],
-                last: int | None = None) -> torch.nn.Module:
+                last: int | None = None, records: list[dict] | None = None) -> torch.nn.Module:
     """The global params after round `last` (by default the probe rounds the run opens with; 0: none), played as
     `run` plays them (the same clients sampled, the same seeds, the same carry between stages), carried into the
-    stage of the round after it: those the next round starts from."""
+    stage of the round after it: those the next round starts from. Each round's metrics record is appended to
+    `records`, if given."""
     config, method = fed.config, fed.method
     if last is None:
         last = config.probe_rounds
@@ -190,6 +191,8 @@ def play_rounds(fed: Federation, executor: Runtime, log: Callable[[str], None],
         stage = method.stage(round_, config)
         sampled = _sampled(sampler, config, round_)
         record = _round(fed, stage, executor, round_, sampled, global_params, aggregator, log)
+        if records is not None:
+            records.append(record)
         log(f"round {round_} ({stage.name}) played" + ("" if record["accuracy"] is None
                                                         else f": accuracy {record['accuracy']:.4f}"))
     return global_params
