@@ -20,10 +20,13 @@
 # OUT (default results/forward-only-audit, and results/forward-only-audit-aggregated) and its table to DOC
 # (docs/benchmarks/forward-only-audit.md, and forward-only-audit-aggregated.md).
 #
-# SENDS=run attacks instead every send of the very runs whose accuracy forward_only.sh reports (its IID ones, in
-# RUNS, default results/forward-only/iid: the default recipe, a probe round of all 10 clients, 3 rounds of prompt
-# updates and a refit round), replayed by `sfprompt audit --from RUN --sends run` (each round's trajectory read with
-# the broadcast it started from; the replay is checked to end at the run's saved params). The victim is, in each
+# SENDS=run attacks instead every send of the runs whose accuracy forward_only.sh reports (its IID ones, in RUNS,
+# default results/forward-only/iid: the default recipe, a probe round of all 10 clients, 3 rounds of prompt updates
+# and a refit round), replayed by `sfprompt audit --from RUN --sends run` (each round's trajectory read with the
+# broadcast it started from; the replay is checked against the run's saved params, or, as these runs are kept
+# without them, each round's accuracy and loss: on a CPU whose float rounding differs from the one that made the
+# run, it is a run of the same recipe, seeds and sampled clients, not that run). The server's guess at the end also
+# reads the run's final model (audit.json's final_model), the second prior of the attacks. The victim is, in each
 # seed's run, the client its split rounds sampled most often (the lowest such id): the one whose steps the server
 # sees most. Rows: backprop, K = 1 (the default) and K = 1 with label DP at epsilon 3 by default; the audits and
 # table take "-run" after the names above (results/forward-only-audit-run, docs/benchmarks/forward-only-audit-run.md).
@@ -144,7 +147,10 @@ variables=()
     echo "send of one client's over the whole of each of forward_only.sh's IID runs (\`sfprompt audit --from RUN"
     echo "--sends run\`, which replays the run: with the default RUNS, the default recipe's probe round of all 10"
     echo "clients, 3 rounds of prompt updates and a refit round; each round's steps read from the broadcast it started"
-    echo "from). The victim is the"
+    echo "from). A replay is the run itself only where the float rounding matches the machine that made it; elsewhere"
+    echo "it is a run of the same recipe, seeds and sampled clients (each audit's log gives the replayed rounds'"
+    echo "accuracies, to hold against the run's metrics.jsonl: these runs are kept without their weights)."
+    echo "The victim is the"
     echo "client the run's rounds of prompt updates sampled most often (${victims%; }). Each figure is the"
     echo "share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
     broadcast="the newest tail it broadcast to it" uploaded="last uploaded tail (trained on its labels)"
@@ -167,8 +173,8 @@ variables=()
   if [ "$SENDS" = run ]; then
     echo "At the end of a run the server also holds the final model: its guess (the final tail on the rows of the"
     echo "refit round, which sends every sample with the final prompts) is a second label-free guess and a second prior"
-    echo "(the columns after the one-step ones); the advantage and the errors corrected are counted against the better"
-    echo "of the two guesses."
+    echo "(the final model's columns); the advantage and the best attack's errors corrected are counted against the"
+    echo "better of the two guesses."
   fi
   echo
   echo "$rows"

@@ -35,9 +35,9 @@ def corrected(audits: list[dict], attack: str, guess: str = "label_free") -> str
     nearly always right has too few for a share of its own); net of the right ones it makes wrong."""
     if not all(attack in audit for audit in audits):
         return ""
-    of = lambda audit: audit.get(guess, audit["label_free"])  # noqa: E731 (an audit from before the final model's)
-    wrong = sum(round((1 - of(audit)) * audit["samples"]) for audit in audits)
-    right = sum(round((audit[attack] - of(audit)) * audit["samples"]) for audit in audits)
+    guesses = [audit.get(guess, audit["label_free"]) for audit in audits]  # (one from before the final model's)
+    wrong = sum(round((1 - of) * audit["samples"]) for of, audit in zip(guesses, audits))
+    right = sum(round((audit[attack] - of) * audit["samples"]) for of, audit in zip(guesses, audits))
     return f"{right} of {wrong}" + (f" ({right / wrong:.0%})" if wrong else "")
 
 
@@ -59,13 +59,14 @@ def read(out: Path, rows: list[str], uploads: str, sends: str) -> dict[str, list
 
 def main(out: Path, rows: list[str], uploads: str, sends: str) -> None:
     found = read(out, rows, uploads, sends)
-    has = lambda key: any(key in a for audits in found.values() for a in audits)  # noqa: E731
-    columns = COLUMNS | (UPLOAD if has("upload_alone") else {}) | {key: name for key, name in FINAL.items() if has(key)}
-    if has("final_model"):  # the advantage over the better of the two guesses: last
+    held = {key for audits in found.values() for audit in audits for key in audit}  # the figures some audit has
+    columns = COLUMNS | (UPLOAD if "upload_alone" in held else {}) | {k: v for k, v in FINAL.items() if k in held}
+    broadcast = "the same, broadcast tail"
+    if "final_model" in held:  # the advantage over the better of the two guesses: last
         columns["advantage"] = columns.pop("advantage").replace("label-free", "best label-free")
+        broadcast = "broadcast tail's, against the uploaded tail's guess"
     print("| row | seeds | samples sent | steps read | " + " | ".join(columns.values())
-          + " | guess's errors corrected, best attack | the same, broadcast tail"
-          + " | one step: label-free | one step: trajectory |")
+          + f" | guess's errors corrected, best attack | {broadcast} | one step: label-free | one step: trajectory |")
     print("|---" * (len(columns) + 8) + "|")
     for name, audits in found.items():
         if not audits:

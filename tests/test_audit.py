@@ -395,11 +395,13 @@ def test_a_whole_run_audit_attacks_every_send_the_victim_makes_with_the_params_i
 
 
 @pytest.mark.parametrize("prompt_updates", ["backprop", "forward-only"])
-def test_over_a_whole_run_the_final_model_is_a_label_free_guess_and_a_prior(gray, tmp_path, prompt_updates):
+def test_over_a_whole_run_the_final_model_is_a_label_free_guess_and_a_prior(gray, tmp_path, prompt_updates,
+                                                                             monkeypatch):
     """A run closing with a refit round sends every sample once more with the final prompts: the final model's
     guess reads those rows through the final tail, which is what the final model predicts from the victim's own
     images. It is a label-free guess beside the uploaded tail's (the advantage is over the better one), and the
     attacks run again with it as their prior."""
+    from sfprompt import audit
     from sfprompt.audit import _label_accuracy, witness_run
     from sfprompt.federation import prepare
 
@@ -420,6 +422,34 @@ def test_over_a_whole_run_the_final_model_is_a_label_free_guess_and_a_prior(gray
     assert attacks[prompt_updates] in labels and labels["best_attack"] >= labels[attacks[prompt_updates]]
     one_round, _ = _label_accuracy(fed, 0, upload, seen, aggregated=False)  # one round's audit holds no final model
     assert "final_model" not in one_round and one_round["best_label_free"] == one_round["label_free"]
+    # the attacks do start from the final model's guess: from one sure of every label, the trajectory keeps them
+    # all, and the gradient attack keeps those of the samples no gradient was sent for
+    sure = torch.full((len(ids), 3), -1e4).scatter_(1, truth[:, None], 0.0)
+    monkeypatch.setattr(audit, "_final_model_scores", lambda final, seen: sure)
+    labels, _ = _label_accuracy(fed, 0, upload, seen, aggregated=False, final=final.cpu())
+    if prompt_updates == "forward-only":
+        assert labels["trajectory_final_prior"] == 1.0 > labels["trajectory"]
+    else:
+        sent = labels["samples_with_gradient"]
+        right = labels["gradient_where_received"] * sent + len(ids) - sent
+        assert labels["gradient_final_prior"] == pytest.approx(right / len(ids)) and sent < len(ids)
+
+
+def test_the_final_models_guess_averages_the_sends_made_with_its_prompts_else_all():
+    """Each sample's final-model scores come from its sends made with the final prompts (a refit round's), averaged,
+    or from all its sends where it made none with them (a run without a refit round)."""
+    from types import SimpleNamespace
+
+    from sfprompt.audit import _final_model_scores
+
+    final = SimpleNamespace(prompts=torch.ones(1, 2, 3), tail=lambda rows: rows[:, 0])  # the rows' first, as logits
+    rows = torch.randn(5, 1, 3)
+    seen = SimpleNamespace(params=[(torch.zeros(1, 2, 3), {}), (torch.ones(1, 2, 3), {})],
+                           batch=torch.tensor([0, 0, 0, 1, 1]), positions=torch.tensor([0, 1, 1, 0, 0]), rows=rows)
+    scores = _final_model_scores(final, seen)
+    logs = rows[:, 0].log_softmax(dim=1)
+    assert torch.allclose(scores[0], (logs[3] + logs[4]) / 2)  # its two sends with the final prompts
+    assert torch.allclose(scores[1], (logs[1] + logs[2]) / 2)  # none with them: both of its sends
 
 
 def test_a_whole_run_audit_of_a_victim_never_sampled_is_refused(gray, tmp_path):
@@ -465,8 +495,13 @@ def test_a_run_kept_without_its_params_is_checked_round_by_round(tmp_path):
     replayed = [ran[0], {"round": 2, "accuracy": 0.75, "loss": 0.5000001}]
     assert _check_replay(torch.nn.Module(), tmp_path, lines.append, replayed) == "differs"
     assert _check_replay(torch.nn.Module(), tmp_path, lines.append, ran[:1]) == "differs"  # a round short
-    assert "every round" in lines[0] and "round 2's accuracy and loss: (0.75, 0.5000001) against (0.75, 0.5)" in lines[1]
+    assert "every round" in lines[0]
+    assert "round 2's accuracy and loss: (0.75, 0.5000001) against (0.75, 0.5)" in lines[1]
     assert "round 2's accuracy and loss: none against (0.75, 0.5)" in lines[2]
+    unevaluated = [ran[0], {"round": 2, "accuracy": None, "loss": None}]  # a round one of them did not evaluate
+    assert _check_replay(torch.nn.Module(), tmp_path, lines.append, unevaluated) == "same metrics"
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(ran[0]) + "\n{\"round\": 2, \"accur")  # cut short
+    assert _check_replay(torch.nn.Module(), tmp_path, lines.append, ran) == "unchecked"
     (tmp_path / "metrics.jsonl").unlink()
     assert _check_replay(torch.nn.Module(), tmp_path, lines.append, ran) == "unchecked"
 

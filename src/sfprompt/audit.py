@@ -17,9 +17,10 @@ client holds), and are scored against the originals:
   re-identified if any attack re-identifies it: an upper bound on what the server can choose.
 - the class-mean image of the auxiliary data (of the image's true class): what the server gets with
   no attack at all.
-- labels: the server's label-free prediction from the activations, and inference from the
-  `backward` gradients (see `attacks.label_attacks`), or, with forward-only prompt updates, from the
-  prompts' trajectory (see `trajectory`).
+- labels: the server's label-free prediction from the activations (over a whole run, also the
+  final model's, which the server holds at its end), and inference from the `backward` gradients
+  (see `attacks.label_attacks`), or, with forward-only prompt updates, from the prompts' trajectory
+  (see `trajectory`), each from either guess.
 
 The attacker is given which of the sends belong to the same image (so it averages repeated sends),
 which it would otherwise have to work out: the audit errs on the attacker's side.
@@ -422,16 +423,17 @@ def _check_replay(final: torch.nn.Module, from_dir: Path, log: Callable[[str], N
     if not (from_dir / "global.safetensors").is_file():
         ran = _recorded_metrics(from_dir / "metrics.jsonl")
         if records is None or ran is None:
-            log(f"{from_dir} keeps no final params or metrics to check the replay against")
+            log(f"{from_dir} keeps no final params or readable metrics to check the replay against")
             return "unchecked"
-        replayed = [(r["accuracy"], r["loss"]) for r in records]
-        if replayed == ran:
+        replayed = [(r.get("accuracy"), r.get("loss")) for r in records]
+        # a round one of them did not evaluate (a run resumed with other --rounds or --eval-every) is not compared
+        parted = [i for i, (a, b) in enumerate(zip(replayed, ran)) if a != b and None not in (a[0], b[0])]
+        if not parted and len(replayed) == len(ran):
             log(f"the replay's rounds end at {from_dir}'s accuracy and loss in every round (it keeps no final params)")
             return "same metrics"
-        at = next((i for i, (a, b) in enumerate(zip(replayed, ran)) if a != b), min(len(replayed), len(ran)))
-        of = lambda pairs: pairs[at] if at < len(pairs) else "none"  # noqa: E731
+        at = parted[0] if parted else min(len(replayed), len(ran))
         log(f"warning: the replay does not follow {from_dir}'s rounds (round {at + 1}'s accuracy and loss: "
-            f"{of(replayed)} against {of(ran)}): {warning}")
+            f"{_at(replayed, at)} against {_at(ran, at)}): {warning}")
         return "differs"
     saved, _ = _saved_params(from_dir)
     replayed = {name: t.detach().cpu() for name, t in final.state_dict().items() if name in saved}
@@ -446,11 +448,17 @@ def _check_replay(final: torch.nn.Module, from_dir: Path, log: Callable[[str], N
 
 
 def _recorded_metrics(path: Path) -> list[tuple] | None:
-    """Each round's (accuracy, loss) in a run's metrics.jsonl, or None without one."""
-    if not path.is_file():
+    """Each round's (accuracy, loss) in a run's metrics.jsonl, or None without one that reads."""
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):  # none, or a line cut short
         return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["accuracy"], r["loss"]) for r in records]
+    return [(r.get("accuracy"), r.get("loss")) for r in records]
+
+
+def _at(pairs: list[tuple], at: int) -> tuple | str:
+    """The `at`-th round's pair, or "none" past the last."""
+    return pairs[at] if at < len(pairs) else "none"
 
 
 def _auxiliary(fed: Federation, options: AuditOptions, to_pixels: Callable,
@@ -508,13 +516,13 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     over the best guess without the messages, and how many samples it sent. The server's own guess, and the attacks'
     prior, read every send through the tail it holds for the victim: its uploaded tail, or under secure aggregation
     (`aggregated`) the newest tail it broadcast to it; then `upload_alone` is what the upload would have named by
-    itself. Over a whole run (`final`: its final global params), the server also holds the model the run ends with:
-    its guess (`final_model`, see `_final_model_scores`) is a second label-free guess, and a second prior for the
-    attacks (their `*_final_prior` guesses). Each gradient is read through the tail that computed it (`gradient`: an upper bound, as forward-only's
-    `trajectory` is; the client's tail moves with every step) and through the tail broadcast for its round
-    (`gradient_broadcast_tail`, which the server holds either way). Without gradients, the attack reads the
-    forward-only prompt trajectory, or a linear-probe client's uploaded statistics (none under secure
-    aggregation)."""
+    itself. Over a whole run (`final`: its final global params), the server also holds the model the run ends
+    with: its guess (`final_model`, see `_final_model_scores`) is a second label-free guess, and a second prior
+    for the attacks (their `*_final_prior` guesses). Each gradient is read through the tail that computed it
+    (`gradient`: an upper bound, as forward-only's `trajectory` is; the client's tail moves with every step) and
+    through the tail broadcast for its round (`gradient_broadcast_tail`, which the server holds either way).
+    Without gradients, the attack reads the forward-only prompt trajectory, or a linear-probe client's uploaded
+    statistics (none under secure aggregation)."""
     num_classes, defence, figures, uploaded = fed.model.num_classes, fed.model.defence, {}, {}
     ids = seen.positions.unique()
     truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
@@ -558,26 +566,31 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     if final_scores is not None:
         guesses["final_model"] = final_scores.argmax(dim=1)
     accuracy = {name: float((guess == truth).float().mean()) for name, guess in guesses.items()}
-    accuracy["best_label_free"] = max(accuracy[name] for name in LABEL_FREE if name in accuracy)
-    accuracy["best_attack"] = max((value for name, value in accuracy.items() if name not in LABEL_FREE
-                                   and name != "best_label_free"),
-                                  default=accuracy["best_label_free"])  # no attack applies: the guess without one
-    accuracy["advantage"] = accuracy["best_attack"] - accuracy["best_label_free"]
+    best_label_free = max(accuracy[name] for name in LABEL_FREE if name in accuracy)
+    accuracy["best_attack"] = max((value for name, value in accuracy.items() if name not in LABEL_FREE),
+                                  default=best_label_free)  # no attack applies: the guess without one
+    accuracy["best_label_free"] = best_label_free
+    accuracy["advantage"] = accuracy["best_attack"] - best_label_free
     return accuracy | figures, len(truth)
 
 
 def _final_model_scores(final: torch.nn.Module, seen: Witnessed) -> torch.Tensor:
     """The log-probabilities (n, C) of each sample the victim sent under the run's final global model: its tail on the
     rows the server returned for the sends made with the final prompts (a closing refit round's, which send every
-    sample with them), or, for a sample sent with none, on all of its sends' rows. A label-free guess the server
-    holds at the end of any run (under secure aggregation too: the final model is the federation's output)."""
+    sample with them), or, for a sample sent with none, on all of its sends' rows; averaged over those sends (they
+    see one image: summed, a prior would count it once a send). A label-free guess the server holds at the end of
+    any run (under secure aggregation too: the final model is the federation's output)."""
     prompts = final.prompts.detach().cpu()
     current = torch.tensor([torch.equal(sent, prompts) for sent, _ in seen.params])[seen.batch]  # (S,)
     scores = attacks.log_probs(final.tail, seen.rows)
-    everywhere = attacks.per_sample(scores, seen.positions)
-    with_final = attacks.per_sample(scores * current[:, None], seen.positions)
-    has_final = attacks.per_sample(current[:, None].float(), seen.positions)[:, 0] > 0
-    return torch.where(has_final[:, None], with_final, everywhere)
+
+    def mean_over(sends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # of each sample's `sends`, and how many
+        counts = attacks.per_sample(sends[:, None].float(), seen.positions)
+        summed = attacks.per_sample(torch.where(sends[:, None], scores, 0.0), seen.positions)
+        return summed / counts.clamp_min(1), counts[:, 0]
+
+    with_final, finals = mean_over(current)
+    return torch.where(finals[:, None] > 0, with_final, mean_over(torch.ones_like(current))[0])
 
 
 def _broadcast_tails(template: torch.nn.Module, seen: Witnessed, rounds) -> dict[int, torch.nn.Module]:
