@@ -23,10 +23,12 @@ COLUMNS = {  # audit.json's labels -> the column
     "advantage": "best attack - label-free",
 }
 UPLOAD = {"upload_alone": "the upload alone"}  # audits with --uploads aggregated: what it would have named by itself
-FINAL = {  # a whole run's audits: the final model's guess, and the attacks with it as their prior
+FINAL = {  # where an audit has them: a whole run's final model's guess, the attacks with it as their prior, and
+    # the trajectory through the tails the server replays (audits made before these lack them)
     "final_model": "final model's guess",
     "gradient_final_prior": "gradient attack, final model elsewhere",
     "trajectory_final_prior": "trajectory from the final model's guess",
+    "trajectory_replayed_tail": "trajectory, replayed tails",
 }
 
 

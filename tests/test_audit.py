@@ -428,11 +428,35 @@ def test_over_a_whole_run_the_final_model_is_a_label_free_guess_and_a_prior(gray
     monkeypatch.setattr(audit, "_final_model_scores", lambda final, seen: sure)
     labels, _ = _label_accuracy(fed, 0, upload, seen, aggregated=False, final=final.cpu())
     if prompt_updates == "forward-only":
-        assert labels["trajectory_final_prior"] == 1.0 > labels["trajectory"]
+        assert labels["trajectory_final_prior"] == labels["trajectory_replayed_tail"] == 1.0 > labels["trajectory"]
     else:
         sent = labels["samples_with_gradient"]
         right = labels["gradient_where_received"] * sent + len(ids) - sent
         assert labels["gradient_final_prior"] == pytest.approx(right / len(ids)) and sent < len(ids)
+
+
+@pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
+def test_the_server_replays_each_steps_tail_from_the_broadcast_and_the_rows_it_computed(gray, tmp_path, proximal_mu):
+    """At the client's labels, the tails the server replays (first-order steps from each round's broadcast on the
+    unperturbed rows, the run's optimiser, FedProx's pull included) are the client's own: what the
+    `trajectory_replayed_tail` attack lacks is only the labels."""
+    from sfprompt.audit import _replayed_tails, witness_run
+    from sfprompt.federation import prepare
+
+    fed = prepare(audit_config(gray, tmp_path, rounds=2, probe_rounds=0, refit_rounds=0, prompt_updates="forward-only",
+                               perturbation=0.3, proximal_mu=proximal_mu, lr=0.01,
+                               aggregator="fedprox" if proximal_mu else "fedavg"))
+    seen, _ = witness_run(fed, 0, lambda _: None)
+    ids = seen.positions.unique()
+    truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
+    upload = fed.method.new_params(fed.model)
+    tails = _replayed_tails(fed, seen, truth, ids, upload.tail)
+    assert len(tails) == len(seen.evaluates) and len({e.round for e in seen.evaluates}) == 2
+    for tail, e in zip(tails, seen.evaluates):
+        for name, value in tail.state_dict().items():
+            assert torch.allclose(value, e.tail[name], atol=1e-6), name
+    wrong = _replayed_tails(fed, seen, (truth + 1) % 3, ids, upload.tail)[-1].state_dict()
+    assert not all(torch.allclose(value, seen.evaluates[-1].tail[name], atol=1e-6) for name, value in wrong.items())
 
 
 def test_the_final_models_guess_averages_the_sends_made_with_its_prompts_else_all():

@@ -319,7 +319,8 @@ def test_the_forward_only_audit_benchmark_attacks_whole_runs_with_sends_run(tmp_
     assert f"(seed 0: client {victim})" in text and "read the newest tail it broadcast to it" in text
     # the final model the run ends with: a second label-free guess, and a second prior for the trajectory
     assert {"final_model", "trajectory_final_prior", "best_label_free"} <= set(audit["labels"])
-    assert "| final model's guess | trajectory from the final model's guess | best attack - best label-free |" in text
+    assert ("| final model's guess | trajectory from the final model's guess | trajectory, replayed tails "
+            "| best attack - best label-free |") in text
     other = run_benchmark("forward_only_audit.sh", tmp_path, **(whole | {"RUNS": str(tmp_path / "other")}))
     assert other.returncode == 2 and "is not an audit of" in other.stderr  # not passed off as another run's
     mixed = run_benchmark("forward_only_audit.sh", tmp_path, SEEDS="0", ROWS="forward-only-2", UPLOADS="aggregated",

@@ -39,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm.auto import tqdm
@@ -52,6 +53,7 @@ from .defence import local_epsilon, releases
 from .federation import Federation, prepare
 from .inprocess import InProcessRuntime, client_round
 from .meter import DOWN, UP, PeakMemory
+from .optim import build_optimizer
 from .runner import play_rounds
 from .runs import own_folder
 from .seeds import client_seed
@@ -614,7 +616,9 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
     explain the randomized labels, so the attack infers those (their prior: the label-free guess through randomized
     response) and then, as a Bayesian attacker who knows the rate, each true label from its randomized one and the
     label-free guess. With the final model's scores (`final_scores`, a whole run's), the search runs again from
-    that guess, with it as the prior (`trajectory_final_prior`). `unexplained_at_truth` checks the attack's model
+    that guess, with it as the prior (`trajectory_final_prior`). `trajectory_replayed_tail` needs no tail the
+    server does not hold: from the better guess it replays each step's tail (`_replayed_tails`), searches with
+    those, and replays again under what it found (`REPLAYS` times). `unexplained_at_truth` checks the attack's model
     of the steps: its residual at the labels the client's losses were taken at (the true ones, or the randomized
     ones)."""
     config, model, classes = fed.config, fed.clients[victim].model, fed.model.num_classes
@@ -664,6 +668,14 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
         final_posterior = final_scores.log_softmax(dim=1)
         guesses["trajectory_final_prior"] = true_labels(
             trajectory.infer_labels(exact, shown_prior(final_posterior), known)[0], final_posterior)
+    # what the server can do without the client's tails: replay them under its guess, search, replay again
+    best_posterior = posterior if final_scores is None else final_posterior
+    guess = best_posterior.argmax(dim=1)
+    for _ in range(REPLAYS):
+        tails = dict(zip(map(id, evaluates), _replayed_tails(fed, seen, guess, ids, upload.tail)))
+        guess = true_labels(trajectory.infer_labels(steps(lambda e: tails[id(e)]), shown_prior(best_posterior),
+                                                    known)[0], best_posterior)
+    guesses["trajectory_replayed_tail"] = guess
     one_step = [(true_labels(trajectory.infer_labels([s], shown_prior(posterior), factors[s.round])[0],
                              posterior)[s.samples] == truth[s.samples]).double().mean() for s in exact]
     label_free = [(prior.argmax(dim=1)[s.samples] == truth[s.samples]).double().mean() for s in exact]
@@ -672,6 +684,35 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
     return guesses, {"steps_read": len(exact), "unexplained_at_truth": trajectory.unexplained(exact, shown_truth, known),
                      "one_step": {"label_free": float(torch.stack(label_free).mean()),
                                   "trajectory": float(torch.stack(one_step).mean())}}
+
+
+REPLAYS = 3  # rounds of replaying the tails and searching again (on the whole-run audits' recorded messages the
+# third found labels the first two did not, and later ones none more)
+
+
+def _replayed_tails(fed: Federation, seen: Witnessed, labels: torch.Tensor, ids: torch.Tensor,
+                    template: torch.nn.Module) -> list[torch.nn.Module]:
+    """The tail each forward-only step (`seen.evaluates`, in order) used, as the server can replay it: from the
+    round's broadcast tail, the client's first-order step on the unperturbed rows the server returned (`rows[0]`)
+    at `labels` (its guess of the samples `ids`), with the run's optimiser (Adam's moments are per parameter, so
+    the tail's alone replay; FedProx's pull towards the broadcast included). At the true labels these are the
+    client's tails, to float rounding (tested)."""
+    settings, tails, round_ = fed.settings, [], None
+    for e in seen.evaluates:
+        if e.round != round_:  # each round's steps start from its broadcast, with a fresh optimiser
+            round_ = e.round
+            tail = _tail_of(template, _tail_state(seen.broadcasts[round_])).train().requires_grad_(True)
+            anchor = [p.detach().clone() for p in tail.parameters()]
+            optimizer = build_optimizer([{"params": list(tail.parameters()), "lr": settings.lr}], settings)
+        tails.append(copy.deepcopy(tail).eval().requires_grad_(False))
+        optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            F.cross_entropy(tail(e.rows[0]), labels[torch.searchsorted(ids, e.positions)]).backward()
+        with torch.no_grad():
+            for p, a in zip(tail.parameters(), anchor):
+                p.grad.add_(p - a, alpha=settings.proximal_mu)
+        optimizer.step()
+    return tails
 
 
 def _tail_of(template: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
