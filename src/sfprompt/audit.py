@@ -686,8 +686,8 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
                                   "trajectory": float(torch.stack(one_step).mean())}}
 
 
-REPLAYS = 3  # rounds of replaying the tails and searching again (on the whole-run audits' recorded messages the
-# third found labels the first two did not, and later ones none more)
+REPLAYS = 3  # rounds of replaying the tails and searching again (on one seed of the whole-run audits' recorded
+# messages the third found labels the first two had not; on the two others, six found none the first two had not)
 
 
 def _replayed_tails(fed: Federation, seen: Witnessed, labels: torch.Tensor, ids: torch.Tensor,
