@@ -153,15 +153,15 @@ variables=()
     echo "The victim is the"
     echo "client the run's rounds of prompt updates sampled most often (${victims%; }). Each figure is the"
     echo "share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
+    echo "the seeds (each its own run)."
     broadcast="the newest tail it broadcast to it" uploaded="last uploaded tail (trained on its labels)"
   else
     echo "$setting client 0's first round of"
     echo "prompt updates after a probe round of round 1's 5 clients (\`--probe-clients 5\`; the prompts at the tail's rate,"
     echo "\`--refit-rounds 0\`), attacked by \`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
+    echo "the seeds (each its own partition, prompts and client 0)."
     broadcast="the tail it broadcast" uploaded="uploaded tail (trained on its labels this round)"
   fi
-  if [ "$SENDS" = run ]; then echo "the seeds (each its own run)."; else
-    echo "the seeds (each its own partition, prompts and client 0)."; fi
   if [ "$UPLOADS" = aggregated ]; then
     echo "The server holds the uploads only summed (\`--uploads aggregated\`, secure aggregation): its label-free guess,"
     echo "and the attacks' prior, read $broadcast; the upload alone is what the victim's uploaded tail would"

@@ -39,7 +39,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm.auto import tqdm
@@ -673,8 +672,8 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
     guess = best_posterior.argmax(dim=1)
     for _ in range(REPLAYS):
         tails = dict(zip(map(id, evaluates), _replayed_tails(fed, seen, guess, ids, upload.tail)))
-        guess = true_labels(trajectory.infer_labels(steps(lambda e: tails[id(e)]), shown_prior(best_posterior),
-                                                    known)[0], best_posterior)
+        replayed = steps(lambda e, tails=tails: tails[id(e)])
+        guess = true_labels(trajectory.infer_labels(replayed, shown_prior(best_posterior), known)[0], best_posterior)
     guesses["trajectory_replayed_tail"] = guess
     one_step = [(true_labels(trajectory.infer_labels([s], shown_prior(posterior), factors[s.round])[0],
                              posterior)[s.samples] == truth[s.samples]).double().mean() for s in exact]
@@ -694,9 +693,9 @@ def _replayed_tails(fed: Federation, seen: Witnessed, labels: torch.Tensor, ids:
                     template: torch.nn.Module) -> list[torch.nn.Module]:
     """The tail each forward-only step (`seen.evaluates`, in order) used, as the server can replay it: from the
     round's broadcast tail, the client's first-order step on the unperturbed rows the server returned (`rows[0]`)
-    at `labels` (its guess of the samples `ids`), with the run's optimiser (Adam's moments are per parameter, so
-    the tail's alone replay; FedProx's pull towards the broadcast included). At the true labels these are the
-    client's tails, to float rounding (tested)."""
+    at `labels` (its guess of the samples `ids`), by the client's own `_tail_step`, with the run's optimiser (Adam's
+    moments are per parameter, so the tail's alone replay; FedProx's pull towards the broadcast included). At the
+    true labels these are the client's tails, to float rounding (tested)."""
     settings, tails, round_ = fed.settings, [], None
     for e in seen.evaluates:
         if e.round != round_:  # each round's steps start from its broadcast, with a fresh optimiser
@@ -705,9 +704,9 @@ def _replayed_tails(fed: Federation, seen: Witnessed, labels: torch.Tensor, ids:
             anchor = [p.detach().clone() for p in tail.parameters()]
             optimizer = build_optimizer([{"params": list(tail.parameters()), "lr": settings.lr}], settings)
         tails.append(copy.deepcopy(tail).eval().requires_grad_(False))
-        optimizer.zero_grad(set_to_none=True)
+        guessed = labels[torch.searchsorted(ids, e.positions)]
         with torch.enable_grad():
-            F.cross_entropy(tail(e.rows[0]), labels[torch.searchsorted(ids, e.positions)]).backward()
+            Client._tail_step(tail, e.rows[0].detach(), guessed, guessed, optimizer)
         with torch.no_grad():
             for p, a in zip(tail.parameters(), anchor):
                 p.grad.add_(p - a, alpha=settings.proximal_mu)
