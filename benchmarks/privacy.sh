@@ -47,6 +47,8 @@ rows=(
     "pool-2-dp-epsilon-8|--client-blocks 0 --pool-tokens 2 --clip-norm 5 --noise-multiplier 4"
     "label-epsilon-1|--client-blocks 0 --pool-tokens 0 --label-epsilon 1"
     "label-epsilon-3|--client-blocks 0 --pool-tokens 0 --label-epsilon 3"
+    "forward-only-1|--client-blocks 0 --pool-tokens 0 --prompt-updates forward-only --directions 1 --shared-rows once"
+    "forward-only-1-label-epsilon-3|--client-blocks 0 --pool-tokens 0 --prompt-updates forward-only --directions 1 --shared-rows once --label-epsilon 3"
     "linear-probe|--method linear-probe --client-blocks 0 --pool-tokens 0"
 )
 

@@ -18,17 +18,19 @@ from table import spread  # the script's folder is on sys.path
 
 START, END = "<!-- privacy-table -->", "<!-- /privacy-table -->"
 OPTIONS = ("client_blocks", "pool_tokens", "shuffle_tokens", "clip_norm", "noise_multiplier", "label_epsilon")
+FORWARD_ONLY = ("prompt_updates", "directions", "shared_rows")  # shown where prompts step without a gradient
 
 
 def options(config: dict) -> str:
     """The privacy options a row was run with, as flags (and its method, when it is not SFPrompt)."""
     flags = [] if config["method"] == "sfprompt" else [f"--method {config['method']}"]
-    for name in OPTIONS:
+    forward_only = config.get("prompt_updates") == "forward-only"  # runs before the option have no key
+    for name in OPTIONS + FORWARD_ONLY * forward_only:
         value = config[name]
         if value in (None, False, 0, 0.0):
             continue
         flag = "--" + name.replace("_", "-")
-        flags.append(flag if value is True else f"{flag} {value:g}")
+        flags.append(flag if value is True else f"{flag} {value}" if isinstance(value, str) else f"{flag} {value:g}")
     return " ".join(flags) or "(none)"
 
 

@@ -207,13 +207,15 @@ def test_the_privacy_benchmark_reruns_and_writes_its_table(tmp_path):
     """`bash benchmarks/privacy.sh`, docs/privacy.md's command, end to end at a tiny size: runs, audits, table."""
     document = tmp_path / "privacy.md"
     document.write_text("before\n<!-- privacy-table -->\nstale\n<!-- /privacy-table -->\nafter\n")
-    done = run_benchmark("privacy.sh", tmp_path, DOC=str(document), ROWS="shuffle", SEEDS="0 1", SENDS="round")  # one
-    assert done.returncode == 0, done.stderr[-3000:]  # row: the table's rows are one loop, each row's runs the cost
+    done = run_benchmark("privacy.sh", tmp_path, DOC=str(document), ROWS="shuffle forward-only-1", SEEDS="0 1",
+                         SENDS="round")  # two rows: the table's rows are one loop, each row's runs the cost
+    assert done.returncode == 0, done.stderr[-3000:]
     text = document.read_text()
     assert text.startswith("before\n<!-- privacy-table -->\n| configuration |") and "stale" not in text
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
-    assert len(rows) == 1 and rows[0].startswith("| shuffle |") and "(2 seeds)" in rows[0]
+    assert len(rows) == 2 and rows[0].startswith("| shuffle |") and all("(2 seeds)" in row for row in rows)
     assert "`--shuffle-tokens`" in rows[0]
+    assert "`--prompt-updates forward-only --directions 1 --shared-rows once`" in rows[1]  # no gradient message
     assert (tmp_path / "privacy" / "shuffle.png").is_file()
     audit = tmp_path / "runs" / "shuffle" / "seed-0" / "audit.json"
     assert json.loads(audit.read_text())["sends"] == "round" and "sends of one round" in text
@@ -434,6 +436,30 @@ def test_over_a_whole_run_the_final_model_is_a_label_free_guess_and_a_prior(gray
         right = labels["gradient_where_received"] * sent + len(ids) - sent
         assert labels["gradient_final_prior"] == pytest.approx(right / len(ids)) and sent < len(ids)
 
+
+
+@pytest.mark.parametrize("prompt_updates", ["backprop", "forward-only"])
+def test_under_label_dp_the_final_models_guess_weighs_the_randomized_labels(gray, tmp_path, prompt_updates,
+                                                                         monkeypatch):
+    """With --label-epsilon the messages show randomized labels: a server that knows the rate combines each with
+    the final model's guess (Bayes). From a guess sure of every label, that names every label, where the messages
+    alone name only those randomized response kept."""
+    from sfprompt import audit
+    from sfprompt.audit import _label_accuracy, witness_run
+    from sfprompt.federation import prepare
+
+    fed = prepare(audit_config(gray, tmp_path, rounds=3, prompt_updates=prompt_updates, perturbation=0.3,
+                               label_epsilon=1.0))
+    seen, final = witness_run(fed, 0, lambda _: None)
+    upload = fed.method.new_params(fed.model)
+    upload.load_state_dict(seen.upload.tensors)
+    ids = seen.positions.unique()
+    truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
+    sure = torch.full((len(ids), 3), -1e4).scatter_(1, truth[:, None], 0.0)
+    monkeypatch.setattr(audit, "_final_model_scores", lambda final, seen: sure)
+    labels, _ = _label_accuracy(fed, 0, upload, seen, aggregated=False, final=final.cpu())
+    attack = {"backprop": "gradient", "forward-only": "trajectory"}[prompt_updates]
+    assert labels[f"{attack}_final_prior"] == 1.0 > labels[attack]  # the randomized labels alone: some flipped
 
 @pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
 def test_the_server_replays_each_steps_tail_from_the_broadcast_and_the_rows_it_computed(gray, tmp_path, proximal_mu):
