@@ -8,7 +8,7 @@
 # so the benchmark can be stopped and restarted at any time, and the table can be written at any point
 # from what is finished (it says how many seeds each accuracy rests on).
 #
-#   bash benchmarks/privacy.sh            # about 6.5 hours of one core (runs 4.5, audits 2; seed 0 alone 4)
+#   bash benchmarks/privacy.sh            # about 8.5 hours of one core (runs 6, audits 2.5; seed 0 alone 5)
 #   SHARED=/path/to/shared OUT=results/privacy SEEDS="0" ROWS="none pool-2" bash benchmarks/privacy.sh
 #
 # ROWS picks some configurations by name (all by default), so that two copies can share the work,

@@ -25,12 +25,15 @@ def options(config: dict) -> str:
     """The privacy options a row was run with, as flags (and its method, when it is not SFPrompt)."""
     flags = [] if config["method"] == "sfprompt" else [f"--method {config['method']}"]
     forward_only = config.get("prompt_updates") == "forward-only"  # runs before the option have no key
-    for name in OPTIONS + FORWARD_ONLY * forward_only:
+    for name in OPTIONS + (FORWARD_ONLY if forward_only else ()):
         value = config[name]
         if value in (None, False, 0, 0.0):
             continue
         flag = "--" + name.replace("_", "-")
-        flags.append(flag if value is True else f"{flag} {value}" if isinstance(value, str) else f"{flag} {value:g}")
+        if value is True:
+            flags.append(flag)
+        else:
+            flags.append(f"{flag} {value if isinstance(value, str) else format(value, 'g')}")
     return " ".join(flags) or "(none)"
 
 

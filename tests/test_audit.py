@@ -437,13 +437,12 @@ def test_over_a_whole_run_the_final_model_is_a_label_free_guess_and_a_prior(gray
         assert labels["gradient_final_prior"] == pytest.approx(right / len(ids)) and sent < len(ids)
 
 
-
 @pytest.mark.parametrize("prompt_updates", ["backprop", "forward-only"])
 def test_under_label_dp_the_final_models_guess_weighs_the_randomized_labels(gray, tmp_path, prompt_updates,
                                                                          monkeypatch):
-    """With --label-epsilon the messages show randomized labels: a server that knows the rate combines each with
-    the final model's guess (Bayes). From a guess sure of every label, that names every label, where the messages
-    alone name only those randomized response kept."""
+    """With --label-epsilon the messages show randomized labels: a server that knows the rate weighs each against
+    the final model's guess (Bayes). A guess sure of every label outweighs them all; a weak one (the truth by 0.5
+    nats, under the log(keep / flip) = 1 nat a shown label carries at epsilon 1 with 3 classes) outweighs none."""
     from sfprompt import audit
     from sfprompt.audit import _label_accuracy, witness_run
     from sfprompt.federation import prepare
@@ -455,11 +454,20 @@ def test_under_label_dp_the_final_models_guess_weighs_the_randomized_labels(gray
     upload.load_state_dict(seen.upload.tensors)
     ids = seen.positions.unique()
     truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
-    sure = torch.full((len(ids), 3), -1e4).scatter_(1, truth[:, None], 0.0)
-    monkeypatch.setattr(audit, "_final_model_scores", lambda final, seen: sure)
-    labels, _ = _label_accuracy(fed, 0, upload, seen, aggregated=False, final=final.cpu())
-    attack = {"backprop": "gradient", "forward-only": "trajectory"}[prompt_updates]
-    assert labels[f"{attack}_final_prior"] == 1.0 > labels[attack]  # the randomized labels alone: some flipped
+
+    def attacked(margin: float) -> dict:  # the final model's guess: the truth, by `margin` nats over each other label
+        scores = torch.zeros(len(ids), 3).scatter_(1, truth[:, None], margin)
+        monkeypatch.setattr(audit, "_final_model_scores", lambda final, seen: scores)
+        return _label_accuracy(fed, 0, upload, seen, aggregated=False, final=final.cpu())[0]
+
+    attack = {"backprop": "gradient_final_prior", "forward-only": "trajectory_final_prior"}[prompt_updates]
+    sure, weak = attacked(1e4), attacked(0.5)
+    assert sure[attack] == 1.0 > weak[attack]  # the randomized labels shown are kept under the weak guess
+    if prompt_updates == "backprop":  # where a gradient was sent its label stands, elsewhere the guess's
+        sent = weak["samples_with_gradient"]
+        right = weak["gradient_where_received"] * sent + len(ids) - sent
+        assert weak[attack] == pytest.approx(right / len(ids)) and weak["gradient_where_received"] < 1
+
 
 @pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
 def test_the_server_replays_each_steps_tail_from_the_broadcast_and_the_rows_it_computed(gray, tmp_path, proximal_mu):

@@ -219,7 +219,8 @@ def privacy_notice(config) -> str:
                  "attack named 57 % of the labels the server's own guess got wrong at --directions 1 and 89 % at 4 "
                  "(on mnist-5k, knowing the client's tail, where that guess was nearly always right), and from a "
                  "whole run's of the default recipe, searching from the final model's guess, up to 2.5 points over "
-                 "it at --directions 1 (--label-epsilon 3 kept that to a quarter point)")
+                 "it at --directions 1 knowing each step's tail, 1.5 replaying the tails itself (--label-epsilon 3 "
+                 "kept the first to a quarter point)")
         labels = ("no gradient is sent (forward-only), but the server reads each prompt step's loss differences back "
                   f"from the prompts it receives, {steps}; each client uploads a tail trained on its true labels")
     elif config.label_epsilon is None:
