@@ -707,9 +707,7 @@ def _replayed_tails(fed: Federation, seen: Witnessed, labels: torch.Tensor, ids:
         guessed = labels[torch.searchsorted(ids, e.positions)]
         with torch.enable_grad():
             Client._tail_step(tail, e.rows[0].detach(), guessed, guessed, optimizer)
-        with torch.no_grad():
-            for p, a in zip(tail.parameters(), anchor):
-                p.grad.add_(p - a, alpha=settings.proximal_mu)
+        Client._proximal_pull(zip(tail.parameters(), anchor), settings.proximal_mu)
         optimizer.step()
     return tails
 

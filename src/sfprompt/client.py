@@ -471,11 +471,18 @@ class Client:
         """The optimizer's step, after FedProx's proximal term (--proximal-mu: mu/2 ||w - w_received||^2 over the global
         params this client trains) adds its gradient mu (w - w_received) to theirs."""
         if ctx.anchor is not None:
-            with torch.no_grad():
-                for name, param in ctx.params.named_parameters():
-                    if param.grad is not None and name in ctx.anchor:
-                        param.grad.add_(param - ctx.anchor[name], alpha=self.settings.proximal_mu)
+            self._proximal_pull(((param, ctx.anchor[name]) for name, param in ctx.params.named_parameters()
+                                 if name in ctx.anchor), self.settings.proximal_mu)
         optimizer.step()
+
+    @staticmethod
+    def _proximal_pull(pairs, mu: float) -> None:
+        """FedProx's gradient mu (w - w_received) added to each (w, w_received) pair's w.grad, where w has one (the
+        audit replays a client's tail steps with it)."""
+        with torch.no_grad():
+            for param, received in pairs:
+                if param.grad is not None:
+                    param.grad.add_(param - received, alpha=mu)
 
     def _loader(self, data: Dataset, ctx: RoundContext, shuffle: bool = True):
         """Mini-batches (images, labels[, positions]) on the device, shuffled by the round's generator,
