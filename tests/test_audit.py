@@ -31,6 +31,21 @@ def audit_config(folder, tmp_path, **changes):
     return Config(**(options | changes))
 
 
+def witnessed_run(folder, tmp_path, **changes):
+    """A whole run of `audit_config` witnessed at client 0 (`audit.witness_run`): the federation, what the server
+    saw, the final params, the victim's upload, the samples it sent (ids, ascending) and each one's true label."""
+    from sfprompt.audit import witness_run
+    from sfprompt.federation import prepare
+
+    fed = prepare(audit_config(folder, tmp_path, **changes))
+    seen, final = witness_run(fed, 0, lambda _: None)
+    upload = fed.method.new_params(fed.model)
+    upload.load_state_dict(seen.upload.tensors)
+    ids = seen.positions.unique()
+    truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
+    return fed, seen, final, upload, ids, truth
+
+
 def test_the_attacks_recover_undefended_images_and_labels(gray, tmp_path):
     result = run_audit(audit_config(gray, tmp_path), QUICK, progress=False, log=lambda _: None)
     best, labels = result["reconstruction"]["best"], result["labels"]
@@ -347,16 +362,11 @@ def test_under_secure_aggregation_a_whole_run_is_read_through_the_newest_tail_br
     newest tail it broadcast to the victim (the probe round's broadcast has a classifier not yet fitted), and each
     gradient through the tail broadcast for its own round."""
     from sfprompt.attacks import label_attacks, per_sample
-    from sfprompt.audit import _label_accuracy, _tail_of, _tail_state, witness_run
-    from sfprompt.federation import prepare
+    from sfprompt.audit import _label_accuracy, _tail_of, _tail_state
 
-    fed = prepare(audit_config(gray, tmp_path, rounds=3, lr=1.0))
-    seen, _ = witness_run(fed, 0, lambda _: None)
-    upload = fed.method.new_params(fed.model)
-    upload.load_state_dict(seen.upload.tensors)
+    fed, seen, _, upload, _, truth = witnessed_run(gray, tmp_path, rounds=3, lr=1.0)
     labels, _ = _label_accuracy(fed, 0, upload, seen, aggregated=True)
     assert seen.rounds == 3 and seen.sent_in.unique().tolist() == [0, 1, 2]
-    truth = torch.stack([seen.labels[seen.positions == p][0] for p in seen.positions.unique()])
     share = lambda guess: float((guess == truth).float().mean())  # noqa: E731
     tails = [_tail_of(upload.tail, _tail_state(b)) for b in seen.broadcasts]
     with torch.no_grad():
@@ -404,17 +414,12 @@ def test_over_a_whole_run_the_final_model_is_a_label_free_guess_and_a_prior(gray
     images. It is a label-free guess beside the uploaded tail's (the advantage is over the better one), and the
     attacks run again with it as their prior."""
     from sfprompt import audit
-    from sfprompt.audit import _label_accuracy, witness_run
-    from sfprompt.federation import prepare
+    from sfprompt.audit import _label_accuracy
 
-    fed = prepare(audit_config(gray, tmp_path, rounds=3, prompt_updates=prompt_updates, perturbation=0.3))
+    fed, seen, final, upload, ids, truth = witnessed_run(gray, tmp_path, rounds=3, prompt_updates=prompt_updates,
+                                                         perturbation=0.3)
     assert (fed.config.probe_rounds, fed.config.refit_rounds) == (1, 1)
-    seen, final = witness_run(fed, 0, lambda _: None)
-    upload = fed.method.new_params(fed.model)
-    upload.load_state_dict(seen.upload.tensors)
     labels, samples = _label_accuracy(fed, 0, upload, seen, aggregated=False, final=final.cpu())
-    ids = seen.positions.unique()
-    truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
     with torch.no_grad():
         predicted = fed.model.logits(torch.stack([seen.images[int(p)] for p in ids]), final).argmax(1)
     assert samples == len(ids) == 36 and labels["final_model"] == float((predicted == truth).float().mean())
@@ -444,16 +449,10 @@ def test_under_label_dp_the_final_models_guess_weighs_the_randomized_labels(gray
     the final model's guess (Bayes). A guess sure of every label outweighs them all; a weak one (the truth by 0.5
     nats, under the log(keep / flip) = 1 nat a shown label carries at epsilon 1 with 3 classes) outweighs none."""
     from sfprompt import audit
-    from sfprompt.audit import _label_accuracy, witness_run
-    from sfprompt.federation import prepare
+    from sfprompt.audit import _label_accuracy
 
-    fed = prepare(audit_config(gray, tmp_path, rounds=3, prompt_updates=prompt_updates, perturbation=0.3,
-                               label_epsilon=1.0))
-    seen, final = witness_run(fed, 0, lambda _: None)
-    upload = fed.method.new_params(fed.model)
-    upload.load_state_dict(seen.upload.tensors)
-    ids = seen.positions.unique()
-    truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
+    fed, seen, final, upload, ids, truth = witnessed_run(gray, tmp_path, rounds=3, prompt_updates=prompt_updates,
+                                                         perturbation=0.3, label_epsilon=1.0)
 
     def attacked(margin: float) -> dict:  # the final model's guess: the truth, by `margin` nats over each other label
         scores = torch.zeros(len(ids), 3).scatter_(1, truth[:, None], margin)
@@ -474,16 +473,11 @@ def test_the_server_replays_each_steps_tail_from_the_broadcast_and_the_rows_it_c
     """At the client's labels, the tails the server replays (first-order steps from each round's broadcast on the
     unperturbed rows, the run's optimiser, FedProx's pull included) are the client's own: what the
     `trajectory_replayed_tail` attack lacks is only the labels."""
-    from sfprompt.audit import _replayed_tails, witness_run
-    from sfprompt.federation import prepare
+    from sfprompt.audit import _replayed_tails
 
-    fed = prepare(audit_config(gray, tmp_path, rounds=2, probe_rounds=0, refit_rounds=0, prompt_updates="forward-only",
-                               perturbation=0.3, proximal_mu=proximal_mu, lr=0.01,
-                               aggregator="fedprox" if proximal_mu else "fedavg"))
-    seen, _ = witness_run(fed, 0, lambda _: None)
-    ids = seen.positions.unique()
-    truth = torch.stack([seen.labels[seen.positions == p][0] for p in ids])
-    upload = fed.method.new_params(fed.model)
+    fed, seen, _, upload, ids, truth = witnessed_run(
+        gray, tmp_path, rounds=2, probe_rounds=0, refit_rounds=0, prompt_updates="forward-only", perturbation=0.3,
+        proximal_mu=proximal_mu, lr=0.01, aggregator="fedprox" if proximal_mu else "fedavg")
     tails = _replayed_tails(fed, seen, truth, ids, upload.tail)
     assert len(tails) == len(seen.evaluates) and len({e.round for e in seen.evaluates}) == 2
     for tail, e in zip(tails, seen.evaluates):

@@ -706,7 +706,7 @@ def _replayed_tails(fed: Federation, seen: Witnessed, labels: torch.Tensor, ids:
         tails.append(copy.deepcopy(tail).eval().requires_grad_(False))
         guessed = labels[torch.searchsorted(ids, e.positions)]
         with torch.enable_grad():
-            Client._tail_step(tail, e.rows[0].detach(), guessed, guessed, optimizer)
+            Client._tail_step(tail, e.rows[0].detach(), guessed, None, optimizer)
         Client._proximal_pull(zip(tail.parameters(), anchor), settings.proximal_mu)
         optimizer.step()
     return tails

@@ -391,7 +391,7 @@ class Client:
         rows = rows.view(perturbations.sets, len(tokens), *rows.shape[1:])  # (S, B, R, D)
         shown = self._shown_labels(labels, positions, memory)  # the labels the prompts' steps are taken at
         with self.meter.work(CLIENT, "split", memory):
-            loss, _ = self._tail_step(params.tail, rows[0], labels, labels, optimizer)  # the tail: first order
+            loss, _ = self._tail_step(params.tail, rows[0], labels, None, optimizer)  # the tail: first order
             with torch.no_grad():
                 base = loss.detach() if shown is labels else F.cross_entropy(params.tail(rows[0]), shown)
                 set_losses = torch.stack([base] + [F.cross_entropy(params.tail(r), shown) for r in rows[1:]])
@@ -401,19 +401,23 @@ class Client:
         return loss
 
     @staticmethod
-    def _tail_step(tail: nn.Module, rows: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor,
-                   optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tail_step(tail: nn.Module, rows: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor | None,
+                   optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The loss on the body's rows (B, R, D) and the gradient sent for them, the tail's own gradient in
         place (not stepped yet). What the server gets is the gradient of the loss at the labels the defence
-        shows (randomized response; the true labels without it); the tail always learns from the true ones."""
-        if shown is not labels:
+        shows (randomized response; the true labels without it); the tail always learns from the true ones.
+        With `shown` None no gradient is sent (forward-only steps), and the rows' is not computed."""
+        sent = None
+        if shown is not None and shown is not labels:  # (a backward, not autograd.grad: the FLOP counter's hooks)
             shown_rows = rows.detach().requires_grad_(True)
             F.cross_entropy(tail(shown_rows), shown).backward()
-        rows = rows.requires_grad_(True)
+            sent = shown_rows.grad
+        if shown is labels:
+            rows = rows.requires_grad_(True)
         loss = F.cross_entropy(tail(rows), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        return loss, rows.grad if shown is labels else shown_rows.grad
+        return loss, rows.grad if shown is labels else sent
 
     def _backward_into_head(self, tokens: torch.Tensor, reply: dict[str, torch.Tensor]) -> torch.Tensor:
         """Backpropagate the gradient of the sent rows that an `input_grad` reply carries (checked) into the
