@@ -7,11 +7,13 @@
 # and forward-only-K (--prompt-updates forward-only --directions K, the antithetic estimator at 1e-3, the defaults
 # benchmarks/zo_quality.py chose), the same recipe otherwise; forward-only-1-label-epsilon-3 takes its steps at
 # randomized-response labels (--label-epsilon 3), which the forward-only audit measured hides the labels at K = 4
-# (docs/benchmarks/forward-only-audit.md): what it costs.
+# (docs/benchmarks/forward-only-audit.md): what it costs; forward-only-1-one-sided takes the one-sided estimator at
+# 1e-2 (--estimator one-sided --perturbation 0.01, where zo_quality.py found it ties the antithetic one at K = 1):
+# one prompt set fewer a batch, the cheapest forward-only step.
 #
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 4.5 hours on two CPU cores (a run at one
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 5.5 hours on two CPU cores (a run at one
 #                                                                 # thread beside another: backprop and K = 1 14 to
-#                                                                 # 29 minutes, K = 4 30 to 39)
+#                                                                 # 29 minutes, K = 4 30 to 39, one-sided 16 to 25)
 #                                                                 # (K = 16, named in ROWS beside these rows: about
 #                                                                 # 6 hours more, 33 body passes a batch against
 #                                                                 # K = 4's 9 and K = 1's 3)
@@ -36,7 +38,7 @@ OUT=${OUT:-results/forward-only}
 RECIPE_OUT=${RECIPE_OUT:-$(dirname "$OUT")/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-iid dirichlet-0.5}
-ROWS=${ROWS:-linear-probe backprop forward-only-1 forward-only-4 forward-only-1-label-epsilon-3}
+ROWS=${ROWS:-linear-probe backprop forward-only-1 forward-only-4 forward-only-1-label-epsilon-3 forward-only-1-one-sided}
 read -r -a size <<< "${SIZE:-}"
 
 setting() {  # recipe.sh's default-iid and default-dirichlet-0.5
@@ -54,8 +56,7 @@ options() {
   case "$row" in
     linear-probe) [ -z "$labels" ] && echo "--method linear-probe" ;;
     backprop) echo "--method sfprompt --prompt-tokens 50 $labels" ;;
-    forward-only-*) echo "--method sfprompt --prompt-tokens 50 --prompt-updates forward-only" \
-      "--directions ${row#forward-only-} $labels" ;;
+    forward-only-*) echo "--method sfprompt --prompt-tokens 50 $(forward_only_options "$row") $labels" ;;
     *) false ;;
   esac || { echo "unknown row $1" >&2; exit 2; }
 }
@@ -96,26 +97,29 @@ done
 run_grid  # (under TABLE_ONLY it checks the rows and runs none)
 
 # What one client's round costs at each number of directions K (`sfprompt cost`, on fake tensors: seconds each, made
-# once and kept, TABLE_ONLY too): the headline setting's 4,000 training digits over 10 clients are COST_SAMPLES=400 a
-# client.
+# once and kept, TABLE_ONLY too), antithetic, and one-sided at K = 1: the headline setting's 4,000 training digits
+# over 10 clients are COST_SAMPLES=400 a client.
 COST_DIRECTIONS=${COST_DIRECTIONS:-1 2 4 8 16 32} COST_SAMPLES=${COST_SAMPLES:-400}
 mkdir -p "$OUT/cost"
 costs=()
-for k in $COST_DIRECTIONS; do
-  cost="$OUT/cost/directions-$k-samples-$COST_SAMPLES.json"
+cost_of() {  # NAME [OPTIONS...]: one client's round, forward-only with OPTIONS, against backprop's
+  local cost="$OUT/cost/$1-samples-$COST_SAMPLES.json"; shift
   costs+=("$cost")
   # shellcheck disable=SC2046
-  [ -f "$cost" ] || sfprompt cost $(setting iid) $(options backprop) "${size[@]}" --no-progress --directions "$k" \
+  [ -f "$cost" ] || sfprompt cost $(setting iid) $(options backprop) "${size[@]}" --no-progress "$@" \
     --methods sfprompt,sfprompt-forward-only --samples-per-client "$COST_SAMPLES" --out "$cost" > /dev/null
-done
+}
+for k in $COST_DIRECTIONS; do cost_of "directions-$k" --directions "$k"; done
+cost_of directions-1-one-sided --directions 1 --estimator one-sided --perturbation 0.01
 
 DOC=${DOC:-docs/benchmarks/forward-only.md}
 {
   echo "$(command_header forward_only) Test accuracy, mean ± standard deviation over the seeds; bytes and FLOPs"
   echo "of the whole run. Rows: linear-probe, backprop (\`sfprompt run --prompt-tokens 50\`: the default recipe) and"
   echo "forward-only-K (the same with \`--prompt-updates forward-only --directions K\`; -label-epsilon-E: and"
-  echo "\`--label-epsilon E\`). Then each setting's rows against backprop at equal cost, seed by seed"
-  echo "(benchmarks/equal_cost_table.py)."
+  echo "\`--label-epsilon E\`; -one-sided: and \`--estimator one-sided --perturbation 0.01\`). Then each setting's rows"
+  echo "against backprop at equal cost, seed by seed (benchmarks/equal_cost_table.py). The machine named is the one"
+  echo "that wrote this page; runs kept from before may have been made on another (docs/method.md says which)."
   grid_tables
   for setting in $SETTINGS; do
     others=(); for row in $ROWS; do if [ "$row" != backprop ]; then others+=("$OUT/$setting/$row"); fi; done
@@ -127,7 +131,7 @@ DOC=${DOC:-docs/benchmarks/forward-only.md}
   echo; echo "### One client's round at each K"; echo
   echo "\`sfprompt cost --prompt-tokens 50 --methods sfprompt,sfprompt-forward-only --directions K"
   echo "--samples-per-client $COST_SAMPLES\`: a split round of one client (a probe round costs both the same),"
-  echo "antithetic (2K + 1 prompt sets a batch), against backprop's."
+  echo "antithetic (2K + 1 prompt sets a batch; one-sided, \`--estimator one-sided\`: K + 1), against backprop's."
   echo
   python - "${costs[@]}" <<'PY'
 import json, sys
@@ -135,16 +139,20 @@ costs = [json.load(open(path)) for path in sys.argv[1:]]
 backprop = costs[0]["per_client_per_round"]["sfprompt"]
 if any(cost["per_client_per_round"]["sfprompt"] != backprop for cost in costs):
     sys.exit(f"backprop's round differs between {', '.join(sys.argv[1:])}: made with other options? remove them")
-print("| prompt updates | MB up | MB down | bytes / backprop's | server GFLOP | / backprop's | client GFLOP | client peak MiB |")
-print("|---|---|---|---|---|---|---|---|")
+print("| prompt updates | MB up | MB down | bytes / backprop's | server GFLOP | / backprop's | client GFLOP "
+      "| / backprop's | client peak MiB |")
+print("|---|---|---|---|---|---|---|---|---|")
 def row(name, cost):
     sent = (cost["bytes_up"] + cost["bytes_down"]) / (backprop["bytes_up"] + backprop["bytes_down"])
     print(f"| {name} | {cost['bytes_up'] / 1e6:.1f} | {cost['bytes_down'] / 1e6:.1f} | {sent:.2f} | "
-          f"{cost['server_flops'] / 1e9:,.0f} | {cost['server_flops'] / backprop['server_flops']:.1f} | "
-          f"{cost['client_flops'] / 1e9:.1f} | {cost['client_peak_memory_bytes'] / 2**20:.1f} |")
+          f"{cost['server_flops'] / 1e9:,.0f} | {cost['server_flops'] / backprop['server_flops']:.2f} | "
+          f"{cost['client_flops'] / 1e9:.1f} | {100 * (cost['client_flops'] / backprop['client_flops'] - 1):+.3f} % | "
+          f"{cost['client_peak_memory_bytes'] / 2**20:.1f} |")
 row("backprop", backprop)
 for cost in costs:
-    row(f"forward-only, K = {cost['inputs']['config']['directions']}", cost["per_client_per_round"]["sfprompt-forward-only"])
+    config = cost["inputs"]["config"]
+    one_sided = ", one-sided" if config["estimator"] == "one-sided" else ""
+    row(f"forward-only, K = {config['directions']}{one_sided}", cost["per_client_per_round"]["sfprompt-forward-only"])
 PY
 } > "$DOC"
 cat "$DOC"

@@ -28,11 +28,12 @@
 # run, it is a run of the same recipe, seeds and sampled clients, not that run). The server's guess at the end also
 # reads the run's final model (audit.json's final_model), the second prior of the attacks. The victim is, in each
 # seed's run, the client its split rounds sampled most often (the lowest such id): the one whose steps the server
-# sees most. Rows: backprop, K = 1 (the default) and K = 1 with label DP at epsilon 3 by default; the audits and
-# table take "-run" after the names above (results/forward-only-audit-run, docs/benchmarks/forward-only-audit-run.md).
-# A replay is about as long as the run (forward_only.sh's IID runs: 15 to 22 minutes at one thread; these audits
-# 17 to 24). A missing run is refused, before any audit starts, with the command that makes it, and an audit
-# there of another run (another RUNS, or made before SENDS=run replayed forward_only.sh's runs) is refused too.
+# sees most. Rows: backprop, K = 1 (the default), K = 1 with label DP at epsilon 3 and K = 1 one-sided by default;
+# the audits and table take "-run" after the names above (results/forward-only-audit-run,
+# docs/benchmarks/forward-only-audit-run.md). A replay is about as long as the run (forward_only.sh's IID runs: 15
+# to 25 minutes at one thread; these audits 17 to 28). A missing run is refused, before any audit starts, with the
+# command that makes it, and an audit there of another run (another RUNS, or made before SENDS=run replayed
+# forward_only.sh's runs) is refused too.
 #
 # A finished audit is not redone (and one made with other UPLOADS or SENDS is refused before any audit runs). SIZE
 # appends options to every one-round audit (a whole run's are the run's own) and DOC names the document written (a
@@ -48,7 +49,7 @@ case "$SENDS" in round) ;; run) suffix+="-run" ;; *) echo "SENDS must be round o
 OUT=${OUT:-results/forward-only-audit$suffix}
 SEEDS=${SEEDS:-0 1 2}
 if [ "$SENDS" = run ]; then  # the default K, and with the label DP that the goal's margin may need
-  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-label-epsilon-3}
+  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-label-epsilon-3 forward-only-1-one-sided}
 elif [ "$UPLOADS" = seen ]; then
   ROWS=${ROWS:-backprop forward-only-1 forward-only-4 forward-only-16 forward-only-4-label-epsilon-1 forward-only-4-label-epsilon-3}
 else  # K = 4 and the rows with label DP, whose goal secure aggregation decides
@@ -62,13 +63,14 @@ if [ "$SENDS" = run ] && [ -n "${SIZE:-}" ]; then
 fi
 read -r -a audit_size <<< "${AUDIT_SIZE:---images 20 --aux-samples 1000 --gallery 20 --steps 100 --inversion-epochs 10}"
 
-# A row: backprop or forward-only-K (K directions), either with -label-epsilon-E (--label-epsilon E) after it.
+# A row: backprop, forward-only-K or forward-only-K-one-sided (lib.sh's forward_only_options), each with
+# -label-epsilon-E (--label-epsilon E) after it or not.
 options() {
   local row=${1%-label-epsilon-*} labels=""
   [ "$row" = "$1" ] || labels="--label-epsilon ${1##*-label-epsilon-}"
   case "$row" in
     backprop) echo "--prompt-updates backprop $labels" ;;
-    forward-only-*) echo "--prompt-updates forward-only --directions ${row#forward-only-} $labels" ;;
+    forward-only-*) echo "$(forward_only_options "$row") $labels" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }

@@ -26,6 +26,20 @@ run_once() {
   if [ "$rc" != 0 ]; then echo "$run failed: see $log" >&2; return 1; fi
 }
 
+# forward_only_options ROW: the prompt-update options of a row named forward-only-K (K directions, the antithetic
+# estimator at its default 1e-3) or forward-only-K-one-sided (the one-sided estimator at 1e-2, where
+# benchmarks/zo_quality.py found it ties the antithetic one at K = 1), without any -label-epsilon-E suffix; nothing
+# (and a failure) for another name.
+forward_only_options() {
+  local k=${1#forward-only-}
+  case "$1" in
+    forward-only-*-one-sided)
+      echo "--prompt-updates forward-only --directions ${k%-one-sided} --estimator one-sided --perturbation 0.01" ;;
+    forward-only-*) echo "--prompt-updates forward-only --directions $k" ;;
+    *) return 1 ;;
+  esac
+}
+
 # core_options ROW: the options of one of core.sh's rows beside its common ones, which hold --recipe paper: the paper's
 # recipe changed in one thing (scale112.sh's ABLATIONS rows are its iid ones at 112 px). An unknown row stops the
 # script.

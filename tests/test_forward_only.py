@@ -2,6 +2,7 @@
 without ever running a backward, the options that cannot combine with it, and a run that trains with it."""
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from sfprompt.server import BodyServer
 from sfprompt.wire import WireFormat
 from sfprompt.zeroth_order import Perturbations
 
-from conftest import run_benchmark, run_python_benchmark
+from conftest import ROOT, run_benchmark, run_python_benchmark
 from test_runner import tiny_config
 
 
@@ -112,6 +113,28 @@ def test_options_that_cannot_go_with_forward_only_are_refused(changes, match):
         Config(**({"prompt_updates": "forward-only"} | changes))
 
 
+def test_the_tails_step_computes_the_rows_gradient_only_where_it_is_sent():
+    """Backprop sends the gradient of the rows the tail read (at the shown labels, under label DP); a forward-only
+    step sends none, so it does not compute it: the tail's own gradient is the same either way."""
+    from sfprompt.client import Client
+
+    torch.manual_seed(0)
+    tail = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(tail.parameters(), lr=0.1)
+    rows, labels = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
+    steps = {}
+    for name, shown in (("backprop", labels), ("label DP", torch.tensor([1, 1, 2, 0])), ("forward-only", None)):
+        given = rows.clone()
+        loss, sent = Client._tail_step(tail, given, labels, shown, optimizer)
+        steps[name] = (loss.item(), [p.grad.clone() for p in tail.parameters()], sent, given.requires_grad)
+    assert steps["forward-only"][2] is None and not steps["forward-only"][3]  # no gradient of the rows asked for
+    assert steps["backprop"][2].shape == rows.shape and steps["backprop"][3]
+    assert not torch.equal(steps["label DP"][2], steps["backprop"][2])  # taken at the shown labels
+    for name in ("label DP", "forward-only"):  # the tail always learns from the true labels
+        assert steps[name][0] == steps["backprop"][0]
+        assert all(torch.equal(a, b) for a, b in zip(steps[name][1], steps["backprop"][1]))
+
+
 def test_prompt_sets_follow_the_estimator():
     assert Config().perturbations is None
     assert Config(prompt_updates="forward-only", directions=3).perturbations.sets == 7
@@ -171,12 +194,17 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
     for line in per_k.splitlines():
         if line.startswith(("| backprop", "| forward")):
             name, *cells = line.strip("| ").split(" | ")
-            costs[name] = [float(cell.replace(",", "")) for cell in cells]
-    assert list(costs) == ["backprop", "forward-only, K = 1", "forward-only, K = 2"]
-    # each direction adds two sets of rows down and two forwards on the server; the forward up is the same
-    assert costs["backprop"][3] < costs["forward-only, K = 1"][3] < costs["forward-only, K = 2"][3]
-    assert costs["forward-only, K = 1"][2] < costs["forward-only, K = 2"][2]  # bytes over backprop's
-    assert costs["forward-only, K = 1"][0] == costs["forward-only, K = 2"][0]
+            costs[name] = [float(cell.replace(",", "").removesuffix(" %")) for cell in cells]
+    assert list(costs) == ["backprop", "forward-only, K = 1", "forward-only, K = 2", "forward-only, K = 1, one-sided"]
+    # each direction adds two sets of rows down and two forwards on the server (one-sided: one); the forward up is
+    # the same
+    one_sided, k1, k2 = costs["forward-only, K = 1, one-sided"], costs["forward-only, K = 1"], costs["forward-only, K = 2"]
+    assert one_sided[3] < k1[3] < k2[3] and costs["backprop"][3] < k1[3]
+    assert one_sided[2] < k1[2] < k2[2]  # bytes over backprop's
+    assert one_sided[0] == k1[0] == k2[0]
+    # the client's FLOPs over backprop's: the tail's loss under each prompt set beyond the one it trains on
+    assert 0 < one_sided[6] < k1[6] < k2[6]
+    assert k1[6] == pytest.approx(2 * one_sided[6], rel=0.05)
     grid, against = text.split("### iid against backprop")
     assert [line.split(" | ")[0] for line in grid.splitlines() if line.startswith("| ") and "seed" not in line
             and not line.startswith("|---")] == ["| backprop", "| forward-only-2"]
@@ -191,11 +219,16 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
     # backprop is recipe.sh's default-prompts-50 row (the same options): its runs are made once, there
     assert (runs / "backprop").is_symlink()
     assert (tmp_path / "recipe" / "default-iid" / "default-prompts-50" / "seed-0" / "summary.json").is_file()
-    table_only = run_benchmark("forward_only.sh", tmp_path, TABLE_ONLY="1", ROWS="backprop forward-only-2 forward-only-1",
-                               **common)
+    table_only = run_benchmark("forward_only.sh", tmp_path, TABLE_ONLY="1",
+                               ROWS="backprop forward-only-2 forward-only-1 forward-only-1-one-sided", **common)
     assert table_only.returncode == 0, table_only.stderr[-3000:]
     assert not (runs / "forward-only-1").exists()  # no run made: the table of those there are
-    assert "| forward-only-2 | 0 |" in doc.read_text() and "no seed to pair in forward-only-1" in doc.read_text()
+    assert "no seed to pair in forward-only-1, forward-only-1-one-sided." in doc.read_text()
+    assert "| forward-only-2 | 0 |" in doc.read_text()
+    one_sided = subprocess.run(["bash", "-c", "source benchmarks/lib.sh && forward_only_options forward-only-1-one-sided"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert one_sided == ["--prompt-updates", "forward-only", "--directions", "1", "--estimator", "one-sided",
+                         "--perturbation", "0.01"]
     misspelt = run_benchmark("forward_only.sh", tmp_path, ROWS="linear-probe forward-olny-1", **common)
     assert misspelt.returncode != 0 and "unknown row forward-olny-1" in misspelt.stderr
     assert not (runs / "linear-probe").is_symlink()  # refused before the recipe's row was linked (or made)
