@@ -8,7 +8,7 @@
 # so the benchmark can be stopped and restarted at any time, and the table can be written at any point
 # from what is finished (it says how many seeds each accuracy rests on).
 #
-#   bash benchmarks/privacy.sh            # about 8.5 hours of one core (runs 6, audits 2.5; seed 0 alone 5)
+#   bash benchmarks/privacy.sh            # about 9.5 hours of one core (runs 6.6, audits 2.8; seed 0 alone 5.5)
 #   SHARED=/path/to/shared OUT=results/privacy SEEDS="0" ROWS="none pool-2" bash benchmarks/privacy.sh
 #
 # ROWS picks some configurations by name (all by default), so that two copies can share the work,
@@ -48,6 +48,7 @@ rows=(
     "label-epsilon-1|--client-blocks 0 --pool-tokens 0 --label-epsilon 1"
     "label-epsilon-3|--client-blocks 0 --pool-tokens 0 --label-epsilon 3"
     "forward-only-1|--client-blocks 0 --pool-tokens 0 --prompt-updates forward-only --directions 1 --shared-rows once"
+    "forward-only-1-one-sided|--client-blocks 0 --pool-tokens 0 --prompt-updates forward-only --directions 1 --shared-rows once --estimator one-sided --perturbation 0.01"
     "forward-only-1-label-epsilon-3|--client-blocks 0 --pool-tokens 0 --prompt-updates forward-only --directions 1 --shared-rows once --label-epsilon 3"
     "linear-probe|--method linear-probe --client-blocks 0 --pool-tokens 0"
 )

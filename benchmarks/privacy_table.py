@@ -16,18 +16,22 @@ from pathlib import Path
 
 from table import spread  # the script's folder is on sys.path
 
+from sfprompt.config import Config
+
 START, END = "<!-- privacy-table -->", "<!-- /privacy-table -->"
 OPTIONS = ("client_blocks", "pool_tokens", "shuffle_tokens", "clip_norm", "noise_multiplier", "label_epsilon")
 FORWARD_ONLY = ("prompt_updates", "directions", "shared_rows")  # shown where prompts step without a gradient
+ESTIMATE = ("estimator", "perturbation")  # and these where they are not the defaults
 
 
 def options(config: dict) -> str:
     """The privacy options a row was run with, as flags (and its method, when it is not SFPrompt)."""
     flags = [] if config["method"] == "sfprompt" else [f"--method {config['method']}"]
     forward_only = config.get("prompt_updates") == "forward-only"  # runs before the option have no key
-    for name in OPTIONS + (FORWARD_ONLY if forward_only else ()):
+    defaults = Config()
+    for name in OPTIONS + (FORWARD_ONLY + ESTIMATE if forward_only else ()):
         value = config[name]
-        if value in (None, False, 0, 0.0):
+        if value in (None, False, 0, 0.0) or (name in ESTIMATE and value == getattr(defaults, name)):
             continue
         flag = "--" + name.replace("_", "-")
         if value is True:

@@ -10,7 +10,7 @@ from sfprompt.cli import main
 from sfprompt.config import Config, ConfigError
 from sfprompt.runner import run
 
-from conftest import SHARED_DATA, SHARED_WEIGHTS, needs_shared, run_benchmark, write_imagefolder
+from conftest import ROOT, SHARED_DATA, SHARED_WEIGHTS, needs_shared, run_benchmark, write_imagefolder
 
 # Small, quick attacks: enough to tell a protocol that leaks from one that does not.
 QUICK = AuditOptions(images=12, aux_samples=60, gallery=12, steps=40, inversion_epochs=3)
@@ -243,6 +243,17 @@ def test_the_privacy_benchmark_reruns_and_writes_its_table(tmp_path):
         assert run_benchmark("privacy.sh", tmp_path, DOC=str(document), ROWS="shuffle", SEEDS="0",
                              SENDS=sends).returncode == 0
     assert audit.stat().st_mtime_ns == kept
+
+
+def test_the_privacy_table_names_a_forward_only_rows_estimate_only_where_it_is_not_the_default(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from privacy_table import options
+
+    forward_only = Config(prompt_updates="forward-only", shared_rows="once").to_dict()
+    assert options(forward_only) == "--prompt-updates forward-only --directions 1 --shared-rows once"
+    assert options(forward_only | {"estimator": "one-sided", "perturbation": 0.01}) == \
+        "--prompt-updates forward-only --directions 1 --shared-rows once --estimator one-sided --perturbation 0.01"
+    assert options(Config(estimator="one-sided").to_dict()) == "(none)"  # backprop's rows: no estimate to name
 
 
 def test_a_mixed_federation_is_audited_at_the_victims_own_split_point(gray, tmp_path):
