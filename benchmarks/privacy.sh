@@ -47,9 +47,9 @@ rows=(
     "pool-2-dp-epsilon-8|--client-blocks 0 --pool-tokens 2 --clip-norm 5 --noise-multiplier 4"
     "label-epsilon-1|--client-blocks 0 --pool-tokens 0 --label-epsilon 1"
     "label-epsilon-3|--client-blocks 0 --pool-tokens 0 --label-epsilon 3"
-    "forward-only-1|--client-blocks 0 --pool-tokens 0 --prompt-updates forward-only --directions 1 --shared-rows once"
-    "forward-only-1-one-sided|--client-blocks 0 --pool-tokens 0 --prompt-updates forward-only --directions 1 --shared-rows once --estimator one-sided --perturbation 0.01"
-    "forward-only-1-label-epsilon-3|--client-blocks 0 --pool-tokens 0 --prompt-updates forward-only --directions 1 --shared-rows once --label-epsilon 3"
+    "forward-only-1|--client-blocks 0 --pool-tokens 0 --shared-rows once $(forward_only_options forward-only-1)"
+    "forward-only-1-one-sided|--client-blocks 0 --pool-tokens 0 --shared-rows once $(forward_only_options forward-only-1-one-sided)"
+    "forward-only-1-label-epsilon-3|--client-blocks 0 --pool-tokens 0 --shared-rows once --label-epsilon 3 $(forward_only_options forward-only-1)"
     "linear-probe|--method linear-probe --client-blocks 0 --pool-tokens 0"
 )
 

@@ -21,17 +21,16 @@ from sfprompt.config import Config
 START, END = "<!-- privacy-table -->", "<!-- /privacy-table -->"
 OPTIONS = ("client_blocks", "pool_tokens", "shuffle_tokens", "clip_norm", "noise_multiplier", "label_epsilon")
 FORWARD_ONLY = ("prompt_updates", "directions", "shared_rows")  # shown where prompts step without a gradient
-ESTIMATE = ("estimator", "perturbation")  # and these where they are not the defaults
+DEFAULT_ESTIMATE = {name: getattr(Config(), name) for name in ("estimator", "perturbation")}  # and these where not
 
 
 def options(config: dict) -> str:
     """The privacy options a row was run with, as flags (and its method, when it is not SFPrompt)."""
     flags = [] if config["method"] == "sfprompt" else [f"--method {config['method']}"]
     forward_only = config.get("prompt_updates") == "forward-only"  # runs before the option have no key
-    defaults = Config()
-    for name in OPTIONS + (FORWARD_ONLY + ESTIMATE if forward_only else ()):
+    for name in OPTIONS + (FORWARD_ONLY + tuple(DEFAULT_ESTIMATE) if forward_only else ()):
         value = config[name]
-        if value in (None, False, 0, 0.0) or (name in ESTIMATE and value == getattr(defaults, name)):
+        if value in (None, False, 0, 0.0) or (name in DEFAULT_ESTIMATE and value == DEFAULT_ESTIMATE[name]):
             continue
         flag = "--" + name.replace("_", "-")
         if value is True:
