@@ -109,15 +109,21 @@ cost_of() {  # NAME [OPTIONS...]: one client's round, forward-only with OPTIONS,
   [ -f "$cost" ] || sfprompt cost $(setting iid) $(options backprop) "${size[@]}" --no-progress "$@" \
     --methods sfprompt,sfprompt-forward-only --samples-per-client "$COST_SAMPLES" --out "$cost" > /dev/null
 }
-for k in $COST_DIRECTIONS; do cost_of "directions-$k" --directions "$k"; done
-cost_of directions-1-one-sided --directions 1 --estimator one-sided --perturbation 0.01
+estimate_of() {  # ROW: its forward_only_options but --prompt-updates, which would make cost's backprop row forward-only too
+  local options; options=$(forward_only_options "$1"); echo "${options#--prompt-updates forward-only }"
+}
+# shellcheck disable=SC2046  # the options are words
+for k in $COST_DIRECTIONS; do cost_of "directions-$k" $(estimate_of "forward-only-$k"); done
+# shellcheck disable=SC2046
+cost_of directions-1-one-sided $(estimate_of forward-only-1-one-sided)
 
 DOC=${DOC:-docs/benchmarks/forward-only.md}
 {
   echo "$(command_header forward_only) Test accuracy, mean ± standard deviation over the seeds; bytes and FLOPs"
   echo "of the whole run. Rows: linear-probe, backprop (\`sfprompt run --prompt-tokens 50\`: the default recipe) and"
-  echo "forward-only-K (the same with \`--prompt-updates forward-only --directions K\`; -label-epsilon-E: and"
-  echo "\`--label-epsilon E\`; -one-sided: and \`--estimator one-sided --perturbation 0.01\`). Then each setting's rows"
+  echo "forward-only-K (the same with \`--prompt-updates forward-only --directions K\`, the antithetic estimate at"
+  echo "\`--perturbation 0.001\`; -one-sided: \`--estimator one-sided --perturbation 0.01\` instead; -label-epsilon-E: and"
+  echo "\`--label-epsilon E\`). Then each setting's rows"
   echo "against backprop at equal cost, seed by seed (benchmarks/equal_cost_table.py). The machine named is the one"
   echo "that wrote this page; runs kept from before may have been made on another (docs/method.md says which)."
   grid_tables

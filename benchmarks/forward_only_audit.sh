@@ -2,9 +2,8 @@
 # What forward-only prompt updates still tell a curious server about the labels, on the headline setting (the
 # default job with 50 prompts: mnist-5k, ViT-S/14 at 56 px, 10 clients, 5 a round, IID), against backprop's
 # gradients, and with randomized-response labels (--label-epsilon): for each row and seed, `sfprompt audit`, which
-# plays the probe round that opens the default recipe (here of round 1's 5 clients, --probe-clients 5, and with no
-# refit round, --refit-rounds 0, so the prompts at the tail's rate, as the default was when these audits ran) and
-# attacks client 0's first round of prompt updates after it (the probe-fitted tail, the initial prompts); then
+# plays the probe round that opens the default recipe (of all 10 clients) and attacks client 0's first round of
+# prompt updates after it (the probe-fitted tail, the initial prompts, the prompts at their own rate); then
 # docs/benchmarks/forward-only-audit.md. The audit's image attacks run at a reduced size (AUDIT_SIZE): forward-only
 # sends the same activations as backprop, attacked in docs/privacy.md.
 #
@@ -16,7 +15,8 @@
 # UPLOADS is what the server holds of the victim's uploads (`sfprompt audit --uploads`): seen (the default), each
 # one, so its label-free guess and the attacks' prior read the victim's uploaded tail, trained on its labels; or
 # aggregated, their sum only (secure aggregation), so they read the tail it broadcast, and the table says what the
-# upload alone would have named (rows: backprop, K = 4, and K = 4 with label DP; about an hour). Its audits go to
+# upload alone would have named (rows: backprop, K = 1 with either estimator, and K = 1 with label DP; about an
+# hour). Its audits go to
 # OUT (default results/forward-only-audit, and results/forward-only-audit-aggregated) and its table to DOC
 # (docs/benchmarks/forward-only-audit.md, and forward-only-audit-aggregated.md).
 #
@@ -51,9 +51,9 @@ SEEDS=${SEEDS:-0 1 2}
 if [ "$SENDS" = run ]; then  # the default K, and with the label DP that the goal's margin may need
   ROWS=${ROWS:-backprop forward-only-1 forward-only-1-label-epsilon-3 forward-only-1-one-sided}
 elif [ "$UPLOADS" = seen ]; then
-  ROWS=${ROWS:-backprop forward-only-1 forward-only-4 forward-only-16 forward-only-4-label-epsilon-1 forward-only-4-label-epsilon-3}
-else  # K = 4 and the rows with label DP, whose goal secure aggregation decides
-  ROWS=${ROWS:-backprop forward-only-4 forward-only-4-label-epsilon-3 forward-only-4-label-epsilon-1}
+  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-one-sided forward-only-4 forward-only-16 forward-only-1-label-epsilon-3}
+else  # the default K with either estimator, and with label DP
+  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-one-sided forward-only-1-label-epsilon-3}
 fi
 DOC=${DOC:-docs/benchmarks/forward-only-audit$suffix.md}
 read -r -a size <<< "${SIZE:-}"
@@ -128,7 +128,7 @@ for seed in $SEEDS; do
         --uploads "$UPLOADS" --sends run --out "$audit" > "$audit.log" 2>&1 || { echo "$audit failed: see $audit.log" >&2; exit 1; }
     else
       # shellcheck disable=SC2046  # the options are words
-      sfprompt audit --prompt-tokens 50 --probe-clients 5 --refit-rounds 0 $(options "$row") --seed "$seed" --no-progress "${size[@]}" "${audit_size[@]}" \
+      sfprompt audit --prompt-tokens 50 $(options "$row") --seed "$seed" --no-progress "${size[@]}" "${audit_size[@]}" \
         --uploads "$UPLOADS" --sends round --out "$audit" > "$audit.log" 2>&1 || { echo "$audit failed: see $audit.log" >&2; exit 1; }
     fi
   done
@@ -159,8 +159,8 @@ variables=()
     broadcast="the newest tail it broadcast to it" uploaded="last uploaded tail (trained on its labels)"
   else
     echo "$setting client 0's first round of"
-    echo "prompt updates after a probe round of round 1's 5 clients (\`--probe-clients 5\`; the prompts at the tail's rate,"
-    echo "\`--refit-rounds 0\`), attacked by \`sfprompt audit\`; each figure the share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
+    echo "prompt updates after the default recipe's probe round (of all 10 clients), attacked by \`sfprompt audit\`;"
+    echo "each figure the share of the labels of the samples it sent that an attack names, mean ± standard deviation over"
     echo "the seeds (each its own partition, prompts and client 0)."
     broadcast="the tail it broadcast" uploaded="uploaded tail (trained on its labels this round)"
   fi

@@ -27,15 +27,15 @@ run_once() {
 }
 
 # forward_only_options ROW: the prompt-update options of a row named forward-only-K (K directions, the antithetic
-# estimator at its default 1e-3) or forward-only-K-one-sided (the one-sided estimator at 1e-2, where
-# benchmarks/zo_quality.py found it ties the antithetic one at K = 1), without any -label-epsilon-E suffix; nothing
-# (and a failure) for another name.
+# estimator at 1e-3) or forward-only-K-one-sided (the one-sided estimator at 1e-2, where benchmarks/zo_quality.py
+# found it ties the antithetic one at K = 1), without any -label-epsilon-E suffix; nothing (and a failure) for another
+# name. Both estimates are written out, defaults or not, so that a row keeps its meaning if the defaults change.
 forward_only_options() {
   local k=${1#forward-only-}
   case "$1" in
     forward-only-*-one-sided)
       echo "--prompt-updates forward-only --directions ${k%-one-sided} --estimator one-sided --perturbation 0.01" ;;
-    forward-only-*) echo "--prompt-updates forward-only --directions $k" ;;
+    forward-only-*) echo "--prompt-updates forward-only --directions $k --estimator antithetic --perturbation 0.001" ;;
     *) return 1 ;;
   esac
 }

@@ -225,10 +225,14 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
     assert not (runs / "forward-only-1").exists()  # no run made: the table of those there are
     assert "no seed to pair in forward-only-1, forward-only-1-one-sided." in doc.read_text()
     assert "| forward-only-2 | 0 |" in doc.read_text()
-    expanded = subprocess.run(["bash", "-c", "source benchmarks/lib.sh && forward_only_options forward-only-1-one-sided"],
+    def expanded(row):
+        return subprocess.run(["bash", "-c", f"source benchmarks/lib.sh && forward_only_options {row}"],
                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    assert expanded == ["--prompt-updates", "forward-only", "--directions", "1", "--estimator", "one-sided",
-                        "--perturbation", "0.01"]
+    assert expanded("forward-only-1-one-sided") == ["--prompt-updates", "forward-only", "--directions", "1",
+                                                    "--estimator", "one-sided", "--perturbation", "0.01"]
+    # a row's estimate is written out, so that the row keeps its meaning if the defaults move
+    assert expanded("forward-only-2") == ["--prompt-updates", "forward-only", "--directions", "2",
+                                          "--estimator", "antithetic", "--perturbation", "0.001"]
     misspelt = run_benchmark("forward_only.sh", tmp_path, ROWS="linear-probe forward-olny-1", **common)
     assert misspelt.returncode != 0 and "unknown row forward-olny-1" in misspelt.stderr
     assert not (runs / "linear-probe").is_symlink()  # refused before the recipe's row was linked (or made)
