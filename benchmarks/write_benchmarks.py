@@ -16,22 +16,13 @@ import csv
 import io
 import json
 import os
-import platform
 import shutil
 import sys
 from pathlib import Path
 
+from sfprompt.runner import cpu_name
+
 MAIN = Path("docs/benchmarks/index.md")  # the benchmarks' page: the comparison, then every report
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(threads: int | None = None) -> str:

@@ -164,7 +164,7 @@ def _rounds(fed: Federation, executor: Runtime, log: Callable[[str], None], star
             history[-1]["client_accuracy"] = held_out_accuracy(fed, stage, global_params)
         _write_text(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
         _persist(fed, out, history, global_params, sampler, aggregator)  # the checkpoint's metrics hold it too
-    summary = summarise(config, history, time.perf_counter() - started)
+    summary = summarise(config, history, time.perf_counter() - started, fed.device)
     _write_json(out / "summary.json", summary)
     log(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
         f"results in {out}")  # as given, so a log kept beside them names no machine's folders
@@ -372,7 +372,7 @@ def evaluate(method: Method, model: SplitViT, params: torch.nn.Module, data, bat
     return correct / seen, loss / seen
 
 
-def summarise(config: Config, history: list[dict], wall_seconds: float) -> dict:
+def summarise(config: Config, history: list[dict], wall_seconds: float, device: torch.device) -> dict:
     def total(key: str) -> int:
         return sum(record[key] for record in history)
 
@@ -391,6 +391,7 @@ def summarise(config: Config, history: list[dict], wall_seconds: float) -> dict:
         "client_peak_memory_bytes": max(record["client_peak_memory_bytes"] for record in history),
         "wall_seconds": wall_seconds,
         "threads": torch.get_num_threads(),  # the same seed gives slightly different numbers with another count
+        "processor": processor(device),  # and on another processor
         "versions": versions(),
     }
 
@@ -404,6 +405,22 @@ def save_checkpoint(path: Path, params: torch.nn.Module, config: Config, round_:
         state |= {f"body.{name}": t.detach().cpu().contiguous() for name, t in body.state_dict().items()}
     checkpoint.write_atomically(path, save(state, metadata={"config": json.dumps(config.to_dict()), "round": str(round_),
                                                             "classes": json.dumps(classes)}))
+
+
+def cpu_name() -> str:
+    """The CPU's model, as /proc/cpuinfo names it where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def processor(device: torch.device) -> str:
+    """What computed a run: its GPU, or the CPU's model (their float rounding differs, and so a run's last digits)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def versions() -> dict[str, str]:
