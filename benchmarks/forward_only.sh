@@ -6,8 +6,8 @@
 # (benchmarks/equal_cost_table.py). Rows: linear-probe; backprop (the default recipe, SFPrompt's gradient messages);
 # and forward-only-K (--prompt-updates forward-only --directions K, the antithetic estimator at 1e-3, the defaults
 # benchmarks/zo_quality.py chose), the same recipe otherwise; forward-only-1-label-epsilon-3 takes its steps at
-# randomized-response labels (--label-epsilon 3), which the forward-only audit measured hides the labels at K = 4
-# (docs/benchmarks/forward-only-audit.md): what it costs; forward-only-1-one-sided takes the one-sided estimator at
+# randomized-response labels (--label-epsilon 3), which the forward-only audits measure at K = 1
+# (docs/benchmarks/forward-only-audit.md, one round, and forward-only-audit-run.md, a whole run): what it costs; forward-only-1-one-sided takes the one-sided estimator at
 # 1e-2 (--estimator one-sided --perturbation 0.01, where zo_quality.py found it ties the antithetic one at K = 1):
 # one prompt set fewer a batch, the cheapest forward-only step.
 #
@@ -121,8 +121,8 @@ DOC=${DOC:-docs/benchmarks/forward-only.md}
 {
   echo "$(command_header forward_only) Test accuracy, mean ± standard deviation over the seeds; bytes and FLOPs"
   echo "of the whole run. Rows: linear-probe, backprop (\`sfprompt run --prompt-tokens 50\`: the default recipe) and"
-  echo "forward-only-K (the same with \`--prompt-updates forward-only --directions K\`, the antithetic estimate at"
-  echo "\`--perturbation 0.001\`; -one-sided: \`--estimator one-sided --perturbation 0.01\` instead; -label-epsilon-E: and"
+  echo "forward-only-K (the same with \`--prompt-updates forward-only --directions K --estimator antithetic"
+  echo "--perturbation 0.001\`; -one-sided: \`--estimator one-sided --perturbation 0.01\` instead; -label-epsilon-E: and"
   echo "\`--label-epsilon E\`). Then each setting's rows"
   echo "against backprop at equal cost, seed by seed (benchmarks/equal_cost_table.py). The machine named is the one"
   echo "that wrote this page; runs kept from before may have been made on another (docs/method.md says which)."
@@ -135,9 +135,10 @@ DOC=${DOC:-docs/benchmarks/forward-only.md}
     fi
   done
   echo; echo "### One client's round at each K"; echo
-  echo "\`sfprompt cost --prompt-tokens 50 --methods sfprompt,sfprompt-forward-only --directions K"
-  echo "--samples-per-client $COST_SAMPLES\`: a split round of one client (a probe round costs both the same),"
-  echo "antithetic (2K + 1 prompt sets a batch; one-sided, \`--estimator one-sided\`: K + 1), against backprop's."
+  echo "\`sfprompt cost --prompt-tokens 50 --methods sfprompt,sfprompt-forward-only --directions K --estimator"
+  echo "antithetic --perturbation 0.001 --samples-per-client $COST_SAMPLES\`: a split round of one client (a probe round"
+  echo "costs both the same), antithetic (2K + 1 prompt sets a batch; one-sided, \`--estimator one-sided --perturbation"
+  echo "0.01\`: K + 1), against backprop's."
   echo
   python - "${costs[@]}" <<'PY'
 import json, sys

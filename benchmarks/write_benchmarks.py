@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from sfprompt.runner import cpu_name
+from sfprompt.machine import cpu_name, processor
 
 MAIN = Path("docs/benchmarks/index.md")  # the benchmarks' page: the comparison, then every report
 
@@ -31,7 +31,7 @@ def machine(threads: int | None = None) -> str:
     and torch's version."""
     import torch
 
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
+    name = processor(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     threads = torch.get_num_threads() if threads is None else threads
     return f"{name}, {os.cpu_count()} CPU cores, {threads} thread{'s' * (threads != 1)} a run, torch {torch.__version__}"
 

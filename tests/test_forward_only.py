@@ -301,8 +301,8 @@ def test_the_forward_only_audit_benchmark_attacks_each_row_and_writes_its_table(
     doc = tmp_path / "forward-only-audit.md"
     done = run_benchmark("forward_only_audit.sh", tmp_path, SEEDS="0", ROWS="forward-only-2-label-epsilon-1",
                          DOC=str(doc), UPLOADS="aggregated",
-                         SIZE="--train-samples 40 --test-samples 20 --clients 5 --clients-per-round 5 "
-                              "--rounds 2 --image-size 28")  # room for the script's probe round of 5
+                         SIZE="--train-samples 48 --test-samples 20 --clients 6 --clients-per-round 3 "
+                              "--rounds 3 --image-size 28")  # the default recipe: a probe round, one split, a refit
     assert done.returncode == 0, done.stderr[-3000:]
     assert doc.read_text().startswith("Command: `UPLOADS=aggregated bash benchmarks/forward_only_audit.sh`")
     header, _, row = [line.split(" | ") for line in doc.read_text().splitlines() if line.startswith("|")]
@@ -315,7 +315,8 @@ def test_the_forward_only_audit_benchmark_attacks_each_row_and_writes_its_table(
     config = audit["config"]
     assert (config["prompt_updates"], config["directions"], config["label_epsilon"], config["prompt_tokens"]) == (
         "forward-only", 2, 1.0, 50)
-    assert (config["probe_rounds"], config["probe_clients"]) == (1, 5)  # the probe round as the audits ran it
+    # today's recipe: a probe round of every client, a refit round to close, so the prompts at their own rate
+    assert (config["probe_rounds"], config["probe_clients"], config["refit_rounds"], config["prompt_lr"]) == (1, 6, 1, 0.01)
     assert audit["labels"]["steps_read"] >= 1
     mixed = run_benchmark("forward_only_audit.sh", tmp_path, SEEDS="0", ROWS="forward-only-2-label-epsilon-1",
                           DOC=str(tmp_path / "seen.md"))  # the same folder, read as a server that sees each upload

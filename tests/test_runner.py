@@ -7,7 +7,9 @@ from safetensors.torch import load_file
 from sfprompt.cli import main
 from sfprompt.codec import Message, encode
 from sfprompt.config import Config, ConfigError
-from sfprompt.runner import cpu_name, run
+from sfprompt.federation import resolve_device
+from sfprompt.machine import processor
+from sfprompt.runner import run
 
 
 def tiny_config(imagefolder, tmp_path, **changes):
@@ -34,7 +36,7 @@ def test_run_writes_metrics_summary_and_checkpoint(imagefolder, tmp_path):
     assert on_disk["final_accuracy"] == records[-1]["accuracy"]
     assert on_disk["best_accuracy"] == max(r["accuracy"] for r in records)
     assert 0 < on_disk["client_peak_memory_bytes"]
-    assert on_disk["processor"] == cpu_name() != ""  # which machine's rounding made these numbers
+    assert on_disk["processor"] == processor(resolve_device(config.device)) != ""  # whose rounding made these numbers
     assert summary["client_flops"] < summary["server_flops"]
     checkpoint = load_file(out / "global.safetensors")
     assert checkpoint["prompts"].shape == (1, 2, 64) and "tail.head.weight" in checkpoint

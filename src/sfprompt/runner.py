@@ -29,6 +29,7 @@ from .config import Config, ConfigError, saved_options
 from .defence import privacy_notice
 from .federation import Federation, prepare
 from .inprocess import InProcessRuntime
+from .machine import processor
 from .methods import Method
 from .model import SplitViT
 from .predict import logits_of
@@ -405,22 +406,6 @@ def save_checkpoint(path: Path, params: torch.nn.Module, config: Config, round_:
         state |= {f"body.{name}": t.detach().cpu().contiguous() for name, t in body.state_dict().items()}
     checkpoint.write_atomically(path, save(state, metadata={"config": json.dumps(config.to_dict()), "round": str(round_),
                                                             "classes": json.dumps(classes)}))
-
-
-def cpu_name() -> str:
-    """The CPU's model, as /proc/cpuinfo names it where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def processor(device: torch.device) -> str:
-    """What computed a run: its GPU, or the CPU's model (their float rounding differs, and so a run's last digits)."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def versions() -> dict[str, str]:
