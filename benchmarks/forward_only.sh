@@ -7,9 +7,10 @@
 # and forward-only-K (--prompt-updates forward-only --directions K, the antithetic estimator at 1e-3, the defaults
 # benchmarks/zo_quality.py chose), the same recipe otherwise; forward-only-1-label-epsilon-3 takes its steps at
 # randomized-response labels (--label-epsilon 3), which the forward-only audits measure at K = 1
-# (docs/benchmarks/forward-only-audit.md, one round, and forward-only-audit-run.md, a whole run): what it costs; forward-only-1-one-sided takes the one-sided estimator at
-# 1e-2 (--estimator one-sided --perturbation 0.01, where zo_quality.py found it ties the antithetic one at K = 1):
-# one prompt set fewer a batch, the cheapest forward-only step.
+# (docs/benchmarks/forward-only-audit.md, one round, and forward-only-audit-run.md, a whole run): what it costs;
+# forward-only-1-one-sided takes the one-sided estimator at 1e-2 (--estimator one-sided --perturbation 0.01, where
+# zo_quality.py found it ties the antithetic one at K = 1): one prompt set fewer a batch, the cheapest forward-only
+# step.
 #
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 5.5 hours on two CPU cores (a run at one
 #                                                                 # thread beside another: backprop and K = 1 14 to

@@ -16,9 +16,8 @@
 # one, so its label-free guess and the attacks' prior read the victim's uploaded tail, trained on its labels; or
 # aggregated, their sum only (secure aggregation), so they read the tail it broadcast, and the table says what the
 # upload alone would have named (rows: backprop, K = 1 with either estimator, and K = 1 with label DP; about an
-# hour). Its audits go to
-# OUT (default results/forward-only-audit, and results/forward-only-audit-aggregated) and its table to DOC
-# (docs/benchmarks/forward-only-audit.md, and forward-only-audit-aggregated.md).
+# hour). Its audits go to OUT (default results/forward-only-audit, and results/forward-only-audit-aggregated) and
+# its table to DOC (docs/benchmarks/forward-only-audit.md, and forward-only-audit-aggregated.md).
 #
 # SENDS=run attacks instead every send of the runs whose accuracy forward_only.sh reports (its IID ones, in RUNS,
 # default results/forward-only/iid: the default recipe, a probe round of all 10 clients, 3 rounds of prompt updates
