@@ -110,13 +110,10 @@ cost_of() {  # NAME [OPTIONS...]: one client's round, forward-only with OPTIONS,
   [ -f "$cost" ] || sfprompt cost $(setting iid) $(options backprop) "${size[@]}" --no-progress "$@" \
     --methods sfprompt,sfprompt-forward-only --samples-per-client "$COST_SAMPLES" --out "$cost" > /dev/null
 }
-estimate_of() {  # ROW: its forward_only_options but --prompt-updates, which would make cost's backprop row forward-only too
-  local options; options=$(forward_only_options "$1"); echo "${options#--prompt-updates forward-only }"
-}
 # shellcheck disable=SC2046  # the options are words
-for k in $COST_DIRECTIONS; do cost_of "directions-$k" $(estimate_of "forward-only-$k"); done
+for k in $COST_DIRECTIONS; do cost_of "directions-$k" $(forward_only_estimate "forward-only-$k"); done
 # shellcheck disable=SC2046
-cost_of directions-1-one-sided $(estimate_of forward-only-1-one-sided)
+cost_of directions-1-one-sided $(forward_only_estimate forward-only-1-one-sided)
 
 DOC=${DOC:-docs/benchmarks/forward-only.md}
 {

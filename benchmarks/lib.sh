@@ -26,18 +26,24 @@ run_once() {
   if [ "$rc" != 0 ]; then echo "$run failed: see $log" >&2; return 1; fi
 }
 
-# forward_only_options ROW: the prompt-update options of a row named forward-only-K (K directions, the antithetic
-# estimator at 1e-3) or forward-only-K-one-sided (the one-sided estimator at 1e-2, where benchmarks/zo_quality.py
-# found it ties the antithetic one at K = 1), without any -label-epsilon-E suffix; nothing (and a failure) for another
-# name. Both estimates are written out, defaults or not, so that a row keeps its meaning if the defaults change.
-forward_only_options() {
+# forward_only_estimate ROW: the estimate of a row named forward-only-K (K directions, the antithetic estimator at
+# 1e-3) or forward-only-K-one-sided (the one-sided estimator at 1e-2, where benchmarks/zo_quality.py found it ties the
+# antithetic one at K = 1), without any -label-epsilon-E suffix; nothing (and a failure) for another name. Both
+# estimates are written out, defaults or not, so that a row keeps its meaning if the defaults change. (`sfprompt cost`
+# takes the estimate alone: --prompt-updates there would make its backprop row forward-only too.)
+forward_only_estimate() {
   local k=${1#forward-only-}
   case "$1" in
-    forward-only-*-one-sided)
-      echo "--prompt-updates forward-only --directions ${k%-one-sided} --estimator one-sided --perturbation 0.01" ;;
-    forward-only-*) echo "--prompt-updates forward-only --directions $k --estimator antithetic --perturbation 0.001" ;;
+    forward-only-*-one-sided) echo "--directions ${k%-one-sided} --estimator one-sided --perturbation 0.01" ;;
+    forward-only-*) echo "--directions $k --estimator antithetic --perturbation 0.001" ;;
     *) return 1 ;;
   esac
+}
+
+# forward_only_options ROW: a forward-only row's prompt-update options: its estimate, forward-only.
+forward_only_options() {
+  local estimate; estimate=$(forward_only_estimate "$1") || return 1
+  echo "--prompt-updates forward-only $estimate"
 }
 
 # core_options ROW: the options of one of core.sh's rows beside its common ones, which hold --recipe paper: the paper's

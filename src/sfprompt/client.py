@@ -407,17 +407,16 @@ class Client:
         place (not stepped yet). What the server gets is the gradient of the loss at the labels the defence
         shows (randomized response; the true labels without it); the tail always learns from the true ones.
         With `shown` None no gradient is sent (forward-only steps), and the rows' is not computed."""
-        sent = None
-        if shown is not None and shown is not labels:  # (a backward, not autograd.grad: the FLOP counter's hooks)
-            shown_rows = rows.detach().requires_grad_(True)
-            F.cross_entropy(tail(shown_rows), shown).backward()
-            sent = shown_rows.grad
+        sent_rows = None  # the rows whose gradient is sent
         if shown is labels:
-            rows = rows.requires_grad_(True)
+            rows = sent_rows = rows.requires_grad_(True)
+        elif shown is not None:  # (a backward, not autograd.grad: the FLOP counter's hooks)
+            sent_rows = rows.detach().requires_grad_(True)
+            F.cross_entropy(tail(sent_rows), shown).backward()
         loss = F.cross_entropy(tail(rows), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        return loss, rows.grad if shown is labels else sent
+        return loss, None if sent_rows is None else sent_rows.grad
 
     def _backward_into_head(self, tokens: torch.Tensor, reply: dict[str, torch.Tensor]) -> torch.Tensor:
         """Backpropagate the gradient of the sent rows that an `input_grad` reply carries (checked) into the
