@@ -3,7 +3,8 @@
 # default job with 50 prompts: mnist-5k, ViT-S/14 at 56 px, 10 clients, 5 a round, IID), against backprop's
 # gradients, and with randomized-response labels (--label-epsilon): for each row and seed, `sfprompt audit`, which
 # plays the probe round that opens the default recipe (of all 10 clients) and attacks client 0's first round of
-# prompt updates after it (the probe-fitted tail, the initial prompts, the prompts at their own rate); then
+# prompt updates after it (the probe-fitted tail, the initial prompts, the prompts at their own rate), from the
+# server's label-free guesses (the victim's tail's and the broadcast model's: audit.json's broadcast_model); then
 # docs/benchmarks/forward-only-audit.md. The audit's image attacks run at a reduced size (AUDIT_SIZE): forward-only
 # sends the same activations as backprop, attacked in docs/privacy.md.
 #
@@ -176,6 +177,11 @@ variables=()
     echo "refit round, which sends every sample with the final prompts) is a second label-free guess and a second prior"
     echo "(the final model's columns); the advantage and the best attack's errors corrected are counted against the"
     echo "better of the two guesses."
+  else
+    echo "The server also holds the model it broadcast for the round: with no client blocks it puts the broadcast"
+    echo "prompts in place of those each send carries and runs its body, so that model's guess of the victim's own"
+    echo "images (the broadcast model's columns) is a second label-free guess and a second prior; the advantage and the"
+    echo "best attack's errors corrected are counted against the better of the two guesses."
   fi
   echo
   echo "$rows"

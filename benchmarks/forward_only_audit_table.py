@@ -23,11 +23,15 @@ COLUMNS = {  # audit.json's labels -> the column
     "advantage": "best attack - label-free",
 }
 UPLOAD = {"upload_alone": "the upload alone"}  # audits with --uploads aggregated: what it would have named by itself
-FINAL = {  # where an audit has them: a whole run's final model's guess, the attacks with it as their prior, and
-    # the trajectory through the tails the server replays (audits made before these lack them)
+HELD = {  # where an audit has them: the guess of the model the server holds (a whole run's final model, one round's
+    # broadcast model), the attacks with it as their prior, and the trajectory through the tails the server replays
+    # (audits made before these lack them)
     "final_model": "final model's guess",
+    "broadcast_model": "broadcast model's guess",
     "gradient_final_prior": "gradient attack, final model elsewhere",
+    "gradient_broadcast_prior": "gradient attack, broadcast model elsewhere",
     "trajectory_final_prior": "trajectory from the final model's guess",
+    "trajectory_broadcast_prior": "trajectory from the broadcast model's guess",
     "trajectory_replayed_tail": "trajectory, replayed tails",
 }
 
@@ -37,7 +41,7 @@ def corrected(audits: list[dict], attack: str, guess: str = "label_free") -> str
     nearly always right has too few for a share of its own); net of the right ones it makes wrong."""
     if not all(attack in audit for audit in audits):
         return ""
-    guesses = [audit.get(guess, audit["label_free"]) for audit in audits]  # (one from before the final model's)
+    guesses = [audit.get(guess, audit["label_free"]) for audit in audits]  # (one from before the held model's)
     wrong = sum(round((1 - of) * audit["samples"]) for of, audit in zip(guesses, audits))
     right = sum(round((audit[attack] - of) * audit["samples"]) for of, audit in zip(guesses, audits))
     return f"{right} of {wrong}" + (f" ({right / wrong:.0%})" if wrong else "")
@@ -62,9 +66,9 @@ def read(out: Path, rows: list[str], uploads: str, sends: str) -> dict[str, list
 def main(out: Path, rows: list[str], uploads: str, sends: str) -> None:
     found = read(out, rows, uploads, sends)
     held = {key for audits in found.values() for audit in audits for key in audit}  # the figures some audit has
-    columns = COLUMNS | (UPLOAD if "upload_alone" in held else {}) | {k: v for k, v in FINAL.items() if k in held}
+    columns = COLUMNS | (UPLOAD if "upload_alone" in held else {}) | {k: v for k, v in HELD.items() if k in held}
     broadcast = "the same, broadcast tail"
-    if "final_model" in held:  # the advantage over the better of the two guesses: last
+    if held & {"final_model", "broadcast_model"}:  # the advantage over the better of the two guesses: last
         columns["advantage"] = columns.pop("advantage").replace("label-free", "best label-free")
         broadcast = "broadcast tail's, against the uploaded tail's guess"
     print("| row | seeds | samples sent | steps read | " + " | ".join(columns.values())

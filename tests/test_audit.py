@@ -438,8 +438,9 @@ def test_over_a_whole_run_the_final_model_is_a_label_free_guess_and_a_prior(gray
     assert labels["advantage"] == labels["best_attack"] - labels["best_label_free"]
     attacks = {"backprop": "gradient_final_prior", "forward-only": "trajectory_final_prior"}
     assert attacks[prompt_updates] in labels and labels["best_attack"] >= labels[attacks[prompt_updates]]
-    one_round, _ = _label_accuracy(fed, 0, upload, seen, aggregated=False)  # one round's audit holds no final model
-    assert "final_model" not in one_round and one_round["best_label_free"] == one_round["label_free"]
+    one_round, _ = _label_accuracy(fed, 0, upload, seen, aggregated=False)  # one round's: the broadcast model's
+    assert "final_model" not in one_round and f"{attacks[prompt_updates]}".replace("final", "broadcast") in one_round
+    assert one_round["best_label_free"] == max(one_round["label_free"], one_round["broadcast_model"])
     # the attacks do start from the final model's guess: from one sure of every label, the trajectory keeps them
     # all, and the gradient attack keeps those of the samples no gradient was sent for
     sure = torch.full((len(ids), 3), -1e4).scatter_(1, truth[:, None], 0.0)
@@ -496,6 +497,30 @@ def test_the_server_replays_each_steps_tail_from_the_broadcast_and_the_rows_it_c
             assert torch.allclose(value, e.tail[name], atol=1e-6), name
     wrong = _replayed_tails(fed, seen, (truth + 1) % 3, ids, upload.tail)[-1].state_dict()
     assert not all(torch.allclose(value, seen.evaluates[-1].tail[name], atol=1e-6) for name, value in wrong.items())
+
+
+@pytest.mark.parametrize("prompt_updates", ["backprop", "forward-only"])
+def test_in_one_round_the_broadcast_model_reads_the_victims_images_under_the_broadcast_prompts(gray, tmp_path,
+                                                                                              prompt_updates):
+    """Without client blocks the server can put the prompts it broadcast in place of those a send carries and run
+    its body: the broadcast model's guess is what that model predicts from the victim's own images, however far the
+    client's prompts moved in its round. With client blocks every row depends on the client's prompts: no guess."""
+    from sfprompt.audit import _broadcast_model_scores, _label_accuracy
+
+    fed, seen, _, upload, ids, truth = witnessed_run(gray, tmp_path, rounds=1, probe_rounds=0, refit_rounds=0,
+                                                     prompt_updates=prompt_updates, perturbation=0.3, prompt_lr=1.0)
+    broadcast = fed.method.new_params(fed.model)
+    broadcast.load_state_dict(seen.broadcasts[0])
+    assert not torch.equal(torch.stack([p for p, _ in seen.params])[-1], broadcast.prompts)  # the prompts moved
+    with torch.no_grad():
+        expected = fed.model.logits(torch.stack([seen.images[int(p)] for p in ids]), broadcast).log_softmax(1)
+    scores = _broadcast_model_scores(fed, 0, seen, upload.tail)
+    assert torch.allclose(scores, expected, atol=1e-4)
+    labels, _ = _label_accuracy(fed, 0, upload, seen, aggregated=True)
+    assert labels["broadcast_model"] == float((expected.argmax(1) == truth).float().mean())
+    assert labels["best_label_free"] == max(labels["label_free"], labels["broadcast_model"])
+    blocks, seen_blocks, *_ = witnessed_run(gray, tmp_path, rounds=1, probe_rounds=0, refit_rounds=0, client_blocks=1)
+    assert _broadcast_model_scores(blocks, 0, seen_blocks, upload.tail) is None
 
 
 def test_the_final_models_guess_averages_the_sends_made_with_its_prompts_else_all():

@@ -310,6 +310,9 @@ def test_the_forward_only_audit_benchmark_attacks_each_row_and_writes_its_table(
     assert row["| row"] == "| forward-only-2-label-epsilon-1" and row["seeds"] == "1"
     assert row["trajectory, each step's tail"] and row["one step: trajectory |"] and not row["gradient attack"]
     assert row["the upload alone"]  # what the tail it uploaded would have named without secure aggregation
+    # the model it broadcast, read on the victim's images: a second guess, the one the advantage is counted against
+    assert row["broadcast model's guess"] and row["trajectory from the broadcast model's guess"]
+    assert row["best attack - best label-free"] and "broadcast model's columns" in doc.read_text().split("|")[0]
     audit = json.loads((tmp_path / "runs" / "forward-only-2-label-epsilon-1" / "seed-0" / "audit.json").read_text())
     assert audit["audit"]["uploads"] == "aggregated"
     config = audit["config"]

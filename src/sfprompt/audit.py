@@ -508,7 +508,7 @@ def _scored(reconstructions: dict[str, torch.Tensor], originals: torch.Tensor,
     return scores, {name: _summary(s) for name, s in scores.items()} | {"best": _summary(best)}
 
 
-LABEL_FREE = ("label_free", "final_model")  # the server's guesses without the split-phase messages
+LABEL_FREE = ("label_free", "final_model", "broadcast_model")  # the server's guesses without the split-phase messages
 
 
 def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen: Witnessed,
@@ -517,9 +517,11 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     over the best guess without the messages, and how many samples it sent. The server's own guess, and the attacks'
     prior, read every send through the tail it holds for the victim: its uploaded tail, or under secure aggregation
     (`aggregated`) the newest tail it broadcast to it; then `upload_alone` is what the upload would have named by
-    itself. Over a whole run (`final`: its final global params), the server also holds the model the run ends
-    with: its guess (`final_model`, see `_final_model_scores`) is a second label-free guess, and a second prior
-    for the attacks (their `*_final_prior` guesses). Each gradient is read through the tail that computed it
+    itself. The server also holds a global model it can read the victim's sends with: over a whole run (`final`: its
+    final global params) the model the run ends with (`final_model`, see `_final_model_scores`), over one round the
+    one it broadcast for it (`broadcast_model`, see `_broadcast_model_scores`; none with client blocks). Its guess
+    is a second label-free guess, and a second prior for the attacks (their `*_final_prior` or `*_broadcast_prior`
+    guesses). Each gradient is read through the tail that computed it
     (`gradient`: an upper bound, as forward-only's `trajectory` is; the client's tail moves with every step) and
     through the tail broadcast for its round (`gradient_broadcast_tail`, which the server holds either way).
     Without gradients, the attack reads the forward-only prompt trajectory, or a linear-probe client's uploaded
@@ -532,10 +534,11 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
         return attacks.per_sample(attacks.log_probs(tail, seen.rows), seen.positions).argmax(dim=1)
 
     held = _tail_of(upload.tail, _tail_state(seen.broadcasts[-1])) if aggregated else upload.tail
-    final_scores = None if final is None else _final_model_scores(final, seen)
+    held_model, model_scores = (("final", _final_model_scores(final, seen)) if final is not None else
+                                ("broadcast", _broadcast_model_scores(fed, victim, seen, upload.tail)))
     if seen.evaluates:
         guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth, attacks.log_probs(held, seen.rows),
-                                              final_scores)
+                                              model_scores, held_model)
     elif seen.graded.any():
         graded_batches = set(seen.batch[seen.graded].tolist())  # (the others' tails are never read)
         round_of = dict(zip(seen.batch.tolist(), seen.sent_in.tolist()))
@@ -552,10 +555,10 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
         if len(graded) < len(truth):  # the others (a probe round's only) keep their label-free guess
             figures = {"samples_with_gradient": len(graded),
                        "gradient_where_received": float((guesses["gradient"] == truth)[where].float().mean())}
-        if final_scores is not None:  # the gradient's class beside the final model's guess, which the others keep
-            shown = attacks.with_randomized_label(final_scores.log_softmax(dim=1), guesses["gradient"],
+        if model_scores is not None:  # the gradient's class beside the held model's guess, which the others keep
+            shown = attacks.with_randomized_label(model_scores.log_softmax(dim=1), guesses["gradient"],
                                                   defence.keep_probability(num_classes))
-            guesses["gradient_final_prior"] = torch.where(where, shown, final_scores.argmax(dim=1))
+            guesses[f"gradient_{held_model}_prior"] = torch.where(where, shown, model_scores.argmax(dim=1))
     else:  # a linear-probe client: its uploaded statistics name its labels, unless summed with others' first
         statistics = attacks.statistics_label_attacks(upload, seen.rows, seen.positions,
                                                       seen.upload.meta["num_examples"])
@@ -564,8 +567,8 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     if aggregated:  # what the upload the server no longer sees would have named by itself
         uploaded = uploaded or {"uploaded_tail": guess_of(upload.tail)}
         figures["upload_alone"] = max(float((guess == truth).float().mean()) for guess in uploaded.values())
-    if final_scores is not None:
-        guesses["final_model"] = final_scores.argmax(dim=1)
+    if model_scores is not None:
+        guesses[f"{held_model}_model"] = model_scores.argmax(dim=1)
     accuracy = {name: float((guess == truth).float().mean()) for name, guess in guesses.items()}
     best_label_free = max(accuracy[name] for name in LABEL_FREE if name in accuracy)
     accuracy["best_attack"] = max((value for name, value in accuracy.items() if name not in LABEL_FREE),
@@ -584,14 +587,44 @@ def _final_model_scores(final: torch.nn.Module, seen: Witnessed) -> torch.Tensor
     prompts = final.prompts.detach().cpu()
     current = torch.tensor([torch.equal(sent, prompts) for sent, _ in seen.params])[seen.batch]  # (S,)
     scores = attacks.log_probs(final.tail, seen.rows)
+    with_final, finals = _mean_per_sample(scores, seen.positions, current)
+    return torch.where(finals[:, None] > 0, with_final, _mean_per_sample(scores, seen.positions)[0])
 
-    def mean_over(sends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # of each sample's `sends`, and how many
-        counts = attacks.per_sample(sends[:, None].float(), seen.positions)
-        summed = attacks.per_sample(torch.where(sends[:, None], scores, 0.0), seen.positions)
-        return summed / counts.clamp_min(1), counts[:, 0]
 
-    with_final, finals = mean_over(current)
-    return torch.where(finals[:, None] > 0, with_final, mean_over(torch.ones_like(current))[0])
+def _broadcast_model_scores(fed: Federation, victim: int, seen: Witnessed,
+                            template: torch.nn.Module) -> torch.Tensor | None:
+    """The log-probabilities (n, C) of each sample the victim sent under the global model the server broadcast for
+    the round it was sent in, averaged over its sends: without client blocks a send's patch rows do not depend on
+    the prompts, so the server puts the broadcast prompts in place of those sent, runs its body and reads the
+    broadcast tail there (what that model predicts from the victim's own images, noise and all). A label-free guess
+    the server holds in any round, under secure aggregation too. None with client blocks (every row then depends on
+    the prompts that made it) or for params without prompts. `template`: a tail of the victim's method."""
+    split = fed.clients[victim].model
+    if split.client_blocks or any("prompts" not in params for params in seen.broadcasts):
+        return None
+    body, layout = fed.model.at(0).body, split.layout
+    tokens = seen.tokens.clone()
+    for round_ in seen.sent_in.unique().tolist():
+        in_round = seen.sent_in == round_
+        tokens[in_round, layout.prompt_rows] = seen.broadcasts[round_]["prompts"].reshape(-1, layout.width)
+    with torch.no_grad():
+        rows = torch.cat([body(chunk)[:, layout.tail_rows] for chunk in tokens.split(256)])
+    scores = torch.empty(len(rows), fed.model.num_classes)
+    for round_, tail in _broadcast_tails(template, seen, seen.sent_in.unique().tolist()).items():
+        in_round = seen.sent_in == round_
+        scores[in_round] = attacks.log_probs(tail, rows[in_round])
+    return _mean_per_sample(scores, seen.positions)[0]
+
+
+def _mean_per_sample(scores: torch.Tensor, positions: torch.Tensor,
+                     sends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-send `scores` (S, C) averaged over each sample's sends (those `sends` marks, all if None: a sample's
+    sends see one image, so summed, a prior would count it once a send), one row per distinct position,
+    ascending; and how many each averaged (0: none marked, its row 0)."""
+    sends = torch.ones(len(scores), dtype=torch.bool) if sends is None else sends
+    counts = attacks.per_sample(sends[:, None].float(), positions)
+    summed = attacks.per_sample(torch.where(sends[:, None], scores, 0.0), positions)
+    return summed / counts.clamp_min(1), counts[:, 0]
 
 
 def _broadcast_tails(template: torch.nn.Module, seen: Witnessed, rounds) -> dict[int, torch.nn.Module]:
@@ -606,7 +639,8 @@ def _tail_state(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, seen: Witnessed,
                        truth: torch.Tensor, log_probs: torch.Tensor,
-                       final_scores: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                       model_scores: torch.Tensor | None = None,
+                       held_model: str = "final") -> tuple[dict[str, torch.Tensor], dict]:
     """Forward-only's label attacks (`trajectory`): the label-free guess (from each send's `log_probs`); the labels
     that explain the coefficients
     read from the prompt trajectory, with the losses of the tail each step used (`trajectory`: an upper bound) and
@@ -614,10 +648,11 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
     the label-free guess of its batch (under Adam with the factor all steps gave). Under --label-epsilon the steps
     explain the randomized labels, so the attack infers those (their prior: the label-free guess through randomized
     response) and then, as a Bayesian attacker who knows the rate, each true label from its randomized one and the
-    label-free guess. With the final model's scores (`final_scores`, a whole run's), the search runs again from
-    that guess, with it as the prior (`trajectory_final_prior`). `trajectory_replayed_tail` needs no tail the
-    server does not hold: from the better guess it replays each step's tail (`_replayed_tails`), searches with
-    those, and replays again under what it found (`REPLAYS` times). `unexplained_at_truth` checks the attack's model
+    label-free guess. With the scores of a model the server holds (`model_scores`: a whole run's final model's, or
+    one round's broadcast model's, as `held_model` names it), the search runs again from that guess, with it as the
+    prior (`trajectory_final_prior` or `trajectory_broadcast_prior`). `trajectory_replayed_tail` needs no tail the
+    server does not hold: from the held model's guess (else the label-free one) it replays each step's tail
+    (`_replayed_tails`), searches with those, and replays again under what it found (`REPLAYS` times). `unexplained_at_truth` checks the attack's model
     of the steps: its residual at the labels the client's losses were taken at (the true ones, or the randomized
     ones)."""
     config, model, classes = fed.config, fed.clients[victim].model, fed.model.num_classes
@@ -663,12 +698,12 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
     guesses["trajectory_broadcast_tail"] = true_labels(
         trajectory.infer_labels(steps(lambda e: broadcast_tails[e.round]), shown_prior(posterior), known)[0],
         posterior)
-    if final_scores is not None:
-        final_posterior = final_scores.log_softmax(dim=1)
-        guesses["trajectory_final_prior"] = true_labels(
-            trajectory.infer_labels(exact, shown_prior(final_posterior), known)[0], final_posterior)
+    if model_scores is not None:
+        model_posterior = model_scores.log_softmax(dim=1)
+        guesses[f"trajectory_{held_model}_prior"] = true_labels(
+            trajectory.infer_labels(exact, shown_prior(model_posterior), known)[0], model_posterior)
     # what the server can do without the client's tails: replay them under its guess, search, replay again
-    best_posterior = posterior if final_scores is None else final_posterior
+    best_posterior = posterior if model_scores is None else model_posterior
     guess = best_posterior.argmax(dim=1)
     for _ in range(REPLAYS):
         tails = dict(zip(map(id, evaluates), _replayed_tails(fed, seen, guess, ids, upload.tail)))
