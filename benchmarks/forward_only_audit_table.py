@@ -70,7 +70,8 @@ def main(out: Path, rows: list[str], uploads: str, sends: str) -> None:
     broadcast = "the same, broadcast tail"
     if held & {"final_model", "broadcast_model"}:  # the advantage over the better of the two guesses: last
         columns["advantage"] = columns.pop("advantage").replace("label-free", "best label-free")
-        broadcast = "broadcast tail's, against the uploaded tail's guess"
+        if uploads == "seen":  # (aggregated, the label-free guess is the broadcast tail's already)
+            broadcast = "broadcast tail's, against the uploaded tail's guess"
     print("| row | seeds | samples sent | steps read | " + " | ".join(columns.values())
           + f" | guess's errors corrected, best attack | {broadcast} | one step: label-free | one step: trajectory |")
     print("|---" * (len(columns) + 8) + "|")

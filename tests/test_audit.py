@@ -504,7 +504,8 @@ def test_in_one_round_the_broadcast_model_reads_the_victims_images_under_the_bro
                                                                                               prompt_updates):
     """Without client blocks the server can put the prompts it broadcast in place of those a send carries and run
     its body: the broadcast model's guess is what that model predicts from the victim's own images, however far the
-    client's prompts moved in its round. With client blocks every row depends on the client's prompts: no guess."""
+    client's prompts moved in its round. With client blocks every row depends on the client's prompts, and with
+    --train-body the model is not the frozen body's: no guess."""
     from sfprompt.audit import _broadcast_model_scores, _label_accuracy
 
     fed, seen, _, upload, ids, truth = witnessed_run(gray, tmp_path, rounds=1, probe_rounds=0, refit_rounds=0,
@@ -521,6 +522,9 @@ def test_in_one_round_the_broadcast_model_reads_the_victims_images_under_the_bro
     assert labels["best_label_free"] == max(labels["label_free"], labels["broadcast_model"])
     blocks, seen_blocks, *_ = witnessed_run(gray, tmp_path, rounds=1, probe_rounds=0, refit_rounds=0, client_blocks=1)
     assert _broadcast_model_scores(blocks, 0, seen_blocks, upload.tail) is None
+    if prompt_updates == "backprop":  # nor where the server trains body copies: the frozen body is not the model
+        trained, seen_trained, *_ = witnessed_run(gray, tmp_path, rounds=1, method="sfl", train_body=True)
+        assert _broadcast_model_scores(trained, 0, seen_trained, upload.tail) is None
 
 
 def test_the_final_models_guess_averages_the_sends_made_with_its_prompts_else_all():

@@ -17,8 +17,9 @@ client holds), and are scored against the originals:
   re-identified if any attack re-identifies it: an upper bound on what the server can choose.
 - the class-mean image of the auxiliary data (of the image's true class): what the server gets with
   no attack at all.
-- labels: the server's label-free prediction from the activations (over a whole run, also the
-  final model's, which the server holds at its end), and inference from the `backward` gradients
+- labels: the server's label-free prediction from the activations (over one round, also the broadcast
+  model's on the victim's images, and over a whole run the final model's, which the server holds at its
+  end), and inference from the `backward` gradients
   (see `attacks.label_attacks`), or, with forward-only prompt updates, from the prompts' trajectory
   (see `trajectory`), each from either guess.
 
@@ -598,9 +599,10 @@ def _broadcast_model_scores(fed: Federation, victim: int, seen: Witnessed,
     the prompts, so the server puts the broadcast prompts in place of those sent, runs its body and reads the
     broadcast tail there (what that model predicts from the victim's own images, noise and all). A label-free guess
     the server holds in any round, under secure aggregation too. None with client blocks (every row then depends on
-    the prompts that made it) or for params without prompts. `template`: a tail of the victim's method."""
+    the prompts that made it), where the server trains body copies (--train-body: the round's model is not the
+    frozen body with the broadcast params) or for params without prompts. `template`: a tail of the victim's method."""
     split = fed.clients[victim].model
-    if split.client_blocks or any("prompts" not in params for params in seen.broadcasts):
+    if split.client_blocks or fed.config.train_body or any("prompts" not in params for params in seen.broadcasts):
         return None
     body, layout = fed.model.at(0).body, split.layout
     tokens = seen.tokens.clone()
@@ -652,9 +654,9 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
     one round's broadcast model's, as `held_model` names it), the search runs again from that guess, with it as the
     prior (`trajectory_final_prior` or `trajectory_broadcast_prior`). `trajectory_replayed_tail` needs no tail the
     server does not hold: from the held model's guess (else the label-free one) it replays each step's tail
-    (`_replayed_tails`), searches with those, and replays again under what it found (`REPLAYS` times). `unexplained_at_truth` checks the attack's model
-    of the steps: its residual at the labels the client's losses were taken at (the true ones, or the randomized
-    ones)."""
+    (`_replayed_tails`), searches with those, and replays again under what it found (`REPLAYS` times).
+    `unexplained_at_truth` checks the attack's model of the steps: its residual at the labels the client's losses
+    were taken at (the true ones, or the randomized ones)."""
     config, model, classes = fed.config, fed.clients[victim].model, fed.model.num_classes
     ids = seen.positions.unique()
     prior = attacks.per_sample(log_probs, seen.positions)
