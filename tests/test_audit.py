@@ -439,7 +439,7 @@ def test_over_a_whole_run_the_final_model_is_a_label_free_guess_and_a_prior(gray
     attacks = {"backprop": "gradient_final_prior", "forward-only": "trajectory_final_prior"}
     assert attacks[prompt_updates] in labels and labels["best_attack"] >= labels[attacks[prompt_updates]]
     one_round, _ = _label_accuracy(fed, 0, upload, seen, aggregated=False)  # one round's: the broadcast model's
-    assert "final_model" not in one_round and f"{attacks[prompt_updates]}".replace("final", "broadcast") in one_round
+    assert "final_model" not in one_round and attacks[prompt_updates].replace("final", "broadcast") in one_round
     assert one_round["best_label_free"] == max(one_round["label_free"], one_round["broadcast_model"])
     # the attacks do start from the final model's guess: from one sure of every label, the trajectory keeps them
     # all, and the gradient attack keeps those of the samples no gradient was sent for
