@@ -605,16 +605,14 @@ def _broadcast_model_scores(fed: Federation, victim: int, seen: Witnessed,
     if split.client_blocks or fed.config.train_body or any("prompts" not in params for params in seen.broadcasts):
         return None
     body, layout = fed.model.at(0).body, split.layout
-    tokens = seen.tokens.clone()
-    for round_ in seen.sent_in.unique().tolist():
-        in_round = seen.sent_in == round_
-        tokens[in_round, layout.prompt_rows] = seen.broadcasts[round_]["prompts"].reshape(-1, layout.width)
-    with torch.no_grad():
-        rows = torch.cat([body(chunk)[:, layout.tail_rows] for chunk in tokens.split(256)])
-    scores = torch.empty(len(rows), fed.model.num_classes)
+    scores = torch.empty(len(seen.tokens), fed.model.num_classes)
     for round_, tail in _broadcast_tails(template, seen, seen.sent_in.unique().tolist()).items():
         in_round = seen.sent_in == round_
-        scores[in_round] = attacks.log_probs(tail, rows[in_round])
+        tokens = seen.tokens[in_round]  # (a copy: the sends' own are kept)
+        tokens[:, layout.prompt_rows] = seen.broadcasts[round_]["prompts"].reshape(-1, layout.width)
+        with torch.no_grad():
+            rows = torch.cat([body(chunk)[:, layout.tail_rows] for chunk in tokens.split(256)])
+        scores[in_round] = attacks.log_probs(tail, rows)
     return _mean_per_sample(scores, seen.positions)[0]
 
 
