@@ -9,8 +9,9 @@
 # randomized-response labels (--label-epsilon 3), which the forward-only audits measure at K = 1
 # (docs/benchmarks/forward-only-audit.md, one round, and forward-only-audit-run.md, a whole run): what it costs;
 # forward-only-1-one-sided takes the one-sided estimator at 1e-2 (--estimator one-sided --perturbation 0.01, where
-# zo_quality.py found it ties the antithetic one at K = 1): one prompt set fewer a batch, the cheapest forward-only
-# step.
+# zo_quality.py found it ties the antithetic one at K = 1): one prompt set fewer a batch; forward-only-1-residual the
+# residual estimator at 1e-2 (--estimator residual: one set a batch, its loss against the previous batch's), the
+# cheapest forward-only step: no client FLOPs beyond backprop's.
 #
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 5.5 hours on two CPU cores (a run at one
 #                                                                 # thread beside another: backprop and K = 1 14 to
@@ -39,7 +40,8 @@ OUT=${OUT:-results/forward-only}
 RECIPE_OUT=${RECIPE_OUT:-$(dirname "$OUT")/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-iid dirichlet-0.5}
-ROWS=${ROWS:-linear-probe backprop forward-only-1 forward-only-4 forward-only-1-label-epsilon-3 forward-only-1-one-sided}
+ROWS=${ROWS:-linear-probe backprop forward-only-1 forward-only-4 forward-only-1-label-epsilon-3 forward-only-1-one-sided
+forward-only-1-residual}
 read -r -a size <<< "${SIZE:-}"
 
 setting() {  # recipe.sh's default-iid and default-dirichlet-0.5
@@ -98,7 +100,7 @@ done
 run_grid  # (under TABLE_ONLY it checks the rows and runs none)
 
 # What one client's round costs at each number of directions K (`sfprompt cost`, on fake tensors: seconds each, made
-# once and kept, TABLE_ONLY too), antithetic, and one-sided at K = 1: the headline setting's 4,000 training digits
+# once and kept, TABLE_ONLY too), antithetic, and one-sided and residual at K = 1: the headline setting's 4,000 training digits
 # over 10 clients are COST_SAMPLES=400 a client.
 COST_DIRECTIONS=${COST_DIRECTIONS:-1 2 4 8 16 32} COST_SAMPLES=${COST_SAMPLES:-400}
 mkdir -p "$OUT/cost"
@@ -114,13 +116,16 @@ cost_of() {  # NAME [OPTIONS...]: one client's round, forward-only with OPTIONS,
 for k in $COST_DIRECTIONS; do cost_of "directions-$k" $(forward_only_estimate "forward-only-$k"); done
 # shellcheck disable=SC2046
 cost_of directions-1-one-sided $(forward_only_estimate forward-only-1-one-sided)
+# shellcheck disable=SC2046
+cost_of directions-1-residual $(forward_only_estimate forward-only-1-residual)
 
 DOC=${DOC:-docs/benchmarks/forward-only.md}
 {
   echo "$(command_header forward_only) Test accuracy, mean ± standard deviation over the seeds; bytes and FLOPs"
   echo "of the whole run. Rows: linear-probe, backprop (\`sfprompt run --prompt-tokens 50\`: the default recipe) and"
   echo "forward-only-K (the same with \`--prompt-updates forward-only --directions K --estimator antithetic"
-  echo "--perturbation 0.001\`; -one-sided: \`--estimator one-sided --perturbation 0.01\` instead; -label-epsilon-E: and"
+  echo "--perturbation 0.001\`; -one-sided: \`--estimator one-sided --perturbation 0.01\` instead; -residual:"
+  echo "\`--estimator residual --perturbation 0.01\`; -label-epsilon-E: and"
   echo "\`--label-epsilon E\`). Then each setting's rows"
   echo "against backprop at equal cost, seed by seed (benchmarks/equal_cost_table.py). The machine named is the one"
   echo "that wrote this page; runs kept from before may have been made on another (docs/method.md says which)."
@@ -136,7 +141,7 @@ DOC=${DOC:-docs/benchmarks/forward-only.md}
   echo "\`sfprompt cost --prompt-tokens 50 --methods sfprompt,sfprompt-forward-only --directions K --estimator"
   echo "antithetic --perturbation 0.001 --samples-per-client $COST_SAMPLES\`: a split round of one client (a probe round"
   echo "costs both the same), antithetic (2K + 1 prompt sets a batch; one-sided, \`--estimator one-sided --perturbation"
-  echo "0.01\`: K + 1), against backprop's."
+  echo "0.01\`: K + 1; residual, \`--estimator residual --perturbation 0.01\`: 1), against backprop's."
   echo
   python - "${costs[@]}" <<'PY'
 import json, sys
@@ -156,8 +161,8 @@ def row(name, cost):
 row("backprop", backprop)
 for cost in costs:
     config = cost["inputs"]["config"]
-    one_sided = ", one-sided" if config["estimator"] == "one-sided" else ""
-    row(f"forward-only, K = {config['directions']}{one_sided}", cost["per_client_per_round"]["sfprompt-forward-only"])
+    estimator = "" if config["estimator"] == "antithetic" else f", {config['estimator']}"
+    row(f"forward-only, K = {config['directions']}{estimator}", cost["per_client_per_round"]["sfprompt-forward-only"])
 PY
 } > "$DOC"
 cat "$DOC"

@@ -28,13 +28,15 @@ run_once() {
 
 # forward_only_estimate ROW: the estimate of a row named forward-only-K (K directions, the antithetic estimator at
 # 1e-3) or forward-only-K-one-sided (the one-sided estimator at 1e-2, where benchmarks/zo_quality.py found it ties the
-# antithetic one at K = 1), without any -label-epsilon-E suffix; nothing (and a failure) for another name. Both
-# estimates are written out, defaults or not, so that a row keeps its meaning if the defaults change. (`sfprompt cost`
+# antithetic one at K = 1) or forward-only-1-residual (the residual estimator, one set a batch, at one-sided's 1e-2),
+# without any -label-epsilon-E suffix; nothing (and a failure) for another name. Every
+# estimate is written out, defaults or not, so that a row keeps its meaning if the defaults change. (`sfprompt cost`
 # takes the estimate alone: --prompt-updates there would make its backprop row forward-only too.)
 forward_only_estimate() {
   local k=${1#forward-only-}
   case "$1" in
     forward-only-*-one-sided) echo "--directions ${k%-one-sided} --estimator one-sided --perturbation 0.01" ;;
+    forward-only-1-residual) echo "--directions 1 --estimator residual --perturbation 0.01" ;;
     forward-only-*) echo "--directions $k --estimator antithetic --perturbation 0.001" ;;
     *) return 1 ;;
   esac

@@ -5,8 +5,9 @@ On the headline setting (mnist-5k, ViT-S/14 at 56 px, 50 prompts: where prompt t
 points centrally, docs/benchmarks/central.md), with the initial prompts and the tail fitted in closed form on
 their features (where the default recipe's split training starts), this takes mini-batches of 32 training
 images and compares, for every perturbation size and number of directions K, each estimator's estimate g^ of
-the prompts' gradient with the true one g (backpropagated through the body): their cosine, and the descent
-g . g^ / |g|^2, which is 1 on average for an unbiased estimate. For exact directional derivatives along K
+the prompts' gradient with the true one g (backpropagated through the body; the residual one, K = 1, from the
+second batch on: its loss at p + eps z against the previous batch's, the tail and prompts held): their cosine, and
+the descent g . g^ / |g|^2, which is 1 on average for an unbiased estimate. For exact directional derivatives along K
 standard normal directions in d dimensions the expected cosine is about sqrt(K / (K + d)): the table gives it
 beside the measured one, so a perturbation that is too small (float rounding) or too large (curvature) shows
 as a shortfall from it.
@@ -77,6 +78,7 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(fed.train, batch_size=32, shuffle=True, generator=generator)
     kmax, dims = max(args.directions), prompts.numel()
     found: dict[tuple, list[tuple[float, float]]] = {}
+    last: dict[float, torch.Tensor] = {}  # the previous batch's loss at p + eps z_1 (the residual estimator's)
     for batch, (images, labels) in zip(range(args.batches), loader):
         images, labels = images.to(fed.device), labels.to(fed.device)
         wanted = prompts.clone().requires_grad_(True)
@@ -87,11 +89,14 @@ def main() -> None:
             with torch.no_grad():
                 sets = zeroth_order.prompt_sets(prompts[0], directions, eps, "antithetic")  # p, p + eps z, p - eps z
                 losses = torch.stack([batch_loss(fed, tail, images, labels, p[None]) for p in sets])
+            previous, last[eps] = last.get(eps), losses[1]
             for k in args.directions:
-                for estimator in ESTIMATORS:  # both from the same losses: p, the first k of +, the first k of -
-                    chosen = torch.cat([losses[:1 + k], losses[1 + kmax:1 + kmax + k]]) if estimator == "antithetic" \
-                        else losses[:1 + k]
-                    estimate = zeroth_order.gradient(chosen, directions[:k], eps, estimator)
+                for estimator in ESTIMATORS:  # all from the same losses: p, the first k of +, the first k of -
+                    if estimator == "residual" and (k != 1 or previous is None):  # K = 1, from the second batch
+                        continue
+                    chosen = {"antithetic": torch.cat([losses[:1 + k], losses[1 + kmax:1 + kmax + k]]),
+                              "one-sided": losses[:1 + k], "residual": losses[1:2]}[estimator]
+                    estimate = zeroth_order.gradient(chosen, directions[:k], eps, estimator, previous)
                     cosine = float(F.cosine_similarity(estimate.flatten(), true.flatten(), dim=0))
                     descent = float((estimate * true).sum() / (true * true).sum())
                     found.setdefault((estimator, eps, k), []).append((cosine, descent))

@@ -41,6 +41,23 @@ def test_the_estimate_recovers_the_gradient_of_a_smooth_loss(estimator, toleranc
     assert float((estimate - true).norm() / true.norm()) < tolerance
 
 
+def test_the_residual_estimate_recovers_the_gradient_from_one_set_a_step():
+    """Residual feedback: one set a step, p + eps z_t, its loss set against the previous step's (here the same
+    prompts and loss, every step's direction fresh): the previous direction's term is independent of z_t, so the
+    mean is the gradient, with the variance of two one-sided estimates."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 6, generator=generator), torch.randn(2, 6, generator=generator)
+    loss = lambda p: ((p @ a - b) ** 2).sum(dim=(-2, -1))  # noqa: E731
+    prompts = torch.randn(2, 6, generator=generator)
+    true = 2 * (prompts @ a - b) @ a.T
+    directions = torch.randn(200_001, 2, 6, generator=generator, dtype=torch.float64).float()
+    assert torch.equal(zeroth_order.prompt_sets(prompts, directions[:1], 1e-3, "residual"), prompts + 1e-3 * directions[:1])
+    losses = loss(prompts + 1e-3 * directions)  # (T,): each step's one set
+    estimate = zeroth_order.gradient(losses[1:], directions[1:], 1e-3, "residual", previous=losses[:-1])
+    assert float((estimate - true).norm() / true.norm()) < 0.08
+    assert Perturbations(directions=1, size=1e-2, estimator="residual").sets == 1
+
+
 ONE_DIRECTION = Perturbations(directions=1, size=0.1, estimator="antithetic")  # 3 prompt sets
 
 
@@ -106,7 +123,7 @@ def test_a_run_without_forward_only_refuses_evaluates():
     (dict(shared_rows="per-sample"), "--shared-rows once"),
     (dict(directions=0), "--directions"), (dict(perturbation=0.0), "--perturbation"),
     (dict(estimator="two-point"), "--estimator must be one of"), (dict(precision="bf16"), "rounds"),
-    (dict(wire_dtype="int8"), "rounds"),
+    (dict(wire_dtype="int8"), "rounds"), (dict(estimator="residual", directions=2), "--directions 1"),
 ])
 def test_options_that_cannot_go_with_forward_only_are_refused(changes, match):
     with pytest.raises(ConfigError, match=match):
@@ -156,13 +173,35 @@ def test_a_forward_only_run_moves_the_prompts_with_one_request_a_batch(imagefold
     assert forward_only[0]["messages_by_phase"]["up/split"] * 2 == backprop[0]["messages_by_phase"]["up/split"]
 
 
+def test_a_residual_run_sends_one_set_a_batch_and_costs_the_client_no_more_than_backprop(imagefolder, tmp_path):
+    """The residual estimator evaluates only the set the tail trains on: one set's rows down a batch (the one-sided
+    estimator's two; backprop's one, and the prompts' gradient) and, counted, no client FLOPs beyond backprop's, where the one-sided step's
+    extra set costs the tail's forward on it. Its prompts move from a round's second step on."""
+    quiet = dict(progress=False, log=lambda _: None)
+    records = {}
+    for name, changes in (("backprop", {}), ("one-sided", dict(prompt_updates="forward-only", estimator="one-sided")),
+                          ("residual", dict(prompt_updates="forward-only", estimator="residual"))):
+        config = tiny_config(imagefolder, tmp_path, rounds=1, keep_ratio=1.0, perturbation=1e-2, out=str(tmp_path / name),
+                             **changes)
+        run(config, **quiet)
+        records[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+    trained = load_file(str(tmp_path / "residual" / "global.safetensors"))["prompts"]
+    assert not torch.equal(trained, prepare(config).model.new_params().prompts.detach())
+    down = {name: r["bytes_by_phase"]["down/split"] for name, r in records.items()}
+    assert down["residual"] < down["backprop"] < down["one-sided"]
+    assert records["residual"]["client_flops"] <= records["backprop"]["client_flops"] < records["one-sided"]["client_flops"]
+    assert records["residual"]["server_flops"] < records["backprop"]["server_flops"]  # one forward a batch, no backward
+
+
 def test_the_estimate_quality_benchmark_tables_every_estimator_size_and_direction_count(tmp_path):
     done = run_python_benchmark("zo_quality.py", "--options", "--model test_vit --weights none --image-size 32 "
                                 "--train-samples 60 --test-samples 20", "--out", str(tmp_path), "--doc",
-                                str(tmp_path / "zo.md"), "--batches", "1", "--directions", "1", "2", "--perturbations", "0.01")
+                                str(tmp_path / "zo.md"), "--batches", "2", "--directions", "1", "2", "--perturbations", "0.01")
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert {(r["estimator"], r["directions"]) for r in rows} == {(e, k) for e in ("antithetic", "one-sided") for k in (1, 2)}
+    assert {(r["estimator"], r["directions"]) for r in rows} == \
+        {(e, k) for e in ("antithetic", "one-sided") for k in (1, 2)} | {("residual", 1)}  # residual: K = 1 alone
+    assert {r["estimator"]: r["batches"] for r in rows} == {"antithetic": 2, "one-sided": 2, "residual": 1}
     assert all(-1 <= r["cosine"] <= 1 and r["exact_cosine"] > 0 for r in rows)
     assert (tmp_path / "zo.md").read_text().count("\n| ") == 1 + len(rows)  # the header and a line a row
 
@@ -195,16 +234,19 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
         if line.startswith(("| backprop", "| forward")):
             name, *cells = line.strip("| ").split(" | ")
             costs[name] = [float(cell.replace(",", "").removesuffix(" %")) for cell in cells]
-    assert list(costs) == ["backprop", "forward-only, K = 1", "forward-only, K = 2", "forward-only, K = 1, one-sided"]
+    assert list(costs) == ["backprop", "forward-only, K = 1", "forward-only, K = 2", "forward-only, K = 1, one-sided",
+                           "forward-only, K = 1, residual"]
     # each direction adds two sets of rows down and two forwards on the server (one-sided: one); the forward up is
     # the same
     one_sided, k1, k2 = costs["forward-only, K = 1, one-sided"], costs["forward-only, K = 1"], costs["forward-only, K = 2"]
-    assert one_sided[3] < k1[3] < k2[3] and costs["backprop"][3] < k1[3]
-    assert one_sided[2] < k1[2] < k2[2]  # bytes over backprop's
+    residual = costs["forward-only, K = 1, residual"]
+    assert residual[3] < one_sided[3] < k1[3] < k2[3] and costs["backprop"][3] < k1[3]
+    assert residual[2] < one_sided[2] < k1[2] < k2[2]  # bytes over backprop's
     assert one_sided[0] == k1[0] == k2[0]
     # the client's FLOPs over backprop's: the tail's loss under each prompt set beyond the one it trains on
     assert 0 < one_sided[6] < k1[6] < k2[6]
     assert k1[6] == pytest.approx(2 * one_sided[6], rel=0.05)
+    assert residual[6] <= 0  # no set beyond the one the tail trains on
     grid, against = text.split("### iid against backprop")
     assert [line.split(" | ")[0] for line in grid.splitlines() if line.startswith("| ") and "seed" not in line
             and not line.startswith("|---")] == ["| backprop", "| forward-only-2"]
@@ -230,6 +272,8 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert expanded("forward-only-1-one-sided") == ["--prompt-updates", "forward-only", "--directions", "1",
                                                     "--estimator", "one-sided", "--perturbation", "0.01"]
+    assert expanded("forward-only-1-residual") == ["--prompt-updates", "forward-only", "--directions", "1",
+                                                   "--estimator", "residual", "--perturbation", "0.01"]
     # a row's estimate is written out, so that the row keeps its meaning if the defaults move
     assert expanded("forward-only-2") == ["--prompt-updates", "forward-only", "--directions", "2",
                                           "--estimator", "antithetic", "--perturbation", "0.001"]

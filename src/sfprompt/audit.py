@@ -676,9 +676,19 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
             read += [(e, c, round_) for e, c in zip(taken, coefficients)]
 
     def steps(tail_of) -> list[trajectory.Step]:
-        return [trajectory.Step(torch.searchsorted(ids, e.positions),
-                                trajectory.loss_differences(tail_of(e), e.rows, classes, perturbations.estimator),
-                                c * unit * len(e.positions), round_) for e, c, round_ in read]
+        made, estimator = [], perturbations.estimator
+        for (e, c, round_), before in zip(read, [None] + read[:-1]):
+            samples, coefficients = torch.searchsorted(ids, e.positions), c * unit * len(e.positions)
+            differences = trajectory.loss_differences(tail_of(e), e.rows, classes, estimator)
+            if estimator != "residual":
+                made.append(trajectory.Step(samples, differences, coefficients, round_))
+            elif before is not None and before[2] == round_:  # a round's first residual step moves nothing
+                earlier = before[0]
+                made.append(trajectory.residual_step(
+                    samples, differences, torch.searchsorted(ids, earlier.positions),
+                    trajectory.loss_differences(tail_of(earlier), earlier.rows, classes, estimator), coefficients,
+                    round_))
+        return made
 
     broadcast_tails = _broadcast_tails(upload.tail, seen, {e.round for e in evaluates})
     keep = fed.model.defence.keep_probability(classes)

@@ -51,6 +51,7 @@ class RoundContext:
     phase: str = "start"  # the phase running now, reported if the client fails
     anchor: dict[str, torch.Tensor] | None = None  # the global params as received, for FedProx's proximal term
     directions: torch.Generator | None = None  # forward-only's direction seeds, sent in the clear (None: `private`)
+    last_loss: torch.Tensor | None = None  # the residual estimator's: the previous forward-only step's loss
 
 
 class RoundPlan(Protocol):
@@ -373,8 +374,8 @@ class Client:
         """A step in which no gradient crosses the network: one `evaluate`, the tokens a forward carries and the seed
         (from the client's private generator) of the random directions along which the body server evaluates
         perturbed copies of the prompts (`zeroth_order`). The tail steps first order on the rows of the prompts
-        as they are; the prompts step by the estimate the client's own loss differences give: the labels and
-        the losses stay on the client. The server can read the loss differences back from the prompts' steps
+        as they are (residual: of its one perturbed set); the prompts step by the estimate the client's own loss
+        differences give (residual: from the round's second step on): the labels and the losses stay on the client. The server can read the loss differences back from the prompts' steps
         (`trajectory`), so with --label-epsilon they are taken at the randomized-response labels, as backprop's
         gradients are: the prompts then depend on the true labels only through those."""
         params, memory = ctx.params, ctx.memory
@@ -395,8 +396,12 @@ class Client:
             with torch.no_grad():
                 base = loss.detach() if shown is labels else F.cross_entropy(params.tail(rows[0]), shown)
                 set_losses = torch.stack([base] + [F.cross_entropy(params.tail(r), shown) for r in rows[1:]])
-                prompts.grad = zeroth_order.gradient(set_losses, directions, perturbations.size,
-                                                     perturbations.estimator)[None]
+                previous = ctx.last_loss
+                if perturbations.estimator == "residual":  # against the last step's loss; none yet: no step
+                    ctx.last_loss = base
+                if perturbations.estimator != "residual" or previous is not None:
+                    prompts.grad = zeroth_order.gradient(set_losses, directions, perturbations.size,
+                                                         perturbations.estimator, previous)[None]
             self._step(ctx, optimizer)
         return loss
 

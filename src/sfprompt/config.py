@@ -34,7 +34,7 @@ PRUNE_SCORES = ("updated", "received")
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # wire.WireFormat's
 SHARED_ROWS = ("per-sample", "once")
 PROMPT_UPDATES = ("backprop", "forward-only")
-ESTIMATORS = ("antithetic", "one-sided")  # zeroth_order.gradient's
+ESTIMATORS = ("antithetic", "one-sided", "residual")  # zeroth_order.gradient's
 AGGREGATORS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
                "fedtrimmedavg")  # aggregate's
 
@@ -179,7 +179,8 @@ class Config:
     perturbation: float = _opt(1e-3, "forward-only: the size of each prompt perturbation (a step along a direction)")
     estimator: str = _opt(
         "antithetic", "forward-only: antithetic (the loss at +/- each perturbation: 2 prompt sets a direction) or "
-        "one-sided (the loss at + and at the prompts as they are: 1 set a direction)", choices=ESTIMATORS,
+        "one-sided (the loss at + and at the prompts as they are: 1 set a direction) or residual (one perturbed "
+        "set a batch, its loss against the previous batch's: --directions 1)", choices=ESTIMATORS,
     )
     # privacy: what a client does to its messages (what each hides is measured: docs/privacy.md, `sfprompt audit`)
     pool_tokens: int = _opt(0, "average-pool the patch tokens to a G x G grid before sending them (0: send every one)")
@@ -355,6 +356,9 @@ class Config:
             raise ConfigError(f"--directions must be at least 1, got {self.directions}")
         if not (math.isfinite(self.perturbation) and self.perturbation > 0):
             raise ConfigError(f"--perturbation must be positive, got {self.perturbation}")
+        if self.estimator == "residual" and self.directions != 1:
+            raise ConfigError("--estimator residual compares each step's one perturbed set with the previous step's, "
+                              f"one direction a step: it needs --directions 1, got {self.directions}")
         if self.prompt_updates != "forward-only":
             return
         if not self.splits_with_frozen_body:

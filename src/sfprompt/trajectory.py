@@ -4,7 +4,8 @@ No gradient crosses the network in a forward-only round, but each `evaluate` sho
 as they are and, by its seed, the K directions the client perturbs them along; the next `evaluate` shows
 the prompts after the client's step. That step is the optimiser's move along the estimate
 g = sum_k a_k z_k, whose K coefficients are the batch's loss differences a_k = (L(p + eps z_k) -
-L(p - eps z_k)) / (2 eps K) (antithetic; one-sided: against L(p)): numbers the labels shape. So:
+L(p - eps z_k)) / (2 eps K) (antithetic; one-sided: against L(p); residual: L(p + eps z) against the previous
+step's, so two batches' labels shape it): numbers the labels shape. So:
 
 1. `step_coefficients` reads each step's coefficients back from two successive prompt sends: exactly
    for SGD (the move is linear in g), and for Adam up to one positive factor per round, by replaying its
@@ -149,12 +150,15 @@ def _minimise(loss, a: torch.Tensor, iterations: int = 200) -> None:
 def loss_differences(tail, rows: torch.Tensor, num_classes: int, estimator: str) -> torch.Tensor:
     """(B, C, K): what each sample of a step would add to the K loss differences of `zeroth_order.gradient`
     (summed over the batch, before its 1/B) were its label each class, from the rows of every prompt set
-    (S, B, R, D) and a tail."""
+    (S, B, R, D) and a tail. Residual: each sample's loss on the one set (B, C, 1), which `residual_step`
+    sets against the previous step's."""
     sets, batch = rows.shape[:2]
     directions = (sets - 1) // 2 if estimator == "antithetic" else sets - 1
     with torch.no_grad():
         losses = -tail(rows.flatten(0, 1)).double().log_softmax(dim=1).view(sets, batch, num_classes)  # (S, B, C)
-    if estimator == "antithetic":
+    if estimator == "residual":
+        differences = losses
+    elif estimator == "antithetic":
         differences = losses[1:1 + directions] - losses[1 + directions:]
     else:
         differences = losses[1:] - losses[:1]
@@ -171,6 +175,16 @@ class Step:
     differences: torch.Tensor  # (B, C, K), float64
     coefficients: torch.Tensor  # (K,)
     round: int = 0  # the round it was taken in: Adam's unknown factor is one a round (its moments start anew)
+
+
+def residual_step(samples: torch.Tensor, losses: torch.Tensor, earlier_samples: torch.Tensor,
+                  earlier_losses: torch.Tensor, coefficients: torch.Tensor, round_: int) -> Step:
+    """A residual step (`zeroth_order`): its batch's losses (B, C, 1) less the previous step's (B', C, 1), scaled to
+    this batch's size (the client compares the two batches' mean losses), so that both batches' labels explain
+    its coefficient. (A sample in both batches, as across an epoch's end, is two rows, each scored alone.)"""
+    scale = len(samples) / len(earlier_samples)
+    return Step(torch.cat([samples, earlier_samples]), torch.cat([losses, -scale * earlier_losses]), coefficients,
+                round_)
 
 
 def infer_labels(steps: list[Step], prior: torch.Tensor, factor: float | None = None,

@@ -6,6 +6,12 @@ at p + eps z_k and p - eps z_k and estimates the gradient as the mean of
 (L(p + eps z_k) - L(p - eps z_k)) / (2 eps) z_k; the one-sided one evaluates p + eps z_k against the
 loss at p itself. For standard normal z both are unbiased up to O(eps^2) (antithetic) or O(eps)
 (one-sided) for a smooth loss, with a variance that grows with the prompts' size over K.
+
+The residual one (one-point residual feedback: Zhang, Zhou, Ji and Zavlanos, Automatica 2022) evaluates one set
+a step, p_t + eps z_t, and compares its loss with the previous step's: (L_t(p_t + eps z_t) - L_(t-1)(p_(t-1) +
+eps z_(t-1))) / eps z_t, K = 1. It needs no set beyond the one the tail trains on (the fewest bytes and body
+forwards, and no client FLOPs beyond backprop's), at the price of a variance that the batches' own loss
+differences add to: two steps' losses are taken on different batches (and tails).
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ class Perturbations:
 
     @property
     def sets(self) -> int:
-        """The prompt sets of one estimate: the prompts as they are, and one (one-sided) or two a direction."""
+        """The prompt sets of one estimate: the prompts as they are, and one (one-sided) or two a direction; the
+        residual estimator's one perturbed set."""
+        if self.estimator == "residual":
+            return 1
         return 1 + self.directions * (2 if self.estimator == "antithetic" else 1)
 
     def draw(self, seed: int, shape: torch.Size) -> torch.Tensor:
@@ -48,15 +57,22 @@ def checksum(directions: torch.Tensor) -> float:
 
 def prompt_sets(prompts: torch.Tensor, directions: torch.Tensor, perturbation: float, estimator: str) -> torch.Tensor:
     """The prompt sets (S, P, D) of one estimate, for prompts (P, D) and directions (K, P, D): the prompts as
-    they are (set 0, whose rows the tail trains on), then p + eps z_k for every k, then (antithetic) p - eps z_k."""
+    they are (set 0, whose rows the tail trains on), then p + eps z_k for every k, then (antithetic) p - eps z_k;
+    residual: p + eps z_1 alone (set 0)."""
+    if estimator == "residual":
+        return prompts[None] + perturbation * directions
     signs = (1.0, -1.0) if estimator == "antithetic" else (1.0,)
     return torch.cat([prompts[None]] + [prompts[None] + sign * perturbation * directions for sign in signs])
 
 
-def gradient(losses: torch.Tensor, directions: torch.Tensor, perturbation: float, estimator: str) -> torch.Tensor:
-    """The estimate of the loss's gradient at the prompts (P, D) from the losses (S,) of `prompt_sets`' sets."""
+def gradient(losses: torch.Tensor, directions: torch.Tensor, perturbation: float, estimator: str,
+             previous: torch.Tensor | None = None) -> torch.Tensor:
+    """The estimate of the loss's gradient at the prompts (P, D) from the losses (S,) of `prompt_sets`' sets
+    (residual: against the `previous` step's loss)."""
     k = len(directions)
-    if estimator == "antithetic":
+    if estimator == "residual":
+        slopes = (losses - previous) / perturbation
+    elif estimator == "antithetic":
         slopes = (losses[1:1 + k] - losses[1 + k:]) / (2 * perturbation)
     else:
         slopes = (losses[1:] - losses[0]) / perturbation
