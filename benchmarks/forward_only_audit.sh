@@ -28,7 +28,8 @@
 # run, it is a run of the same recipe, seeds and sampled clients, not that run). The server's guess at the end also
 # reads the run's final model (audit.json's final_model), the second prior of the attacks. The victim is, in each
 # seed's run, the client its split rounds sampled most often (the lowest such id): the one whose steps the server
-# sees most. Rows: backprop, K = 1 (the default), K = 1 with label DP at epsilon 3 and K = 1 one-sided by default;
+# sees most. Rows: backprop, K = 1 (the default), K = 1 with label DP at epsilon 3, K = 1 one-sided and residual by
+# default;
 # the audits and table take "-run" after the names above (results/forward-only-audit-run,
 # docs/benchmarks/forward-only-audit-run.md). A replay is about as long as the run (forward_only.sh's IID runs: 15
 # to 25 minutes at one thread; these audits 17 to 28). A missing run is refused, before any audit starts, with the
@@ -49,9 +50,10 @@ case "$SENDS" in round) ;; run) suffix+="-run" ;; *) echo "SENDS must be round o
 OUT=${OUT:-results/forward-only-audit$suffix}
 SEEDS=${SEEDS:-0 1 2}
 if [ "$SENDS" = run ]; then  # the default K, and with the label DP that the goal's margin may need
-  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-label-epsilon-3 forward-only-1-one-sided}
+  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-label-epsilon-3 forward-only-1-one-sided forward-only-1-residual}
 elif [ "$UPLOADS" = seen ]; then
-  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-one-sided forward-only-4 forward-only-16 forward-only-1-label-epsilon-3}
+  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-one-sided forward-only-4 forward-only-16 forward-only-1-label-epsilon-3
+forward-only-1-residual}
 else  # the default K with either estimator, and with label DP
   ROWS=${ROWS:-backprop forward-only-1 forward-only-1-one-sided forward-only-1-label-epsilon-3}
 fi
@@ -63,8 +65,8 @@ if [ "$SENDS" = run ] && [ -n "${SIZE:-}" ]; then
 fi
 read -r -a audit_size <<< "${AUDIT_SIZE:---images 20 --aux-samples 1000 --gallery 20 --steps 100 --inversion-epochs 10}"
 
-# A row: backprop, forward-only-K or forward-only-K-one-sided (lib.sh's forward_only_options), each with
-# -label-epsilon-E (--label-epsilon E) after it or not.
+# A row: backprop, forward-only-K, forward-only-K-one-sided or forward-only-1-residual (lib.sh's
+# forward_only_options), each with -label-epsilon-E (--label-epsilon E) after it or not.
 options() {
   local row=${1%-label-epsilon-*} labels=""
   [ "$row" = "$1" ] || labels="--label-epsilon ${1##*-label-epsilon-}"

@@ -493,16 +493,17 @@ def test_under_label_dp_the_final_models_guess_weighs_the_randomized_labels(gray
         assert weak[attack] == pytest.approx(right / len(ids)) and weak["gradient_where_received"] < 1
 
 
-@pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
-def test_the_server_replays_each_steps_tail_from_the_broadcast_and_the_rows_it_computed(gray, tmp_path, proximal_mu):
+@pytest.mark.parametrize("proximal_mu, estimator", [(0.0, "antithetic"), (0.5, "antithetic"), (0.0, "residual")])
+def test_the_server_replays_each_steps_tail_from_the_broadcast_and_the_rows_it_computed(gray, tmp_path, proximal_mu,
+                                                                                        estimator):
     """At the client's labels, the tails the server replays (first-order steps from each round's broadcast on the
-    unperturbed rows, the run's optimiser, FedProx's pull included) are the client's own: what the
-    `trajectory_replayed_tail` attack lacks is only the labels."""
+    rows the tail trains on: the unperturbed ones, residual's one perturbed set; the run's optimiser, FedProx's pull
+    included) are the client's own: what the `trajectory_replayed_tail` attack lacks is only the labels."""
     from sfprompt.audit import _replayed_tails
 
     fed, seen, _, upload, ids, truth = witnessed_run(
         gray, tmp_path, rounds=2, probe_rounds=0, refit_rounds=0, prompt_updates="forward-only", perturbation=0.3,
-        proximal_mu=proximal_mu, lr=0.01, aggregator="fedprox" if proximal_mu else "fedavg")
+        proximal_mu=proximal_mu, lr=0.01, aggregator="fedprox" if proximal_mu else "fedavg", estimator=estimator)
     tails = _replayed_tails(fed, seen, truth, ids, upload.tail)
     assert len(tails) == len(seen.evaluates) and len({e.round for e in seen.evaluates}) == 2
     for tail, e in zip(tails, seen.evaluates):

@@ -737,10 +737,11 @@ REPLAYS = 3  # rounds of replaying the tails and searching again (on one seed of
 def _replayed_tails(fed: Federation, seen: Witnessed, labels: torch.Tensor, ids: torch.Tensor,
                     template: torch.nn.Module) -> list[torch.nn.Module]:
     """The tail each forward-only step (`seen.evaluates`, in order) used, as the server can replay it: from the
-    round's broadcast tail, the client's first-order step on the unperturbed rows the server returned (`rows[0]`)
-    at `labels` (its guess of the samples `ids`), by the client's own `_tail_step`, with the run's optimiser (Adam's
-    moments are per parameter, so the tail's alone replay; FedProx's pull towards the broadcast included). At the
-    true labels these are the client's tails, to float rounding (tested)."""
+    round's broadcast tail, the client's first-order step on the rows the server returned that it trains on
+    (`rows[0]`: the unperturbed prompts'; residual, its one set's) at `labels` (its guess of the samples `ids`), by
+    the client's own `_tail_step`, with the run's optimiser (Adam's moments are per parameter, so the tail's alone
+    replay; FedProx's pull towards the broadcast included). At the true labels these are the client's tails, to
+    float rounding (tested)."""
     settings, tails, round_ = fed.settings, [], None
     for e in seen.evaluates:
         if e.round != round_:  # each round's steps start from its broadcast, with a fresh optimiser

@@ -375,9 +375,10 @@ class Client:
         (from the client's private generator) of the random directions along which the body server evaluates
         perturbed copies of the prompts (`zeroth_order`). The tail steps first order on the rows of the prompts
         as they are (residual: of its one perturbed set); the prompts step by the estimate the client's own loss
-        differences give (residual: from the round's second step on): the labels and the losses stay on the client. The server can read the loss differences back from the prompts' steps
-        (`trajectory`), so with --label-epsilon they are taken at the randomized-response labels, as backprop's
-        gradients are: the prompts then depend on the true labels only through those."""
+        differences give (residual: from the round's second step on): the labels and the losses stay on the
+        client. The server can read the loss differences back from the prompts' steps (`trajectory`), so with
+        --label-epsilon they are taken at the randomized-response labels, as backprop's gradients are: the prompts
+        then depend on the true labels only through those."""
         params, memory = ctx.params, ctx.memory
         prompts, messages, perturbations = params.prompts, self.model.messages, self.model.perturbations
         with self.meter.work(CLIENT, "split", memory), torch.no_grad():
