@@ -62,14 +62,15 @@ def test_the_attacks_recover_undefended_images_and_labels(gray, tmp_path):
 def test_a_residual_forward_only_round_is_attacked_through_both_batches_of_each_step(gray, tmp_path):
     """A residual step's coefficient is its batch's loss less the previous batch's: the attack's model explains it
     at the true labels of both (all but the client's float32 rounding), from the round's second step on (its first
-    moves nothing); and under --label-epsilon at the randomized ones."""
+    moves nothing, and Adam's step count starts at the second); and under --label-epsilon at the randomized ones.
+    (Counting the first as Adam's step 1 leaves about 3e-4 unexplained here.)"""
     config = audit_config(gray, tmp_path, prompt_updates="forward-only", estimator="residual", perturbation=0.3,
                           prompt_lr=3e-4)
     labels = run_audit(config, LABELS, progress=False, log=lambda _: None)["labels"]
     assert labels["steps_read"] == 4  # six evaluates: five steps seen, the first of which moved nothing
-    assert labels["unexplained_at_truth"] < 1e-3
+    assert labels["unexplained_at_truth"] < 1e-9
     randomized = run_audit(config.replace(label_epsilon=0.0), LABELS, progress=False, log=lambda _: None)["labels"]
-    assert randomized["unexplained_at_truth"] < 1e-3 and randomized["steps_read"] == 4
+    assert randomized["unexplained_at_truth"] < 1e-9 and randomized["steps_read"] == 4
 
 
 def test_a_probe_sends_its_images_once_and_its_statistics_give_the_labels_away(gray, tmp_path):

@@ -662,31 +662,36 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
     optimizer = trajectory.PromptOptimizer(config.optimizer, config.prompt_lr, config.momentum, config.weight_decay,
                                            config.proximal_mu)
     why_not = optimizer.why_not_invertible()
-    if why_not or all(sum(e.round == r for e in seen.evaluates) < 2 for r in {e.round for e in seen.evaluates}):
-        return guesses, {"trajectory_skipped": why_not or "fewer than two steps a round: no step's result is seen"}
     perturbations, evaluates = model.perturbations, seen.evaluates
-    unit = perturbations.directions * perturbations.size * (2 if perturbations.estimator == "antithetic" else 1)
-    read = []  # (evaluate, its coefficients, its round) of each step whose result the round's next evaluate shows
+    estimator = perturbations.estimator
+    unit = perturbations.directions * perturbations.size * (2 if estimator == "antithetic" else 1)
+    # (evaluate, its coefficients, its round, the evaluate before it: residual's) of each step whose result the
+    # round's next evaluate shows. A round's first residual step has nothing to compare its loss with and gives the
+    # optimiser no gradient, which skips it (its step count too): its trajectory is read from its second.
+    read = []
     for round_ in sorted({e.round for e in evaluates}):  # the optimiser starts anew each round, from its broadcast
         taken = [e for e in evaluates if e.round == round_]
-        if len(taken) > 1:
+        stepped = taken[1:] if estimator == "residual" else taken
+        if len(stepped) > 1 and not why_not:
             anchor = seen.broadcasts[round_]["prompts"].reshape(taken[0].prompts.shape)
-            coefficients = trajectory.step_coefficients([e.prompts for e in taken], [
-                perturbations.draw(e.seed, e.prompts.shape) for e in taken], optimizer, anchor=anchor)
-            read += [(e, c, round_) for e, c in zip(taken, coefficients)]
+            coefficients = trajectory.step_coefficients([e.prompts for e in stepped], [
+                perturbations.draw(e.seed, e.prompts.shape) for e in stepped], optimizer, anchor=anchor)
+            before = taken if estimator == "residual" else [None] * len(stepped)
+            read += [(e, c, round_, b) for e, c, b in zip(stepped, coefficients, before)]
+    if not read:
+        return guesses, {"trajectory_skipped": why_not or "fewer than two steps a round: no step's result is seen"}
 
     def steps(tail_of) -> list[trajectory.Step]:
-        made, estimator = [], perturbations.estimator
-        for (e, c, round_), before in zip(read, [None] + read[:-1]):
+        made = []
+        for e, c, round_, before in read:
             samples, coefficients = torch.searchsorted(ids, e.positions), c * unit * len(e.positions)
             differences = trajectory.loss_differences(tail_of(e), e.rows, classes, estimator)
-            if estimator != "residual":
+            if before is None:
                 made.append(trajectory.Step(samples, differences, coefficients, round_))
-            elif before is not None and before[2] == round_:  # a round's first residual step moves nothing
-                earlier = before[0]
+            else:  # residual: this batch's losses less the one before's
                 made.append(trajectory.residual_step(
-                    samples, differences, torch.searchsorted(ids, earlier.positions),
-                    trajectory.loss_differences(tail_of(earlier), earlier.rows, classes, estimator), coefficients,
+                    samples, differences, torch.searchsorted(ids, before.positions),
+                    trajectory.loss_differences(tail_of(before), before.rows, classes, estimator), coefficients,
                     round_))
         return made
 

@@ -178,7 +178,7 @@ class Config:
     )
     perturbation: float = _opt(1e-3, "forward-only: the size of each prompt perturbation (a step along a direction)")
     estimator: str = _opt(
-        "antithetic", "forward-only: antithetic (the loss at +/- each perturbation: 2 prompt sets a direction) or "
+        "antithetic", "forward-only: antithetic (the loss at +/- each perturbation: 2 prompt sets a direction), "
         "one-sided (the loss at + and at the prompts as they are: 1 set a direction) or residual (one perturbed "
         "set a batch, its loss against the previous batch's: --directions 1)", choices=ESTIMATORS,
     )
