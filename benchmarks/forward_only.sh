@@ -13,9 +13,10 @@
 # residual estimator at 1e-2 (--estimator residual: one set a batch, its loss against the previous batch's), the
 # cheapest forward-only step: no client FLOPs beyond backprop's.
 #
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 5.5 hours on two CPU cores (a run at one
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 6.5 hours on two CPU cores (a run at one
 #                                                                 # thread beside another: backprop and K = 1 14 to
-#                                                                 # 29 minutes, K = 4 30 to 39, one-sided 16 to 25)
+#                                                                 # 29 minutes, K = 4 30 to 39, one-sided 16 to 25,
+#                                                                 # residual 15 to 22)
 #                                                                 # (K = 16, named in ROWS beside these rows: about
 #                                                                 # 6 hours more, 33 body passes a batch against
 #                                                                 # K = 4's 9 and K = 1's 3)
@@ -40,8 +41,8 @@ OUT=${OUT:-results/forward-only}
 RECIPE_OUT=${RECIPE_OUT:-$(dirname "$OUT")/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-iid dirichlet-0.5}
-ROWS=${ROWS:-linear-probe backprop forward-only-1 forward-only-4 forward-only-1-label-epsilon-3 forward-only-1-one-sided
-forward-only-1-residual}
+ROWS=${ROWS:-linear-probe backprop forward-only-1 forward-only-4 forward-only-1-label-epsilon-3 \
+  forward-only-1-one-sided forward-only-1-residual}
 read -r -a size <<< "${SIZE:-}"
 
 setting() {  # recipe.sh's default-iid and default-dirichlet-0.5
@@ -100,8 +101,8 @@ done
 run_grid  # (under TABLE_ONLY it checks the rows and runs none)
 
 # What one client's round costs at each number of directions K (`sfprompt cost`, on fake tensors: seconds each, made
-# once and kept, TABLE_ONLY too), antithetic, and one-sided and residual at K = 1: the headline setting's 4,000 training digits
-# over 10 clients are COST_SAMPLES=400 a client.
+# once and kept, TABLE_ONLY too), antithetic, and one-sided and residual at K = 1: the headline setting's 4,000
+# training digits over 10 clients are COST_SAMPLES=400 a client.
 COST_DIRECTIONS=${COST_DIRECTIONS:-1 2 4 8 16 32} COST_SAMPLES=${COST_SAMPLES:-400}
 mkdir -p "$OUT/cost"
 costs=()

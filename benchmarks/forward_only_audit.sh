@@ -50,10 +50,11 @@ case "$SENDS" in round) ;; run) suffix+="-run" ;; *) echo "SENDS must be round o
 OUT=${OUT:-results/forward-only-audit$suffix}
 SEEDS=${SEEDS:-0 1 2}
 if [ "$SENDS" = run ]; then  # the default K, and with the label DP that the goal's margin may need
-  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-label-epsilon-3 forward-only-1-one-sided forward-only-1-residual}
+  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-label-epsilon-3 forward-only-1-one-sided \
+    forward-only-1-residual}
 elif [ "$UPLOADS" = seen ]; then
-  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-one-sided forward-only-4 forward-only-16 forward-only-1-label-epsilon-3
-forward-only-1-residual}
+  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-one-sided forward-only-4 forward-only-16 \
+    forward-only-1-label-epsilon-3 forward-only-1-residual}
 else  # the default K with either estimator, and with label DP
   ROWS=${ROWS:-backprop forward-only-1 forward-only-1-one-sided forward-only-1-label-epsilon-3}
 fi

@@ -59,16 +59,26 @@ def test_the_attacks_recover_undefended_images_and_labels(gray, tmp_path):
     assert (tmp_path / "audit" / "audit.png").stat().st_size > 1000
 
 
-def test_a_residual_forward_only_round_is_attacked_through_both_batches_of_each_step(gray, tmp_path):
+@pytest.mark.parametrize("optimizer, prompt_lr", [("adam", 3e-4), ("sgd", 0.1)])
+def test_a_residual_forward_only_round_is_attacked_through_both_batches_of_each_step(gray, tmp_path, optimizer,
+                                                                                    prompt_lr):
     """A residual step's coefficient is its batch's loss less the previous batch's: the attack's model explains it
     at the true labels of both (all but the client's float32 rounding), from the round's second step on (its first
-    moves nothing, and Adam's step count starts at the second); and under --label-epsilon at the randomized ones.
-    (Counting the first as Adam's step 1 leaves about 3e-4 unexplained here.)"""
+    moves nothing, and Adam's step count starts at the second; counting it as step 1 leaves about 3e-4 unexplained
+    here); under SGD with the factor 1, which pins the step's sign and size; over two rounds, each read from its own
+    broadcast (no loss carried from one round to the next); and under --label-epsilon at the randomized ones."""
     config = audit_config(gray, tmp_path, prompt_updates="forward-only", estimator="residual", perturbation=0.3,
-                          prompt_lr=3e-4)
+                          optimizer=optimizer, prompt_lr=prompt_lr)
     labels = run_audit(config, LABELS, progress=False, log=lambda _: None)["labels"]
     assert labels["steps_read"] == 4  # six evaluates: five steps seen, the first of which moved nothing
     assert labels["unexplained_at_truth"] < 1e-9
+    if optimizer == "adam":
+        from dataclasses import replace
+
+        whole = config.replace(rounds=2, probe_rounds=0, keep_ratio=1.0, split_epochs=1, out=str(tmp_path / "whole"))
+        labels = run_audit(whole, replace(LABELS, sends="run"), progress=False, log=lambda _: None)["labels"]
+        assert labels["steps_read"] == 2 * 3  # 5 sends a round: 4 steps seen, the first moving nothing
+        assert labels["unexplained_at_truth"] < 1e-9
     randomized = run_audit(config.replace(label_epsilon=0.0), LABELS, progress=False, log=lambda _: None)["labels"]
     assert randomized["unexplained_at_truth"] < 1e-9 and randomized["steps_read"] == 4
 

@@ -51,7 +51,9 @@ class RoundContext:
     phase: str = "start"  # the phase running now, reported if the client fails
     anchor: dict[str, torch.Tensor] | None = None  # the global params as received, for FedProx's proximal term
     directions: torch.Generator | None = None  # forward-only's direction seeds, sent in the clear (None: `private`)
-    last_loss: torch.Tensor | None = None  # the residual estimator's: the previous forward-only step's loss
+    # the residual estimator's previous forward-only step's loss: a round's own (each round starts from the
+    # broadcast prompts with a fresh optimiser, so an earlier round's loss was taken at other prompts)
+    last_loss: torch.Tensor | None = None
 
 
 class RoundPlan(Protocol):
@@ -397,10 +399,10 @@ class Client:
             with torch.no_grad():
                 base = loss.detach() if shown is labels else F.cross_entropy(params.tail(rows[0]), shown)
                 set_losses = torch.stack([base] + [F.cross_entropy(params.tail(r), shown) for r in rows[1:]])
-                previous = ctx.last_loss
-                if perturbations.estimator == "residual":  # against the last step's loss; none yet: no step
-                    ctx.last_loss = base
-                if perturbations.estimator != "residual" or previous is not None:
+                previous = None
+                if perturbations.estimator == "residual":  # against the round's last step's loss
+                    previous, ctx.last_loss = ctx.last_loss, base
+                if perturbations.estimator != "residual" or previous is not None:  # (none yet: the tail's step alone)
                     prompts.grad = zeroth_order.gradient(set_losses, directions, perturbations.size,
                                                          perturbations.estimator, previous)[None]
             self._step(ctx, optimizer)

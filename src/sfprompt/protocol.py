@@ -5,11 +5,11 @@ A `forward` (or a probe's `features` request) carries the tokens the head sent; 
 its reply, an `input_grad`, the gradient of the token rows the client's head needs. Forward-only
 prompt updates send an `evaluate` instead: a forward's tensors and, in its metadata, the seed of the
 directions along which the server perturbs the prompts it received; its `body_output` holds the
-tail's rows for the prompts as they are and every perturbed set, and no backward follows. Every tensor
-travels in the run's `wire.WireFormat` (number format, rows shared once a batch), and unpacking is
-checking: exactly the tensors the format names, of the expected shapes and dtypes, finite, or
-`ProtocolError`. The client and the body server pack and unpack with the same `SplitMessages`, so the
-two cannot drift apart.
+tail's rows for the prompts as they are and every perturbed set (the residual estimator's: its one
+perturbed set), and no backward follows. Every tensor travels in the run's `wire.WireFormat` (number
+format, rows shared once a batch), and unpacking is checking: exactly the tensors the format names, of
+the expected shapes and dtypes, finite, or `ProtocolError`. The client and the body server pack and
+unpack with the same `SplitMessages`, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ class SplitMessages:
     def evaluated_tokens(self, tokens: torch.Tensor, meta: dict) -> torch.Tensor:
         """The server's side of an `evaluate` whose tokens (B, L, D) are unpacked already: the tokens of every
         prompt set, set after set (S x B, L, D), the prompts as they came, then perturbed along the directions
-        the seed in `meta` names, as `Perturbations` says; the seed and its checksum checked."""
+        the seed in `meta` names, as `Perturbations` says (residual: the perturbed set alone); the seed and its
+        checksum checked."""
         self.check_evaluates()
         seed = meta.get("directions-seed")
         if type(seed) is not int or not 0 <= seed < SEED_LIMIT:

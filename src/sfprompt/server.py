@@ -6,8 +6,8 @@ with the gradient of the tokens the client needs (only the prompt rows when the 
 blocks, since nothing else on the client is trained). A `features` request is a forward that no
 backward follows (linear-probe): answered alike, it runs without a graph and leaves nothing pending;
 an `evaluate` (forward-only prompt updates) is one for several prompt sets at once: the prompts it
-carries and their copies perturbed along the directions its seed names, answered with the tail's
-rows for every set.
+carries and their copies perturbed along the directions its seed names (residual: that copy alone),
+answered with the tail's rows for every set.
 
 Every request is checked before it is answered: the client must hold a session for this round
 (`admit`), with a sequence number above its last (a replayed or reordered request is refused), the

@@ -33,6 +33,10 @@ class Perturbations:
     size: float
     estimator: str
 
+    def __post_init__(self) -> None:
+        if self.estimator == "residual" and self.directions != 1:
+            raise ValueError(f"the residual estimator takes one direction a step, not {self.directions}")
+
     @property
     def sets(self) -> int:
         """The prompt sets of one estimate: the prompts as they are, and one (one-sided) or two a direction; the
@@ -71,6 +75,8 @@ def gradient(losses: torch.Tensor, directions: torch.Tensor, perturbation: float
     (residual: against the `previous` step's loss)."""
     k = len(directions)
     if estimator == "residual":
+        if previous is None:
+            raise ValueError("the residual estimate needs the previous step's loss")
         slopes = (losses - previous) / perturbation
     elif estimator == "antithetic":
         slopes = (losses[1:1 + k] - losses[1 + k:]) / (2 * perturbation)
