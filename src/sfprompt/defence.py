@@ -220,7 +220,9 @@ def privacy_notice(config) -> str:
                  "got wrong at --directions 1, 4 and 16 (on mnist-5k, knowing the client's tail; 0 to 1.5 points "
                  "replaying the tails itself at 1, all at 4 and 16), and from a whole run's of the default recipe, "
                  "searching from the final model's guess, up to 2.5 points over it at --directions 1 knowing each "
-                 "step's tail, 1.5 replaying the tails itself (--label-epsilon 3 kept the first to a quarter point)")
+                 "step's tail, 1.5 replaying the tails itself (--label-epsilon 3 kept the first to a quarter point); "
+                 "these are the antithetic and one-sided estimators' steps: the residual one's, each explained by "
+                 "two batches' labels, are measured in docs/privacy.md")
         labels = ("no gradient is sent (forward-only), but the server reads each prompt step's loss differences back "
                   f"from the prompts it receives, {steps}; each client uploads a tail trained on its true labels")
     elif config.label_epsilon is None:
