@@ -51,7 +51,8 @@ def test_the_residual_estimate_recovers_the_gradient_from_one_set_a_step():
     prompts = torch.randn(2, 6, generator=generator)
     true = 2 * (prompts @ a - b) @ a.T
     directions = torch.randn(200_001, 2, 6, generator=generator, dtype=torch.float64).float()
-    assert torch.equal(zeroth_order.prompt_sets(prompts, directions[:1], 1e-3, "residual"), prompts + 1e-3 * directions[:1])
+    one_set = zeroth_order.prompt_sets(prompts, directions[:1], 1e-3, "residual")
+    assert torch.equal(one_set, prompts + 1e-3 * directions[:1])
     losses = loss(prompts + 1e-3 * directions)  # (T,): each step's one set
     estimate = zeroth_order.gradient(losses[1:], directions[1:], 1e-3, "residual", previous=losses[:-1])
     assert float((estimate - true).norm() / true.norm()) < 0.08
@@ -175,14 +176,15 @@ def test_a_forward_only_run_moves_the_prompts_with_one_request_a_batch(imagefold
 
 def test_a_residual_run_sends_one_set_a_batch_and_costs_the_client_no_more_than_backprop(imagefolder, tmp_path):
     """The residual estimator evaluates only the set the tail trains on: one set's rows down a batch (the one-sided
-    estimator's two; backprop's one, and the prompts' gradient) and, counted, no client FLOPs beyond backprop's, where the one-sided step's
-    extra set costs the tail's forward on it. Its prompts move from a round's second step on."""
+    estimator's two; backprop's one, and the prompts' gradient) and, counted, exactly backprop's client FLOPs,
+    where the one-sided step's extra set costs the tail's forward on it. Its prompts move from a round's second
+    step on."""
     quiet = dict(progress=False, log=lambda _: None)
     records = {}
     for name, changes in (("backprop", {}), ("one-sided", dict(prompt_updates="forward-only", estimator="one-sided")),
                           ("residual", dict(prompt_updates="forward-only", estimator="residual"))):
-        config = tiny_config(imagefolder, tmp_path, rounds=1, keep_ratio=1.0, perturbation=1e-2, out=str(tmp_path / name),
-                             **changes)
+        config = tiny_config(imagefolder, tmp_path, rounds=1, keep_ratio=1.0, perturbation=1e-2,
+                             out=str(tmp_path / name), **changes)
         run(config, **quiet)
         records[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
     trained = load_file(str(tmp_path / "residual" / "global.safetensors"))["prompts"]
@@ -197,7 +199,8 @@ def test_a_residual_run_sends_one_set_a_batch_and_costs_the_client_no_more_than_
 def test_the_estimate_quality_benchmark_tables_every_estimator_size_and_direction_count(tmp_path):
     done = run_python_benchmark("zo_quality.py", "--options", "--model test_vit --weights none --image-size 32 "
                                 "--train-samples 60 --test-samples 20", "--out", str(tmp_path), "--doc",
-                                str(tmp_path / "zo.md"), "--batches", "2", "--directions", "1", "2", "--perturbations", "0.01")
+                                str(tmp_path / "zo.md"), "--batches", "2", "--directions", "1", "2",
+                                "--perturbations", "0.01")
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {(r["estimator"], r["directions"]) for r in rows} == \
