@@ -29,8 +29,7 @@
 # reads the run's final model (audit.json's final_model), the second prior of the attacks. The victim is, in each
 # seed's run, the client its split rounds sampled most often (the lowest such id): the one whose steps the server
 # sees most. Rows: backprop, K = 1 (the default), K = 1 with label DP at epsilon 3, K = 1 one-sided and residual by
-# default (residual is audited over whole runs only: `ROWS=forward-only-1-residual` audits one round of it); the
-# audits and table take "-run" after the names above (results/forward-only-audit-run,
+# default; the audits and table take "-run" after the names above (results/forward-only-audit-run,
 # docs/benchmarks/forward-only-audit-run.md). A replay is about as long as the run (forward_only.sh's IID runs: 15
 # to 25 minutes at one thread; these audits 17 to 28). A missing run is refused, before any audit starts, with the
 # command that makes it, and an audit there of another run (another RUNS, or made before SENDS=run replayed
@@ -53,7 +52,8 @@ if [ "$SENDS" = run ]; then  # the default K, and with the label DP that the goa
   ROWS=${ROWS:-backprop forward-only-1 forward-only-1-label-epsilon-3 forward-only-1-one-sided \
     forward-only-1-residual}
 elif [ "$UPLOADS" = seen ]; then
-  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-one-sided forward-only-4 forward-only-16 forward-only-1-label-epsilon-3}
+  ROWS=${ROWS:-backprop forward-only-1 forward-only-1-one-sided forward-only-4 forward-only-16 \
+    forward-only-1-label-epsilon-3 forward-only-1-residual}
 else  # the default K with either estimator, and with label DP
   ROWS=${ROWS:-backprop forward-only-1 forward-only-1-one-sided forward-only-1-label-epsilon-3}
 fi
