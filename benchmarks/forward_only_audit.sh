@@ -8,7 +8,7 @@
 # docs/benchmarks/forward-only-audit.md. The audit's image attacks run at a reduced size (AUDIT_SIZE): forward-only
 # sends the same activations as backprop, attacked in docs/privacy.md.
 #
-#   bash benchmarks/forward_only_audit.sh          # about 2 hours at one thread (an audit 4 to 16 minutes; K = 16's longest)
+#   bash benchmarks/forward_only_audit.sh          # about 2.5 hours at one thread (an audit 4 to 16 minutes; K = 16's longest)
 #   ROWS="forward-only-4" SEEDS=0 bash benchmarks/forward_only_audit.sh
 #   UPLOADS=aggregated bash benchmarks/forward_only_audit.sh   # a server under secure aggregation
 #   SENDS=run bash benchmarks/forward_only_audit.sh            # every send of the whole run
