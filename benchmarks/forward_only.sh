@@ -42,7 +42,7 @@ RECIPE_OUT=${RECIPE_OUT:-$(dirname "$OUT")/recipe}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-iid dirichlet-0.5}
 ROWS=${ROWS:-linear-probe backprop forward-only-1 forward-only-4 forward-only-1-label-epsilon-3 \
-  forward-only-1-one-sided forward-only-1-residual}
+  forward-only-1-one-sided forward-only-1-residual backprop-client-blocks-1 forward-only-1-residual-client-blocks-1}
 read -r -a size <<< "${SIZE:-}"
 
 setting() {  # recipe.sh's default-iid and default-dirichlet-0.5
@@ -53,14 +53,16 @@ setting() {  # recipe.sh's default-iid and default-dirichlet-0.5
   esac
 }
 
-# A row: linear-probe, backprop or forward-only-K; the last two with -label-epsilon-E (--label-epsilon E) after them.
+# A row: linear-probe, backprop or forward-only-K; the last two with -label-epsilon-E (--label-epsilon E) or
+# -client-blocks-B (--client-blocks B) after them.
 options() {
-  local row=${1%-label-epsilon-*} labels=""
-  [ "$row" = "$1" ] || labels="--label-epsilon ${1##*-label-epsilon-}"
+  local row=${1%-label-epsilon-*} extra=""
+  [ "$row" = "$1" ] || extra="--label-epsilon ${1##*-label-epsilon-}"
+  if [ -z "$extra" ]; then row=${1%-client-blocks-*}; [ "$row" = "$1" ] || extra="--client-blocks ${1##*-client-blocks-}"; fi
   case "$row" in
-    linear-probe) [ -z "$labels" ] && echo "--method linear-probe" ;;
-    backprop) echo "--method sfprompt --prompt-tokens 50 $labels" ;;
-    forward-only-*) echo "--method sfprompt --prompt-tokens 50 $(forward_only_options "$row") $labels" ;;
+    linear-probe) [ -z "$extra" ] && echo "--method linear-probe" ;;
+    backprop) echo "--method sfprompt --prompt-tokens 50 $extra" ;;
+    forward-only-*) echo "--method sfprompt --prompt-tokens 50 $(forward_only_options "$row") $extra" ;;
     *) false ;;
   esac || { echo "unknown row $1" >&2; exit 2; }
 }

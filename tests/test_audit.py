@@ -83,6 +83,23 @@ def test_a_residual_forward_only_round_is_attacked_through_both_batches_of_each_
     assert randomized["unexplained_at_truth"] < 1e-9 and randomized["steps_read"] == 4
 
 
+def test_with_client_blocks_a_residual_round_shows_no_trajectory_and_its_sends_are_noted_as_made(gray, tmp_path):
+    """With client blocks no seed travels and the prompts reach the server only through the client's blocks: no
+    trajectory is read, and the label attacks are the label-free guess's (the audit does not invert the blocks).
+    The audit's record of each send is the perturbed prompts the client's blocks ran with."""
+    changes = dict(prompt_updates="forward-only", estimator="residual", perturbation=0.3, client_blocks=1)
+    labels = run_audit(audit_config(gray, tmp_path, **changes), LABELS, progress=False, log=lambda _: None)["labels"]
+    assert "client blocks" in labels["trajectory_skipped"] and "trajectory" not in labels
+    assert labels["best_attack"] == labels["best_label_free"] and labels["advantage"] == 0
+    fed, seen, _, _, _, _ = witnessed_run(gray, tmp_path, **changes)
+    first = seen.batch == 0
+    images = torch.stack([seen.images[int(p)] for p in seen.positions[first]])
+    with torch.no_grad():
+        assert torch.allclose(fed.clients[0].model.send(images, seen.params[0][0], None), seen.tokens[first], atol=1e-6)
+        assert not torch.allclose(fed.clients[0].model.send(images, seen.broadcasts[0]["prompts"], None),
+                                  seen.tokens[first], atol=1e-3)  # not the prompts as they were
+
+
 def test_a_probe_sends_its_images_once_and_its_statistics_give_the_labels_away(gray, tmp_path):
     result = run_audit(audit_config(gray, tmp_path, method="linear-probe"), QUICK, progress=False, log=lambda _: None)
     labels = result["labels"]

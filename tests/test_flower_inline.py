@@ -453,16 +453,19 @@ def assert_flower_gives_the_in_process_result(config, tmp_path):
     """`config` run in process and under the inline Flower grid: the same model, and every round's accuracy,
     bytes and FLOPs by phase."""
     run(config.replace(out=str(tmp_path / "local")), progress=False, log=lambda _: None)
-    run_inline(config.replace(out=str(tmp_path / "flower")), InlineGrid(config.clients))
+    run_inline(config.replace(out=str(tmp_path / "flower")), InlineGrid(config.clients, seed=config.seed))
     local, flower = load_file(tmp_path / "local" / "global.safetensors"), load_file(tmp_path / "flower" / "global.safetensors")
     assert all(torch.allclose(local[k], flower[k], atol=1e-5, rtol=1e-4) for k in local)
     for a, b in zip(records(tmp_path / "local"), records(tmp_path / "flower")):
         assert (a["accuracy"], a["bytes_by_phase"], a["flops_by_phase"]) == (b["accuracy"], b["bytes_by_phase"], b["flops_by_phase"])
 
 
-def test_mixed_split_points_under_flower_give_the_in_process_result(imagefolder, tmp_path):
-    """A simulated federation's drawn budgets (--client-budgets) reach the ClientApps as each one's split point."""
-    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=2, seed=2)
+@pytest.mark.parametrize("changes", [{}, {"prompt_updates": "forward-only", "estimator": "residual"}])
+def test_mixed_split_points_under_flower_give_the_in_process_result(imagefolder, tmp_path, changes):
+    """A simulated federation's drawn budgets (--client-budgets) reach the ClientApps as each one's split point (with
+    residual forward-only steps, a head with no blocks has the server perturb its prompts, one with blocks perturbs
+    them itself)."""
+    config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=2, seed=2, **changes)
     config = config.replace(client_budgets=budgets_for(prepare(config).model, 0, 2))
     assert len({c.model.client_blocks for c in prepare(config).clients}) == 2
     assert_flower_gives_the_in_process_result(config, tmp_path)

@@ -120,7 +120,8 @@ def test_a_run_without_forward_only_refuses_evaluates():
 
 @pytest.mark.parametrize("changes, match", [
     (dict(method="fl-prompt"), "split method"), (dict(method="sfl", train_body=True), "frozen body"),
-    (dict(prompt_tokens=0), "needs prompts"), (dict(client_blocks=1), "no blocks"),
+    (dict(prompt_tokens=0), "needs prompts"), (dict(client_blocks=1), "needs --estimator residual"),
+    (dict(client_budgets="1,2"), "needs --estimator residual"),
     (dict(shared_rows="per-sample"), "--shared-rows once"),
     (dict(directions=0), "--directions"), (dict(perturbation=0.0), "--perturbation"),
     (dict(estimator="two-point"), "--estimator must be one of"), (dict(precision="bf16"), "rounds"),
@@ -129,6 +130,46 @@ def test_a_run_without_forward_only_refuses_evaluates():
 def test_options_that_cannot_go_with_forward_only_are_refused(changes, match):
     with pytest.raises(ConfigError, match=match):
         Config(**({"prompt_updates": "forward-only"} | changes))
+
+
+def test_with_client_blocks_only_the_residual_estimator_is_taken():
+    """Its one set a batch is one forward through the client's blocks, whatever the shared rows (with blocks no
+    row is shared)."""
+    for changes in (dict(client_blocks=1), dict(client_blocks=1, shared_rows="per-sample"),
+                    dict(client_budgets="1,2")):
+        Config(prompt_updates="forward-only", estimator="residual", **changes)
+    with pytest.raises(ConfigError, match="--shared-rows once"):  # a budget may leave a head with no blocks
+        Config(prompt_updates="forward-only", estimator="residual", client_budgets="1,2", shared_rows="per-sample")
+
+
+def test_a_head_with_blocks_sends_its_one_perturbed_set_and_no_seed():
+    """With client blocks the client perturbs its prompts before its blocks: the evaluate carries that set's tokens
+    and no seed, the server answers with their rows as a forward without a graph, and keeps nothing; an evaluate
+    that names directions, or one from a run whose estimator takes more than one set, is refused."""
+    torch.manual_seed(0)
+    vit = create_vit("test_vit", num_classes=4, image_size=32, weights="none")
+    split = SplitViT(vit, 3, 1, 0, perturbations=Perturbations(1, 0.1, "residual"))
+    server = BodyServer(split, Meter(), torch.device("cpu"))
+    meta = {"client": "0", "session": server.admit("0"), "seq": 1}
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    prompts = split.new_params().prompts.detach()
+    directions = split.perturbations.draw(7, prompts.shape[1:])
+    sent = split.messages.sent_prompts(prompts, directions)
+    assert torch.allclose(sent, prompts + 0.1 * directions)  # perturbed on the client
+    assert split.messages.evaluate_meta(7, directions) == {}  # the directions stay there
+    tokens = split.send(images, sent, None)
+    with torch.no_grad():
+        reply = server.handle(Message("evaluate", split.messages.pack_tokens(tokens), meta))
+        rows = split.messages.unpack_rows(reply.tensors, len(images))
+        assert torch.allclose(rows, split.body(tokens)[:, split.layout.tail_rows], atol=1e-5)
+    assert server.pending == 0 and server.passes["backward"] == 0
+    with pytest.raises(ProtocolError, match="names no directions"):
+        server.handle(Message("evaluate", split.messages.pack_tokens(tokens),
+                              meta | {"seq": 2, "directions-seed": 7, "directions-sum": zeroth_order.checksum(directions)}))
+    antithetic = SplitViT(vit, 3, 1, 0, perturbations=Perturbations(1, 0.1, "antithetic"))
+    server = BodyServer(antithetic, Meter(), torch.device("cpu"))
+    with pytest.raises(ProtocolError, match="sends no evaluates"):
+        server.handle(Message("evaluate", split.messages.pack_tokens(tokens), meta | {"session": server.admit("0")}))
 
 
 def test_the_tails_step_computes_the_rows_gradient_only_where_it_is_sent():
@@ -194,6 +235,28 @@ def test_a_residual_run_sends_one_set_a_batch_and_costs_the_client_no_more_than_
     flops = {name: r["client_flops"] for name, r in records.items()}
     assert flops["residual"] == flops["backprop"] < flops["one-sided"]
     assert records["residual"]["server_flops"] < records["backprop"]["server_flops"]  # one forward a batch, no backward
+
+
+def test_with_client_blocks_a_residual_run_costs_the_client_less_than_backprop(imagefolder, tmp_path):
+    """The goal with client blocks: below backprop's client FLOPs. A residual step runs the client's blocks forward
+    once, without a graph, where backprop runs them forward and backward; no gradient crosses the link either way
+    down (backprop's reply carries every row's), and the body runs one forward a batch and no backward."""
+    quiet = dict(progress=False, log=lambda _: None)
+    records = {}
+    for name, changes in (("backprop", {}), ("residual", dict(prompt_updates="forward-only", estimator="residual"))):
+        config = tiny_config(imagefolder, tmp_path, rounds=1, keep_ratio=1.0, perturbation=1e-2, client_blocks=1,
+                             out=str(tmp_path / name), **changes)
+        run(config, **quiet)
+        records[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+    trained = load_file(str(tmp_path / "residual" / "global.safetensors"))["prompts"]
+    assert not torch.equal(trained, prepare(config).model.new_params().prompts.detach())
+    phase = {name: r["flops_by_phase"] for name, r in records.items()}
+    assert phase["residual"]["client/local"] == phase["backprop"]["client/local"]  # the local loss: backprop alike
+    assert phase["residual"]["client/split"] < 0.7 * phase["backprop"]["client/split"]
+    assert records["residual"]["server_flops"] < 0.6 * records["backprop"]["server_flops"]
+    down = {name: r["bytes_by_phase"]["down/split"] for name, r in records.items()}
+    assert down["residual"] < 0.2 * down["backprop"]
+    assert records["residual"]["messages_by_phase"]["up/split"] * 2 == records["backprop"]["messages_by_phase"]["up/split"]
 
 
 def test_the_estimate_quality_benchmark_tables_every_estimator_size_and_direction_count(tmp_path):

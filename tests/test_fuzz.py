@@ -142,6 +142,29 @@ def test_no_evaluate_crashes_or_leaves_anything_held():
                          {**good, "seq": 32, **seeded(6)}),
                  Message("evaluate", {"tokens": tensors["tokens"], "shared": torch.randn(2, shared_rows, width)},
                          {**good, "seq": 33, **seeded(6)})]
+    assert_evaluates_are_answered_or_refused(server, valid, crafted_, rng)
+
+
+def test_no_evaluate_of_a_head_with_blocks_crashes_or_leaves_anything_held():
+    """With client blocks an `evaluate` carries every row of every sample (residual's one set, perturbed on the
+    client) and no seed: one that names directions, smuggles or misses a tensor, or has wrong rows is refused."""
+    _, tiny = tiny_split()
+    model = SplitViT(tiny._vit, tiny.layout.prompts, 1, 0, perturbations=Perturbations(1, 0.1, "residual"))
+    server = BodyServer(model, Meter(), torch.device("cpu"), max_batch=64)
+    length, width = model.layout.length, model.layout.width
+    good, tokens = {"client": "a", "session": SESSION}, torch.randn(2, length, width)
+    valid = [Message("evaluate", {"tokens": tokens}, {**good, "seq": s}) for s in (1, 2, 3)]
+    crafted_ = [Message("evaluate", {"tokens": tokens}, {**good, "seq": 10, "directions-seed": 5}),
+                Message("evaluate", {"tokens": tokens}, {**good, "seq": 11, "directions-sum": 0.0}),
+                Message("evaluate", {"tokens": tokens, "shared": torch.randn(2, width)}, {**good, "seq": 12}),
+                Message("evaluate", {"tokens": tokens[:, 1:].clone()}, {**good, "seq": 13}),
+                Message("evaluate", {}, {**good, "seq": 14})]
+    assert_evaluates_are_answered_or_refused(server, valid, crafted_, np.random.default_rng(2))
+
+
+def assert_evaluates_are_answered_or_refused(server, valid, crafted_, rng):
+    """Each valid evaluate answered, each crafted one refused, and 600 mutations of the valid ones either: none
+    crashes the server or leaves anything pending, and no backward ever runs."""
     server.admit("a", SESSION)
     for message in valid:
         server.handle(decode(encode(message)))

@@ -132,6 +132,11 @@ class _WitnessedClient(Client):
             self.shown.append(shown.detach().cpu())
         return shown
 
+    def _head_tokens(self, ctx, images, prompts):  # the prompts a batch was sent with (with blocks, residual's set)
+        if ctx.phase in ("split", "probe"):
+            self.params[-1] = (prompts.detach().cpu().clone(), self.params[-1][1])
+        return super()._head_tokens(ctx, images, prompts)
+
     def _loader(self, data, ctx, shuffle=True):
         for batch in super()._loader(data, ctx, shuffle):
             if ctx.phase in ("split", "probe"):  # what is sent: split training's batches, or the probe's
@@ -270,10 +275,12 @@ def _witnessed(client: _WitnessedClient, exchanges: list[tuple[Message, Message]
     graded = [request.kind == "forward" for request, _ in forwards]  # a backward follows each forward, in order
     grads = [messages.unpack_grad(request.tensors, tuple(r.shape[1:]))
              for r, request in zip([r for r, g in zip(rows, graded) if g], backwards, strict=True)]
+    # the forward-only steps whose prompts and directions the server sees (with client blocks neither travels: the
+    # prompts reach it only through the client's blocks, mixed with the images, and no seed is sent)
     evaluating = [b for b, (request, _) in enumerate(forwards) if request.kind == "evaluate"]
     evaluates = [Evaluated(tokens[b][0, messages.layout.prompt_rows], forwards[b][0].meta["directions-seed"], rows[b],
                            client.params[b][1], shown, client.batches[b][2], client.sent_in[b])
-                 for b, shown in zip(evaluating, client.shown, strict=True)]
+                 for b, shown in zip(evaluating, client.shown, strict=True)] if messages.server_perturbs else []
     sizes = torch.tensor([len(t) for t in tokens])
     return Witnessed(cat(tokens), cat([r[0] for r in rows]), cat(grads) if grads else torch.empty(0),
                      torch.repeat_interleave(torch.tensor(graded, dtype=torch.bool), sizes),
@@ -537,7 +544,7 @@ def _label_accuracy(fed: Federation, victim: int, upload: torch.nn.Module, seen:
     held = _tail_of(upload.tail, _tail_state(seen.broadcasts[-1])) if aggregated else upload.tail
     held_model, model_scores = (("final", _final_model_scores(final, seen)) if final is not None else
                                 ("broadcast", _broadcast_model_scores(fed, victim, seen, upload.tail)))
-    if seen.evaluates:
+    if fed.clients[victim].model.perturbations is not None:  # forward-only steps
         guesses, figures = _trajectory_labels(fed, victim, upload, seen, truth, attacks.log_probs(held, seen.rows),
                                               model_scores, held_model)
     elif seen.graded.any():
@@ -679,6 +686,8 @@ def _trajectory_labels(fed: Federation, victim: int, upload: torch.nn.Module, se
             before = taken if estimator == "residual" else [None] * len(stepped)
             read += [(e, c, round_, b) for e, c, b in zip(stepped, coefficients, before)]
     if not read:
+        if not model.messages.server_perturbs:
+            why_not = "with client blocks the prompts reach the server only through the client's blocks; no seed travels"
         return guesses, {"trajectory_skipped": why_not or "fewer than two steps a round: no step's result is seen"}
 
     def steps(tail_of) -> list[trajectory.Step]:

@@ -334,7 +334,7 @@ class Client:
         running = RunningStatistics(self.model.num_classes)
         for images, labels, _ in self._loader(_Positioned(self.data), ctx, shuffle=False):
             with self.meter.work(CLIENT, "probe", ctx.memory):
-                tokens = self.model.send(images, ctx.params.prompts, ctx.private)  # (B, L, D)
+                tokens = self._head_tokens(ctx, images, ctx.params.prompts)  # (B, L, D)
             rows = self._body_rows(ctx, "features", tokens)
             with self.meter.work(CLIENT, "probe", ctx.memory):
                 running.add(ctx.params.tail.features(rows), labels)  # the tail's final norm and pooling
@@ -360,7 +360,7 @@ class Client:
         """A forward, the tail's step on the rows it brings back, and a backward whose reply the prompts step on."""
         params, memory = ctx.params, ctx.memory
         with self.meter.work(CLIENT, "split", memory):
-            tokens = self.model.send(images, params.prompts, ctx.private)  # (B, L, D)
+            tokens = self._head_tokens(ctx, images, params.prompts)  # (B, L, D)
         rows = self._body_rows(ctx, "forward", tokens)
         shown = self._shown_labels(labels, positions, memory)
         with self.meter.work(CLIENT, "split", memory):
@@ -375,7 +375,9 @@ class Client:
                            optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """A step in which no gradient crosses the network: one `evaluate`, the tokens a forward carries and the seed
         (from the client's private generator) of the random directions along which the body server evaluates
-        perturbed copies of the prompts (`zeroth_order`). The tail steps first order on the rows of the prompts
+        perturbed copies of the prompts (`zeroth_order`); with client blocks (residual), the tokens of the one
+        perturbed set, made by the client's own blocks, and no seed. No backward runs through the client's blocks
+        either: the prompts' step is the client's own estimate. The tail steps first order on the rows of the prompts
         as they are (residual: of its one perturbed set); the prompts step by the estimate the client's own loss
         differences give (residual: from the round's second step on): the labels and the losses stay on the
         client. The server can read the loss differences back from the prompts' steps (`trajectory`), so with
@@ -388,7 +390,7 @@ class Client:
             directions = perturbations.draw(seed, prompts.shape[1:])
             meta = messages.evaluate_meta(seed, directions)
             directions = directions.to(prompts.device)
-            tokens = self.model.send(images, prompts, ctx.private)  # (B, L, D): as a forward sends them
+            tokens = self._head_tokens(ctx, images, messages.sent_prompts(prompts, directions))  # (B, L, D)
         reply = ctx.link.request(Message("evaluate", messages.pack_tokens(tokens), meta), ctx.phase, memory)
         rows = messages.unpack_rows(_expect(reply, "body_output"), perturbations.sets * len(tokens))
         memory.hold(rows)
@@ -407,6 +409,11 @@ class Client:
                                                          perturbations.estimator, previous)[None]
             self._step(ctx, optimizer)
         return loss
+
+    def _head_tokens(self, ctx: RoundContext, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """The tokens (B, L, D) the head sends for a batch's images with `prompts` (1, P, D), protected by the
+        defence with the round's private randomness."""
+        return self.model.send(images, prompts, ctx.private)
 
     @staticmethod
     def _tail_step(tail: nn.Module, rows: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor | None,

@@ -366,14 +366,16 @@ class Config:
                               f"(sfprompt, sfl, sl), not of --method {self.method}{' --train-body' if self.train_body else ''}")
         if self.prompts == 0:
             raise ConfigError("--prompt-updates forward-only needs prompts to move (--prompt-tokens 0 leaves none)")
-        if self.client_blocks or self.client_budgets is not None:
-            raise ConfigError("--prompt-updates forward-only has the body server perturb the prompt rows of a forward's "
-                              "tokens, which needs the head to hold no blocks (with blocks every token depends on the "
-                              "prompts, so each set would be a whole forward): leave --client-blocks and "
-                              "--client-budgets unset")
-        if self.shared_rows != "once":
+        blocks = self.client_blocks or self.client_budgets is not None
+        if blocks and self.estimator != "residual":
+            raise ConfigError("--prompt-updates forward-only with client blocks needs --estimator residual: with blocks "
+                              "every token depends on the prompts, so each prompt set is a whole forward through the "
+                              "client's blocks and the body, and only the residual estimator takes one set a batch "
+                              f"(--estimator {self.estimator} takes more); or leave --client-blocks and --client-budgets "
+                              "unset")
+        if self.shared_rows != "once" and (not self.client_blocks or self.client_budgets is not None):
             raise ConfigError("--prompt-updates forward-only has the body server perturb the prompts in the rows every "
-                              "image shares, sent once a batch: it needs --shared-rows once")
+                              "image shares, sent once a batch, where a head holds no blocks: it needs --shared-rows once")
         if self.precision != "fp32" or self.wire_dtype != "float32":
             raise ConfigError("--prompt-updates forward-only steps the prompts by loss differences of the order of "
                               "--perturbation, which a body or wire format that rounds (bf16, fp16, int8) may drown; "

@@ -6,7 +6,9 @@ its reply, an `input_grad`, the gradient of the token rows the client's head nee
 prompt updates send an `evaluate` instead: a forward's tensors and, in its metadata, the seed of the
 directions along which the server perturbs the prompts it received; its `body_output` holds the
 tail's rows for the prompts as they are and every perturbed set (the residual estimator's: its one
-perturbed set), and no backward follows. Every tensor travels in the run's `wire.WireFormat` (number
+perturbed set), and no backward follows. A head with blocks (residual only) perturbs its prompts itself
+before its blocks, since every token it sends depends on them: its `evaluate` carries the tokens of its one set
+and no seed, and the directions never leave the client. Every tensor travels in the run's `wire.WireFormat` (number
 format, rows shared once a batch), and unpacking is checking: exactly the tensors the format names, of
 the expected shapes and dtypes, finite, or `ProtocolError`. The client and the body server pack and
 unpack with the same `SplitMessages`, so the two cannot drift apart.
@@ -69,22 +71,44 @@ class SplitMessages:
         images = got["tokens"]
         return torch.cat([got["shared"].expand(len(images), shared_rows, width), images], dim=1)
 
+    @property
+    def server_perturbs(self) -> bool:
+        """Whether the body server perturbs an `evaluate`'s prompts (a head with no blocks: they travel as rows of
+        their own) or the client did before its blocks (residual's one set: no seed travels)."""
+        return self.client_blocks == 0
+
+    def sent_prompts(self, prompts: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+        """The prompts (1, P, D) a forward-only head sends its images with: the prompts as they are, which the server
+        perturbs, or, with blocks, residual's one perturbed set."""
+        if self.server_perturbs:
+            return prompts
+        return self.perturbations.sets_of(prompts[0], directions)
+
     def evaluate_meta(self, seed: int, directions: torch.Tensor) -> dict:
-        """What an `evaluate` carries beside a forward's tensors: the seed of its directions and their checksum."""
+        """What an `evaluate` carries beside a forward's tensors: the seed of its directions and their checksum
+        (nothing where the client perturbed its prompts itself)."""
+        if not self.server_perturbs:
+            return {}
         return {"directions-seed": seed, "directions-sum": checksum(directions)}
 
     def check_evaluates(self) -> None:
-        """`ProtocolError` unless this run's clients send `evaluate`s (forward-only, the prompt rows shared)."""
-        if self.perturbations is None or not self.shares_rows:
+        """`ProtocolError` unless this run's clients send `evaluate`s (forward-only, with no client blocks the prompt
+        rows shared, with blocks the residual estimator's one set)."""
+        if self.perturbations is None or not (self.shares_rows if self.server_perturbs
+                                              else self.perturbations.estimator == "residual"):
             raise ProtocolError("this run sends no evaluates (forward-only prompt updates, a head with no blocks and "
-                                "the shared rows sent once)")
+                                "the shared rows sent once, or with blocks the residual estimator)")
 
     def evaluated_tokens(self, tokens: torch.Tensor, meta: dict) -> torch.Tensor:
         """The server's side of an `evaluate` whose tokens (B, L, D) are unpacked already: the tokens of every
         prompt set, set after set (S x B, L, D), the prompts as they came, then perturbed along the directions
         the seed in `meta` names, as `Perturbations` says (residual: the perturbed set alone); the seed and its
-        checksum checked."""
+        checksum checked. With client blocks the tokens as they came, which the client's one set made."""
         self.check_evaluates()
+        if not self.server_perturbs:
+            if {"directions-seed", "directions-sum"} & meta.keys():
+                raise ProtocolError("a head with blocks perturbs its prompts itself: its evaluate names no directions")
+            return tokens
         seed = meta.get("directions-seed")
         if type(seed) is not int or not 0 <= seed < SEED_LIMIT:
             raise ProtocolError(f"an evaluate names its directions by an integer seed in [0, 2^31), got {seed!r}")
