@@ -11,7 +11,9 @@
 # forward-only-1-one-sided takes the one-sided estimator at 1e-2 (--estimator one-sided --perturbation 0.01, where
 # zo_quality.py found it ties the antithetic one at K = 1): one prompt set fewer a batch; forward-only-1-residual the
 # residual estimator at 1e-2 (--estimator residual: one set a batch, its loss against the previous batch's), the
-# cheapest forward-only step: no client FLOPs beyond backprop's.
+# cheapest forward-only step: no client FLOPs beyond backprop's. backprop-client-blocks-1 and
+# forward-only-1-residual-client-blocks-1 are the same two with one client block (--client-blocks 1: the residual
+# estimator is the one blocks take), each compared with the other.
 #
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 6.5 hours on two CPU cores (a run at one
 #                                                                 # thread beside another: backprop and K = 1 14 to
@@ -121,6 +123,8 @@ for k in $COST_DIRECTIONS; do cost_of "directions-$k" $(forward_only_estimate "f
 cost_of directions-1-one-sided $(forward_only_estimate forward-only-1-one-sided)
 # shellcheck disable=SC2046
 cost_of directions-1-residual $(forward_only_estimate forward-only-1-residual)
+# shellcheck disable=SC2046  # with a client block, against backprop's round with one
+cost_of directions-1-residual-client-blocks-1 $(forward_only_estimate forward-only-1-residual) --client-blocks 1
 
 DOC=${DOC:-docs/benchmarks/forward-only.md}
 {
@@ -128,44 +132,59 @@ DOC=${DOC:-docs/benchmarks/forward-only.md}
   echo "of the whole run. Rows: linear-probe, backprop (\`sfprompt run --prompt-tokens 50\`: the default recipe) and"
   echo "forward-only-K (the same with \`--prompt-updates forward-only --directions K --estimator antithetic"
   echo "--perturbation 0.001\`; -one-sided: \`--estimator one-sided --perturbation 0.01\` instead; -residual:"
-  echo "\`--estimator residual --perturbation 0.01\`; -label-epsilon-E: and"
-  echo "\`--label-epsilon E\`). Then each setting's rows"
-  echo "against backprop at equal cost, seed by seed (benchmarks/equal_cost_table.py). The machine named is the one"
+  echo "\`--estimator residual --perturbation 0.01\`; -label-epsilon-E: and \`--label-epsilon E\`; -client-blocks-B:"
+  echo "and \`--client-blocks B\`). Then each setting's rows against backprop at their split point at equal cost,"
+  echo "seed by seed (benchmarks/equal_cost_table.py). The machine named is the one"
   echo "that wrote this page; runs kept from before may have been made on another (docs/method.md says which)."
   grid_tables
   for setting in $SETTINGS; do
-    others=(); for row in $ROWS; do if [ "$row" != backprop ]; then others+=("$OUT/$setting/$row"); fi; done
-    if [ ${#others[@]} -gt 0 ]; then
-      echo; echo "### $setting against backprop"; echo
-      python benchmarks/equal_cost_table.py "$OUT/$setting/backprop" "${others[@]}"
-    fi
+    for reference in $ROWS; do  # each row against backprop at its split point (-client-blocks-B: backprop-client-blocks-B)
+      case "$reference" in backprop | backprop-client-blocks-*) ;; *) continue ;; esac
+      blocks=${reference#backprop} others=()
+      for row in $ROWS; do
+        case "$row" in backprop*) continue ;; *-client-blocks-*) at=-client-blocks-${row##*-client-blocks-} ;; *) at="" ;; esac
+        if [ "$at" = "$blocks" ]; then others+=("$OUT/$setting/$row"); fi
+      done
+      if [ ${#others[@]} -gt 0 ]; then
+        echo; echo "### $setting against $reference"; echo
+        python benchmarks/equal_cost_table.py "$OUT/$setting/$reference" "${others[@]}"
+      fi
+    done
   done
   echo; echo "### One client's round at each K"; echo
   echo "\`sfprompt cost --prompt-tokens 50 --methods sfprompt,sfprompt-forward-only --directions K --estimator"
   echo "antithetic --perturbation 0.001 --samples-per-client $COST_SAMPLES\`: a split round of one client (a probe round"
   echo "costs both the same), antithetic (2K + 1 prompt sets a batch; one-sided, \`--estimator one-sided --perturbation"
-  echo "0.01\`: K + 1; residual, \`--estimator residual --perturbation 0.01\`: 1), against backprop's."
+  echo "0.01\`: K + 1; residual, \`--estimator residual --perturbation 0.01\`: 1), against backprop's; with a"
+  echo "client block (\`--client-blocks 1\`, residual alone), against backprop's with one."
   echo
   python - "${costs[@]}" <<'PY'
 import json, sys
 costs = [json.load(open(path)) for path in sys.argv[1:]]
-backprop = costs[0]["per_client_per_round"]["sfprompt"]
-if any(cost["per_client_per_round"]["sfprompt"] != backprop for cost in costs):
-    sys.exit(f"backprop's round differs between {', '.join(sys.argv[1:])}: made with other options? remove them")
+blocks = lambda cost: cost["inputs"]["config"]["client_blocks"]  # noqa: E731
+backprops = {}  # each split point's backprop round, which every file made at it must repeat
+for path, cost in zip(sys.argv[1:], costs):
+    if backprops.setdefault(blocks(cost), cost["per_client_per_round"]["sfprompt"]) != cost["per_client_per_round"]["sfprompt"]:
+        sys.exit(f"backprop's round differs between the files of {blocks(cost)} client blocks ({path}): made with other "
+                 "options? remove them")
 print("| prompt updates | MB up | MB down | bytes / backprop's | server GFLOP | / backprop's | client GFLOP "
       "| / backprop's | client peak MiB |")
 print("|---|---|---|---|---|---|---|---|---|")
-def row(name, cost):
+def row(name, cost, backprop):
     sent = (cost["bytes_up"] + cost["bytes_down"]) / (backprop["bytes_up"] + backprop["bytes_down"])
     print(f"| {name} | {cost['bytes_up'] / 1e6:.1f} | {cost['bytes_down'] / 1e6:.1f} | {sent:.2f} | "
           f"{cost['server_flops'] / 1e9:,.0f} | {cost['server_flops'] / backprop['server_flops']:.2f} | "
           f"{cost['client_flops'] / 1e9:.1f} | {100 * (cost['client_flops'] / backprop['client_flops'] - 1):+.3f} % | "
           f"{cost['client_peak_memory_bytes'] / 2**20:.1f} |")
-row("backprop", backprop)
-for cost in costs:
-    config = cost["inputs"]["config"]
-    estimator = "" if config["estimator"] == "antithetic" else f", {config['estimator']}"
-    row(f"forward-only, K = {config['directions']}{estimator}", cost["per_client_per_round"]["sfprompt-forward-only"])
+for split, backprop in backprops.items():
+    at = f", {split} client block{'s' * (split > 1)}" if split else ""
+    row(f"backprop{at}", backprop, backprop)
+    for cost in costs:
+        if blocks(cost) == split:
+            config = cost["inputs"]["config"]
+            estimator = "" if config["estimator"] == "antithetic" else f", {config['estimator']}"
+            row(f"forward-only, K = {config['directions']}{estimator}{at}",
+                cost["per_client_per_round"]["sfprompt-forward-only"], backprop)
 PY
 } > "$DOC"
 cat "$DOC"

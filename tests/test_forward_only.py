@@ -291,7 +291,8 @@ def test_the_servers_sample_limit_counts_an_evaluates_images():
 def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path):
     doc = tmp_path / "forward-only.md"
     common = {"SEEDS": "0", "SETTINGS": "iid", "DOC": str(doc), "COST_DIRECTIONS": "1 2", "COST_SAMPLES": "200"}
-    done = run_benchmark("forward_only.sh", tmp_path, ROWS="backprop forward-only-2", **common)
+    done = run_benchmark("forward_only.sh", tmp_path, ROWS="backprop forward-only-2 backprop-client-blocks-1 "
+                         "forward-only-1-residual-client-blocks-1", **common)
     assert done.returncode == 0, done.stderr[-3000:]
     text = doc.read_text()
     assert text.startswith("Command: `bash benchmarks/forward_only.sh`") and "### iid" in text
@@ -302,7 +303,10 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
             name, *cells = line.strip("| ").split(" | ")
             costs[name] = [float(cell.replace(",", "").removesuffix(" %")) for cell in cells]
     assert list(costs) == ["backprop", "forward-only, K = 1", "forward-only, K = 2", "forward-only, K = 1, one-sided",
-                           "forward-only, K = 1, residual"]
+                           "forward-only, K = 1, residual", "backprop, 1 client block",
+                           "forward-only, K = 1, residual, 1 client block"]
+    blocked = costs["forward-only, K = 1, residual, 1 client block"]  # against backprop with a client block
+    assert blocked[6] < 0 and blocked[2] < 1 and blocked[4] < 1 and costs["backprop, 1 client block"][6] == 0
     # each direction adds two sets of rows down and two forwards on the server (one-sided: one); the forward up is
     # the same
     one_sided, k1, k2 = costs["forward-only, K = 1, one-sided"], costs["forward-only, K = 1"], costs["forward-only, K = 2"]
@@ -314,11 +318,15 @@ def test_the_forward_only_benchmark_runs_each_row_and_writes_its_report(tmp_path
     assert 0 < one_sided[6] < k1[6] < k2[6]
     assert k1[6] == pytest.approx(2 * one_sided[6], rel=0.05)
     assert residual[6] == 0  # no set beyond the one the tail trains on
-    grid, against = text.split("### iid against backprop")
+    grid, against = text.split("### iid against backprop\n")
+    against, against_blocked = against.split("### iid against backprop-client-blocks-1")
     assert [line.split(" | ")[0] for line in grid.splitlines() if line.startswith("| ") and "seed" not in line
-            and not line.startswith("|---")] == ["| backprop", "| forward-only-2"]
+            and not line.startswith("|---")] == ["| backprop", "| forward-only-2", "| backprop-client-blocks-1",
+                                                  "| forward-only-1-residual-client-blocks-1"]
     assert [line.split(" | ")[:2] for line in against.splitlines() if line.startswith("| forward")] == \
         [["| forward-only-2", "1"]] * 3  # the final accuracies, then at equal bytes and at equal server FLOPs
+    assert [line.split(" | ")[:2] for line in against_blocked.splitlines() if line.startswith("| forward")] == \
+        [["| forward-only-1-residual-client-blocks-1", "1"]] * 3  # each against backprop at its own split point
     runs = tmp_path / "runs" / "iid"
     config = json.loads((runs / "forward-only-2" / "seed-0" / "config.json").read_text())
     assert (config["prompt_updates"], config["directions"], config["prompt_tokens"]) == ("forward-only", 2, 50)

@@ -180,7 +180,8 @@ class Config:
     estimator: str = _opt(
         "antithetic", "forward-only: antithetic (the loss at +/- each perturbation: 2 prompt sets a direction), "
         "one-sided (the loss at + and at the prompts as they are: 1 set a direction) or residual (one perturbed "
-        "set a batch, its loss against the previous batch's: --directions 1)", choices=ESTIMATORS,
+        "set a batch, its loss against the previous batch's: --directions 1; the only one with client blocks)",
+        choices=ESTIMATORS,
     )
     # privacy: what a client does to its messages (what each hides is measured: docs/privacy.md, `sfprompt audit`)
     pool_tokens: int = _opt(0, "average-pool the patch tokens to a G x G grid before sending them (0: send every one)")

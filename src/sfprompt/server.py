@@ -7,7 +7,8 @@ blocks, since nothing else on the client is trained). A `features` request is a 
 backward follows (linear-probe): answered alike, it runs without a graph and leaves nothing pending;
 an `evaluate` (forward-only prompt updates) is one for several prompt sets at once: the prompts it
 carries and their copies perturbed along the directions its seed names (residual: that copy alone),
-answered with the tail's rows for every set.
+answered with the tail's rows for every set; from a head with blocks (residual), a forward without a
+graph of the one set the client perturbed itself.
 
 Every request is checked before it is answered: the client must hold a session for this round
 (`admit`), with a sequence number above its last (a replayed or reordered request is refused), the
