@@ -121,7 +121,7 @@ def test_a_run_without_forward_only_refuses_evaluates():
 @pytest.mark.parametrize("changes, match", [
     (dict(method="fl-prompt"), "split method"), (dict(method="sfl", train_body=True), "frozen body"),
     (dict(prompt_tokens=0), "needs prompts"), (dict(client_blocks=1), "needs --estimator residual"),
-    (dict(client_budgets="1,2"), "needs --estimator residual"),
+    ({"client_budgets": "1,2"}, "needs --estimator residual"),
     (dict(shared_rows="per-sample"), "--shared-rows once"),
     (dict(directions=0), "--directions"), (dict(perturbation=0.0), "--perturbation"),
     (dict(estimator="two-point"), "--estimator must be one of"), (dict(precision="bf16"), "rounds"),
@@ -135,8 +135,8 @@ def test_options_that_cannot_go_with_forward_only_are_refused(changes, match):
 def test_with_client_blocks_only_the_residual_estimator_is_taken():
     """Its one set a batch is one forward through the client's blocks, whatever the shared rows (with blocks no
     row is shared)."""
-    for changes in (dict(client_blocks=1), dict(client_blocks=1, shared_rows="per-sample"),
-                    dict(client_budgets="1,2")):
+    for changes in ({"client_blocks": 1}, {"client_blocks": 1, "shared_rows": "per-sample"},
+                    {"client_budgets": "1,2"}):
         Config(prompt_updates="forward-only", estimator="residual", **changes)
     with pytest.raises(ConfigError, match="--shared-rows once"):  # a budget may leave a head with no blocks
         Config(prompt_updates="forward-only", estimator="residual", client_budgets="1,2", shared_rows="per-sample")
@@ -241,9 +241,9 @@ def test_with_client_blocks_a_residual_run_costs_the_client_less_than_backprop(i
     """The goal with client blocks: below backprop's client FLOPs. A residual step runs the client's blocks forward
     once, without a graph, where backprop runs them forward and backward; no gradient crosses the link either way
     down (backprop's reply carries every row's), and the body runs one forward a batch and no backward."""
-    quiet = dict(progress=False, log=lambda _: None)
+    quiet = {"progress": False, "log": lambda _: None}
     records = {}
-    for name, changes in (("backprop", {}), ("residual", dict(prompt_updates="forward-only", estimator="residual"))):
+    for name, changes in (("backprop", {}), ("residual", {"prompt_updates": "forward-only", "estimator": "residual"})):
         config = tiny_config(imagefolder, tmp_path, rounds=1, keep_ratio=1.0, perturbation=1e-2, client_blocks=1,
                              out=str(tmp_path / name), **changes)
         run(config, **quiet)
