@@ -432,11 +432,13 @@ def test_body_batching_batches_concurrent_clients_and_keeps_the_result(imagefold
     assert passes["forward"] < requests and passes["backward"] < requests  # batches of several clients
 
 
-def test_body_batching_batches_forward_only_evaluates_and_runs_no_backward(imagefolder, tmp_path):
-    """Forward-only's evaluates (a batch and its prompt sets) from clients that work at once share the body's
-    passes, no backward ever runs, and the run ends as the in-process one does."""
+@pytest.mark.parametrize("changes", [{"directions": 2}, {"estimator": "residual", "client_blocks": 1}])
+def test_body_batching_batches_forward_only_evaluates_and_runs_no_backward(imagefolder, tmp_path, changes):
+    """Forward-only's evaluates (a batch and its prompt sets; with client blocks, residual's one set made on the
+    client) from clients that work at once share the body's passes, no backward ever runs, and the run ends as the
+    in-process one does."""
     config = tiny_config(imagefolder, tmp_path, clients=3, clients_per_round=3, rounds=1, method="sfl",
-                         prompt_updates="forward-only", directions=2)
+                         prompt_updates="forward-only", **changes)
     requests, passes = batched_concurrently(config, tmp_path)  # evaluates, nothing else
     assert 0 < passes["evaluate"] < requests and passes["backward"] == passes["forward"] == 0
 
