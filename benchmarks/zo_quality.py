@@ -110,7 +110,8 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"config": config.to_dict(), "rows": rows}, indent=2) + "\n")
     lines = [f"Command: `python benchmarks/zo_quality.py`; {config.dataset}, {config.model} at {config.image_size} px, "
              f"{config.prompt_tokens} prompts ({dims} numbers), seed {config.seed}, the tail fitted in closed form on the "
-             f"initial prompts' features; mean over {args.batches} mini-batches of 32. Cosine of the estimate with the "
+             f"initial prompts' features; mean over {args.batches} mini-batches of 32{_residual_batches(rows)}. Cosine of "
+             "the estimate with the "
              "true gradient, the descent g . g^ / |g|^2 (1 on average when unbiased), and the cosine exact directional "
              "derivatives would give, sqrt(K / (K + d)).", "",
              "| estimator | perturbation | directions K | cosine | exact-derivative cosine | descent |", "|---|---|---|---|---|---|"]
@@ -118,6 +119,13 @@ def main() -> None:
               f"{r['exact_cosine']:.4f} | {r['descent']:.3f} |" for r in rows]
     Path(args.doc).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _residual_batches(rows: list[dict]) -> str:
+    """How many mini-batches the residual rows' means are over (each batch's loss against the one before: from the
+    second on), where any were measured."""
+    counts = {r["batches"] for r in rows if r["estimator"] == "residual"}
+    return f" (residual: the {max(counts)} from the second on, each against the one before)" if counts else ""
 
 
 if __name__ == "__main__":
