@@ -103,9 +103,17 @@ for setting in $SETTINGS; do
   done
 done
 run_grid  # (under TABLE_ONLY it checks the rows and runs none)
+for row in $ROWS; do  # a row at a split point is compared with backprop there: say where that is not in ROWS
+  case "$row" in
+    backprop-client-blocks-*) ;;
+    *-client-blocks-*) [[ " $ROWS " == *" backprop-client-blocks-${row##*-client-blocks-} "* ]] ||
+      echo "no backprop-client-blocks-${row##*-client-blocks-} in ROWS: $row is compared with none" >&2 ;;
+  esac
+done
 
 # What one client's round costs at each number of directions K (`sfprompt cost`, on fake tensors: seconds each, made
-# once and kept, TABLE_ONLY too), antithetic, and one-sided and residual at K = 1: the headline setting's 4,000
+# once and kept, TABLE_ONLY too), antithetic, and one-sided and residual at K = 1 (residual with a client block too,
+# against backprop with one): the headline setting's 4,000
 # training digits over 10 clients are COST_SAMPLES=400 a client.
 COST_DIRECTIONS=${COST_DIRECTIONS:-1 2 4 8 16 32} COST_SAMPLES=${COST_SAMPLES:-400}
 mkdir -p "$OUT/cost"
@@ -142,7 +150,11 @@ DOC=${DOC:-docs/benchmarks/forward-only.md}
       case "$reference" in backprop | backprop-client-blocks-*) ;; *) continue ;; esac
       blocks=${reference#backprop} others=()
       for row in $ROWS; do
-        case "$row" in backprop*) continue ;; *-client-blocks-*) at=-client-blocks-${row##*-client-blocks-} ;; *) at="" ;; esac
+        case "$row" in
+          backprop | backprop-client-blocks-*) continue ;;
+          *-client-blocks-*) at=-client-blocks-${row##*-client-blocks-} ;;
+          *) at="" ;;
+        esac
         if [ "$at" = "$blocks" ]; then others+=("$OUT/$setting/$row"); fi
       done
       if [ ${#others[@]} -gt 0 ]; then

@@ -87,7 +87,8 @@ def test_with_client_blocks_a_residual_round_shows_no_trajectory_and_its_sends_a
     """With client blocks no seed travels and the prompts reach the server only through the client's blocks: no
     trajectory is read, and the label attacks are the label-free guess's (the audit does not invert the blocks).
     The audit's record of each send is the perturbed prompts the client's blocks ran with."""
-    changes = {"prompt_updates": "forward-only", "estimator": "residual", "perturbation": 0.3, "client_blocks": 1}
+    changes = {"method": "sfl", "prompt_updates": "forward-only", "estimator": "residual", "perturbation": 0.3,
+               "client_blocks": 1}  # (sfl: no local phase moves the prompts before the first send)
     labels = run_audit(audit_config(gray, tmp_path, **changes), LABELS, progress=False, log=lambda _: None)["labels"]
     assert "client blocks" in labels["trajectory_skipped"] and "trajectory" not in labels
     assert labels["best_attack"] == labels["best_label_free"] and labels["advantage"] == 0

@@ -93,6 +93,15 @@ def test_upload_noise_changes_no_cost_and_the_probe_is_still_costed():
     assert estimate(noised, 12, 10, ["sfprompt-probe-warm"])  # a variant that opens with a probe round
 
 
+def test_forward_only_with_client_blocks_is_costed_whatever_the_shared_rows():
+    """The counting round leaves the blocks out (its sample counts are theirs): forward-only with client blocks,
+    which takes --shared-rows per-sample (the paper's recipe), is costed, below backprop's client FLOPs there."""
+    blocked = CONFIG.replace(client_blocks=1, shared_rows="per-sample", estimator="residual")
+    backprop = estimate(blocked, 12, 10, ["sfprompt"])["sfprompt"]
+    forward_only = estimate(blocked.replace(prompt_updates="forward-only"), 12, 10, ["sfprompt"])["sfprompt"]
+    assert forward_only["client_flops"] < backprop["client_flops"]
+
+
 def test_cost_command_writes_json(tmp_path, capsys):
     out = tmp_path / "cost.json"
     argv = ["cost", "--model", "test_vit", "--image-size", "32", "--samples-per-client", "40", "--probe-samples",

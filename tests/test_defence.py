@@ -168,6 +168,11 @@ def test_the_log_states_each_guarantee_only_where_it_holds_end_to_end():
     assert "1-label-DP" in labels and "no guarantee covers the labels" in labels
     assert "probe rounds (--probe-rounds, --refit-rounds) show its label counts" in labels  # the default's opening
     assert "label counts" not in privacy_notice(Config(probe_rounds=0))  # and closing probe rounds upload statistics
+    forward_only = {"prompt_updates": "forward-only", "estimator": "residual"}
+    assert "reads each prompt step's loss differences back" in privacy_notice(Config(**forward_only))
+    blocked = privacy_notice(Config(client_blocks=1, **forward_only))  # the steps travel only through the blocks
+    assert "neither the prompts nor the directions" in blocked and "reads each prompt step's" not in blocked
+    assert "randomized-response labels" in privacy_notice(Config(client_blocks=1, label_epsilon=3.0, **forward_only))
 
 
 @pytest.mark.parametrize("options, message", [

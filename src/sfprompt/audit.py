@@ -171,7 +171,8 @@ class Witnessed:
     batch: torch.Tensor  # (S,): the index in `params` of the batch each send was in
     sent_in: torch.Tensor  # (S,): the round (an index in `broadcasts`) each send was made in
     params: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]  # each batch's prompts and tail, as the client sent it
-    evaluates: list[Evaluated]  # forward-only's steps, in order (empty: the other methods send none)
+    evaluates: list[Evaluated]  # forward-only's steps, in order (empty: the other methods send none, and with client
+    # blocks no step's prompts or seed travel)
     positions: torch.Tensor  # (S,): which of the victim's samples each send was (never shown to the attacks)
     labels: torch.Tensor  # (S,)
     images: dict[int, torch.Tensor]  # position -> the model input it came from

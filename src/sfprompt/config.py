@@ -374,7 +374,7 @@ class Config:
                               "client's blocks and the body, and only the residual estimator takes one set a batch "
                               f"(--estimator {self.estimator} takes more); or leave --client-blocks and --client-budgets "
                               "unset")
-        if self.shared_rows != "once" and (not self.client_blocks or self.client_budgets is not None):
+        if self.shared_rows != "once" and not self.client_blocks:  # (--client-budgets: 0 here, and heads may have none)
             raise ConfigError("--prompt-updates forward-only has the body server perturb the prompts in the rows every "
                               "image shares, sent once a batch, where a head holds no blocks: it needs --shared-rows once")
         if self.precision != "fp32" or self.wire_dtype != "float32":

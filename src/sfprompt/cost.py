@@ -133,7 +133,8 @@ def _method_round(variant: Config, vit: torch.nn.Module, counting_vit: torch.nn.
     # Two epochs of each phase at most: the second one's batches meet the optimiser's state, as a run's do.
     probing = TrainSettings.from_config(variant, local_epochs=min(variant.local_epochs, 2),
                                         split_epochs=min(variant.split_epochs, 2), mean_samples=samples_per_client)
-    counting_config = variant.replace(model=COUNTING_MODEL, image_size=COUNTING_SIZE, pool_tokens=0, client_blocks=0)
+    counting_config = variant.replace(model=COUNTING_MODEL, image_size=COUNTING_SIZE, pool_tokens=0, client_blocks=0,
+                                      shared_rows="once")  # (which forward-only without blocks needs; no sample count moves)
     _, full = _round(counting_config, counting_vit, method, samples_per_client, num_classes, counting, probe_round)
     probe = min(probe_samples or probe_size(variant, pruned="prune" in full), samples_per_client)
     measured, probed = _round(variant, vit, method, probe, num_classes, probing, probe_round)

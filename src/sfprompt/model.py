@@ -227,7 +227,8 @@ class SplitViT:
         self._vit = vit
         self.depth, self.image_size = depth, tuple(vit.patch_embed.img_size)
         self.pool_grid, self.precision, self.defence, self.wire = pool_tokens or None, precision, defence, wire
-        self.perturbations = perturbations  # forward-only's, which the body server applies to an evaluate's prompts
+        self.perturbations = perturbations  # forward-only's: the body server applies them to an evaluate's prompts (with
+        # client blocks the client does, before its blocks)
         self._split_at(client_blocks)
         self._splits = {client_blocks: self}  # split point -> its view (`at`), shared by every view
         self.num_classes = vit.num_classes

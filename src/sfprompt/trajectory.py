@@ -1,7 +1,8 @@
 """The label attack on forward-only prompt updates (run by `sfprompt audit`): the prompt trajectory.
 
-No gradient crosses the network in a forward-only round, but each `evaluate` shows the server the prompts
-as they are and, by its seed, the K directions the client perturbs them along; the next `evaluate` shows
+No gradient crosses the network in a forward-only round, but each `evaluate` of a head with no blocks shows the
+server the prompts as they are and, by its seed, the K directions the client perturbs them along (with client
+blocks neither travels in the clear: `audit` reads no trajectory then); the next `evaluate` shows
 the prompts after the client's step. That step is the optimiser's move along the estimate
 g = sum_k a_k z_k, whose K coefficients are the batch's loss differences a_k = (L(p + eps z_k) -
 L(p - eps z_k)) / (2 eps K) (antithetic; one-sided: against L(p); residual: L(p + eps z) against the previous

@@ -27,7 +27,7 @@ SEED_LIMIT = 2**31  # a seed of directions travels as a JSON integer in a messag
 class Perturbations:
     """A run's forward-only settings (--directions, --perturbation, --estimator), which the client and the
     body server share: an `evaluate` names its directions by a seed, and the server perturbs the prompts it
-    received along the same ones."""
+    received along the same ones (with client blocks the client perturbs them itself, and sends no seed)."""
 
     directions: int
     size: float
