@@ -15,10 +15,11 @@
 # forward-only-1-residual-client-blocks-1 are the same two with one client block (--client-blocks 1: the residual
 # estimator is the one blocks take), each compared with the other.
 #
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 6.5 hours on two CPU cores (a run at one
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/forward_only.sh      # about 8 hours on two CPU cores (a run at one
 #                                                                 # thread beside another: backprop and K = 1 14 to
 #                                                                 # 29 minutes, K = 4 30 to 39, one-sided 16 to 25,
-#                                                                 # residual 15 to 22)
+#                                                                 # residual 15 to 22; with a client block,
+#                                                                 # backprop 16 to 19, residual 12 to 13)
 #                                                                 # (K = 16, named in ROWS beside these rows: about
 #                                                                 # 6 hours more, 33 body passes a batch against
 #                                                                 # K = 4's 9 and K = 1's 3)

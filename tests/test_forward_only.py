@@ -1,6 +1,7 @@
 """--prompt-updates forward-only: the zeroth-order estimate, the `evaluate` request the body server answers
 without ever running a backward, the options that cannot combine with it, and a run that trains with it."""
 
+import itertools
 import json
 import subprocess
 
@@ -283,7 +284,7 @@ def test_with_client_blocks_each_step_moves_the_prompts_along_the_direction_they
                          optimizer="sgd", momentum=0.0, weight_decay=0.0, prompt_lr=0.1)
     run(config, progress=False, log=lambda _: None)
     assert len(sends) >= 4
-    moves = [after - before for (_, before), (_, after) in zip(sends, sends[1:])]
+    moves = [after - before for (_, before), (_, after) in itertools.pairwise(sends)]
     directions = [(sent - prompts) / 1e-2 for sent, prompts in sends]
     assert float(directions[0].std()) == pytest.approx(1.0, abs=0.2)  # standard normal, drawn anew each step
     assert torch.equal(moves[0], torch.zeros_like(moves[0])) and len(slopes) == len(sends) - 1
