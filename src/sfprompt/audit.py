@@ -132,17 +132,17 @@ class _WitnessedClient(Client):
             self.shown.append(shown.detach().cpu())
         return shown
 
-    def _head_tokens(self, ctx, images, prompts):  # the prompts a batch was sent with (with blocks, residual's set)
+    def _head_tokens(self, ctx, images, prompts):  # each sent batch's params: the prompts it was sent with (with
+        # blocks, residual's perturbed set) and the tail as it was
         if ctx.phase in ("split", "probe"):
-            self.params[-1] = (prompts.detach().cpu().clone(), self.params[-1][1])
+            tail = {name: t.detach().cpu().clone() for name, t in ctx.params.tail.state_dict().items()}
+            self.params.append((prompts.detach().cpu().clone(), tail))
         return super()._head_tokens(ctx, images, prompts)
 
     def _loader(self, data, ctx, shuffle=True):
         for batch in super()._loader(data, ctx, shuffle):
             if ctx.phase in ("split", "probe"):  # what is sent: split training's batches, or the probe's
                 self.batches.append([t.detach().cpu() for t in batch])
-                tail = {name: t.detach().cpu().clone() for name, t in ctx.params.tail.state_dict().items()}
-                self.params.append((ctx.params.prompts.detach().cpu().clone(), tail))
                 self.sent_in.append(len(self.broadcasts) - 1)
             yield batch
 

@@ -212,6 +212,13 @@ def privacy_notice(config) -> str:
                   f"client from them: {_image_leaks(config)}; how much that hides in practice is measured, not implied")
     if config.method == "linear-probe":
         labels = "no message depends on a sample's label, but each client's statistics show its label counts"
+    elif config.prompt_updates == "forward-only" and (config.client_blocks or config.client_budgets is not None):
+        taken = "randomized-response" if config.label_epsilon is not None else "the true"
+        labels = ("no gradient is sent (forward-only), and with client blocks neither the prompts nor the "
+                  "directions of a step reach the server in the clear (a head with no blocks under --client-budgets "
+                  "sends them): the audit reads no prompt trajectory, but a server that inverted the client's blocks "
+                  f"might read the steps back, taken at {taken} labels (not measured with blocks); each client "
+                  "uploads a tail trained on its true labels")
     elif config.prompt_updates == "forward-only":
         steps = ("taken at randomized-response labels (--label-epsilon), so they depend on the true ones only through "
                  "those and the tail trained on them" if config.label_epsilon is not None else
@@ -225,13 +232,6 @@ def privacy_notice(config) -> str:
                  "two batches' labels, are measured in docs/privacy.md")
         labels = ("no gradient is sent (forward-only), but the server reads each prompt step's loss differences back "
                   f"from the prompts it receives, {steps}; each client uploads a tail trained on its true labels")
-        if config.client_blocks or config.client_budgets is not None:
-            taken = "randomized-response" if config.label_epsilon is not None else "the true"
-            labels = ("no gradient is sent (forward-only), and with client blocks neither the prompts nor the "
-                      "directions of a step reach the server in the clear (a head with no blocks under --client-budgets "
-                      "sends them): the audit reads no prompt trajectory, but a server that inverted the client's blocks "
-                      f"might read the steps back, taken at {taken} labels (not measured with blocks); each client "
-                      "uploads a tail trained on its true labels")
     elif config.label_epsilon is None:
         labels = "the backward gradients give the server every label"
     else:
